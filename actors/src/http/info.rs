@@ -65,6 +65,8 @@ fn endpoints_and_instances(state: &AppState) -> (Vec<String>, Vec<Value>) {
                 "engine": e.engine,
                 "device": e.device,
                 "active_requests": e.load.active(),
+                "generated_tokens": e.load.generated_tokens.load(std::sync::atomic::Ordering::Relaxed),
+                "cancelled_requests": e.load.cancelled.load(std::sync::atomic::Ordering::Relaxed),
             })
         })
         .collect();

@@ -1,0 +1,138 @@
+//! Shared test harness: start the real server on 127.0.0.1:0 from a TOML snippet (hermetic: no process
+//! environment), and small HTTP/SSE helpers over awc.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use awc::Client;
+use bytes::Bytes;
+use dynamix::config::{self, Overrides};
+use dynamix_actors::supervisor::RunningService;
+use futures_util::StreamExt;
+use serde_json::Value;
+
+pub const MODEL: &str = "SmolLM2-135M-Instruct";
+
+/// A running server.
+pub struct TestServer {
+    pub base: String,
+    pub service: Option<RunningService>,
+}
+
+impl TestServer {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.service.take() {
+            s.shutdown().await;
+        }
+    }
+}
+
+/// Load a config from a TOML snippet layered over the test defaults (loopback, port 0, no echo delay).
+pub fn test_config(extra: &str) -> dynamix::Config {
+    // Top-level dotted keys first, so a snippet may add its own [section] tables after them. Snippets set
+    // [http] and [echo] keys as dotted keys (`http.body_limit_mb = 1`) before any table header.
+    let mut text = String::from("http.host = \"127.0.0.1\"\nhttp.port = 0\nhttp.workers = 2\n");
+    if !extra.contains("echo.token_delay_ms") {
+        text.push_str("echo.token_delay_ms = 0\n");
+    }
+    text.push_str(extra);
+    let dir = std::env::temp_dir().join(format!("dynamix-test-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).expect("write config");
+    let config = config::load(Some(&path), &Vec::new, &Overrides::default()).expect("test config is valid");
+    let _ = std::fs::remove_dir_all(&dir);
+    config
+}
+
+/// Start a server for `extra` (TOML; use dotted keys like `http.body_limit_mb = 1` for [http] settings).
+pub async fn start(extra: &str) -> TestServer {
+    start_config(test_config(extra)).await
+}
+
+pub async fn start_config(config: dynamix::Config) -> TestServer {
+    let service = dynamix::start(&config, true).await.expect("server starts");
+    let addr = service.http_addrs[0];
+    TestServer { base: format!("http://{addr}"), service: Some(service) }
+}
+
+pub fn client() -> Client {
+    Client::builder().timeout(Duration::from_secs(30)).disable_redirects().finish()
+}
+
+/// POST JSON; returns status and parsed body.
+pub async fn post_json(url: &str, body: &Value) -> (u16, Value) {
+    let mut res = client().post(url).insert_header(("content-type", "application/json")).send_body(body.to_string()).await.expect("request");
+    let status = res.status().as_u16();
+    let bytes = res.body().limit(64 << 20).await.expect("body");
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into())))
+}
+
+/// GET; returns status and parsed body (or the text as a JSON string).
+pub async fn get(url: &str) -> (u16, Value) {
+    let mut res = client().get(url).send().await.expect("request");
+    let status = res.status().as_u16();
+    let bytes = res.body().limit(64 << 20).await.expect("body");
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into())))
+}
+
+/// GET text.
+pub async fn get_text(url: &str) -> String {
+    let mut res = client().get(url).send().await.expect("request");
+    let bytes = res.body().limit(64 << 20).await.expect("body");
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// POST and read the whole SSE body as text.
+pub async fn post_sse(url: &str, body: &Value) -> (u16, String, Option<String>) {
+    let mut res = client().post(url).insert_header(("content-type", "application/json")).send_body(body.to_string()).await.expect("request");
+    let status = res.status().as_u16();
+    let content_type = res.headers().get("content-type").and_then(|v| v.to_str().ok()).map(String::from);
+    let mut text = Vec::new();
+    while let Some(chunk) = res.next().await {
+        let chunk: Bytes = chunk.expect("chunk");
+        text.extend_from_slice(&chunk);
+    }
+    (status, String::from_utf8(text).expect("utf-8 SSE body"), content_type)
+}
+
+/// The `data:` payloads of an SSE body, in order (`[DONE]` included as a string).
+pub fn sse_data(text: &str) -> Vec<String> {
+    text.split("\n\n")
+        .filter(|frame| !frame.is_empty())
+        .filter_map(|frame| frame.lines().find_map(|l| l.strip_prefix("data: ")).map(String::from))
+        .collect()
+}
+
+/// Parsed JSON data frames (excluding `[DONE]`).
+pub fn sse_json(text: &str) -> Vec<Value> {
+    sse_data(text).iter().filter(|d| *d != "[DONE]").map(|d| serde_json::from_str(d).expect("JSON data frame")).collect()
+}
+
+pub fn chat_body(content: &str) -> Value {
+    serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": content}]})
+}
+
+/// The value of a metric series line in Prometheus text, matching name and all given label pairs.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (metric, label_text) = match series.split_once('{') {
+            Some((m, rest)) => (m, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if metric != name {
+            return None;
+        }
+        let ok = labels.iter().all(|(k, v)| label_text.split(',').any(|pair| pair == format!("{k}=\"{v}\"")));
+        if ok {
+            value.parse().ok()
+        } else {
+            None
+        }
+    })
+}
