@@ -312,12 +312,12 @@ fn deserialize(layers: &mut Layers) -> Result<Config, ConfigError> {
 }
 
 fn describe_error(layers: &Layers, path: &str, inner: &str) -> String {
-    // An unknown key is reported at its parent's path; find the layer that set it.
+    // An unknown key may be reported at its parent's path; find the full key and the layer that set it.
     let unknown = inner.strip_prefix("unknown field `").and_then(|rest| rest.split('`').next());
     let full = match (unknown, path) {
         (Some(field), "." | "") => field.to_string(),
-        (Some(field), p) => format!("{p}.{field}"),
-        (None, p) => p.to_string(),
+        (Some(field), p) if !p.ends_with(field) => format!("{p}.{field}"),
+        (_, p) => p.to_string(),
     };
     let source = layers
         .sources

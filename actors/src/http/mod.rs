@@ -105,6 +105,8 @@ impl Default for HttpConfig {
 #[derive(Default)]
 pub struct Lifecycle {
     draining: AtomicBool,
+    /// Set when the drain gave up: streams still open end without `[DONE]`.
+    killed: AtomicBool,
     in_flight: AtomicUsize,
     /// Woken each time an admitted request finishes.
     idle: Notify,
@@ -125,6 +127,11 @@ impl Lifecycle {
         Some(Admission(self.clone()))
     }
 
+    /// Whether the drain timed out and remaining streams are being killed.
+    pub fn is_killed(&self) -> bool {
+        self.killed.load(Ordering::Acquire)
+    }
+
     /// Requests admitted and not finished.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
@@ -142,12 +149,23 @@ impl Lifecycle {
                 notified.await;
             }
         };
-        tokio::time::timeout(timeout, wait).await.is_ok()
+        let drained = tokio::time::timeout(timeout, wait).await.is_ok();
+        if !drained {
+            self.killed.store(true, Ordering::Release);
+        }
+        drained
     }
 }
 
 /// One admitted request; dropping it (when the response body ends) releases it.
 pub struct Admission(Arc<Lifecycle>);
+
+impl Admission {
+    /// Whether the service gave up waiting for this request (drain timed out).
+    pub fn is_killed(&self) -> bool {
+        self.0.is_killed()
+    }
+}
 
 impl Drop for Admission {
     fn drop(&mut self) {
@@ -219,9 +237,12 @@ pub fn bind(state: Arc<AppState>) -> Result<(Server, Vec<SocketAddr>), std::io::
     .disable_signals()
     .shutdown_timeout(config.graceful_shutdown_timeout_secs.max(1))
     // Token streams are many small writes: never let Nagle hold one back.
-    .on_connect(|conn, _ext| {
+    .on_connect(|conn, ext| {
         if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
             let _ = tcp.set_nodelay(true);
+            if let Some(peer) = request::PeerSocket::watch(tcp) {
+                ext.insert(peer);
+            }
         }
     });
     if config.workers > 0 {

@@ -9,7 +9,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
 use serde::Deserialize;
 
-use super::request::{check_content_type, error_response, read_body, request_context};
+use super::request::{check_content_type, error_response, read_body, request_context, PeerSocket};
 use super::stream::{fold, sse_body, ChatFramer, CompletionFramer, Framer, RequestTracker, ResponsesFramer};
 use super::{Admission, AppState};
 use crate::error::{ApiError, ErrorClass};
@@ -90,6 +90,7 @@ fn sse_response<F: Framer>(
 /// Route, then stream or fold: shared by every inference route once validation passed.
 async fn serve<F: Framer>(
     state: &AppState,
+    peer: Option<PeerSocket>,
     endpoint: Endpoint,
     validated: ValidatedRequest,
     mut framer: F,
@@ -112,9 +113,18 @@ async fn serve<F: Framer>(
     if stream {
         return sse_response(state, &validated, generation, framer, tracker, admission);
     }
-    match fold(generation, &mut framer, &mut tracker).await {
-        Ok(body) => HttpResponse::Ok().json(body),
-        Err(error) => error_response(&error, state.config.overload_status_code),
+    let folded = async {
+        match fold(generation, &mut framer, &mut tracker).await {
+            Ok(body) => HttpResponse::Ok().json(body),
+            Err(error) => error_response(&error, state.config.overload_status_code),
+        }
+    };
+    let Some(peer) = peer else { return folded.await };
+    tokio::select! {
+        response = folded => response,
+        // The client hung up: dropping the fold drops the generation (cancelling the engines) and the
+        // unsettled tracker counts the disconnect. Nobody reads this response.
+        _ = peer.closed() => HttpResponse::build(actix_web::http::StatusCode::from_u16(499).unwrap_or_default()).finish(),
     }
 }
 
@@ -131,7 +141,7 @@ pub async fn chat_completions(req: HttpRequest, payload: web::Payload, state: we
     };
     let framer = ChatFramer::new(&validated.request_id, &validated.model, validated.choices.len());
     let stream = validated.stream;
-    serve(&state, Endpoint::ChatCompletions, validated, framer, stream, accepted.admission).await
+    serve(&state, req.conn_data::<PeerSocket>().cloned(), Endpoint::ChatCompletions, validated, framer, stream, accepted.admission).await
 }
 
 /// `POST /v1/completions`.
@@ -147,7 +157,7 @@ pub async fn completions(req: HttpRequest, payload: web::Payload, state: web::Da
     };
     let framer = CompletionFramer::new(&validated.request_id, &validated.model, validated.echo_prompt.clone());
     let stream = validated.stream;
-    serve(&state, Endpoint::Completions, validated, framer, stream, accepted.admission).await
+    serve(&state, req.conn_data::<PeerSocket>().cloned(), Endpoint::Completions, validated, framer, stream, accepted.admission).await
 }
 
 /// `POST /v1/responses`: converted to a chat request, run through the chat path, converted back.
@@ -171,7 +181,7 @@ pub async fn responses(req: HttpRequest, payload: web::Payload, state: web::Data
     };
     let framer = ResponsesFramer::new(ResponseBuilder::new(&request, &validated.model));
     let stream = request.stream == Some(true);
-    serve(&state, Endpoint::Responses, validated, framer, stream, accepted.admission).await
+    serve(&state, req.conn_data::<PeerSocket>().cloned(), Endpoint::Responses, validated, framer, stream, accepted.admission).await
 }
 
 /// `POST /v1/responses/input_tokens`: upstream's estimate (text length / 3), no readiness or model check.

@@ -11,6 +11,40 @@ use futures_util::StreamExt;
 use crate::error::{ApiError, ErrorClass};
 use crate::validator::RequestContext;
 
+/// A second handle on a connection's socket, used to notice a client that hangs up while a unary
+/// response is still being generated: actix-web only notices when it writes, which for a unary
+/// response is after generation has finished (the spec's "connection handle", §2.5).
+#[derive(Clone)]
+pub struct PeerSocket(std::sync::Arc<std::net::TcpStream>);
+
+impl PeerSocket {
+    /// Duplicate the connection's socket (None if the OS refuses).
+    pub fn watch(tcp: &actix_web::rt::net::TcpStream) -> Option<Self> {
+        let duplicate = socket2::SockRef::from(tcp).try_clone().ok()?;
+        Some(PeerSocket(std::sync::Arc::new(duplicate.into())))
+    }
+
+    /// Resolves when the peer has closed the connection. Never resolves if the state cannot be
+    /// observed (for example the client already sent more bytes: a pipelined request).
+    pub async fn closed(self) {
+        let pending = std::future::pending::<()>;
+        let Ok(std_stream) = self.0.try_clone() else { return pending().await };
+        let Ok(stream) = tokio::net::TcpStream::from_std(std_stream) else { return pending().await };
+        let mut byte = [0u8; 1];
+        loop {
+            if stream.readable().await.is_err() {
+                return;
+            }
+            match stream.peek(&mut byte).await {
+                Ok(0) => return,
+                Ok(_) => return pending().await,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => return,
+            }
+        }
+    }
+}
+
 const MAX_METADATA_ENTRIES: usize = 64;
 const MAX_METADATA_BYTES: usize = 64 * 1024;
 

@@ -332,7 +332,7 @@ struct SseBody<F: Framer> {
     keep_alive: Option<tokio::time::Interval>,
     opening: Option<String>,
     done: bool,
-    _admission: Admission,
+    admission: Admission,
 }
 
 impl<F: Framer> SseBody<F> {
@@ -353,6 +353,12 @@ impl<F: Framer> SseBody<F> {
                 },
                 None => self.generation.next().await,
             };
+            if self.admission.is_killed() {
+                // The drain gave up on this stream: it ends without `[DONE]`, as a killed stream does.
+                self.done = true;
+                self.tracker.error(&ApiError::new(crate::error::ErrorClass::Cancelled, "Request cancelled"));
+                return None;
+            }
             match next {
                 Some(Ok(delta)) => {
                     self.tracker.tokens(delta.delta.tokens);
@@ -401,7 +407,7 @@ pub fn sse_body<F: Framer>(
         keep_alive,
         opening: Some(opening),
         done: false,
-        _admission: admission,
+        admission,
     };
     futures_util::stream::unfold(body, |mut body| async move {
         body.next_frame().await.map(|frame| (Ok(Bytes::from(frame)), body))
