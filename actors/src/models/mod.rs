@@ -18,7 +18,7 @@ mod pip;
 mod wheel;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::ffi::OsString;
 use std::fmt;

