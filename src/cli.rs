@@ -8,7 +8,12 @@ use crate::config::Overrides;
 
 /// dynamix: an OpenAI-compatible LLM serving runtime on actix actors.
 #[derive(Debug, Parser)]
-#[command(name = "dynamix", version, about, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "dynamix",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     /// What to do (default: serve).
     #[command(subcommand)]
@@ -97,7 +102,9 @@ impl ServeArgs {
                         }
                         Input::Batch(PathBuf::from(path))
                     }
-                    other => return Err(format!("unknown input `in={other}`: expected in=http, in=text or in=batch:FILE")),
+                    other => return Err(format!(
+                        "unknown input `in={other}`: expected in=http, in=text or in=batch:FILE"
+                    )),
                 };
             } else if let Some(value) = arg.strip_prefix("out=") {
                 match value {

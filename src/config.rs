@@ -37,7 +37,11 @@ pub struct ModelConfig {
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        ModelConfig { name: "SmolLM2-135M-Instruct".into(), gguf: None, auto_pull: true }
+        ModelConfig {
+            name: "SmolLM2-135M-Instruct".into(),
+            gguf: None,
+            auto_pull: true,
+        }
     }
 }
 
@@ -51,7 +55,9 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { filter: "info".into() }
+        LogConfig {
+            filter: "info".into(),
+        }
     }
 }
 
@@ -105,9 +111,15 @@ const DYNAMO_ENV: &[(&str, &str)] = &[
     ("DYN_HTTP_HOST", "http.host"),
     ("DYN_HTTP_PORT", "http.port"),
     ("DYN_HTTP_BODY_LIMIT_MB", "http.body_limit_mb"),
-    ("DYN_HTTP_GRACEFUL_SHUTDOWN_TIMEOUT_SECS", "http.graceful_shutdown_timeout_secs"),
+    (
+        "DYN_HTTP_GRACEFUL_SHUTDOWN_TIMEOUT_SECS",
+        "http.graceful_shutdown_timeout_secs",
+    ),
     ("DYN_HTTP_OVERLOAD_STATUS_CODE", "http.overload_status_code"),
-    ("DYN_HTTP_SSE_KEEP_ALIVE_INTERVAL_MS", "http.sse_keep_alive_interval_ms"),
+    (
+        "DYN_HTTP_SSE_KEEP_ALIVE_INTERVAL_MS",
+        "http.sse_keep_alive_interval_ms",
+    ),
     ("DYN_HTTP_SVC_HEALTH_PATH", "http.paths.health"),
     ("DYN_HTTP_SVC_LIVE_PATH", "http.paths.live"),
     ("DYN_HTTP_SVC_METRICS_PATH", "http.paths.metrics"),
@@ -120,7 +132,10 @@ const DYNAMO_ENV: &[(&str, &str)] = &[
     ("DYN_TOKEN_ECHO_DELAY_MS", "echo.token_delay_ms"),
     ("DYN_MODEL_NAME", "model.name"),
     ("DYN_METRICS_PREFIX", "metrics.prefix"),
-    ("DYN_IGNORE_OPENAI_FE_UNSUPPORTED_FIELDS", "validator.ignore_unsupported_fields"),
+    (
+        "DYN_IGNORE_OPENAI_FE_UNSUPPORTED_FIELDS",
+        "validator.ignore_unsupported_fields",
+    ),
 ];
 
 /// Deprecated Dynamo variables and the warning upstream logs when one is set.
@@ -160,11 +175,19 @@ struct Layers {
 }
 
 impl Layers {
-    fn set(&mut self, path: &str, value: Value, source: Source, raw: Option<String>) -> Result<(), ConfigError> {
+    fn set(
+        &mut self,
+        path: &str,
+        value: Value,
+        source: Source,
+        raw: Option<String>,
+    ) -> Result<(), ConfigError> {
         let parts: Vec<&str> = path.split('.').collect();
         let mut table = &mut self.table;
         for part in &parts[..parts.len() - 1] {
-            let entry = table.entry(part.to_string()).or_insert_with(|| Value::Table(Table::new()));
+            let entry = table
+                .entry(part.to_string())
+                .or_insert_with(|| Value::Table(Table::new()));
             table = match entry {
                 Value::Table(t) => t,
                 other => {
@@ -181,9 +204,18 @@ impl Layers {
     }
 
     fn merge_file(&mut self, file: Table, path: &Path) -> Result<(), ConfigError> {
-        fn walk(layers: &mut Layers, prefix: &str, table: Table, path: &Path) -> Result<(), ConfigError> {
+        fn walk(
+            layers: &mut Layers,
+            prefix: &str,
+            table: Table,
+            path: &Path,
+        ) -> Result<(), ConfigError> {
             for (key, value) in table {
-                let full = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+                let full = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
                 match value {
                     Value::Table(t) => walk(layers, &full, t, path)?,
                     v => layers.set(&full, v, Source::File(path.to_path_buf()), None)?,
@@ -203,7 +235,9 @@ fn env_value(raw: &str) -> Value {
         _ => {}
     }
     match toml::from_str::<Table>(&format!("v = {raw}")) {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| Value::String(raw.to_string())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| Value::String(raw.to_string())),
         Err(_) => Value::String(raw.to_string()),
     }
 }
@@ -228,14 +262,24 @@ pub fn load(
     let mut layers = Layers::default();
     let (text, path) = match file {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError(format!("cannot read config file {}: {e}", path.display()))
+            })?;
             (text, path.to_path_buf())
         }
-        None => (DEFAULT_CONFIG.to_string(), PathBuf::from("<embedded configs/default.toml>")),
+        None => (
+            DEFAULT_CONFIG.to_string(),
+            PathBuf::from("<embedded configs/default.toml>"),
+        ),
     };
     let table: Table = toml::from_str(&text)
-        .map_err(|e| ConfigError(format!("config file {} is not valid TOML: {}", path.display(), e.message())))
+        .map_err(|e| {
+            ConfigError(format!(
+                "config file {} is not valid TOML: {}",
+                path.display(),
+                e.message()
+            ))
+        })
         .map_err(|e| match text.is_empty() {
             true => ConfigError(format!("config file {} is empty", path.display())),
             false => e,
@@ -245,41 +289,93 @@ pub fn load(
     let vars = env();
     for (name, key) in DYNAMO_ENV {
         if let Some((_, raw)) = vars.iter().find(|(n, v)| n == name && !v.is_empty()) {
-            layers.set(key, env_value(raw), Source::Env(name.to_string(), raw.clone()), Some(raw.clone()))?;
+            layers.set(
+                key,
+                env_value(raw),
+                Source::Env(name.to_string(), raw.clone()),
+                Some(raw.clone()),
+            )?;
         }
     }
     for (name, raw) in &vars {
-        let Some(rest) = name.strip_prefix("DYN_") else { continue };
+        let Some(rest) = name.strip_prefix("DYN_") else {
+            continue;
+        };
         if !rest.contains("__") || raw.is_empty() {
             continue;
         }
-        let key = rest.split("__").map(str::to_ascii_lowercase).collect::<Vec<_>>();
+        let key = rest
+            .split("__")
+            .map(str::to_ascii_lowercase)
+            .collect::<Vec<_>>();
         if key.iter().any(String::is_empty) {
-            return Err(ConfigError(format!("environment variable {name}: malformed key (empty section or key name)")));
+            return Err(ConfigError(format!(
+                "environment variable {name}: malformed key (empty section or key name)"
+            )));
         }
-        layers.set(&key.join("."), env_value(raw), Source::Env(name.clone(), raw.clone()), Some(raw.clone()))?;
+        layers.set(
+            &key.join("."),
+            env_value(raw),
+            Source::Env(name.clone(), raw.clone()),
+            Some(raw.clone()),
+        )?;
     }
 
     let flag = |f: &str| Source::Flag(f.to_string());
     if let Some(port) = overrides.http_port {
-        layers.set("http.port", Value::Integer(i64::from(port)), flag("--http-port"), None)?;
+        layers.set(
+            "http.port",
+            Value::Integer(i64::from(port)),
+            flag("--http-port"),
+            None,
+        )?;
     }
     if let Some(host) = &overrides.http_host {
-        layers.set("http.host", Value::String(host.clone()), flag("--http-host"), None)?;
+        layers.set(
+            "http.host",
+            Value::String(host.clone()),
+            flag("--http-host"),
+            None,
+        )?;
     }
     if let Some(mode) = &overrides.router_mode {
-        layers.set("router.mode", Value::String(mode.clone()), flag("--router-mode"), None)?;
+        layers.set(
+            "router.mode",
+            Value::String(mode.clone()),
+            flag("--router-mode"),
+            None,
+        )?;
     }
     if let Some(name) = &overrides.model_name {
-        layers.set("model.name", Value::String(name.clone()), flag("--model-name"), None)?;
+        layers.set(
+            "model.name",
+            Value::String(name.clone()),
+            flag("--model-name"),
+            None,
+        )?;
     }
     if let Some(kind) = &overrides.engine_kind {
-        layers.set("engine.kind", Value::String(kind.clone()), flag("out="), None)?;
+        layers.set(
+            "engine.kind",
+            Value::String(kind.clone()),
+            flag("out="),
+            None,
+        )?;
     }
     match overrides.verbosity {
         0 => {}
-        1 => layers.set("log.filter", Value::String("debug".into()), flag("-v"), None)?,
-        _ => layers.set("log.filter", Value::String("trace".into()), flag("-vv"), None)?,
+        1 => layers.set(
+            "log.filter",
+            Value::String("debug".into()),
+            flag("-v"),
+            None,
+        )?,
+        _ => layers.set(
+            "log.filter",
+            Value::String("trace".into()),
+            flag("-vv"),
+            None,
+        )?,
     }
 
     let config = deserialize(&mut layers)?;
@@ -313,7 +409,9 @@ fn deserialize(layers: &mut Layers) -> Result<Config, ConfigError> {
 
 fn describe_error(layers: &Layers, path: &str, inner: &str) -> String {
     // An unknown key may be reported at its parent's path; find the full key and the layer that set it.
-    let unknown = inner.strip_prefix("unknown field `").and_then(|rest| rest.split('`').next());
+    let unknown = inner
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next());
     let full = match (unknown, path) {
         (Some(field), "." | "") => field.to_string(),
         (Some(field), p) if !p.ends_with(field) => format!("{p}.{field}"),
@@ -325,7 +423,9 @@ fn describe_error(layers: &Layers, path: &str, inner: &str) -> String {
         .find(|(k, _)| **k == full || k.starts_with(&format!("{full}.")))
         .map(|(_, (s, _))| format!(" ({})", s.describe()))
         .unwrap_or_default();
-    let value = lookup(&layers.table, &full).map(|v| format!(" = {v}")).unwrap_or_default();
+    let value = lookup(&layers.table, &full)
+        .map(|v| format!(" = {v}"))
+        .unwrap_or_default();
     format!("invalid config key `{full}`{value}{source}: {inner}")
 }
 
@@ -339,7 +439,9 @@ fn lookup<'a>(table: &'a Table, path: &str) -> Option<&'a Value> {
 }
 
 fn out_of_range(key: &str, value: impl std::fmt::Display, allowed: &str) -> ConfigError {
-    ConfigError(format!("invalid config key `{key}` = {value}: out of range, allowed {allowed}"))
+    ConfigError(format!(
+        "invalid config key `{key}` = {value}: out of range, allowed {allowed}"
+    ))
 }
 
 impl Config {
@@ -347,16 +449,32 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let h = &self.http;
         if !(200..=999).contains(&h.overload_status_code) {
-            return Err(out_of_range("http.overload_status_code", h.overload_status_code, "200-999 (not 1xx)"));
+            return Err(out_of_range(
+                "http.overload_status_code",
+                h.overload_status_code,
+                "200-999 (not 1xx)",
+            ));
         }
         if h.body_limit_mb == 0 || h.body_limit_mb > 16 * 1024 {
-            return Err(out_of_range("http.body_limit_mb", h.body_limit_mb, "1-16384"));
+            return Err(out_of_range(
+                "http.body_limit_mb",
+                h.body_limit_mb,
+                "1-16384",
+            ));
         }
         if h.workers > 1024 {
-            return Err(out_of_range("http.workers", h.workers, "0-1024 (0 = one per CPU)"));
+            return Err(out_of_range(
+                "http.workers",
+                h.workers,
+                "0-1024 (0 = one per CPU)",
+            ));
         }
         if h.host.trim().is_empty() {
-            return Err(out_of_range("http.host", "\"\"", "a host name or IP address"));
+            return Err(out_of_range(
+                "http.host",
+                "\"\"",
+                "a host name or IP address",
+            ));
         }
         for (key, path) in [
             ("health", &h.paths.health),
@@ -368,7 +486,11 @@ impl Config {
             ("responses", &h.paths.responses),
         ] {
             if !path.starts_with('/') {
-                return Err(out_of_range(&format!("http.paths.{key}"), format!("{path:?}"), "a path starting with /"));
+                return Err(out_of_range(
+                    &format!("http.paths.{key}"),
+                    format!("{path:?}"),
+                    "a path starting with /",
+                ));
             }
         }
         if self.engine.devices.is_empty() {
@@ -381,10 +503,18 @@ impl Config {
             return Err(out_of_range("engine.stream_buffer", 0, ">= 1"));
         }
         if self.echo.token_delay_ms > 60_000 {
-            return Err(out_of_range("echo.token_delay_ms", self.echo.token_delay_ms, "0-60000"));
+            return Err(out_of_range(
+                "echo.token_delay_ms",
+                self.echo.token_delay_ms,
+                "0-60000",
+            ));
         }
         if !(1..=64).contains(&self.validator.threads) {
-            return Err(out_of_range("validator.threads", self.validator.threads, "1-64"));
+            return Err(out_of_range(
+                "validator.threads",
+                self.validator.threads,
+                "1-64",
+            ));
         }
         if self.model.name.trim().is_empty() {
             return Err(out_of_range("model.name", "\"\"", "a non-empty name"));
@@ -417,11 +547,18 @@ mod tests {
     use super::*;
 
     fn env(vars: &[(&str, &str)]) -> impl Fn() -> Vec<(String, String)> {
-        let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move || vars.clone()
     }
 
-    fn load_str(toml_text: &str, vars: &[(&str, &str)], overrides: &Overrides) -> Result<Config, ConfigError> {
+    fn load_str(
+        toml_text: &str,
+        vars: &[(&str, &str)],
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
         let dir = std::env::temp_dir().join(format!("dynamix-config-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).map_err(|e| ConfigError(e.to_string()))?;
         let path = dir.join("c.toml");
@@ -441,15 +578,27 @@ mod tests {
     fn layering_order_is_defaults_file_env_flags() {
         let file = "[http]\nport = 9001\nhost = \"127.0.0.1\"\n[echo]\ntoken_delay_ms = 3\n";
         let c = load_str(file, &[], &Overrides::default()).expect("valid");
-        assert_eq!((c.http.port, c.echo.token_delay_ms, c.http.body_limit_mb), (9001, 3, 45));
+        assert_eq!(
+            (c.http.port, c.echo.token_delay_ms, c.http.body_limit_mb),
+            (9001, 3, 45)
+        );
         let c = load_str(file, &[("DYN_HTTP_PORT", "9002")], &Overrides::default()).expect("valid");
         assert_eq!(c.http.port, 9002);
-        let c = load_str(file, &[("DYN_HTTP__PORT", "9003"), ("DYN_HTTP_PORT", "9002")], &Overrides::default()).expect("valid");
+        let c = load_str(
+            file,
+            &[("DYN_HTTP__PORT", "9003"), ("DYN_HTTP_PORT", "9002")],
+            &Overrides::default(),
+        )
+        .expect("valid");
         assert_eq!(c.http.port, 9003, "the generic form is more specific");
-        let flags = Overrides { http_port: Some(9004), ..Overrides::default() };
+        let flags = Overrides {
+            http_port: Some(9004),
+            ..Overrides::default()
+        };
         let c = load_str(file, &[("DYN_HTTP_PORT", "9002")], &flags).expect("valid");
         assert_eq!(c.http.port, 9004);
-        let c = load_str(file, &[("DYN_HTTP_PORT", "")], &Overrides::default()).expect("empty env ignored");
+        let c = load_str(file, &[("DYN_HTTP_PORT", "")], &Overrides::default())
+            .expect("empty env ignored");
         assert_eq!(c.http.port, 9001);
     }
 
@@ -474,19 +623,52 @@ mod tests {
 
     #[test]
     fn errors_name_key_value_and_source() {
-        let err = load_str("[http]\nprot = 1\n", &[], &Overrides::default()).expect_err("unknown key").0;
-        assert!(err.contains("`http.prot`") && err.contains("c.toml"), "{err}");
-        let err = load_str("", &[("DYN_HTTP_PORT", "abc")], &Overrides::default()).expect_err("bad type").0;
-        assert!(err.contains("`http.port`") && err.contains("DYN_HTTP_PORT=\"abc\""), "{err}");
-        let err = load_str("[http]\nport = 70000\n", &[], &Overrides::default()).expect_err("range").0;
-        assert!(err.contains("`http.port`") && err.contains("70000"), "{err}");
-        let err = load_str("", &[("DYN_ENGINE__WHEELS", "4")], &Overrides::default()).expect_err("unknown env key").0;
-        assert!(err.contains("`engine.wheels`") && err.contains("DYN_ENGINE__WHEELS"), "{err}");
-        let err = load_str("[http]\noverload_status_code = 100\n", &[], &Overrides::default()).expect_err("1xx").0;
+        let err = load_str("[http]\nprot = 1\n", &[], &Overrides::default())
+            .expect_err("unknown key")
+            .0;
+        assert!(
+            err.contains("`http.prot`") && err.contains("c.toml"),
+            "{err}"
+        );
+        let err = load_str("", &[("DYN_HTTP_PORT", "abc")], &Overrides::default())
+            .expect_err("bad type")
+            .0;
+        assert!(
+            err.contains("`http.port`") && err.contains("DYN_HTTP_PORT=\"abc\""),
+            "{err}"
+        );
+        let err = load_str("[http]\nport = 70000\n", &[], &Overrides::default())
+            .expect_err("range")
+            .0;
+        assert!(
+            err.contains("`http.port`") && err.contains("70000"),
+            "{err}"
+        );
+        let err = load_str("", &[("DYN_ENGINE__WHEELS", "4")], &Overrides::default())
+            .expect_err("unknown env key")
+            .0;
+        assert!(
+            err.contains("`engine.wheels`") && err.contains("DYN_ENGINE__WHEELS"),
+            "{err}"
+        );
+        let err = load_str(
+            "[http]\noverload_status_code = 100\n",
+            &[],
+            &Overrides::default(),
+        )
+        .expect_err("1xx")
+        .0;
         assert!(err.contains("http.overload_status_code"), "{err}");
-        let err = load_str("[router]\nmode = \"fastest\"\n", &[], &Overrides::default()).expect_err("variant").0;
-        assert!(err.contains("router.mode") && err.contains("fastest"), "{err}");
-        let err = load_str("not toml [", &[], &Overrides::default()).expect_err("syntax").0;
+        let err = load_str("[router]\nmode = \"fastest\"\n", &[], &Overrides::default())
+            .expect_err("variant")
+            .0;
+        assert!(
+            err.contains("router.mode") && err.contains("fastest"),
+            "{err}"
+        );
+        let err = load_str("not toml [", &[], &Overrides::default())
+            .expect_err("syntax")
+            .0;
         assert!(err.contains("not valid TOML"), "{err}");
     }
 }

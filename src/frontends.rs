@@ -37,13 +37,23 @@ async fn turn(
     request: ChatCompletionRequest,
     mut on_text: impl FnMut(&str),
 ) -> Result<(String, u32, u32), String> {
-    let context = RequestContext { request_id: uuid::Uuid::new_v4().to_string(), pinned_engine: None };
+    let context = RequestContext {
+        request_id: uuid::Uuid::new_v4().to_string(),
+        pinned_engine: None,
+    };
     let validated = service
         .gateway
-        .validate_chat(ValidateChat { input: ChatInput::Parsed(Box::new(request)), context })
+        .validate_chat(ValidateChat {
+            input: ChatInput::Parsed(Box::new(request)),
+            context,
+        })
         .await
         .map_err(|e| e.message)?;
-    let mut generation = service.gateway.generate(&validated).await.map_err(|e| e.message)?;
+    let mut generation = service
+        .gateway
+        .generate(&validated)
+        .await
+        .map_err(|e| e.message)?;
     let mut reply = String::new();
     while let Some(item) = generation.next().await {
         let delta = item.map_err(|e| e.message)?;
@@ -106,8 +116,9 @@ pub async fn text(service: &RunningService, model: &str) -> Result<(), RunError>
 /// Read JSONL prompts (`{"text": ...}`, or `{"prompt": ...}`, or `{"messages": [...]}`) from `file`,
 /// write one JSONL result per line to `output.jsonl` beside it.
 pub async fn batch(service: &RunningService, model: &str, file: &Path) -> Result<(), RunError> {
-    let input = std::fs::read_to_string(file)
-        .map_err(|e| RunError::Frontend(format!("cannot read batch file {}: {e}", file.display())))?;
+    let input = std::fs::read_to_string(file).map_err(|e| {
+        RunError::Frontend(format!("cannot read batch file {}: {e}", file.display()))
+    })?;
     let out_path = file.parent().unwrap_or(Path::new(".")).join("output.jsonl");
     let mut out = std::fs::File::create(&out_path)
         .map_err(|e| RunError::Frontend(format!("cannot create {}: {e}", out_path.display())))?;
@@ -121,7 +132,11 @@ pub async fn batch(service: &RunningService, model: &str, file: &Path) -> Result
             Ok(v) => v,
             Err(e) => {
                 failed += 1;
-                writeln_json(&mut out, &json!({"line": number + 1, "error": format!("not valid JSON: {e}")}), &out_path)?;
+                writeln_json(
+                    &mut out,
+                    &json!({"line": number + 1, "error": format!("not valid JSON: {e}")}),
+                    &out_path,
+                )?;
                 continue;
             }
         };
@@ -130,15 +145,27 @@ pub async fn batch(service: &RunningService, model: &str, file: &Path) -> Result
                 Ok(m) => m,
                 Err(e) => {
                     failed += 1;
-                    writeln_json(&mut out, &json!({"line": number + 1, "error": format!("bad messages: {e}")}), &out_path)?;
+                    writeln_json(
+                        &mut out,
+                        &json!({"line": number + 1, "error": format!("bad messages: {e}")}),
+                        &out_path,
+                    )?;
                     continue;
                 }
             }
-        } else if let Some(text) = entry.get("text").or_else(|| entry.get("prompt")).and_then(|t| t.as_str()) {
+        } else if let Some(text) = entry
+            .get("text")
+            .or_else(|| entry.get("prompt"))
+            .and_then(|t| t.as_str())
+        {
             vec![message(Role::User, text)]
         } else {
             failed += 1;
-            writeln_json(&mut out, &json!({"line": number + 1, "error": "expected a `text`, `prompt` or `messages` field"}), &out_path)?;
+            writeln_json(
+                &mut out,
+                &json!({"line": number + 1, "error": "expected a `text`, `prompt` or `messages` field"}),
+                &out_path,
+            )?;
             continue;
         };
         let t0 = Instant::now();
@@ -165,6 +192,11 @@ pub async fn batch(service: &RunningService, model: &str, file: &Path) -> Result
     Ok(())
 }
 
-fn writeln_json(out: &mut std::fs::File, value: &serde_json::Value, path: &Path) -> Result<(), RunError> {
-    writeln!(out, "{value}").map_err(|e| RunError::Frontend(format!("cannot write {}: {e}", path.display())))
+fn writeln_json(
+    out: &mut std::fs::File,
+    value: &serde_json::Value,
+    path: &Path,
+) -> Result<(), RunError> {
+    writeln!(out, "{value}")
+        .map_err(|e| RunError::Frontend(format!("cannot write {}: {e}", path.display())))
 }

@@ -9,8 +9,12 @@ use dynamix::cli::{Cli, Command, ModelsCommand};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let serve = match cli.command {
-        Some(Command::Models { action: ModelsCommand::Pull { packages } }) => return dynamix::models_pull(&packages),
-        Some(Command::Models { action: ModelsCommand::List }) => return dynamix::models_list(),
+        Some(Command::Models {
+            action: ModelsCommand::Pull { packages },
+        }) => return dynamix::models_pull(&packages),
+        Some(Command::Models {
+            action: ModelsCommand::List,
+        }) => return dynamix::models_list(),
         Some(Command::Serve(args)) => args,
         None => cli.serve,
     };

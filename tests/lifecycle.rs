@@ -51,14 +51,36 @@ async fn client_disconnect_mid_stream_cancels_generation() {
     assert_eq!(cancelled, 1);
     assert!(generated < 100, "stopped early: {generated} of 300 tokens");
     actix_rt::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(engine_stats(&server).await.1, generated, "no tokens after cancellation");
-    let metrics = get_text(&server.url("/metrics")).await;
-    assert_eq!(metric_value(&metrics, "dynamo_frontend_disconnected_clients", &[]), Some(1.0));
     assert_eq!(
-        metric_value(&metrics, "dynamo_frontend_requests_total", &[("status", "error"), ("error_type", "cancelled"), ("request_type", "stream")]),
+        engine_stats(&server).await.1,
+        generated,
+        "no tokens after cancellation"
+    );
+    let metrics = get_text(&server.url("/metrics")).await;
+    assert_eq!(
+        metric_value(&metrics, "dynamo_frontend_disconnected_clients", &[]),
         Some(1.0)
     );
-    assert_eq!(metric_value(&metrics, "dynamo_frontend_model_cancellation_total", &[("model", MODEL)]), Some(1.0));
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "dynamo_frontend_requests_total",
+            &[
+                ("status", "error"),
+                ("error_type", "cancelled"),
+                ("request_type", "stream")
+            ]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "dynamo_frontend_model_cancellation_total",
+            &[("model", MODEL)]
+        ),
+        Some(1.0)
+    );
     server.stop().await;
 }
 
@@ -67,7 +89,10 @@ async fn client_disconnect_during_unary_cancels_generation() {
     let server = start("echo.token_delay_ms = 20\n").await;
     let url = server.url("/v1/chat/completions");
     let body = chat_body(&"y".repeat(300));
-    let request = client().post(&url).insert_header(("content-type", "application/json")).send_body(body.to_string());
+    let request = client()
+        .post(&url)
+        .insert_header(("content-type", "application/json"))
+        .send_body(body.to_string());
     // Give up on the request after 200 ms: the connection is closed while the server folds.
     let _ = actix_rt::time::timeout(Duration::from_millis(200), request).await;
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -77,7 +102,10 @@ async fn client_disconnect_during_unary_cancels_generation() {
             assert!(generated < 150, "stopped early: {generated}");
             break;
         }
-        assert!(Instant::now() < deadline, "engine still generating after the client left");
+        assert!(
+            Instant::now() < deadline,
+            "engine still generating after the client left"
+        );
         actix_rt::time::sleep(Duration::from_millis(20)).await;
     }
     server.stop().await;
@@ -91,20 +119,31 @@ async fn sse_keep_alive_comments_when_configured() {
     let (status, text, _) = post_sse(&server.url("/v1/chat/completions"), &body).await;
     assert_eq!(status, 200);
     assert!(text.contains(": keep-alive\n\n"), "{text}");
-    let content: String = sse_json(&text).iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(String::from)).collect();
+    let content: String = sse_json(&text)
+        .iter()
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
     assert_eq!(content, "ab");
     assert!(text.ends_with("data: [DONE]\n\n"));
     server.stop().await;
 
     let server = start("echo.token_delay_ms = 60\n").await;
     let (_, text, _) = post_sse(&server.url("/v1/chat/completions"), &body).await;
-    assert!(!text.contains(": keep-alive"), "keep-alive is off by default");
+    assert!(
+        !text.contains(": keep-alive"),
+        "keep-alive is off by default"
+    );
     server.stop().await;
 }
 
 #[actix_rt::test]
 async fn drain_rejects_new_work_and_finishes_admitted_streams() {
-    let server = start("echo.token_delay_ms = 30\nhttp.graceful_shutdown_timeout_secs = 10\n").await;
+    let server =
+        start("echo.token_delay_ms = 30\nhttp.graceful_shutdown_timeout_secs = 10\n").await;
     let base = server.base.clone();
     let mut body = chat_body("drain me please");
     body["stream"] = json!(true);
@@ -125,19 +164,31 @@ async fn drain_rejects_new_work_and_finishes_admitted_streams() {
     assert_eq!(status, 503);
     assert_eq!(health["status"], "shutting_down");
     let (status, live) = get(&format!("{base}/live")).await;
-    assert_eq!((status, live["status"].clone()), (503, json!("shutting_down")));
+    assert_eq!(
+        (status, live["status"].clone()),
+        (503, json!("shutting_down"))
+    );
     let (status, err) = post_json(&format!("{base}/v1/chat/completions"), &chat_body("late")).await;
     assert_eq!(status, 503);
-    assert_eq!(err, json!({"message": "Service is not ready", "type": "Service Unavailable", "code": 503}));
+    assert_eq!(
+        err,
+        json!({"message": "Service is not ready", "type": "Service Unavailable", "code": 503})
+    );
 
     let mut rest = Vec::new();
     while let Some(chunk) = res.next().await {
         rest.extend_from_slice(&chunk.expect("stream continues during drain"));
     }
     let text = String::from_utf8_lossy(&rest);
-    assert!(text.ends_with("data: [DONE]\n\n"), "admitted stream completed: {text}");
+    assert!(
+        text.ends_with("data: [DONE]\n\n"),
+        "admitted stream completed: {text}"
+    );
     shutdown.await.expect("shutdown finished");
-    assert!(client().get(format!("{base}/health")).send().await.is_err(), "server stopped after the drain");
+    assert!(
+        client().get(format!("{base}/health")).send().await.is_err(),
+        "server stopped after the drain"
+    );
 }
 
 #[actix_rt::test]
@@ -156,11 +207,17 @@ async fn drain_times_out_when_streams_outlive_the_grace_period() {
     let started = Instant::now();
     server.stop().await;
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(5), "waited {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "waited {waited:?}"
+    );
     let mut text = Vec::new();
     while let Some(Ok(chunk)) = res.next().await {
         text.extend_from_slice(&chunk);
     }
-    assert!(!String::from_utf8_lossy(&text).contains("[DONE]"), "a killed stream ends without [DONE]");
+    assert!(
+        !String::from_utf8_lossy(&text).contains("[DONE]"),
+        "a killed stream ends without [DONE]"
+    );
     let _: Value = json!(null);
 }

@@ -12,7 +12,11 @@ fn python() -> String {
 }
 
 fn ensure_openai_sdk() {
-    let has = Command::new(python()).args(["-c", "import openai"]).status().map(|s| s.success()).unwrap_or(false);
+    let has = Command::new(python())
+        .args(["-c", "import openai"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     if !has {
         let status = Command::new(python())
             .args(["-m", "pip", "install", "--quiet", "openai"])
@@ -27,15 +31,30 @@ async fn official_openai_sdk_conformance() {
     ensure_openai_sdk();
     let server = start("").await;
     let base = server.base.clone();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/conformance/openai_client.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/conformance/openai_client.py"
+    );
     // The SDK blocks: run it off the actix thread so the in-process server keeps serving.
-    let output = actix_rt::task::spawn_blocking(move || Command::new(python()).arg(script).arg(&base).arg(MODEL).output())
-        .await
-        .expect("join")
-        .expect("python3 runs");
+    let output = actix_rt::task::spawn_blocking(move || {
+        Command::new(python())
+            .arg(script)
+            .arg(&base)
+            .arg(MODEL)
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("python3 runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "openai SDK conformance failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("conformance: all checks passed"), "{stdout}");
+    assert!(
+        output.status.success(),
+        "openai SDK conformance failed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("conformance: all checks passed"),
+        "{stdout}"
+    );
     server.stop().await;
 }

@@ -44,7 +44,8 @@ pub fn test_config(extra: &str) -> dynamix::Config {
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join("config.toml");
     std::fs::write(&path, text).expect("write config");
-    let config = config::load(Some(&path), &Vec::new, &Overrides::default()).expect("test config is valid");
+    let config =
+        config::load(Some(&path), &Vec::new, &Overrides::default()).expect("test config is valid");
     let _ = std::fs::remove_dir_all(&dir);
     config
 }
@@ -57,19 +58,34 @@ pub async fn start(extra: &str) -> TestServer {
 pub async fn start_config(config: dynamix::Config) -> TestServer {
     let service = dynamix::start(&config, true).await.expect("server starts");
     let addr = service.http_addrs[0];
-    TestServer { base: format!("http://{addr}"), service: Some(service) }
+    TestServer {
+        base: format!("http://{addr}"),
+        service: Some(service),
+    }
 }
 
 pub fn client() -> Client {
-    Client::builder().timeout(Duration::from_secs(30)).disable_redirects().finish()
+    Client::builder()
+        .timeout(Duration::from_secs(30))
+        .disable_redirects()
+        .finish()
 }
 
 /// POST JSON; returns status and parsed body.
 pub async fn post_json(url: &str, body: &Value) -> (u16, Value) {
-    let mut res = client().post(url).insert_header(("content-type", "application/json")).send_body(body.to_string()).await.expect("request");
+    let mut res = client()
+        .post(url)
+        .insert_header(("content-type", "application/json"))
+        .send_body(body.to_string())
+        .await
+        .expect("request");
     let status = res.status().as_u16();
     let bytes = res.body().limit(64 << 20).await.expect("body");
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into())))
+    (
+        status,
+        serde_json::from_slice(&bytes)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into())),
+    )
 }
 
 /// GET; returns status and parsed body (or the text as a JSON string).
@@ -77,7 +93,11 @@ pub async fn get(url: &str) -> (u16, Value) {
     let mut res = client().get(url).send().await.expect("request");
     let status = res.status().as_u16();
     let bytes = res.body().limit(64 << 20).await.expect("body");
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into())))
+    (
+        status,
+        serde_json::from_slice(&bytes)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into())),
+    )
 }
 
 /// GET text.
@@ -89,28 +109,50 @@ pub async fn get_text(url: &str) -> String {
 
 /// POST and read the whole SSE body as text.
 pub async fn post_sse(url: &str, body: &Value) -> (u16, String, Option<String>) {
-    let mut res = client().post(url).insert_header(("content-type", "application/json")).send_body(body.to_string()).await.expect("request");
+    let mut res = client()
+        .post(url)
+        .insert_header(("content-type", "application/json"))
+        .send_body(body.to_string())
+        .await
+        .expect("request");
     let status = res.status().as_u16();
-    let content_type = res.headers().get("content-type").and_then(|v| v.to_str().ok()).map(String::from);
+    let content_type = res
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
     let mut text = Vec::new();
     while let Some(chunk) = res.next().await {
         let chunk: Bytes = chunk.expect("chunk");
         text.extend_from_slice(&chunk);
     }
-    (status, String::from_utf8(text).expect("utf-8 SSE body"), content_type)
+    (
+        status,
+        String::from_utf8(text).expect("utf-8 SSE body"),
+        content_type,
+    )
 }
 
 /// The `data:` payloads of an SSE body, in order (`[DONE]` included as a string).
 pub fn sse_data(text: &str) -> Vec<String> {
     text.split("\n\n")
         .filter(|frame| !frame.is_empty())
-        .filter_map(|frame| frame.lines().find_map(|l| l.strip_prefix("data: ")).map(String::from))
+        .filter_map(|frame| {
+            frame
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .map(String::from)
+        })
         .collect()
 }
 
 /// Parsed JSON data frames (excluding `[DONE]`).
 pub fn sse_json(text: &str) -> Vec<Value> {
-    sse_data(text).iter().filter(|d| *d != "[DONE]").map(|d| serde_json::from_str(d).expect("JSON data frame")).collect()
+    sse_data(text)
+        .iter()
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).expect("JSON data frame"))
+        .collect()
 }
 
 pub fn chat_body(content: &str) -> Value {
@@ -119,20 +161,26 @@ pub fn chat_body(content: &str) -> Value {
 
 /// The value of a metric series line in Prometheus text, matching name and all given label pairs.
 pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let (metric, label_text) = match series.split_once('{') {
-            Some((m, rest)) => (m, rest.trim_end_matches('}')),
-            None => (series, ""),
-        };
-        if metric != name {
-            return None;
-        }
-        let ok = labels.iter().all(|(k, v)| label_text.split(',').any(|pair| pair == format!("{k}=\"{v}\"")));
-        if ok {
-            value.parse().ok()
-        } else {
-            None
-        }
-    })
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, label_text) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let ok = labels.iter().all(|(k, v)| {
+                label_text
+                    .split(',')
+                    .any(|pair| pair == format!("{k}=\"{v}\""))
+            });
+            if ok {
+                value.parse().ok()
+            } else {
+                None
+            }
+        })
 }

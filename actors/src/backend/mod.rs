@@ -33,7 +33,11 @@ pub struct ChoiceDecoder {
 
 impl ChoiceDecoder {
     /// A decoder for one choice.
-    pub fn new(tokenizer: Arc<ModelTokenizer>, stop: StopConditions, skip_special_tokens: bool) -> Self {
+    pub fn new(
+        tokenizer: Arc<ModelTokenizer>,
+        stop: StopConditions,
+        skip_special_tokens: bool,
+    ) -> Self {
         ChoiceDecoder {
             decoder: IncrementalDecoder::new(tokenizer, skip_special_tokens),
             stop,
@@ -129,8 +133,14 @@ impl ChoiceDecoder {
         if self.generated <= self.stop.min_tokens {
             return false;
         }
-        let Some((pos, len)) = self.find_stop() else { return false };
-        let keep = if self.stop.include_stop_str_in_output { pos + len } else { pos };
+        let Some((pos, len)) = self.find_stop() else {
+            return false;
+        };
+        let keep = if self.stop.include_stop_str_in_output {
+            pos + len
+        } else {
+            pos
+        };
         out.push_str(&self.pending[..keep]);
         self.pending.clear();
         true
@@ -156,7 +166,11 @@ fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
     let max = stop.len().saturating_sub(1).min(text.len());
     (1..=max)
         .rev()
-        .find(|&n| text.is_char_boundary(text.len() - n) && stop.is_char_boundary(n) && text.ends_with(&stop[..n]))
+        .find(|&n| {
+            text.is_char_boundary(text.len() - n)
+                && stop.is_char_boundary(n)
+                && text.ends_with(&stop[..n])
+        })
         .unwrap_or(0)
 }
 
@@ -168,7 +182,11 @@ mod tests {
     fn suffix_prefix_overlap() {
         assert_eq!(longest_suffix_prefix("hello wo", "world"), 2);
         assert_eq!(longest_suffix_prefix("hello", "xyz"), 0);
-        assert_eq!(longest_suffix_prefix("abc", "abc"), 0, "a full match is found by find_stop, not held");
+        assert_eq!(
+            longest_suffix_prefix("abc", "abc"),
+            0,
+            "a full match is found by find_stop, not held"
+        );
         assert_eq!(longest_suffix_prefix("é", "éa"), 2);
     }
 }

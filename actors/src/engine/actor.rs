@@ -38,8 +38,20 @@ pub struct EngineActor {
 
 impl EngineActor {
     /// An actor for `engine` on `device`.
-    pub fn new(id: u64, device: String, engine: Box<dyn Engine>, capacity: usize, load: Arc<EngineLoad>) -> Self {
-        EngineActor { id, device, engine, capacity, load }
+    pub fn new(
+        id: u64,
+        device: String,
+        engine: Box<dyn Engine>,
+        capacity: usize,
+        load: Arc<EngineLoad>,
+    ) -> Self {
+        EngineActor {
+            id,
+            device,
+            engine,
+            capacity,
+            load,
+        }
     }
 }
 
@@ -68,7 +80,8 @@ impl Handler<Generate> for EngineActor {
         let sink = TokenSink::new(msg.output, self.load.clone());
         // A panic inside an engine must not take the actor (and its mailbox) down with it: it ends this
         // request's stream (the consumer sees the channel close early and reports an error).
-        let run = std::panic::AssertUnwindSafe(self.engine.generate(msg.request, sink)).catch_unwind();
+        let run =
+            std::panic::AssertUnwindSafe(self.engine.generate(msg.request, sink)).catch_unwind();
         let load = self.load.clone();
         ctx.spawn(actix::fut::wrap_future::<_, Self>(run).map(move |result, act, _| {
             load.active.fetch_sub(1, Ordering::Relaxed);

@@ -42,12 +42,20 @@ impl Engine for EchoFull {
                 if sink.pause(delay).await.is_err() {
                     return;
                 }
-                let out = EngineOutput { text: Some(ch.encode_utf8(&mut buf).to_string()), ..Default::default() };
+                let out = EngineOutput {
+                    text: Some(ch.encode_utf8(&mut buf).to_string()),
+                    ..Default::default()
+                };
                 if sink.send(out).await.is_err() {
                     return;
                 }
             }
-            let _ = sink.send(EngineOutput { finish_reason: Some(FinishReason::Stop), ..Default::default() }).await;
+            let _ = sink
+                .send(EngineOutput {
+                    finish_reason: Some(FinishReason::Stop),
+                    ..Default::default()
+                })
+                .await;
         }
         .boxed_local()
     }
@@ -77,11 +85,23 @@ impl Engine for EchoCore {
                 if sink.pause(delay).await.is_err() {
                     return;
                 }
-                if sink.send(EngineOutput { token_ids: vec![token], ..Default::default() }).await.is_err() {
+                if sink
+                    .send(EngineOutput {
+                        token_ids: vec![token],
+                        ..Default::default()
+                    })
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
-            let _ = sink.send(EngineOutput { finish_reason: Some(FinishReason::Stop), ..Default::default() }).await;
+            let _ = sink
+                .send(EngineOutput {
+                    finish_reason: Some(FinishReason::Stop),
+                    ..Default::default()
+                })
+                .await;
         }
         .boxed_local()
     }
@@ -110,7 +130,9 @@ mod tests {
     async fn echo_full_emits_chars_then_stop() {
         let (tx, mut rx) = tokio::sync::mpsc::channel(16);
         let load = Arc::new(EngineLoad::default());
-        EchoFull::new(Duration::ZERO).generate(request(vec![], "hé!"), TokenSink::new(tx, load.clone())).await;
+        EchoFull::new(Duration::ZERO)
+            .generate(request(vec![], "hé!"), TokenSink::new(tx, load.clone()))
+            .await;
         let mut texts = Vec::new();
         let mut finish = None;
         while let Some(Ok(out)) = rx.recv().await {
@@ -121,7 +143,11 @@ mod tests {
         }
         assert_eq!(texts, vec!["h", "é", "!"]);
         assert_eq!(finish, Some(FinishReason::Stop));
-        assert_eq!(load.generated_tokens.load(std::sync::atomic::Ordering::Relaxed), 3);
+        assert_eq!(
+            load.generated_tokens
+                .load(std::sync::atomic::Ordering::Relaxed),
+            3
+        );
     }
 
     #[actix_rt::test]
@@ -132,7 +158,11 @@ mod tests {
         EchoCore::new(Duration::from_millis(5))
             .generate(request(vec![1, 2, 3], ""), TokenSink::new(tx, load.clone()))
             .await;
-        assert_eq!(load.generated_tokens.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert_eq!(
+            load.generated_tokens
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
         assert_eq!(load.cancelled.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 }

@@ -129,9 +129,17 @@ impl TokenSink {
 
     /// Send one output; waits for room (back-pressure). `Err(Cancelled)` when the consumer is gone.
     pub async fn send(&self, output: EngineOutput) -> Result<(), Cancelled> {
-        let tokens = output.token_ids.len().max(usize::from(output.text.is_some())) as u64;
-        self.sender.send(Ok(output)).await.map_err(|_| self.cancelled_now())?;
-        self.load.generated_tokens.fetch_add(tokens, Ordering::Relaxed);
+        let tokens = output
+            .token_ids
+            .len()
+            .max(usize::from(output.text.is_some())) as u64;
+        self.sender
+            .send(Ok(output))
+            .await
+            .map_err(|_| self.cancelled_now())?;
+        self.load
+            .generated_tokens
+            .fetch_add(tokens, Ordering::Relaxed);
         Ok(())
     }
 
@@ -158,7 +166,11 @@ impl TokenSink {
     /// Wait `delay`, or return `Err(Cancelled)` as soon as the consumer goes away.
     pub async fn pause(&self, delay: std::time::Duration) -> Result<(), Cancelled> {
         if delay.is_zero() {
-            return if self.is_closed() { Err(self.cancelled_now()) } else { Ok(()) };
+            return if self.is_closed() {
+                Err(self.cancelled_now())
+            } else {
+                Ok(())
+            };
         }
         tokio::select! {
             _ = self.sender.closed() => Err(self.cancelled_now()),

@@ -108,7 +108,11 @@ pub struct ApiError {
 impl ApiError {
     /// An error of `class` with `message`.
     pub fn new(class: ErrorClass, message: impl Into<String>) -> Self {
-        ApiError { class, message: message.into(), details: None }
+        ApiError {
+            class,
+            message: message.into(),
+            details: None,
+        }
     }
 
     /// `Validation: <detail>` (400).
@@ -220,7 +224,10 @@ mod tests {
     #[test]
     fn flat_body_uses_reason_phrase() {
         let body = ApiError::model_not_found().body(DEFAULT_OVERLOAD_STATUS);
-        assert_eq!(body, json!({"message": "Model not found", "type": "Not Found", "code": 404}));
+        assert_eq!(
+            body,
+            json!({"message": "Model not found", "type": "Not Found", "code": 404})
+        );
     }
 
     #[test]
@@ -231,7 +238,10 @@ mod tests {
         assert_eq!(body["type"], "Overloaded");
         assert_eq!(body["details"]["queue"], "engine-0");
         assert_eq!(err.body(503)["type"], "Overloaded");
-        assert_eq!(ApiError::not_ready().body(503)["type"], "Service Unavailable");
+        assert_eq!(
+            ApiError::not_ready().body(503)["type"],
+            "Service Unavailable"
+        );
     }
 
     #[test]
@@ -241,7 +251,9 @@ mod tests {
             frame,
             "data: {\"error\":{\"code\":500,\"message\":\"Internal server error\",\"type\":\"internal_server_error\"}}\n\n"
         );
-        assert!(ApiError::overloaded(json!({})).sse_frame(529).contains("service_unavailable"));
+        assert!(ApiError::overloaded(json!({}))
+            .sse_frame(529)
+            .contains("service_unavailable"));
     }
 
     #[test]

@@ -35,18 +35,28 @@ pub struct Gateway {
 }
 
 fn mailbox_error(what: &str, e: actix::MailboxError) -> ApiError {
-    ApiError::new(ErrorClass::Unavailable, format!("{what} unavailable: {e}")).with_details(serde_json::json!({"actor": what}))
+    ApiError::new(ErrorClass::Unavailable, format!("{what} unavailable: {e}"))
+        .with_details(serde_json::json!({"actor": what}))
 }
 
 impl Gateway {
     /// Validate a chat request.
     pub async fn validate_chat(&self, msg: ValidateChat) -> Result<ValidatedRequest, ApiError> {
-        self.validator.send(msg).await.map_err(|e| mailbox_error("validator", e))?
+        self.validator
+            .send(msg)
+            .await
+            .map_err(|e| mailbox_error("validator", e))?
     }
 
     /// Validate a completions request.
-    pub async fn validate_completion(&self, msg: ValidateCompletion) -> Result<ValidatedRequest, ApiError> {
-        self.validator.send(msg).await.map_err(|e| mailbox_error("validator", e))?
+    pub async fn validate_completion(
+        &self,
+        msg: ValidateCompletion,
+    ) -> Result<ValidatedRequest, ApiError> {
+        self.validator
+            .send(msg)
+            .await
+            .map_err(|e| mailbox_error("validator", e))?
     }
 
     /// Route every choice of `request` and return its generation. Fails (before any output) when an
@@ -57,20 +67,35 @@ impl Gateway {
         for (index, choice) in request.choices.iter().enumerate() {
             let (tx, rx) = mpsc::channel::<EngineEvent>(self.stream_buffer.max(1));
             self.router
-                .send(Route { request: choice.clone(), output: tx })
+                .send(Route {
+                    request: choice.clone(),
+                    output: tx,
+                })
                 .await
                 .map_err(|e| mailbox_error("router", e))??;
             streams.push(receiver_stream(index, rx).boxed());
-            decoders.push(ChoiceDecoder::new(self.tokenizer.clone(), choice.stop.clone(), request.skip_special_tokens));
+            decoders.push(ChoiceDecoder::new(
+                self.tokenizer.clone(),
+                choice.stop.clone(),
+                request.skip_special_tokens,
+            ));
         }
-        Ok(Generation { streams, decoders, prompt_tokens: request.prompt_tokens, finished: 0 })
+        Ok(Generation {
+            streams,
+            decoders,
+            prompt_tokens: request.prompt_tokens,
+            finished: 0,
+        })
     }
 }
 
 type IndexedEvents = futures_util::stream::BoxStream<'static, (usize, Option<EngineEvent>)>;
 
 /// Yields `(index, Some(event))` for each event and a final `(index, None)` when the channel closes.
-fn receiver_stream(index: usize, mut rx: mpsc::Receiver<EngineEvent>) -> impl Stream<Item = (usize, Option<EngineEvent>)> + Send {
+fn receiver_stream(
+    index: usize,
+    mut rx: mpsc::Receiver<EngineEvent>,
+) -> impl Stream<Item = (usize, Option<EngineEvent>)> + Send {
     let mut closed = false;
     futures_util::stream::poll_fn(move |cx| {
         if closed {
@@ -116,14 +141,19 @@ impl Generation {
                 Some(item) => item,
                 None => return None,
             };
-            let Some(decoder) = self.decoders.get_mut(index) else { continue };
+            let Some(decoder) = self.decoders.get_mut(index) else {
+                continue;
+            };
             if decoder.is_finished() {
                 continue;
             }
             let result = match event {
                 Some(Ok(output)) => decoder.process(output),
                 Some(Err(e)) => Err(e),
-                None => Err(ApiError::new(ErrorClass::Internal, "Stream ended before generation completed")),
+                None => Err(ApiError::new(
+                    ErrorClass::Internal,
+                    "Stream ended before generation completed",
+                )),
             };
             match result {
                 Ok(delta) => {
@@ -133,7 +163,10 @@ impl Generation {
                     if delta.text.is_empty() && delta.finish_reason.is_none() && delta.tokens == 0 {
                         continue;
                     }
-                    return Some(Ok(ChoiceDelta { index: index as u32, delta }));
+                    return Some(Ok(ChoiceDelta {
+                        index: index as u32,
+                        delta,
+                    }));
                 }
                 Err(e) => {
                     // One failed choice fails the request.
@@ -146,7 +179,10 @@ impl Generation {
 
     /// Usage so far (exact once the generation has finished).
     pub fn usage(&self) -> Usage {
-        Usage::new(self.prompt_tokens, self.decoders.iter().map(ChoiceDecoder::generated).sum())
+        Usage::new(
+            self.prompt_tokens,
+            self.decoders.iter().map(ChoiceDecoder::generated).sum(),
+        )
     }
 
     /// Number of choices.

@@ -45,11 +45,18 @@ pub async fn get_model(path: web::Path<String>, state: web::Data<AppState>) -> H
             "namespaces": [{"namespace": "dynamix", "ready": ready, "instances": state.engines.len()}],
         }));
     }
-    error_response(&ApiError::model_not_found(), state.config.overload_status_code)
+    error_response(
+        &ApiError::model_not_found(),
+        state.config.overload_status_code,
+    )
 }
 
 fn endpoints_and_instances(state: &AppState) -> (Vec<String>, Vec<Value>) {
-    let mut endpoints: Vec<String> = state.engines.iter().map(|_| "dyn://dynamix.backend.generate".to_string()).collect();
+    let mut endpoints: Vec<String> = state
+        .engines
+        .iter()
+        .map(|_| "dyn://dynamix.backend.generate".to_string())
+        .collect();
     endpoints.sort();
     endpoints.dedup();
     let instances = state
@@ -77,7 +84,11 @@ fn endpoints_and_instances(state: &AppState) -> (Vec<String>, Vec<Value>) {
 pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     let (endpoints, instances) = endpoints_and_instances(&state);
     let (mut response, status, message) = if state.lifecycle.is_draining() {
-        (HttpResponse::ServiceUnavailable(), "shutting_down", "Service is shutting down")
+        (
+            HttpResponse::ServiceUnavailable(),
+            "shutting_down",
+            "Service is shutting down",
+        )
     } else {
         (HttpResponse::Ok(), "healthy", "Service is healthy")
     };
@@ -102,19 +113,29 @@ pub async fn live(state: web::Data<AppState>) -> HttpResponse {
 
 /// `GET /metrics`: Prometheus text.
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    state.metrics.set_model_ready(&state.model.name, !state.lifecycle.is_draining() && !state.engines.is_empty());
+    state.metrics.set_model_ready(
+        &state.model.name,
+        !state.lifecycle.is_draining() && !state.engines.is_empty(),
+    );
     match state.metrics.render() {
-        Ok(text) => HttpResponse::Ok().insert_header((CONTENT_TYPE, crate::metrics::CONTENT_TYPE)).body(text),
+        Ok(text) => HttpResponse::Ok()
+            .insert_header((CONTENT_TYPE, crate::metrics::CONTENT_TYPE))
+            .body(text),
         Err(e) => {
             tracing::error!(error = %e, "failed to encode metrics");
-            HttpResponse::InternalServerError().content_type("text/plain").body("Failed to encode metrics")
+            HttpResponse::InternalServerError()
+                .content_type("text/plain")
+                .body("Failed to encode metrics")
         }
     }
 }
 
 /// Unmatched route: JSON 404 `Route not found: <METHOD> <path>`.
 pub async fn route_not_found(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    let error = ApiError::new(ErrorClass::NotFound, format!("Route not found: {} {}", req.method(), req.path()));
+    let error = ApiError::new(
+        ErrorClass::NotFound,
+        format!("Route not found: {} {}", req.method(), req.path()),
+    );
     error_response(&error, state.config.overload_status_code)
 }
 
@@ -134,7 +155,9 @@ pub async fn openapi(state: web::Data<AppState>) -> HttpResponse {
 
 /// `GET /docs`: a self-contained page that renders `/openapi.json` (no CDN: works offline).
 pub async fn docs() -> HttpResponse {
-    HttpResponse::Ok().content_type("text/html; charset=utf-8").body(DOCS_PAGE)
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(DOCS_PAGE)
 }
 
 const DOCS_PAGE: &str = r#"<!doctype html>
@@ -198,14 +221,32 @@ pub fn openapi_document(paths: &super::HttpPaths, model: &str) -> Value {
     };
     let mut doc_paths = serde_json::Map::new();
     for (path, item) in [
-        post(&paths.chat, "Create a chat completion", "ChatCompletionRequest",
-            json!({"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}), json_ok("ChatCompletion")),
-        post(&paths.completions, "Create a completion", "CompletionRequest",
-            json!({"model": model, "prompt": "Once upon a time", "max_tokens": 32}), json_ok("Completion")),
-        post(&paths.responses, "Create a response", "ResponsesRequest",
-            json!({"model": model, "input": "Hello!"}), json!({"description": "Success"})),
+        post(
+            &paths.chat,
+            "Create a chat completion",
+            "ChatCompletionRequest",
+            json!({"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}),
+            json_ok("ChatCompletion"),
+        ),
+        post(
+            &paths.completions,
+            "Create a completion",
+            "CompletionRequest",
+            json!({"model": model, "prompt": "Once upon a time", "max_tokens": 32}),
+            json_ok("Completion"),
+        ),
+        post(
+            &paths.responses,
+            "Create a response",
+            "ResponsesRequest",
+            json!({"model": model, "input": "Hello!"}),
+            json!({"description": "Success"}),
+        ),
         get(&paths.models, "List models"),
-        get(&format!("{}/{{model_id}}", paths.models.trim_end_matches('/')), "Retrieve a model"),
+        get(
+            &format!("{}/{{model_id}}", paths.models.trim_end_matches('/')),
+            "Retrieve a model",
+        ),
         get(&paths.health, "Readiness"),
         get(&paths.live, "Liveness"),
         get(&paths.metrics, "Prometheus metrics"),
@@ -214,7 +255,10 @@ pub fn openapi_document(paths: &super::HttpPaths, model: &str) -> Value {
     ] {
         doc_paths.insert(path, item);
     }
-    if let Some(item) = doc_paths.get_mut(&format!("{}/{{model_id}}", paths.models.trim_end_matches('/'))) {
+    if let Some(item) = doc_paths.get_mut(&format!(
+        "{}/{{model_id}}",
+        paths.models.trim_end_matches('/')
+    )) {
         item["get"]["parameters"] = json!([{"name": "model_id", "in": "path", "required": true, "schema": {"type": "string"}}]);
     }
     json!({
@@ -250,8 +294,14 @@ fn schemas() -> Value {
     });
     let mut chat_props = sampling.as_object().cloned().unwrap_or_default();
     chat_props.insert("model".into(), json!({"type": "string"}));
-    chat_props.insert("messages".into(), json!({"type": "array", "minItems": 1, "items": message}));
-    chat_props.insert("max_completion_tokens".into(), json!({"type": "integer", "minimum": 1}));
+    chat_props.insert(
+        "messages".into(),
+        json!({"type": "array", "minItems": 1, "items": message}),
+    );
+    chat_props.insert(
+        "max_completion_tokens".into(),
+        json!({"type": "integer", "minimum": 1}),
+    );
     let mut cmpl_props = sampling.as_object().cloned().unwrap_or_default();
     cmpl_props.insert("model".into(), json!({"type": "string"}));
     cmpl_props.insert("prompt".into(), json!({"oneOf": [

@@ -226,7 +226,10 @@ pub fn bind(state: Arc<AppState>) -> Result<(Server, Vec<SocketAddr>), std::io::
                 async move {
                     let mut res = fut.await?;
                     if let Some(value) = echoed {
-                        res.headers_mut().insert(actix_web::http::header::HeaderName::from_static("x-request-id"), value);
+                        res.headers_mut().insert(
+                            actix_web::http::header::HeaderName::from_static("x-request-id"),
+                            value,
+                        );
                     }
                     Ok(res)
                 }
@@ -267,14 +270,28 @@ pub fn bind(state: Arc<AppState>) -> Result<(Server, Vec<SocketAddr>), std::io::
 
 fn routes(cfg: &mut web::ServiceConfig, config: &HttpConfig) {
     let p = &config.paths;
-    let post = |path: &str, handler| web::resource(path.to_string()).route(handler).default_service(web::to(info::method_not_allowed));
-    let get = |path: &str, handler| web::resource(path.to_string()).route(handler).default_service(web::to(info::method_not_allowed));
+    let post = |path: &str, handler| {
+        web::resource(path.to_string())
+            .route(handler)
+            .default_service(web::to(info::method_not_allowed))
+    };
+    let get = |path: &str, handler| {
+        web::resource(path.to_string())
+            .route(handler)
+            .default_service(web::to(info::method_not_allowed))
+    };
     cfg.service(post(&p.chat, web::post().to(openai::chat_completions)))
         .service(post(&p.completions, web::post().to(openai::completions)))
         .service(post(&p.responses, web::post().to(openai::responses)))
-        .service(post(&format!("{}/input_tokens", p.responses.trim_end_matches('/')), web::post().to(openai::responses_input_tokens)))
+        .service(post(
+            &format!("{}/input_tokens", p.responses.trim_end_matches('/')),
+            web::post().to(openai::responses_input_tokens),
+        ))
         .service(get(&p.models, web::get().to(info::list_models)))
-        .service(get(&format!("{}/{{model_id:.*}}", p.models.trim_end_matches('/')), web::get().to(info::get_model)))
+        .service(get(
+            &format!("{}/{{model_id:.*}}", p.models.trim_end_matches('/')),
+            web::get().to(info::get_model),
+        ))
         .service(get(&p.health, web::get().to(info::health)))
         .service(get(&p.live, web::get().to(info::live)))
         .service(get(&p.metrics, web::get().to(info::metrics)))
@@ -298,7 +315,11 @@ pub struct HttpActor {
 impl HttpActor {
     /// Wrap a running server.
     pub fn new(handle: ServerHandle, lifecycle: Arc<Lifecycle>, timeout: Duration) -> Self {
-        HttpActor { handle, lifecycle, timeout }
+        HttpActor {
+            handle,
+            lifecycle,
+            timeout,
+        }
     }
 }
 

@@ -10,12 +10,16 @@ use bytes::Bytes;
 use serde::Deserialize;
 
 use super::request::{check_content_type, error_response, read_body, request_context, PeerSocket};
-use super::stream::{fold, sse_body, ChatFramer, CompletionFramer, Framer, RequestTracker, ResponsesFramer};
+use super::stream::{
+    fold, sse_body, ChatFramer, CompletionFramer, Framer, RequestTracker, ResponsesFramer,
+};
 use super::{Admission, AppState};
 use crate::error::{ApiError, ErrorClass};
 use crate::metrics::{Endpoint, RequestType};
 use crate::protocol::responses::{ResponseBuilder, ResponsesRequest};
-use crate::validator::{parse_lenient, ChatInput, RequestContext, ValidateChat, ValidateCompletion, ValidatedRequest};
+use crate::validator::{
+    parse_lenient, ChatInput, RequestContext, ValidateChat, ValidateCompletion, ValidatedRequest,
+};
 
 /// What the first steps produce for every inference route.
 struct Accepted {
@@ -25,18 +29,38 @@ struct Accepted {
 }
 
 /// Content type (415), readiness (503), body (413/400), headers (431).
-async fn accept(state: &AppState, req: &HttpRequest, payload: web::Payload) -> Result<Accepted, ApiError> {
+async fn accept(
+    state: &AppState,
+    req: &HttpRequest,
+    payload: web::Payload,
+) -> Result<Accepted, ApiError> {
     check_content_type(req)?;
     let body = read_body(payload, state.config.body_limit_mb).await?;
     let admission = state.lifecycle.admit().ok_or_else(ApiError::not_ready)?;
     let context = request_context(req.headers())?;
-    Ok(Accepted { body, context, admission })
+    Ok(Accepted {
+        body,
+        context,
+        admission,
+    })
 }
 
 /// Count a request that failed before it had a tracker, and render the error.
-fn reject(state: &AppState, endpoint: Endpoint, body: Option<&[u8]>, stream_hint: bool, error: &ApiError) -> HttpResponse {
-    let model = body.map(|b| model_label(state, b)).unwrap_or_else(|| "unknown".into());
-    let request_type = if stream_hint { RequestType::Stream } else { RequestType::Unary };
+fn reject(
+    state: &AppState,
+    endpoint: Endpoint,
+    body: Option<&[u8]>,
+    stream_hint: bool,
+    error: &ApiError,
+) -> HttpResponse {
+    let model = body
+        .map(|b| model_label(state, b))
+        .unwrap_or_else(|| "unknown".into());
+    let request_type = if stream_hint {
+        RequestType::Stream
+    } else {
+        RequestType::Unary
+    };
     let mut guard = state.metrics.request_guard(&model, endpoint, request_type);
     guard.mark_error(error.class.metric_label());
     if error.class == ErrorClass::Overloaded {
@@ -52,7 +76,10 @@ fn model_label(state: &AppState, body: &[u8]) -> String {
     struct ModelOnly {
         model: Option<String>,
     }
-    match serde_json::from_slice::<ModelOnly>(body).ok().and_then(|m| m.model) {
+    match serde_json::from_slice::<ModelOnly>(body)
+        .ok()
+        .and_then(|m| m.model)
+    {
         Some(m) if m == state.model.name => m,
         _ => "unknown".into(),
     }
@@ -68,9 +95,12 @@ fn sse_response<F: Framer>(
 ) -> HttpResponse {
     let keep_alive = (state.config.sse_keep_alive_interval_ms > 0)
         .then(|| Duration::from_millis(state.config.sse_keep_alive_interval_ms));
-    let leading = validated
-        .annotate_request_id
-        .then(|| format!("event: request_id\n: {}\n\n", serde_json::Value::String(validated.request_id.clone())));
+    let leading = validated.annotate_request_id.then(|| {
+        format!(
+            "event: request_id\n: {}\n\n",
+            serde_json::Value::String(validated.request_id.clone())
+        )
+    });
     let body = sse_body(
         generation,
         framer,
@@ -97,8 +127,14 @@ async fn serve<F: Framer>(
     stream: bool,
     admission: Admission,
 ) -> HttpResponse {
-    let request_type = if stream { RequestType::Stream } else { RequestType::Unary };
-    let guard = state.metrics.request_guard(&validated.model, endpoint, request_type);
+    let request_type = if stream {
+        RequestType::Stream
+    } else {
+        RequestType::Unary
+    };
+    let guard = state
+        .metrics
+        .request_guard(&validated.model, endpoint, request_type);
     let mut tracker = RequestTracker::new(guard, validated.prompt_tokens as usize);
     let generation = match state.gateway.generate(&validated).await {
         Ok(g) => g,
@@ -119,7 +155,9 @@ async fn serve<F: Framer>(
             Err(error) => error_response(&error, state.config.overload_status_code),
         }
     };
-    let Some(peer) = peer else { return folded.await };
+    let Some(peer) = peer else {
+        return folded.await;
+    };
     tokio::select! {
         response = folded => response,
         // The client hung up: dropping the fold drops the generation (cancelling the engines) and the
@@ -129,63 +167,140 @@ async fn serve<F: Framer>(
 }
 
 /// `POST /v1/chat/completions`.
-pub async fn chat_completions(req: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
+pub async fn chat_completions(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> HttpResponse {
     let accepted = match accept(&state, &req, payload).await {
         Ok(a) => a,
         Err(e) => return reject(&state, Endpoint::ChatCompletions, None, false, &e),
     };
-    let msg = ValidateChat { input: ChatInput::Body(accepted.body.clone()), context: accepted.context };
+    let msg = ValidateChat {
+        input: ChatInput::Body(accepted.body.clone()),
+        context: accepted.context,
+    };
     let validated = match state.gateway.validate_chat(msg).await {
         Ok(v) => v,
-        Err(e) => return reject(&state, Endpoint::ChatCompletions, Some(&accepted.body), false, &e),
+        Err(e) => {
+            return reject(
+                &state,
+                Endpoint::ChatCompletions,
+                Some(&accepted.body),
+                false,
+                &e,
+            )
+        }
     };
-    let framer = ChatFramer::new(&validated.request_id, &validated.model, validated.choices.len());
+    let framer = ChatFramer::new(
+        &validated.request_id,
+        &validated.model,
+        validated.choices.len(),
+    );
     let stream = validated.stream;
-    serve(&state, req.conn_data::<PeerSocket>().cloned(), Endpoint::ChatCompletions, validated, framer, stream, accepted.admission).await
+    serve(
+        &state,
+        req.conn_data::<PeerSocket>().cloned(),
+        Endpoint::ChatCompletions,
+        validated,
+        framer,
+        stream,
+        accepted.admission,
+    )
+    .await
 }
 
 /// `POST /v1/completions`.
-pub async fn completions(req: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
+pub async fn completions(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> HttpResponse {
     let accepted = match accept(&state, &req, payload).await {
         Ok(a) => a,
         Err(e) => return reject(&state, Endpoint::Completions, None, false, &e),
     };
-    let msg = ValidateCompletion { body: accepted.body.clone(), context: accepted.context };
+    let msg = ValidateCompletion {
+        body: accepted.body.clone(),
+        context: accepted.context,
+    };
     let validated = match state.gateway.validate_completion(msg).await {
         Ok(v) => v,
-        Err(e) => return reject(&state, Endpoint::Completions, Some(&accepted.body), false, &e),
+        Err(e) => {
+            return reject(
+                &state,
+                Endpoint::Completions,
+                Some(&accepted.body),
+                false,
+                &e,
+            )
+        }
     };
-    let framer = CompletionFramer::new(&validated.request_id, &validated.model, validated.echo_prompt.clone());
+    let framer = CompletionFramer::new(
+        &validated.request_id,
+        &validated.model,
+        validated.echo_prompt.clone(),
+    );
     let stream = validated.stream;
-    serve(&state, req.conn_data::<PeerSocket>().cloned(), Endpoint::Completions, validated, framer, stream, accepted.admission).await
+    serve(
+        &state,
+        req.conn_data::<PeerSocket>().cloned(),
+        Endpoint::Completions,
+        validated,
+        framer,
+        stream,
+        accepted.admission,
+    )
+    .await
 }
 
 /// `POST /v1/responses`: converted to a chat request, run through the chat path, converted back.
-pub async fn responses(req: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
+pub async fn responses(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> HttpResponse {
     let accepted = match accept(&state, &req, payload).await {
         Ok(a) => a,
         Err(e) => return reject(&state, Endpoint::Responses, None, false, &e),
     };
-    let request: ResponsesRequest = match parse_lenient(&accepted.body).and_then(|r: ResponsesRequest| r.check().map(|_| r)) {
-        Ok(r) => r,
-        Err(e) => return reject(&state, Endpoint::Responses, Some(&accepted.body), false, &e),
-    };
+    let request: ResponsesRequest =
+        match parse_lenient(&accepted.body).and_then(|r: ResponsesRequest| r.check().map(|_| r)) {
+            Ok(r) => r,
+            Err(e) => return reject(&state, Endpoint::Responses, Some(&accepted.body), false, &e),
+        };
     let chat = match request.to_chat() {
         Ok(c) => c,
         Err(e) => return reject(&state, Endpoint::Responses, Some(&accepted.body), false, &e),
     };
-    let msg = ValidateChat { input: ChatInput::Parsed(Box::new(chat)), context: accepted.context };
+    let msg = ValidateChat {
+        input: ChatInput::Parsed(Box::new(chat)),
+        context: accepted.context,
+    };
     let validated = match state.gateway.validate_chat(msg).await {
         Ok(v) => v,
         Err(e) => return reject(&state, Endpoint::Responses, Some(&accepted.body), false, &e),
     };
     let framer = ResponsesFramer::new(ResponseBuilder::new(&request, &validated.model));
     let stream = request.stream == Some(true);
-    serve(&state, req.conn_data::<PeerSocket>().cloned(), Endpoint::Responses, validated, framer, stream, accepted.admission).await
+    serve(
+        &state,
+        req.conn_data::<PeerSocket>().cloned(),
+        Endpoint::Responses,
+        validated,
+        framer,
+        stream,
+        accepted.admission,
+    )
+    .await
 }
 
 /// `POST /v1/responses/input_tokens`: upstream's estimate (text length / 3), no readiness or model check.
-pub async fn responses_input_tokens(req: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
+pub async fn responses_input_tokens(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> HttpResponse {
     let overload = state.config.overload_status_code;
     if let Err(e) = check_content_type(&req) {
         return error_response(&e, overload);
@@ -199,11 +314,15 @@ pub async fn responses_input_tokens(req: HttpRequest, payload: web::Payload, sta
         Err(e) => return error_response(&e, overload),
     };
     let mut chars = 0usize;
-    count_text(value.get("input").unwrap_or(&serde_json::Value::Null), &mut chars);
+    count_text(
+        value.get("input").unwrap_or(&serde_json::Value::Null),
+        &mut chars,
+    );
     if let Some(s) = value.get("instructions").and_then(|v| v.as_str()) {
         chars += s.chars().count();
     }
-    HttpResponse::Ok().json(serde_json::json!({"object": "response.input_tokens", "input_tokens": chars / 3}))
+    HttpResponse::Ok()
+        .json(serde_json::json!({"object": "response.input_tokens", "input_tokens": chars / 3}))
 }
 
 fn count_text(value: &serde_json::Value, chars: &mut usize) {

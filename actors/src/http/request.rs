@@ -28,8 +28,12 @@ impl PeerSocket {
     /// observed (for example the client already sent more bytes: a pipelined request).
     pub async fn closed(self) {
         let pending = std::future::pending::<()>;
-        let Ok(std_stream) = self.0.try_clone() else { return pending().await };
-        let Ok(stream) = tokio::net::TcpStream::from_std(std_stream) else { return pending().await };
+        let Ok(std_stream) = self.0.try_clone() else {
+            return pending().await;
+        };
+        let Ok(stream) = tokio::net::TcpStream::from_std(std_stream) else {
+            return pending().await;
+        };
         let mut byte = [0u8; 1];
         loop {
             if stream.readable().await.is_err() {
@@ -61,12 +65,24 @@ pub fn check_content_type(req: &HttpRequest) -> Result<(), ApiError> {
         .headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
-        .is_some_and(|mime| mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json")));
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .is_some_and(|mime| {
+            mime == "application/json"
+                || (mime.starts_with("application/") && mime.ends_with("+json"))
+        });
     if ok {
         Ok(())
     } else {
-        Err(ApiError::new(ErrorClass::UnsupportedMediaType, "Expected request with Content-Type application/json"))
+        Err(ApiError::new(
+            ErrorClass::UnsupportedMediaType,
+            "Expected request with Content-Type application/json",
+        ))
     }
 }
 
@@ -76,7 +92,9 @@ pub async fn read_body(mut payload: web::Payload, limit_mb: u64) -> Result<Bytes
     let too_large = || {
         ApiError::new(
             ErrorClass::PayloadTooLarge,
-            format!("Request body exceeds the limit of {limit_mb} MB set by DYN_HTTP_BODY_LIMIT_MB"),
+            format!(
+                "Request body exceeds the limit of {limit_mb} MB set by DYN_HTTP_BODY_LIMIT_MB"
+            ),
         )
     };
     let mut body = BytesMut::new();
@@ -135,8 +153,16 @@ pub fn request_context(headers: &HeaderMap) -> Result<RequestContext, ApiError> 
     }
     let pinned_engine = ["x-dynamo-worker-instance-id", "x-worker-instance-id"]
         .iter()
-        .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok()));
-    Ok(RequestContext { request_id: request_id(headers), pinned_engine })
+        .find_map(|h| {
+            headers
+                .get(*h)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        });
+    Ok(RequestContext {
+        request_id: request_id(headers),
+        pinned_engine,
+    })
 }
 
 #[cfg(test)]
@@ -147,12 +173,21 @@ mod tests {
 
     #[test]
     fn content_types() {
-        let ok = TestRequest::default().insert_header((CONTENT_TYPE, "application/json; charset=utf-8")).to_http_request();
+        let ok = TestRequest::default()
+            .insert_header((CONTENT_TYPE, "application/json; charset=utf-8"))
+            .to_http_request();
         assert!(check_content_type(&ok).is_ok());
-        let vendor = TestRequest::default().insert_header((CONTENT_TYPE, "application/vnd.api+json")).to_http_request();
+        let vendor = TestRequest::default()
+            .insert_header((CONTENT_TYPE, "application/vnd.api+json"))
+            .to_http_request();
         assert!(check_content_type(&vendor).is_ok());
-        let bad = TestRequest::default().insert_header((CONTENT_TYPE, "text/plain")).to_http_request();
-        assert_eq!(check_content_type(&bad).map_err(|e| e.class), Err(ErrorClass::UnsupportedMediaType));
+        let bad = TestRequest::default()
+            .insert_header((CONTENT_TYPE, "text/plain"))
+            .to_http_request();
+        assert_eq!(
+            check_content_type(&bad).map_err(|e| e.class),
+            Err(ErrorClass::UnsupportedMediaType)
+        );
         let none = TestRequest::default().to_http_request();
         assert!(check_content_type(&none).is_err());
     }
@@ -160,9 +195,13 @@ mod tests {
     #[test]
     fn request_id_only_accepts_uuids() {
         let id = "3f0c2b8e-8a9b-4c1d-9e2f-0123456789ab";
-        let req = TestRequest::default().insert_header(("request-id", id)).to_http_request();
+        let req = TestRequest::default()
+            .insert_header(("request-id", id))
+            .to_http_request();
         assert_eq!(request_id(req.headers()), id);
-        let req = TestRequest::default().insert_header(("request-id", "not-a-uuid")).to_http_request();
+        let req = TestRequest::default()
+            .insert_header(("request-id", "not-a-uuid"))
+            .to_http_request();
         let generated = request_id(req.headers());
         assert_ne!(generated, "not-a-uuid");
         assert!(uuid::Uuid::parse_str(&generated).is_ok());

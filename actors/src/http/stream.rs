@@ -15,7 +15,8 @@ use crate::error::ApiError;
 use crate::gateway::{ChoiceDelta, Generation};
 use crate::metrics::RequestGuard;
 use crate::protocol::chat::{
-    ChatChoice, ChatCompletionChunk, ChatCompletionResponse, ChunkChoice, ChunkDelta, ResponseMessage,
+    ChatChoice, ChatCompletionChunk, ChatCompletionResponse, ChunkChoice, ChunkDelta,
+    ResponseMessage,
 };
 use crate::protocol::completions::{CompletionChoice, CompletionResponse};
 use crate::protocol::responses::ResponseBuilder;
@@ -31,7 +32,11 @@ pub struct RequestTracker {
 impl RequestTracker {
     /// Track a request with `prompt_tokens` input tokens.
     pub fn new(guard: RequestGuard, prompt_tokens: usize) -> Self {
-        RequestTracker { guard, prompt_tokens, settled: false }
+        RequestTracker {
+            guard,
+            prompt_tokens,
+            settled: false,
+        }
     }
 
     /// Count generated tokens (TTFT, ITL, output tokens).
@@ -153,7 +158,12 @@ impl Framer for ChatFramer {
             role: first.then_some("assistant"),
             content: (!d.delta.text.is_empty() || first).then(|| d.delta.text.clone()),
         };
-        let choice = ChunkChoice { index: d.index, delta, finish_reason: d.delta.finish_reason, logprobs: None };
+        let choice = ChunkChoice {
+            index: d.index,
+            delta,
+            finish_reason: d.delta.finish_reason,
+            logprobs: None,
+        };
         Some(data_frame(&self.chunk(vec![choice], None)))
     }
 
@@ -177,7 +187,10 @@ impl Framer for ChatFramer {
             .enumerate()
             .map(|(i, c)| ChatChoice {
                 index: i as u32,
-                message: ResponseMessage { role: "assistant", content: Some(c.text.clone()) },
+                message: ResponseMessage {
+                    role: "assistant",
+                    content: Some(c.text.clone()),
+                },
                 finish_reason: c.finish_reason,
                 logprobs: None,
             })
@@ -231,11 +244,18 @@ impl CompletionFramer {
 
 impl Framer for CompletionFramer {
     fn opening(&mut self) -> String {
-        let Some(echo) = &self.echo else { return String::new() };
+        let Some(echo) = &self.echo else {
+            return String::new();
+        };
         echo.iter()
             .enumerate()
             .map(|(i, text)| {
-                let choice = CompletionChoice { index: i as u32, text: text.clone(), finish_reason: None, logprobs: None };
+                let choice = CompletionChoice {
+                    index: i as u32,
+                    text: text.clone(),
+                    finish_reason: None,
+                    logprobs: None,
+                };
                 data_frame(&self.response(vec![choice], None))
             })
             .collect()
@@ -275,7 +295,11 @@ impl Framer for CompletionFramer {
             .enumerate()
             .map(|(i, c)| CompletionChoice {
                 index: i as u32,
-                text: format!("{}{}", echo.get(i).map(String::as_str).unwrap_or(""), c.text),
+                text: format!(
+                    "{}{}",
+                    echo.get(i).map(String::as_str).unwrap_or(""),
+                    c.text
+                ),
                 finish_reason: c.finish_reason,
                 logprobs: None,
             })
@@ -310,7 +334,9 @@ impl Framer for ResponsesFramer {
     }
 
     fn error(&mut self, error: &ApiError, overload_status: u16) -> String {
-        self.builder.failed_event(error.class.status(overload_status), &error.message) + "data: [DONE]\n\n"
+        self.builder
+            .failed_event(error.class.status(overload_status), &error.message)
+            + "data: [DONE]\n\n"
     }
 
     fn fold(&mut self, delta: &ChoiceDelta) {
@@ -356,7 +382,10 @@ impl<F: Framer> SseBody<F> {
             if self.admission.is_killed() {
                 // The drain gave up on this stream: it ends without `[DONE]`, as a killed stream does.
                 self.done = true;
-                self.tracker.error(&ApiError::new(crate::error::ErrorClass::Cancelled, "Request cancelled"));
+                self.tracker.error(&ApiError::new(
+                    crate::error::ErrorClass::Cancelled,
+                    "Request cancelled",
+                ));
                 return None;
             }
             match next {
@@ -374,7 +403,10 @@ impl<F: Framer> SseBody<F> {
                 None => {
                     self.done = true;
                     self.tracker.success();
-                    return Some(self.framer.closing(self.generation.usage(), self.include_usage));
+                    return Some(
+                        self.framer
+                            .closing(self.generation.usage(), self.include_usage),
+                    );
                 }
             }
         }
@@ -410,12 +442,18 @@ pub fn sse_body<F: Framer>(
         admission,
     };
     futures_util::stream::unfold(body, |mut body| async move {
-        body.next_frame().await.map(|frame| (Ok(Bytes::from(frame)), body))
+        body.next_frame()
+            .await
+            .map(|frame| (Ok(Bytes::from(frame)), body))
     })
 }
 
 /// Fold `generation` into one response body. The first error (before or during generation) is returned.
-pub async fn fold<F: Framer>(mut generation: Generation, framer: &mut F, tracker: &mut RequestTracker) -> Result<serde_json::Value, ApiError> {
+pub async fn fold<F: Framer>(
+    mut generation: Generation,
+    framer: &mut F,
+    tracker: &mut RequestTracker,
+) -> Result<serde_json::Value, ApiError> {
     loop {
         match generation.next().await {
             Some(Ok(delta)) => {

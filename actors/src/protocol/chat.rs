@@ -34,9 +34,11 @@ impl MessageContent {
     pub fn text(&self) -> String {
         match self {
             MessageContent::Text(s) => s.clone(),
-            MessageContent::Parts(parts) => {
-                parts.iter().filter_map(|p| p.text.as_deref()).collect::<Vec<_>>().join("")
-            }
+            MessageContent::Parts(parts) => parts
+                .iter()
+                .filter_map(|p| p.text.as_deref())
+                .collect::<Vec<_>>()
+                .join(""),
         }
     }
 }

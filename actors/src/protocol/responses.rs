@@ -110,16 +110,22 @@ impl ResponsesRequest {
             return Err(ApiError::not_implemented("`background` is not supported."));
         }
         if self.previous_response_id.is_some() {
-            return Err(ApiError::not_implemented("`previous_response_id` is not supported."));
+            return Err(ApiError::not_implemented(
+                "`previous_response_id` is not supported.",
+            ));
         }
         if self.prompt.is_some() {
             return Err(ApiError::not_implemented("`prompt` is not supported."));
         }
         if self.max_tool_calls.is_some() {
-            return Err(ApiError::not_implemented("`max_tool_calls` is not supported."));
+            return Err(ApiError::not_implemented(
+                "`max_tool_calls` is not supported.",
+            ));
         }
         if let Some(0) = self.max_output_tokens {
-            return Err(ApiError::validation("Max tokens must be greater than 0, got 0"));
+            return Err(ApiError::validation(
+                "Max tokens must be greater than 0, got 0",
+            ));
         }
         Ok(())
     }
@@ -138,7 +144,10 @@ impl ResponsesRequest {
                 }
             }
         }
-        let mut ext = CommonExt { nvext: self.nvext.clone(), ..CommonExt::default() };
+        let mut ext = CommonExt {
+            nvext: self.nvext.clone(),
+            ..CommonExt::default()
+        };
         ext.ignore_eos = None;
         Ok(ChatCompletionRequest {
             model: self.model.clone(),
@@ -147,7 +156,10 @@ impl ResponsesRequest {
             top_p: self.top_p,
             n: None,
             stream: Some(true),
-            stream_options: Some(StreamOptions { include_usage: true, continuous_usage_stats: None }),
+            stream_options: Some(StreamOptions {
+                include_usage: true,
+                continuous_usage_stats: None,
+            }),
             stop: None,
             max_tokens: None,
             max_completion_tokens: self.max_output_tokens,
@@ -182,19 +194,45 @@ impl ResponsesRequest {
         m.insert("max_output_tokens".into(), json!(self.max_output_tokens));
         m.insert("temperature".into(), json!(self.temperature.unwrap_or(1.0)));
         m.insert("top_p".into(), json!(self.top_p.unwrap_or(1.0)));
-        m.insert("tool_choice".into(), self.tool_choice.clone().unwrap_or(json!("auto")));
-        m.insert("tools".into(), json!(self.tools.clone().unwrap_or_default()));
-        m.insert("parallel_tool_calls".into(), json!(self.parallel_tool_calls.unwrap_or(true)));
+        m.insert(
+            "tool_choice".into(),
+            self.tool_choice.clone().unwrap_or(json!("auto")),
+        );
+        m.insert(
+            "tools".into(),
+            json!(self.tools.clone().unwrap_or_default()),
+        );
+        m.insert(
+            "parallel_tool_calls".into(),
+            json!(self.parallel_tool_calls.unwrap_or(true)),
+        );
         m.insert("store".into(), json!(self.store.unwrap_or(false)));
-        m.insert("truncation".into(), json!(self.truncation.clone().unwrap_or_else(|| "disabled".into())));
-        m.insert("service_tier".into(), json!(self.service_tier.clone().unwrap_or_else(|| "auto".into())));
+        m.insert(
+            "truncation".into(),
+            json!(self.truncation.clone().unwrap_or_else(|| "disabled".into())),
+        );
+        m.insert(
+            "service_tier".into(),
+            json!(self.service_tier.clone().unwrap_or_else(|| "auto".into())),
+        );
         m.insert("background".into(), json!(false));
         m.insert("frequency_penalty".into(), json!(0.0));
         m.insert("presence_penalty".into(), json!(0.0));
-        m.insert("metadata".into(), self.metadata.clone().unwrap_or(json!({})));
+        m.insert(
+            "metadata".into(),
+            self.metadata.clone().unwrap_or(json!({})),
+        );
         m.insert("top_logprobs".into(), json!(self.top_logprobs.unwrap_or(0)));
-        m.insert("text".into(), self.text.clone().unwrap_or(json!({"format": {"type": "text"}})));
-        m.insert("reasoning".into(), self.reasoning.clone().unwrap_or(Value::Null));
+        m.insert(
+            "text".into(),
+            self.text
+                .clone()
+                .unwrap_or(json!({"format": {"type": "text"}})),
+        );
+        m.insert(
+            "reasoning".into(),
+            self.reasoning.clone().unwrap_or(Value::Null),
+        );
         m.insert("user".into(), json!(self.user));
         m.insert("previous_response_id".into(), Value::Null);
         m.insert("incomplete_details".into(), Value::Null);
@@ -224,7 +262,10 @@ fn item_to_message(index: usize, item: &Value) -> Result<ChatMessage, ApiError> 
             format!("Failed to convert responses request: input[{index}] {why}"),
         )
     };
-    let kind = item.get("type").and_then(Value::as_str).unwrap_or("message");
+    let kind = item
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("message");
     if kind != "message" {
         return Err(fail(&format!("has unsupported type `{kind}`")));
     }
@@ -232,7 +273,9 @@ fn item_to_message(index: usize, item: &Value) -> Result<ChatMessage, ApiError> 
         .get("role")
         .cloned()
         .ok_or_else(|| fail("is missing `role`"))
-        .and_then(|r| serde_json::from_value(r).map_err(|e| fail(&format!("has an invalid role: {e}"))))?;
+        .and_then(|r| {
+            serde_json::from_value(r).map_err(|e| fail(&format!("has an invalid role: {e}")))
+        })?;
     let text = match item.get("content") {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Array(parts)) => {
@@ -243,7 +286,9 @@ fn item_to_message(index: usize, item: &Value) -> Result<ChatMessage, ApiError> 
                         text.push_str(part.get("text").and_then(Value::as_str).unwrap_or(""))
                     }
                     other => {
-                        return Err(fail(&format!("has an unsupported content part type {other:?}")))
+                        return Err(fail(&format!(
+                            "has an unsupported content part type {other:?}"
+                        )))
                     }
                 }
             }
@@ -297,7 +342,11 @@ impl ResponseBuilder {
         obj.insert("created_at".into(), json!(self.created_at));
         obj.insert("status".into(), json!(status));
         obj.insert("model".into(), json!(self.model));
-        let output = if status == "completed" { vec![self.output_item("completed")] } else { vec![] };
+        let output = if status == "completed" {
+            vec![self.output_item("completed")]
+        } else {
+            vec![]
+        };
         obj.insert("output".into(), Value::Array(output));
         if status == "completed" {
             obj.insert("completed_at".into(), json!(super::unix_now()));
@@ -341,13 +390,13 @@ impl ResponseBuilder {
         out += &self.event("response.created", obj([("response", created.clone())]));
         out += &self.event("response.in_progress", obj([("response", created)]));
         let item = self.output_item("in_progress");
-        out += &self.event("response.output_item.added", obj([("output_index", json!(0)), ("item", item)]));
+        out += &self.event(
+            "response.output_item.added",
+            obj([("output_index", json!(0)), ("item", item)]),
+        );
         let part = json!({"type": "output_text", "text": "", "annotations": [], "logprobs": []});
         let ids = self.ids();
-        out += &self.event(
-            "response.content_part.added",
-            with(ids, [("part", part)]),
-        );
+        out += &self.event("response.content_part.added", with(ids, [("part", part)]));
         out
     }
 
@@ -363,7 +412,10 @@ impl ResponseBuilder {
     pub fn delta_event(&mut self, delta: &str) -> String {
         self.push_text(delta);
         let ids = self.ids();
-        self.event("response.output_text.delta", with(ids, [("delta", json!(delta)), ("logprobs", json!([]))]))
+        self.event(
+            "response.output_text.delta",
+            with(ids, [("delta", json!(delta)), ("logprobs", json!([]))]),
+        )
     }
 
     /// The events that close a successful stream (without `data: [DONE]`).
@@ -371,11 +423,20 @@ impl ResponseBuilder {
         let mut out = String::new();
         let ids = self.ids();
         let text = self.text.clone();
-        out += &self.event("response.output_text.done", with(ids.clone(), [("text", json!(text)), ("logprobs", json!([]))]));
+        out += &self.event(
+            "response.output_text.done",
+            with(
+                ids.clone(),
+                [("text", json!(text)), ("logprobs", json!([]))],
+            ),
+        );
         let part = json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []});
         out += &self.event("response.content_part.done", with(ids, [("part", part)]));
         let item = self.output_item("completed");
-        out += &self.event("response.output_item.done", obj([("output_index", json!(0)), ("item", item)]));
+        out += &self.event(
+            "response.output_item.done",
+            obj([("output_index", json!(0)), ("item", item)]),
+        );
         let done = self.object("completed", Some(usage));
         out += &self.event("response.completed", obj([("response", done)]));
         out
@@ -400,7 +461,10 @@ fn obj<const N: usize>(pairs: [(&str, Value); N]) -> Map<String, Value> {
     pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
-fn with<const N: usize>(mut base: Map<String, Value>, pairs: [(&str, Value); N]) -> Map<String, Value> {
+fn with<const N: usize>(
+    mut base: Map<String, Value>,
+    pairs: [(&str, Value); N],
+) -> Map<String, Value> {
     for (k, v) in pairs {
         base.insert(k.to_string(), v);
     }
@@ -417,19 +481,27 @@ mod tests {
 
     #[test]
     fn converts_string_input_and_instructions() {
-        let r = request(json!({"model": "m", "input": "hi", "instructions": "be brief", "max_output_tokens": 5}));
+        let r = request(
+            json!({"model": "m", "input": "hi", "instructions": "be brief", "max_output_tokens": 5}),
+        );
         let chat = r.to_chat().expect("converts");
         assert_eq!(chat.messages.len(), 2);
         assert_eq!(chat.messages[0].role, Role::System);
         assert_eq!(chat.stream, Some(true));
         assert_eq!(chat.max_completion_tokens, Some(5));
-        assert!(chat.stream_options.map(|o| o.include_usage).unwrap_or(false));
+        assert!(chat
+            .stream_options
+            .map(|o| o.include_usage)
+            .unwrap_or(false));
     }
 
     #[test]
     fn unsupported_fields_are_501() {
         let r = request(json!({"model": "m", "input": "hi", "background": true}));
-        assert_eq!(r.check().map_err(|e| e.class), Err(crate::error::ErrorClass::NotImplemented));
+        assert_eq!(
+            r.check().map_err(|e| e.class),
+            Err(crate::error::ErrorClass::NotImplemented)
+        );
     }
 
     #[test]

@@ -53,7 +53,10 @@ pub struct RouterConfig {
 
 impl Default for RouterConfig {
     fn default() -> Self {
-        RouterConfig { mode: RouterMode::RoundRobin, seed: None }
+        RouterConfig {
+            mode: RouterMode::RoundRobin,
+            seed: None,
+        }
     }
 }
 
@@ -88,7 +91,10 @@ pub struct KvRouterActor {
 impl KvRouterActor {
     /// A router over `engines` using the policy for `config.mode`.
     pub fn new(config: &RouterConfig, engines: Vec<EngineSlot>) -> Result<Self, ApiError> {
-        Ok(KvRouterActor { engines, policy: policy::for_mode(config)? })
+        Ok(KvRouterActor {
+            engines,
+            policy: policy::for_mode(config)?,
+        })
     }
 }
 
@@ -108,20 +114,34 @@ impl Handler<Route> for KvRouterActor {
             Some(id) => match self.engines.iter().find(|e| e.id == id) {
                 Some(slot) => vec![slot.clone()],
                 None => {
-                    let err = ApiError::new(ErrorClass::Unavailable, format!("Engine instance {id} not found"));
+                    let err = ApiError::new(
+                        ErrorClass::Unavailable,
+                        format!("Engine instance {id} not found"),
+                    );
                     return Box::pin(async move { Err(err) });
                 }
             },
-            None => self.policy.order(&self.engines, &msg.request).into_iter().map(|i| self.engines[i].clone()).collect(),
+            None => self
+                .policy
+                .order(&self.engines, &msg.request)
+                .into_iter()
+                .map(|i| self.engines[i].clone())
+                .collect(),
         };
         Box::pin(async move {
             if candidates.is_empty() {
-                return Err(ApiError::new(ErrorClass::Unavailable, "Service temporarily unavailable"));
+                return Err(ApiError::new(
+                    ErrorClass::Unavailable,
+                    "Service temporarily unavailable",
+                ));
             }
             // Try the preferred engine first; an engine whose admission queue is full passes the request on.
             let mut last_error = None;
             for slot in candidates {
-                let generate = Generate { request: msg.request.clone(), output: msg.output.clone() };
+                let generate = Generate {
+                    request: msg.request.clone(),
+                    output: msg.output.clone(),
+                };
                 match slot.addr.send(generate).await {
                     Ok(Ok(())) => return Ok(slot.id),
                     Ok(Err(e)) => last_error = Some(e),
@@ -133,7 +153,9 @@ impl Handler<Route> for KvRouterActor {
                     }
                 }
             }
-            Err(last_error.unwrap_or_else(|| ApiError::new(ErrorClass::Unavailable, "Service temporarily unavailable")))
+            Err(last_error.unwrap_or_else(|| {
+                ApiError::new(ErrorClass::Unavailable, "Service temporarily unavailable")
+            }))
         })
     }
 }

@@ -54,7 +54,11 @@ pub struct Random {
 impl Random {
     /// Seeded for reproducibility, or from entropy.
     pub fn new(seed: Option<u64>) -> Self {
-        Random { rng: seed.map(SmallRng::seed_from_u64).unwrap_or_else(SmallRng::from_entropy) }
+        Random {
+            rng: seed
+                .map(SmallRng::seed_from_u64)
+                .unwrap_or_else(SmallRng::from_entropy),
+        }
     }
 }
 
@@ -80,8 +84,14 @@ mod tests {
 
     #[test]
     fn kv_mode_is_rejected_with_a_clear_message() {
-        let config = RouterConfig { mode: RouterMode::Kv, seed: None };
-        let err = for_mode(&config).err().map(|e| e.message).unwrap_or_default();
+        let config = RouterConfig {
+            mode: RouterMode::Kv,
+            seed: None,
+        };
+        let err = for_mode(&config)
+            .err()
+            .map(|e| e.message)
+            .unwrap_or_default();
         assert!(err.contains("router mode `kv`"), "{err}");
     }
 }

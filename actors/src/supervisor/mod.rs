@@ -29,7 +29,9 @@ pub struct MetricsConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { prefix: crate::metrics::DEFAULT_PREFIX.into() }
+        MetricsConfig {
+            prefix: crate::metrics::DEFAULT_PREFIX.into(),
+        }
     }
 }
 
@@ -106,7 +108,11 @@ impl Handler<Shutdown> for Supervisor {
                 for child in act.engines.drain(..) {
                     child.arbiter.stop();
                 }
-                tracing::debug!(router = act.router.connected(), validator = act.validator.connected(), "actor tree stopped");
+                tracing::debug!(
+                    router = act.router.connected(),
+                    validator = act.validator.connected(),
+                    "actor tree stopped"
+                );
                 ctx.stop();
             }),
         )
@@ -135,15 +141,26 @@ impl RunningService {
 }
 
 /// Start the tree. Must run inside an actix System.
-pub async fn start(config: ServiceConfig, tokenizer: Arc<ModelTokenizer>) -> Result<RunningService, StartError> {
+pub async fn start(
+    config: ServiceConfig,
+    tokenizer: Arc<ModelTokenizer>,
+) -> Result<RunningService, StartError> {
     if config.engine.devices.is_empty() {
-        return Err(StartError::Config("engine.devices must list at least one device".into()));
+        return Err(StartError::Config(
+            "engine.devices must list at least one device".into(),
+        ));
     }
     let env = |key: &str| std::env::var(key).ok();
-    let metrics = Arc::new(FrontendMetrics::new(&config.metrics.prefix, &env).map_err(|e| StartError::Metrics(e.to_string()))?);
+    let metrics = Arc::new(
+        FrontendMetrics::new(&config.metrics.prefix, &env)
+            .map_err(|e| StartError::Metrics(e.to_string()))?,
+    );
     metrics.set_model_gauges(
         &config.model_name,
-        &ModelGauges { context_length: Some(u64::from(tokenizer.context_length())), ..ModelGauges::default() },
+        &ModelGauges {
+            context_length: Some(u64::from(tokenizer.context_length())),
+            ..ModelGauges::default()
+        },
     );
 
     let mut slots = Vec::new();
@@ -153,20 +170,47 @@ pub async fn start(config: ServiceConfig, tokenizer: Arc<ModelTokenizer>) -> Res
         let id = index as u64;
         let load = Arc::new(EngineLoad::default());
         let arbiter = Arbiter::new();
-        let (kind, echo, capacity, device_name, actor_load) =
-            (config.engine.kind, config.echo.clone(), config.engine.admission_capacity, device.clone(), load.clone());
+        let (kind, echo, capacity, device_name, actor_load) = (
+            config.engine.kind,
+            config.echo.clone(),
+            config.engine.admission_capacity,
+            device.clone(),
+            load.clone(),
+        );
         let addr = EngineActor::start_in_arbiter(&arbiter.handle(), move |_| {
-            EngineActor::new(id, device_name, build_engine(kind, &echo), capacity, actor_load)
+            EngineActor::new(
+                id,
+                device_name,
+                build_engine(kind, &echo),
+                capacity,
+                actor_load,
+            )
         });
-        slots.push(EngineSlot { id, addr: addr.recipient(), load: load.clone() });
-        infos.push(EngineInfo { instance_id: id, engine: kind.as_str().into(), device: device.clone(), load });
+        slots.push(EngineSlot {
+            id,
+            addr: addr.recipient(),
+            load: load.clone(),
+        });
+        infos.push(EngineInfo {
+            instance_id: id,
+            engine: kind.as_str().into(),
+            device: device.clone(),
+            load,
+        });
         children.push(EngineChild { arbiter });
     }
     let engines = Arc::new(infos);
 
-    let router = KvRouterActor::new(&config.router, slots).map_err(|e| StartError::Config(e.message))?.start();
+    let router = KvRouterActor::new(&config.router, slots)
+        .map_err(|e| StartError::Config(e.message))?
+        .start();
     let validator = {
-        let (cfg, model, tok, m) = (config.validator.clone(), config.model_name.clone(), tokenizer.clone(), metrics.clone());
+        let (cfg, model, tok, m) = (
+            config.validator.clone(),
+            config.model_name.clone(),
+            tokenizer.clone(),
+            metrics.clone(),
+        );
         SyncArbiter::start(config.validator.threads.max(1), move || {
             ValidatorActor::new(cfg.clone(), model.clone(), tok.clone(), m.clone())
         })
@@ -184,7 +228,10 @@ pub async fn start(config: ServiceConfig, tokenizer: Arc<ModelTokenizer>) -> Res
             gateway: gateway.clone(),
             metrics: metrics.clone(),
             config: config.http.clone(),
-            model: ModelCard { name: config.model_name.clone(), context_length: tokenizer.context_length() },
+            model: ModelCard {
+                name: config.model_name.clone(),
+                context_length: tokenizer.context_length(),
+            },
             lifecycle: lifecycle.clone(),
             engines: engines.clone(),
         });
@@ -204,11 +251,26 @@ pub async fn start(config: ServiceConfig, tokenizer: Arc<ModelTokenizer>) -> Res
             }
         });
         let timeout = Duration::from_secs(config.http.graceful_shutdown_timeout_secs);
-        (Some(HttpActor::new(handle, lifecycle, timeout).start()), addrs)
+        (
+            Some(HttpActor::new(handle, lifecycle, timeout).start()),
+            addrs,
+        )
     } else {
         (None, Vec::new())
     };
 
-    let supervisor = Supervisor { http, engines: children, validator, router }.start();
-    Ok(RunningService { supervisor, http_addrs, gateway, metrics, engines })
+    let supervisor = Supervisor {
+        http,
+        engines: children,
+        validator,
+        router,
+    }
+    .start();
+    Ok(RunningService {
+        supervisor,
+        http_addrs,
+        gateway,
+        metrics,
+        engines,
+    })
 }

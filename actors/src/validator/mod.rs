@@ -36,7 +36,10 @@ pub struct ValidatorConfig {
 
 impl Default for ValidatorConfig {
     fn default() -> Self {
-        ValidatorConfig { threads: 2, ignore_unsupported_fields: false }
+        ValidatorConfig {
+            threads: 2,
+            ignore_unsupported_fields: false,
+        }
     }
 }
 
@@ -110,11 +113,24 @@ pub struct ValidatorActor {
 
 impl ValidatorActor {
     /// A validator serving `model` with `tokenizer`.
-    pub fn new(config: ValidatorConfig, model: String, tokenizer: Arc<ModelTokenizer>, metrics: Arc<FrontendMetrics>) -> Self {
-        ValidatorActor { config, model, tokenizer, metrics }
+    pub fn new(
+        config: ValidatorConfig,
+        model: String,
+        tokenizer: Arc<ModelTokenizer>,
+        metrics: Arc<FrontendMetrics>,
+    ) -> Self {
+        ValidatorActor {
+            config,
+            model,
+            tokenizer,
+            metrics,
+        }
     }
 
-    fn check_unknown(&self, unknown: &serde_json::Map<String, serde_json::Value>) -> Result<(), ApiError> {
+    fn check_unknown(
+        &self,
+        unknown: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), ApiError> {
         if self.config.ignore_unsupported_fields {
             return Ok(());
         }
@@ -132,7 +148,8 @@ impl ValidatorActor {
     fn tokenize(&self, text: &str) -> Result<Vec<u32>, ApiError> {
         let started = Instant::now();
         let ids = self.tokenizer.encode(text).map_err(ApiError::internal)?;
-        self.metrics.observe_tokenizer_latency("tokenize", started.elapsed().as_secs_f64() * 1000.0);
+        self.metrics
+            .observe_tokenizer_latency("tokenize", started.elapsed().as_secs_f64() * 1000.0);
         Ok(ids)
     }
 
@@ -154,7 +171,11 @@ impl ValidatorActor {
         Ok(())
     }
 
-    fn chat(&self, input: ChatInput, context: RequestContext) -> Result<ValidatedRequest, ApiError> {
+    fn chat(
+        &self,
+        input: ChatInput,
+        context: RequestContext,
+    ) -> Result<ValidatedRequest, ApiError> {
         let req: ChatCompletionRequest = match input {
             ChatInput::Body(body) => parse_lenient(&body)?,
             ChatInput::Parsed(req) => *req,
@@ -167,18 +188,29 @@ impl ValidatorActor {
             Some(ids) => ids.clone(),
             None => {
                 let prompt = if nvext.use_raw_prompt == Some(true) {
-                    req.messages.iter().filter_map(|m| m.content.as_ref().map(MessageContent::text)).collect::<Vec<_>>().join("\n")
+                    req.messages
+                        .iter()
+                        .filter_map(|m| m.content.as_ref().map(MessageContent::text))
+                        .collect::<Vec<_>>()
+                        .join("\n")
                 } else {
                     let messages: Vec<tokenizer::ChatMessage> = req
                         .messages
                         .iter()
                         .map(|m| tokenizer::ChatMessage {
                             role: m.role.as_str().to_string(),
-                            content: m.content.as_ref().map(MessageContent::text).unwrap_or_default(),
+                            content: m
+                                .content
+                                .as_ref()
+                                .map(MessageContent::text)
+                                .unwrap_or_default(),
                         })
                         .collect();
                     self.tokenizer.render_chat(&messages, true).map_err(|e| {
-                        ApiError::new(ErrorClass::BadRequest, format!("Failed to apply the chat template: {e}"))
+                        ApiError::new(
+                            ErrorClass::BadRequest,
+                            format!("Failed to apply the chat template: {e}"),
+                        )
                     })?
                 };
                 self.tokenize(&prompt)?
@@ -187,8 +219,16 @@ impl ValidatorActor {
         let max_tokens = req.max_completion_tokens.or(req.max_tokens);
         self.check_context(token_ids.len(), max_tokens)?;
         let echo_text = match req.messages.last() {
-            Some(m) if m.role == Role::User => m.content.as_ref().map(MessageContent::text).unwrap_or_default(),
-            Some(m) => m.content.as_ref().map(MessageContent::text).unwrap_or_default(),
+            Some(m) if m.role == Role::User => m
+                .content
+                .as_ref()
+                .map(MessageContent::text)
+                .unwrap_or_default(),
+            Some(m) => m
+                .content
+                .as_ref()
+                .map(MessageContent::text)
+                .unwrap_or_default(),
             None => String::new(),
         };
         let base = self.engine_request(
@@ -222,16 +262,26 @@ impl ValidatorActor {
         })
     }
 
-    fn completion(&self, body: &Bytes, context: RequestContext) -> Result<ValidatedRequest, ApiError> {
+    fn completion(
+        &self,
+        body: &Bytes,
+        context: RequestContext,
+    ) -> Result<ValidatedRequest, ApiError> {
         let req: CompletionRequest = parse_lenient(body)?;
         rules::completion(&req)?;
         self.check_unknown(&req.unknown)?;
         self.check_model(&req.model)?;
         let prompts: Vec<(Vec<u32>, String)> = match &req.prompt {
             Prompt::Text(s) => vec![(self.tokenize(s)?, s.clone())],
-            Prompt::Texts(list) => list.iter().map(|s| Ok((self.tokenize(s)?, s.clone()))).collect::<Result<_, ApiError>>()?,
+            Prompt::Texts(list) => list
+                .iter()
+                .map(|s| Ok((self.tokenize(s)?, s.clone())))
+                .collect::<Result<_, ApiError>>()?,
             Prompt::Tokens(ids) => vec![(ids.clone(), self.decode(ids)?)],
-            Prompt::TokenLists(lists) => lists.iter().map(|ids| Ok((ids.clone(), self.decode(ids)?))).collect::<Result<_, ApiError>>()?,
+            Prompt::TokenLists(lists) => lists
+                .iter()
+                .map(|ids| Ok((ids.clone(), self.decode(ids)?)))
+                .collect::<Result<_, ApiError>>()?,
         };
         let n = req.n.unwrap_or(1) as usize;
         let mut choices = Vec::with_capacity(prompts.len() * n);
@@ -262,8 +312,12 @@ impl ValidatorActor {
             );
             choices.extend(fan_out(base, n));
         }
-        let echo_prompt = (req.echo == Some(true))
-            .then(|| prompts.iter().flat_map(|(_, text)| std::iter::repeat(text.clone()).take(n)).collect());
+        let echo_prompt = (req.echo == Some(true)).then(|| {
+            prompts
+                .iter()
+                .flat_map(|(_, text)| std::iter::repeat(text.clone()).take(n))
+                .collect()
+        });
         Ok(ValidatedRequest {
             request_id: context.request_id.clone(),
             model: req.model.clone(),
@@ -278,13 +332,18 @@ impl ValidatorActor {
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String, ApiError> {
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.tokenizer.vocab_size()) {
+        if let Some(bad) = ids
+            .iter()
+            .find(|&&id| id as usize >= self.tokenizer.vocab_size())
+        {
             return Err(ApiError::validation(format!(
                 "Prompt token id {bad} is out of range for a vocabulary of {} tokens",
                 self.tokenizer.vocab_size()
             )));
         }
-        self.tokenizer.decode(ids, false).map_err(ApiError::internal)
+        self.tokenizer
+            .decode(ids, false)
+            .map_err(ApiError::internal)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -300,9 +359,14 @@ impl ValidatorActor {
         max_tokens: Option<u32>,
     ) -> EngineRequest {
         let nvext = ext.nvext.clone().unwrap_or_default();
-        let ignore_eos = ext.ignore_eos.or_else(|| deprecated_nvext("ignore_eos", nvext.ignore_eos)).unwrap_or(false);
+        let ignore_eos = ext
+            .ignore_eos
+            .or_else(|| deprecated_nvext("ignore_eos", nvext.ignore_eos))
+            .unwrap_or(false);
         let top_k = ext.top_k.or_else(|| deprecated_nvext("top_k", nvext.top_k));
-        let repetition_penalty = ext.repetition_penalty.or_else(|| deprecated_nvext("repetition_penalty", nvext.repetition_penalty));
+        let repetition_penalty = ext
+            .repetition_penalty
+            .or_else(|| deprecated_nvext("repetition_penalty", nvext.repetition_penalty));
         let mut stop_token_ids = ext.stop_token_ids.clone().unwrap_or_default();
         if !ignore_eos && !stop_token_ids.contains(&self.tokenizer.eos_token_id()) {
             stop_token_ids.push(self.tokenizer.eos_token_id());
@@ -356,7 +420,10 @@ fn deprecated_nvext<T>(field: &str, value: Option<T>) -> Option<T> {
 }
 
 fn wants_request_id(ext: &CommonExt) -> bool {
-    ext.nvext.as_ref().and_then(|n| n.annotations.as_ref()).is_some_and(|a| a.iter().any(|s| s == "request_id"))
+    ext.nvext
+        .as_ref()
+        .and_then(|n| n.annotations.as_ref())
+        .is_some_and(|a| a.iter().any(|s| s == "request_id"))
 }
 
 /// `n` copies of `base`, each with its own sub-id when there is more than one.
@@ -385,7 +452,9 @@ pub fn parse_lenient<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if original.is_syntax() || original.is_eof() {
         let escaped = escape_control_chars(body);
         if let Ok(v) = serde_json::from_slice::<T>(&escaped) {
-            tracing::warn!("request body needed lenient parsing (raw control characters in strings)");
+            tracing::warn!(
+                "request body needed lenient parsing (raw control characters in strings)"
+            );
             return Ok(v);
         }
         let lossy = String::from_utf8_lossy(&escaped).into_owned();
@@ -454,16 +523,26 @@ mod tests {
 
     #[test]
     fn parse_error_reports_original_error() {
-        let err = parse_lenient::<CompletionRequest>(b"{not json").err().map(|e| e.message).unwrap_or_default();
-        assert!(err.starts_with("Failed to deserialize the JSON body into the target type: "), "{err}");
+        let err = parse_lenient::<CompletionRequest>(b"{not json")
+            .err()
+            .map(|e| e.message)
+            .unwrap_or_default();
+        assert!(
+            err.starts_with("Failed to deserialize the JSON body into the target type: "),
+            "{err}"
+        );
     }
 
     #[test]
     fn unknown_fields_are_collected_and_named() {
         let req: CompletionRequest =
-            parse_lenient(br#"{"model":"m","prompt":"x","foo":1,"bar":true,"ignore_eos":true}"#).expect("parses");
+            parse_lenient(br#"{"model":"m","prompt":"x","foo":1,"bar":true,"ignore_eos":true}"#)
+                .expect("parses");
         assert_eq!(req.ext.ignore_eos, Some(true));
-        let err = rules::unknown_fields(&req.unknown).err().map(|e| e.message).unwrap_or_default();
+        let err = rules::unknown_fields(&req.unknown)
+            .err()
+            .map(|e| e.message)
+            .unwrap_or_default();
         assert_eq!(err, "Validation: Unsupported parameter(s): `bar`, `foo`");
     }
 }
