@@ -102,9 +102,11 @@ impl ServeArgs {
                         }
                         Input::Batch(PathBuf::from(path))
                     }
-                    other => return Err(format!(
+                    other => {
+                        return Err(format!(
                         "unknown input `in={other}`: expected in=http, in=text or in=batch:FILE"
-                    )),
+                    ))
+                    }
                 };
             } else if let Some(value) = arg.strip_prefix("out=") {
                 match value {

@@ -1,7 +1,6 @@
-//! [`EngineActor`]: hosts one [`Engine`] on its own Arbiter thread, admits requests up to its capacity and
-//! drives each admitted request's generation future on that thread.
+//! [`EngineActor`]: hosts one [`Engine`] on its own Arbiter thread and drives each admitted
+//! request's generation future on that thread.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -9,19 +8,31 @@ use futures_util::FutureExt;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use super::{Engine, EngineLoad, TokenSink};
+use super::{Admission, Engine, EngineLoad, TokenSink};
 use crate::error::ApiError;
 use crate::protocol::engine::{EngineEvent, EngineRequest};
 
-/// Start generating `request`, writing its output into `output`. Replies once the request is admitted
-/// (or rejected as overloaded); the tokens arrive on the channel.
+/// Start generating `request`, writing its output into `output`. Fire-and-forget: the sender has
+/// already reserved the request's admission slot ([`EngineLoad::try_admit`]), so there is nothing
+/// to reply; the tokens (or the channel closing) are the answer.
 #[derive(Message)]
-#[rtype(result = "Result<(), ApiError>")]
+#[rtype(result = "()")]
 pub struct Generate {
     /// The validated request.
     pub request: EngineRequest,
     /// The bounded channel to the consumer.
     pub output: mpsc::Sender<EngineEvent>,
+    /// The admission slot, held until generation ends.
+    pub admission: Admission,
+}
+
+/// The 529 error for an engine whose admission slots are all taken, naming the engine.
+pub fn overloaded(id: u64, device: &str, capacity: usize) -> ApiError {
+    ApiError::overloaded(json!({
+        "engine_id": id,
+        "device": device,
+        "admission_capacity": capacity,
+    }))
 }
 
 /// One engine on one device.
@@ -30,9 +41,10 @@ pub struct EngineActor {
     id: u64,
     device: String,
     engine: Box<dyn Engine>,
-    /// Requests admitted at once; the admission queue's capacity.
+    /// Requests admitted at once; the admission queue's capacity (enforced by the router's
+    /// reservations; sizes the mailbox here).
     capacity: usize,
-    /// Shared with the router and `/health`, written only here.
+    /// Shared with the router and `/health`.
     load: Arc<EngineLoad>,
 }
 
@@ -65,30 +77,24 @@ impl Actor for EngineActor {
 }
 
 impl Handler<Generate> for EngineActor {
-    type Result = Result<(), ApiError>;
+    type Result = ();
 
     fn handle(&mut self, msg: Generate, ctx: &mut Self::Context) -> Self::Result {
-        if self.load.active() >= self.capacity {
-            return Err(ApiError::overloaded(json!({
-                "engine_id": self.id,
-                "device": self.device,
-                "admission_capacity": self.capacity,
-            })));
-        }
-        self.load.active.fetch_add(1, Ordering::Relaxed);
-        let request_id = msg.request.request_id.clone();
-        let sink = TokenSink::new(msg.output, self.load.clone());
+        let Generate {
+            request,
+            output,
+            admission,
+        } = msg;
+        let request_id = request.request_id.clone();
+        let sink = TokenSink::new(output, self.load.clone());
         // A panic inside an engine must not take the actor (and its mailbox) down with it: it ends this
         // request's stream (the consumer sees the channel close early and reports an error).
-        let run =
-            std::panic::AssertUnwindSafe(self.engine.generate(msg.request, sink)).catch_unwind();
-        let load = self.load.clone();
+        let run = std::panic::AssertUnwindSafe(self.engine.generate(request, sink)).catch_unwind();
         ctx.spawn(actix::fut::wrap_future::<_, Self>(run).map(move |result, act, _| {
-            load.active.fetch_sub(1, Ordering::Relaxed);
+            drop(admission);
             if result.is_err() {
                 tracing::error!(engine = act.engine.name(), %request_id, "engine panicked while generating");
             }
         }));
-        Ok(())
     }
 }

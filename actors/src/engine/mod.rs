@@ -16,7 +16,7 @@ use futures_util::future::LocalBoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-pub use actor::{EngineActor, Generate};
+pub use actor::{overloaded, EngineActor, Generate};
 
 use crate::protocol::engine::{EngineEvent, EngineOutput, EngineRequest};
 
@@ -108,6 +108,31 @@ impl EngineLoad {
     /// Requests currently admitted.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// Reserves one of `capacity` admission slots, or `None` when all are taken. The router
+    /// reserves before it hands a request over, so it learns of overload without a round trip
+    /// through the engine's mailbox; the slot is released when the [`Admission`] drops (the
+    /// request finished, or the message carrying it was dropped with a dead engine's mailbox).
+    pub fn try_admit(self: &Arc<Self>, capacity: usize) -> Option<Admission> {
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |active| {
+                (active < capacity).then_some(active + 1)
+            })
+            .ok()?;
+        Some(Admission { load: self.clone() })
+    }
+}
+
+/// One reserved admission slot on an engine; see [`EngineLoad::try_admit`].
+#[derive(Debug)]
+pub struct Admission {
+    load: Arc<EngineLoad>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.load.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

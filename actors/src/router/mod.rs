@@ -13,7 +13,7 @@ use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::engine::{EngineLoad, Generate};
+use crate::engine::{overloaded, EngineLoad, Generate};
 use crate::error::{ApiError, ErrorClass};
 use crate::protocol::engine::{EngineEvent, EngineRequest};
 use policy::SelectionPolicy;
@@ -67,12 +67,17 @@ pub struct EngineSlot {
     pub id: u64,
     /// Where to send work.
     pub addr: Recipient<Generate>,
-    /// Live load, read without a mailbox hop.
+    /// Live load, read without a mailbox hop; admission slots are reserved here.
     pub load: Arc<EngineLoad>,
+    /// Requests the engine admits at once (`engine.admission_capacity`).
+    pub capacity: usize,
+    /// The engine's device, named in overload errors.
+    pub device: String,
 }
 
 /// Route `request` to an engine and start it there; tokens arrive on `output`. Replies with the id of
-/// the engine that admitted the request.
+/// the engine that admitted the request, as soon as the request is in that engine's mailbox: the
+/// router reserves the admission slot itself, so no reply from the engine is awaited.
 #[derive(Message)]
 #[rtype(result = "Result<u64, ApiError>")]
 pub struct Route {
@@ -107,55 +112,61 @@ impl Actor for KvRouterActor {
 }
 
 impl Handler<Route> for KvRouterActor {
-    type Result = ResponseFuture<Result<u64, ApiError>>;
+    type Result = Result<u64, ApiError>;
 
     fn handle(&mut self, msg: Route, _ctx: &mut Self::Context) -> Self::Result {
-        let candidates: Vec<EngineSlot> = match msg.request.pinned_engine {
-            Some(id) => match self.engines.iter().find(|e| e.id == id) {
-                Some(slot) => vec![slot.clone()],
+        let order: Vec<usize> = match msg.request.pinned_engine {
+            Some(id) => match self.engines.iter().position(|e| e.id == id) {
+                Some(index) => vec![index],
                 None => {
-                    let err = ApiError::new(
+                    return Err(ApiError::new(
                         ErrorClass::Unavailable,
                         format!("Engine instance {id} not found"),
-                    );
-                    return Box::pin(async move { Err(err) });
+                    ))
                 }
             },
-            None => self
-                .policy
-                .order(&self.engines, &msg.request)
-                .into_iter()
-                .map(|i| self.engines[i].clone())
-                .collect(),
+            None => self.policy.order(&self.engines, &msg.request),
         };
-        Box::pin(async move {
-            if candidates.is_empty() {
-                return Err(ApiError::new(
-                    ErrorClass::Unavailable,
-                    "Service temporarily unavailable",
-                ));
-            }
-            // Try the preferred engine first; an engine whose admission queue is full passes the request on.
-            let mut last_error = None;
-            for slot in candidates {
-                let generate = Generate {
-                    request: msg.request.clone(),
-                    output: msg.output.clone(),
-                };
-                match slot.addr.send(generate).await {
-                    Ok(Ok(())) => return Ok(slot.id),
-                    Ok(Err(e)) => last_error = Some(e),
-                    Err(mailbox) => {
-                        last_error = Some(ApiError::new(
-                            ErrorClass::Unavailable,
-                            format!("Engine {} unreachable: {mailbox}", slot.id),
-                        ))
-                    }
+        // The preferred engine first; one whose admission slots are all taken passes the request on.
+        let Route { request, output } = msg;
+        let mut message = None;
+        let mut last_error = None;
+        for index in order {
+            let slot = &self.engines[index];
+            let Some(admission) = slot.load.try_admit(slot.capacity) else {
+                last_error = Some(overloaded(slot.id, &slot.device, slot.capacity));
+                continue;
+            };
+            let generate = match message.take() {
+                Some(Generate {
+                    request, output, ..
+                }) => Generate {
+                    request,
+                    output,
+                    admission,
+                },
+                None => Generate {
+                    request: request.clone(),
+                    output: output.clone(),
+                    admission,
+                },
+            };
+            match slot.addr.try_send(generate) {
+                Ok(()) => return Ok(slot.id),
+                Err(SendError::Full(returned)) | Err(SendError::Closed(returned)) => {
+                    // Full cannot happen (the mailbox holds at least `capacity` messages and each
+                    // holds a slot); closed means the engine has stopped. Either way the slot is
+                    // released with the admission, and the request is offered to the next engine.
+                    last_error = Some(ApiError::new(
+                        ErrorClass::Unavailable,
+                        format!("Engine {} is not accepting requests", slot.id),
+                    ));
+                    message = Some(returned);
                 }
             }
-            Err(last_error.unwrap_or_else(|| {
-                ApiError::new(ErrorClass::Unavailable, "Service temporarily unavailable")
-            }))
-        })
+        }
+        Err(last_error.unwrap_or_else(|| {
+            ApiError::new(ErrorClass::Unavailable, "Service temporarily unavailable")
+        }))
     }
 }

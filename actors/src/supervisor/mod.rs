@@ -190,6 +190,8 @@ pub async fn start(
             id,
             addr: addr.recipient(),
             load: load.clone(),
+            capacity: config.engine.admission_capacity,
+            device: device.clone(),
         });
         infos.push(EngineInfo {
             instance_id: id,
