@@ -47,9 +47,17 @@ fn run_to_end(cmd: &mut Command) -> (i32, String, String) {
     )
 }
 
+/// Flags, environment, config file text, and the texts the error must contain.
+type BadConfigCase<'a> = (
+    Vec<String>,
+    Vec<(&'a str, &'a str)>,
+    Option<&'a str>,
+    &'a [&'a str],
+);
+
 #[test]
 fn bad_config_exits_2_naming_key_value_and_source() {
-    let cases: Vec<(Vec<String>, Vec<(&str, &str)>, Option<&str>, &[&str])> = vec![
+    let cases: Vec<BadConfigCase> = vec![
         (
             vec![],
             vec![],

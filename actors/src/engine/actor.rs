@@ -8,7 +8,7 @@ use futures_util::FutureExt;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use super::{Admission, Engine, EngineLoad, TokenSink};
+use super::{AdmissionSlot, Engine, EngineLoad, TokenSink};
 use crate::error::ApiError;
 use crate::protocol::engine::{EngineEvent, EngineRequest};
 
@@ -23,7 +23,7 @@ pub struct Generate {
     /// The bounded channel to the consumer.
     pub output: mpsc::Sender<EngineEvent>,
     /// The admission slot, held until generation ends.
-    pub admission: Admission,
+    pub admission: AdmissionSlot,
 }
 
 /// The 529 error for an engine whose admission slots are all taken, naming the engine.

@@ -5,6 +5,7 @@
 //! - `echo_core` emits the templated prompt's token ids, one per step, then a `stop`; it ignores
 //!   `max_tokens` (the backend stage enforces it) and relies on the backend's EOS handling, so with the chat
 //!   template it stops at the first `<|im_end|>` unless `ignore_eos` is set.
+//!
 //! Each step waits the configured delay first (`DYN_TOKEN_ECHO_DELAY_MS`); a step is abandoned as soon as
 //! the consumer goes away.
 

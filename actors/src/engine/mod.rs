@@ -112,25 +112,25 @@ impl EngineLoad {
 
     /// Reserves one of `capacity` admission slots, or `None` when all are taken. The router
     /// reserves before it hands a request over, so it learns of overload without a round trip
-    /// through the engine's mailbox; the slot is released when the [`Admission`] drops (the
+    /// through the engine's mailbox; the slot is released when the [`AdmissionSlot`] drops (the
     /// request finished, or the message carrying it was dropped with a dead engine's mailbox).
-    pub fn try_admit(self: &Arc<Self>, capacity: usize) -> Option<Admission> {
+    pub fn try_admit(self: &Arc<Self>, capacity: usize) -> Option<AdmissionSlot> {
         self.active
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |active| {
                 (active < capacity).then_some(active + 1)
             })
             .ok()?;
-        Some(Admission { load: self.clone() })
+        Some(AdmissionSlot { load: self.clone() })
     }
 }
 
 /// One reserved admission slot on an engine; see [`EngineLoad::try_admit`].
 #[derive(Debug)]
-pub struct Admission {
+pub struct AdmissionSlot {
     load: Arc<EngineLoad>,
 }
 
-impl Drop for Admission {
+impl Drop for AdmissionSlot {
     fn drop(&mut self) {
         self.load.active.fetch_sub(1, Ordering::AcqRel);
     }

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use super::request::{check_content_type, error_response, read_body, request_context, PeerSocket};
 use super::stream::{
     fold, sse_body, ChatFramer, CompletionFramer, Framer, RequestTracker, ResponsesFramer,
+    SseOptions,
 };
 use super::{Admission, AppState};
 use crate::error::{ApiError, ErrorClass};
@@ -105,11 +106,13 @@ fn sse_response<F: Framer>(
         generation,
         framer,
         tracker,
-        validated.include_usage,
-        state.config.overload_status_code,
-        keep_alive,
         admission,
-        leading,
+        SseOptions {
+            include_usage: validated.include_usage,
+            overload_status: state.config.overload_status_code,
+            keep_alive,
+            leading,
+        },
     );
     HttpResponse::Ok()
         .insert_header((CONTENT_TYPE, "text/event-stream"))

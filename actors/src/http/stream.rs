@@ -413,17 +413,32 @@ impl<F: Framer> SseBody<F> {
     }
 }
 
+/// How one SSE response is framed beyond its chunks.
+pub struct SseOptions {
+    /// Send the final usage chunk (`stream_options.include_usage`).
+    pub include_usage: bool,
+    /// Status written into an in-stream overload error.
+    pub overload_status: u16,
+    /// Comment frames this often while no data flows.
+    pub keep_alive: Option<Duration>,
+    /// Text sent before the first chunk (the `request_id` event).
+    pub leading: Option<String>,
+}
+
 /// The SSE body stream of `generation`.
 pub fn sse_body<F: Framer>(
     generation: Generation,
     mut framer: F,
     tracker: RequestTracker,
-    include_usage: bool,
-    overload_status: u16,
-    keep_alive: Option<Duration>,
     admission: Admission,
-    leading: Option<String>,
+    options: SseOptions,
 ) -> impl Stream<Item = Result<Bytes, actix_web::Error>> {
+    let SseOptions {
+        include_usage,
+        overload_status,
+        keep_alive,
+        leading,
+    } = options;
     let opening = leading.unwrap_or_default() + &framer.opening();
     let keep_alive = keep_alive.map(|period| {
         let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);

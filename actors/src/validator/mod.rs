@@ -315,7 +315,7 @@ impl ValidatorActor {
         let echo_prompt = (req.echo == Some(true)).then(|| {
             prompts
                 .iter()
-                .flat_map(|(_, text)| std::iter::repeat(text.clone()).take(n))
+                .flat_map(|(_, text)| std::iter::repeat_n(text.clone(), n))
                 .collect()
         });
         Ok(ValidatedRequest {
