@@ -10,6 +10,7 @@
 //! - [`backend`]: per-choice detokenization and stop handling.
 //! - [`protocol`]: wire types (OpenAI requests/responses) and the internal engine request/output.
 //! - [`error`]: the one error vocabulary ([`error::ErrorClass`], [`error::ApiError`]).
+//! - [`kv`]: KV block hashing and the KV event protocol shared by engines and the router.
 //! - [`metrics`]: the `dynamo_frontend_*` Prometheus metrics.
 //! - [`tokenizer`]: GGUF metadata, the model's tokenizer and chat template, streaming detokenizer.
 //! - [`models`]: the model store (`dynamix models pull`).
@@ -19,6 +20,7 @@ pub mod engine;
 pub mod error;
 pub mod gateway;
 pub mod http;
+pub mod kv;
 pub mod metrics;
 pub mod models;
 pub mod protocol;
