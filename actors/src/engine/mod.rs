@@ -8,6 +8,7 @@
 
 pub mod actor;
 pub mod echo;
+pub mod mocker;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
