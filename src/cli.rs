@@ -60,16 +60,34 @@ pub struct ServeArgs {
     /// HTTP host.
     #[arg(long, value_name = "HOST")]
     pub http_host: Option<String>,
-    /// Router mode: round-robin | random.
+    /// Router mode: round-robin | random | kv.
     #[arg(long, value_name = "MODE")]
     pub router_mode: Option<String>,
+    /// kv router: weight of prefill work (cache misses) against decode load (default 1.0).
+    #[arg(long, value_name = "WEIGHT")]
+    pub kv_overlap_score_weight: Option<f64>,
+    /// kv router: softmax sampling temperature; 0 = always the cheapest engine (default 0).
+    #[arg(long, value_name = "T")]
+    pub router_temperature: Option<f64>,
+    /// kv router: learn engine caches from their KV events (the default).
+    #[arg(long, conflicts_with = "no_kv_events")]
+    pub use_kv_events: bool,
+    /// kv router: approximate mode; remember routing decisions for --router-ttl-secs instead.
+    #[arg(long)]
+    pub no_kv_events: bool,
+    /// kv router, approximate mode: seconds a routed prefix is assumed cached (default 120).
+    #[arg(long, value_name = "SECS")]
+    pub router_ttl_secs: Option<f64>,
+    /// KV block size in tokens; must match the engines' (default: taken from the engines).
+    #[arg(long, value_name = "TOKENS")]
+    pub kv_cache_block_size: Option<u64>,
     /// Served model name.
     #[arg(long, value_name = "NAME")]
     pub model_name: Option<String>,
     /// More logging: -v debug, -vv trace.
     #[arg(short = 'v', action = clap::ArgAction::Count)]
     pub verbose: u8,
-    /// dynamo-run style `in=http|text|batch:FILE` and `out=echo|echo_full|echo_core`.
+    /// dynamo-run style `in=http|text|batch:FILE` and `out=echo|echo_full|echo_core|mocker`.
     #[arg(value_name = "in=.. out=..")]
     pub io: Vec<String>,
 }
@@ -110,16 +128,66 @@ impl ServeArgs {
                 };
             } else if let Some(value) = arg.strip_prefix("out=") {
                 match value {
-                    "echo" | "echo_full" | "echo_core" => engine_kind = Some(value.to_string()),
+                    "echo" | "echo_full" | "echo_core" | "mocker" => {
+                        engine_kind = Some(value.to_string())
+                    }
                     other => {
                         return Err(format!(
-                            "unknown or unavailable engine `out={other}`: this build has out=echo, out=echo_full and out=echo_core"
+                            "unknown or unavailable engine `out={other}`: this build has out=echo, out=echo_full, out=echo_core and out=mocker"
                         ))
                     }
                 }
             } else {
                 return Err(format!("unexpected argument `{arg}`: expected in=..., out=... or a --flag (see --help)"));
             }
+        }
+        let mut settings = Vec::new();
+        let mut set = |key: &str, value: toml::Value, flag: &str| {
+            settings.push((key.to_string(), value, flag.to_string()))
+        };
+        if let Some(w) = self.kv_overlap_score_weight {
+            set(
+                "router.kv_overlap_score_weight",
+                toml::Value::Float(w),
+                "--kv-overlap-score-weight",
+            );
+        }
+        if let Some(t) = self.router_temperature {
+            set(
+                "router.temperature",
+                toml::Value::Float(t),
+                "--router-temperature",
+            );
+        }
+        if self.use_kv_events {
+            set(
+                "router.use_kv_events",
+                toml::Value::Boolean(true),
+                "--use-kv-events",
+            );
+        }
+        if self.no_kv_events {
+            set(
+                "router.use_kv_events",
+                toml::Value::Boolean(false),
+                "--no-kv-events",
+            );
+        }
+        if let Some(ttl) = self.router_ttl_secs {
+            set(
+                "router.ttl_secs",
+                toml::Value::Float(ttl),
+                "--router-ttl-secs",
+            );
+        }
+        if let Some(size) = self.kv_cache_block_size {
+            let value = i64::try_from(size)
+                .map_err(|_| format!("--kv-cache-block-size {size} is too large"))?;
+            set(
+                "router.kv_cache_block_size",
+                toml::Value::Integer(value),
+                "--kv-cache-block-size",
+            );
         }
         let overrides = Overrides {
             http_port: self.http_port,
@@ -128,6 +196,7 @@ impl ServeArgs {
             model_name: self.model_name.clone(),
             engine_kind,
             verbosity: self.verbose,
+            settings,
         };
         Ok((input, overrides))
     }

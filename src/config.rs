@@ -12,7 +12,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use dynamix_actors::engine::{EchoConfig, EngineConfig};
+use dynamix_actors::engine::mocker::MockerConfig;
+use dynamix_actors::engine::{EchoConfig, EngineConfig, EngineKind};
 use dynamix_actors::http::HttpConfig;
 use dynamix_actors::router::{RouterConfig, RouterMode};
 use dynamix_actors::supervisor::{MetricsConfig, ServiceConfig};
@@ -75,6 +76,8 @@ pub struct Config {
     pub engine: EngineConfig,
     /// Echo engines.
     pub echo: EchoConfig,
+    /// Mocker engines (simulated KV cache and timing).
+    pub mocker: MockerConfig,
     /// Validation and tokenization.
     pub validator: ValidatorConfig,
     /// Metrics.
@@ -128,6 +131,19 @@ const DYNAMO_ENV: &[(&str, &str)] = &[
     ("DYN_HTTP_SVC_CMP_PATH", "http.paths.completions"),
     ("DYN_HTTP_SVC_RESPONSES_PATH", "http.paths.responses"),
     ("DYN_ROUTER_MODE", "router.mode"),
+    ("DYN_ROUTER_TEMPERATURE", "router.temperature"),
+    ("DYN_ROUTER_USE_KV_EVENTS", "router.use_kv_events"),
+    ("DYN_OVERLAP_SCORE_WEIGHT", "router.kv_overlap_score_weight"),
+    (
+        "DYN_ROUTER_KV_OVERLAP_SCORE_WEIGHT",
+        "router.kv_overlap_score_weight",
+    ),
+    ("DYN_ROUTER_TTL_SECS", "router.ttl_secs"),
+    (
+        "DYN_ROUTER_TRACK_ACTIVE_BLOCKS",
+        "router.track_active_blocks",
+    ),
+    ("DYN_KV_CACHE_BLOCK_SIZE", "router.kv_cache_block_size"),
     ("DYN_LOG", "log.filter"),
     ("DYN_TOKEN_ECHO_DELAY_MS", "echo.token_delay_ms"),
     ("DYN_MODEL_NAME", "model.name"),
@@ -165,6 +181,8 @@ pub struct Overrides {
     pub engine_kind: Option<String>,
     /// `-v` count.
     pub verbosity: u8,
+    /// Other flags: (config key, value, the flag as typed).
+    pub settings: Vec<(String, Value, String)>,
 }
 
 /// The merged table plus where each key came from.
@@ -362,6 +380,9 @@ pub fn load(
             None,
         )?;
     }
+    for (key, value, flag_name) in &overrides.settings {
+        layers.set(key, value.clone(), flag(flag_name), None)?;
+    }
     match overrides.verbosity {
         0 => {}
         1 => layers.set(
@@ -519,10 +540,53 @@ impl Config {
         if self.model.name.trim().is_empty() {
             return Err(out_of_range("model.name", "\"\"", "a non-empty name"));
         }
-        if self.router.mode == RouterMode::Kv {
-            return Err(ConfigError(
-                "invalid config key `router.mode` = \"kv\": the KV-aware router is not part of this build yet; use \"round-robin\" or \"random\"".into(),
+        let r = &self.router;
+        if !r.kv_overlap_score_weight.is_finite() || r.kv_overlap_score_weight < 0.0 {
+            return Err(out_of_range(
+                "router.kv_overlap_score_weight",
+                r.kv_overlap_score_weight,
+                "a finite number >= 0",
             ));
+        }
+        if !r.temperature.is_finite() || r.temperature < 0.0 {
+            return Err(out_of_range(
+                "router.temperature",
+                r.temperature,
+                "a finite number >= 0",
+            ));
+        }
+        if !r.ttl_secs.is_finite() || r.ttl_secs <= 0.0 || r.ttl_secs > 1e9 {
+            return Err(out_of_range("router.ttl_secs", r.ttl_secs, "> 0 seconds"));
+        }
+        if r.max_tree_size == 0 {
+            return Err(out_of_range("router.max_tree_size", 0, ">= 1"));
+        }
+        if !(r.prune_target_ratio > 0.0 && r.prune_target_ratio < 1.0) {
+            return Err(out_of_range(
+                "router.prune_target_ratio",
+                r.prune_target_ratio,
+                "between 0 and 1 (exclusive)",
+            ));
+        }
+        if let Some(size) = r.kv_cache_block_size {
+            if size < 2 {
+                return Err(out_of_range("router.kv_cache_block_size", size, ">= 2"));
+            }
+            if self.engine.kind == EngineKind::Mocker && size != self.mocker.block_size {
+                return Err(ConfigError(format!(
+                    "invalid config key `router.kv_cache_block_size` = {size}: the engines use blocks of {} tokens (mocker.block_size); the router's block size must match",
+                    self.mocker.block_size
+                )));
+            }
+        }
+        if let Err(message) = self.mocker.validate() {
+            return Err(ConfigError(format!("invalid config: {message}")));
+        }
+        if r.mode == RouterMode::Kv && r.use_kv_events && self.engine.kind != EngineKind::Mocker {
+            return Err(ConfigError(format!(
+                "invalid config key `router.mode` = \"kv\" with router.use_kv_events = true: engine.kind = \"{}\" emits no KV events; use engine.kind = \"mocker\" (out=mocker), or approximate mode (--no-kv-events)",
+                self.engine.kind.as_str()
+            )));
         }
         Ok(())
     }
@@ -535,6 +599,7 @@ impl Config {
             router: self.router.clone(),
             engine: self.engine.clone(),
             echo: self.echo.clone(),
+            mocker: self.mocker.clone(),
             validator: self.validator.clone(),
             metrics: self.metrics.clone(),
             serve_http,
@@ -566,6 +631,80 @@ mod tests {
         let result = load(Some(&path), &env(vars), overrides);
         let _ = std::fs::remove_dir_all(&dir);
         result
+    }
+
+    #[test]
+    fn kv_router_settings_layer_and_validate() {
+        let kv = "[router]\nmode = \"kv\"\n[engine]\nkind = \"mocker\"\n";
+        let config = load_str(kv, &[], &Overrides::default()).expect("kv + mocker is valid");
+        assert_eq!(config.router.kv_overlap_score_weight, 1.0);
+        assert!(config.router.use_kv_events);
+
+        let config = load_str(
+            kv,
+            &[
+                ("DYN_ROUTER_TEMPERATURE", "0.5"),
+                ("DYN_OVERLAP_SCORE_WEIGHT", "2"),
+                ("DYN_ROUTER_USE_KV_EVENTS", "false"),
+            ],
+            &Overrides::default(),
+        )
+        .expect("env");
+        assert_eq!(config.router.temperature, 0.5);
+        assert_eq!(config.router.kv_overlap_score_weight, 2.0);
+        assert!(!config.router.use_kv_events);
+
+        let flags = Overrides {
+            settings: vec![
+                (
+                    "router.use_kv_events".into(),
+                    Value::Boolean(true),
+                    "--use-kv-events".into(),
+                ),
+                (
+                    "router.temperature".into(),
+                    Value::Float(0.25),
+                    "--router-temperature".into(),
+                ),
+            ],
+            ..Overrides::default()
+        };
+        let config = load_str(kv, &[("DYN_ROUTER_USE_KV_EVENTS", "false")], &flags).expect("flags");
+        assert!(config.router.use_kv_events, "flags beat the environment");
+        assert_eq!(config.router.temperature, 0.25);
+
+        for (text, needle) in [
+            (
+                "[router]\nmode = \"kv\"\nkv_cache_block_size = 32\n[engine]\nkind = \"mocker\"\n"
+                    .to_string(),
+                "kv_cache_block_size",
+            ),
+            (
+                "[router]\nmode = \"kv\"\n".to_string(),
+                "emits no KV events",
+            ),
+            (format!("{kv}[mocker]\nblock_size = 1\n"), "block_size"),
+            (
+                "[router]\ntemperature = -1.0\n".to_string(),
+                "router.temperature",
+            ),
+            (
+                "[router]\nprune_target_ratio = 1.5\n".to_string(),
+                "router.prune_target_ratio",
+            ),
+        ] {
+            let err = load_str(&text, &[], &Overrides::default())
+                .expect_err(&text)
+                .to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+        // Approximate mode works with engines that emit no events.
+        load_str(
+            "[router]\nmode = \"kv\"\nuse_kv_events = false\n",
+            &[],
+            &Overrides::default(),
+        )
+        .expect("approximate kv over echo");
     }
 
     #[test]

@@ -119,7 +119,7 @@ fn bad_config_exits_2_naming_key_value_and_source() {
             &["router.mode", "--router-mode"],
         ),
         (vec!["in=nowhere".into()], vec![], None, &["in=nowhere"]),
-        (vec!["out=mocker".into()], vec![], None, &["out=mocker"]),
+        (vec!["out=vllm".into()], vec![], None, &["out=vllm"]),
         (
             vec!["--config".into(), "/nonexistent/dynamix.toml".into()],
             vec![],

@@ -8,7 +8,7 @@ use futures_util::FutureExt;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use super::{AdmissionSlot, Engine, EngineLoad, TokenSink};
+use super::{AdmissionSlot, Engine, EngineLoad, RequestProgress, RequestStage, TokenSink};
 use crate::error::ApiError;
 use crate::protocol::engine::{EngineEvent, EngineRequest};
 
@@ -46,6 +46,9 @@ pub struct EngineActor {
     capacity: usize,
     /// Shared with the router and `/health`.
     load: Arc<EngineLoad>,
+    /// Told when a request's first output is delivered and when it ends (the router's load
+    /// tracking); `None` when nobody tracks load.
+    progress: Option<Recipient<RequestProgress>>,
 }
 
 impl EngineActor {
@@ -63,7 +66,14 @@ impl EngineActor {
             engine,
             capacity,
             load,
+            progress: None,
         }
+    }
+
+    /// Reports request progress to `progress`.
+    pub fn with_progress(mut self, progress: Recipient<RequestProgress>) -> Self {
+        self.progress = Some(progress);
+        self
     }
 }
 
@@ -86,7 +96,15 @@ impl Handler<Generate> for EngineActor {
             admission,
         } = msg;
         let request_id = request.request_id.clone();
-        let sink = TokenSink::new(output, self.load.clone());
+        let mut sink = TokenSink::new(output, self.load.clone());
+        if let Some(progress) = self.progress.clone() {
+            let first = RequestProgress {
+                engine_id: self.id,
+                request_id: request_id.clone(),
+                stage: RequestStage::FirstToken,
+            };
+            sink = sink.on_first_output(move || progress.do_send(first));
+        }
         // A panic inside an engine must not take the actor (and its mailbox) down with it: it ends this
         // request's stream (the consumer sees the channel close early and reports an error).
         let run = std::panic::AssertUnwindSafe(self.engine.generate(request, sink)).catch_unwind();
@@ -94,6 +112,13 @@ impl Handler<Generate> for EngineActor {
             drop(admission);
             if result.is_err() {
                 tracing::error!(engine = act.engine.name(), %request_id, "engine panicked while generating");
+            }
+            if let Some(progress) = &act.progress {
+                progress.do_send(RequestProgress {
+                    engine_id: act.id,
+                    request_id,
+                    stage: RequestStage::Finished,
+                });
             }
         }));
     }

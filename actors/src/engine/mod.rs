@@ -5,6 +5,7 @@
 //! - `mod.rs`: [`Engine`], [`TokenSink`], [`EngineLoad`], [`EngineConfig`].
 //! - [`actor`]: [`EngineActor`] and its messages ([`Generate`]).
 //! - [`echo`]: Dynamo's `echo_full` / `echo_core` engines.
+//! - [`mocker`]: the simulated vLLM worker (`out=mocker`).
 
 pub mod actor;
 pub mod echo;
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 pub use actor::{overloaded, EngineActor, Generate};
+pub use mocker::{MockerConfig, MockerLoad};
 
 use crate::protocol::engine::{EngineEvent, EngineOutput, EngineRequest};
 
@@ -31,6 +33,8 @@ pub enum EngineKind {
     EchoFull,
     /// Echo the templated prompt's token ids, one per step.
     EchoCore,
+    /// Simulated vLLM worker: paged KV cache with prefix caching, scheduler, timing model, KV events.
+    Mocker,
 }
 
 impl EngineKind {
@@ -40,6 +44,7 @@ impl EngineKind {
             "echo" => Some(EngineKind::Echo),
             "echo_full" => Some(EngineKind::EchoFull),
             "echo_core" => Some(EngineKind::EchoCore),
+            "mocker" => Some(EngineKind::Mocker),
             _ => None,
         }
     }
@@ -50,6 +55,7 @@ impl EngineKind {
             EngineKind::Echo => "echo",
             EngineKind::EchoFull => "echo_full",
             EngineKind::EchoCore => "echo_core",
+            EngineKind::Mocker => "mocker",
         }
     }
 }
@@ -58,7 +64,7 @@ impl EngineKind {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EngineConfig {
-    /// Engine kind (`echo`, `echo_full`, `echo_core`).
+    /// Engine kind (`echo`, `echo_full`, `echo_core`, `mocker`).
     pub kind: EngineKind,
     /// One EngineActor per device, each pinned to its own Arbiter thread (`cpu:0`, `cpu:1`, ...).
     pub devices: Vec<String>,
@@ -103,6 +109,8 @@ pub struct EngineLoad {
     pub generated_tokens: AtomicU64,
     /// Requests that stopped early because their consumer went away.
     pub cancelled: AtomicU64,
+    /// The engine was taken out of service; it no longer appears in `/health`.
+    pub retired: std::sync::atomic::AtomicBool,
 }
 
 impl EngineLoad {
@@ -137,6 +145,27 @@ impl Drop for AdmissionSlot {
     }
 }
 
+/// A point in a request's life on an engine that load tracking cares about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestStage {
+    /// The first output reached the consumer's channel: prefill is done.
+    FirstToken,
+    /// Generation ended (finished, failed, cancelled or panicked).
+    Finished,
+}
+
+/// Sent by an [`EngineActor`] to whoever tracks load (the router) as its requests progress.
+#[derive(actix::Message, Clone, Debug)]
+#[rtype(result = "()")]
+pub struct RequestProgress {
+    /// The engine's instance id.
+    pub engine_id: u64,
+    /// The request.
+    pub request_id: String,
+    /// What happened.
+    pub stage: RequestStage,
+}
+
 /// The consumer went away; generation should stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cancelled;
@@ -145,12 +174,24 @@ pub struct Cancelled;
 pub struct TokenSink {
     sender: mpsc::Sender<EngineEvent>,
     load: Arc<EngineLoad>,
+    /// Runs once, after the first output is delivered.
+    on_first_output: std::cell::Cell<Option<Box<dyn FnOnce()>>>,
 }
 
 impl TokenSink {
     /// A sink writing to `sender`, accounting into `load`.
     pub fn new(sender: mpsc::Sender<EngineEvent>, load: Arc<EngineLoad>) -> Self {
-        TokenSink { sender, load }
+        TokenSink {
+            sender,
+            load,
+            on_first_output: std::cell::Cell::new(None),
+        }
+    }
+
+    /// Calls `hook` once, right after the first output has been delivered.
+    pub fn on_first_output(self, hook: impl FnOnce() + 'static) -> Self {
+        self.on_first_output.set(Some(Box::new(hook)));
+        self
     }
 
     /// Send one output; waits for room (back-pressure). `Err(Cancelled)` when the consumer is gone.
@@ -166,6 +207,9 @@ impl TokenSink {
         self.load
             .generated_tokens
             .fetch_add(tokens, Ordering::Relaxed);
+        if let Some(hook) = self.on_first_output.take() {
+            hook();
+        }
         Ok(())
     }
 
@@ -215,11 +259,37 @@ pub trait Engine: 'static {
     fn generate(&mut self, request: EngineRequest, sink: TokenSink) -> LocalBoxFuture<'static, ()>;
 }
 
-/// Build the engine of `kind`.
-pub fn build_engine(kind: EngineKind, echo: &EchoConfig) -> Box<dyn Engine> {
-    let delay = std::time::Duration::from_millis(echo.token_delay_ms);
-    match kind {
+/// Everything needed to build one engine on its own thread (sent there, hence `Send`).
+#[derive(Clone)]
+pub struct EngineSpec {
+    /// Which engine.
+    pub kind: EngineKind,
+    /// The engine's instance id (also its KV-event worker id).
+    pub instance_id: u64,
+    /// Echo engine settings.
+    pub echo: EchoConfig,
+    /// Mocker settings.
+    pub mocker: mocker::MockerConfig,
+    /// Vocabulary ids the mocker draws generated tokens from (real words, so responses read as text).
+    pub output_tokens: Arc<[u32]>,
+    /// Where the mocker publishes KV events (`None`: no events).
+    pub kv_events: Option<mocker::KvEventSender>,
+    /// The mocker's live load, shared with `/health`.
+    pub mocker_load: Arc<mocker::MockerLoad>,
+}
+
+/// Build the engine described by `spec`. Runs on the engine's own thread.
+pub fn build_engine(spec: EngineSpec) -> Box<dyn Engine> {
+    let delay = std::time::Duration::from_millis(spec.echo.token_delay_ms);
+    match spec.kind {
         EngineKind::Echo | EngineKind::EchoFull => Box::new(echo::EchoFull::new(delay)),
         EngineKind::EchoCore => Box::new(echo::EchoCore::new(delay)),
+        EngineKind::Mocker => Box::new(mocker::MockerEngine::new(
+            spec.mocker,
+            spec.instance_id,
+            spec.output_tokens,
+            spec.kv_events,
+            spec.mocker_load,
+        )),
     }
 }

@@ -64,15 +64,19 @@ impl Gateway {
     pub async fn generate(&self, request: &ValidatedRequest) -> Result<Generation, ApiError> {
         let mut streams = SelectAll::new();
         let mut decoders = Vec::with_capacity(request.choices.len());
+        let mut cached_tokens = None;
         for (index, choice) in request.choices.iter().enumerate() {
             let (tx, rx) = mpsc::channel::<EngineEvent>(self.stream_buffer.max(1));
-            self.router
+            let routed = self
+                .router
                 .send(Route {
                     request: choice.clone(),
                     output: tx,
                 })
                 .await
                 .map_err(|e| mailbox_error("router", e))??;
+            // Choices of one prompt share it: the first choice's estimate stands for the request.
+            cached_tokens = cached_tokens.or(routed.cached_tokens);
             streams.push(receiver_stream(index, rx).boxed());
             decoders.push(ChoiceDecoder::new(
                 self.tokenizer.clone(),
@@ -84,6 +88,7 @@ impl Gateway {
             streams,
             decoders,
             prompt_tokens: request.prompt_tokens,
+            cached_tokens,
             finished: 0,
         })
     }
@@ -127,6 +132,7 @@ pub struct Generation {
     streams: SelectAll<IndexedEvents>,
     decoders: Vec<ChoiceDecoder>,
     prompt_tokens: u32,
+    cached_tokens: Option<u32>,
     finished: usize,
 }
 
@@ -183,6 +189,11 @@ impl Generation {
             self.prompt_tokens,
             self.decoders.iter().map(ChoiceDecoder::generated).sum(),
         )
+    }
+
+    /// Prompt tokens the router expects the engine to find cached (`kv` routing only).
+    pub fn cached_tokens(&self) -> Option<u32> {
+        self.cached_tokens
     }
 
     /// Number of choices.

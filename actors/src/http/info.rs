@@ -62,6 +62,7 @@ fn endpoints_and_instances(state: &AppState) -> (Vec<String>, Vec<Value>) {
     let instances = state
         .engines
         .iter()
+        .filter(|e| !e.load.retired.load(std::sync::atomic::Ordering::Relaxed))
         .map(|e| {
             json!({
                 "namespace": "dynamix",

@@ -186,6 +186,9 @@ pub struct EngineInfo {
     /// Live load.
     #[serde(skip)]
     pub load: Arc<crate::engine::EngineLoad>,
+    /// The mocker's simulated cache and queue state (mocker engines only).
+    #[serde(skip)]
+    pub mocker: Option<Arc<crate::engine::MockerLoad>>,
 }
 
 /// The served model as the models routes describe it.

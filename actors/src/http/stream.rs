@@ -44,6 +44,11 @@ impl RequestTracker {
         self.guard.observe_tokens(self.prompt_tokens, n as usize);
     }
 
+    /// Prompt tokens served from the engine's prefix cache (`cached_tokens`, once per request).
+    pub fn cached_tokens(&mut self, n: usize) {
+        self.guard.observe_cached_tokens(n);
+    }
+
     /// The request completed.
     pub fn success(&mut self) {
         self.settled = true;

@@ -169,6 +169,63 @@ impl ModelSeries {
     }
 }
 
+/// Labels of the per-worker router gauges.
+const WORKER_LABELS: &[&str] = &["worker_id", "dp_rank", "worker_type"];
+
+/// Buckets of the router overhead histograms, in milliseconds.
+const ROUTER_OVERHEAD_BUCKETS_MS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 100.0,
+];
+
+/// A phase of one KV routing decision, timed into `dynamo_router_overhead_<phase>_ms`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouterPhase {
+    /// Hashing the prompt into blocks.
+    BlockHashing,
+    /// Looking the blocks up in the prefix index.
+    FindMatches,
+    /// Scoring and picking the worker.
+    Scheduling,
+    /// The whole decision.
+    Total,
+}
+
+impl RouterPhase {
+    /// Every phase, in metric order.
+    pub const ALL: [RouterPhase; 4] = [
+        RouterPhase::BlockHashing,
+        RouterPhase::FindMatches,
+        RouterPhase::Scheduling,
+        RouterPhase::Total,
+    ];
+
+    fn metric_name(self) -> &'static str {
+        match self {
+            RouterPhase::BlockHashing => "overhead_block_hashing_ms",
+            RouterPhase::FindMatches => "overhead_indexer_find_matches_ms",
+            RouterPhase::Scheduling => "overhead_scheduling_ms",
+            RouterPhase::Total => "overhead_total_ms",
+        }
+    }
+
+    fn help(self) -> &'static str {
+        match self {
+            RouterPhase::BlockHashing => "Time spent computing block hashes per routed request",
+            RouterPhase::FindMatches => {
+                "Time spent in the prefix index's find_matches per routed request"
+            }
+            RouterPhase::Scheduling => {
+                "Time spent scoring and selecting a worker per routed request"
+            }
+            RouterPhase::Total => "Total routing overhead per routed request",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// The frontend's metrics: an owned registry plus handles to every metric in it.
 ///
 /// Shared as `Arc<FrontendMetrics>`; recording is lock-free apart from a read lock on the
@@ -207,6 +264,9 @@ pub struct FrontendMetrics {
     model_total_kv_blocks: IntGaugeVec,
     model_max_num_seqs: IntGaugeVec,
     model_max_num_batched_tokens: IntGaugeVec,
+    worker_active_decode_blocks: IntGaugeVec,
+    worker_active_prefill_tokens: IntGaugeVec,
+    router_overhead: [HistogramVec; RouterPhase::ALL.len()],
     /// Hot-path label children per model; written once per new model, read by every request.
     series_cache: RwLock<HashMap<String, Arc<ModelSeries>>>,
 }
@@ -462,12 +522,73 @@ impl FrontendMetrics {
                 "Maximum number of batched tokens per worker step",
                 model,
             )?,
+            worker_active_decode_blocks: r.gauge_vec(
+                "worker_active_decode_blocks",
+                "KV blocks the router predicts each worker holds for its active requests",
+                WORKER_LABELS,
+            )?,
+            worker_active_prefill_tokens: r.gauge_vec(
+                "worker_active_prefill_tokens",
+                "Prompt tokens the router predicts each worker still has to prefill",
+                WORKER_LABELS,
+            )?,
+            router_overhead: {
+                let router = Registrar {
+                    registry: &registry,
+                    prefix: "dynamo_router",
+                };
+                let mut built = Vec::with_capacity(RouterPhase::ALL.len());
+                for phase in RouterPhase::ALL {
+                    built.push(router.histogram_vec(
+                        phase.metric_name(),
+                        phase.help(),
+                        &["router_id"],
+                        ROUTER_OVERHEAD_BUCKETS_MS.to_vec(),
+                    )?);
+                }
+                built.try_into().map_err(|_| MetricsError::Register {
+                    name: "dynamo_router_overhead_*".into(),
+                    source: prometheus::Error::Msg("phase count mismatch".into()),
+                })?
+            },
             series_cache: RwLock::new(HashMap::new()),
             histogram_configs,
             prefix,
             registry,
         };
         Ok(metrics)
+    }
+
+    /// Sets the router's predicted load of one worker (`worker_active_decode_blocks`,
+    /// `worker_active_prefill_tokens`; `dp_rank` 0, `worker_type` "decode").
+    pub fn set_worker_load(&self, worker_id: u64, decode_blocks: usize, prefill_tokens: usize) {
+        let worker = worker_id.to_string();
+        let labels = [worker.as_str(), "0", "decode"];
+        self.worker_active_decode_blocks
+            .with_label_values(&labels)
+            .set(decode_blocks as i64);
+        self.worker_active_prefill_tokens
+            .with_label_values(&labels)
+            .set(prefill_tokens as i64);
+    }
+
+    /// Drops a worker's router gauges (it left).
+    pub fn remove_worker(&self, worker_id: u64) {
+        let worker = worker_id.to_string();
+        let labels = [worker.as_str(), "0", "decode"];
+        let _ = self
+            .worker_active_decode_blocks
+            .remove_label_values(&labels);
+        let _ = self
+            .worker_active_prefill_tokens
+            .remove_label_values(&labels);
+    }
+
+    /// Records how long one phase of a routing decision took.
+    pub fn observe_router_overhead(&self, router_id: &str, phase: RouterPhase, milliseconds: f64) {
+        self.router_overhead[phase.index()]
+            .with_label_values(&[router_id])
+            .observe(milliseconds);
     }
 
     /// The registry holding every frontend metric, e.g. to gather it together with another one.

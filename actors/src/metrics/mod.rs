@@ -22,7 +22,9 @@ mod tests;
 
 pub use buckets::{log_buckets, HistogramConfig, HistogramKind, MAX_BUCKET_COUNT};
 pub use error_type::error_type_for_status;
-pub use frontend::{FrontendMetrics, MediaKind, MigrationOutcome, MigrationType, ModelGauges};
+pub use frontend::{
+    FrontendMetrics, MediaKind, MigrationOutcome, MigrationType, ModelGauges, RouterPhase,
+};
 pub use guard::{Endpoint, RequestGuard, RequestType};
 pub use prefix::{sanitize_prefix, DEFAULT_PREFIX};
 

@@ -2,9 +2,12 @@
 //!
 //! Layout:
 //! - `mod.rs`: the actor, its messages and [`RouterConfig`].
-//! - [`policy`]: [`policy::SelectionPolicy`], the seam where selection strategies plug in (round-robin and
-//!   random now; the KV-cache-aware policy arrives with the KV index).
+//! - [`policy`]: [`policy::SelectionPolicy`], the seam where selection strategies plug in.
+//! - [`kv`]: the KV-cache-aware policy (prefix overlap from the shared index against predicted load).
+//! - [`indexer`]: [`indexer::KvIndexerActor`], the single writer of the prefix index (KV events in).
 
+pub mod indexer;
+pub mod kv;
 pub mod policy;
 
 use std::sync::Arc;
@@ -13,7 +16,7 @@ use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::engine::{overloaded, EngineLoad, Generate};
+use crate::engine::{overloaded, EngineLoad, Generate, RequestProgress};
 use crate::error::{ApiError, ErrorClass};
 use crate::protocol::engine::{EngineEvent, EngineRequest};
 use policy::SelectionPolicy;
@@ -26,7 +29,7 @@ pub enum RouterMode {
     RoundRobin,
     /// Pick uniformly at random.
     Random,
-    /// KV-cache-aware routing (not in this build; rejected at startup).
+    /// KV-cache-aware routing: prefix overlap against predicted load (runtime spec §3).
     Kv,
 }
 
@@ -47,8 +50,31 @@ impl RouterMode {
 pub struct RouterConfig {
     /// Selection mode (`--router-mode`, `DYN_ROUTER_MODE`).
     pub mode: RouterMode,
-    /// Seed for `random` mode (unset = from entropy), for reproducible runs.
+    /// Seed for `random` mode and `kv` tie-breaking/sampling (unset = from entropy), for
+    /// reproducible runs.
     pub seed: Option<u64>,
+    /// `kv`: weight of prefill work against decode load in the cost function
+    /// (`--kv-overlap-score-weight`, `DYN_ROUTER_KV_OVERLAP_SCORE_WEIGHT`); 0 = load only.
+    pub kv_overlap_score_weight: f64,
+    /// `kv`: softmax temperature; 0 picks the cheapest engine (`--router-temperature`,
+    /// `DYN_ROUTER_TEMPERATURE`).
+    pub temperature: f64,
+    /// `kv`: learn the engines' caches from their KV events; false = approximate mode, where the
+    /// router remembers its own decisions for `ttl_secs` (`--use-kv-events`/`--no-kv-events`,
+    /// `DYN_ROUTER_USE_KV_EVENTS`).
+    pub use_kv_events: bool,
+    /// `kv`, approximate mode: how long a routed prefix is assumed cached (`--router-ttl-secs`,
+    /// `DYN_ROUTER_TTL_SECS`).
+    pub ttl_secs: f64,
+    /// `kv`, approximate mode: most (engine, block) entries remembered before pruning.
+    pub max_tree_size: usize,
+    /// `kv`, approximate mode: pruning shrinks the record to this fraction of `max_tree_size`.
+    pub prune_target_ratio: f64,
+    /// `kv`: track each engine's active blocks and prefill tokens to predict load.
+    pub track_active_blocks: bool,
+    /// `kv`: the KV block size in tokens; must equal the engines' (`--kv-cache-block-size`,
+    /// `DYN_KV_CACHE_BLOCK_SIZE`). Unset = take it from the engines.
+    pub kv_cache_block_size: Option<usize>,
 }
 
 impl Default for RouterConfig {
@@ -56,6 +82,14 @@ impl Default for RouterConfig {
         RouterConfig {
             mode: RouterMode::RoundRobin,
             seed: None,
+            kv_overlap_score_weight: 1.0,
+            temperature: 0.0,
+            use_kv_events: true,
+            ttl_secs: 120.0,
+            max_tree_size: 1 << 20,
+            prune_target_ratio: 0.8,
+            track_active_blocks: true,
+            kv_cache_block_size: None,
         }
     }
 }
@@ -75,11 +109,20 @@ pub struct EngineSlot {
     pub device: String,
 }
 
-/// Route `request` to an engine and start it there; tokens arrive on `output`. Replies with the id of
-/// the engine that admitted the request, as soon as the request is in that engine's mailbox: the
-/// router reserves the admission slot itself, so no reply from the engine is awaited.
+/// Where a request went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Routed {
+    /// The engine that admitted it.
+    pub engine_id: u64,
+    /// Prompt tokens the router expects that engine to find in its prefix cache (`kv` mode).
+    pub cached_tokens: Option<u32>,
+}
+
+/// Route `request` to an engine and start it there; tokens arrive on `output`. Replies with the
+/// engine that admitted the request, as soon as the request is in that engine's mailbox: the router
+/// reserves the admission slot itself, so no reply from the engine is awaited.
 #[derive(Message)]
-#[rtype(result = "Result<u64, ApiError>")]
+#[rtype(result = "Result<Routed, ApiError>")]
 pub struct Route {
     /// The validated request.
     pub request: EngineRequest,
@@ -94,12 +137,42 @@ pub struct KvRouterActor {
 }
 
 impl KvRouterActor {
-    /// A router over `engines` using the policy for `config.mode`.
-    pub fn new(config: &RouterConfig, engines: Vec<EngineSlot>) -> Result<Self, ApiError> {
+    /// A router over `engines` using the policy for `config.mode` (`kv` needs `kv`).
+    pub fn new(
+        config: &RouterConfig,
+        engines: Vec<EngineSlot>,
+        kv: Option<policy::KvContext>,
+    ) -> Result<Self, ApiError> {
         Ok(KvRouterActor {
+            policy: policy::for_mode(config, &engines, kv)?,
             engines,
-            policy: policy::for_mode(config)?,
         })
+    }
+}
+
+/// An engine left (stopped, or removed by the operator): stop routing to it and forget its load.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct EngineRemoved {
+    /// Its instance id.
+    pub engine_id: u64,
+}
+
+impl Handler<EngineRemoved> for KvRouterActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: EngineRemoved, _ctx: &mut Self::Context) {
+        self.engines.retain(|e| e.id != msg.engine_id);
+        self.policy.engine_removed(msg.engine_id);
+    }
+}
+
+impl Handler<RequestProgress> for KvRouterActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: RequestProgress, _ctx: &mut Self::Context) {
+        self.policy
+            .progress(msg.engine_id, &msg.request_id, msg.stage);
     }
 }
 
@@ -112,7 +185,7 @@ impl Actor for KvRouterActor {
 }
 
 impl Handler<Route> for KvRouterActor {
-    type Result = Result<u64, ApiError>;
+    type Result = Result<Routed, ApiError>;
 
     fn handle(&mut self, msg: Route, _ctx: &mut Self::Context) -> Self::Result {
         let order: Vec<usize> = match msg.request.pinned_engine {
@@ -152,7 +225,13 @@ impl Handler<Route> for KvRouterActor {
                 },
             };
             match slot.addr.try_send(generate) {
-                Ok(()) => return Ok(slot.id),
+                Ok(()) => {
+                    let cached_tokens = self.policy.admitted(slot, &request.request_id);
+                    return Ok(Routed {
+                        engine_id: slot.id,
+                        cached_tokens,
+                    });
+                }
                 Err(SendError::Full(returned)) | Err(SendError::Closed(returned)) => {
                     // Full cannot happen (the mailbox holds at least `capacity` messages and each
                     // holds a slot); closed means the engine has stopped. Either way the slot is

@@ -3,25 +3,78 @@
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
+use std::sync::Arc;
+
+use super::kv::KvPolicy;
 use super::{EngineSlot, RouterConfig, RouterMode};
+use crate::engine::RequestStage;
 use crate::error::{ApiError, ErrorClass};
+use crate::kv::indexer::SharedKvIndex;
+use crate::metrics::FrontendMetrics;
 use crate::protocol::engine::EngineRequest;
 
 /// Orders engines for one request; the router offers the request in that order until one admits it.
+/// The other methods tell a stateful policy what became of its choices; they default to nothing.
 pub trait SelectionPolicy: Send {
     /// Indices into `engines`, preferred first.
     fn order(&mut self, engines: &[EngineSlot], request: &EngineRequest) -> Vec<usize>;
+
+    /// `engine` admitted the request `request_id` (the last one ordered). Returns the prompt tokens the policy
+    /// expects that engine to find cached, when it knows.
+    fn admitted(&mut self, _engine: &EngineSlot, _request_id: &str) -> Option<u32> {
+        None
+    }
+
+    /// A request admitted on `engine_id` reached `stage`.
+    fn progress(&mut self, _engine_id: u64, _request_id: &str, _stage: RequestStage) {}
+
+    /// The engine is gone; forget everything about it.
+    fn engine_removed(&mut self, _engine_id: u64) {}
+}
+
+/// What the `kv` policy needs beyond the config.
+pub struct KvContext {
+    /// The engines' KV block size in tokens.
+    pub block_size: usize,
+    /// The shared prefix index.
+    pub index: SharedKvIndex,
+    /// Where router gauges and overhead histograms go.
+    pub metrics: Option<Arc<FrontendMetrics>>,
 }
 
 /// The policy for `config.mode`.
-pub fn for_mode(config: &RouterConfig) -> Result<Box<dyn SelectionPolicy>, ApiError> {
+pub fn for_mode(
+    config: &RouterConfig,
+    engines: &[EngineSlot],
+    kv: Option<KvContext>,
+) -> Result<Box<dyn SelectionPolicy>, ApiError> {
     match config.mode {
         RouterMode::RoundRobin => Ok(Box::new(RoundRobin::default())),
         RouterMode::Random => Ok(Box::new(Random::new(config.seed))),
-        RouterMode::Kv => Err(ApiError::new(
-            ErrorClass::NotImplemented,
-            "router mode `kv` needs the KV-aware router, which this build does not include yet; use `round-robin` or `random`",
-        )),
+        RouterMode::Kv => {
+            let kv = kv.ok_or_else(|| {
+                ApiError::new(
+                    ErrorClass::Internal,
+                    "router mode `kv` was started without a KV index",
+                )
+            })?;
+            if kv.block_size < 2 {
+                return Err(ApiError::new(
+                    ErrorClass::Internal,
+                    format!(
+                        "KV block size must be at least 2 tokens, got {}",
+                        kv.block_size
+                    ),
+                ));
+            }
+            Ok(Box::new(KvPolicy::new(
+                config,
+                kv.block_size,
+                engines,
+                kv.index,
+                kv.metrics,
+            )))
+        }
     }
 }
 
@@ -83,12 +136,12 @@ mod tests {
     }
 
     #[test]
-    fn kv_mode_is_rejected_with_a_clear_message() {
+    fn kv_mode_needs_its_index() {
         let config = RouterConfig {
             mode: RouterMode::Kv,
-            seed: None,
+            ..RouterConfig::default()
         };
-        let err = for_mode(&config)
+        let err = for_mode(&config, &[], None)
             .err()
             .map(|e| e.message)
             .unwrap_or_default();

@@ -11,11 +11,17 @@ use std::time::Duration;
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{build_engine, EchoConfig, EngineActor, EngineConfig, EngineLoad};
+use crate::engine::{
+    build_engine, EchoConfig, EngineActor, EngineConfig, EngineKind, EngineLoad, EngineSpec,
+    MockerConfig, MockerLoad,
+};
 use crate::gateway::Gateway;
 use crate::http::{self, AppState, EngineInfo, HttpActor, HttpConfig, Lifecycle, ModelCard};
+use crate::kv::indexer::SharedKvIndex;
 use crate::metrics::{FrontendMetrics, ModelGauges};
-use crate::router::{EngineSlot, KvRouterActor, RouterConfig};
+use crate::router::indexer::{KvIndexerActor, RemoveWorker};
+use crate::router::policy::KvContext;
+use crate::router::{EngineRemoved, EngineSlot, KvRouterActor, RouterConfig, RouterMode};
 use crate::tokenizer::ModelTokenizer;
 use crate::validator::{ValidatorActor, ValidatorConfig};
 
@@ -48,6 +54,8 @@ pub struct ServiceConfig {
     pub engine: EngineConfig,
     /// Echo engines.
     pub echo: EchoConfig,
+    /// Mocker engines.
+    pub mocker: MockerConfig,
     /// Validator.
     pub validator: ValidatorConfig,
     /// Metrics.
@@ -75,9 +83,20 @@ pub enum StartError {
 #[rtype(result = "()")]
 pub struct Shutdown;
 
+/// Take an engine out of service: the router stops sending it work and forgets its KV blocks and
+/// load, then its thread stops (requests still running on it end early).
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct RemoveEngine {
+    /// Its instance id.
+    pub engine_id: u64,
+}
+
 /// One running engine and the thread it is pinned to.
 struct EngineChild {
+    id: u64,
     arbiter: Arbiter,
+    load: Arc<EngineLoad>,
 }
 
 /// Owns the actor tree.
@@ -86,6 +105,40 @@ pub struct Supervisor {
     engines: Vec<EngineChild>,
     validator: Addr<ValidatorActor>,
     router: Addr<KvRouterActor>,
+    indexer: Option<(Addr<KvIndexerActor>, Arbiter)>,
+}
+
+impl Handler<RemoveEngine> for Supervisor {
+    type Result = ResponseActFuture<Self, bool>;
+
+    fn handle(&mut self, msg: RemoveEngine, _ctx: &mut Self::Context) -> Self::Result {
+        let Some(position) = self.engines.iter().position(|e| e.id == msg.engine_id) else {
+            return Box::pin(actix::fut::ready(false));
+        };
+        let child = self.engines.remove(position);
+        child
+            .load
+            .retired
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let router = self.router.clone();
+        let indexer = self.indexer.as_ref().map(|(addr, _)| addr.clone());
+        Box::pin(
+            async move {
+                let _ = router
+                    .send(EngineRemoved {
+                        engine_id: child.id,
+                    })
+                    .await;
+                if let Some(indexer) = indexer {
+                    let _ = indexer.send(RemoveWorker(child.id)).await;
+                }
+                child.arbiter.stop();
+                tracing::info!(engine = child.id, "engine removed");
+                true
+            }
+            .into_actor(self),
+        )
+    }
 }
 
 impl Actor for Supervisor {
@@ -107,6 +160,9 @@ impl Handler<Shutdown> for Supervisor {
             .map(|_, act, ctx| {
                 for child in act.engines.drain(..) {
                     child.arbiter.stop();
+                }
+                if let Some((_, arbiter)) = act.indexer.take() {
+                    arbiter.stop();
                 }
                 tracing::debug!(
                     router = act.router.connected(),
@@ -138,6 +194,40 @@ impl RunningService {
     pub async fn shutdown(self) {
         let _ = self.supervisor.send(Shutdown).await;
     }
+
+    /// Take engine `engine_id` out of service (see [`RemoveEngine`]); false if there is none.
+    pub async fn remove_engine(&self, engine_id: u64) -> bool {
+        self.supervisor
+            .send(RemoveEngine { engine_id })
+            .await
+            .unwrap_or(false)
+    }
+}
+
+/// Words the mocker draws its output from, so that simulated responses are real text.
+const MOCKER_TEXT: &str = "The model is simulated, but the words are real: it reads the request, \
+    weighs the cached prefix against the work still queued, and answers with a steady stream of \
+    plain English tokens until the requested length is reached. Routing, batching, prefill and \
+    decode all take the time a real accelerator would need for the same shapes of work.";
+
+/// The mocker's output vocabulary: the ordinary tokens of [`MOCKER_TEXT`].
+fn mocker_vocabulary(tokenizer: &ModelTokenizer) -> Arc<[u32]> {
+    let mut ids: Vec<u32> = tokenizer
+        .encode(MOCKER_TEXT)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|&id| !tokenizer.is_special(id))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.is_empty() {
+        // A tokenizer that cannot encode plain English still has ids; any non-special one will do.
+        ids = (0..tokenizer.vocab_size() as u32)
+            .filter(|&id| !tokenizer.is_special(id))
+            .take(64)
+            .collect();
+    }
+    ids.into()
 }
 
 /// Start the tree. Must run inside an actix System.
@@ -163,6 +253,51 @@ pub async fn start(
         },
     );
 
+    let kv_mode = config.router.mode == RouterMode::Kv;
+    let block_size = match config.engine.kind {
+        EngineKind::Mocker => config.mocker.block_size,
+        _ => config.router.kv_cache_block_size.unwrap_or(64),
+    };
+    if let Some(size) = config.router.kv_cache_block_size {
+        if size != block_size {
+            return Err(StartError::Config(format!(
+                "router.kv_cache_block_size = {size} does not match the engines' KV block size of {block_size} tokens"
+            )));
+        }
+    }
+    if config.engine.kind == EngineKind::Mocker {
+        metrics.set_model_gauges(
+            &config.model_name,
+            &ModelGauges {
+                kv_cache_block_size: Some(block_size as u64),
+                total_kv_blocks: Some(
+                    (config.mocker.num_gpu_blocks * config.engine.devices.len()) as u64,
+                ),
+                max_num_seqs: Some(config.mocker.max_num_seqs as u64),
+                max_num_batched_tokens: Some(config.mocker.max_num_batched_tokens as u64),
+                ..ModelGauges::default()
+            },
+        );
+    }
+    // KV events flow engine → indexer only when the kv router consumes them.
+    let index = kv_mode.then(SharedKvIndex::default);
+    let (kv_events, indexer) = match (&index, kv_mode && config.router.use_kv_events) {
+        (Some(index), true) => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let arbiter = Arbiter::new();
+            let index = index.clone();
+            let addr = KvIndexerActor::start_in_arbiter(&arbiter.handle(), move |_| {
+                KvIndexerActor::new(index, rx)
+            });
+            (Some(tx), Some((addr, arbiter)))
+        }
+        _ => (None, None),
+    };
+    // The router's address exists before the router does, so engines can report progress to it.
+    let router_context = Context::<KvRouterActor>::new();
+    let router_addr = router_context.address();
+    let output_tokens = mocker_vocabulary(&tokenizer);
+
     let mut slots = Vec::new();
     let mut infos = Vec::new();
     let mut children = Vec::new();
@@ -170,21 +305,28 @@ pub async fn start(
         let id = index as u64;
         let load = Arc::new(EngineLoad::default());
         let arbiter = Arbiter::new();
-        let (kind, echo, capacity, device_name, actor_load) = (
-            config.engine.kind,
-            config.echo.clone(),
+        let mocker_load = Arc::new(MockerLoad::default());
+        let spec = EngineSpec {
+            kind: config.engine.kind,
+            instance_id: id,
+            echo: config.echo.clone(),
+            mocker: config.mocker.clone(),
+            output_tokens: output_tokens.clone(),
+            kv_events: kv_events.clone(),
+            mocker_load: mocker_load.clone(),
+        };
+        let (capacity, device_name, actor_load) = (
             config.engine.admission_capacity,
             device.clone(),
             load.clone(),
         );
+        let progress = kv_mode.then(|| router_addr.clone().recipient());
         let addr = EngineActor::start_in_arbiter(&arbiter.handle(), move |_| {
-            EngineActor::new(
-                id,
-                device_name,
-                build_engine(kind, &echo),
-                capacity,
-                actor_load,
-            )
+            let actor = EngineActor::new(id, device_name, build_engine(spec), capacity, actor_load);
+            match progress {
+                Some(progress) => actor.with_progress(progress),
+                None => actor,
+            }
         });
         slots.push(EngineSlot {
             id,
@@ -195,17 +337,38 @@ pub async fn start(
         });
         infos.push(EngineInfo {
             instance_id: id,
-            engine: kind.as_str().into(),
+            engine: config.engine.kind.as_str().into(),
             device: device.clone(),
-            load,
+            load: load.clone(),
+            mocker: (config.engine.kind == EngineKind::Mocker).then_some(mocker_load),
         });
-        children.push(EngineChild { arbiter });
+        children.push(EngineChild {
+            id,
+            arbiter,
+            load: load.clone(),
+        });
     }
+    drop(kv_events);
     let engines = Arc::new(infos);
 
-    let router = KvRouterActor::new(&config.router, slots)
-        .map_err(|e| StartError::Config(e.message))?
-        .start();
+    let kv_context = index.map(|index| KvContext {
+        block_size,
+        index,
+        metrics: Some(metrics.clone()),
+    });
+    let router_actor = match KvRouterActor::new(&config.router, slots, kv_context) {
+        Ok(actor) => actor,
+        Err(e) => {
+            for child in children {
+                child.arbiter.stop();
+            }
+            if let Some((_, arbiter)) = indexer {
+                arbiter.stop();
+            }
+            return Err(StartError::Config(e.message));
+        }
+    };
+    let router = router_context.run(router_actor);
     let validator = {
         let (cfg, model, tok, m) = (
             config.validator.clone(),
@@ -243,6 +406,9 @@ pub async fn start(
                 for child in children {
                     child.arbiter.stop();
                 }
+                if let Some((_, arbiter)) = indexer {
+                    arbiter.stop();
+                }
                 return Err(e.into());
             }
         };
@@ -266,6 +432,7 @@ pub async fn start(
         engines: children,
         validator,
         router,
+        indexer,
     }
     .start();
     Ok(RunningService {

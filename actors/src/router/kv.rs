@@ -1,0 +1,236 @@
+//! The KV-cache-aware selection policy (runtime spec §3): for each request, the prefix overlap every
+//! engine holds (read straight from the shared prefix index, no mailbox hop) against the load the
+//! router predicts for it (active sequences), through Dynamo's cost function and softmax selection.
+//!
+//! The policy lives inside [`super::KvRouterActor`], the single owner of the per-engine
+//! [`ActiveSequences`]: they change only on this actor's thread (a request is added when an engine
+//! admits it, prefill completes at its first token, it is freed when its stream ends), and nothing
+//! else — health checks included — resets them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+
+use super::policy::SelectionPolicy;
+use super::{EngineSlot, RouterConfig};
+use crate::engine::RequestStage;
+use crate::kv::active::ActiveSequences;
+use crate::kv::approx::{ApproxRecorder, PruneConfig};
+use crate::kv::hashing::{local_block_hashes, sequence_hashes, LocalBlockHash, SequenceHash};
+use crate::kv::indexer::{OverlapScores, SharedKvIndex};
+use crate::kv::selector::{select, WorkerState};
+use crate::metrics::{FrontendMetrics, RouterPhase};
+use crate::protocol::engine::EngineRequest;
+
+/// What the policy decided for the request it last ordered, kept until an engine admits it.
+struct Decision {
+    request_id: String,
+    sequence: Vec<SequenceHash>,
+    locals: Vec<LocalBlockHash>,
+    isl: usize,
+    scores: OverlapScores,
+}
+
+/// KV-aware selection.
+pub struct KvPolicy {
+    index: SharedKvIndex,
+    block_size: usize,
+    overlap_score_weight: f64,
+    temperature: f64,
+    track_active_blocks: bool,
+    active: HashMap<u64, ActiveSequences>,
+    /// Approximate mode: the router's own record of what it routed where (no KV events).
+    approx: Option<ApproxRecorder>,
+    rng: SmallRng,
+    last: Option<Decision>,
+    metrics: Option<Arc<FrontendMetrics>>,
+    router_id: String,
+}
+
+impl KvPolicy {
+    /// A policy over `engines` reading `index`. In approximate mode (`use_kv_events = false`) the
+    /// policy also writes the index, with its own routing decisions.
+    pub fn new(
+        config: &RouterConfig,
+        block_size: usize,
+        engines: &[EngineSlot],
+        index: SharedKvIndex,
+        metrics: Option<Arc<FrontendMetrics>>,
+    ) -> Self {
+        let approx = (!config.use_kv_events).then(|| {
+            ApproxRecorder::new(PruneConfig {
+                ttl: Duration::from_secs_f64(config.ttl_secs),
+                max_tree_size: config.max_tree_size,
+                prune_target_ratio: config.prune_target_ratio,
+            })
+        });
+        let policy = KvPolicy {
+            index,
+            block_size,
+            overlap_score_weight: config.kv_overlap_score_weight,
+            temperature: config.temperature,
+            track_active_blocks: config.track_active_blocks,
+            active: engines
+                .iter()
+                .map(|e| (e.id, ActiveSequences::new(block_size)))
+                .collect(),
+            approx,
+            rng: config
+                .seed
+                .map(SmallRng::seed_from_u64)
+                .unwrap_or_else(SmallRng::from_entropy),
+            last: None,
+            metrics,
+            router_id: uuid::Uuid::new_v4().to_string(),
+        };
+        for engine in engines {
+            policy.publish_load(engine.id);
+        }
+        policy
+    }
+
+    fn publish_load(&self, engine: u64) {
+        if let (Some(metrics), Some(active)) = (&self.metrics, self.active.get(&engine)) {
+            metrics.set_worker_load(engine, active.active_blocks(), active.active_tokens());
+        }
+    }
+
+    fn observe(&self, phase: RouterPhase, started: Instant) {
+        if let Some(metrics) = &self.metrics {
+            metrics.observe_router_overhead(
+                &self.router_id,
+                phase,
+                started.elapsed().as_secs_f64() * 1e3,
+            );
+        }
+    }
+
+    /// Applies expired approximate-mode entries to the index.
+    fn expire(&mut self, now: Instant) {
+        let Some(approx) = &mut self.approx else {
+            return;
+        };
+        for event in approx.expire(now) {
+            if let Err(e) = self.index.apply(&event) {
+                tracing::debug!(error = %e, "approximate-mode expiry");
+            }
+        }
+    }
+}
+
+impl SelectionPolicy for KvPolicy {
+    fn order(&mut self, engines: &[EngineSlot], request: &EngineRequest) -> Vec<usize> {
+        if engines.is_empty() {
+            return Vec::new();
+        }
+        let started = Instant::now();
+        self.expire(started);
+        let locals = local_block_hashes(&request.token_ids, self.block_size);
+        let sequence = if self.track_active_blocks {
+            sequence_hashes(&locals)
+        } else {
+            Vec::new()
+        };
+        self.observe(RouterPhase::BlockHashing, started);
+
+        let matching = Instant::now();
+        let scores = self.index.find_matches(&locals, false);
+        self.observe(RouterPhase::FindMatches, matching);
+
+        let scheduling = Instant::now();
+        let isl = request.token_ids.len();
+        let states: Vec<WorkerState> = engines
+            .iter()
+            .map(|engine| {
+                let overlap = scores.scores.get(&engine.id).copied().unwrap_or(0);
+                let (potential_blocks, potential_tokens) = match self.active.get(&engine.id) {
+                    Some(active) => active.potential_blocks_and_tokens(&sequence, isl, overlap),
+                    None => (isl.div_ceil(self.block_size), isl),
+                };
+                WorkerState {
+                    worker: engine.id,
+                    potential_blocks,
+                    potential_tokens,
+                }
+            })
+            .collect();
+        let chosen = select(
+            &states,
+            &scores,
+            isl,
+            self.block_size,
+            self.overlap_score_weight,
+            self.temperature,
+            &mut self.rng,
+        );
+        // The chosen engine first; should it be full, the others from cheapest to dearest.
+        let logits =
+            crate::kv::selector::logits(&states, self.block_size, self.overlap_score_weight);
+        let mut order: Vec<usize> = (0..engines.len()).collect();
+        order.sort_by(|&a, &b| logits[a].total_cmp(&logits[b]));
+        if let Some(chosen) = chosen {
+            if let Some(position) = engines.iter().position(|e| e.id == chosen.worker) {
+                order.retain(|&i| i != position);
+                order.insert(0, position);
+            }
+        }
+        self.observe(RouterPhase::Scheduling, scheduling);
+        self.observe(RouterPhase::Total, started);
+        self.last = Some(Decision {
+            request_id: request.request_id.clone(),
+            sequence,
+            locals,
+            isl,
+            scores,
+        });
+        order
+    }
+
+    fn admitted(&mut self, engine: &EngineSlot, request_id: &str) -> Option<u32> {
+        let decision = self.last.take().filter(|d| d.request_id == request_id)?;
+        let overlap = decision.scores.scores.get(&engine.id).copied().unwrap_or(0);
+        let now = Instant::now();
+        if let Some(active) = self.active.get_mut(&engine.id) {
+            if let Err(e) =
+                active.add_request(request_id, decision.sequence, decision.isl, overlap, now)
+            {
+                tracing::warn!(engine = engine.id, %request_id, error = %e, "active sequence tracking");
+            }
+        }
+        if let Some(approx) = &mut self.approx {
+            let event = approx.record(engine.id, &decision.locals, now);
+            if let Err(e) = self.index.apply(&event) {
+                tracing::debug!(error = %e, "approximate-mode record");
+            }
+        }
+        self.publish_load(engine.id);
+        let cached = (overlap as usize * self.block_size).min(decision.isl);
+        Some(cached as u32)
+    }
+
+    fn progress(&mut self, engine_id: u64, request_id: &str, stage: RequestStage) {
+        let Some(active) = self.active.get_mut(&engine_id) else {
+            return;
+        };
+        match stage {
+            RequestStage::FirstToken => active.mark_prefill_completed(request_id),
+            RequestStage::Finished => active.free(request_id),
+        }
+        self.publish_load(engine_id);
+    }
+
+    fn engine_removed(&mut self, engine_id: u64) {
+        self.active.remove(&engine_id);
+        if self.approx.is_some() {
+            // In approximate mode this policy is the index's only writer; with KV events the
+            // indexer actor owns it and purges the engine itself.
+            self.index.remove_worker(engine_id);
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.remove_worker(engine_id);
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! KV-aware routing end to end: four mocker engines behind the `kv` router, driven over HTTP.
+//! Requests sharing a long prefix land on the engine that cached it; once that engine is removed they
+//! move to another, and the removed engine's blocks no longer score.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+const KV_CONFIG: &str = r#"
+[router]
+mode = "kv"
+seed = 7
+[engine]
+kind = "mocker"
+devices = ["sim:0", "sim:1", "sim:2", "sim:3"]
+[mocker]
+block_size = 16
+num_gpu_blocks = 4096
+speedup_ratio = 50.0
+default_max_tokens = 2
+"#;
+
+/// Tokens generated so far per engine instance, from `/health`.
+async fn generated_by_engine(server: &TestServer) -> HashMap<u64, u64> {
+    let (status, health) = get(&server.url("/health")).await;
+    assert_eq!(status, 200, "{health}");
+    health["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .map(|i| {
+            (
+                i["instance_id"].as_u64().expect("id"),
+                i["generated_tokens"].as_u64().expect("tokens"),
+            )
+        })
+        .collect()
+}
+
+/// The sum of the `cached_tokens` histogram.
+async fn cached_tokens_sum(server: &TestServer) -> f64 {
+    let text = get_text(&server.url("/metrics")).await;
+    text.lines()
+        .find(|l| l.starts_with("dynamo_frontend_cached_tokens_sum"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Sends a completion with these prompt token ids; returns the engine that generated it.
+async fn complete_on(server: &TestServer, prompt: &[u32]) -> u64 {
+    let before = generated_by_engine(server).await;
+    let (status, body) = post_json(
+        &server.url("/v1/completions"),
+        &json!({"model": MODEL, "prompt": prompt, "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        !body["choices"][0]["text"].as_str().unwrap_or("").is_empty(),
+        "the mocker answers with real text: {body}"
+    );
+    let after = generated_by_engine(server).await;
+    let served: Vec<u64> = after
+        .iter()
+        .filter(|(id, tokens)| before.get(id).copied().unwrap_or(0) < **tokens)
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(
+        served.len(),
+        1,
+        "exactly one engine generated: {before:?} → {after:?}"
+    );
+    // Let the engine's KV events reach the index before the next routing decision.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    served[0]
+}
+
+fn prompt(prefix_seed: u32, prefix_len: u32, suffix_seed: u32) -> Vec<u32> {
+    (0..prefix_len)
+        .map(|i| 1000 + (prefix_seed * 7919 + i * 31) % 20000)
+        .chain((0..8).map(|i| 2000 + suffix_seed * 13 + i))
+        .collect()
+}
+
+#[actix_rt::test]
+async fn shared_prefixes_stick_to_their_engine_until_it_is_removed() {
+    let server = start(KV_CONFIG).await;
+
+    // A 20-block prefix, then four more requests with the same prefix and other suffixes.
+    let home = complete_on(&server, &prompt(1, 320, 0)).await;
+    let cached_before = cached_tokens_sum(&server).await;
+    for suffix in 1..5 {
+        assert_eq!(
+            complete_on(&server, &prompt(1, 320, suffix)).await,
+            home,
+            "a request sharing the cached prefix goes where the prefix is"
+        );
+    }
+    let cached_after = cached_tokens_sum(&server).await;
+    assert!(
+        cached_after - cached_before >= 4.0 * 320.0,
+        "each of the 4 follow-ups found the 320-token prefix cached: {cached_before} → {cached_after}"
+    );
+
+    // A different prefix is free to go elsewhere, and the index keeps both.
+    let other = complete_on(&server, &prompt(2, 320, 0)).await;
+    assert_eq!(complete_on(&server, &prompt(2, 320, 1)).await, other);
+
+    // Remove the engine holding prefix 1.
+    let service = server.service.as_ref().expect("running");
+    assert!(service.remove_engine(home).await);
+    assert!(!service.remove_engine(home).await, "already removed");
+    let remaining = generated_by_engine(&server).await;
+    assert!(!remaining.contains_key(&home), "/health no longer lists it");
+
+    let cached = cached_tokens_sum(&server).await;
+    let new_home = complete_on(&server, &prompt(1, 320, 9)).await;
+    assert_ne!(new_home, home);
+    assert_eq!(
+        cached_tokens_sum(&server).await,
+        cached,
+        "the removed engine's blocks no longer score: nothing was expected cached"
+    );
+    // The new engine now holds the prefix, and the prefix sticks to it.
+    for suffix in 10..13 {
+        assert_eq!(
+            complete_on(&server, &prompt(1, 320, suffix)).await,
+            new_home
+        );
+    }
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn kv_metrics_are_exported() {
+    let server = start(KV_CONFIG).await;
+    complete_on(&server, &prompt(3, 64, 0)).await;
+    let text = get_text(&server.url("/metrics")).await;
+    for name in [
+        "dynamo_frontend_worker_active_decode_blocks{",
+        "dynamo_frontend_worker_active_prefill_tokens{",
+        "dynamo_router_overhead_total_ms_bucket{",
+        "dynamo_router_overhead_indexer_find_matches_ms_count{",
+        "dynamo_router_overhead_scheduling_ms_count{",
+        "dynamo_router_overhead_block_hashing_ms_count{",
+        "dynamo_frontend_cached_tokens_count{",
+        "dynamo_frontend_model_kv_cache_block_size{",
+    ] {
+        assert!(text.contains(name), "missing {name} in\n{text}");
+    }
+    // Load counters return to zero once requests finish: nothing is left active.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let text = get_text(&server.url("/metrics")).await;
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("dynamo_frontend_worker_active_"))
+    {
+        assert!(line.ends_with(" 0"), "{line}");
+    }
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn streaming_through_the_kv_router_completes() {
+    let server = start(KV_CONFIG).await;
+    let (status, text, _) = post_sse(
+        &server.url("/v1/chat/completions"),
+        &json!({"model": MODEL, "stream": true, "max_tokens": 5,
+                "messages": [{"role": "user", "content": "hello"}]}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let data = sse_data(&text);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let content: String = data
+        .iter()
+        .filter(|d| d.as_str() != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert!(!content.trim().is_empty(), "{text}");
+    server.stop().await;
+}
