@@ -224,9 +224,10 @@ impl SelectionPolicy for KvPolicy {
 
     fn engine_removed(&mut self, engine_id: u64) {
         self.active.remove(&engine_id);
-        if self.approx.is_some() {
+        if let Some(approx) = &mut self.approx {
             // In approximate mode this policy is the index's only writer; with KV events the
             // indexer actor owns it and purges the engine itself.
+            approx.remove_worker(engine_id);
             self.index.remove_worker(engine_id);
         }
         if let Some(metrics) = &self.metrics {
