@@ -176,6 +176,10 @@ pub struct MockerLoad {
     pub preemptions: AtomicU64,
     /// Mean prefix-cache hit rate over the last 1000 admissions, as `f64` bits.
     prefix_hit_rate_bits: AtomicU64,
+    /// Prompt tokens admitted since start (re-admissions after preemption count again).
+    pub admitted_prompt_tokens: AtomicU64,
+    /// Of those, tokens served from the prefix cache.
+    pub cached_prompt_tokens: AtomicU64,
 }
 
 impl MockerLoad {
@@ -214,6 +218,16 @@ impl MockerLoad {
         f64::from_bits(self.prefix_hit_rate_bits.load(Ordering::Relaxed))
     }
 
+    /// Prompt tokens admitted since start.
+    pub fn admitted_prompt_tokens(&self) -> u64 {
+        self.admitted_prompt_tokens.load(Ordering::Relaxed)
+    }
+
+    /// Prompt tokens served from the prefix cache since start.
+    pub fn cached_prompt_tokens(&self) -> u64 {
+        self.cached_prompt_tokens.load(Ordering::Relaxed)
+    }
+
     /// Copy the scheduler's counters.
     fn publish(&self, scheduler: &scheduler::Scheduler) {
         let relaxed = Ordering::Relaxed;
@@ -230,6 +244,9 @@ impl MockerLoad {
         self.preemptions.store(scheduler.preemptions(), relaxed);
         self.prefix_hit_rate_bits
             .store(scheduler.prefix_hit_rate().to_bits(), relaxed);
+        let (admitted, cached) = scheduler.prompt_token_totals();
+        self.admitted_prompt_tokens.store(admitted, relaxed);
+        self.cached_prompt_tokens.store(cached, relaxed);
     }
 }
 

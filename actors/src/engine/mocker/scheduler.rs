@@ -149,6 +149,10 @@ pub(crate) struct Scheduler {
     next_key: RequestKey,
     clock_ms: f64,
     hit_rates: VecDeque<f64>,
+    /// Prompt tokens of every admission since start (a preempted request counts again when re-admitted).
+    admitted_prompt_tokens: u64,
+    /// Of those, tokens found in the prefix cache.
+    cached_prompt_tokens: u64,
     preemptions: u64,
 }
 
@@ -174,6 +178,8 @@ impl Scheduler {
             next_key: 0,
             clock_ms: 0.0,
             hit_rates: VecDeque::new(),
+            admitted_prompt_tokens: 0,
+            cached_prompt_tokens: 0,
             preemptions: 0,
         }
     }
@@ -282,6 +288,11 @@ impl Scheduler {
             return 0.0;
         }
         self.hit_rates.iter().sum::<f64>() / self.hit_rates.len() as f64
+    }
+
+    /// Prompt tokens admitted since start and how many of them the prefix cache served.
+    pub(crate) fn prompt_token_totals(&self) -> (u64, u64) {
+        (self.admitted_prompt_tokens, self.cached_prompt_tokens)
     }
 
     /// Requests preempted since start.
@@ -510,6 +521,8 @@ impl Scheduler {
         }
         self.hit_rates
             .push_back(cached_tokens as f64 / seq.tokens.len() as f64);
+        self.admitted_prompt_tokens += seq.tokens.len() as u64;
+        self.cached_prompt_tokens += cached_tokens as u64;
         self.running.push(seq);
         Some(tokens)
     }

@@ -186,6 +186,11 @@ fn a_shared_prefix_is_reused_not_restored_and_shortens_ttft() {
         vec![(Some(seqs[7]), vec![seqs[8], seqs[9]])]
     );
     assert!((s.prefix_hit_rate() - (0.0 + 0.8) / 2.0).abs() < 1e-12);
+    assert_eq!(
+        s.prompt_token_totals(),
+        (32 + 40, 32),
+        "admitted and cached prompt tokens"
+    );
 
     // A fully cached prompt still computes its last block, to have something to sample from.
     s.enqueue(3, shared, 1).unwrap();
