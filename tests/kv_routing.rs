@@ -107,6 +107,27 @@ async fn shared_prefixes_stick_to_their_engine_until_it_is_removed() {
         "each of the 4 follow-ups found the 320-token prefix cached: {cached_before} → {cached_after}"
     );
 
+    // The home engine's own view in /health: the prefix sits in its cache, its admissions hit.
+    let (_, health) = get(&server.url("/health")).await;
+    let kv_cache = health["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .find(|i| i["instance_id"].as_u64() == Some(home))
+        .map(|i| i["kv_cache"].clone())
+        .expect("home engine listed");
+    let cached_blocks = kv_cache["active_blocks"].as_u64().unwrap_or(0)
+        + kv_cache["inactive_blocks"].as_u64().unwrap_or(0);
+    assert!(
+        cached_blocks >= 20,
+        "the 20-block prefix is cached: {kv_cache}"
+    );
+    assert!(
+        kv_cache["prefix_hit_rate"].as_f64().unwrap_or(0.0) > 0.5,
+        "4 of 5 admissions hit the prefix: {kv_cache}"
+    );
+    assert_eq!(kv_cache["waiting_requests"], 0, "{kv_cache}");
+
     // A different prefix is free to go elsewhere, and the index keeps both.
     let other = complete_on(&server, &prompt(2, 320, 0)).await;
     assert_eq!(complete_on(&server, &prompt(2, 320, 1)).await, other);

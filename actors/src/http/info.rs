@@ -64,7 +64,7 @@ fn endpoints_and_instances(state: &AppState) -> (Vec<String>, Vec<Value>) {
         .iter()
         .filter(|e| !e.load.retired.load(std::sync::atomic::Ordering::Relaxed))
         .map(|e| {
-            json!({
+            let mut instance = json!({
                 "namespace": "dynamix",
                 "component": "backend",
                 "endpoint": "generate",
@@ -75,7 +75,20 @@ fn endpoints_and_instances(state: &AppState) -> (Vec<String>, Vec<Value>) {
                 "active_requests": e.load.active(),
                 "generated_tokens": e.load.generated_tokens.load(std::sync::atomic::Ordering::Relaxed),
                 "cancelled_requests": e.load.cancelled.load(std::sync::atomic::Ordering::Relaxed),
-            })
+            });
+            if let Some(mocker) = &e.mocker {
+                // The simulated engine's own view of its cache and queues (read-only snapshot).
+                instance["kv_cache"] = json!({
+                    "active_blocks": mocker.active_decode_blocks(),
+                    "inactive_blocks": mocker.inactive_blocks(),
+                    "waiting_requests": mocker.waiting_requests(),
+                    "running_requests": mocker.running_requests(),
+                    "prefill_tokens": mocker.prefill_tokens(),
+                    "preemptions": mocker.preemptions(),
+                    "prefix_hit_rate": mocker.prefix_hit_rate(),
+                });
+            }
+            instance
         })
         .collect();
     (endpoints, instances)

@@ -235,3 +235,139 @@ impl SelectionPolicy for KvPolicy {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{EngineLoad, Generate};
+    use crate::kv::hashing::chain;
+    use crate::kv::protocol::{
+        KvCacheEvent, KvCacheEventData, KvCacheStoreData, KvCacheStoredBlockData, RouterEvent,
+    };
+    use crate::router::RouterMode;
+    use actix::{Actor, Context, Handler};
+
+    const BLOCK: usize = 16;
+
+    /// Receives nothing in these tests: the policy only needs engine ids.
+    struct Nowhere;
+    impl Actor for Nowhere {
+        type Context = Context<Self>;
+    }
+    impl Handler<Generate> for Nowhere {
+        type Result = ();
+        fn handle(&mut self, _: Generate, _: &mut Context<Self>) {}
+    }
+
+    fn engines(n: u64) -> Vec<EngineSlot> {
+        let addr = Nowhere.start().recipient();
+        (1..=n)
+            .map(|id| EngineSlot {
+                id,
+                addr: addr.clone(),
+                load: Arc::new(EngineLoad::default()),
+                capacity: 1024,
+                device: format!("sim:{id}"),
+            })
+            .collect()
+    }
+
+    fn request(id: usize, tokens: Vec<u32>) -> EngineRequest {
+        EngineRequest {
+            request_id: format!("r{id}"),
+            model: "m".into(),
+            token_ids: tokens,
+            echo_text: String::new(),
+            sampling: Default::default(),
+            stop: Default::default(),
+            pinned_engine: None,
+        }
+    }
+
+    /// `engine` announces it holds every full block of `tokens` (as its KV events would).
+    fn holds(index: &SharedKvIndex, engine: u64, tokens: &[u32]) {
+        let locals = local_block_hashes(tokens, BLOCK);
+        let mut parent = None;
+        let blocks = locals
+            .iter()
+            .map(|&local| {
+                let hash = chain(parent, local);
+                parent = Some(hash);
+                KvCacheStoredBlockData {
+                    block_hash: hash,
+                    tokens_hash: local,
+                }
+            })
+            .collect();
+        index
+            .apply(&RouterEvent {
+                worker_id: engine,
+                event: KvCacheEvent {
+                    event_id: 0,
+                    data: KvCacheEventData::Stored(KvCacheStoreData {
+                        parent_hash: None,
+                        blocks,
+                    }),
+                    dp_rank: 0,
+                },
+            })
+            .expect("stored event applies");
+    }
+
+    /// A skewed trace: every request is one long shared prefix (held by engine 2 only) plus a short
+    /// suffix of its own. Each request finishes its prefill before the next arrives; `finish` says
+    /// whether it also ends (otherwise it keeps decoding, holding its blocks).
+    fn replay_skewed(requests: usize, finish: bool) -> HashMap<u64, usize> {
+        let config = RouterConfig {
+            mode: RouterMode::Kv,
+            seed: Some(7),
+            ..RouterConfig::default()
+        };
+        let slots = engines(4);
+        let index = SharedKvIndex::new();
+        let prefix: Vec<u32> = (0..32 * BLOCK as u32).collect();
+        holds(&index, 2, &prefix);
+        let mut policy = KvPolicy::new(&config, BLOCK, &slots, index, None);
+        let mut landed = HashMap::new();
+        for i in 0..requests {
+            let mut tokens = prefix.clone();
+            tokens.extend((0..4 * BLOCK as u32).map(|t| 100_000 + (i as u32) * 1000 + t));
+            let request = request(i, tokens);
+            let order = policy.order(&slots, &request);
+            let chosen = &slots[order[0]];
+            policy.admitted(chosen, &request.request_id);
+            *landed.entry(chosen.id).or_default() += 1;
+            policy.progress(chosen.id, &request.request_id, RequestStage::FirstToken);
+            if finish {
+                policy.progress(chosen.id, &request.request_id, RequestStage::Finished);
+            }
+        }
+        landed
+    }
+
+    #[actix_rt::test]
+    async fn an_idle_cluster_follows_the_cache() {
+        let landed = replay_skewed(40, true);
+        assert_eq!(landed.get(&2), Some(&40), "{landed:?}");
+    }
+
+    #[actix_rt::test]
+    async fn a_saturated_preferred_engine_loses_to_load() {
+        // Requests pile up (none finishes): the engine holding the prefix takes them until its
+        // decode load outweighs the 32 blocks of prefill it saves, then the others take their share.
+        // A hot spot would send all 200 to engine 2, as the idle case above does.
+        let landed = replay_skewed(200, false);
+        assert_eq!(landed.len(), 4, "every engine takes work: {landed:?}");
+        for (engine, &count) in &landed {
+            assert!(
+                (40..=65).contains(&count),
+                "engine {engine} got {count} of 200 requests: {landed:?}"
+            );
+        }
+        let busiest = landed.values().copied().max().unwrap_or(0);
+        assert_eq!(
+            landed[&2], busiest,
+            "the cache holder is the busiest: {landed:?}"
+        );
+    }
+}
