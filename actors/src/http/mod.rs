@@ -346,7 +346,9 @@ impl Handler<Drain> for HttpActor {
                     timeout.as_secs()
                 );
             }
-            handle.stop(false).await;
+            // Graceful: the last frames of a finished stream may still sit in a connection's write
+            // buffer when its admission is released; a forced stop would cut them off.
+            handle.stop(true).await;
             tracing::info!("HTTP service stopped");
         })
     }
