@@ -82,6 +82,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "TOKENS")]
     pub kv_cache_block_size: Option<u64>,
     /// Served model name.
+    /// Migrations allowed per request when an engine fails mid-request (0 = off).
+    #[arg(long, value_name = "N")]
+    pub migration_limit: Option<u32>,
     #[arg(long, value_name = "NAME")]
     pub model_name: Option<String>,
     /// More logging: -v debug, -vv trace.
@@ -171,6 +174,13 @@ impl ServeArgs {
                 "router.use_kv_events",
                 toml::Value::Boolean(false),
                 "--no-kv-events",
+            );
+        }
+        if let Some(limit) = self.migration_limit {
+            set(
+                "migration.limit",
+                toml::Value::Integer(i64::from(limit)),
+                "--migration-limit",
             );
         }
         if let Some(ttl) = self.router_ttl_secs {

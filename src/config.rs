@@ -14,8 +14,11 @@ use std::path::{Path, PathBuf};
 
 use dynamix_actors::engine::mocker::MockerConfig;
 use dynamix_actors::engine::{EchoConfig, EngineConfig, EngineKind};
+use dynamix_actors::faults::FaultsConfig;
+use dynamix_actors::gateway::migration::MigrationConfig;
 use dynamix_actors::http::HttpConfig;
 use dynamix_actors::router::{RouterConfig, RouterMode};
+use dynamix_actors::supervisor::restart::SupervisionConfig;
 use dynamix_actors::supervisor::{MetricsConfig, ServiceConfig};
 use dynamix_actors::validator::ValidatorConfig;
 use serde::{Deserialize, Serialize};
@@ -82,6 +85,12 @@ pub struct Config {
     pub validator: ValidatorConfig,
     /// Metrics.
     pub metrics: MetricsConfig,
+    /// Request migration.
+    pub migration: MigrationConfig,
+    /// Restart budgets of supervised actors.
+    pub supervisor: SupervisionConfig,
+    /// Fault injection (off by default).
+    pub faults: FaultsConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -144,6 +153,7 @@ const DYNAMO_ENV: &[(&str, &str)] = &[
         "router.track_active_blocks",
     ),
     ("DYN_KV_CACHE_BLOCK_SIZE", "router.kv_cache_block_size"),
+    ("DYN_MIGRATION_LIMIT", "migration.limit"),
     ("DYN_LOG", "log.filter"),
     ("DYN_TOKEN_ECHO_DELAY_MS", "echo.token_delay_ms"),
     ("DYN_MODEL_NAME", "model.name"),
@@ -582,6 +592,15 @@ impl Config {
         if let Err(message) = self.mocker.validate() {
             return Err(ConfigError(format!("invalid config: {message}")));
         }
+        for check in [
+            self.migration.validate(),
+            self.supervisor.validate(),
+            self.faults.validate(),
+        ] {
+            if let Err(message) = check {
+                return Err(ConfigError(format!("invalid config: {message}")));
+            }
+        }
         if r.mode == RouterMode::Kv && r.use_kv_events && self.engine.kind != EngineKind::Mocker {
             return Err(ConfigError(format!(
                 "invalid config key `router.mode` = \"kv\" with router.use_kv_events = true: engine.kind = \"{}\" emits no KV events; use engine.kind = \"mocker\" (out=mocker), or approximate mode (--no-kv-events)",
@@ -602,6 +621,9 @@ impl Config {
             mocker: self.mocker.clone(),
             validator: self.validator.clone(),
             metrics: self.metrics.clone(),
+            migration: self.migration.clone(),
+            supervision: self.supervisor.clone(),
+            faults: self.faults.clone(),
             serve_http,
         }
     }

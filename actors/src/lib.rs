@@ -18,6 +18,7 @@
 pub mod backend;
 pub mod engine;
 pub mod error;
+pub mod faults;
 pub mod gateway;
 pub mod http;
 pub mod kv;

@@ -8,9 +8,17 @@ use futures_util::FutureExt;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use super::{AdmissionSlot, Engine, EngineLoad, RequestProgress, RequestStage, TokenSink};
+use super::{
+    build_engine, AdmissionSlot, Engine, EngineLoad, EngineSpec, RequestProgress, RequestStage,
+    TokenSink,
+};
 use crate::error::ApiError;
+use crate::faults::FaultInjector;
+use crate::kv::protocol::{KvCacheEvent, KvCacheEventData, RouterEvent};
 use crate::protocol::engine::{EngineEvent, EngineRequest};
+use crate::supervisor::restart::{
+    panic_message, RestartBudget, SupervisionConfig, SupervisorEvent, SupervisorEvents,
+};
 
 /// Start generating `request`, writing its output into `output`. Fire-and-forget: the sender has
 /// already reserved the request's admission slot ([`EngineLoad::try_admit`]), so there is nothing
@@ -35,45 +43,110 @@ pub fn overloaded(id: u64, device: &str, capacity: usize) -> ApiError {
     }))
 }
 
-/// One engine on one device.
+/// Who an [`EngineActor`] reports to, set once the router exists (the router is started after the
+/// engines, which it routes to).
+pub type ProgressSink = Arc<std::sync::OnceLock<Recipient<RequestProgress>>>;
+
+/// One engine on one device, supervised: a panic while generating stops the actor and its supervisor
+/// restarts it with a freshly built engine (fresh KV state) on the same thread and mailbox. Every
+/// request running on it at that moment loses its stream, which the serving path sees as a migratable
+/// failure. Past the restart budget the engine gives up and asks the root supervisor to take it out of
+/// routing.
 pub struct EngineActor {
     /// Stable id (the instance id used by routing overrides).
     id: u64,
     device: String,
     engine: Box<dyn Engine>,
+    /// How to build the engine again after a restart.
+    spec: EngineSpec,
     /// Requests admitted at once; the admission queue's capacity (enforced by the router's
     /// reservations; sizes the mailbox here).
     capacity: usize,
     /// Shared with the router and `/health`.
     load: Arc<EngineLoad>,
     /// Told when a request's first output is delivered and when it ends (the router's load
-    /// tracking); `None` when nobody tracks load.
-    progress: Option<Recipient<RequestProgress>>,
+    /// tracking); unset when nobody tracks load.
+    progress: ProgressSink,
+    faults: Arc<FaultInjector>,
+    budget: RestartBudget,
+    events: Option<SupervisorEvents>,
+    /// Why the actor is stopping, reported once it restarts.
+    stopping_because: Option<String>,
+    /// The restart budget is spent: the engine is out of service and refuses work.
+    given_up: bool,
 }
 
 impl EngineActor {
-    /// An actor for `engine` on `device`.
+    /// An actor for the engine `spec` describes on `device` (builds the engine: call on its thread).
     pub fn new(
         id: u64,
         device: String,
-        engine: Box<dyn Engine>,
+        spec: EngineSpec,
         capacity: usize,
         load: Arc<EngineLoad>,
     ) -> Self {
         EngineActor {
             id,
             device,
-            engine,
+            engine: build_engine(spec.clone()),
+            spec,
             capacity,
             load,
-            progress: None,
+            progress: ProgressSink::default(),
+            faults: FaultInjector::disabled(),
+            budget: RestartBudget::new(&SupervisionConfig::default()),
+            events: None,
+            stopping_because: None,
+            given_up: false,
         }
     }
 
-    /// Reports request progress to `progress`.
-    pub fn with_progress(mut self, progress: Recipient<RequestProgress>) -> Self {
-        self.progress = Some(progress);
+    /// Reports request progress to whoever `progress` is set to.
+    pub fn with_progress(mut self, progress: ProgressSink) -> Self {
+        self.progress = progress;
         self
+    }
+
+    /// Supervision: restart budget, where to report restarts, and the fault injector.
+    pub fn supervised(
+        mut self,
+        config: &SupervisionConfig,
+        events: SupervisorEvents,
+        faults: Arc<FaultInjector>,
+    ) -> Self {
+        self.budget = RestartBudget::new(config);
+        self.events = Some(events);
+        self.faults = faults;
+        self
+    }
+
+    /// A panic was caught: restart within budget, otherwise give up.
+    fn fault(&mut self, reason: String, ctx: &mut Context<Self>) {
+        if self.given_up || self.stopping_because.is_some() {
+            return;
+        }
+        tracing::error!(engine = self.id, device = %self.device, %reason, "engine panicked");
+        if self.budget.allow(std::time::Instant::now()) {
+            self.stopping_because = Some(reason);
+        } else {
+            self.given_up = true;
+            let reason = format!(
+                "engine {} ({}) failed {} times within its restart window and was taken out of service; last failure: {reason}",
+                self.id,
+                self.device,
+                self.budget.recent()
+            );
+            self.load.set_failure(reason.clone());
+            if let Some(events) = &self.events {
+                let _ = events.send(SupervisorEvent::EngineFailed {
+                    engine_id: self.id,
+                    reason,
+                });
+            }
+        }
+        // Stopping drops every request future spawned on this context: their streams end, and the
+        // serving path migrates them.
+        ctx.stop();
     }
 }
 
@@ -86,6 +159,40 @@ impl Actor for EngineActor {
     }
 }
 
+impl Supervised for EngineActor {
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        let Some(reason) = self.stopping_because.take() else {
+            return;
+        };
+        if self.given_up {
+            return;
+        }
+        // Rebuilt from scratch: a fresh KV cache. The router's index forgets what the old one held.
+        self.engine = build_engine(self.spec.clone());
+        if let Some(kv_events) = &self.spec.kv_events {
+            let _ = kv_events.send(RouterEvent {
+                worker_id: self.id,
+                event: KvCacheEvent {
+                    event_id: 0,
+                    data: KvCacheEventData::Cleared,
+                    dp_rank: 0,
+                },
+            });
+        }
+        self.load
+            .restarts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(engine = self.id, device = %self.device, %reason, "engine restarted");
+        if let Some(events) = &self.events {
+            let _ = events.send(SupervisorEvent::Restarted {
+                actor: "engine",
+                instance: self.id.to_string(),
+                reason,
+            });
+        }
+    }
+}
+
 impl Handler<Generate> for EngineActor {
     type Result = ();
 
@@ -95,9 +202,14 @@ impl Handler<Generate> for EngineActor {
             output,
             admission,
         } = msg;
+        if self.given_up {
+            // Out of service: dropping the output channel ends the request's stream (migratable).
+            return;
+        }
         let request_id = request.request_id.clone();
-        let mut sink = TokenSink::new(output, self.load.clone());
-        if let Some(progress) = self.progress.clone() {
+        let mut sink =
+            TokenSink::new(output, self.load.clone()).with_faults(self.faults.clone(), self.id);
+        if let Some(progress) = self.progress.get().cloned() {
             let first = RequestProgress {
                 engine_id: self.id,
                 request_id: request_id.clone(),
@@ -105,21 +217,34 @@ impl Handler<Generate> for EngineActor {
             };
             sink = sink.on_first_output(move || progress.do_send(first));
         }
-        // A panic inside an engine must not take the actor (and its mailbox) down with it: it ends this
-        // request's stream (the consumer sees the channel close early and reports an error).
-        let run = std::panic::AssertUnwindSafe(self.engine.generate(request, sink)).catch_unwind();
-        ctx.spawn(actix::fut::wrap_future::<_, Self>(run).map(move |result, act, _| {
-            drop(admission);
-            if result.is_err() {
-                tracing::error!(engine = act.engine.name(), %request_id, "engine panicked while generating");
+        // A panic inside an engine — building the request's future or running it — is a fault to
+        // supervise: the actor stops and restarts (see `fault`).
+        let engine = &mut self.engine;
+        let run = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            engine.generate(request, sink)
+        })) {
+            Ok(run) => run,
+            Err(payload) => {
+                drop(admission);
+                self.fault(panic_message(&*payload), ctx);
+                return;
             }
-            if let Some(progress) = &act.progress {
-                progress.do_send(RequestProgress {
-                    engine_id: act.id,
-                    request_id,
-                    stage: RequestStage::Finished,
-                });
-            }
-        }));
+        };
+        let run = std::panic::AssertUnwindSafe(run).catch_unwind();
+        ctx.spawn(
+            actix::fut::wrap_future::<_, Self>(run).map(move |result, act, ctx| {
+                drop(admission);
+                if let Some(progress) = act.progress.get() {
+                    progress.do_send(RequestProgress {
+                        engine_id: act.id,
+                        request_id,
+                        stage: RequestStage::Finished,
+                    });
+                }
+                if let Err(payload) = result {
+                    act.fault(panic_message(&*payload), ctx);
+                }
+            }),
+        );
     }
 }

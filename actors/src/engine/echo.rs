@@ -6,6 +6,9 @@
 //!   `max_tokens` (the backend stage enforces it) and relies on the backend's EOS handling, so with the chat
 //!   template it stops at the first `<|im_end|>` unless `ignore_eos` is set.
 //!
+//! A migrated request (`resumed_outputs` > 0) continues after the outputs already delivered, so a stream
+//! that moved engines reads exactly like one that did not.
+//!
 //! Each step waits the configured delay first (`DYN_TOKEN_ECHO_DELAY_MS`); a step is abandoned as soon as
 //! the consumer goes away.
 
@@ -39,7 +42,9 @@ impl Engine for EchoFull {
         let delay = self.delay;
         async move {
             let mut buf = [0u8; 4];
-            for ch in request.echo_text.chars() {
+            // After a migration, continue where the failed attempt stopped.
+            let skip = request.resumed_outputs as usize;
+            for ch in request.echo_text.chars().skip(skip) {
                 if sink.pause(delay).await.is_err() {
                     return;
                 }
@@ -82,7 +87,11 @@ impl Engine for EchoCore {
     fn generate(&mut self, request: EngineRequest, sink: TokenSink) -> LocalBoxFuture<'static, ()> {
         let delay = self.delay;
         async move {
-            for &token in &request.token_ids {
+            // After a migration the delivered tokens were appended to the prompt: echo the original
+            // prompt from where the failed attempt stopped.
+            let resumed = request.resumed_outputs as usize;
+            let original = request.token_ids.len().saturating_sub(resumed);
+            for &token in request.token_ids[..original].iter().skip(resumed) {
                 if sink.pause(delay).await.is_err() {
                     return;
                 }
@@ -124,6 +133,7 @@ mod tests {
             sampling: Default::default(),
             stop: Default::default(),
             pinned_engine: None,
+            resumed_outputs: 0,
         }
     }
 
@@ -149,6 +159,38 @@ mod tests {
                 .load(std::sync::atomic::Ordering::Relaxed),
             3
         );
+    }
+
+    async fn outputs(engine: &mut dyn Engine, request: EngineRequest) -> Vec<EngineOutput> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        engine
+            .generate(request, TokenSink::new(tx, Arc::new(EngineLoad::default())))
+            .await;
+        let mut all = Vec::new();
+        while let Some(Ok(out)) = rx.recv().await {
+            all.push(out);
+        }
+        all
+    }
+
+    #[actix_rt::test]
+    async fn a_resumed_request_continues_where_the_failed_attempt_stopped() {
+        // echo_full: two characters were delivered before the migration.
+        let mut full = EchoFull::new(Duration::ZERO);
+        let whole = outputs(&mut full, request(vec![], "abcd")).await;
+        let mut resumed = request(vec![], "abcd");
+        resumed.resumed_outputs = 2;
+        let rest = outputs(&mut full, resumed).await;
+        assert_eq!(rest, whole[2..].to_vec());
+
+        // echo_core: the delivered tokens 5, 6 were appended to the prompt by the migration.
+        let mut core = EchoCore::new(Duration::ZERO);
+        let whole = outputs(&mut core, request(vec![5, 6, 7, 8], "")).await;
+        let mut resumed = request(vec![5, 6, 7, 8, 5, 6], "");
+        resumed.resumed_outputs = 2;
+        let rest = outputs(&mut core, resumed).await;
+        assert_eq!(rest, whole[2..].to_vec());
+        assert_eq!(rest.len(), 3, "7, 8 and the stop");
     }
 
     #[actix_rt::test]

@@ -18,9 +18,10 @@ use futures_util::future::LocalBoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-pub use actor::{overloaded, EngineActor, Generate};
+pub use actor::{overloaded, EngineActor, Generate, ProgressSink};
 pub use mocker::{MockerConfig, MockerLoad};
 
+use crate::faults::{EngineFault, FaultInjector};
 use crate::protocol::engine::{EngineEvent, EngineOutput, EngineRequest};
 
 /// Which engine an [`EngineActor`] runs.
@@ -109,14 +110,31 @@ pub struct EngineLoad {
     pub generated_tokens: AtomicU64,
     /// Requests that stopped early because their consumer went away.
     pub cancelled: AtomicU64,
-    /// The engine was taken out of service; it no longer appears in `/health`.
+    /// The engine was taken out of service; it no longer appears in `/health` as an instance.
     pub retired: std::sync::atomic::AtomicBool,
+    /// Times its supervisor restarted it after a panic.
+    pub restarts: AtomicU64,
+    /// Why it was given up on (restart budget spent), for `/health`; `None` while it is serving.
+    pub failure: std::sync::Mutex<Option<String>>,
 }
 
 impl EngineLoad {
     /// Requests currently admitted.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// Why the engine was given up on, if it was.
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records that the engine was given up on.
+    pub fn set_failure(&self, reason: String) {
+        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
     }
 
     /// Reserves one of `capacity` admission slots, or `None` when all are taken. The router
@@ -176,6 +194,10 @@ pub struct TokenSink {
     load: Arc<EngineLoad>,
     /// Runs once, after the first output is delivered.
     on_first_output: std::cell::Cell<Option<Box<dyn FnOnce()>>>,
+    /// Fault injection: the injector and this engine's instance id.
+    faults: Option<(Arc<FaultInjector>, u64)>,
+    /// Outputs delivered so far.
+    delivered: std::cell::Cell<u32>,
 }
 
 impl TokenSink {
@@ -185,7 +207,17 @@ impl TokenSink {
             sender,
             load,
             on_first_output: std::cell::Cell::new(None),
+            faults: None,
+            delivered: std::cell::Cell::new(0),
         }
+    }
+
+    /// Consults `faults` (as engine `engine_id`) after every delivered output.
+    pub fn with_faults(mut self, faults: Arc<FaultInjector>, engine_id: u64) -> Self {
+        if faults.is_enabled() {
+            self.faults = Some((faults, engine_id));
+        }
+        self
     }
 
     /// Calls `hook` once, right after the first output has been delivered.
@@ -210,7 +242,32 @@ impl TokenSink {
         if let Some(hook) = self.on_first_output.take() {
             hook();
         }
+        self.delivered.set(self.delivered.get().saturating_add(1));
+        if let Some((faults, engine)) = &self.faults {
+            if let Some(fault) = faults.on_engine_output(*engine, self.delivered.get()) {
+                return self.inject(fault, *engine).await;
+            }
+        }
         Ok(())
+    }
+
+    /// Acts out an injected fault after a delivered output.
+    async fn inject(&self, fault: EngineFault, engine: u64) -> Result<(), Cancelled> {
+        match fault {
+            EngineFault::Panic => panic!(
+                "injected fault: engine {engine} panics after {} outputs",
+                self.delivered.get()
+            ),
+            EngineFault::Stall(delay) | EngineFault::Slow(delay) => self.pause(delay).await,
+            EngineFault::Error => {
+                let error = crate::error::ApiError::new(
+                    crate::error::ErrorClass::Unavailable,
+                    format!("Engine {engine} shut down (injected fault)"),
+                );
+                let _ = self.sender.send(Err(error)).await;
+                Err(Cancelled)
+            }
+        }
     }
 
     /// Send an error as the last event of the stream.

@@ -5,21 +5,26 @@
 //!
 //! One message per hop: `ValidateChat`/`ValidateCompletion` to the validator, one `Route` per choice to the
 //! router (which forwards one `Generate` to the engine). Tokens never travel through a mailbox.
+//!
+//! Faults: a validation whose validator panicked is retried on a fresh validator; each choice's stream
+//! migrates to another engine when its engine fails ([`migration`]).
+
+pub mod migration;
 
 use std::sync::Arc;
 
 use actix::Addr;
 use futures_util::stream::{SelectAll, StreamExt};
-use futures_util::Stream;
 use tokio::sync::mpsc;
 
 use crate::backend::{ChoiceDecoder, Delta};
 use crate::error::{ApiError, ErrorClass};
 use crate::protocol::engine::EngineEvent;
 use crate::protocol::Usage;
-use crate::router::{KvRouterActor, Route};
+use crate::router::KvRouterActor;
 use crate::tokenizer::ModelTokenizer;
 use crate::validator::{ValidateChat, ValidateCompletion, ValidatedRequest, ValidatorActor};
+use migration::{ChoiceStream, Migrator, Recoveries, Recovery};
 
 /// Handles to the actors of the serving path; cheap to clone into every HTTP worker.
 #[derive(Clone)]
@@ -32,6 +37,15 @@ pub struct Gateway {
     pub tokenizer: Arc<ModelTokenizer>,
     /// Capacity of each choice's token channel.
     pub stream_buffer: usize,
+    /// Request migration (router, limits, metrics, in-flight registry).
+    pub migrator: Arc<Migrator>,
+}
+
+/// Validations retried after their validator panicked (a fresh one takes over each time).
+const VALIDATOR_RESTART_RETRIES: usize = 3;
+
+fn validator_restarted(result: &Result<ValidatedRequest, ApiError>) -> bool {
+    matches!(result, Err(e) if e.details.as_ref().is_some_and(|d| d["actor"] == "validator" && d["restarted"] == true))
 }
 
 fn mailbox_error(what: &str, e: actix::MailboxError) -> ApiError {
@@ -42,10 +56,18 @@ fn mailbox_error(what: &str, e: actix::MailboxError) -> ApiError {
 impl Gateway {
     /// Validate a chat request.
     pub async fn validate_chat(&self, msg: ValidateChat) -> Result<ValidatedRequest, ApiError> {
-        self.validator
-            .send(msg)
-            .await
-            .map_err(|e| mailbox_error("validator", e))?
+        let mut tries = 0;
+        loop {
+            let result = self
+                .validator
+                .send(msg.clone())
+                .await
+                .map_err(|e| mailbox_error("validator", e))?;
+            tries += 1;
+            if !validator_restarted(&result) || tries > VALIDATOR_RESTART_RETRIES {
+                return result;
+            }
+        }
     }
 
     /// Validate a completions request.
@@ -53,10 +75,18 @@ impl Gateway {
         &self,
         msg: ValidateCompletion,
     ) -> Result<ValidatedRequest, ApiError> {
-        self.validator
-            .send(msg)
-            .await
-            .map_err(|e| mailbox_error("validator", e))?
+        let mut tries = 0;
+        loop {
+            let result = self
+                .validator
+                .send(msg.clone())
+                .await
+                .map_err(|e| mailbox_error("validator", e))?;
+            tries += 1;
+            if !validator_restarted(&result) || tries > VALIDATOR_RESTART_RETRIES {
+                return result;
+            }
+        }
     }
 
     /// Route every choice of `request` and return its generation. Fails (before any output) when an
@@ -65,19 +95,31 @@ impl Gateway {
         let mut streams = SelectAll::new();
         let mut decoders = Vec::with_capacity(request.choices.len());
         let mut cached_tokens = None;
+        let recoveries = Recoveries::default();
         for (index, choice) in request.choices.iter().enumerate() {
             let (tx, rx) = mpsc::channel::<EngineEvent>(self.stream_buffer.max(1));
-            let routed = self
-                .router
-                .send(Route {
-                    request: choice.clone(),
-                    output: tx,
-                })
-                .await
-                .map_err(|e| mailbox_error("router", e))??;
+            let mut migrations_left = self.migrator.config.limit;
+            let routed = migration::route(
+                &self.migrator,
+                choice,
+                &tx,
+                Vec::new(),
+                &mut migrations_left,
+            )
+            .await?;
+            drop(tx);
             // Choices of one prompt share it: the first choice's estimate stands for the request.
             cached_tokens = cached_tokens.or(routed.cached_tokens);
-            streams.push(receiver_stream(index, rx).boxed());
+            let stream = ChoiceStream::new(
+                index,
+                self.migrator.clone(),
+                choice.clone(),
+                rx,
+                routed,
+                migrations_left,
+                recoveries.clone(),
+            );
+            streams.push(stream.into_stream().boxed());
             decoders.push(ChoiceDecoder::new(
                 self.tokenizer.clone(),
                 choice.stop.clone(),
@@ -90,32 +132,12 @@ impl Gateway {
             prompt_tokens: request.prompt_tokens,
             cached_tokens,
             finished: 0,
+            recoveries,
         })
     }
 }
 
 type IndexedEvents = futures_util::stream::BoxStream<'static, (usize, Option<EngineEvent>)>;
-
-/// Yields `(index, Some(event))` for each event and a final `(index, None)` when the channel closes.
-fn receiver_stream(
-    index: usize,
-    mut rx: mpsc::Receiver<EngineEvent>,
-) -> impl Stream<Item = (usize, Option<EngineEvent>)> + Send {
-    let mut closed = false;
-    futures_util::stream::poll_fn(move |cx| {
-        if closed {
-            return std::task::Poll::Ready(None);
-        }
-        match rx.poll_recv(cx) {
-            std::task::Poll::Ready(Some(ev)) => std::task::Poll::Ready(Some((index, Some(ev)))),
-            std::task::Poll::Ready(None) => {
-                closed = true;
-                std::task::Poll::Ready(Some((index, None)))
-            }
-            std::task::Poll::Pending => std::task::Poll::Pending,
-        }
-    })
-}
 
 /// One decoded delta of one choice.
 #[derive(Clone, Debug, PartialEq)]
@@ -134,6 +156,7 @@ pub struct Generation {
     prompt_tokens: u32,
     cached_tokens: Option<u32>,
     finished: usize,
+    recoveries: Recoveries,
 }
 
 impl Generation {
@@ -194,6 +217,14 @@ impl Generation {
     /// Prompt tokens the router expects the engine to find cached (`kv` routing only).
     pub fn cached_tokens(&self) -> Option<u32> {
         self.cached_tokens
+    }
+
+    /// Migrations that recovered this request's streams so far, with their recovery gaps.
+    pub fn recoveries(&self) -> Vec<Recovery> {
+        self.recoveries
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
     }
 
     /// Number of choices.

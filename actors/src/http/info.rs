@@ -75,6 +75,8 @@ fn endpoints_and_instances(state: &AppState) -> (Vec<String>, Vec<Value>) {
                 "active_requests": e.load.active(),
                 "generated_tokens": e.load.generated_tokens.load(std::sync::atomic::Ordering::Relaxed),
                 "cancelled_requests": e.load.cancelled.load(std::sync::atomic::Ordering::Relaxed),
+                "inflight_requests": state.inflight.on_engine(e.instance_id).len(),
+                "restarts": e.load.restarts.load(std::sync::atomic::Ordering::Relaxed),
             });
             if let Some(mocker) = &e.mocker {
                 // The simulated engine's own view of its cache and queues (read-only snapshot).
@@ -94,17 +96,48 @@ fn endpoints_and_instances(state: &AppState) -> (Vec<String>, Vec<Value>) {
     (endpoints, instances)
 }
 
-/// `GET /health`: readiness.
+/// `GET /health`: readiness. Engines given up on by their supervisor are listed under
+/// `failed_instances` with the reason; with none left to serve, the service is unhealthy (503).
 pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     let (endpoints, instances) = endpoints_and_instances(&state);
+    let failed: Vec<_> = state
+        .engines
+        .iter()
+        .filter_map(|e| {
+            e.load.failure().map(|reason| {
+                json!({
+                    "instance_id": e.instance_id,
+                    "device": e.device,
+                    "reason": reason,
+                    "restarts": e.load.restarts.load(std::sync::atomic::Ordering::Relaxed),
+                })
+            })
+        })
+        .collect();
+    let serving = instances.len();
     let (mut response, status, message) = if state.lifecycle.is_draining() {
         (
             HttpResponse::ServiceUnavailable(),
             "shutting_down",
-            "Service is shutting down",
+            "Service is shutting down".to_string(),
         )
+    } else if serving == 0 {
+        let why = failed
+            .iter()
+            .map(|f| f["reason"].as_str().unwrap_or_default().to_string())
+            .collect::<Vec<_>>();
+        let message = if why.is_empty() {
+            "No engine is serving: every engine has been removed".to_string()
+        } else {
+            format!("No engine is serving: {}", why.join("; "))
+        };
+        (HttpResponse::ServiceUnavailable(), "unhealthy", message)
     } else {
-        (HttpResponse::Ok(), "healthy", "Service is healthy")
+        (
+            HttpResponse::Ok(),
+            "healthy",
+            "Service is healthy".to_string(),
+        )
     };
     response.json(json!({
         "status": status,
@@ -113,6 +146,8 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         "initial_discovery_error": null,
         "endpoints": endpoints,
         "instances": instances,
+        "failed_instances": failed,
+        "inflight_requests": state.inflight.len(),
     }))
 }
 

@@ -10,6 +10,7 @@
 //! - [`stream`]: SSE framing of a generation, and folding it into one response.
 //! - [`info`]: `/v1/models`, `/health`, `/live`, `/metrics`, `/openapi.json`, `/docs`, unmatched routes.
 
+pub mod admin;
 pub mod info;
 pub mod openai;
 pub mod request;
@@ -214,6 +215,10 @@ pub struct AppState {
     pub lifecycle: Arc<Lifecycle>,
     /// Engines, for `/health`.
     pub engines: Arc<Vec<EngineInfo>>,
+    /// Fault injection (`/admin/faults` when `faults.admin_endpoint`).
+    pub faults: Arc<crate::faults::FaultInjector>,
+    /// Requests in flight, for `/health`.
+    pub inflight: Arc<crate::supervisor::inflight::InflightRegistry>,
 }
 
 /// Build and bind the server. Fails with Dynamo's message when the port is taken.
@@ -237,7 +242,7 @@ pub fn bind(state: Arc<AppState>) -> Result<(Server, Vec<SocketAddr>), std::io::
                     Ok(res)
                 }
             })
-            .configure(|cfg| routes(cfg, &data.config))
+            .configure(|cfg| routes(cfg, &data.config, data.faults.config().admin_endpoint))
             .default_service(web::to(info::route_not_found))
     })
     .disable_signals()
@@ -271,7 +276,7 @@ pub fn bind(state: Arc<AppState>) -> Result<(Server, Vec<SocketAddr>), std::io::
     Ok((server.run(), addrs))
 }
 
-fn routes(cfg: &mut web::ServiceConfig, config: &HttpConfig) {
+fn routes(cfg: &mut web::ServiceConfig, config: &HttpConfig, faults_admin: bool) {
     let p = &config.paths;
     let post = |path: &str, handler| {
         web::resource(path.to_string())
@@ -300,6 +305,14 @@ fn routes(cfg: &mut web::ServiceConfig, config: &HttpConfig) {
         .service(get(&p.metrics, web::get().to(info::metrics)))
         .service(get("/openapi.json", web::get().to(info::openapi)))
         .service(get("/docs", web::get().to(info::docs)));
+    if faults_admin {
+        cfg.service(
+            web::resource("/admin/faults")
+                .route(web::get().to(admin::faults_status))
+                .route(web::post().to(admin::arm_fault))
+                .default_service(web::to(info::method_not_allowed)),
+        );
+    }
 }
 
 /// Begin draining: readiness fails, new inference requests get 503, admitted ones finish (up to the

@@ -253,6 +253,7 @@ pub struct FrontendMetrics {
     videos_per_request: HistogramVec,
     audio_per_request: HistogramVec,
     model_migration_total: IntCounterVec,
+    actor_restarts_total: IntCounterVec,
     model_migration_duration: HistogramVec,
     model_migration_max_seq_len_exceeded_total: IntCounterVec,
     pub(super) model_cancellation_total: IntCounterVec,
@@ -465,6 +466,11 @@ impl FrontendMetrics {
                 model,
                 MEDIA_PER_REQUEST_BUCKETS.to_vec(),
             )?,
+            actor_restarts_total: r.counter_vec(
+                "actor_restarts_total",
+                "Actors restarted by their supervisor after a panic, per actor and instance",
+                &["actor", "instance"],
+            )?,
             model_migration_total: r.counter_vec(
                 "model_migration_total",
                 "Total number of request migrations",
@@ -638,6 +644,29 @@ impl FrontendMetrics {
         self.model_rejection_total
             .with_label_values(&[model, endpoint.as_str()])
             .inc();
+    }
+
+    /// Counts one supervised restart of `actor` (`engine`, `router`, `validator`) `instance`.
+    pub fn actor_restarted(&self, actor: &str, instance: &str) {
+        self.actor_restarts_total
+            .with_label_values(&[actor, instance])
+            .inc();
+    }
+
+    /// Restarts counted so far for `actor` (all instances).
+    pub fn actor_restarts(&self, actor: &str) -> u64 {
+        use prometheus::core::Collector;
+        self.actor_restarts_total
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .filter(|m| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == "actor" && l.value() == actor)
+            })
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
     }
 
     /// Counts one migration (`model_migration_total`).

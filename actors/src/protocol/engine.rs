@@ -63,6 +63,11 @@ pub struct EngineRequest {
     pub stop: StopConditions,
     /// Pin to this engine instance id (nvext `backend_instance_id` or header).
     pub pinned_engine: Option<u64>,
+    /// Outputs of this request an earlier attempt already delivered (request migration); their token
+    /// ids were appended to `token_ids`. Deterministic engines (echo) continue after them; model
+    /// engines need nothing more than the extended prompt.
+    #[serde(default)]
+    pub resumed_outputs: u32,
 }
 
 /// One step of an engine's output stream.

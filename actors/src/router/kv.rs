@@ -281,6 +281,7 @@ mod tests {
             sampling: Default::default(),
             stop: Default::default(),
             pinned_engine: None,
+            resumed_outputs: 0,
         }
     }
 

@@ -18,7 +18,9 @@ use tokio::sync::mpsc;
 
 use crate::engine::{overloaded, EngineLoad, Generate, RequestProgress};
 use crate::error::{ApiError, ErrorClass};
+use crate::faults::FaultInjector;
 use crate::protocol::engine::{EngineEvent, EngineRequest};
+use crate::supervisor::restart::{panic_message, SupervisorEvent, SupervisorEvents};
 use policy::SelectionPolicy;
 
 /// How the router picks an engine.
@@ -128,12 +130,21 @@ pub struct Route {
     pub request: EngineRequest,
     /// The bounded channel to the consumer.
     pub output: mpsc::Sender<EngineEvent>,
+    /// Engines that just failed this request (migration): tried only when no other engine admits it.
+    pub exclude: Vec<u64>,
 }
 
-/// Picks engines. One per process; its selection state is the only mutable state.
+/// Picks engines. One per process; its selection state is the only mutable state. Supervised: a panic
+/// while routing fails that one routing attempt with a retryable error, stops the actor, and the restart
+/// rebuilds the selection state (load tracking starts over; the KV index, shared, is kept).
 pub struct KvRouterActor {
     engines: Vec<EngineSlot>,
     policy: Box<dyn SelectionPolicy>,
+    config: RouterConfig,
+    kv: Option<policy::KvContext>,
+    faults: Arc<FaultInjector>,
+    events: Option<SupervisorEvents>,
+    stopping_because: Option<String>,
 }
 
 impl KvRouterActor {
@@ -144,9 +155,52 @@ impl KvRouterActor {
         kv: Option<policy::KvContext>,
     ) -> Result<Self, ApiError> {
         Ok(KvRouterActor {
-            policy: policy::for_mode(config, &engines, kv)?,
+            policy: policy::for_mode(config, &engines, kv.clone())?,
             engines,
+            config: config.clone(),
+            kv,
+            faults: FaultInjector::disabled(),
+            events: None,
+            stopping_because: None,
         })
+    }
+
+    /// Supervision: where to report restarts, and the fault injector.
+    pub fn supervised(mut self, events: SupervisorEvents, faults: Arc<FaultInjector>) -> Self {
+        self.events = Some(events);
+        self.faults = faults;
+        self
+    }
+
+    /// The error a routing attempt gets when the router panicked during it.
+    pub fn restarted_error() -> ApiError {
+        ApiError::new(
+            ErrorClass::Unavailable,
+            "Router restarted after a fault while routing this request",
+        )
+        .with_details(serde_json::json!({"actor": "router", "restarted": true}))
+    }
+}
+
+impl Supervised for KvRouterActor {
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        let Some(reason) = self.stopping_because.take() else {
+            return;
+        };
+        match policy::for_mode(&self.config, &self.engines, self.kv.clone()) {
+            Ok(policy) => self.policy = policy,
+            Err(e) => {
+                tracing::error!(error = %e.message, "router restart kept its old selection state")
+            }
+        }
+        tracing::warn!(%reason, "router restarted");
+        if let Some(events) = &self.events {
+            let _ = events.send(SupervisorEvent::Restarted {
+                actor: "router",
+                instance: "0".into(),
+                reason,
+            });
+        }
     }
 }
 
@@ -187,8 +241,31 @@ impl Actor for KvRouterActor {
 impl Handler<Route> for KvRouterActor {
     type Result = Result<Routed, ApiError>;
 
-    fn handle(&mut self, msg: Route, _ctx: &mut Self::Context) -> Self::Result {
-        let order: Vec<usize> = match msg.request.pinned_engine {
+    fn handle(&mut self, msg: Route, ctx: &mut Self::Context) -> Self::Result {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.route(msg))) {
+            Ok(result) => result,
+            Err(payload) => {
+                let reason = panic_message(&*payload);
+                tracing::error!(%reason, "router panicked while routing");
+                if self.stopping_because.is_none() {
+                    self.stopping_because = Some(reason);
+                    ctx.stop();
+                }
+                Err(Self::restarted_error())
+            }
+        }
+    }
+}
+
+impl KvRouterActor {
+    fn route(&mut self, msg: Route) -> Result<Routed, ApiError> {
+        if self.faults.on_route() {
+            panic!(
+                "injected fault: router panics while routing {}",
+                msg.request.request_id
+            );
+        }
+        let mut order: Vec<usize> = match msg.request.pinned_engine {
             Some(id) => match self.engines.iter().position(|e| e.id == id) {
                 Some(index) => vec![index],
                 None => {
@@ -200,8 +277,14 @@ impl Handler<Route> for KvRouterActor {
             },
             None => self.policy.order(&self.engines, &msg.request),
         };
+        if !msg.exclude.is_empty() {
+            // Engines that just failed this request go last (stable: the policy's order otherwise).
+            order.sort_by_key(|&i| msg.exclude.contains(&self.engines[i].id));
+        }
         // The preferred engine first; one whose admission slots are all taken passes the request on.
-        let Route { request, output } = msg;
+        let Route {
+            request, output, ..
+        } = msg;
         let mut message = None;
         let mut last_error = None;
         for index in order {
@@ -245,7 +328,10 @@ impl Handler<Route> for KvRouterActor {
             }
         }
         Err(last_error.unwrap_or_else(|| {
-            ApiError::new(ErrorClass::Unavailable, "Service temporarily unavailable")
+            ApiError::new(
+                ErrorClass::Unavailable,
+                "No engine is available to serve the request (every engine has failed or been removed)",
+            )
         }))
     }
 }

@@ -33,6 +33,7 @@ pub trait SelectionPolicy: Send {
 }
 
 /// What the `kv` policy needs beyond the config.
+#[derive(Clone)]
 pub struct KvContext {
     /// The engines' KV block size in tokens.
     pub block_size: usize,

@@ -2,7 +2,15 @@
 //! threads → router → validator threads → HTTP server) and owns it; on [`Shutdown`] it drains the HTTP
 //! side, then stops the engines' threads.
 //!
-//! Restart policies, the in-flight registry and request migration build on this actor.
+//! Supervision (one-for-one): each engine and the router run under an actix `Supervisor` and restart
+//! after a caught panic, rebuilding their state; validators are re-created by their SyncArbiter. Each
+//! reports restarts here ([`restart::SupervisorEvent`]), where they are counted; an engine past its
+//! restart budget is taken out of routing and reported unhealthy. The [`inflight`] registry says which
+//! engine serves each request; request migration itself happens in the serving path
+//! ([`crate::gateway::migration`]).
+
+pub mod inflight;
+pub mod restart;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,9 +20,11 @@ use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{
-    build_engine, EchoConfig, EngineActor, EngineConfig, EngineKind, EngineLoad, EngineSpec,
-    MockerConfig, MockerLoad,
+    EchoConfig, EngineActor, EngineConfig, EngineKind, EngineLoad, EngineSpec, MockerConfig,
+    MockerLoad, ProgressSink,
 };
+use crate::faults::{FaultInjector, FaultsConfig};
+use crate::gateway::migration::{MigrationConfig, Migrator};
 use crate::gateway::Gateway;
 use crate::http::{self, AppState, EngineInfo, HttpActor, HttpConfig, Lifecycle, ModelCard};
 use crate::kv::indexer::SharedKvIndex;
@@ -24,6 +34,8 @@ use crate::router::policy::KvContext;
 use crate::router::{EngineRemoved, EngineSlot, KvRouterActor, RouterConfig, RouterMode};
 use crate::tokenizer::ModelTokenizer;
 use crate::validator::{ValidatorActor, ValidatorConfig};
+use inflight::InflightRegistry;
+use restart::{SupervisionConfig, SupervisorEvent};
 
 /// `[metrics]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -60,6 +72,12 @@ pub struct ServiceConfig {
     pub validator: ValidatorConfig,
     /// Metrics.
     pub metrics: MetricsConfig,
+    /// Request migration.
+    pub migration: MigrationConfig,
+    /// Restart budgets.
+    pub supervision: SupervisionConfig,
+    /// Fault injection.
+    pub faults: FaultsConfig,
     /// Whether to start the HTTP server (false for terminal chat and batch runs).
     pub serve_http: bool,
 }
@@ -106,13 +124,16 @@ pub struct Supervisor {
     validator: Addr<ValidatorActor>,
     router: Addr<KvRouterActor>,
     indexer: Option<(Addr<KvIndexerActor>, Arbiter)>,
+    metrics: Arc<FrontendMetrics>,
+    inflight: Arc<InflightRegistry>,
+    faults: Arc<FaultInjector>,
+    events: Option<tokio::sync::mpsc::UnboundedReceiver<SupervisorEvent>>,
 }
 
-impl Handler<RemoveEngine> for Supervisor {
-    type Result = ResponseActFuture<Self, bool>;
-
-    fn handle(&mut self, msg: RemoveEngine, _ctx: &mut Self::Context) -> Self::Result {
-        let Some(position) = self.engines.iter().position(|e| e.id == msg.engine_id) else {
+impl Supervisor {
+    /// Stops routing to engine `engine_id` and stops its thread; false if it is not running.
+    fn remove_engine(&mut self, engine_id: u64) -> ResponseActFuture<Self, bool> {
+        let Some(position) = self.engines.iter().position(|e| e.id == engine_id) else {
             return Box::pin(actix::fut::ready(false));
         };
         let child = self.engines.remove(position);
@@ -141,8 +162,63 @@ impl Handler<RemoveEngine> for Supervisor {
     }
 }
 
+impl Handler<RemoveEngine> for Supervisor {
+    type Result = ResponseActFuture<Self, bool>;
+
+    fn handle(&mut self, msg: RemoveEngine, _ctx: &mut Self::Context) -> Self::Result {
+        self.remove_engine(msg.engine_id)
+    }
+}
+
+impl StreamHandler<SupervisorEvent> for Supervisor {
+    fn handle(&mut self, event: SupervisorEvent, ctx: &mut Self::Context) {
+        match event {
+            SupervisorEvent::Restarted {
+                actor,
+                instance,
+                reason,
+            } => {
+                self.metrics.actor_restarted(actor, &instance);
+                if actor == "engine" {
+                    let migrating = instance
+                        .parse()
+                        .map(|id| self.inflight.on_engine(id).len())
+                        .unwrap_or(0);
+                    tracing::warn!(engine = %instance, %reason, migrating, "engine restarted; its in-flight requests migrate");
+                } else {
+                    tracing::warn!(actor, %instance, %reason, "actor restarted");
+                }
+            }
+            SupervisorEvent::EngineFailed { engine_id, reason } => {
+                tracing::error!(engine = engine_id, %reason, "engine given up on; removing it from routing");
+                self.metrics
+                    .actor_restarted("engine", &engine_id.to_string());
+                ctx.spawn(self.remove_engine(engine_id).map(|_, _, _| ()));
+            }
+        }
+    }
+
+    fn finished(&mut self, _ctx: &mut Self::Context) {
+        // Every sender is gone (shutdown): nothing more to supervise, but keep running until Shutdown.
+    }
+}
+
 impl Actor for Supervisor {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if let Some(mut events) = self.events.take() {
+            ctx.add_stream(futures_util::stream::poll_fn(move |cx| {
+                events.poll_recv(cx)
+            }));
+        }
+        let every = self.faults.config().every_ms;
+        if self.faults.is_enabled() && every > 0 {
+            ctx.run_interval(Duration::from_millis(every), |act, _| {
+                act.faults.arm_random()
+            });
+        }
+    }
 }
 
 impl Handler<Shutdown> for Supervisor {
@@ -187,6 +263,10 @@ pub struct RunningService {
     pub metrics: Arc<FrontendMetrics>,
     /// Engines and their live load.
     pub engines: Arc<Vec<EngineInfo>>,
+    /// Requests in flight, per engine.
+    pub inflight: Arc<InflightRegistry>,
+    /// The fault injector (inert unless `faults.enabled`).
+    pub faults: Arc<FaultInjector>,
 }
 
 impl RunningService {
@@ -293,9 +373,10 @@ pub async fn start(
         }
         _ => (None, None),
     };
-    // The router's address exists before the router does, so engines can report progress to it.
-    let router_context = Context::<KvRouterActor>::new();
-    let router_addr = router_context.address();
+    // Engines report request progress to the router, which starts after them.
+    let progress = ProgressSink::default();
+    let (events, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let faults = FaultInjector::new(config.faults.clone());
     let output_tokens = mocker_vocabulary(&tokenizer);
 
     let mut slots = Vec::new();
@@ -320,13 +401,16 @@ pub async fn start(
             device.clone(),
             load.clone(),
         );
-        let progress = kv_mode.then(|| router_addr.clone().recipient());
-        let addr = EngineActor::start_in_arbiter(&arbiter.handle(), move |_| {
-            let actor = EngineActor::new(id, device_name, build_engine(spec), capacity, actor_load);
-            match progress {
-                Some(progress) => actor.with_progress(progress),
-                None => actor,
-            }
+        let (progress, supervision, events, faults) = (
+            progress.clone(),
+            config.supervision.clone(),
+            events.clone(),
+            faults.clone(),
+        );
+        let addr = actix::Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
+            EngineActor::new(id, device_name, spec, capacity, actor_load)
+                .with_progress(progress)
+                .supervised(&supervision, events, faults)
         });
         slots.push(EngineSlot {
             id,
@@ -368,23 +452,40 @@ pub async fn start(
             return Err(StartError::Config(e.message));
         }
     };
-    let router = router_context.run(router_actor);
+    let router_actor = router_actor.supervised(events.clone(), faults.clone());
+    let router = actix::Supervisor::start(move |_| router_actor);
+    if kv_mode {
+        let _ = progress.set(router.clone().recipient());
+    }
     let validator = {
-        let (cfg, model, tok, m) = (
+        let (cfg, model, tok, m, ev, f) = (
             config.validator.clone(),
             config.model_name.clone(),
             tokenizer.clone(),
             metrics.clone(),
+            events.clone(),
+            faults.clone(),
         );
         SyncArbiter::start(config.validator.threads.max(1), move || {
             ValidatorActor::new(cfg.clone(), model.clone(), tok.clone(), m.clone())
+                .supervised(ev.clone(), f.clone())
         })
     };
+    drop(events);
+    let inflight = Arc::new(InflightRegistry::default());
     let gateway = Gateway {
         validator: validator.clone(),
         router: router.clone(),
         tokenizer: tokenizer.clone(),
         stream_buffer: config.engine.stream_buffer,
+        migrator: Arc::new(Migrator {
+            config: config.migration.clone(),
+            router: router.clone(),
+            metrics: Some(metrics.clone()),
+            model: config.model_name.clone(),
+            inflight: inflight.clone(),
+            stream_buffer: config.engine.stream_buffer,
+        }),
     };
 
     let (http, http_addrs) = if config.serve_http {
@@ -399,6 +500,8 @@ pub async fn start(
             },
             lifecycle: lifecycle.clone(),
             engines: engines.clone(),
+            faults: faults.clone(),
+            inflight: inflight.clone(),
         });
         let (server, addrs) = match http::bind(state) {
             Ok(bound) => bound,
@@ -433,6 +536,10 @@ pub async fn start(
         validator,
         router,
         indexer,
+        metrics: metrics.clone(),
+        inflight: inflight.clone(),
+        faults: faults.clone(),
+        events: Some(events_rx),
     }
     .start();
     Ok(RunningService {
@@ -441,5 +548,7 @@ pub async fn start(
         gateway,
         metrics,
         engines,
+        inflight,
+        faults,
     })
 }

@@ -17,11 +17,13 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ApiError, ErrorClass};
+use crate::faults::FaultInjector;
 use crate::metrics::FrontendMetrics;
 use crate::protocol::chat::{ChatCompletionRequest, MessageContent, Role};
 use crate::protocol::completions::{CompletionRequest, Prompt};
 use crate::protocol::engine::{EngineRequest, SamplingOptions, StopConditions};
 use crate::protocol::{CommonExt, StopSpec};
+use crate::supervisor::restart::{panic_message, SupervisorEvent, SupervisorEvents};
 use crate::tokenizer::{self, ModelTokenizer};
 
 /// `[validator]`.
@@ -76,7 +78,7 @@ pub struct ValidatedRequest {
 }
 
 /// Validate and tokenize a chat request.
-#[derive(Message)]
+#[derive(Clone, Message)]
 #[rtype(result = "Result<ValidatedRequest, ApiError>")]
 pub struct ValidateChat {
     /// Raw body or an already-built request (Responses API, terminal chat).
@@ -86,6 +88,7 @@ pub struct ValidateChat {
 }
 
 /// What [`ValidateChat`] validates.
+#[derive(Clone)]
 pub enum ChatInput {
     /// A raw JSON body.
     Body(Bytes),
@@ -94,7 +97,7 @@ pub enum ChatInput {
 }
 
 /// Validate and tokenize a completions request.
-#[derive(Message)]
+#[derive(Clone, Message)]
 #[rtype(result = "Result<ValidatedRequest, ApiError>")]
 pub struct ValidateCompletion {
     /// Raw JSON body.
@@ -109,9 +112,55 @@ pub struct ValidatorActor {
     model: String,
     tokenizer: Arc<ModelTokenizer>,
     metrics: Arc<FrontendMetrics>,
+    faults: Arc<FaultInjector>,
+    events: Option<SupervisorEvents>,
 }
 
 impl ValidatorActor {
+    /// Supervision: where to report restarts, and the fault injector.
+    pub fn supervised(mut self, events: SupervisorEvents, faults: Arc<FaultInjector>) -> Self {
+        self.events = Some(events);
+        self.faults = faults;
+        self
+    }
+
+    /// The error a validation gets when its validator panicked during it (the caller retries).
+    pub fn restarted_error() -> ApiError {
+        ApiError::new(
+            ErrorClass::Unavailable,
+            "Validator restarted after a fault while validating this request",
+        )
+        .with_details(serde_json::json!({"actor": "validator", "restarted": true}))
+    }
+
+    /// Runs `validate` as a supervised unit: a panic (a bug, or an injected fault) fails this request
+    /// with a retryable error and stops the actor; its SyncArbiter thread builds a fresh one.
+    fn guarded(
+        &mut self,
+        ctx: &mut SyncContext<Self>,
+        validate: impl FnOnce(&mut Self) -> Result<ValidatedRequest, ApiError>,
+    ) -> Result<ValidatedRequest, ApiError> {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if self.faults.on_validate() {
+                panic!("injected fault: validator panics while validating");
+            }
+            validate(self)
+        }));
+        result.unwrap_or_else(|payload| {
+            let reason = panic_message(&*payload);
+            tracing::error!(%reason, "validator panicked; restarting it");
+            if let Some(events) = &self.events {
+                let _ = events.send(SupervisorEvent::Restarted {
+                    actor: "validator",
+                    instance: format!("{:?}", std::thread::current().id()),
+                    reason,
+                });
+            }
+            ctx.stop();
+            Err(Self::restarted_error())
+        })
+    }
+
     /// A validator serving `model` with `tokenizer`.
     pub fn new(
         config: ValidatorConfig,
@@ -124,6 +173,8 @@ impl ValidatorActor {
             model,
             tokenizer,
             metrics,
+            faults: FaultInjector::disabled(),
+            events: None,
         }
     }
 
@@ -400,6 +451,7 @@ impl ValidatorActor {
                 include_stop_str_in_output: ext.include_stop_str_in_output.unwrap_or(false),
             },
             pinned_engine: context.pinned_engine.or(nvext.backend_instance_id),
+            resumed_outputs: 0,
         }
     }
 }
@@ -497,16 +549,16 @@ impl Actor for ValidatorActor {
 impl Handler<ValidateChat> for ValidatorActor {
     type Result = Result<ValidatedRequest, ApiError>;
 
-    fn handle(&mut self, msg: ValidateChat, _ctx: &mut Self::Context) -> Self::Result {
-        self.chat(msg.input, msg.context)
+    fn handle(&mut self, msg: ValidateChat, ctx: &mut Self::Context) -> Self::Result {
+        self.guarded(ctx, |this| this.chat(msg.input, msg.context))
     }
 }
 
 impl Handler<ValidateCompletion> for ValidatorActor {
     type Result = Result<ValidatedRequest, ApiError>;
 
-    fn handle(&mut self, msg: ValidateCompletion, _ctx: &mut Self::Context) -> Self::Result {
-        self.completion(&msg.body, msg.context)
+    fn handle(&mut self, msg: ValidateCompletion, ctx: &mut Self::Context) -> Self::Result {
+        self.guarded(ctx, |this| this.completion(&msg.body, msg.context))
     }
 }
 

@@ -47,6 +47,7 @@ fn request(id: &str, tokens: Vec<u32>, max_tokens: Option<u32>) -> EngineRequest
             ..Default::default()
         },
         pinned_engine: None,
+        resumed_outputs: 0,
     }
 }
 

@@ -1,0 +1,365 @@
+//! Supervision, fault injection and request migration, through the real HTTP server: faults are armed
+//! with `POST /admin/faults` (or by a seeded random injector) and the client must see one uninterrupted
+//! stream — no token lost, none duplicated — whenever the migration limit allows it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+/// Two echo engines (deterministic: the answer is the user's message, one character per token).
+fn config(migration_limit: u32, extra: &str) -> String {
+    format!(
+        "echo.token_delay_ms = 2\n\
+         [engine]\ndevices = [\"cpu:0\", \"cpu:1\"]\n\
+         [migration]\nlimit = {migration_limit}\n\
+         [faults]\nenabled = true\nadmin_endpoint = true\n{extra}"
+    )
+}
+
+const TEXT: &str =
+    "The quick brown fox jumps over the lazy dog, twice: the quick brown fox jumps again.";
+
+fn stream_body(content: &str) -> Value {
+    json!({"model": MODEL, "messages": [{"role": "user", "content": content}], "stream": true})
+}
+
+/// Streams a chat; returns the concatenated content and the raw SSE text.
+async fn stream_chat(server: &TestServer, content: &str) -> (String, String) {
+    let (status, sse, _) =
+        post_sse(&server.url("/v1/chat/completions"), &stream_body(content)).await;
+    assert_eq!(status, 200, "{sse}");
+    let text = sse_json(&sse)
+        .iter()
+        .filter_map(|frame| {
+            frame["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    (text, sse)
+}
+
+async fn arm(server: &TestServer, fault: Value) {
+    let (status, body) = post_json(&server.url("/admin/faults"), &fault).await;
+    assert_eq!(status, 200, "arming {fault}: {body}");
+}
+
+/// The sum of every series of `name` that carries `labels` (e.g. restarts over all engine instances).
+async fn metric(server: &TestServer, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = get_text(&server.url("/metrics")).await;
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn get_health(server: &TestServer) -> (u16, Value) {
+    get(&server.url("/health")).await
+}
+
+#[actix_rt::test]
+async fn an_engine_panicking_mid_stream_migrates_and_the_stream_is_unchanged() {
+    let server = start(&config(2, "")).await;
+    let (clean, _) = stream_chat(&server, TEXT).await;
+    assert_eq!(clean, TEXT, "fault-free run");
+
+    arm(&server, json!({"kind": "engine_panic", "after_tokens": 10})).await;
+    let (faulted, sse) = stream_chat(&server, TEXT).await;
+    assert_eq!(faulted, clean, "no token lost or duplicated");
+    assert!(sse.ends_with("data: [DONE]\n\n"), "{sse}");
+
+    assert_eq!(
+        metric(
+            &server,
+            "dynamo_frontend_model_migration_total",
+            &[("migration_type", "ongoing_request")]
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "dynamo_frontend_actor_restarts_total",
+            &[("actor", "engine")]
+        )
+        .await,
+        1.0
+    );
+    let (status, health) = get_health(&server).await;
+    assert_eq!(status, 200, "{health}");
+    let instances = health["instances"].as_array().expect("instances");
+    assert_eq!(instances.len(), 2, "the restarted engine is back: {health}");
+    let restarts: u64 = instances
+        .iter()
+        .map(|i| i["restarts"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(restarts, 1, "{health}");
+    assert_eq!(health["inflight_requests"], 0, "{health}");
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn without_migration_the_client_gets_the_error() {
+    let server = start(&config(0, "")).await;
+    // Streaming: the failure comes after the first bytes, as an in-stream error frame.
+    arm(&server, json!({"kind": "engine_panic", "after_tokens": 5})).await;
+    let (text, sse) = stream_chat(&server, TEXT).await;
+    assert_eq!(text, TEXT[..5], "the tokens before the fault arrived");
+    let frames = sse_json(&sse);
+    let last = frames.last().expect("frames");
+    assert_eq!(last["error"]["code"], 500, "in-stream error frame: {sse}");
+    assert!(
+        !frames
+            .iter()
+            .any(|f| f["choices"][0]["finish_reason"] == "stop"),
+        "never reported as complete: {sse}"
+    );
+    // Unary: the error arrives before any byte, as the HTTP status.
+    arm(&server, json!({"kind": "engine_error", "after_tokens": 3})).await;
+    let (status, body) = post_json(&server.url("/v1/chat/completions"), &chat_body(TEXT)).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        metric(
+            &server,
+            "dynamo_frontend_model_migration_total",
+            &[("migration_type", "ongoing_request")]
+        )
+        .await,
+        0.0
+    );
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_stalled_engine_is_abandoned_after_the_stall_timeout() {
+    let server = start(
+        "echo.token_delay_ms = 2\n[engine]\ndevices = [\"cpu:0\", \"cpu:1\"]\n\
+         [migration]\nlimit = 1\nstall_timeout_secs = 0.3\n\
+         [faults]\nenabled = true\nadmin_endpoint = true\nstall_ms = 10000\n",
+    )
+    .await;
+    arm(&server, json!({"kind": "engine_stall", "after_tokens": 7})).await;
+    let started = std::time::Instant::now();
+    let (text, _) = stream_chat(&server, TEXT).await;
+    assert_eq!(text, TEXT);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "did not wait out the 10 s stall"
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "dynamo_frontend_model_migration_total",
+            &[("migration_type", "ongoing_request")]
+        )
+        .await,
+        1.0
+    );
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn random_faults_under_concurrent_load_lose_nothing() {
+    let server = start(
+        "echo.token_delay_ms = 1\n[engine]\ndevices = [\"cpu:0\", \"cpu:1\", \"cpu:2\"]\n\
+         [migration]\nlimit = 20\n\
+         [supervisor]\nmax_restarts = 1000\n\
+         [faults]\nenabled = true\nadmin_endpoint = true\nseed = 42\nprobability = 0.01\n\
+         kinds = [\"engine_panic\", \"engine_error\"]\n",
+    )
+    .await;
+    let texts: Vec<String> = (0..24)
+        .map(|i| format!("request {i}: {TEXT} {}", "abcdefghij".repeat(i % 4)))
+        .collect();
+    let results =
+        futures_util::future::join_all(texts.iter().map(|t| stream_chat(&server, t))).await;
+    for ((got, sse), want) in results.iter().zip(&texts) {
+        assert_eq!(got, want, "lost or duplicated tokens: {sse}");
+    }
+    let (_, faults) = get(&server.url("/admin/faults")).await;
+    let panics = faults["injected"]["engine_panic"].as_f64().unwrap_or(0.0);
+    let errors = faults["injected"]["engine_error"].as_f64().unwrap_or(0.0);
+    assert!(panics + errors > 0.0, "some faults fired: {faults}");
+    // Restart events arrive asynchronously; give them a moment.
+    actix_rt::time::sleep(Duration::from_millis(200)).await;
+    let (_, health) = get_health(&server).await;
+    let restarts: u64 = health["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .map(|i| i["restarts"].as_u64().unwrap_or(0))
+        .sum();
+    // Panics that hit one engine in the same instant share one restart.
+    assert!(
+        restarts >= 1 && restarts as f64 <= panics,
+        "{restarts} restarts for {panics} panics"
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "dynamo_frontend_actor_restarts_total",
+            &[("actor", "engine")]
+        )
+        .await,
+        restarts as f64,
+        "every restart is counted: {health}"
+    );
+    let migrations = metric(
+        &server,
+        "dynamo_frontend_model_migration_total",
+        &[("migration_type", "ongoing_request")],
+    )
+    .await;
+    assert!(
+        migrations >= panics + errors,
+        "{migrations} migrations for {faults}"
+    );
+    let (status, health) = get_health(&server).await;
+    assert_eq!(status, 200, "{health}");
+    assert_eq!(
+        health["instances"].as_array().map(Vec::len),
+        Some(3),
+        "{health}"
+    );
+    assert_eq!(health["inflight_requests"], 0, "{health}");
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn router_and_validator_panics_do_not_fail_requests() {
+    let server = start(&config(0, "")).await;
+    // Long streams in flight while the router and a validator panic.
+    let long = TEXT.repeat(3);
+    let in_flight = futures_util::future::join_all((0..4).map(|_| stream_chat(&server, &long)));
+    let faults = async {
+        actix_rt::time::sleep(Duration::from_millis(30)).await;
+        arm(&server, json!({"kind": "router_panic"})).await;
+        arm(&server, json!({"kind": "validator_panic"})).await;
+        // New requests meet the faults: they are retried on the restarted actors.
+        futures_util::future::join_all((0..4).map(|_| stream_chat(&server, TEXT))).await
+    };
+    let (long_results, new_results) = tokio::join!(in_flight, faults);
+    for (text, sse) in long_results {
+        assert_eq!(text, long, "{sse}");
+    }
+    for (text, sse) in new_results {
+        assert_eq!(text, TEXT, "{sse}");
+    }
+    actix_rt::time::sleep(Duration::from_millis(100)).await;
+    for actor in ["router", "validator"] {
+        assert_eq!(
+            metric(
+                &server,
+                "dynamo_frontend_actor_restarts_total",
+                &[("actor", actor)]
+            )
+            .await,
+            1.0,
+            "{actor} restarted once"
+        );
+    }
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn an_engine_past_its_restart_budget_leaves_routing_and_health_says_why() {
+    let server = start(&config(3, "[supervisor]\nmax_restarts = 1\n")).await;
+    // Engine 0 panics twice: one restart is allowed, the second failure gives it up.
+    arm(
+        &server,
+        json!({"kind": "engine_panic", "engine": 0, "after_tokens": 2, "count": 2}),
+    )
+    .await;
+    for _ in 0..4 {
+        let (text, sse) = stream_chat(&server, TEXT).await;
+        assert_eq!(text, TEXT, "migrated to engine 1: {sse}");
+    }
+    actix_rt::time::sleep(Duration::from_millis(200)).await;
+    let (status, health) = get_health(&server).await;
+    assert_eq!(status, 200, "engine 1 still serves: {health}");
+    let ids: Vec<u64> = health["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .filter_map(|i| i["instance_id"].as_u64())
+        .collect();
+    assert_eq!(ids, vec![1], "{health}");
+    assert_eq!(health["failed_instances"][0]["instance_id"], 0, "{health}");
+    let reason = health["failed_instances"][0]["reason"]
+        .as_str()
+        .unwrap_or("");
+    assert!(reason.contains("taken out of service"), "{reason}");
+
+    // Routing never picks engine 0 again.
+    for _ in 0..4 {
+        let (text, _) = stream_chat(&server, TEXT).await;
+        assert_eq!(text, TEXT);
+    }
+
+    // Engine 1 fails the same way: nothing is left, requests get 503 and /health says why.
+    arm(
+        &server,
+        json!({"kind": "engine_panic", "engine": 1, "after_tokens": 2, "count": 2}),
+    )
+    .await;
+    for _ in 0..2 {
+        // The second of these may already find no engine left (503): either is fine here.
+        let _ = post_sse(&server.url("/v1/chat/completions"), &stream_body(TEXT)).await;
+    }
+    actix_rt::time::sleep(Duration::from_millis(200)).await;
+    let (status, health) = get_health(&server).await;
+    assert_eq!(status, 503, "{health}");
+    assert_eq!(health["status"], "unhealthy");
+    assert!(
+        health["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("engine 1"),
+        "{health}"
+    );
+    let (status, body) = post_json(&server.url("/v1/chat/completions"), &chat_body(TEXT)).await;
+    assert_eq!(status, 503, "{body}");
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn the_admin_endpoint_rejects_bad_faults_and_is_off_by_default() {
+    let server = start(&config(1, "")).await;
+    for (body, needle) in [
+        (json!({"kind": "meteor_strike"}), "unknown variant"),
+        (
+            json!({"kind": "router_panic", "engine": 0}),
+            "engine faults",
+        ),
+        (
+            json!({"kind": "engine_panic", "engine": 9}),
+            "no engine with instance id 9",
+        ),
+        (json!({"kind": "engine_panic", "count": 0}), "count"),
+    ] {
+        let (status, reply) = post_json(&server.url("/admin/faults"), &body).await;
+        assert_eq!(status, 400, "{body} → {reply}");
+        assert!(reply.to_string().contains(needle), "{body} → {reply}");
+    }
+    let (status, _) = get(&server.url("/admin/faults")).await;
+    assert_eq!(status, 200);
+    server.stop().await;
+
+    let plain = start("").await;
+    let (status, _) = post_json(
+        &plain.url("/admin/faults"),
+        &json!({"kind": "router_panic"}),
+    )
+    .await;
+    assert_eq!(status, 404, "no admin endpoint unless configured");
+    plain.stop().await;
+}
