@@ -34,6 +34,26 @@ pub enum Command {
         #[command(subcommand)]
         action: ModelsCommand,
     },
+    /// Fault drill: the same concurrent streaming requests without and with injected faults, then a
+    /// report (lost/duplicated tokens, restarts, migrations, recovery gap, throughput).
+    Drill(DrillArgs),
+}
+
+/// `dynamix drill`.
+#[derive(Debug, Args)]
+pub struct DrillArgs {
+    /// TOML config (e.g. configs/fault-drill.toml); layered with env like `serve`.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Requests per phase.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub requests: u32,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub concurrency: u32,
+    /// More logging (-v debug, -vv trace).
+    #[arg(short = 'v', action = clap::ArgAction::Count)]
+    pub verbose: u8,
 }
 
 /// `dynamix models ...`.

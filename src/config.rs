@@ -832,4 +832,48 @@ mod tests {
             .0;
         assert!(err.contains("not valid TOML"), "{err}");
     }
+
+    #[test]
+    fn migration_supervision_and_fault_settings_layer_and_validate() {
+        let config = load_str(
+            "[migration]\nlimit = 1\n",
+            &[("DYN_MIGRATION_LIMIT", "4")],
+            &Overrides::default(),
+        )
+        .expect("valid");
+        assert_eq!(
+            config.migration.limit, 4,
+            "Dynamo's env name beats the file"
+        );
+        let overrides = Overrides {
+            settings: vec![(
+                "migration.limit".into(),
+                Value::Integer(7),
+                "--migration-limit".into(),
+            )],
+            ..Overrides::default()
+        };
+        let config = load_str("", &[("DYN_MIGRATION_LIMIT", "4")], &overrides).expect("valid");
+        assert_eq!(config.migration.limit, 7, "the flag beats env");
+        assert_eq!(Config::default().migration.limit, 0, "off by default");
+        assert!(!Config::default().faults.enabled, "faults off by default");
+
+        for (text, needle) in [
+            ("[migration]\nlimit = -1\n", "migration.limit"),
+            ("[migration]\nstall_timeout_secs = -1.0\n", "migration.stall_timeout_secs"),
+            ("[supervisor]\nrestart_window_secs = 0.0\n", "supervisor.restart_window_secs"),
+            ("[faults]\nenabled = true\nprobability = 2.0\n", "faults.probability"),
+            ("[faults]\nadmin_endpoint = true\n", "faults.admin_endpoint"),
+            ("[faults]\nenabled = true\nkinds = [\"meteor\"]\n", "faults.kinds"),
+            (
+                "[faults]\nenabled = true\n[[faults.inject]]\nkind = \"router_panic\"\nengine = 1\n",
+                "faults.inject[0]",
+            ),
+        ] {
+            let err = load_str(text, &[], &Overrides::default())
+                .expect_err(text)
+                .to_string();
+            assert!(err.contains(needle), "{text:?} → {err}");
+        }
+    }
 }

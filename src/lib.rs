@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod drill;
 pub mod frontends;
 
 use std::collections::HashMap;
@@ -66,6 +67,26 @@ pub fn init_logging(filter: &str) {
             tracing::warn!("{warning}");
         }
     }
+    // Actor panics are caught and supervised (restart, migration); report each as one log line
+    // instead of the default hook's multi-line dump (a backtrace only when RUST_BACKTRACE asks).
+    let backtrace = std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0");
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "non-string panic payload".into());
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let thread = std::thread::current();
+        tracing::error!(thread = thread.name().unwrap_or("unnamed"), %location, "panic: {message}");
+        if backtrace {
+            eprintln!("{}", std::backtrace::Backtrace::force_capture());
+        }
+    }));
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -363,3 +363,38 @@ async fn the_admin_endpoint_rejects_bad_faults_and_is_off_by_default() {
     assert_eq!(status, 404, "no admin endpoint unless configured");
     plain.stop().await;
 }
+
+#[test]
+fn the_drill_reports_no_lost_or_duplicated_tokens() {
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/fault-drill.toml");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_dynamix"))
+        .args([
+            "drill",
+            "--config",
+            config,
+            "--requests",
+            "120",
+            "--concurrency",
+            "16",
+        ])
+        // Faster than the shipped config, so a short run still meets several faults.
+        .env("DYN_FAULTS__EVERY_MS", "150")
+        .env("DYN_ECHO__TOKEN_DELAY_MS", "2")
+        .env("DYN_LOG", "error")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run dynamix drill");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "drill failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("completed 120, failed 0"), "{stdout}");
+    assert!(
+        stdout.contains("lost 0, duplicated 0, changed 0"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("faults injected: none"), "{stdout}");
+    assert!(stdout.contains("recovery gap"), "{stdout}");
+}

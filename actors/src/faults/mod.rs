@@ -265,6 +265,12 @@ impl FaultInjector {
         self.enabled.load(Ordering::Relaxed)
     }
 
+    /// Turns injection on or off at run time (the drill's fault-free baseline). Armed faults stay armed.
+    pub fn set_enabled(&self, enabled: bool) {
+        self.enabled
+            .store(enabled && self.config.enabled, Ordering::Relaxed);
+    }
+
     /// The configuration it was built from.
     pub fn config(&self) -> &FaultsConfig {
         &self.config
@@ -326,7 +332,7 @@ impl FaultInjector {
         }
         let mut spec = Self::take(&mut state, |s| {
             s.kind.is_engine()
-                && s.engine.map_or(true, |e| e == engine)
+                && !matches!(s.engine, Some(e) if e != engine)
                 && delivered >= s.after_tokens.max(1)
         });
         if spec.is_none()

@@ -83,6 +83,8 @@ pub struct Recovery {
     pub from_engine: u64,
     /// Engine that continued.
     pub to_engine: u64,
+    /// What failed: `engine_stopped` (panic, restart or removal), `engine_error` or `stalled`.
+    pub cause: &'static str,
     /// Last output before the failure → first output after it (None until that first output).
     pub gap: Option<Duration>,
 }
@@ -149,6 +151,14 @@ enum Failure {
 }
 
 impl Failure {
+    fn cause(&self) -> &'static str {
+        match self {
+            Failure::Error(_) => "engine_error",
+            Failure::Closed => "engine_stopped",
+            Failure::Stalled(_) => "stalled",
+        }
+    }
+
     /// The item the client gets when the failure cannot be migrated.
     fn into_event(self, engine: u64) -> Option<EngineEvent> {
         match self {
@@ -331,6 +341,7 @@ impl ChoiceStream {
                         choice: self.index as u32,
                         from_engine: failed,
                         to_engine: routed.engine_id,
+                        cause: failure.cause(),
                         gap: None,
                     });
                 }

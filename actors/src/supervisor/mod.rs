@@ -213,7 +213,7 @@ impl Actor for Supervisor {
             }));
         }
         let every = self.faults.config().every_ms;
-        if self.faults.is_enabled() && every > 0 {
+        if self.faults.config().enabled && every > 0 {
             ctx.run_interval(Duration::from_millis(every), |act, _| {
                 act.faults.arm_random()
             });
