@@ -271,6 +271,27 @@ async fn router_and_validator_panics_do_not_fail_requests() {
 }
 
 #[actix_rt::test]
+async fn a_panicking_http_handler_fails_one_request_and_the_server_keeps_serving() {
+    let server = start(&config(0, "")).await;
+    arm(&server, json!({"kind": "http_panic"})).await;
+    let (status, body) = post_json(&server.url("/v1/chat/completions"), &chat_body(TEXT)).await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(
+        body["message"], "Internal server error",
+        "sanitized: {body}"
+    );
+    // The same worker (two workers; try several times) still serves, and the drain is not stuck on
+    // the panicked request's admission.
+    for _ in 0..4 {
+        let (status, body) = post_json(&server.url("/v1/chat/completions"), &chat_body(TEXT)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, health) = get_health(&server).await;
+    assert_eq!(status, 200, "{health}");
+    server.stop().await;
+}
+
+#[actix_rt::test]
 async fn an_engine_past_its_restart_budget_leaves_routing_and_health_says_why() {
     let server = start(&config(3, "[supervisor]\nmax_restarts = 1\n")).await;
     // Engine 0 panics twice: one restart is allowed, the second failure gives it up.

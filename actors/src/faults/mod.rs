@@ -37,6 +37,8 @@ pub enum FaultKind {
     RouterPanic,
     /// A validator thread panics while validating a request.
     ValidatorPanic,
+    /// An HTTP handler panics while accepting a request.
+    HttpPanic,
 }
 
 impl FaultKind {
@@ -49,6 +51,7 @@ impl FaultKind {
             FaultKind::EngineSlow => "engine_slow",
             FaultKind::RouterPanic => "router_panic",
             FaultKind::ValidatorPanic => "validator_panic",
+            FaultKind::HttpPanic => "http_panic",
         }
     }
 
@@ -366,7 +369,9 @@ impl FaultInjector {
                 }
                 EngineFault::Slow(slow)
             }
-            FaultKind::RouterPanic | FaultKind::ValidatorPanic => return None,
+            FaultKind::RouterPanic | FaultKind::ValidatorPanic | FaultKind::HttpPanic => {
+                return None
+            }
         })
     }
 
@@ -380,6 +385,12 @@ impl FaultInjector {
     pub fn on_validate(&self) -> bool {
         self.is_enabled()
             && Self::take(&mut self.state(), |s| s.kind == FaultKind::ValidatorPanic).is_some()
+    }
+
+    /// Called by the HTTP handlers for each inference request: true = panic now.
+    pub fn on_http(&self) -> bool {
+        self.is_enabled()
+            && Self::take(&mut self.state(), |s| s.kind == FaultKind::HttpPanic).is_some()
     }
 
     /// Faults injected so far, per kind.

@@ -23,7 +23,7 @@ pub async fn arm_fault(state: web::Data<AppState>, body: web::Bytes) -> HttpResp
         Err(e) => {
             return error_response(
                 &ApiError::bad_json(format!(
-                    "{e} (expected a fault such as {{\"kind\": \"engine_panic\", \"engine\": 0, \"after_tokens\": 5}}; kinds: engine_panic, engine_stall, engine_error, engine_slow, router_panic, validator_panic)"
+                    "{e} (expected a fault such as {{\"kind\": \"engine_panic\", \"engine\": 0, \"after_tokens\": 5}}; kinds: engine_panic, engine_stall, engine_error, engine_slow, router_panic, validator_panic, http_panic)"
                 )),
                 overload,
             )

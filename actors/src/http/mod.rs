@@ -23,10 +23,12 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use actix_web::dev::{Server, ServerHandle, Service};
-use actix_web::{web, App, HttpServer};
+use actix_web::{web, App, HttpResponse, HttpServer};
+use futures_util::FutureExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::metrics::FrontendMetrics;
 
@@ -221,6 +223,22 @@ pub struct AppState {
     pub inflight: Arc<crate::supervisor::inflight::InflightRegistry>,
 }
 
+/// A handler panicked: the request gets Dynamo's sanitized 500 body.
+#[derive(Debug)]
+struct HandlerPanicked;
+
+impl std::fmt::Display for HandlerPanicked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Internal server error")
+    }
+}
+
+impl actix_web::ResponseError for HandlerPanicked {
+    fn error_response(&self) -> HttpResponse {
+        request::error_response(&ApiError::internal("handler panicked"), 529)
+    }
+}
+
 /// Build and bind the server. Fails with Dynamo's message when the port is taken.
 pub fn bind(state: Arc<AppState>) -> Result<(Server, Vec<SocketAddr>), std::io::Error> {
     let config = state.config.clone();
@@ -230,9 +248,19 @@ pub fn bind(state: Arc<AppState>) -> Result<(Server, Vec<SocketAddr>), std::io::
             .app_data(data.clone())
             .wrap_fn(|req, srv| {
                 let echoed = req.headers().get("x-request-id").cloned();
+                let path = req.path().to_string();
                 let fut = srv.call(req);
                 async move {
-                    let mut res = fut.await?;
+                    // A panic in a handler fails that request with a 500, not the worker thread and
+                    // every connection on it.
+                    let mut res = match std::panic::AssertUnwindSafe(fut).catch_unwind().await {
+                        Ok(result) => result?,
+                        Err(payload) => {
+                            let reason = crate::supervisor::restart::panic_message(&*payload);
+                            tracing::error!(%path, %reason, "HTTP handler panicked");
+                            return Err(HandlerPanicked.into());
+                        }
+                    };
                     if let Some(value) = echoed {
                         res.headers_mut().insert(
                             actix_web::http::header::HeaderName::from_static("x-request-id"),

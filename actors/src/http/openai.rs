@@ -38,6 +38,9 @@ async fn accept(
     check_content_type(req)?;
     let body = read_body(payload, state.config.body_limit_mb).await?;
     let admission = state.lifecycle.admit().ok_or_else(ApiError::not_ready)?;
+    if state.faults.on_http() {
+        panic!("injected fault: HTTP handler panics while accepting a request");
+    }
     let context = request_context(req.headers())?;
     Ok(Accepted {
         body,
