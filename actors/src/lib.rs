@@ -16,6 +16,7 @@
 //! - [`models`]: the model store (`dynamix models pull`).
 
 pub mod backend;
+pub mod codec;
 pub mod engine;
 pub mod error;
 pub mod faults;
