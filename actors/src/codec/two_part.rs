@@ -196,8 +196,10 @@ impl Decoder for TwoPartCodec {
             return Ok(None);
         }
         src.advance(PREFIX_LEN);
-        let header = src.split_to(header_len as usize).freeze();
-        let data = src.split_to(body_len as usize).freeze();
+        // One split off the buffer, then the header off that: one shared handle less than two
+        // splits of the BytesMut.
+        let mut data = src.split_to(total - PREFIX_LEN).freeze();
+        let header = data.split_to(header_len as usize);
         if self.verify_checksum && expected != 0 {
             let actual = checksum(&header, &data);
             if actual != expected {
@@ -214,6 +216,19 @@ impl Encoder<TwoPartMessage> for TwoPartCodec {
     fn encode(
         &mut self,
         item: TwoPartMessage,
+        dst: &mut BytesMut,
+    ) -> Result<(), TwoPartCodecError> {
+        self.encode(&item, dst)
+    }
+}
+
+/// Encoding by reference: a sender that keeps the message (e.g. to retry) need not clone it.
+impl Encoder<&TwoPartMessage> for TwoPartCodec {
+    type Error = TwoPartCodecError;
+
+    fn encode(
+        &mut self,
+        item: &TwoPartMessage,
         dst: &mut BytesMut,
     ) -> Result<(), TwoPartCodecError> {
         let total = self.check_size(item.header.len() as u64, item.data.len() as u64)?;
