@@ -9,13 +9,17 @@
 //! - `prefix-heavy`: multi-turn conversations; each turn's prompt is a shared system prompt (one of
 //!   four) plus the whole conversation so far plus a new user turn. Conversations start as a Poisson
 //!   process; each next turn is sent when the previous answer is complete (after a short think time).
+//! - `shared-system-prompts`: many long system prompts (300 × 6144 tokens: more than one engine's KV
+//!   cache holds, less than four engines' together), each request one of them picked uniformly plus a
+//!   256-token question, 32-token answers, Poisson arrivals.
 //! - `no-shared-prefix`: single requests with unrelated prompts of similar lengths, Poisson arrivals.
 //!
 //! Requests go through the in-process serving path (validator → router → engine → detokenizer), not
 //! HTTP, so the numbers measure routing and the simulated engines rather than this machine's sockets.
 //! Tunables: BENCH_CONVERSATIONS (160), BENCH_TURNS (6; more overflows the 8192-token context),
 //! BENCH_RATE (conversations/s, 30), BENCH_FLAT_REQUESTS (600) and BENCH_FLAT_RATE (requests/s, 60) for
-//! the no-shared-prefix trace, BENCH_SPEEDUP (mocker speedup ratio, 1.0), BENCH_GPU_BLOCKS (KV blocks per
+//! the no-shared-prefix trace, BENCH_PROMPTS (300), BENCH_PROMPT_REQUESTS (1500) and BENCH_PROMPT_RATE
+//! (requests/s, 40) for the shared-system-prompts trace, BENCH_TRACES (comma list: only these), BENCH_SPEEDUP (mocker speedup ratio, 1.0), BENCH_GPU_BLOCKS (KV blocks per
 //! engine, 16384 as the mocker's default), BENCH_OVERLAP_WEIGHT (the kv router's overlap weight, 1.0).
 
 use std::sync::Arc;
@@ -87,6 +91,34 @@ fn prefix_heavy(conversations: usize, turns: usize, rate: f64) -> Vec<Session> {
                 start,
                 turns,
                 output_tokens: ANSWER_TOKENS,
+            }
+        })
+        .collect()
+}
+
+/// Many long shared system prompts (one per agent or document), picked uniformly, each followed by a
+/// short question of its own; short answers. Together the prompts are larger than one engine's KV
+/// cache but fit in the cluster's: routing by prefix lets each engine keep its share cached.
+fn shared_system_prompts(
+    requests: usize,
+    prompts: usize,
+    prompt_blocks: usize,
+    rate: f64,
+) -> Vec<Session> {
+    let mut rng = StdRng::seed_from_u64(0xA11CE);
+    let systems: Vec<Vec<u32>> = (0..prompts)
+        .map(|_| tokens(&mut rng, prompt_blocks * BLOCK))
+        .collect();
+    let starts = poisson_starts(&mut rng, requests, rate);
+    starts
+        .into_iter()
+        .map(|start| {
+            let mut prompt = systems[rng.gen_range(0..prompts)].clone();
+            prompt.extend(tokens(&mut rng, 4 * BLOCK));
+            Session {
+                start,
+                turns: vec![prompt],
+                output_tokens: 32,
             }
         })
         .collect()
@@ -273,8 +305,15 @@ fn main() {
     let flat_requests = env_f64("BENCH_FLAT_REQUESTS", 600.0) as usize;
     let speedup = env_f64("BENCH_SPEEDUP", 1.0);
     let gpu_blocks = env_f64("BENCH_GPU_BLOCKS", 16384.0) as usize;
+    let prompts = env_f64("BENCH_PROMPTS", 300.0) as usize;
+    let prompt_requests = env_f64("BENCH_PROMPT_REQUESTS", 1500.0) as usize;
+    let prompt_rate = env_f64("BENCH_PROMPT_RATE", 40.0);
     let traces = [
         ("prefix-heavy", prefix_heavy(conversations, turns, rate)),
+        (
+            "shared-system-prompts",
+            shared_system_prompts(prompt_requests, prompts, 96, prompt_rate),
+        ),
         (
             "no-shared-prefix",
             no_shared_prefix(flat_requests, 20 * BLOCK, flat_rate),
@@ -283,7 +322,14 @@ fn main() {
     println!(
         "kv_routing: 4 mocker engines ({gpu_blocks} KV blocks of {BLOCK} tokens, speedup {speedup}), {conversations} conversations × {turns} turns at {rate} conversations/s"
     );
+    let only = std::env::var("BENCH_TRACES").ok();
     for (name, sessions) in &traces {
+        if only
+            .as_ref()
+            .is_some_and(|o| !o.split(',').any(|t| t == *name))
+        {
+            continue;
+        }
         let requests: usize = sessions.iter().map(|s| s.turns.len()).sum();
         let prompt_tokens: usize = sessions
             .iter()
