@@ -37,6 +37,90 @@ pub enum Command {
     /// Fault drill: the same concurrent streaming requests without and with injected faults, then a
     /// report (lost/duplicated tokens, restarts, migrations, recovery gap, throughput).
     Drill(DrillArgs),
+    /// GPU memory service: run a server for one device (and tags), or act as a client against one.
+    Gms(GmsArgs),
+}
+
+/// `dynamix gms [--device N] [--tag TAG]... [--socket PATH] [--backend host|cuda]`, or a client action.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct GmsArgs {
+    /// A client action; without one, run the server.
+    #[command(subcommand)]
+    pub action: Option<GmsAction>,
+    /// Server options.
+    #[command(flatten)]
+    pub server: GmsServerArgs,
+}
+
+/// Options of the GMS server.
+#[derive(Debug, Args)]
+pub struct GmsServerArgs {
+    /// Device index.
+    #[arg(long, default_value_t = 0)]
+    pub device: u32,
+    /// Tag to serve, one socket each (repeatable; default: weights and kv_cache).
+    #[arg(long = "tag", value_name = "TAG")]
+    pub tags: Vec<String>,
+    /// Socket path (only with exactly one --tag; default {GMS_SOCKET_DIR or tmp}/gms_{device}_{tag}.sock).
+    #[arg(long, alias = "socket-path", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Memory backend: host (memfd) or cuda (needs a build with --features cuda and an NVIDIA GPU).
+    #[arg(long, default_value = "host", value_name = "host|cuda")]
+    pub backend: String,
+    /// Seconds between allocation attempts while the device is out of memory.
+    #[arg(long, default_value_t = 0.5, value_name = "SECS")]
+    pub alloc_retry_interval: f64,
+    /// Give up an out-of-memory allocation after this many seconds (default: wait while the writer lives).
+    #[arg(long, value_name = "SECS")]
+    pub alloc_retry_timeout: Option<f64>,
+    /// Allocation granularity in bytes (default: the backend's; env DYN_GMS_VMM_GRANULARITY).
+    #[arg(long, value_name = "BYTES")]
+    pub granularity: Option<u64>,
+    /// More logging (-v debug, -vv trace).
+    #[arg(short = 'v', action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// Client actions of `dynamix gms` (checks and debugging against a running server).
+#[derive(Debug, Subcommand)]
+pub enum GmsAction {
+    /// Take the writer lock, fill allocations with a seeded pattern, describe them in metadata, commit.
+    /// Prints `layout_hash=` and `digest=` (SHA-256 of the bytes written).
+    Write(GmsClientArgs),
+    /// Take a reader lock, import and map every allocation, check the pattern. Prints the same lines.
+    Read(GmsClientArgs),
+    /// Print the server's runtime state and event history (a probe; takes no lock).
+    State(GmsClientArgs),
+}
+
+/// Options of the GMS client actions.
+#[derive(Debug, Args)]
+pub struct GmsClientArgs {
+    /// The server's socket.
+    #[arg(long, alias = "socket-path", value_name = "PATH")]
+    pub socket: PathBuf,
+    /// How to map exported allocations: host or cuda (must match the server's backend).
+    #[arg(long, default_value = "host", value_name = "host|cuda")]
+    pub backend: String,
+    /// Device index to map on (cuda).
+    #[arg(long, default_value_t = 0)]
+    pub device: u32,
+    /// write: bytes per allocation.
+    #[arg(long, default_value_t = 4 << 20, value_parser = clap::value_parser!(u64).range(1..=(1u64 << 40)))]
+    pub bytes: u64,
+    /// write: number of allocations.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub count: u32,
+    /// write: pattern seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// read: fail with a stale-layout error unless the server's layout hash is this one.
+    #[arg(long, value_name = "HEX")]
+    pub expect_hash: Option<String>,
+    /// Milliseconds to wait for the lock (default: as long as it takes).
+    #[arg(long, value_name = "MS")]
+    pub lock_timeout_ms: Option<u64>,
 }
 
 /// `dynamix drill`.

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod drill;
 pub mod frontends;
+pub mod gms;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -16,6 +16,7 @@ fn main() -> ExitCode {
             action: ModelsCommand::List,
         }) => return dynamix::models_list(),
         Some(Command::Drill(args)) => return drill(args),
+        Some(Command::Gms(args)) => return dynamix::gms::main(args),
         Some(Command::Serve(args)) => args,
         None => cli.serve,
     };

@@ -21,6 +21,7 @@ pub mod engine;
 pub mod error;
 pub mod faults;
 pub mod gateway;
+pub mod gms;
 pub mod http;
 pub mod kv;
 pub mod metrics;
