@@ -339,3 +339,33 @@ impl Drop for CudaMapping {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opening_reports_no_gpu_clearly_instead_of_panicking() {
+        match CudaBackend::new(0, None) {
+            // On a GPU machine: a real device with the usual VMM properties.
+            Ok(backend) => {
+                assert!(backend.granularity() > 0);
+                assert!(backend.device_identity().starts_with("GPU-"));
+            }
+            Err(BackendError::Unavailable(message)) => {
+                assert!(
+                    message.contains("cuda backend") || message.contains("CUDA device"),
+                    "{message}"
+                );
+            }
+            Err(other) => panic!("unexpected error: {other}"),
+        }
+        let (fd, _) = std::os::unix::net::UnixStream::pair().unwrap();
+        if CudaBackend::new(0, None).is_err() {
+            assert!(matches!(
+                CudaMapping::import(0, fd.into(), 2 << 20, false),
+                Err(BackendError::Unavailable(_))
+            ));
+        }
+    }
+}
