@@ -168,7 +168,7 @@ impl AllocationTable {
         let mut out: Vec<AllocationInfo> = self
             .allocations
             .values()
-            .filter(|a| tag.map_or(true, |t| a.info.tag == t))
+            .filter(|a| tag.is_none_or(|t| a.info.tag == t))
             .map(|a| a.info.clone())
             .collect();
         out.sort_by_key(|a| a.layout_slot);

@@ -112,7 +112,7 @@ impl CudaBackend {
         let minimum = minimum_granularity(device)?;
         let granularity = match granularity {
             None => minimum,
-            Some(g) if g > 0 && minimum > 0 && g % minimum == 0 => g,
+            Some(g) if g > 0 && minimum > 0 && g.is_multiple_of(minimum) => g,
             Some(g) => {
                 return Err(BackendError::Failed(format!(
                     "granularity must be a positive multiple of the device minimum ({minimum} bytes), got {g}"

@@ -19,7 +19,7 @@ impl HostBackend {
     pub fn new(device: u32, granularity: Option<u64>) -> Result<Self, BackendError> {
         let page = page_size();
         let granularity = granularity.unwrap_or(super::DEFAULT_GRANULARITY);
-        if granularity == 0 || granularity % page != 0 {
+        if granularity == 0 || !granularity.is_multiple_of(page) {
             return Err(BackendError::Failed(format!(
                 "granularity must be a positive multiple of the page size ({page} bytes), got {granularity}"
             )));
