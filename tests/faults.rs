@@ -61,6 +61,44 @@ async fn metric(server: &TestServer, name: &str, labels: &[(&str, &str)]) -> f64
         .sum()
 }
 
+/// Waits (up to 10 s) until the metric reaches `expected`: restarts and releases are reported
+/// asynchronously, after the client already has its last byte. Returns the last value seen.
+async fn settle_metric(
+    server: &TestServer,
+    name: &str,
+    labels: &[(&str, &str)],
+    expected: f64,
+) -> f64 {
+    let mut value = 0.0;
+    for _ in 0..500 {
+        value = metric(server, name, labels).await;
+        if value == expected {
+            break;
+        }
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    value
+}
+
+/// Waits (up to 10 s) until nothing is in flight, then returns `/health`.
+async fn settle_health(server: &TestServer) -> (u16, Value) {
+    health_when(server, |h| h["inflight_requests"] == 0).await
+}
+
+/// Waits (up to 10 s) until `/health` satisfies `ready` (the supervisor acts on failures
+/// asynchronously); returns the last answer either way, for the caller's assertions.
+async fn health_when(server: &TestServer, ready: impl Fn(&Value) -> bool) -> (u16, Value) {
+    let mut last = get_health(server).await;
+    for _ in 0..500 {
+        if ready(&last.1) {
+            break;
+        }
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+        last = get_health(server).await;
+    }
+    last
+}
+
 async fn get_health(server: &TestServer) -> (u16, Value) {
     get(&server.url("/health")).await
 }
@@ -86,15 +124,16 @@ async fn an_engine_panicking_mid_stream_migrates_and_the_stream_is_unchanged() {
         1.0
     );
     assert_eq!(
-        metric(
+        settle_metric(
             &server,
             "dynamo_frontend_actor_restarts_total",
-            &[("actor", "engine")]
+            &[("actor", "engine")],
+            1.0
         )
         .await,
         1.0
     );
-    let (status, health) = get_health(&server).await;
+    let (status, health) = settle_health(&server).await;
     assert_eq!(status, 200, "{health}");
     let instances = health["instances"].as_array().expect("instances");
     assert_eq!(instances.len(), 2, "the restarted engine is back: {health}");
@@ -185,9 +224,7 @@ async fn random_faults_under_concurrent_load_lose_nothing() {
     let panics = faults["injected"]["engine_panic"].as_f64().unwrap_or(0.0);
     let errors = faults["injected"]["engine_error"].as_f64().unwrap_or(0.0);
     assert!(panics + errors > 0.0, "some faults fired: {faults}");
-    // Restart events arrive asynchronously; give them a moment.
-    actix_rt::time::sleep(Duration::from_millis(200)).await;
-    let (_, health) = get_health(&server).await;
+    let (_, health) = settle_health(&server).await;
     let restarts: u64 = health["instances"]
         .as_array()
         .expect("instances")
@@ -200,10 +237,11 @@ async fn random_faults_under_concurrent_load_lose_nothing() {
         "{restarts} restarts for {panics} panics"
     );
     assert_eq!(
-        metric(
+        settle_metric(
             &server,
             "dynamo_frontend_actor_restarts_total",
-            &[("actor", "engine")]
+            &[("actor", "engine")],
+            restarts as f64
         )
         .await,
         restarts as f64,
@@ -219,7 +257,7 @@ async fn random_faults_under_concurrent_load_lose_nothing() {
         migrations >= panics + errors,
         "{migrations} migrations for {faults}"
     );
-    let (status, health) = get_health(&server).await;
+    let (status, health) = settle_health(&server).await;
     assert_eq!(status, 200, "{health}");
     assert_eq!(
         health["instances"].as_array().map(Vec::len),
@@ -250,13 +288,13 @@ async fn router_and_validator_panics_do_not_fail_requests() {
     for (text, sse) in new_results {
         assert_eq!(text, TEXT, "{sse}");
     }
-    actix_rt::time::sleep(Duration::from_millis(100)).await;
     for actor in ["router", "validator"] {
         assert_eq!(
-            metric(
+            settle_metric(
                 &server,
                 "dynamo_frontend_actor_restarts_total",
-                &[("actor", actor)]
+                &[("actor", actor)],
+                1.0
             )
             .await,
             1.0,
@@ -300,8 +338,10 @@ async fn an_engine_past_its_restart_budget_leaves_routing_and_health_says_why() 
         let (text, sse) = stream_chat(&server, TEXT).await;
         assert_eq!(text, TEXT, "migrated to engine 1: {sse}");
     }
-    actix_rt::time::sleep(Duration::from_millis(200)).await;
-    let (status, health) = get_health(&server).await;
+    let (status, health) = health_when(&server, |h| {
+        h["failed_instances"].as_array().map(Vec::len) == Some(1)
+    })
+    .await;
     assert_eq!(status, 200, "engine 1 still serves: {health}");
     let ids: Vec<u64> = health["instances"]
         .as_array()
@@ -332,8 +372,10 @@ async fn an_engine_past_its_restart_budget_leaves_routing_and_health_says_why() 
         // The second of these may already find no engine left (503): either is fine here.
         let _ = post_sse(&server.url("/v1/chat/completions"), &stream_body(TEXT)).await;
     }
-    actix_rt::time::sleep(Duration::from_millis(200)).await;
-    let (status, health) = get_health(&server).await;
+    let (status, health) = health_when(&server, |h| {
+        h["failed_instances"].as_array().map(Vec::len) == Some(2)
+    })
+    .await;
     assert_eq!(status, 503, "{health}");
     assert_eq!(health["status"], "unhealthy");
     assert!(
