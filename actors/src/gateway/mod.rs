@@ -56,18 +56,7 @@ fn mailbox_error(what: &str, e: actix::MailboxError) -> ApiError {
 impl Gateway {
     /// Validate a chat request.
     pub async fn validate_chat(&self, msg: ValidateChat) -> Result<ValidatedRequest, ApiError> {
-        let mut tries = 0;
-        loop {
-            let result = self
-                .validator
-                .send(msg.clone())
-                .await
-                .map_err(|e| mailbox_error("validator", e))?;
-            tries += 1;
-            if !validator_restarted(&result) || tries > VALIDATOR_RESTART_RETRIES {
-                return result;
-            }
-        }
+        self.validate(msg).await
     }
 
     /// Validate a completions request.
@@ -75,6 +64,15 @@ impl Gateway {
         &self,
         msg: ValidateCompletion,
     ) -> Result<ValidatedRequest, ApiError> {
+        self.validate(msg).await
+    }
+
+    /// Sends `msg` to a validator; retried when the validator panicked on it (a fresh one takes over).
+    async fn validate<M>(&self, msg: M) -> Result<ValidatedRequest, ApiError>
+    where
+        M: actix::Message<Result = Result<ValidatedRequest, ApiError>> + Clone + Send + 'static,
+        ValidatorActor: actix::Handler<M>,
+    {
         let mut tries = 0;
         loop {
             let result = self
