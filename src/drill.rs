@@ -334,6 +334,35 @@ pub async fn run(config: Config, options: DrillOptions) -> Result<bool, RunError
     Ok(clean)
 }
 
+/// `dynamix drill`: exit 0 when nothing was lost, 1 when the report says FAIL, 2 for a bad config.
+pub fn main(args: crate::cli::DrillArgs) -> std::process::ExitCode {
+    let env = || std::env::vars().collect::<Vec<_>>();
+    let overrides = crate::config::Overrides {
+        verbosity: args.verbose,
+        ..Default::default()
+    };
+    let config = match crate::config::load(args.config.as_deref(), &env, &overrides) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("dynamix: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    crate::init_logging(&config.log.filter);
+    let options = crate::drill::DrillOptions {
+        requests: args.requests as usize,
+        concurrency: args.concurrency as usize,
+    };
+    match actix_rt::System::new().block_on(crate::drill::run(config, options)) {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::from(1),
+        Err(e) => {
+            eprintln!("dynamix: {e}");
+            std::process::ExitCode::from(e.exit_code())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,7 @@ fn main() -> ExitCode {
         Some(Command::Models {
             action: ModelsCommand::List,
         }) => return dynamix::models_list(),
-        Some(Command::Drill(args)) => return drill(args),
+        Some(Command::Drill(args)) => return dynamix::drill::main(args),
         Some(Command::Gms(args)) => return dynamix::gms::main(args),
         Some(Command::Serve(args)) => args,
         None => cli.serve,
@@ -39,35 +39,6 @@ fn main() -> ExitCode {
     let system = actix_rt::System::new();
     match system.block_on(dynamix::run(config, input, dynamix::shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("dynamix: {e}");
-            ExitCode::from(e.exit_code())
-        }
-    }
-}
-
-/// `dynamix drill`: exit 0 when nothing was lost, 1 when the report says FAIL, 2 for a bad config.
-fn drill(args: dynamix::cli::DrillArgs) -> ExitCode {
-    let env = || std::env::vars().collect::<Vec<_>>();
-    let overrides = dynamix::config::Overrides {
-        verbosity: args.verbose,
-        ..Default::default()
-    };
-    let config = match dynamix::config::load(args.config.as_deref(), &env, &overrides) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("dynamix: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    dynamix::init_logging(&config.log.filter);
-    let options = dynamix::drill::DrillOptions {
-        requests: args.requests as usize,
-        concurrency: args.concurrency as usize,
-    };
-    match actix_rt::System::new().block_on(dynamix::drill::run(config, options)) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
         Err(e) => {
             eprintln!("dynamix: {e}");
             ExitCode::from(e.exit_code())
