@@ -19,6 +19,7 @@ use crate::metrics::{FrontendMetrics, MigrationOutcome, MigrationType};
 use crate::protocol::engine::{EngineEvent, EngineRequest};
 use crate::router::{KvRouterActor, Route, Routed};
 use crate::supervisor::inflight::{InflightHandle, InflightRegistry};
+use crate::supervisor::restart::restarted_actor;
 
 /// `[migration]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -121,11 +122,7 @@ pub(crate) async fn route(
             Ok(routed) => return Ok(routed),
             Err(error) => error,
         };
-        let restarted = error
-            .details
-            .as_ref()
-            .is_some_and(|d| d["restarted"] == true);
-        if restarted && router_restarts < ROUTER_RESTART_RETRIES {
+        if restarted_actor(&error) == Some("router") && router_restarts < ROUTER_RESTART_RETRIES {
             router_restarts += 1;
             continue;
         }

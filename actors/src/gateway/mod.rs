@@ -22,6 +22,7 @@ use crate::error::{ApiError, ErrorClass};
 use crate::protocol::engine::EngineEvent;
 use crate::protocol::Usage;
 use crate::router::KvRouterActor;
+use crate::supervisor::restart::restarted_actor;
 use crate::tokenizer::ModelTokenizer;
 use crate::validator::{ValidateChat, ValidateCompletion, ValidatedRequest, ValidatorActor};
 use migration::{ChoiceStream, Migrator, Recoveries, Recovery};
@@ -45,7 +46,7 @@ pub struct Gateway {
 const VALIDATOR_RESTART_RETRIES: usize = 3;
 
 fn validator_restarted(result: &Result<ValidatedRequest, ApiError>) -> bool {
-    matches!(result, Err(e) if e.details.as_ref().is_some_and(|d| d["actor"] == "validator" && d["restarted"] == true))
+    matches!(result, Err(e) if restarted_actor(e) == Some("validator"))
 }
 
 fn mailbox_error(what: &str, e: actix::MailboxError) -> ApiError {

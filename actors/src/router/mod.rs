@@ -20,7 +20,9 @@ use crate::engine::{overloaded, EngineLoad, Generate, RequestProgress};
 use crate::error::{ApiError, ErrorClass};
 use crate::faults::FaultInjector;
 use crate::protocol::engine::{EngineEvent, EngineRequest};
-use crate::supervisor::restart::{panic_message, SupervisorEvent, SupervisorEvents};
+use crate::supervisor::restart::{
+    panic_message, restarted_error, SupervisorEvent, SupervisorEvents,
+};
 use policy::SelectionPolicy;
 
 /// How the router picks an engine.
@@ -171,15 +173,6 @@ impl KvRouterActor {
         self.faults = faults;
         self
     }
-
-    /// The error a routing attempt gets when the router panicked during it.
-    pub fn restarted_error() -> ApiError {
-        ApiError::new(
-            ErrorClass::Unavailable,
-            "Router restarted after a fault while routing this request",
-        )
-        .with_details(serde_json::json!({"actor": "router", "restarted": true}))
-    }
 }
 
 impl Supervised for KvRouterActor {
@@ -251,7 +244,7 @@ impl Handler<Route> for KvRouterActor {
                     self.stopping_because = Some(reason);
                     ctx.stop();
                 }
-                Err(Self::restarted_error())
+                Err(restarted_error("router", "routing"))
             }
         }
     }

@@ -106,6 +106,24 @@ pub enum SupervisorEvent {
 /// Where supervised actors send [`SupervisorEvent`]s.
 pub type SupervisorEvents = mpsc::UnboundedSender<SupervisorEvent>;
 
+/// The error a request gets when `actor` panicked while handling it and is being restarted: retryable
+/// (the request never reached an engine), marked so that callers can tell it from other failures.
+pub fn restarted_error(actor: &'static str, while_doing: &str) -> crate::error::ApiError {
+    crate::error::ApiError::new(
+        crate::error::ErrorClass::Unavailable,
+        format!("{actor} restarted after a fault while {while_doing} this request"),
+    )
+    .with_details(serde_json::json!({"actor": actor, "restarted": true}))
+}
+
+/// Which actor's restart `error` reports (see [`restarted_error`]), if it is such an error.
+pub fn restarted_actor(error: &crate::error::ApiError) -> Option<&str> {
+    let details = error.details.as_ref()?;
+    (details["restarted"] == true)
+        .then(|| details["actor"].as_str())
+        .flatten()
+}
+
 /// The message of a caught panic payload.
 pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
@@ -149,6 +167,17 @@ mod tests {
         assert_eq!(panic_message(&*caught), "boom 7");
         let caught = std::panic::catch_unwind(|| panic!("static")).unwrap_err();
         assert_eq!(panic_message(&*caught), "static");
+    }
+
+    #[test]
+    fn restart_errors_name_their_actor_and_nothing_else_matches() {
+        let error = restarted_error("router", "routing");
+        assert_eq!(restarted_actor(&error), Some("router"));
+        assert!(error.class.is_migratable());
+        assert!(error.message.contains("while routing"), "{}", error.message);
+        let other = crate::error::ApiError::new(crate::error::ErrorClass::Unavailable, "x")
+            .with_details(serde_json::json!({"actor": "router"}));
+        assert_eq!(restarted_actor(&other), None);
     }
 
     #[test]

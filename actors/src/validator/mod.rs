@@ -23,7 +23,9 @@ use crate::protocol::chat::{ChatCompletionRequest, MessageContent, Role};
 use crate::protocol::completions::{CompletionRequest, Prompt};
 use crate::protocol::engine::{EngineRequest, SamplingOptions, StopConditions};
 use crate::protocol::{CommonExt, StopSpec};
-use crate::supervisor::restart::{panic_message, SupervisorEvent, SupervisorEvents};
+use crate::supervisor::restart::{
+    panic_message, restarted_error, SupervisorEvent, SupervisorEvents,
+};
 use crate::tokenizer::{self, ModelTokenizer};
 
 /// `[validator]`.
@@ -124,15 +126,6 @@ impl ValidatorActor {
         self
     }
 
-    /// The error a validation gets when its validator panicked during it (the caller retries).
-    pub fn restarted_error() -> ApiError {
-        ApiError::new(
-            ErrorClass::Unavailable,
-            "Validator restarted after a fault while validating this request",
-        )
-        .with_details(serde_json::json!({"actor": "validator", "restarted": true}))
-    }
-
     /// Runs `validate` as a supervised unit: a panic (a bug, or an injected fault) fails this request
     /// with a retryable error and stops the actor; its SyncArbiter thread builds a fresh one.
     fn guarded(
@@ -157,7 +150,7 @@ impl ValidatorActor {
                 });
             }
             ctx.stop();
-            Err(Self::restarted_error())
+            Err(restarted_error("validator", "validating"))
         })
     }
 
