@@ -10,6 +10,7 @@
 pub mod actor;
 pub mod echo;
 pub mod mocker;
+pub mod model;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -27,6 +27,23 @@ pub struct SamplingOptions {
     pub presence_penalty: Option<f32>,
     /// Force greedy decoding.
     pub greedy: bool,
+    /// Added to the logits of these token ids before sampling (OpenAI `logit_bias`, -100..=100).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Report each generated token's log-probability and this many alternatives (`None` = none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u32>,
+}
+
+/// A generated token's log-probability and the most likely alternatives at that step.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    /// The token.
+    pub token_id: u32,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// The most likely tokens at that step with their log-probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
 }
 
 /// When generation ends.
@@ -79,6 +96,9 @@ pub struct EngineOutput {
     pub text: Option<String>,
     /// Set on the last output of the stream.
     pub finish_reason: Option<FinishReason>,
+    /// One entry per token of `token_ids` when the request asked for log-probabilities.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// What flows through an engine's bounded output channel.

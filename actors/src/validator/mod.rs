@@ -197,6 +197,30 @@ impl ValidatorActor {
         Ok(ids)
     }
 
+    /// `logit_bias` keys as token ids of this model's vocabulary (values were range-checked by the rules).
+    fn logit_bias(
+        &self,
+        bias: Option<&serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<Vec<(u32, f32)>, ApiError> {
+        let vocab = self.tokenizer.vocab_size();
+        bias.into_iter()
+            .flatten()
+            .map(|(key, value)| {
+                let id: u32 = key.trim().parse().map_err(|_| {
+                    ApiError::validation(format!(
+                        "Invalid key in 'logit_bias': {key:?} is not a token id (keys must be integers)"
+                    ))
+                })?;
+                if id as usize >= vocab {
+                    return Err(ApiError::validation(format!(
+                        "Token id {id} in 'logit_bias' is out of range: the vocabulary has {vocab} tokens"
+                    )));
+                }
+                Ok((id, value.as_f64().unwrap_or(0.0) as f32))
+            })
+            .collect()
+    }
+
     fn check_context(&self, prompt_tokens: usize, max_tokens: Option<u32>) -> Result<(), ApiError> {
         let limit = self.tokenizer.context_length() as usize;
         if prompt_tokens >= limit {
@@ -286,6 +310,8 @@ impl ValidatorActor {
                 seed: req.seed,
                 frequency_penalty: req.frequency_penalty,
                 presence_penalty: req.presence_penalty,
+                logit_bias: self.logit_bias(req.logit_bias.as_ref())?,
+                logprobs: (req.logprobs == Some(true)).then(|| req.top_logprobs.unwrap_or(0)),
             },
             &req.ext,
             req.stop.as_ref(),
@@ -328,6 +354,7 @@ impl ValidatorActor {
                 .collect::<Result<_, ApiError>>()?,
         };
         let n = req.n.unwrap_or(1) as usize;
+        let logit_bias = self.logit_bias(req.logit_bias.as_ref())?;
         let mut choices = Vec::with_capacity(prompts.len() * n);
         let mut prompt_tokens = 0u32;
         let many = prompts.len() > 1;
@@ -349,6 +376,8 @@ impl ValidatorActor {
                     seed: req.seed,
                     frequency_penalty: req.frequency_penalty,
                     presence_penalty: req.presence_penalty,
+                    logit_bias: logit_bias.clone(),
+                    logprobs: req.logprobs,
                 },
                 &req.ext,
                 req.stop.as_ref(),
@@ -430,6 +459,8 @@ impl ValidatorActor {
                 frequency_penalty: sampling.frequency_penalty,
                 presence_penalty: sampling.presence_penalty,
                 greedy: nvext.greed_sampling == Some(true),
+                logit_bias: sampling.logit_bias,
+                logprobs: sampling.logprobs,
             },
             stop: StopConditions {
                 max_tokens,
@@ -455,6 +486,8 @@ struct Sampling {
     seed: Option<i64>,
     frequency_penalty: Option<f32>,
     presence_penalty: Option<f32>,
+    logit_bias: Vec<(u32, f32)>,
+    logprobs: Option<u32>,
 }
 
 fn deprecated_nvext<T>(field: &str, value: Option<T>) -> Option<T> {

@@ -1,0 +1,83 @@
+//! The real model engine (`out=model`): a llama-architecture GGUF model (SmolLM2-135M-Instruct by
+//! default) on CPU with candle, serving many requests at once by **continuous batching**.
+//!
+//! All requests of one engine share one scheduler on the engine's thread. A driver task repeats
+//! steps: drop sequences whose consumer went away, admit waiting sequences (up to `max_num_seqs` and
+//! the KV budget), then run one batched forward pass over every running sequence's next token plus
+//! prompt chunks of sequences still prefilling (chunked prefill, up to `max_batched_tokens` per step),
+//! and sample one token for every sequence that produced logits. Requests join and leave between
+//! steps. Between steps the driver yields, so the actor's mailbox (new requests) and the request
+//! futures (which forward tokens to their HTTP streams) run.
+//!
+//! The engine decides `finish_reason` for stop token ids (EOS unless `ignore_eos`; never before
+//! `min_tokens`, those tokens are masked until then), `max_tokens` and the context length. Stop
+//! strings and detokenization stay in the backend stage, which ends the stream (and so the sequence)
+//! when a stop string matches.
+//!
+//! Layout:
+//! - `weights`: loading and re-quantizing the GGUF ([`LlamaModel`]).
+//! - `forward`: the batched forward pass and per-sequence KV caches.
+//! - `sampler`: logits → next token (penalties, bias, temperature, top-k/p, min-p, seed, logprobs).
+//! - `engine`: [`ModelEngine`], the scheduler and its driver.
+
+mod engine;
+pub mod forward;
+pub mod sampler;
+pub mod weights;
+
+#[cfg(test)]
+mod tests;
+
+use serde::{Deserialize, Serialize};
+
+pub use engine::{ModelEngine, ModelLoad};
+pub use weights::{LlamaModel, LoadError, ModelShape};
+
+/// `[model_engine]`: settings of the real model engine.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelEngineConfig {
+    /// Threads the matmul kernels use (`CANDLE_NUM_THREADS`). Process-wide: candle has one pool, and
+    /// engines of one process take turns on it. 1 is fastest when anything else runs on the machine.
+    pub threads: usize,
+    /// Sequences decoded together at most; more wait for a slot.
+    pub max_num_seqs: usize,
+    /// Tokens one step runs at most (decode tokens first, then prompt chunks).
+    pub max_batched_tokens: usize,
+    /// Tokens all sequences' KV caches may hold together when admitting a new one (46 KB per token for
+    /// SmolLM2-135M); a sequence is always admitted when nothing else runs.
+    pub max_kv_tokens: usize,
+}
+
+impl Default for ModelEngineConfig {
+    fn default() -> Self {
+        ModelEngineConfig {
+            threads: 1,
+            max_num_seqs: 32,
+            max_batched_tokens: 256,
+            max_kv_tokens: 65_536,
+        }
+    }
+}
+
+impl ModelEngineConfig {
+    /// A description of the first bad value, if any.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.threads == 0 {
+            return Err("model_engine.threads must be at least 1".into());
+        }
+        if self.max_num_seqs == 0 {
+            return Err("model_engine.max_num_seqs must be at least 1".into());
+        }
+        if self.max_batched_tokens < self.max_num_seqs {
+            return Err(format!(
+                "model_engine.max_batched_tokens ({}) must be at least max_num_seqs ({}): every running sequence decodes one token per step",
+                self.max_batched_tokens, self.max_num_seqs
+            ));
+        }
+        if self.max_kv_tokens == 0 {
+            return Err("model_engine.max_kv_tokens must be at least 1".into());
+        }
+        Ok(())
+    }
+}

