@@ -194,7 +194,7 @@ pub struct ServeArgs {
     /// More logging: -v debug, -vv trace.
     #[arg(short = 'v', action = clap::ArgAction::Count)]
     pub verbose: u8,
-    /// dynamo-run style `in=http|text|batch:FILE` and `out=echo|echo_full|echo_core|mocker`.
+    /// dynamo-run style `in=http|text|batch:FILE` and `out=model|mocker|echo|echo_full|echo_core`.
     #[arg(value_name = "in=.. out=..")]
     pub io: Vec<String>,
 }
@@ -235,12 +235,12 @@ impl ServeArgs {
                 };
             } else if let Some(value) = arg.strip_prefix("out=") {
                 match value {
-                    "echo" | "echo_full" | "echo_core" | "mocker" => {
+                    "echo" | "echo_full" | "echo_core" | "mocker" | "model" => {
                         engine_kind = Some(value.to_string())
                     }
                     other => {
                         return Err(format!(
-                            "unknown or unavailable engine `out={other}`: this build has out=echo, out=echo_full, out=echo_core and out=mocker"
+                            "unknown or unavailable engine `out={other}`: this build has out=model, out=mocker, out=echo, out=echo_full and out=echo_core"
                         ))
                     }
                 }

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use dynamix_actors::engine::mocker::MockerConfig;
+use dynamix_actors::engine::ModelEngineConfig;
 use dynamix_actors::engine::{EchoConfig, EngineConfig, EngineKind};
 use dynamix_actors::faults::FaultsConfig;
 use dynamix_actors::gateway::migration::MigrationConfig;
@@ -81,6 +82,8 @@ pub struct Config {
     pub echo: EchoConfig,
     /// Mocker engines (simulated KV cache and timing).
     pub mocker: MockerConfig,
+    /// The real model engine.
+    pub model_engine: ModelEngineConfig,
     /// Validation and tokenization.
     pub validator: ValidatorConfig,
     /// Metrics.
@@ -592,6 +595,9 @@ impl Config {
         if let Err(message) = self.mocker.validate() {
             return Err(ConfigError(format!("invalid config: {message}")));
         }
+        if let Err(message) = self.model_engine.validate() {
+            return Err(ConfigError(format!("invalid config: {message}")));
+        }
         for check in [
             self.migration.validate(),
             self.supervisor.validate(),
@@ -619,6 +625,7 @@ impl Config {
             engine: self.engine.clone(),
             echo: self.echo.clone(),
             mocker: self.mocker.clone(),
+            model_engine: self.model_engine.clone(),
             validator: self.validator.clone(),
             metrics: self.metrics.clone(),
             migration: self.migration.clone(),

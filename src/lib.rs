@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use dynamix_actors::engine::{EngineKind, LlamaModel};
 use dynamix_actors::models::{ModelStore, PullProgress, ALL_PACKAGES, SMOLLM2, SMOLLM2_GGUF};
 use dynamix_actors::supervisor::{self, RunningService};
 use dynamix_actors::tokenizer::ModelTokenizer;
@@ -172,11 +173,46 @@ pub fn load_tokenizer(path: &Path) -> Result<Arc<ModelTokenizer>, RunError> {
     Ok(tokenizer)
 }
 
+/// Load the model engine's weights from `path` (Q8_0 re-quantization included), sharing one copy per
+/// file within the process. Sets candle's thread count from `model_engine.threads` first, unless
+/// `CANDLE_NUM_THREADS` is already set (candle sizes its one process-wide pool on first use).
+pub fn load_weights(path: &Path, config: &Config) -> Result<Arc<LlamaModel>, RunError> {
+    static CACHE: OnceLock<Mutex<HashMap<PathBuf, Arc<LlamaModel>>>> = OnceLock::new();
+    match std::env::var("CANDLE_NUM_THREADS") {
+        Ok(value) => tracing::info!(
+            "CANDLE_NUM_THREADS={value} is set; it overrides model_engine.threads = {}",
+            config.model_engine.threads
+        ),
+        Err(_) => std::env::set_var(
+            "CANDLE_NUM_THREADS",
+            config.model_engine.threads.to_string(),
+        ),
+    }
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(model) = cache.lock().ok().and_then(|c| c.get(path).cloned()) {
+        return Ok(model);
+    }
+    let model = Arc::new(LlamaModel::load(path).map_err(|e| RunError::Model(e.to_string()))?);
+    tracing::info!(
+        path = %path.display(),
+        seconds = model.load_time.as_secs_f64(),
+        "model weights loaded (re-quantized to Q8_0)"
+    );
+    if let Ok(mut c) = cache.lock() {
+        c.insert(path.to_path_buf(), model.clone());
+    }
+    Ok(model)
+}
+
 /// Start the actor tree for `config` (HTTP on when `serve_http`). Must run inside an actix System.
 pub async fn start(config: &Config, serve_http: bool) -> Result<RunningService, RunError> {
     let path = model_file(config)?;
     let tokenizer = load_tokenizer(&path)?;
-    let service = supervisor::start(config.service(serve_http), tokenizer).await?;
+    let weights = match config.engine.kind {
+        EngineKind::Model => Some(load_weights(&path, config)?),
+        _ => None,
+    };
+    let service = supervisor::start(config.service(serve_http), tokenizer, weights).await?;
     for addr in &service.http_addrs {
         tracing::info!(
             "serving {} on http://{addr} (OpenAI API under /v1)",

@@ -19,11 +19,28 @@ pub struct Delta {
     pub tokens: u32,
     /// Set once, on the choice's last delta.
     pub finish_reason: Option<FinishReason>,
+    /// Log-probabilities of this output's emitted tokens (when the request asked for them; a stop
+    /// token that ends the choice has none, as OpenAI reports).
+    pub logprobs: Vec<LogprobEntry>,
+}
+
+/// One token's log-probability as the APIs report it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogprobEntry {
+    /// The token's text.
+    pub token: String,
+    /// Its raw bytes.
+    pub bytes: Vec<u8>,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// The most likely alternatives: text, bytes, log-probability.
+    pub top: Vec<(String, Vec<u8>, f32)>,
 }
 
 /// Per-choice decoding and stop handling.
 pub struct ChoiceDecoder {
     decoder: IncrementalDecoder,
+    tokenizer: Arc<ModelTokenizer>,
     stop: StopConditions,
     generated: u32,
     /// Text not yet released because it could be the start of a stop string.
@@ -39,7 +56,8 @@ impl ChoiceDecoder {
         skip_special_tokens: bool,
     ) -> Self {
         ChoiceDecoder {
-            decoder: IncrementalDecoder::new(tokenizer, skip_special_tokens),
+            decoder: IncrementalDecoder::new(tokenizer.clone(), skip_special_tokens),
+            tokenizer,
             stop,
             generated: 0,
             pending: String::new(),
@@ -64,12 +82,15 @@ impl ChoiceDecoder {
             return Ok(delta);
         }
         let mut finish = None;
-        for &id in &output.token_ids {
+        for (k, &id) in output.token_ids.iter().enumerate() {
             self.generated += 1;
             delta.tokens += 1;
             if self.generated > self.stop.min_tokens && self.stop.stop_token_ids.contains(&id) {
                 finish = Some(FinishReason::Stop);
                 break;
+            }
+            if let Some(lp) = output.logprobs.get(k) {
+                delta.logprobs.push(self.logprob_entry(lp));
             }
             let text = self.decoder.push(id).map_err(ApiError::internal)?;
             self.pending.push_str(&text);
@@ -99,6 +120,27 @@ impl ChoiceDecoder {
             None => delta.text = self.release_safe_prefix(),
         }
         Ok(delta)
+    }
+
+    fn logprob_entry(&self, lp: &crate::protocol::engine::TokenLogprob) -> LogprobEntry {
+        let describe = |id: u32| {
+            let bytes = self.tokenizer.token_bytes(id).unwrap_or_default().to_vec();
+            (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+        };
+        let (token, bytes) = describe(lp.token_id);
+        LogprobEntry {
+            token,
+            bytes,
+            logprob: lp.logprob,
+            top: lp
+                .top
+                .iter()
+                .map(|&(id, logprob)| {
+                    let (text, bytes) = describe(id);
+                    (text, bytes, logprob)
+                })
+                .collect(),
+        }
     }
 
     /// The stream ended without a finish: flush what is held back.

@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 
 pub use actor::{overloaded, EngineActor, Generate, ProgressSink};
 pub use mocker::{MockerConfig, MockerLoad};
+pub use model::{LlamaModel, ModelEngineConfig, ModelLoad};
 
 use crate::faults::{EngineFault, FaultInjector};
 use crate::protocol::engine::{EngineEvent, EngineOutput, EngineRequest};
@@ -37,6 +38,8 @@ pub enum EngineKind {
     EchoCore,
     /// Simulated vLLM worker: paged KV cache with prefix caching, scheduler, timing model, KV events.
     Mocker,
+    /// The real model (SmolLM2 on CPU with candle), continuous batching.
+    Model,
 }
 
 impl EngineKind {
@@ -47,6 +50,7 @@ impl EngineKind {
             "echo_full" => Some(EngineKind::EchoFull),
             "echo_core" => Some(EngineKind::EchoCore),
             "mocker" => Some(EngineKind::Mocker),
+            "model" => Some(EngineKind::Model),
             _ => None,
         }
     }
@@ -58,6 +62,7 @@ impl EngineKind {
             EngineKind::EchoFull => "echo_full",
             EngineKind::EchoCore => "echo_core",
             EngineKind::Mocker => "mocker",
+            EngineKind::Model => "model",
         }
     }
 }
@@ -66,7 +71,7 @@ impl EngineKind {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EngineConfig {
-    /// Engine kind (`echo`, `echo_full`, `echo_core`, `mocker`).
+    /// Engine kind (`echo`, `echo_full`, `echo_core`, `mocker`, `model`).
     pub kind: EngineKind,
     /// One EngineActor per device, each pinned to its own Arbiter thread (`cpu:0`, `cpu:1`, ...).
     pub devices: Vec<String>,
@@ -334,6 +339,13 @@ pub struct EngineSpec {
     pub kv_events: Option<mocker::KvEventSender>,
     /// The mocker's live load, shared with `/health`.
     pub mocker_load: Arc<mocker::MockerLoad>,
+    /// The model engine's weights, loaded once per process and shared by its engines and their
+    /// restarts (`None` unless the kind is `model`).
+    pub model: Option<Arc<model::LlamaModel>>,
+    /// Model engine settings.
+    pub model_engine: model::ModelEngineConfig,
+    /// The model engine's live state, shared with `/health`.
+    pub model_load: Arc<model::ModelLoad>,
 }
 
 /// Build the engine described by `spec`. Runs on the engine's own thread.
@@ -349,5 +361,34 @@ pub fn build_engine(spec: EngineSpec) -> Box<dyn Engine> {
             spec.kv_events,
             spec.mocker_load,
         )),
+        EngineKind::Model => match spec.model {
+            Some(weights) => Box::new(model::ModelEngine::new(
+                weights,
+                spec.model_engine,
+                spec.model_load,
+            )),
+            None => Box::new(Unavailable(
+                "engine kind `model` started without model weights",
+            )),
+        },
+    }
+}
+
+/// An engine that cannot serve (it was built without what it needs): every request fails with the
+/// reason. Startup checks make this unreachable in practice; it keeps `build_engine` infallible.
+struct Unavailable(&'static str);
+
+impl Engine for Unavailable {
+    fn name(&self) -> &'static str {
+        "unavailable"
+    }
+
+    fn generate(
+        &mut self,
+        _request: EngineRequest,
+        sink: TokenSink,
+    ) -> LocalBoxFuture<'static, ()> {
+        let reason = self.0;
+        Box::pin(async move { sink.fail(crate::error::ApiError::internal(reason)).await })
     }
 }

@@ -90,6 +90,17 @@ fn endpoints_and_instances(state: &AppState) -> (Vec<String>, Vec<Value>) {
                     "prefix_hit_rate": mocker.prefix_hit_rate(),
                 });
             }
+            if let Some(model) = &e.model {
+                use std::sync::atomic::Ordering::Relaxed;
+                instance["batch"] = json!({
+                    "waiting_requests": model.waiting.load(Relaxed),
+                    "running_requests": model.running.load(Relaxed),
+                    "kv_tokens": model.kv_tokens.load(Relaxed),
+                    "steps": model.steps.load(Relaxed),
+                    "prefill_tokens": model.prefill_tokens.load(Relaxed),
+                    "decode_tokens": model.decode_tokens.load(Relaxed),
+                });
+            }
             instance
         })
         .collect();

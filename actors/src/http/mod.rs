@@ -192,6 +192,9 @@ pub struct EngineInfo {
     /// The mocker's simulated cache and queue state (mocker engines only).
     #[serde(skip)]
     pub mocker: Option<Arc<crate::engine::MockerLoad>>,
+    /// The model engine's batch state (model engines only).
+    #[serde(skip)]
+    pub model: Option<Arc<crate::engine::ModelLoad>>,
 }
 
 /// The served model as the models routes describe it.

@@ -11,6 +11,7 @@ use futures_util::Stream;
 use serde::Serialize;
 
 use super::Admission;
+use crate::backend::LogprobEntry;
 use crate::error::ApiError;
 use crate::gateway::{ChoiceDelta, Generation};
 use crate::metrics::RequestGuard;
@@ -97,11 +98,12 @@ fn data_frame(value: &impl Serialize) -> String {
     }
 }
 
-/// Per-choice text and finish reason collected while folding.
+/// Per-choice text, finish reason and log-probabilities collected while folding.
 #[derive(Default, Clone)]
 struct Folded {
     text: String,
     finish_reason: Option<FinishReason>,
+    logprobs: Vec<LogprobEntry>,
 }
 
 fn fold_into(choices: &mut Vec<Folded>, delta: &ChoiceDelta) {
@@ -110,9 +112,51 @@ fn fold_into(choices: &mut Vec<Folded>, delta: &ChoiceDelta) {
         choices.resize(i + 1, Folded::default());
     }
     choices[i].text.push_str(&delta.delta.text);
+    choices[i]
+        .logprobs
+        .extend(delta.delta.logprobs.iter().cloned());
     if delta.delta.finish_reason.is_some() {
         choices[i].finish_reason = delta.delta.finish_reason;
     }
+}
+
+/// Chat's `logprobs` object: `{"content": [{token, logprob, bytes, top_logprobs}]}`.
+fn chat_logprobs(entries: &[LogprobEntry]) -> serde_json::Value {
+    let item = |token: &str, bytes: &[u8], logprob: f32| serde_json::json!({"token": token, "logprob": logprob, "bytes": bytes});
+    let content: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|e| {
+            let mut v = item(&e.token, &e.bytes, e.logprob);
+            v["top_logprobs"] = e.top.iter().map(|(t, b, l)| item(t, b, *l)).collect();
+            v
+        })
+        .collect();
+    serde_json::json!({ "content": content, "refusal": null })
+}
+
+/// Legacy completions `logprobs`: parallel `tokens`, `token_logprobs`, `top_logprobs`, `text_offset`
+/// (character offsets from `offset`, the characters before this delta in the choice's text).
+fn completion_logprobs(entries: &[LogprobEntry], mut offset: usize) -> serde_json::Value {
+    let mut text_offset = Vec::with_capacity(entries.len());
+    for e in entries {
+        text_offset.push(offset);
+        offset += e.token.chars().count();
+    }
+    let top: Vec<serde_json::Map<String, serde_json::Value>> = entries
+        .iter()
+        .map(|e| {
+            e.top
+                .iter()
+                .map(|(t, _, l)| (t.clone(), serde_json::json!(l)))
+                .collect()
+        })
+        .collect();
+    serde_json::json!({
+        "tokens": entries.iter().map(|e| e.token.as_str()).collect::<Vec<_>>(),
+        "token_logprobs": entries.iter().map(|e| e.logprob).collect::<Vec<_>>(),
+        "top_logprobs": top,
+        "text_offset": text_offset,
+    })
 }
 
 /// `chat.completion.chunk` / `chat.completion`.
@@ -167,7 +211,7 @@ impl Framer for ChatFramer {
             index: d.index,
             delta,
             finish_reason: d.delta.finish_reason,
-            logprobs: None,
+            logprobs: (!d.delta.logprobs.is_empty()).then(|| chat_logprobs(&d.delta.logprobs)),
         };
         Some(data_frame(&self.chunk(vec![choice], None)))
     }
@@ -197,7 +241,7 @@ impl Framer for ChatFramer {
                     content: Some(c.text.clone()),
                 },
                 finish_reason: c.finish_reason,
-                logprobs: None,
+                logprobs: (!c.logprobs.is_empty()).then(|| chat_logprobs(&c.logprobs)),
             })
             .collect();
         let response = ChatCompletionResponse {
@@ -220,6 +264,8 @@ pub struct CompletionFramer {
     created: u64,
     echo: Option<Vec<String>>,
     folded: Vec<Folded>,
+    /// Characters streamed so far per choice (for `text_offset`).
+    streamed_chars: Vec<usize>,
 }
 
 impl CompletionFramer {
@@ -231,6 +277,7 @@ impl CompletionFramer {
             created: crate::protocol::unix_now(),
             echo,
             folded: Vec::new(),
+            streamed_chars: Vec::new(),
         }
     }
 
@@ -270,11 +317,23 @@ impl Framer for CompletionFramer {
         if d.delta.text.is_empty() && d.delta.finish_reason.is_none() {
             return None;
         }
+        let i = d.index as usize;
+        if self.streamed_chars.len() <= i {
+            self.streamed_chars.resize(i + 1, 0);
+        }
+        let offset = self.streamed_chars[i]
+            + self
+                .echo
+                .as_ref()
+                .and_then(|e| e.get(i))
+                .map_or(0, |p| p.chars().count());
+        self.streamed_chars[i] += d.delta.text.chars().count();
         let choice = CompletionChoice {
             index: d.index,
             text: d.delta.text.clone(),
             finish_reason: d.delta.finish_reason,
-            logprobs: None,
+            logprobs: (!d.delta.logprobs.is_empty())
+                .then(|| completion_logprobs(&d.delta.logprobs, offset)),
         };
         Some(data_frame(&self.response(vec![choice], None)))
     }
@@ -306,7 +365,9 @@ impl Framer for CompletionFramer {
                     c.text
                 ),
                 finish_reason: c.finish_reason,
-                logprobs: None,
+                logprobs: (!c.logprobs.is_empty()).then(|| {
+                    completion_logprobs(&c.logprobs, echo.get(i).map_or(0, |p| p.chars().count()))
+                }),
             })
             .collect();
         serde_json::to_value(self.response(choices, Some(usage))).unwrap_or_default()

@@ -20,8 +20,8 @@ use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{
-    EchoConfig, EngineActor, EngineConfig, EngineKind, EngineLoad, EngineSpec, MockerConfig,
-    MockerLoad, ProgressSink,
+    EchoConfig, EngineActor, EngineConfig, EngineKind, EngineLoad, EngineSpec, LlamaModel,
+    MockerConfig, MockerLoad, ModelEngineConfig, ModelLoad, ProgressSink,
 };
 use crate::faults::{FaultInjector, FaultsConfig};
 use crate::gateway::migration::{MigrationConfig, Migrator};
@@ -68,6 +68,8 @@ pub struct ServiceConfig {
     pub echo: EchoConfig,
     /// Mocker engines.
     pub mocker: MockerConfig,
+    /// Model engines.
+    pub model_engine: ModelEngineConfig,
     /// Validator.
     pub validator: ValidatorConfig,
     /// Metrics.
@@ -311,14 +313,24 @@ fn mocker_vocabulary(tokenizer: &ModelTokenizer) -> Arc<[u32]> {
 }
 
 /// Start the tree. Must run inside an actix System.
+/// `weights` must be given when the engine kind is `model` (loaded once, shared by every engine).
 pub async fn start(
     config: ServiceConfig,
     tokenizer: Arc<ModelTokenizer>,
+    weights: Option<Arc<LlamaModel>>,
 ) -> Result<RunningService, StartError> {
     if config.engine.devices.is_empty() {
         return Err(StartError::Config(
             "engine.devices must list at least one device".into(),
         ));
+    }
+    if config.engine.kind == EngineKind::Model {
+        if weights.is_none() {
+            return Err(StartError::Config(
+                "engine.kind = \"model\" needs the model's weights loaded".into(),
+            ));
+        }
+        config.model_engine.validate().map_err(StartError::Config)?;
     }
     let env = |key: &str| std::env::var(key).ok();
     let metrics = Arc::new(
@@ -387,6 +399,7 @@ pub async fn start(
         let load = Arc::new(EngineLoad::default());
         let arbiter = Arbiter::new();
         let mocker_load = Arc::new(MockerLoad::default());
+        let model_load = Arc::new(ModelLoad::default());
         let spec = EngineSpec {
             kind: config.engine.kind,
             instance_id: id,
@@ -395,6 +408,9 @@ pub async fn start(
             output_tokens: output_tokens.clone(),
             kv_events: kv_events.clone(),
             mocker_load: mocker_load.clone(),
+            model: weights.clone(),
+            model_engine: config.model_engine.clone(),
+            model_load: model_load.clone(),
         };
         let (capacity, device_name, actor_load) = (
             config.engine.admission_capacity,
@@ -425,6 +441,7 @@ pub async fn start(
             device: device.clone(),
             load: load.clone(),
             mocker: (config.engine.kind == EngineKind::Mocker).then_some(mocker_load),
+            model: (config.engine.kind == EngineKind::Model).then_some(model_load),
         });
         children.push(EngineChild {
             id,

@@ -1,0 +1,288 @@
+//! The real model engine (`engine.kind = "model"`, SmolLM2-135M-Instruct on CPU) through the HTTP
+//! API: answers, sampling controls, finish reasons, UTF-8-safe streaming, logprobs, continuous
+//! batching, migration of a stream off a panicking engine, and the official `openai` SDK.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use serde_json::{json, Value};
+
+const MODEL_ENGINE: &str = "engine.kind = \"model\"\n";
+
+fn ask(question: &str) -> Value {
+    json!({"model": MODEL, "messages": [{"role": "user", "content": question}], "temperature": 0})
+}
+
+fn content(body: &Value) -> &str {
+    body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no content in {body}"))
+}
+
+#[actix_rt::test]
+async fn greedy_answer_names_paris_and_usage_is_exact() {
+    let server = start(MODEL_ENGINE).await;
+    let mut body = ask("What is the capital of France?");
+    body["max_tokens"] = json!(32);
+    let (status, res) = post_json(&server.url("/v1/chat/completions"), &body).await;
+    assert_eq!(status, 200, "{res}");
+    assert!(content(&res).contains("Paris"), "{res}");
+    assert_eq!(res["choices"][0]["finish_reason"], "stop");
+    // The prompt count is the chat template's tokens, exactly.
+    let config = test_config(MODEL_ENGINE);
+    let tokenizer = dynamix::load_tokenizer(&dynamix::model_file(&config).expect("model file"))
+        .expect("tokenizer");
+    let prompt = tokenizer
+        .render_chat(
+            &[dynamix_actors::tokenizer::ChatMessage::new(
+                "user",
+                "What is the capital of France?",
+            )],
+            true,
+        )
+        .expect("template");
+    let prompt_tokens = tokenizer.encode(&prompt).expect("encode").len() as u64;
+    assert_eq!(res["usage"]["prompt_tokens"], prompt_tokens);
+    // Completion tokens: the answer's tokens plus the end-of-sequence token that stopped it.
+    let answer_tokens = tokenizer.encode(content(&res)).expect("encode").len() as u64;
+    assert_eq!(
+        res["usage"]["completion_tokens"],
+        answer_tokens + 1,
+        "{res}"
+    );
+    assert_eq!(
+        res["usage"]["total_tokens"],
+        prompt_tokens + answer_tokens + 1
+    );
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn the_same_seed_gives_the_same_text() {
+    let server = start(MODEL_ENGINE).await;
+    let url = server.url("/v1/chat/completions");
+    let body = |seed: u64| {
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "Write a sentence about the sea."}],
+               "temperature": 1.0, "top_p": 0.95, "seed": seed, "max_tokens": 20})
+    };
+    let (_, a) = post_json(&url, &body(42)).await;
+    let (_, b) = post_json(&url, &body(42)).await;
+    assert_eq!(content(&a), content(&b));
+    // Other seeds sample other texts (five tries: a collision on all of them would mean the seed is ignored).
+    let mut differs = false;
+    for seed in 1..=5 {
+        let (_, c) = post_json(&url, &body(seed)).await;
+        differs |= content(&c) != content(&a);
+    }
+    assert!(differs, "every seed produced {:?}", content(&a));
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn stop_strings_and_max_tokens_set_the_finish_reason() {
+    let server = start(MODEL_ENGINE).await;
+    let url = server.url("/v1/chat/completions");
+    let mut body = ask("What is the capital of France?");
+    body["max_tokens"] = json!(32);
+    let (_, full) = post_json(&url, &body).await;
+    let answer = content(&full).to_string();
+    let cut = answer.find("Paris").expect("Paris in the answer");
+
+    body["stop"] = json!(["Paris"]);
+    let (status, stopped) = post_json(&url, &body).await;
+    assert_eq!(status, 200, "{stopped}");
+    assert_eq!(
+        content(&stopped),
+        &answer[..cut],
+        "text up to the stop string"
+    );
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
+
+    let mut short = ask("What is the capital of France?");
+    short["max_tokens"] = json!(3);
+    let (_, res) = post_json(&url, &short).await;
+    assert_eq!(res["choices"][0]["finish_reason"], "length", "{res}");
+    assert_eq!(res["usage"]["completion_tokens"], 3);
+    assert!(answer.starts_with(content(&res)), "{res}");
+
+    // Beyond the context window: 400 naming the prompt size, max_tokens and the limit.
+    let mut long = ask("Hello");
+    long["max_tokens"] = json!(8190);
+    let (status, err) = post_json(&url, &long).await;
+    assert_eq!(status, 400, "{err}");
+    let message = err["message"]
+        .as_str()
+        .or(err["error"]["message"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        message.contains("8190") && message.contains("8192"),
+        "{err}"
+    );
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_streamed_non_ascii_answer_decodes_exactly() {
+    let server = start(MODEL_ENGINE).await;
+    let body = json!({"model": MODEL, "prompt": "Traduis en français : « The coffee is very good. » Réponse :",
+                      "temperature": 0, "max_tokens": 24});
+    let (status, unary) = post_json(&server.url("/v1/completions"), &body).await;
+    assert_eq!(status, 200, "{unary}");
+    let text = unary["choices"][0]["text"]
+        .as_str()
+        .expect("text")
+        .to_string();
+    assert!(
+        !text.is_ascii(),
+        "the answer has non-ASCII characters: {text:?}"
+    );
+    let mut streaming = body.clone();
+    streaming["stream"] = json!(true);
+    let (_, sse, _) = post_sse(&server.url("/v1/completions"), &streaming).await;
+    let pieces: Vec<String> = sse_json(&sse)
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str().map(String::from))
+        .collect();
+    assert!(pieces.len() > 3, "{pieces:?}");
+    assert!(
+        pieces.iter().all(|p| !p.contains('\u{FFFD}')),
+        "no replacement characters: {pieces:?}"
+    );
+    assert_eq!(pieces.concat(), text);
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn concurrent_requests_share_forward_passes_and_match_their_solo_answers() {
+    let server = start(MODEL_ENGINE).await;
+    let url = server.url("/v1/completions");
+    let prompts = [
+        "The quick brown fox",
+        "In the beginning",
+        "My favourite fruit is",
+        "Rust is a programming language that",
+        "Water boils at",
+        "The best way to learn is",
+    ];
+    let body = |p: &str| json!({"model": MODEL, "prompt": p, "temperature": 0, "max_tokens": 12, "ignore_eos": true});
+    let mut solo = Vec::new();
+    for p in prompts {
+        let (_, res) = post_json(&url, &body(p)).await;
+        solo.push(
+            res["choices"][0]["text"]
+                .as_str()
+                .expect("text")
+                .to_string(),
+        );
+    }
+    let (_, before) = get(&server.url("/health")).await;
+    let steps_before = before["instances"][0]["batch"]["steps"]
+        .as_u64()
+        .expect("steps");
+    let together = futures_util::future::join_all(prompts.iter().map(|p| {
+        let url = url.clone();
+        let body = body(p);
+        async move { post_json(&url, &body).await }
+    }))
+    .await;
+    for ((status, res), expected) in together.iter().zip(&solo) {
+        assert_eq!(*status, 200, "{res}");
+        assert_eq!(res["usage"]["completion_tokens"], 12);
+        assert_eq!(
+            res["choices"][0]["text"].as_str(),
+            Some(expected.as_str()),
+            "batched = solo"
+        );
+    }
+    let (_, after) = get(&server.url("/health")).await;
+    let steps = after["instances"][0]["batch"]["steps"]
+        .as_u64()
+        .expect("steps")
+        - steps_before;
+    // Alone, 6 × 12 tokens take 72 passes; sharing passes needs far fewer.
+    assert!(
+        steps <= 36,
+        "{steps} forward passes for 6 concurrent requests of 12 tokens"
+    );
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_stream_survives_its_engine_panicking_and_reads_as_if_nothing_happened() {
+    let config =
+        "engine.kind = \"model\"\nengine.devices = [\"cpu:0\", \"cpu:1\"]\nmigration.limit = 3\n\
+                  faults.enabled = true\nfaults.admin_endpoint = true\n";
+    let server = start(config).await;
+    let url = server.url("/v1/completions");
+    let body = json!({"model": MODEL, "prompt": "Once upon a time", "temperature": 0, "max_tokens": 16,
+                      "ignore_eos": true, "stream": true});
+    let (_, clean, _) = post_sse(&url, &body).await;
+    let text = |sse: &str| -> String {
+        sse_json(sse)
+            .iter()
+            .filter_map(|c| c["choices"][0]["text"].as_str().map(String::from))
+            .collect()
+    };
+    let expected = text(&clean);
+    let (status, armed) = post_json(
+        &server.url("/admin/faults"),
+        &json!({"kind": "engine_panic", "after_tokens": 5}),
+    )
+    .await;
+    assert_eq!(status, 200, "{armed}");
+    let (status, faulted, _) = post_sse(&url, &body).await;
+    assert_eq!(status, 200);
+    assert!(faulted.ends_with("data: [DONE]\n\n"), "{faulted}");
+    assert_eq!(
+        text(&faulted),
+        expected,
+        "migrated greedy stream = clean stream"
+    );
+    // The restart is reported to the supervisor asynchronously: wait for it to be counted.
+    let mut restarted = false;
+    for _ in 0..100 {
+        let metrics = get_text(&server.url("/metrics")).await;
+        if metrics.contains("dynamo_frontend_actor_restarts_total{actor=\"engine\"") {
+            restarted = true;
+            break;
+        }
+        actix_rt::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(restarted, "the engine restart is counted");
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn the_official_openai_sdk_accepts_the_model_responses() {
+    let server = start(MODEL_ENGINE).await;
+    let base = server.base.clone();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/conformance/openai_model.py"
+    );
+    let python = std::env::var("DYNAMIX_PYTHON").unwrap_or_else(|_| "python3".into());
+    let output = actix_rt::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg(script)
+            .arg(&base)
+            .arg(MODEL)
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "openai SDK against the model failed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("model conformance: all checks passed"),
+        "{stdout}"
+    );
+    server.stop().await;
+}
