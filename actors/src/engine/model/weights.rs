@@ -65,7 +65,7 @@ pub enum LoadError {
 }
 
 /// Shape of a llama-style model.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ModelShape {
     /// Transformer blocks.
     pub layers: usize,
@@ -142,7 +142,156 @@ struct Reader<'a> {
     file: BufReader<File>,
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
+    fn open(path: &'a Path) -> Result<Self, LoadError> {
+        let mut file = BufReader::new(File::open(path).map_err(|source| LoadError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?);
+        let content = gguf_file::Content::read(&mut file).map_err(|e| LoadError::Format {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Ok(Reader {
+            path,
+            content,
+            file,
+        })
+    }
+
+    fn shape(&self) -> Result<ModelShape, LoadError> {
+        let path = self.path;
+        let arch = self
+            .content
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        if arch != "llama" {
+            return Err(LoadError::Architecture {
+                path: path.to_path_buf(),
+                arch,
+            });
+        }
+        let layers = self.metadata_u32("llama.block_count")?;
+        let hidden = self.metadata_u32("llama.embedding_length")?;
+        let heads = self.metadata_u32("llama.attention.head_count")?;
+        let kv_heads = self.metadata_u32("llama.attention.head_count_kv")?;
+        let ffn = self.metadata_u32("llama.feed_forward_length")?;
+        let context_length = self.metadata_u32("llama.context_length")?;
+        let rms_eps = self
+            .metadata_f32("llama.attention.layer_norm_rms_epsilon")
+            .unwrap_or(1e-5);
+        let rope_theta = self
+            .metadata_f32("llama.rope.freq_base")
+            .unwrap_or(10_000.0);
+        if heads == 0
+            || kv_heads == 0
+            || hidden % heads != 0
+            || heads % kv_heads != 0
+            || hidden % 32 != 0
+            || ffn % 32 != 0
+        {
+            return Err(LoadError::Metadata {
+                path: path.to_path_buf(),
+                key: format!(
+                    "llama.attention.head_count ({heads}) / head_count_kv ({kv_heads}) vs embedding_length ({hidden}) and feed_forward_length ({ffn}) (sizes must be multiples of 32 for Q8_0)"
+                ),
+            });
+        }
+        let vocab = match self.content.tensor_infos.get("token_embd.weight") {
+            Some(info) => match info.shape.dims() {
+                [vocab, h] if *h == hidden => *vocab,
+                dims => {
+                    return Err(self.tensor_error(
+                        "token_embd.weight",
+                        format!("shape {dims:?}, expected [vocab, {hidden}]"),
+                    ))
+                }
+            },
+            None => return Err(self.tensor_error("token_embd.weight", "missing")),
+        };
+        Ok(ModelShape {
+            layers,
+            hidden,
+            heads,
+            kv_heads,
+            head_dim: hidden / heads,
+            ffn,
+            vocab,
+            context_length,
+            rms_eps,
+            rope_theta,
+        })
+    }
+
+    /// Every tensor the engine keeps, in a fixed order, with its converted type and size.
+    fn plan(&self, shape: &ModelShape) -> Result<Vec<TensorPlan>, LoadError> {
+        let (h, kv, ffn) = (shape.hidden, shape.kv_width(), shape.ffn);
+        let embd = self
+            .content
+            .tensor_infos
+            .get("token_embd.weight")
+            .ok_or_else(|| self.tensor_error("token_embd.weight", "missing"))?;
+        let mut plan = vec![
+            TensorPlan {
+                name: "token_embd.weight".into(),
+                dims: vec![shape.vocab, h],
+                dtype: dtype_name(embd.ggml_dtype),
+                bytes: storage_bytes(embd.ggml_dtype, shape.vocab * h),
+            },
+            TensorPlan {
+                name: "output.weight".into(),
+                dims: vec![shape.vocab, h],
+                dtype: dtype_name(GgmlDType::Q8_0),
+                bytes: storage_bytes(GgmlDType::Q8_0, shape.vocab * h),
+            },
+        ];
+        let vector = |name: String, len: usize| TensorPlan {
+            name,
+            dims: vec![len],
+            dtype: dtype_name(GgmlDType::F32),
+            bytes: (len * 4) as u64,
+        };
+        let matrix = |name: String, rows: usize, cols: usize| TensorPlan {
+            name,
+            dims: vec![rows, cols],
+            dtype: dtype_name(GgmlDType::Q8_0),
+            bytes: storage_bytes(GgmlDType::Q8_0, rows * cols),
+        };
+        plan.push(vector("output_norm.weight".into(), h));
+        for i in 0..shape.layers {
+            let p = format!("blk.{i}");
+            plan.push(vector(format!("{p}.attn_norm.weight"), h));
+            plan.push(matrix(format!("{p}.attn_q.weight"), h, h));
+            plan.push(matrix(format!("{p}.attn_k.weight"), kv, h));
+            plan.push(matrix(format!("{p}.attn_v.weight"), kv, h));
+            plan.push(matrix(format!("{p}.attn_output.weight"), h, h));
+            plan.push(vector(format!("{p}.ffn_norm.weight"), h));
+            plan.push(matrix(format!("{p}.ffn_gate.weight"), ffn, h));
+            plan.push(matrix(format!("{p}.ffn_up.weight"), ffn, h));
+            plan.push(matrix(format!("{p}.ffn_down.weight"), h, ffn));
+        }
+        for entry in &plan {
+            if entry.name == "output.weight" && !self.content.tensor_infos.contains_key(&entry.name)
+            {
+                continue;
+            }
+            match self.content.tensor_infos.get(&entry.name) {
+                Some(info) if info.shape.dims() == entry.dims.as_slice() => {}
+                Some(info) => {
+                    return Err(self.tensor_error(
+                        &entry.name,
+                        format!("shape {:?}, expected {:?}", info.shape.dims(), entry.dims),
+                    ))
+                }
+                None => return Err(self.tensor_error(&entry.name, "missing")),
+            }
+        }
+        Ok(plan)
+    }
+
     fn tensor_error(&self, name: &str, reason: impl std::fmt::Display) -> LoadError {
         LoadError::Tensor {
             path: self.path.to_path_buf(),
@@ -157,40 +306,6 @@ impl Reader<'_> {
         }
         self.content
             .tensor(&mut self.file, name, &Device::Cpu)
-            .map_err(|e| self.tensor_error(name, e))
-    }
-
-    /// A matrix as Q8_0, `[rows, cols]` as GGUF stores it (`rows` outputs of `cols` inputs).
-    fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<QTensor, LoadError> {
-        let tensor = self.raw(name)?;
-        if tensor.shape().dims() != [rows, cols] {
-            return Err(self.tensor_error(
-                name,
-                format!(
-                    "shape {:?}, expected [{rows}, {cols}]",
-                    tensor.shape().dims()
-                ),
-            ));
-        }
-        to_q8_0(tensor).map_err(|e| self.tensor_error(name, e))
-    }
-
-    fn matmul(&mut self, name: &str, rows: usize, cols: usize) -> Result<QMatMul, LoadError> {
-        let q = self.matrix(name, rows, cols)?;
-        QMatMul::from_qtensor(q).map_err(|e| self.tensor_error(name, e))
-    }
-
-    /// A vector as f32.
-    fn vector(&mut self, name: &str, len: usize) -> Result<Tensor, LoadError> {
-        let tensor = self.raw(name)?;
-        if tensor.shape().dims() != [len] {
-            return Err(self.tensor_error(
-                name,
-                format!("shape {:?}, expected [{len}]", tensor.shape().dims()),
-            ));
-        }
-        tensor
-            .dequantize(&Device::Cpu)
             .map_err(|e| self.tensor_error(name, e))
     }
 
@@ -220,112 +335,164 @@ fn to_q8_0(tensor: QTensor) -> candle_core::Result<QTensor> {
     QTensor::quantize(&dense, GgmlDType::Q8_0)
 }
 
+/// One tensor as the engine keeps it: its name, shape and storage type after conversion.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TensorPlan {
+    /// GGUF name (`output.weight` is the output head even when the file ties it to the embedding).
+    pub name: String,
+    /// Shape, candle order.
+    pub dims: Vec<usize>,
+    /// Storage type: Q8_0 for matrices, F32 for vectors, the file's own type for the embedding.
+    pub dtype: String,
+    /// Bytes of its storage.
+    pub bytes: u64,
+}
+
+/// The tensors a model is assembled from, by name, in the form the engine keeps them.
+pub type TensorSet = HashMap<String, QTensor>;
+
+fn dtype_name(dtype: GgmlDType) -> String {
+    format!("{dtype:?}")
+}
+
+/// The GGUF type named by [`dtype_name`].
+pub fn dtype_from_name(name: &str) -> Option<GgmlDType> {
+    use GgmlDType::*;
+    [
+        F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2K, Q3K, Q4K, Q5K, Q6K, Q8K,
+    ]
+    .into_iter()
+    .find(|d| dtype_name(*d) == name)
+}
+
+fn storage_bytes(dtype: GgmlDType, elems: usize) -> u64 {
+    (elems / dtype.block_size() * dtype.type_size()) as u64
+}
+
 impl LlamaModel {
     /// Load a llama-architecture GGUF file. Blocking: reads ~100 MB and re-quantizes (about a second
     /// for SmolLM2-135M).
     pub fn load(path: &Path) -> Result<LlamaModel, LoadError> {
         let started = Instant::now();
-        let io = |source| LoadError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let mut file = BufReader::new(File::open(path).map_err(io)?);
-        let content = gguf_file::Content::read(&mut file).map_err(|e| LoadError::Format {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        let mut reader = Reader {
-            path,
-            content,
-            file,
-        };
-        let arch = reader
-            .content
-            .metadata
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
-        if arch != "llama" {
-            return Err(LoadError::Architecture {
-                path: path.to_path_buf(),
-                arch,
-            });
-        }
-        let layers = reader.metadata_u32("llama.block_count")?;
-        let hidden = reader.metadata_u32("llama.embedding_length")?;
-        let heads = reader.metadata_u32("llama.attention.head_count")?;
-        let kv_heads = reader.metadata_u32("llama.attention.head_count_kv")?;
-        let ffn = reader.metadata_u32("llama.feed_forward_length")?;
-        let context_length = reader.metadata_u32("llama.context_length")?;
-        let rms_eps = reader
-            .metadata_f32("llama.attention.layer_norm_rms_epsilon")
-            .unwrap_or(1e-5);
-        let rope_theta = reader
-            .metadata_f32("llama.rope.freq_base")
-            .unwrap_or(10_000.0);
-        if heads == 0 || kv_heads == 0 || hidden % heads != 0 || heads % kv_heads != 0 {
-            return Err(LoadError::Metadata {
-                path: path.to_path_buf(),
-                key: format!(
-                    "llama.attention.head_count ({heads}) / head_count_kv ({kv_heads}) vs embedding_length ({hidden})"
-                ),
-            });
-        }
-        let head_dim = hidden / heads;
-        let embed_q = reader.raw("token_embd.weight")?;
-        let vocab = match embed_q.shape().dims() {
-            [vocab, h] if *h == hidden => *vocab,
-            dims => {
+        let (shape, tensors) = Self::read_tensors(path)?;
+        let mut model = Self::assemble(path, shape, tensors)?;
+        model.load_time = started.elapsed();
+        Ok(model)
+    }
+
+    /// The model's shape and the plan of its tensors, from the file's header alone (no tensor data is
+    /// read): what [`read_tensors`](Self::read_tensors) will produce, byte for byte in size.
+    pub fn plan(path: &Path) -> Result<(ModelShape, Vec<TensorPlan>), LoadError> {
+        let reader = Reader::open(path)?;
+        let shape = reader.shape()?;
+        let plan = reader.plan(&shape)?;
+        Ok((shape, plan))
+    }
+
+    /// Read every tensor the engine needs, re-quantizing matrices to Q8_0.
+    pub fn read_tensors(path: &Path) -> Result<(ModelShape, TensorSet), LoadError> {
+        let mut reader = Reader::open(path)?;
+        let shape = reader.shape()?;
+        let plan = reader.plan(&shape)?;
+        let mut tensors = TensorSet::new();
+        for entry in &plan {
+            let tensor = match entry.name.as_str() {
+                "token_embd.weight" => reader.raw(&entry.name)?,
+                "output.weight" => {
+                    let source = if reader.content.tensor_infos.contains_key("output.weight") {
+                        "output.weight"
+                    } else {
+                        "token_embd.weight"
+                    };
+                    let raw = reader.raw(source)?;
+                    to_q8_0(raw).map_err(|e| reader.tensor_error(source, e))?
+                }
+                name if entry.dims.len() == 2 => {
+                    let raw = reader.raw(name)?;
+                    to_q8_0(raw).map_err(|e| reader.tensor_error(name, e))?
+                }
+                name => {
+                    let raw = reader.raw(name)?;
+                    let dense = raw
+                        .dequantize(&Device::Cpu)
+                        .map_err(|e| reader.tensor_error(name, e))?;
+                    QTensor::quantize(&dense, GgmlDType::F32)
+                        .map_err(|e| reader.tensor_error(name, e))?
+                }
+            };
+            if tensor.shape().dims() != entry.dims.as_slice() {
                 return Err(reader.tensor_error(
-                    "token_embd.weight",
-                    format!("shape {dims:?}, expected [vocab, {hidden}]"),
-                ))
+                    &entry.name,
+                    format!(
+                        "shape {:?}, expected {:?}",
+                        tensor.shape().dims(),
+                        entry.dims
+                    ),
+                ));
             }
+            tensors.insert(entry.name.clone(), tensor);
+        }
+        Ok((shape, tensors))
+    }
+
+    /// Build the model from its tensors (from [`read_tensors`](Self::read_tensors), or attached from
+    /// the GPU memory service). `path` names where they came from.
+    pub fn assemble(
+        path: &Path,
+        shape: ModelShape,
+        mut tensors: TensorSet,
+    ) -> Result<LlamaModel, LoadError> {
+        let started = Instant::now();
+        let err = |name: &str, reason: String| LoadError::Tensor {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            reason,
         };
-        let shape = ModelShape {
-            layers,
-            hidden,
-            heads,
-            kv_heads,
-            head_dim,
-            ffn,
-            vocab,
-            context_length,
-            rms_eps,
-            rope_theta,
+        let mut take = |name: &str| {
+            tensors
+                .remove(name)
+                .ok_or_else(|| err(name, "missing".into()))
         };
-        let embedding = embed_q
-            .dequantize(&Device::Cpu)
-            .map_err(|e| reader.tensor_error("token_embd.weight", e))?;
-        let output = if reader.content.tensor_infos.contains_key("output.weight") {
-            reader.matmul("output.weight", vocab, hidden)?
-        } else {
-            let q = to_q8_0(embed_q).map_err(|e| reader.tensor_error("token_embd.weight", e))?;
-            QMatMul::from_qtensor(q).map_err(|e| reader.tensor_error("token_embd.weight", e))?
+        let dense = |name: &str, q: QTensor| {
+            q.dequantize(&Device::Cpu)
+                .map_err(|e| err(name, e.to_string()))
         };
-        let kv = shape.kv_width();
-        let mut blocks = Vec::with_capacity(layers);
-        for i in 0..layers {
+        let matmul =
+            |name: &str, q: QTensor| QMatMul::from_qtensor(q).map_err(|e| err(name, e.to_string()));
+        let embedding = dense("token_embd.weight", take("token_embd.weight")?)?;
+        let output = matmul("output.weight", take("output.weight")?)?;
+        let final_norm = dense("output_norm.weight", take("output_norm.weight")?)?;
+        let mut layers = Vec::with_capacity(shape.layers);
+        for i in 0..shape.layers {
             let p = format!("blk.{i}");
-            blocks.push(Layer {
-                attn_norm: reader.vector(&format!("{p}.attn_norm.weight"), hidden)?,
-                wq: reader.matmul(&format!("{p}.attn_q.weight"), hidden, hidden)?,
-                wk: reader.matmul(&format!("{p}.attn_k.weight"), kv, hidden)?,
-                wv: reader.matmul(&format!("{p}.attn_v.weight"), kv, hidden)?,
-                wo: reader.matmul(&format!("{p}.attn_output.weight"), hidden, hidden)?,
-                ffn_norm: reader.vector(&format!("{p}.ffn_norm.weight"), hidden)?,
-                w_gate: reader.matmul(&format!("{p}.ffn_gate.weight"), ffn, hidden)?,
-                w_up: reader.matmul(&format!("{p}.ffn_up.weight"), ffn, hidden)?,
-                w_down: reader.matmul(&format!("{p}.ffn_down.weight"), hidden, ffn)?,
+            let mut m = |suffix: &str| {
+                let name = format!("{p}.{suffix}.weight");
+                matmul(&name, take(&name)?)
+            };
+            let (wq, wk, wv, wo) = (m("attn_q")?, m("attn_k")?, m("attn_v")?, m("attn_output")?);
+            let (w_gate, w_up, w_down) = (m("ffn_gate")?, m("ffn_up")?, m("ffn_down")?);
+            let mut v = |suffix: &str| {
+                let name = format!("{p}.{suffix}.weight");
+                dense(&name, take(&name)?)
+            };
+            layers.push(Layer {
+                attn_norm: v("attn_norm")?,
+                ffn_norm: v("ffn_norm")?,
+                wq,
+                wk,
+                wv,
+                wo,
+                w_gate,
+                w_up,
+                w_down,
             });
         }
-        let final_norm = reader.vector("output_norm.weight", hidden)?;
-        let (rope_cos, rope_sin) = rope_tables(context_length, head_dim, rope_theta);
+        let (rope_cos, rope_sin) =
+            rope_tables(shape.context_length, shape.head_dim, shape.rope_theta);
         Ok(LlamaModel {
             shape,
             embedding,
-            layers: blocks,
+            layers,
             final_norm,
             output,
             rope_cos,
