@@ -188,8 +188,10 @@ fn aggregate(
 }
 
 fn main() {
-    if std::env::var("CANDLE_NUM_THREADS").is_err() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    for var in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
+        if std::env::var(var).is_err() {
+            std::env::set_var(var, "1");
+        }
     }
     let threads = std::env::var("CANDLE_NUM_THREADS").unwrap_or_default();
     let store = ModelStore::default();

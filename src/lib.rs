@@ -175,18 +175,18 @@ pub fn load_tokenizer(path: &Path) -> Result<Arc<ModelTokenizer>, RunError> {
 
 /// Load the model engine's weights from `path` (Q8_0 re-quantization included), sharing one copy per
 /// file within the process. Sets candle's thread count from `model_engine.threads` first, unless
-/// `CANDLE_NUM_THREADS` is already set (candle sizes its one process-wide pool on first use).
+/// `CANDLE_NUM_THREADS` / `RAYON_NUM_THREADS` are already set (candle sizes its pools on first use).
 pub fn load_weights(path: &Path, config: &Config) -> Result<Arc<LlamaModel>, RunError> {
     static CACHE: OnceLock<Mutex<HashMap<PathBuf, Arc<LlamaModel>>>> = OnceLock::new();
-    match std::env::var("CANDLE_NUM_THREADS") {
-        Ok(value) => tracing::info!(
-            "CANDLE_NUM_THREADS={value} is set; it overrides model_engine.threads = {}",
-            config.model_engine.threads
-        ),
-        Err(_) => std::env::set_var(
-            "CANDLE_NUM_THREADS",
-            config.model_engine.threads.to_string(),
-        ),
+    // Candle's quantized kernels read CANDLE_NUM_THREADS, its dense GEMM RAYON_NUM_THREADS.
+    for var in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
+        match std::env::var(var) {
+            Ok(value) => tracing::info!(
+                "{var}={value} is set; it overrides model_engine.threads = {}",
+                config.model_engine.threads
+            ),
+            Err(_) => std::env::set_var(var, config.model_engine.threads.to_string()),
+        }
     }
     let cache = CACHE.get_or_init(Default::default);
     if let Some(model) = cache.lock().ok().and_then(|c| c.get(path).cloned()) {
