@@ -187,6 +187,71 @@ fn aggregate(
     })
 }
 
+/// Engine restart: cold (read the GGUF, re-quantize) against through the GPU memory service (map the
+/// committed layout, copy the tensors out), host backend, the server on its own thread.
+fn restart_times(path: &std::path::Path) {
+    use dynamix_actors::engine::model::shared::{load_shared, Role};
+    use dynamix_actors::gms::{backend, BackendKind, GmsConfig, GmsServer};
+    let dir = std::env::temp_dir().join(format!("dynamix-bench-gms-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let socket = dir.join("weights.sock");
+    let server_socket = socket.clone();
+    std::thread::spawn(move || {
+        actix_rt::System::new().block_on(async move {
+            let config = GmsConfig {
+                device: 0,
+                tag: "weights".into(),
+                socket_path: server_socket,
+                alloc_retry_interval: Duration::from_millis(10),
+                alloc_retry_timeout: Some(Duration::from_secs(5)),
+            };
+            let backend = backend::open(BackendKind::Host, 0, None).expect("host backend");
+            GmsServer::bind(config, backend)
+                .expect("bind")
+                .serve(futures_util::future::pending())
+                .await;
+        })
+    });
+    while !socket.exists() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let timeout = Duration::from_secs(60);
+    let t = Instant::now();
+    let (_, role) = load_shared(path, &socket, BackendKind::Host, 0, timeout).expect("writer");
+    assert_eq!(role, Role::Writer);
+    let first = t.elapsed();
+    let runs = 3;
+    let mut cold = Vec::new();
+    let mut via = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        drop(LlamaModel::load(path).expect("cold"));
+        cold.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let (model, role) =
+            load_shared(path, &socket, BackendKind::Host, 0, timeout).expect("reader");
+        via.push(t.elapsed().as_secs_f64());
+        assert_eq!(role, Role::Reader);
+        drop(model);
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    println!("\n3. engine restart: weights ready to serve ({runs} runs each, host backend)");
+    println!(
+        "   first process (read GGUF, re-quantize, write to the service): {:.0} ms",
+        first.as_secs_f64() * 1e3
+    );
+    println!(
+        "   cold restart (read GGUF, re-quantize):                       {:.0} ms",
+        mean(&cold) * 1e3
+    );
+    println!(
+        "   restart through the service (map, verify, copy out):         {:.0} ms",
+        mean(&via) * 1e3
+    );
+    println!("   ratio cold / service: {:.1}x", mean(&cold) / mean(&via));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn main() {
     for var in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
         if std::env::var(var).is_err() {
@@ -206,6 +271,7 @@ fn main() {
         model.shape.hidden,
         model.load_time.as_secs_f64()
     );
+    restart_times(&path);
     let tokens = env_usize("BENCH_DECODE_TOKENS", 128);
     let p100 = prompt(&tok, 100);
 

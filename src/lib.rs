@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use dynamix_actors::engine::model::shared::{load_shared, Role};
 use dynamix_actors::engine::{EngineKind, LlamaModel};
 use dynamix_actors::models::{ModelStore, PullProgress, ALL_PACKAGES, SMOLLM2, SMOLLM2_GGUF};
 use dynamix_actors::supervisor::{self, RunningService};
@@ -192,12 +193,41 @@ pub fn load_weights(path: &Path, config: &Config) -> Result<Arc<LlamaModel>, Run
     if let Some(model) = cache.lock().ok().and_then(|c| c.get(path).cloned()) {
         return Ok(model);
     }
-    let model = Arc::new(LlamaModel::load(path).map_err(|e| RunError::Model(e.to_string()))?);
-    tracing::info!(
-        path = %path.display(),
-        seconds = model.load_time.as_secs_f64(),
-        "model weights loaded (re-quantized to Q8_0)"
-    );
+    let model = match &config.model_engine.gms_socket {
+        None => {
+            let model = LlamaModel::load(path).map_err(|e| RunError::Model(e.to_string()))?;
+            tracing::info!(
+                path = %path.display(),
+                seconds = model.load_time.as_secs_f64(),
+                "model weights loaded (re-quantized to Q8_0)"
+            );
+            model
+        }
+        Some(socket) => {
+            let timeout =
+                std::time::Duration::from_secs_f64(config.model_engine.gms_lock_timeout_secs);
+            let (model, role) = load_shared(
+                path,
+                socket,
+                dynamix_actors::gms::BackendKind::Host,
+                0,
+                timeout,
+            )
+            .map_err(|e| RunError::Model(e.to_string()))?;
+            let how = match role {
+                Role::Writer => "read the GGUF and wrote the weights into the memory service",
+                Role::Reader => "mapped the weights committed in the memory service",
+            };
+            tracing::info!(
+                path = %path.display(),
+                socket = %socket.display(),
+                seconds = model.load_time.as_secs_f64(),
+                "model weights loaded: {how}"
+            );
+            model
+        }
+    };
+    let model = Arc::new(model);
     if let Ok(mut c) = cache.lock() {
         c.insert(path.to_path_buf(), model.clone());
     }

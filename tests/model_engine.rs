@@ -286,3 +286,97 @@ async fn the_official_openai_sdk_accepts_the_model_responses() {
     );
     server.stop().await;
 }
+
+/// A `dynamix` process serving the model with its weights through the memory service at `socket`;
+/// returns it, its base URL and how it loaded the weights (the log line).
+fn serve_through_gms(socket: &std::path::Path) -> (std::process::Child, String, String) {
+    use std::io::BufRead;
+    let dir = std::env::temp_dir().join(format!("dynamix-gms-serve-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[http]\nhost = \"127.0.0.1\"\nport = 0\n[engine]\nkind = \"model\"\n[model_engine]\ngms_socket = {:?}\n",
+            socket.display().to_string()
+        ),
+    )
+    .expect("config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dynamix"))
+        .arg("--config")
+        .arg(&config)
+        .env("DYN_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn dynamix");
+    let stderr = child.stderr.take().expect("stderr");
+    // Keep draining the log for the life of the process (a closed pipe would fail its writes).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut how = String::new();
+    let mut base = None;
+    for line in rx.iter() {
+        if line.contains("model weights loaded") {
+            how = line.clone();
+        }
+        if let Some(rest) = line.split("on http://").nth(1) {
+            base = Some(format!(
+                "http://{}",
+                rest.split_whitespace().next().unwrap_or_default()
+            ));
+            break;
+        }
+    }
+    let base = base.unwrap_or_else(|| panic!("dynamix did not start; last weights line: {how}"));
+    (child, base, how)
+}
+
+#[actix_rt::test]
+async fn a_crashed_worker_restarts_from_the_memory_service_instead_of_the_gguf() {
+    let dir = std::env::temp_dir().join(format!("dynamix-gms-model-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let socket = dir.join("weights.sock");
+    let mut gms = Command::new(env!("CARGO_BIN_EXE_dynamix"))
+        .args(["gms", "--tag", "weights", "--socket"])
+        .arg(&socket)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn gms");
+    for _ in 0..500 {
+        if socket.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let (mut first, _, how) = serve_through_gms(&socket);
+    assert!(
+        how.contains("wrote the weights"),
+        "first process writes: {how}"
+    );
+    first.kill().expect("SIGKILL the first worker");
+    let _ = first.wait();
+    let (mut second, base, how) = serve_through_gms(&socket);
+    assert!(
+        how.contains("mapped the weights"),
+        "the restarted process maps them: {how}"
+    );
+    let mut body = ask("What is the capital of France?");
+    body["max_tokens"] = json!(24);
+    let (status, res) = post_json(&format!("{base}/v1/chat/completions"), &body).await;
+    assert_eq!(status, 200, "{res}");
+    assert!(content(&res).contains("Paris"), "{res}");
+    let _ = second.kill();
+    let _ = second.wait();
+    let _ = gms.kill();
+    let _ = gms.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

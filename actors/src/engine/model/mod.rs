@@ -19,10 +19,12 @@
 //! - `forward`: the batched forward pass and per-sequence KV caches.
 //! - `sampler`: logits → next token (penalties, bias, temperature, top-k/p, min-p, seed, logprobs).
 //! - `engine`: [`ModelEngine`], the scheduler and its driver.
+//! - `shared`: loading the weights through the GPU memory service (writer once, readers after).
 
 mod engine;
 pub mod forward;
 pub mod sampler;
+pub mod shared;
 pub mod weights;
 
 #[cfg(test)]
@@ -47,6 +49,12 @@ pub struct ModelEngineConfig {
     /// Tokens all sequences' KV caches may hold together when admitting a new one (46 KB per token for
     /// SmolLM2-135M); a sequence is always admitted when nothing else runs.
     pub max_kv_tokens: usize,
+    /// Load the weights through the GPU memory service listening here (`dynamix gms --tag weights`,
+    /// host backend): the first process writes the re-quantized tensors, later ones map them. `None`:
+    /// read the GGUF in every process.
+    pub gms_socket: Option<std::path::PathBuf>,
+    /// How long to wait for another process that is still writing the weights into the service.
+    pub gms_lock_timeout_secs: f64,
 }
 
 impl Default for ModelEngineConfig {
@@ -56,6 +64,8 @@ impl Default for ModelEngineConfig {
             max_num_seqs: 32,
             max_batched_tokens: 256,
             max_kv_tokens: 65_536,
+            gms_socket: None,
+            gms_lock_timeout_secs: 120.0,
         }
     }
 }
@@ -73,6 +83,12 @@ impl ModelEngineConfig {
             return Err(format!(
                 "model_engine.max_batched_tokens ({}) must be at least max_num_seqs ({}): every running sequence decodes one token per step",
                 self.max_batched_tokens, self.max_num_seqs
+            ));
+        }
+        if !(self.gms_lock_timeout_secs.is_finite() && self.gms_lock_timeout_secs > 0.0) {
+            return Err(format!(
+                "model_engine.gms_lock_timeout_secs must be a positive number of seconds, got {}",
+                self.gms_lock_timeout_secs
             ));
         }
         if self.max_kv_tokens == 0 {

@@ -175,3 +175,103 @@ fn bad_batches_are_errors_not_panics() {
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
     assert!(cache.is_empty(), "nothing was cached");
 }
+
+/// A GPU memory service (host backend) on its own thread; returns its socket.
+fn gms_server(dir: &std::path::Path) -> std::path::PathBuf {
+    use crate::gms::{backend, BackendKind, GmsConfig, GmsServer};
+    let socket = dir.join("gms_weights.sock");
+    let path = socket.clone();
+    std::thread::spawn(move || {
+        actix_rt::System::new().block_on(async move {
+            let config = GmsConfig {
+                device: 0,
+                tag: "weights".into(),
+                socket_path: path,
+                alloc_retry_interval: std::time::Duration::from_millis(10),
+                alloc_retry_timeout: Some(std::time::Duration::from_secs(1)),
+            };
+            let server = GmsServer::bind(
+                config,
+                backend::open(BackendKind::Host, 0, None).expect("host"),
+            )
+            .expect("bind");
+            server.serve(futures_util::future::pending()).await;
+        })
+    });
+    for _ in 0..200 {
+        if socket.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    socket
+}
+
+fn last_logits(model: &LlamaModel, prompt: &[u32]) -> Vec<f32> {
+    let mut cache = SeqCache::new(model.shape.layers);
+    forward(
+        model,
+        &mut [BatchItem {
+            tokens: prompt,
+            cache: &mut cache,
+            want_logits: true,
+        }],
+    )
+    .expect("forward")
+    .remove(0)
+    .expect("logits")
+}
+
+#[test]
+fn weights_written_to_the_memory_service_come_back_identical() {
+    use super::shared::{load_shared, Role, SharedError};
+    use crate::gms::BackendKind;
+    let (cold, tok) = smollm2();
+    let dir = std::env::temp_dir().join(format!("dynamix-gms-model-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let socket = gms_server(&dir);
+    let path = ModelStore::default().file_path(&SMOLLM2, SMOLLM2_GGUF);
+    let timeout = std::time::Duration::from_secs(30);
+    let (written, role) =
+        load_shared(&path, &socket, BackendKind::Host, 0, timeout).expect("writer");
+    assert_eq!(role, Role::Writer);
+    let (read, role) = load_shared(&path, &socket, BackendKind::Host, 0, timeout).expect("reader");
+    assert_eq!(
+        role,
+        Role::Reader,
+        "the second load maps the committed layout"
+    );
+    let prompt = chat_prompt(&tok, "What is the capital of France?");
+    let expected = last_logits(&cold, &prompt);
+    assert_eq!(last_logits(&written, &prompt), expected);
+    assert_eq!(
+        last_logits(&read, &prompt),
+        expected,
+        "bit-identical weights"
+    );
+
+    // A service holding some other layout: a clear stale-layout error, not a wrong model.
+    let other_dir = dir.join("other");
+    std::fs::create_dir_all(&other_dir).expect("dir");
+    let other = gms_server(&other_dir);
+    crate::gms::check::write_pattern(
+        &other,
+        BackendKind::Host,
+        0,
+        crate::gms::check::WritePlan {
+            bytes: 4096,
+            count: 1,
+            seed: 1,
+        },
+        Some(timeout),
+    )
+    .expect("pattern committed");
+    match load_shared(&path, &other, BackendKind::Host, 0, timeout) {
+        Err(SharedError::Stale { found, .. }) => {
+            assert!(found.contains("no dynamix.model.manifest"), "{found}")
+        }
+        Err(e) => panic!("expected a stale-layout error, got {e}"),
+        Ok(_) => panic!("expected a stale-layout error, got a model"),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

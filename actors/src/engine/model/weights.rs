@@ -342,7 +342,8 @@ pub struct TensorPlan {
     pub name: String,
     /// Shape, candle order.
     pub dims: Vec<usize>,
-    /// Storage type: Q8_0 for matrices, F32 for vectors, the file's own type for the embedding.
+    /// Storage type: Q8_0 for matrices, F32 for vectors, the file's own type for the embedding (small;
+    /// dequantized when the model is assembled).
     pub dtype: String,
     /// Bytes of its storage.
     pub bytes: u64,
