@@ -78,6 +78,8 @@ pub struct ServiceConfig {
     pub supervision: SupervisionConfig,
     /// Fault injection.
     pub faults: FaultsConfig,
+    /// The embedding model (`/v1/embeddings`); started only with the HTTP server.
+    pub embeddings: crate::embeddings::EmbeddingsConfig,
     /// Whether to start the HTTP server (false for terminal chat and batch runs).
     pub serve_http: bool,
 }
@@ -94,6 +96,9 @@ pub enum StartError {
     /// Metrics registry setup failed.
     #[error("metrics: {0}")]
     Metrics(String),
+    /// The embedding model could not be loaded.
+    #[error("embeddings: {0}")]
+    Embeddings(#[from] crate::embeddings::LoadError),
 }
 
 /// Drain and stop everything. Replies when the tree has stopped.
@@ -124,6 +129,8 @@ pub struct Supervisor {
     validator: Addr<ValidatorActor>,
     router: Addr<KvRouterActor>,
     indexer: Option<(Addr<KvIndexerActor>, Arbiter)>,
+    /// The embedding engine's thread.
+    embeddings: Option<Arbiter>,
     metrics: Arc<FrontendMetrics>,
     inflight: Arc<InflightRegistry>,
     faults: Arc<FaultInjector>,
@@ -238,6 +245,9 @@ impl Handler<Shutdown> for Supervisor {
                     child.arbiter.stop();
                 }
                 if let Some((_, arbiter)) = act.indexer.take() {
+                    arbiter.stop();
+                }
+                if let Some(arbiter) = act.embeddings.take() {
                     arbiter.stop();
                 }
                 tracing::debug!(
@@ -471,6 +481,28 @@ pub async fn start(
                 .supervised(ev.clone(), f.clone())
         })
     };
+    // Only the HTTP server serves embeddings: terminal and batch runs do not load the model.
+    let embeddings = if config.embeddings.enabled && config.serve_http {
+        match crate::embeddings::start(
+            &config.embeddings,
+            config.validator.ignore_unsupported_fields,
+            &config.supervision,
+            events.clone(),
+        ) {
+            Ok(running) => Some(running),
+            Err(e) => {
+                for child in children {
+                    child.arbiter.stop();
+                }
+                if let Some((_, arbiter)) = indexer {
+                    arbiter.stop();
+                }
+                return Err(e.into());
+            }
+        }
+    } else {
+        None
+    };
     drop(events);
     let inflight = Arc::new(InflightRegistry::default());
     let gateway = Gateway {
@@ -502,6 +534,7 @@ pub async fn start(
             engines: engines.clone(),
             faults: faults.clone(),
             inflight: inflight.clone(),
+            embeddings: embeddings.as_ref().map(|e| e.service.clone()),
         });
         let (server, addrs) = match http::bind(state) {
             Ok(bound) => bound,
@@ -511,6 +544,9 @@ pub async fn start(
                 }
                 if let Some((_, arbiter)) = indexer {
                     arbiter.stop();
+                }
+                if let Some(running) = embeddings {
+                    running.arbiter.stop();
                 }
                 return Err(e.into());
             }
@@ -536,6 +572,7 @@ pub async fn start(
         validator,
         router,
         indexer,
+        embeddings: embeddings.map(|e| e.arbiter),
         metrics: metrics.clone(),
         inflight: inflight.clone(),
         faults: faults.clone(),
