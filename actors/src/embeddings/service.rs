@@ -23,8 +23,12 @@ use crate::validator::parse_lenient;
 #[derive(Clone)]
 pub struct EmbeddingService {
     card: Arc<EmbeddingModelCard>,
+    /// Shared by every HTTP worker's validation (the `tokenizers` pipeline is `Sync`).
     tokenizer: Arc<EmbeddingTokenizer>,
+    /// The engine's mailbox: while a pass runs, at most its capacity of requests wait in it and
+    /// further callers wait in `send` (backpressure); all of them join the queue after the pass.
     engine: Addr<EmbeddingActor>,
+    /// `validator.ignore_unsupported_fields`, so embeddings treat unknown fields as chat does.
     ignore_unknown_fields: bool,
 }
 
@@ -83,6 +87,9 @@ pub struct RunningEmbeddings {
 /// (pulled first when it is missing and `auto_pull` allows).
 pub fn model_files(config: &EmbeddingsConfig) -> Result<ModelFiles, LoadError> {
     if let Some(dir) = &config.model_dir {
+        if !dir.is_dir() {
+            return Err(LoadError::NoModelDir(dir.clone()));
+        }
         return Ok(ModelFiles { dir: dir.clone() });
     }
     let store = ModelStore::default();
