@@ -880,6 +880,10 @@ mod tests {
             ),
             ("[embeddings]\nthreads = 0\n", "embeddings.threads"),
             (
+                "[embeddings]\nmax_batch_tokens = 0\n",
+                "embeddings.max_batch_tokens",
+            ),
+            (
                 "[embeddings]\nmodel_name = \" \"\n",
                 "embeddings.model_name",
             ),

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use actix::prelude::*;
 
-use super::batch::{Batch, BatchQueue};
+use super::batch::{Batch, BatchLimits, BatchQueue};
 use super::error::EmbedError;
 use super::model::Embedder;
 use crate::supervisor::restart::{
@@ -39,8 +39,8 @@ struct RunBatch;
 pub struct EmbeddingActor {
     model: Arc<dyn Embedder>,
     queue: BatchQueue,
-    /// Rows per forward pass (`embeddings.max_batch_size`).
-    max_batch_size: usize,
+    /// What one forward pass may take (`embeddings.max_batch_size`, `max_batch_tokens`).
+    limits: BatchLimits,
     /// A [`RunBatch`] is pending: later arrivals join the queue instead of scheduling another.
     scheduled: bool,
     budget: RestartBudget,
@@ -52,12 +52,12 @@ pub struct EmbeddingActor {
 }
 
 impl EmbeddingActor {
-    /// An engine computing with `model`, at most `max_batch_size` rows per forward pass.
-    pub fn new(model: Arc<dyn Embedder>, max_batch_size: usize) -> Self {
+    /// An engine computing with `model`, forward passes within `limits`.
+    pub fn new(model: Arc<dyn Embedder>, limits: BatchLimits) -> Self {
         EmbeddingActor {
             model,
             queue: BatchQueue::default(),
-            max_batch_size: max_batch_size.max(1),
+            limits,
             scheduled: false,
             budget: RestartBudget::new(&SupervisionConfig::default()),
             events: None,
@@ -107,7 +107,7 @@ impl Actor for EmbeddingActor {
     fn started(&mut self, ctx: &mut Self::Context) {
         // Room for a full batch of single-input requests to wait while a pass computes; more wait
         // in their senders (backpressure), not in an unbounded queue.
-        ctx.set_mailbox_capacity(self.max_batch_size.max(16));
+        ctx.set_mailbox_capacity(self.limits.max_rows.max(16));
         // After a restart: requests that were waiting are still queued.
         self.schedule(ctx);
     }
@@ -153,7 +153,7 @@ impl Handler<RunBatch> for EmbeddingActor {
 
     fn handle(&mut self, _msg: RunBatch, ctx: &mut Self::Context) {
         self.scheduled = false;
-        let Some(batch) = self.queue.next_batch(self.max_batch_size) else {
+        let Some(batch) = self.queue.next_batch(self.limits) else {
             return;
         };
         let model = &self.model;
@@ -233,7 +233,11 @@ mod tests {
             restart_window_secs: 60.0,
         };
         let addr = actix::Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
-            EmbeddingActor::new(model, max_batch_size).supervised(&supervision, events)
+            let limits = BatchLimits {
+                max_rows: max_batch_size,
+                max_tokens: usize::MAX,
+            };
+            EmbeddingActor::new(model, limits).supervised(&supervision, events)
         });
         (addr, arbiter, events_rx)
     }

@@ -1,9 +1,10 @@
 //! [`BatchQueue`]: the requests waiting for the model, cut into forward passes.
 //!
-//! Requests queue whole; a forward pass takes up to `max_rows` rows from the front, so a request
-//! with many inputs spans several passes and several small requests share one. Each request is
-//! answered once all its rows are computed, with its own rows in input order. Rows are taken in
-//! arrival order (first come, first served): a big request ahead delays the small ones behind it.
+//! Requests queue whole; a forward pass takes rows from the front while they fit its
+//! [`BatchLimits`], so a request with many inputs spans several passes and several small requests
+//! share one. Each request is answered once all its rows are computed, with its own rows in input
+//! order. Rows are taken in arrival order (first come, first served): a big request ahead delays
+//! the small ones behind it.
 
 use std::collections::VecDeque;
 
@@ -32,6 +33,17 @@ pub struct Batch {
     pub rows: Vec<Vec<u32>>,
     /// `(job id, rows)` in the order of `rows`.
     owners: Vec<(u64, usize)>,
+}
+
+/// How much one forward pass may take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// Rows (inputs) per pass.
+    pub max_rows: usize,
+    /// Rows × the longest row's tokens: every row is padded to the longest, so this bounds the
+    /// pass's work and memory (attention scores grow with rows × longest²) and keeps one long
+    /// input from padding many short ones. A row longer than this still goes, alone.
+    pub max_tokens: usize,
 }
 
 /// Requests waiting for the model.
@@ -68,25 +80,36 @@ impl BatchQueue {
         self.jobs.len()
     }
 
-    /// Up to `max_rows` rows from the front for the next forward pass; None when nothing waits.
-    /// Requests whose caller has gone (client hung up) are dropped instead of computed.
-    pub fn next_batch(&mut self, max_rows: usize) -> Option<Batch> {
+    /// Rows from the front for the next forward pass, as many as fit `limits`; None when nothing
+    /// waits. Requests whose caller has gone (client hung up) are dropped instead of computed.
+    pub fn next_batch(&mut self, limits: BatchLimits) -> Option<Batch> {
         self.jobs.retain(|job| !job.reply.is_closed());
         let mut batch = Batch {
             rows: Vec::new(),
             owners: Vec::new(),
         };
-        for job in self.jobs.iter_mut() {
-            let room = max_rows.max(1) - batch.rows.len();
-            if room == 0 {
-                break;
+        let mut longest = 0;
+        'jobs: for job in self.jobs.iter_mut() {
+            let mut taken = 0;
+            while let Some(len) = job.waiting.front().map(Vec::len) {
+                let rows = batch.rows.len() + 1;
+                let fits = rows <= limits.max_rows.max(1)
+                    && (rows == 1 || rows * longest.max(len) <= limits.max_tokens);
+                if !fits {
+                    if taken > 0 {
+                        batch.owners.push((job.id, taken));
+                    }
+                    break 'jobs;
+                }
+                if let Some(row) = job.waiting.pop_front() {
+                    longest = longest.max(len);
+                    batch.rows.push(row);
+                    taken += 1;
+                }
             }
-            let take = room.min(job.waiting.len());
-            if take == 0 {
-                continue;
+            if taken > 0 {
+                batch.owners.push((job.id, taken));
             }
-            batch.rows.extend(job.waiting.drain(..take));
-            batch.owners.push((job.id, take));
         }
         (!batch.rows.is_empty()).then_some(batch)
     }
@@ -146,10 +169,17 @@ mod tests {
         rx
     }
 
+    fn rows(max_rows: usize) -> BatchLimits {
+        BatchLimits {
+            max_rows,
+            max_tokens: usize::MAX,
+        }
+    }
+
     /// A fake model: each row's vector is its first token id.
-    fn run(queue: &mut BatchQueue, max_rows: usize) -> Vec<usize> {
+    fn run(queue: &mut BatchQueue, limits: BatchLimits) -> Vec<usize> {
         let mut sizes = Vec::new();
-        while let Some(batch) = queue.next_batch(max_rows) {
+        while let Some(batch) = queue.next_batch(limits) {
             sizes.push(batch.rows.len());
             let vectors = batch.rows.iter().map(|r| vec![r[0] as f32]).collect();
             queue.complete(batch, vectors);
@@ -169,7 +199,7 @@ mod tests {
         let mut a = request(&mut queue, &[1, 2]);
         let mut b = request(&mut queue, &[3]);
         let mut c = request(&mut queue, &[4, 5, 6]);
-        assert_eq!(run(&mut queue, 32), vec![6]);
+        assert_eq!(run(&mut queue, rows(32)), vec![6]);
         assert_eq!(answer(&mut a), Ok(vec![1.0, 2.0]));
         assert_eq!(answer(&mut b), Ok(vec![3.0]));
         assert_eq!(answer(&mut c), Ok(vec![4.0, 5.0, 6.0]));
@@ -182,7 +212,7 @@ mod tests {
         let ids: Vec<u32> = (0..10).collect();
         let mut big = request(&mut queue, &ids);
         let mut small = request(&mut queue, &[99]);
-        assert_eq!(run(&mut queue, 4), vec![4, 4, 3]);
+        assert_eq!(run(&mut queue, rows(4)), vec![4, 4, 3]);
         assert_eq!(
             answer(&mut big),
             Ok((0..10).map(|i| i as f32).collect::<Vec<_>>())
@@ -191,14 +221,36 @@ mod tests {
     }
 
     #[test]
+    fn the_token_budget_keeps_a_long_row_from_padding_many_short_ones() {
+        let mut queue = BatchQueue::default();
+        let (tx, mut long) = oneshot::channel();
+        queue.push(vec![vec![7; 100]], tx);
+        let shorts: Vec<Receiver> = (0..6).map(|i| request(&mut queue, &[i])).collect();
+        let limits = BatchLimits {
+            max_rows: 32,
+            max_tokens: 300,
+        };
+        // 3 rows × 100 tokens fit; then 4 one-token rows; a row over the budget alone still goes.
+        assert_eq!(run(&mut queue, limits), vec![3, 4]);
+        assert_eq!(answer(&mut long), Ok(vec![7.0]));
+        for (i, mut rx) in shorts.into_iter().enumerate() {
+            assert_eq!(answer(&mut rx), Ok(vec![i as f32]));
+        }
+        let (tx, mut huge) = oneshot::channel();
+        queue.push(vec![vec![1; 1000], vec![2; 1000]], tx);
+        assert_eq!(run(&mut queue, limits), vec![1, 1]);
+        assert_eq!(answer(&mut huge), Ok(vec![1.0, 2.0]));
+    }
+
+    #[test]
     fn a_failed_pass_fails_only_its_requests() {
         let mut queue = BatchQueue::default();
         let mut first = request(&mut queue, &[1, 2, 3]);
         let mut second = request(&mut queue, &[4]);
-        let batch = queue.next_batch(2).expect("rows");
+        let batch = queue.next_batch(rows(2)).expect("rows");
         queue.fail(batch, EmbedError::Restarted);
         assert_eq!(answer(&mut first), Err(EmbedError::Restarted));
-        assert_eq!(run(&mut queue, 2), vec![1]);
+        assert_eq!(run(&mut queue, rows(2)), vec![1]);
         assert_eq!(answer(&mut second), Ok(vec![4.0]));
     }
 
@@ -207,7 +259,7 @@ mod tests {
         let mut queue = BatchQueue::default();
         drop(request(&mut queue, &[1, 2]));
         let mut kept = request(&mut queue, &[3]);
-        assert_eq!(run(&mut queue, 32), vec![1]);
+        assert_eq!(run(&mut queue, rows(32)), vec![1]);
         assert_eq!(answer(&mut kept), Ok(vec![3.0]));
     }
 
@@ -215,7 +267,7 @@ mod tests {
     fn a_wrong_vector_count_is_an_error_not_a_mixup() {
         let mut queue = BatchQueue::default();
         let mut rx = request(&mut queue, &[1, 2]);
-        let batch = queue.next_batch(8).expect("rows");
+        let batch = queue.next_batch(rows(8)).expect("rows");
         queue.complete(batch, vec![vec![1.0]]);
         assert!(matches!(answer(&mut rx), Err(EmbedError::Model(_))));
         assert!(queue.is_empty());

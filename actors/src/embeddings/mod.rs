@@ -5,8 +5,8 @@
 //! Layout:
 //! - [`actor`]: [`EmbeddingActor`], the face: owns the model and the queue on its own Arbiter thread,
 //!   supervised (a panicking pass fails its requests and restarts the actor).
-//! - [`batch`]: [`batch::BatchQueue`], cutting waiting requests into forward passes of at most
-//!   `max_batch_size` rows and handing each request its own rows back.
+//! - [`batch`]: [`batch::BatchQueue`], cutting waiting requests into forward passes within
+//!   [`batch::BatchLimits`] and handing each request its own rows back.
 //! - [`model`]: the [`Embedder`] seam and [`BertEmbedder`] (BERT + masked mean pooling + L2 norm).
 //! - [`tokenizer`]: [`EmbeddingTokenizer`], the model's `tokenizer.json` without truncation or padding.
 //! - [`validate`]: request rules → [`ValidEmbeddingRequest`].
@@ -48,11 +48,16 @@ pub struct EmbeddingsConfig {
     pub auto_pull: bool,
     /// Rows (inputs) per forward pass; requests waiting together share a pass up to this.
     pub max_batch_size: usize,
-    /// Compute threads: the size of the engine's own rayon pool, inside which candle's kernels run,
-    /// so the engine uses at most this many cores. Not `RAYON_NUM_THREADS`: that variable is
-    /// process-wide (the chat engine reads it too) and candle only uses it to decide how many
-    /// pieces to cut a matmul into (default: the physical cores); `CANDLE_NUM_THREADS` sizes
-    /// candle's pool for quantized kernels, which BERT in F32 does not use.
+    /// Rows × longest row (in tokens) per forward pass: rows are padded to the longest, so this
+    /// bounds a pass's work and memory, and keeps one long input from padding many short ones.
+    pub max_batch_tokens: usize,
+    /// Compute threads: the size of the engine's own rayon pool, in which every forward pass runs,
+    /// so candle's matmuls and softmax use at most this many cores. Not `RAYON_NUM_THREADS`: that
+    /// variable is process-wide (the chat engine reads it too), and candle only uses it to decide
+    /// how many pieces to cut a matmul into. candle 0.11's large elementwise kernels (add, mul,
+    /// GELU over ≥ 64K values) do not run on rayon but on candle's own process-wide pool of
+    /// `CANDLE_NUM_THREADS` (else `RAYON_NUM_THREADS`, else the physical cores) minus one threads,
+    /// shared with the chat engine; this setting cannot bound those.
     pub threads: usize,
 }
 
@@ -64,12 +69,21 @@ impl Default for EmbeddingsConfig {
             model_dir: None,
             auto_pull: true,
             max_batch_size: 32,
+            max_batch_tokens: 8192,
             threads: 1,
         }
     }
 }
 
 impl EmbeddingsConfig {
+    /// What one forward pass may take.
+    pub fn limits(&self) -> batch::BatchLimits {
+        batch::BatchLimits {
+            max_rows: self.max_batch_size,
+            max_tokens: self.max_batch_tokens,
+        }
+    }
+
     /// Checks ranges; the message names the key.
     pub fn validate(&self) -> Result<(), String> {
         if self.model_name.trim().is_empty() {
@@ -79,6 +93,12 @@ impl EmbeddingsConfig {
             return Err(format!(
                 "embeddings.max_batch_size = {} must be between 1 and 1024",
                 self.max_batch_size
+            ));
+        }
+        if !(1..=1 << 20).contains(&self.max_batch_tokens) {
+            return Err(format!(
+                "embeddings.max_batch_tokens = {} must be between 1 and 1048576",
+                self.max_batch_tokens
             ));
         }
         if !(1..=256).contains(&self.threads) {

@@ -71,9 +71,10 @@ pub struct BertEmbedder {
     max_tokens: usize,
     vocab_size: usize,
     pad_id: u32,
-    /// candle's kernels (gemm, softmax, ...) split work over the rayon pool they run in; running
-    /// every forward pass inside this one bounds the embedding engine to `threads` cores, leaving
-    /// the rest to the HTTP workers and the chat engine.
+    /// candle's matmuls and softmax split work over the rayon pool they run in; running every
+    /// forward pass inside this one bounds them to `threads` cores, leaving the rest to the HTTP
+    /// workers and the chat engine (candle's elementwise kernels use its own global pool; see
+    /// [`super::EmbeddingsConfig::threads`]).
     pool: rayon::ThreadPool,
 }
 

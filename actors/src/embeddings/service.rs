@@ -132,12 +132,13 @@ pub fn start(
         dimensions = card.dimensions,
         threads = config.threads,
         max_batch_size = config.max_batch_size,
+        max_batch_tokens = config.max_batch_tokens,
         "embedding model loaded"
     );
     let arbiter = Arbiter::new();
-    let (max_batch_size, supervision) = (config.max_batch_size, supervision.clone());
+    let (limits, supervision) = (config.limits(), supervision.clone());
     let engine = actix::Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
-        EmbeddingActor::new(model, max_batch_size).supervised(&supervision, events)
+        EmbeddingActor::new(model, limits).supervised(&supervision, events)
     });
     Ok(RunningEmbeddings {
         service: EmbeddingService {
