@@ -11,6 +11,7 @@
 use std::time::{Duration, Instant};
 
 use dynamix_actors::embeddings::{EmbeddingService, EmbeddingsConfig, ValidEmbeddingRequest};
+use dynamix_actors::faults::FaultInjector;
 use dynamix_actors::models::{ModelStore, PullProgress, MINILM};
 use dynamix_actors::supervisor::restart::SupervisionConfig;
 use serde_json::{json, Value};
@@ -199,8 +200,14 @@ fn main() {
     actix_rt::System::new().block_on(async move {
         let (events, _events_rx) = tokio::sync::mpsc::unbounded_channel();
         let running =
-            dynamix_actors::embeddings::start(&config, false, &SupervisionConfig::default(), events)
-                .expect("engine starts");
+            dynamix_actors::embeddings::start(
+                &config,
+                false,
+                &SupervisionConfig::default(),
+                events,
+                FaultInjector::disabled(),
+            )
+            .expect("engine starts");
         let card = running.service.card().clone();
         for (kind, inputs) in [("short", &short), ("long", &long)] {
             let tokens = running
@@ -211,10 +218,11 @@ fn main() {
             println!("{kind} inputs: {tokens} tokens each (first one)");
         }
         println!(
-            "model {} ({} dims), {threads} compute thread(s), max_batch_size {}, {}s per case",
+            "model {} ({} dims), {threads} compute thread(s), max_batch_size {}, max_batch_tokens {}, {}s per case",
             card.name,
             card.dimensions,
             config.max_batch_size,
+            config.max_batch_tokens,
             budget.as_secs()
         );
         for (kind, inputs) in [("short", &short), ("long", &long)] {

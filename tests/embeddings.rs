@@ -452,3 +452,40 @@ async fn missing_model_files_stop_startup_naming_them() {
     let _ = std::fs::remove_dir_all(&empty);
     assert!(error.contains("tokenizer.json"), "{error}");
 }
+
+#[actix_rt::test]
+async fn a_panicking_forward_pass_fails_its_request_and_the_engine_restarts() {
+    ensure_model();
+    let server = start(
+        "[embeddings]\nenabled = true\n[faults]\nenabled = true\n[[faults.inject]]\nkind = \"embeddings_panic\"\n",
+    )
+    .await;
+    let (status, error) = embed(&server, json!({"model": EMB_MODEL, "input": CAT})).await;
+    assert_eq!(status, 503, "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("embeddings restarted after a fault")),
+        "{error}"
+    );
+    let (status, body) = embed(&server, json!({"model": EMB_MODEL, "input": [CAT, KITTEN]})).await;
+    assert_eq!(status, 200, "the restarted engine serves: {body}");
+    assert!(dot(&vectors(&body)[0], &vectors(&body)[1]) > 0.3);
+    let mut restarts = None;
+    for _ in 0..50 {
+        let text = get_text(&server.url("/metrics")).await;
+        restarts = metric_value(
+            &text,
+            "dynamo_frontend_actor_restarts_total",
+            &[("actor", "embeddings")],
+        );
+        if restarts == Some(1.0) {
+            break;
+        }
+        actix_rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(restarts, Some(1.0), "the restart is counted");
+    let (status, _) = get(&server.url("/health")).await;
+    assert_eq!(status, 200);
+    server.stop().await;
+}

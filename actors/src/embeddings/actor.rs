@@ -18,6 +18,7 @@ use actix::prelude::*;
 use super::batch::{Batch, BatchLimits, BatchQueue};
 use super::error::EmbedError;
 use super::model::Embedder;
+use crate::faults::FaultInjector;
 use crate::supervisor::restart::{
     panic_message, RestartBudget, SupervisionConfig, SupervisorEvent, SupervisorEvents,
 };
@@ -45,6 +46,7 @@ pub struct EmbeddingActor {
     scheduled: bool,
     budget: RestartBudget,
     events: Option<SupervisorEvents>,
+    faults: Arc<FaultInjector>,
     /// Why the actor is stopping, reported once it restarts.
     stopping_because: Option<String>,
     /// The restart budget is spent: why, for every later request.
@@ -61,15 +63,22 @@ impl EmbeddingActor {
             scheduled: false,
             budget: RestartBudget::new(&SupervisionConfig::default()),
             events: None,
+            faults: FaultInjector::disabled(),
             stopping_because: None,
             given_up: None,
         }
     }
 
-    /// Supervision: restart budget and where to report restarts.
-    pub fn supervised(mut self, config: &SupervisionConfig, events: SupervisorEvents) -> Self {
+    /// Supervision: restart budget, where to report restarts, and the fault injector.
+    pub fn supervised(
+        mut self,
+        config: &SupervisionConfig,
+        events: SupervisorEvents,
+        faults: Arc<FaultInjector>,
+    ) -> Self {
         self.budget = RestartBudget::new(config);
         self.events = Some(events);
+        self.faults = faults;
         self
     }
 
@@ -156,10 +165,16 @@ impl Handler<RunBatch> for EmbeddingActor {
         let Some(batch) = self.queue.next_batch(self.limits) else {
             return;
         };
-        let model = &self.model;
+        let (model, faults) = (&self.model, &self.faults);
         let rows = &batch.rows;
         let started = Instant::now();
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.embed(rows))) {
+        let pass = || {
+            if faults.on_embed() {
+                panic!("injected fault: the embedding forward pass panics");
+            }
+            model.embed(rows)
+        };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(pass)) {
             Ok(Ok(vectors)) => {
                 tracing::trace!(
                     rows = rows.len(),
@@ -237,7 +252,11 @@ mod tests {
                 max_rows: max_batch_size,
                 max_tokens: usize::MAX,
             };
-            EmbeddingActor::new(model, limits).supervised(&supervision, events)
+            EmbeddingActor::new(model, limits).supervised(
+                &supervision,
+                events,
+                FaultInjector::disabled(),
+            )
         });
         (addr, arbiter, events_rx)
     }

@@ -14,6 +14,7 @@ use super::tokenizer::EmbeddingTokenizer;
 use super::validate::{validate, EmbeddingModelCard, ValidEmbeddingRequest};
 use super::EmbeddingsConfig;
 use crate::error::ApiError;
+use crate::faults::FaultInjector;
 use crate::models::{ModelStore, PullProgress, MINILM, MINILM_DIR};
 use crate::protocol::embeddings::{EmbeddingRequest, EmbeddingResponse};
 use crate::supervisor::restart::{SupervisionConfig, SupervisorEvents};
@@ -116,6 +117,7 @@ pub fn start(
     ignore_unknown_fields: bool,
     supervision: &SupervisionConfig,
     events: SupervisorEvents,
+    faults: Arc<FaultInjector>,
 ) -> Result<RunningEmbeddings, LoadError> {
     let files = model_files(config)?;
     let tokenizer = Arc::new(EmbeddingTokenizer::from_file(&files.tokenizer())?);
@@ -138,7 +140,7 @@ pub fn start(
     let arbiter = Arbiter::new();
     let (limits, supervision) = (config.limits(), supervision.clone());
     let engine = actix::Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
-        EmbeddingActor::new(model, limits).supervised(&supervision, events)
+        EmbeddingActor::new(model, limits).supervised(&supervision, events, faults)
     });
     Ok(RunningEmbeddings {
         service: EmbeddingService {

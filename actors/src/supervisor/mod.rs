@@ -488,6 +488,7 @@ pub async fn start(
             config.validator.ignore_unsupported_fields,
             &config.supervision,
             events.clone(),
+            faults.clone(),
         ) {
             Ok(running) => Some(running),
             Err(e) => {
