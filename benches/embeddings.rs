@@ -6,7 +6,7 @@
 //! engine's batching). "engine" sends tokenized requests straight to the embedding actor; "http"
 //! posts JSON to a server in this process (client and server share the machine). Pulls the model
 //! on first use. Tunables: BENCH_THREADS (engine compute threads, default 1), BENCH_SECONDS (time
-//! per case, default 3).
+//! per case, default 3), BENCH_ONLY (run only the cases whose label contains it).
 
 use std::time::{Duration, Instant};
 
@@ -76,6 +76,9 @@ async fn measure<F, Fut>(
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
+    if std::env::var("BENCH_ONLY").is_ok_and(|only| !label.contains(&only)) {
+        return;
+    }
     round().await; // warm-up
     let started = Instant::now();
     let mut rounds = 0usize;
