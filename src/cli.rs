@@ -191,6 +191,9 @@ pub struct ServeArgs {
     pub migration_limit: Option<u32>,
     #[arg(long, value_name = "NAME")]
     pub model_name: Option<String>,
+    /// Do not serve /v1/embeddings (the embedding model is not loaded; the route answers 404).
+    #[arg(long)]
+    pub no_embeddings: bool,
     /// More logging: -v debug, -vv trace.
     #[arg(short = 'v', action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -301,6 +304,13 @@ impl ServeArgs {
                 "router.kv_cache_block_size",
                 toml::Value::Integer(value),
                 "--kv-cache-block-size",
+            );
+        }
+        if self.no_embeddings {
+            set(
+                "embeddings.enabled",
+                toml::Value::Boolean(false),
+                "--no-embeddings",
             );
         }
         let overrides = Overrides {

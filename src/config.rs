@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use dynamix_actors::embeddings::EmbeddingsConfig;
 use dynamix_actors::engine::mocker::MockerConfig;
 use dynamix_actors::engine::ModelEngineConfig;
 use dynamix_actors::engine::{EchoConfig, EngineConfig, EngineKind};
@@ -94,6 +95,8 @@ pub struct Config {
     pub supervisor: SupervisionConfig,
     /// Fault injection (off by default).
     pub faults: FaultsConfig,
+    /// `/v1/embeddings` and its model.
+    pub embeddings: EmbeddingsConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -142,6 +145,7 @@ const DYNAMO_ENV: &[(&str, &str)] = &[
     ("DYN_HTTP_SVC_CHAT_PATH", "http.paths.chat"),
     ("DYN_HTTP_SVC_CMP_PATH", "http.paths.completions"),
     ("DYN_HTTP_SVC_RESPONSES_PATH", "http.paths.responses"),
+    ("DYN_HTTP_SVC_EMB_PATH", "http.paths.embeddings"),
     ("DYN_ROUTER_MODE", "router.mode"),
     ("DYN_ROUTER_TEMPERATURE", "router.temperature"),
     ("DYN_ROUTER_USE_KV_EVENTS", "router.use_kv_events"),
@@ -518,6 +522,7 @@ impl Config {
             ("chat", &h.paths.chat),
             ("completions", &h.paths.completions),
             ("responses", &h.paths.responses),
+            ("embeddings", &h.paths.embeddings),
         ] {
             if !path.starts_with('/') {
                 return Err(out_of_range(
@@ -602,6 +607,7 @@ impl Config {
             self.migration.validate(),
             self.supervisor.validate(),
             self.faults.validate(),
+            self.embeddings.validate(),
         ] {
             if let Err(message) = check {
                 return Err(ConfigError(format!("invalid config: {message}")));
@@ -631,6 +637,7 @@ impl Config {
             migration: self.migration.clone(),
             supervision: self.supervisor.clone(),
             faults: self.faults.clone(),
+            embeddings: self.embeddings.clone(),
             serve_http,
         }
     }
@@ -838,6 +845,66 @@ mod tests {
             .expect_err("syntax")
             .0;
         assert!(err.contains("not valid TOML"), "{err}");
+    }
+
+    #[test]
+    fn embeddings_settings_layer_and_validate() {
+        let defaults = load(None, &env(&[]), &Overrides::default()).expect("default");
+        assert!(
+            defaults.embeddings.enabled,
+            "configs/default.toml serves embeddings"
+        );
+        assert_eq!(defaults.embeddings.model_name, "all-MiniLM-L6-v2");
+        assert_eq!(defaults.http.paths.embeddings, "/v1/embeddings");
+        let config = load_str(
+            "[embeddings]\nmax_batch_size = 8\n",
+            &[
+                ("DYN_EMBEDDINGS__THREADS", "2"),
+                ("DYN_HTTP_SVC_EMB_PATH", "/emb"),
+            ],
+            &Overrides::default(),
+        )
+        .expect("valid");
+        assert_eq!(
+            (config.embeddings.max_batch_size, config.embeddings.threads),
+            (8, 2)
+        );
+        assert_eq!(config.http.paths.embeddings, "/emb");
+        let flags = Overrides {
+            settings: vec![(
+                "embeddings.enabled".into(),
+                Value::Boolean(false),
+                "--no-embeddings".into(),
+            )],
+            ..Overrides::default()
+        };
+        let config = load_str("", &[("DYN_EMBEDDINGS__ENABLED", "true")], &flags).expect("valid");
+        assert!(!config.embeddings.enabled, "the flag beats env");
+        for (text, needle) in [
+            (
+                "[embeddings]\nmax_batch_size = 0\n",
+                "embeddings.max_batch_size",
+            ),
+            ("[embeddings]\nthreads = 0\n", "embeddings.threads"),
+            (
+                "[embeddings]\nmax_batch_tokens = 0\n",
+                "embeddings.max_batch_tokens",
+            ),
+            (
+                "[embeddings]\nmodel_name = \" \"\n",
+                "embeddings.model_name",
+            ),
+            ("[embeddings]\nbatch = 4\n", "embeddings.batch"),
+            (
+                "[http.paths]\nembeddings = \"v1/emb\"\n",
+                "http.paths.embeddings",
+            ),
+        ] {
+            let err = load_str(text, &[], &Overrides::default())
+                .expect_err(text)
+                .to_string();
+            assert!(err.contains(needle), "{text:?} → {err}");
+        }
     }
 
     #[test]

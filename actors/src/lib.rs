@@ -6,6 +6,7 @@
 //! - [`validator`]: [`validator::ValidatorActor`]: parsing, the §4 validation rules, templating, tokenization.
 //! - [`router`]: [`router::KvRouterActor`]: engine selection (round-robin, random; the KV seam).
 //! - [`engine`]: the [`engine::Engine`] trait, [`engine::EngineActor`] (one per device, own thread), echo.
+//! - [`embeddings`]: [`embeddings::EmbeddingActor`]: the `/v1/embeddings` model (BERT on candle), batching.
 //! - [`gateway`]: the serving path shared by HTTP, terminal chat and batch runs.
 //! - [`backend`]: per-choice detokenization and stop handling.
 //! - [`protocol`]: wire types (OpenAI requests/responses) and the internal engine request/output.
@@ -17,6 +18,7 @@
 
 pub mod backend;
 pub mod codec;
+pub mod embeddings;
 pub mod engine;
 pub mod error;
 pub mod faults;

@@ -39,6 +39,14 @@ pub fn test_config(extra: &str) -> dynamix::Config {
     if !extra.contains("echo.token_delay_ms") {
         text.push_str("echo.token_delay_ms = 0\n");
     }
+    // Only tests that configure [embeddings] load the embedding model (tests/embeddings.rs).
+    let sets_embeddings = extra.lines().any(|line| {
+        let line = line.trim();
+        line.starts_with("embeddings.") || line == "[embeddings]"
+    });
+    if !sets_embeddings {
+        text.push_str("embeddings.enabled = false\n");
+    }
     text.push_str(extra);
     let dir = std::env::temp_dir().join(format!("dynamix-test-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).expect("temp dir");

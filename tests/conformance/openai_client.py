@@ -1,10 +1,14 @@
 """Conformance of dynamix with the official `openai` Python SDK.
 
-Run by tests/openai_conformance.rs against a live server:  python3 openai_client.py BASE_URL MODEL
+Run by tests/openai_conformance.rs against a live server:
+    python3 openai_client.py BASE_URL MODEL [EMBEDDING_MODEL]
 The SDK parses every response and chunk with its pydantic models, so schema mistakes fail here.
 Exits non-zero with a message on the first failure; prints one line per check.
 """
 
+import base64
+import math
+import struct
 import sys
 
 import openai
@@ -108,7 +112,48 @@ def main():
     expect_error("501 functions", openai.InternalServerError, 501, lambda: client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "x"}], functions=[{"name": "f", "parameters": {}}]))
     expect_error("404 models.retrieve", openai.NotFoundError, 404, lambda: client.models.retrieve("nope"))
+
+    if len(sys.argv) > 3:
+        embeddings(client, sys.argv[3])
     print("conformance: all checks passed", flush=True)
+
+
+def embeddings(client, model):
+    check("embeddings models.list", model in [m.id for m in client.models.list().data])
+    check("embeddings models.retrieve", client.models.retrieve(model).id == model)
+
+    sentences = ["A cat sits on the mat", "A kitten is lying on a rug", "Quarterly revenue grew by eight percent"]
+    # Without encoding_format the SDK asks for base64 and decodes it itself.
+    default = client.embeddings.create(model=model, input=sentences[0])
+    check("embeddings default object", default.object == "list" and default.model == model
+          and default.data[0].object == "embedding" and default.data[0].index == 0, default)
+    vector = default.data[0].embedding
+    check("embeddings default 384 floats", len(vector) == 384 and all(isinstance(v, float) for v in vector))
+    check("embeddings unit norm", abs(math.sqrt(sum(v * v for v in vector)) - 1) < 1e-4)
+    check("embeddings usage", default.usage.prompt_tokens == 8 and default.usage.total_tokens == 8, default.usage)
+
+    floats = client.embeddings.create(model=model, input=sentences, encoding_format="float")
+    check("embeddings float indices", [d.index for d in floats.data] == [0, 1, 2], floats.data)
+    check("embeddings float = default", max(abs(a - b) for a, b in zip(floats.data[0].embedding, vector)) < 1e-6)
+    cat, kitten, revenue = (d.embedding for d in floats.data)
+    cos = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731 - unit vectors
+    check("embeddings semantics", cos(cat, kitten) > cos(cat, revenue), (cos(cat, kitten), cos(cat, revenue)))
+
+    raw = client.embeddings.create(model=model, input=sentences[0], encoding_format="base64")
+    encoded = raw.data[0].embedding
+    check("embeddings base64 is a string", isinstance(encoded, str), type(encoded))
+    decoded = struct.unpack("<384f", base64.b64decode(encoded))
+    check("embeddings base64 = float", max(abs(a - b) for a, b in zip(decoded, cat)) < 1e-6)
+
+    tokens = client.embeddings.create(model=model, input=[[101, 1037, 4937, 7719, 2006, 1996, 13523, 102]],
+                                      encoding_format="float")
+    check("embeddings token ids", max(abs(a - b) for a, b in zip(tokens.data[0].embedding, cat)) < 1e-5)
+
+    err = expect_error("embeddings 400 dimensions", openai.BadRequestError, 400,
+                       lambda: client.embeddings.create(model=model, input="x", dimensions=128))
+    check("embeddings 400 message", "dimensions = 128" in str(err) and model in str(err), str(err))
+    expect_error("embeddings 404 model", openai.NotFoundError, 404,
+                 lambda: client.embeddings.create(model="no-such-model", input="x"))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ pub enum FaultKind {
     ValidatorPanic,
     /// An HTTP handler panics while accepting a request.
     HttpPanic,
+    /// The embedding engine panics in a forward pass (its actor is stopped and restarted).
+    EmbeddingsPanic,
 }
 
 impl FaultKind {
@@ -52,6 +54,7 @@ impl FaultKind {
             FaultKind::RouterPanic => "router_panic",
             FaultKind::ValidatorPanic => "validator_panic",
             FaultKind::HttpPanic => "http_panic",
+            FaultKind::EmbeddingsPanic => "embeddings_panic",
         }
     }
 
@@ -369,9 +372,10 @@ impl FaultInjector {
                 }
                 EngineFault::Slow(slow)
             }
-            FaultKind::RouterPanic | FaultKind::ValidatorPanic | FaultKind::HttpPanic => {
-                return None
-            }
+            FaultKind::RouterPanic
+            | FaultKind::ValidatorPanic
+            | FaultKind::HttpPanic
+            | FaultKind::EmbeddingsPanic => return None,
         })
     }
 
@@ -391,6 +395,12 @@ impl FaultInjector {
     pub fn on_http(&self) -> bool {
         self.is_enabled()
             && Self::take(&mut self.state(), |s| s.kind == FaultKind::HttpPanic).is_some()
+    }
+
+    /// Called by the embedding engine before each forward pass: true = panic now.
+    pub fn on_embed(&self) -> bool {
+        self.is_enabled()
+            && Self::take(&mut self.state(), |s| s.kind == FaultKind::EmbeddingsPanic).is_some()
     }
 
     /// Faults injected so far, per kind.

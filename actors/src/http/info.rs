@@ -9,14 +9,29 @@ use super::request::error_response;
 use super::AppState;
 use crate::error::{ApiError, ErrorClass};
 
-fn model_object(state: &AppState) -> Value {
+fn model_object(name: &str, context_window: u64) -> Value {
     json!({
-        "id": state.model.name,
+        "id": name,
         "object": "model",
         "created": crate::protocol::unix_now(),
         "owned_by": "dynamix",
-        "context_window": state.model.context_length,
+        "context_window": context_window,
     })
+}
+
+/// Every served model: the chat model, then the embedding model when that family is on.
+fn model_objects(state: &AppState) -> Vec<(String, Value)> {
+    let mut models = vec![(
+        state.model.name.clone(),
+        model_object(&state.model.name, u64::from(state.model.context_length)),
+    )];
+    if let Some(card) = state.embeddings.as_ref().map(|e| e.card()) {
+        models.push((
+            card.name.clone(),
+            model_object(&card.name, card.max_tokens as u64),
+        ));
+    }
+    models
 }
 
 /// `GET /v1/models`.
@@ -24,18 +39,22 @@ pub async fn list_models(state: web::Data<AppState>) -> HttpResponse {
     if state.lifecycle.is_draining() {
         return error_response(&ApiError::not_ready(), state.config.overload_status_code);
     }
-    HttpResponse::Ok().json(json!({"object": "list", "data": [model_object(&state)]}))
+    let data: Vec<Value> = model_objects(&state).into_iter().map(|(_, m)| m).collect();
+    HttpResponse::Ok().json(json!({"object": "list", "data": data}))
 }
 
 /// `GET /v1/models/{id}` (ids may contain `/`; `<id>/ready` gives readiness detail).
 pub async fn get_model(path: web::Path<String>, state: web::Data<AppState>) -> HttpResponse {
     let id = path.into_inner();
     let id = id.trim_start_matches('/');
-    if id == state.model.name {
+    if let Some((_, object)) = model_objects(&state)
+        .into_iter()
+        .find(|(name, _)| name == id)
+    {
         if state.lifecycle.is_draining() {
             return error_response(&ApiError::not_ready(), state.config.overload_status_code);
         }
-        return HttpResponse::Ok().json(model_object(&state));
+        return HttpResponse::Ok().json(object);
     }
     if id.strip_suffix("/ready") == Some(state.model.name.as_str()) {
         let ready = !state.lifecycle.is_draining() && !state.engines.is_empty();
@@ -43,6 +62,19 @@ pub async fn get_model(path: web::Path<String>, state: web::Data<AppState>) -> H
             "model": state.model.name,
             "ready": ready,
             "namespaces": [{"namespace": "dynamix", "ready": ready, "instances": state.engines.len()}],
+        }));
+    }
+    if let Some(card) = state
+        .embeddings
+        .as_ref()
+        .map(|e| e.card())
+        .filter(|card| id.strip_suffix("/ready") == Some(card.name.as_str()))
+    {
+        let ready = !state.lifecycle.is_draining();
+        return HttpResponse::Ok().json(json!({
+            "model": card.name,
+            "ready": ready,
+            "namespaces": [{"namespace": "dynamix", "ready": ready, "instances": 1}],
         }));
     }
     error_response(
@@ -210,7 +242,12 @@ pub async fn method_not_allowed(req: HttpRequest, state: web::Data<AppState>) ->
 
 /// `GET /openapi.json`.
 pub async fn openapi(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().json(openapi_document(&state.config.paths, &state.model.name))
+    let embedding_model = state.embeddings.as_ref().map(|e| e.card().name.as_str());
+    HttpResponse::Ok().json(openapi_document(
+        &state.config.paths,
+        &state.model.name,
+        embedding_model,
+    ))
 }
 
 /// `GET /docs`: a self-contained page that renders `/openapi.json` (no CDN: works offline).
@@ -240,8 +277,12 @@ fetch('/openapi.json').then(r=>r.json()).then(doc=>{
 }).catch(e=>{document.getElementById('ops').textContent='Failed to load /openapi.json: '+e});
 </script></body></html>"#;
 
-/// The OpenAPI 3 document of the routes as configured.
-pub fn openapi_document(paths: &super::HttpPaths, model: &str) -> Value {
+/// The OpenAPI 3 document of the routes as configured (embeddings only when that family is on).
+pub fn openapi_document(
+    paths: &super::HttpPaths,
+    model: &str,
+    embedding_model: Option<&str>,
+) -> Value {
     let error_ref = json!({"$ref": "#/components/schemas/Error"});
     let responses = |ok: Value| {
         json!({
@@ -315,6 +356,17 @@ pub fn openapi_document(paths: &super::HttpPaths, model: &str) -> Value {
     ] {
         doc_paths.insert(path, item);
     }
+    if let Some(embedding_model) = embedding_model {
+        let (path, item) = post(
+            &paths.embeddings,
+            "Create embeddings",
+            "EmbeddingRequest",
+            json!({"model": embedding_model, "input": ["A cat sits on the mat"]}),
+            json!({"description": "Success", "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/EmbeddingResponse"}}}}),
+        );
+        doc_paths.insert(path, item);
+    }
     if let Some(item) = doc_paths.get_mut(&format!(
         "{}/{{model_id}}",
         paths.models.trim_end_matches('/')
@@ -375,6 +427,21 @@ fn schemas() -> Value {
             "message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": "integer"}, "details": {"type": "object"}}},
         "ChatCompletionRequest": {"type": "object", "required": ["model", "messages"], "properties": chat_props},
         "CompletionRequest": {"type": "object", "required": ["model", "prompt"], "properties": cmpl_props},
+        "EmbeddingRequest": {"type": "object", "required": ["model", "input"], "properties": {
+            "model": {"type": "string"},
+            "input": {"oneOf": [
+                {"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 2048},
+                {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0}}, "maxItems": 2048}]},
+            "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+            "dimensions": {"type": "integer"}, "user": {"type": "string"}, "nvext": {"type": "object"}}},
+        "EmbeddingResponse": {"type": "object", "properties": {
+            "object": {"type": "string", "enum": ["list"]}, "model": {"type": "string"},
+            "data": {"type": "array", "items": {"type": "object", "properties": {
+                "object": {"type": "string", "enum": ["embedding"]}, "index": {"type": "integer"},
+                "embedding": {"oneOf": [{"type": "array", "items": {"type": "number"}}, {"type": "string"}]}}}},
+            "usage": {"type": "object", "properties": {
+                "prompt_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}}}}},
         "ResponsesRequest": {"type": "object", "required": ["model", "input"], "properties": {
             "model": {"type": "string"},
             "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},

@@ -7,10 +7,12 @@
 //! - [`request`]: what every inference route does first (content type, body limit, request id, headers)
 //!   and the one place errors become HTTP responses.
 //! - [`openai`]: `/v1/chat/completions`, `/v1/completions`, `/v1/responses`.
+//! - [`embeddings`]: `POST /v1/embeddings`.
 //! - [`stream`]: SSE framing of a generation, and folding it into one response.
 //! - [`info`]: `/v1/models`, `/health`, `/live`, `/metrics`, `/openapi.json`, `/docs`, unmatched routes.
 
 pub mod admin;
+pub mod embeddings;
 pub mod info;
 pub mod openai;
 pub mod request;
@@ -50,6 +52,8 @@ pub struct HttpPaths {
     pub completions: String,
     /// Responses (`DYN_HTTP_SVC_RESPONSES_PATH`).
     pub responses: String,
+    /// Embeddings (`DYN_HTTP_SVC_EMB_PATH`).
+    pub embeddings: String,
 }
 
 impl Default for HttpPaths {
@@ -62,6 +66,7 @@ impl Default for HttpPaths {
             chat: "/v1/chat/completions".into(),
             completions: "/v1/completions".into(),
             responses: "/v1/responses".into(),
+            embeddings: "/v1/embeddings".into(),
         }
     }
 }
@@ -224,6 +229,8 @@ pub struct AppState {
     pub faults: Arc<crate::faults::FaultInjector>,
     /// Requests in flight, for `/health`.
     pub inflight: Arc<crate::supervisor::inflight::InflightRegistry>,
+    /// The embedding model; None when the embeddings family is off (its route answers 404).
+    pub embeddings: Option<crate::embeddings::EmbeddingService>,
 }
 
 /// A handler panicked: the request gets Dynamo's sanitized 500 body.
@@ -322,6 +329,7 @@ fn routes(cfg: &mut web::ServiceConfig, config: &HttpConfig, faults_admin: bool)
     cfg.service(post(&p.chat, web::post().to(openai::chat_completions)))
         .service(post(&p.completions, web::post().to(openai::completions)))
         .service(post(&p.responses, web::post().to(openai::responses)))
+        .service(post(&p.embeddings, web::post().to(embeddings::embeddings)))
         .service(post(
             &format!("{}/input_tokens", p.responses.trim_end_matches('/')),
             web::post().to(openai::responses_input_tokens),

@@ -23,14 +23,14 @@ use crate::validator::{
 };
 
 /// What the first steps produce for every inference route.
-struct Accepted {
-    body: Bytes,
-    context: RequestContext,
-    admission: Admission,
+pub(super) struct Accepted {
+    pub(super) body: Bytes,
+    pub(super) context: RequestContext,
+    pub(super) admission: Admission,
 }
 
 /// Content type (415), readiness (503), body (413/400), headers (431).
-async fn accept(
+pub(super) async fn accept(
     state: &AppState,
     req: &HttpRequest,
     payload: web::Payload,
@@ -50,7 +50,7 @@ async fn accept(
 }
 
 /// Count a request that failed before it had a tracker, and render the error.
-fn reject(
+pub(super) fn reject(
     state: &AppState,
     endpoint: Endpoint,
     body: Option<&[u8]>,
@@ -84,9 +84,16 @@ fn model_label(state: &AppState, body: &[u8]) -> String {
         .ok()
         .and_then(|m| m.model)
     {
-        Some(m) if m == state.model.name => m,
+        Some(m) if m == state.model.name || serves_embeddings(state, &m) => m,
         _ => "unknown".into(),
     }
+}
+
+fn serves_embeddings(state: &AppState, model: &str) -> bool {
+    state
+        .embeddings
+        .as_ref()
+        .is_some_and(|e| e.card().name == model)
 }
 
 fn sse_response<F: Framer>(

@@ -5,10 +5,12 @@
 //! - [`chat`]: `/v1/chat/completions` request, response and stream chunk.
 //! - [`completions`]: `/v1/completions` request, response and stream chunk.
 //! - [`responses`]: `/v1/responses` request and its conversion to and from chat.
+//! - [`embeddings`]: `/v1/embeddings` request and response.
 //! - [`engine`]: [`engine::EngineRequest`] (a validated, tokenized request) and [`engine::EngineOutput`].
 
 pub mod chat;
 pub mod completions;
+pub mod embeddings;
 pub mod engine;
 pub mod responses;
 

@@ -80,6 +80,8 @@ pub struct ServiceConfig {
     pub supervision: SupervisionConfig,
     /// Fault injection.
     pub faults: FaultsConfig,
+    /// The embedding model (`/v1/embeddings`); started only with the HTTP server.
+    pub embeddings: crate::embeddings::EmbeddingsConfig,
     /// Whether to start the HTTP server (false for terminal chat and batch runs).
     pub serve_http: bool,
 }
@@ -96,6 +98,9 @@ pub enum StartError {
     /// Metrics registry setup failed.
     #[error("metrics: {0}")]
     Metrics(String),
+    /// The embedding model could not be loaded.
+    #[error("embeddings: {0}")]
+    Embeddings(#[from] crate::embeddings::LoadError),
 }
 
 /// Drain and stop everything. Replies when the tree has stopped.
@@ -126,6 +131,8 @@ pub struct Supervisor {
     validator: Addr<ValidatorActor>,
     router: Addr<KvRouterActor>,
     indexer: Option<(Addr<KvIndexerActor>, Arbiter)>,
+    /// The embedding engine's thread.
+    embeddings: Option<Arbiter>,
     metrics: Arc<FrontendMetrics>,
     inflight: Arc<InflightRegistry>,
     faults: Arc<FaultInjector>,
@@ -240,6 +247,9 @@ impl Handler<Shutdown> for Supervisor {
                     child.arbiter.stop();
                 }
                 if let Some((_, arbiter)) = act.indexer.take() {
+                    arbiter.stop();
+                }
+                if let Some(arbiter) = act.embeddings.take() {
                     arbiter.stop();
                 }
                 tracing::debug!(
@@ -488,6 +498,29 @@ pub async fn start(
                 .supervised(ev.clone(), f.clone())
         })
     };
+    // Only the HTTP server serves embeddings: terminal and batch runs do not load the model.
+    let embeddings = if config.embeddings.enabled && config.serve_http {
+        match crate::embeddings::start(
+            &config.embeddings,
+            config.validator.ignore_unsupported_fields,
+            &config.supervision,
+            events.clone(),
+            faults.clone(),
+        ) {
+            Ok(running) => Some(running),
+            Err(e) => {
+                for child in children {
+                    child.arbiter.stop();
+                }
+                if let Some((_, arbiter)) = indexer {
+                    arbiter.stop();
+                }
+                return Err(e.into());
+            }
+        }
+    } else {
+        None
+    };
     drop(events);
     let inflight = Arc::new(InflightRegistry::default());
     let gateway = Gateway {
@@ -519,6 +552,7 @@ pub async fn start(
             engines: engines.clone(),
             faults: faults.clone(),
             inflight: inflight.clone(),
+            embeddings: embeddings.as_ref().map(|e| e.service.clone()),
         });
         let (server, addrs) = match http::bind(state) {
             Ok(bound) => bound,
@@ -528,6 +562,9 @@ pub async fn start(
                 }
                 if let Some((_, arbiter)) = indexer {
                     arbiter.stop();
+                }
+                if let Some(running) = embeddings {
+                    running.arbiter.stop();
                 }
                 return Err(e.into());
             }
@@ -553,6 +590,7 @@ pub async fn start(
         validator,
         router,
         indexer,
+        embeddings: embeddings.map(|e| e.arbiter),
         metrics: metrics.clone(),
         inflight: inflight.clone(),
         faults: faults.clone(),
