@@ -185,10 +185,10 @@ pub struct ServeArgs {
     /// KV block size in tokens; must match the engines' (default: taken from the engines).
     #[arg(long, value_name = "TOKENS")]
     pub kv_cache_block_size: Option<u64>,
-    /// Served model name.
     /// Migrations allowed per request when an engine fails mid-request (0 = off).
     #[arg(long, value_name = "N")]
     pub migration_limit: Option<u32>,
+    /// Served model name.
     #[arg(long, value_name = "NAME")]
     pub model_name: Option<String>,
     /// Do not serve /v1/embeddings (the embedding model is not loaded; the route answers 404).

@@ -32,6 +32,8 @@ async fn chat_validation_rules() {
         (json!({"repetition_penalty": 2.5}), 400, "Validation: Repetition penalty must be between 0 and 2, got 2.5"),
         (json!({"logit_bias": {"50": "x"}}), 400, "Validation: Logit bias value for token '50' must be a number, got \"x\""),
         (json!({"logit_bias": {"50": 101}}), 400, "Validation: Logit bias for token '50' must be between -100 and 100, got 101"),
+        (json!({"logit_bias": {"abc": 1}}), 400, "Validation: Invalid key in 'logit_bias': \"abc\" is not a token id (keys must be integers)"),
+        (json!({"logit_bias": {"49152": 1}}), 400, "Validation: Token id 49152 in 'logit_bias' is out of range: the vocabulary has 49152 tokens"),
         (json!({"n": 0}), 400, "Validation: n must be between 1 and 128, got 0"),
         (json!({"n": 129}), 400, "Validation: n must be between 1 and 128, got 129"),
         (json!({"n": 2, "temperature": 0}), 400, "Validation: When n > 1, temperature must be greater than 0 to ensure diverse outputs. Got n=2, temperature=0"),

@@ -170,8 +170,7 @@ fn bad_batches_are_errors_not_panics() {
             want_logits: true,
         }],
     )
-    .err()
-    .expect("out-of-vocabulary token is an error");
+    .expect_err("out-of-vocabulary token is an error");
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
     assert!(cache.is_empty(), "nothing was cached");
 }
