@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use dynamix_actors::engine::model::shared::{load_shared, Role};
+use dynamix_actors::engine::model::shared::{load_shared, InProcessGms, Role};
 use dynamix_actors::engine::{EngineKind, LlamaModel};
 use dynamix_actors::models::{ModelStore, PullProgress, ALL_PACKAGES, SMOLLM2, SMOLLM2_GGUF};
 use dynamix_actors::supervisor::{self, RunningService};
@@ -238,11 +238,29 @@ pub fn load_weights(path: &Path, config: &Config) -> Result<Arc<LlamaModel>, Run
 pub async fn start(config: &Config, serve_http: bool) -> Result<RunningService, RunError> {
     let path = model_file(config)?;
     let tokenizer = load_tokenizer(&path)?;
+    // The in-process memory service starts first so the weights can be written into it.
+    let (gms, config) = match config.model_engine.gms_serve
+        && config.engine.kind == EngineKind::Model
+    {
+        true => {
+            let socket = config.model_engine.gms_socket.clone().unwrap_or_else(|| {
+                let dir = std::env::var_os("GMS_SOCKET_DIR").map(PathBuf::from);
+                dynamix_actors::gms::default_socket_path("host-0", "weights", dir.as_deref())
+            });
+            let gms = InProcessGms::start(socket.clone()).map_err(RunError::Model)?;
+            tracing::info!(socket = %socket.display(), "GPU memory service (host, weights) running in-process");
+            let mut config = config.clone();
+            config.model_engine.gms_socket = Some(socket);
+            (Some(gms), std::borrow::Cow::Owned(config))
+        }
+        false => (None, std::borrow::Cow::Borrowed(config)),
+    };
+    let config = config.as_ref();
     let weights = match config.engine.kind {
         EngineKind::Model => Some(load_weights(&path, config)?),
         _ => None,
     };
-    let service = supervisor::start(config.service(serve_http), tokenizer, weights).await?;
+    let service = supervisor::start(config.service(serve_http), tokenizer, weights, gms).await?;
     for addr in &service.http_addrs {
         tracing::info!(
             "serving {} on http://{addr} (OpenAI API under /v1)",

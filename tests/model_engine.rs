@@ -290,6 +290,11 @@ async fn the_official_openai_sdk_accepts_the_model_responses() {
 /// A `dynamix` process serving the model with its weights through the memory service at `socket`;
 /// returns it, its base URL and how it loaded the weights (the log line).
 fn serve_through_gms(socket: &std::path::Path) -> (std::process::Child, String, String) {
+    serve_with_gms(socket, "")
+}
+
+/// Like [`serve_through_gms`], with `extra` lines in `[model_engine]`.
+fn serve_with_gms(socket: &std::path::Path, extra: &str) -> (std::process::Child, String, String) {
     use std::io::BufRead;
     let dir = std::env::temp_dir().join(format!("dynamix-gms-serve-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).expect("dir");
@@ -297,7 +302,7 @@ fn serve_through_gms(socket: &std::path::Path) -> (std::process::Child, String, 
     std::fs::write(
         &config,
         format!(
-            "[http]\nhost = \"127.0.0.1\"\nport = 0\n[engine]\nkind = \"model\"\n[model_engine]\ngms_socket = {:?}\n",
+            "[http]\nhost = \"127.0.0.1\"\nport = 0\n[engine]\nkind = \"model\"\n[model_engine]\ngms_socket = {:?}\n{extra}",
             socket.display().to_string()
         ),
     )
@@ -378,5 +383,32 @@ async fn a_crashed_worker_restarts_from_the_memory_service_instead_of_the_gguf()
     let _ = second.wait();
     let _ = gms.kill();
     let _ = gms.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[actix_rt::test]
+async fn a_process_serving_the_memory_service_in_process_shares_its_weights_with_another() {
+    let dir = std::env::temp_dir().join(format!("dynamix-gms-inproc-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let socket = dir.join("weights.sock");
+    let (mut owner, _, how) = serve_with_gms(&socket, "gms_serve = true\n");
+    assert!(
+        how.contains("wrote the weights"),
+        "the serving process writes: {how}"
+    );
+    let (mut other, base, how) = serve_through_gms(&socket);
+    assert!(
+        how.contains("mapped the weights"),
+        "a second process maps them: {how}"
+    );
+    let mut body = ask("What is the capital of France?");
+    body["max_tokens"] = json!(24);
+    let (status, res) = post_json(&format!("{base}/v1/chat/completions"), &body).await;
+    assert_eq!(status, 200, "{res}");
+    assert!(content(&res).contains("Paris"), "{res}");
+    for child in [&mut other, &mut owner] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

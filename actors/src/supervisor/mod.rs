@@ -133,6 +133,8 @@ pub struct Supervisor {
     indexer: Option<(Addr<KvIndexerActor>, Arbiter)>,
     /// The embedding engine's thread.
     embeddings: Option<Arbiter>,
+    /// The in-process GPU memory service (`model_engine.gms_serve`).
+    gms: Option<crate::engine::model::shared::InProcessGms>,
     metrics: Arc<FrontendMetrics>,
     inflight: Arc<InflightRegistry>,
     faults: Arc<FaultInjector>,
@@ -252,6 +254,9 @@ impl Handler<Shutdown> for Supervisor {
                 if let Some(arbiter) = act.embeddings.take() {
                     arbiter.stop();
                 }
+                if let Some(gms) = act.gms.take() {
+                    gms.stop();
+                }
                 tracing::debug!(
                     router = act.router.connected(),
                     validator = act.validator.connected(),
@@ -323,11 +328,13 @@ fn mocker_vocabulary(tokenizer: &ModelTokenizer) -> Arc<[u32]> {
 }
 
 /// Start the tree. Must run inside an actix System.
-/// `weights` must be given when the engine kind is `model` (loaded once, shared by every engine).
+/// `weights` must be given when the engine kind is `model` (loaded once, shared by every engine); `gms`
+/// is an in-process memory service the tree takes ownership of (stopped at shutdown).
 pub async fn start(
     config: ServiceConfig,
     tokenizer: Arc<ModelTokenizer>,
     weights: Option<Arc<LlamaModel>>,
+    gms: Option<crate::engine::model::shared::InProcessGms>,
 ) -> Result<RunningService, StartError> {
     if config.engine.devices.is_empty() {
         return Err(StartError::Config(
@@ -591,6 +598,7 @@ pub async fn start(
         router,
         indexer,
         embeddings: embeddings.map(|e| e.arbiter),
+        gms,
         metrics: metrics.clone(),
         inflight: inflight.clone(),
         faults: faults.clone(),
