@@ -247,11 +247,18 @@ pub async fn start(config: &Config, serve_http: bool) -> Result<RunningService, 
                 let dir = std::env::var_os("GMS_SOCKET_DIR").map(PathBuf::from);
                 dynamix_actors::gms::default_socket_path("host-0", "weights", dir.as_deref())
             });
-            let gms = InProcessGms::start(socket.clone()).map_err(RunError::Model)?;
-            tracing::info!(socket = %socket.display(), "GPU memory service (host, weights) running in-process");
+            // Another process on this machine already serves it: load through that one instead.
+            let gms = if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                tracing::info!(socket = %socket.display(), "using the GPU memory service already running there");
+                None
+            } else {
+                let gms = InProcessGms::start(socket.clone()).map_err(RunError::Model)?;
+                tracing::info!(socket = %socket.display(), "GPU memory service (host, weights) running in-process");
+                Some(gms)
+            };
             let mut config = config.clone();
             config.model_engine.gms_socket = Some(socket);
-            (Some(gms), std::borrow::Cow::Owned(config))
+            (gms, std::borrow::Cow::Owned(config))
         }
         false => (None, std::borrow::Cow::Borrowed(config)),
     };

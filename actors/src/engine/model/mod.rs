@@ -55,7 +55,9 @@ pub struct ModelEngineConfig {
     pub gms_socket: Option<std::path::PathBuf>,
     /// Run the memory service inside this process (host backend, tag `weights`) at `gms_socket`, or at
     /// the default socket `{GMS_SOCKET_DIR or /tmp}/gms_host-0_weights.sock`, and load through it: this
-    /// process writes the weights, other processes on the machine map them.
+    /// process writes the weights, other processes on the machine map them. When a service already
+    /// answers on that socket, the weights are loaded through it instead. Off by default; the shipped
+    /// `configs/default.toml` turns it on.
     pub gms_serve: bool,
     /// How long to wait for another process that is still writing the weights into the service.
     pub gms_lock_timeout_secs: f64,
