@@ -258,32 +258,12 @@ async fn a_stream_survives_its_engine_panicking_and_reads_as_if_nothing_happened
 #[actix_rt::test]
 async fn the_official_openai_sdk_accepts_the_model_responses() {
     let server = start(MODEL_ENGINE).await;
-    let base = server.base.clone();
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/conformance/openai_model.py"
-    );
-    let python = std::env::var("DYNAMIX_PYTHON").unwrap_or_else(|_| "python3".into());
-    let output = actix_rt::task::spawn_blocking(move || {
-        Command::new(python)
-            .arg(script)
-            .arg(&base)
-            .arg(MODEL)
-            .output()
-    })
-    .await
-    .expect("join")
-    .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "openai SDK against the model failed:\n{stdout}\n{stderr}"
-    );
-    assert!(
-        stdout.contains("model conformance: all checks passed"),
-        "{stdout}"
-    );
+    run_sdk_script(
+        "openai_model.py",
+        vec![server.base.clone(), MODEL.to_string()],
+        "model conformance: all checks passed",
+    )
+    .await;
     server.stop().await;
 }
 

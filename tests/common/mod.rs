@@ -192,3 +192,48 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
             }
         })
 }
+
+/// The Python that runs the `openai` SDK scripts (`DYNAMIX_PYTHON`, default `python3`).
+pub fn python() -> String {
+    std::env::var("DYNAMIX_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Installs the `openai` SDK with pip when it is missing.
+pub fn ensure_openai_sdk() {
+    use std::process::Command;
+    let has = Command::new(python())
+        .args(["-c", "import openai"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !has {
+        let status = Command::new(python())
+            .args(["-m", "pip", "install", "--quiet", "openai"])
+            .status()
+            .expect("python3 with pip is needed to install the openai SDK");
+        assert!(status.success(), "pip install openai failed");
+    }
+}
+
+/// Runs an `openai` SDK script from tests/conformance with `args` off the actix thread (the SDK
+/// blocks; the in-process server must keep serving) and asserts it succeeded and printed `marker`.
+pub async fn run_sdk_script(script: &str, args: Vec<String>, marker: &str) {
+    ensure_openai_sdk();
+    let path = format!("{}/tests/conformance/{script}", env!("CARGO_MANIFEST_DIR"));
+    let output = actix_rt::task::spawn_blocking(move || {
+        std::process::Command::new(python())
+            .arg(path)
+            .args(args)
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{script} failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains(marker), "{stdout}");
+}
