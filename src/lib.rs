@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use dynamix_actors::engine::model::shared::{load_shared, InProcessGms, Role};
+use dynamix_actors::engine::model::shared::{load_shared, Role, TAG as WEIGHTS_TAG};
 use dynamix_actors::engine::{EngineKind, LlamaModel};
+use dynamix_actors::gms::InProcessGms;
 use dynamix_actors::models::{ModelStore, PullProgress, ALL_PACKAGES, SMOLLM2, SMOLLM2_GGUF};
 use dynamix_actors::supervisor::{self, RunningService};
 use dynamix_actors::tokenizer::ModelTokenizer;
@@ -245,14 +246,15 @@ pub async fn start(config: &Config, serve_http: bool) -> Result<RunningService, 
         true => {
             let socket = config.model_engine.gms_socket.clone().unwrap_or_else(|| {
                 let dir = std::env::var_os("GMS_SOCKET_DIR").map(PathBuf::from);
-                dynamix_actors::gms::default_socket_path("host-0", "weights", dir.as_deref())
+                dynamix_actors::gms::default_socket_path("host-0", WEIGHTS_TAG, dir.as_deref())
             });
             // Another process on this machine already serves it: load through that one instead.
             let gms = if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
                 tracing::info!(socket = %socket.display(), "using the GPU memory service already running there");
                 None
             } else {
-                let gms = InProcessGms::start(socket.clone()).map_err(RunError::Model)?;
+                let gms =
+                    InProcessGms::start(socket.clone(), WEIGHTS_TAG).map_err(RunError::Model)?;
                 tracing::info!(socket = %socket.display(), "GPU memory service (host, weights) running in-process");
                 Some(gms)
             };

@@ -26,4 +26,4 @@ pub mod wire;
 pub use backend::BackendKind;
 pub use client::{ClientError, GmsClient};
 pub use protocol::RequestedLockType;
-pub use server::{default_socket_path, GmsConfig, GmsServer, GpuMemoryActor};
+pub use server::{default_socket_path, GmsConfig, GmsServer, GpuMemoryActor, InProcessGms};

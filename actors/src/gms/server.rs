@@ -807,3 +807,82 @@ async fn dispatch_with_retry(
         }
     }
 }
+
+/// A memory service run inside this process (`model_engine.gms_serve`): host backend, its own Arbiter
+/// thread, owned by the root supervisor, which stops it at shutdown. Other processes on the machine
+/// attach to what this one publishes.
+pub struct InProcessGms {
+    arbiter: Arbiter,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Where it listens.
+    pub socket: PathBuf,
+}
+
+impl InProcessGms {
+    /// Start a host-backend service for `tag` on `socket`. Must run inside an actix System.
+    pub fn start(socket: PathBuf, tag: &str) -> Result<InProcessGms, String> {
+        let tag = tag.to_string();
+        let arbiter = Arbiter::new();
+        let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let path = socket.clone();
+        let spawned = arbiter.spawn(async move {
+            let config = GmsConfig {
+                device: 0,
+                tag,
+                socket_path: path,
+                alloc_retry_interval: Duration::from_millis(100),
+                alloc_retry_timeout: Some(Duration::from_secs(30)),
+            };
+            let server = super::backend::open(super::BackendKind::Host, 0, None)
+                .map_err(|e| e.to_string())
+                .and_then(|b| GmsServer::bind(config, b).map_err(|e| e.to_string()));
+            match server {
+                Ok(server) => {
+                    let _ = bound_tx.send(Ok(()));
+                    server
+                        .serve(async move {
+                            let _ = stopped.await;
+                        })
+                        .await;
+                }
+                Err(e) => {
+                    let _ = bound_tx.send(Err(e));
+                }
+            }
+        });
+        let bound = if spawned {
+            bound_rx
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| Err("the memory service thread did not start".into()))
+        } else {
+            Err("the memory service thread did not start".into())
+        };
+        match bound {
+            Ok(()) => Ok(InProcessGms {
+                arbiter,
+                stop: Some(stop),
+                socket,
+            }),
+            Err(e) => {
+                arbiter.stop();
+                Err(format!(
+                    "in-process GPU memory service at {}: {e}",
+                    socket.display()
+                ))
+            }
+        }
+    }
+
+    /// Stop serving (the socket file is removed) and end its thread; dropping it does the same.
+    pub fn stop(self) {}
+}
+
+impl Drop for InProcessGms {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.arbiter.stop();
+    }
+}

