@@ -290,6 +290,7 @@ fn replay(mode: &str, sessions: &[Session], speedup: f64, gpu_blocks: usize) -> 
 fn prompt_token_totals(service: &RunningService) -> (u64, u64) {
     service
         .engines
+        .snapshot()
         .iter()
         .filter_map(|e| e.mocker.as_ref())
         .fold((0, 0), |(a, c), m| {

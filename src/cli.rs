@@ -39,6 +39,12 @@ pub enum Command {
     Drill(DrillArgs),
     /// GPU memory service: run a server for one device (and tags), or act as a client against one.
     Gms(GmsArgs),
+    /// Multi-process deployment: the HTTP frontend (validator, router) routing to the workers it
+    /// discovers in etcd ([distributed] section; see configs/frontend.toml).
+    Frontend(ServeArgs),
+    /// Multi-process deployment: a worker serving its engines to frontends over TCP, registered in
+    /// etcd, publishing KV events on NATS (see configs/worker.toml).
+    Worker(ServeArgs),
 }
 
 /// `dynamix gms [--device N] [--tag TAG]... [--socket PATH] [--backend host|cuda]`, or a client action.

@@ -16,6 +16,7 @@ use dynamix_actors::embeddings::EmbeddingsConfig;
 use dynamix_actors::engine::mocker::MockerConfig;
 use dynamix_actors::engine::ModelEngineConfig;
 use dynamix_actors::engine::{EchoConfig, EngineConfig, EngineKind};
+use dynamix_actors::distributed::DistributedConfig;
 use dynamix_actors::faults::FaultsConfig;
 use dynamix_actors::gateway::migration::MigrationConfig;
 use dynamix_actors::http::HttpConfig;
@@ -97,6 +98,8 @@ pub struct Config {
     pub faults: FaultsConfig,
     /// `/v1/embeddings` and its model.
     pub embeddings: EmbeddingsConfig,
+    /// Frontend and worker processes: etcd, NATS, TCP planes (`dynamix frontend` / `dynamix worker`).
+    pub distributed: DistributedConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -161,6 +164,16 @@ const DYNAMO_ENV: &[(&str, &str)] = &[
     ),
     ("DYN_KV_CACHE_BLOCK_SIZE", "router.kv_cache_block_size"),
     ("DYN_MIGRATION_LIMIT", "migration.limit"),
+    ("NATS_SERVER", "distributed.nats_url"),
+    ("DYN_NAMESPACE", "distributed.namespace"),
+    ("DYN_TCP_RPC_HOST", "distributed.host"),
+    ("DYN_TCP_RPC_PORT", "distributed.request_plane_port"),
+    ("DYN_TCP_REQUEST_TIMEOUT", "distributed.request_timeout_secs"),
+    ("DYN_TCP_CONNECT_TIMEOUT", "distributed.connect_timeout_secs"),
+    (
+        "DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS",
+        "distributed.graceful_shutdown_grace_period_secs",
+    ),
     ("DYN_LOG", "log.filter"),
     ("DYN_TOKEN_ECHO_DELAY_MS", "echo.token_delay_ms"),
     ("DYN_MODEL_NAME", "model.name"),
@@ -331,6 +344,24 @@ pub fn load(
                 Some(raw.clone()),
             )?;
         }
+    }
+    // etcd's own variable: a comma-separated list of client URLs.
+    if let Some((name, raw)) = vars
+        .iter()
+        .find(|(n, v)| n == "ETCD_ENDPOINTS" && !v.is_empty())
+    {
+        let urls = raw
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| Value::String(u.to_string()))
+            .collect();
+        layers.set(
+            "distributed.etcd_endpoints",
+            Value::Array(urls),
+            Source::Env(name.clone(), raw.clone()),
+            Some(raw.clone()),
+        )?;
     }
     for (name, raw) in &vars {
         let Some(rest) = name.strip_prefix("DYN_") else {
@@ -608,6 +639,7 @@ impl Config {
             self.supervisor.validate(),
             self.faults.validate(),
             self.embeddings.validate(),
+            self.distributed.validate(),
         ] {
             if let Err(message) = check {
                 return Err(ConfigError(format!("invalid config: {message}")));
@@ -639,6 +671,8 @@ impl Config {
             faults: self.faults.clone(),
             embeddings: self.embeddings.clone(),
             serve_http,
+            remote_engines: false,
+            export_kv_events: false,
         }
     }
 }

@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use dynamix_actors::engine::model::shared::{load_shared, Role, TAG as WEIGHTS_TAG};
+use dynamix_actors::distributed;
+use dynamix_actors::engine::model::shared::{load_shared, Role as WeightsRole, TAG as WEIGHTS_TAG};
 use dynamix_actors::engine::{EngineKind, LlamaModel};
 use dynamix_actors::gms::InProcessGms;
 use dynamix_actors::models::{ModelStore, PullProgress, ALL_PACKAGES, SMOLLM2, SMOLLM2_GGUF};
@@ -43,13 +44,30 @@ pub enum RunError {
     /// A terminal or batch front end failed.
     #[error("{0}")]
     Frontend(String),
+    /// The distributed layer could not start (etcd or NATS unreachable, a port taken).
+    #[error("{0}")]
+    Distributed(String),
+    /// A setting read at start is invalid (exit status 2).
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Which process this is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Everything in one process (`dynamix`, `dynamix serve`).
+    Standalone,
+    /// HTTP, validator and router; engines are the workers found in etcd (`dynamix frontend`).
+    Frontend,
+    /// Engines served to frontends (`dynamix worker`).
+    Worker,
 }
 
 impl RunError {
     /// Process exit status for this failure.
     pub fn exit_code(&self) -> u8 {
         match self {
-            RunError::Start(supervisor::StartError::Config(_)) => 2,
+            RunError::Start(supervisor::StartError::Config(_)) | RunError::Config(_) => 2,
             _ => 1,
         }
     }
@@ -216,8 +234,8 @@ pub fn load_weights(path: &Path, config: &Config) -> Result<Arc<LlamaModel>, Run
             )
             .map_err(|e| RunError::Model(e.to_string()))?;
             let how = match role {
-                Role::Writer => "read the GGUF and wrote the weights into the memory service",
-                Role::Reader => "mapped the weights committed in the memory service",
+                WeightsRole::Writer => "read the GGUF and wrote the weights into the memory service",
+                WeightsRole::Reader => "mapped the weights committed in the memory service",
             };
             tracing::info!(
                 path = %path.display(),
@@ -237,11 +255,21 @@ pub fn load_weights(path: &Path, config: &Config) -> Result<Arc<LlamaModel>, Run
 
 /// Start the actor tree for `config` (HTTP on when `serve_http`). Must run inside an actix System.
 pub async fn start(config: &Config, serve_http: bool) -> Result<RunningService, RunError> {
+    start_as(config, serve_http, Role::Standalone).await
+}
+
+/// [`start`] for a role: a frontend starts no engines, a worker hands its KV events out.
+pub async fn start_as(
+    config: &Config,
+    serve_http: bool,
+    role: Role,
+) -> Result<RunningService, RunError> {
     let path = model_file(config)?;
     let tokenizer = load_tokenizer(&path)?;
     // The in-process memory service starts first so the weights can be written into it.
     let (gms, config) = match config.model_engine.gms_serve
         && config.engine.kind == EngineKind::Model
+        && role != Role::Frontend
     {
         true => {
             let socket = config.model_engine.gms_socket.clone().unwrap_or_else(|| {
@@ -265,11 +293,15 @@ pub async fn start(config: &Config, serve_http: bool) -> Result<RunningService, 
         false => (None, std::borrow::Cow::Borrowed(config)),
     };
     let config = config.as_ref();
-    let weights = match config.engine.kind {
-        EngineKind::Model => Some(load_weights(&path, config)?),
+    let weights = match (config.engine.kind, role) {
+        (_, Role::Frontend) => None,
+        (EngineKind::Model, _) => Some(load_weights(&path, config)?),
         _ => None,
     };
-    let service = supervisor::start(config.service(serve_http), tokenizer, weights, gms).await?;
+    let mut service_config = config.service(serve_http);
+    service_config.remote_engines = role == Role::Frontend;
+    service_config.export_kv_events = role == Role::Worker;
+    let service = supervisor::start(service_config, tokenizer, weights, gms).await?;
     for addr in &service.http_addrs {
         tracing::info!(
             "serving {} on http://{addr} (OpenAI API under /v1)",
@@ -301,6 +333,75 @@ pub async fn run(
     };
     service.shutdown().await;
     result
+}
+
+fn max_message_size() -> Result<usize, RunError> {
+    dynamix_actors::codec::tcp::max_message_size_from_env(&|k| std::env::var(k).ok())
+        .map_err(RunError::Config)
+}
+
+/// `dynamix frontend`: serve HTTP and route to the workers registered in etcd until `shutdown`
+/// resolves, then drain.
+pub async fn run_frontend(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let max_message_size = max_message_size()?;
+    let service = start_as(&config, true, Role::Frontend).await?;
+    let kv = config.router.mode == dynamix_actors::router::RouterMode::Kv;
+    let settings = distributed::frontend::FrontendSettings {
+        config: config.distributed.clone(),
+        max_message_size,
+        default_capacity: config.engine.admission_capacity,
+        kv_block_size: kv.then_some(service.kv_block_size),
+    };
+    let handle = match distributed::frontend::start(&service, settings).await {
+        Ok(handle) => handle,
+        Err(e) => {
+            service.shutdown().await;
+            return Err(RunError::Distributed(e));
+        }
+    };
+    tracing::info!(
+        etcd = config.distributed.etcd_endpoints.join(","),
+        nats = %config.distributed.nats_url,
+        responses = handle.streams.address(),
+        "frontend routing to the workers of {}",
+        config.distributed.instance_prefix()
+    );
+    shutdown.await;
+    service.shutdown().await;
+    drop(handle);
+    Ok(())
+}
+
+/// `dynamix worker`: serve this process's engines to frontends until `shutdown` resolves, then leave
+/// discovery and drain.
+pub async fn run_worker(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let max_message_size = max_message_size()?;
+    let mut service = start_as(&config, false, Role::Worker).await?;
+    let settings = distributed::worker::WorkerSettings {
+        config: config.distributed.clone(),
+        max_message_size,
+        engine: config.engine.kind.as_str().into(),
+        capacity: config.engine.admission_capacity * config.engine.devices.len().max(1),
+        stream_buffer: config.engine.stream_buffer,
+    };
+    let handle = match distributed::worker::start(&mut service, settings).await {
+        Ok(handle) => handle,
+        Err(e) => {
+            service.shutdown().await;
+            return Err(RunError::Distributed(e));
+        }
+    };
+    shutdown.await;
+    handle
+        .shutdown(std::time::Duration::from_secs(
+            config.http.graceful_shutdown_timeout_secs.max(1) * 6,
+        ))
+        .await;
+    service.shutdown().await;
+    Ok(())
 }
 
 /// `dynamix models pull [PACKAGE...]`.

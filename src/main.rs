@@ -17,9 +17,12 @@ fn main() -> ExitCode {
         }) => return dynamix::models_list(),
         Some(Command::Drill(args)) => return dynamix::drill::main(args),
         Some(Command::Gms(args)) => return dynamix::gms::main(args),
-        Some(Command::Serve(args)) => args,
-        None => cli.serve,
+        Some(Command::Serve(args)) => (args, dynamix::Role::Standalone),
+        Some(Command::Frontend(args)) => (args, dynamix::Role::Frontend),
+        Some(Command::Worker(args)) => (args, dynamix::Role::Worker),
+        None => (cli.serve, dynamix::Role::Standalone),
     };
+    let (serve, role) = serve;
     let (input, overrides) = match serve.resolve() {
         Ok(resolved) => resolved,
         Err(message) => {
@@ -37,7 +40,23 @@ fn main() -> ExitCode {
     };
     dynamix::init_logging(&config.log.filter);
     let system = actix_rt::System::new();
-    match system.block_on(dynamix::run(config, input, dynamix::shutdown_signal())) {
+    let run = async {
+        match role {
+            dynamix::Role::Standalone => {
+                dynamix::run(config, input, dynamix::shutdown_signal()).await
+            }
+            dynamix::Role::Frontend if input == dynamix::Input::Http => {
+                dynamix::run_frontend(config, dynamix::shutdown_signal()).await
+            }
+            dynamix::Role::Worker if input == dynamix::Input::Http => {
+                dynamix::run_worker(config, dynamix::shutdown_signal()).await
+            }
+            _ => Err(dynamix::RunError::Frontend(
+                "`in=` applies to `dynamix serve` only: a frontend serves HTTP and a worker serves its request plane".into(),
+            )),
+        }
+    };
+    match system.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("dynamix: {e}");

@@ -15,9 +15,11 @@
 //! - [`metrics`]: the `dynamo_frontend_*` Prometheus metrics.
 //! - [`tokenizer`]: GGUF metadata, the model's tokenizer and chat template, streaming detokenizer.
 //! - [`models`]: the model store (`dynamix models pull`).
+//! - [`distributed`]: frontend and worker processes over etcd (discovery), NATS (events) and TCP.
 
 pub mod backend;
 pub mod codec;
+pub mod distributed;
 pub mod embeddings;
 pub mod engine;
 pub mod error;

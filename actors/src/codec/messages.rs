@@ -93,6 +93,9 @@ pub struct CallHomeHandshake {
 pub struct ResponseStreamPrologue {
     /// `null` when generation started, else the error text.
     pub error: Option<String>,
+    /// [newer] The error as an object (dynamix: `{"class", "message", "details"}`), omitted when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub typed_error: Option<Value>,
 }
 
 /// One data frame's body.
@@ -165,7 +168,11 @@ mod tests {
             json!({"data": null, "complete_final": true})
         );
         assert_eq!(
-            serde_json::to_value(ResponseStreamPrologue { error: None }).unwrap(),
+            serde_json::to_value(ResponseStreamPrologue {
+                error: None,
+                typed_error: None
+            })
+            .unwrap(),
             json!({"error": null})
         );
     }

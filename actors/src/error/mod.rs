@@ -11,8 +11,10 @@ use serde_json::{json, Value};
 /// Default status for "all engines busy / admission queue full" (Dynamo's non-standard 529).
 pub const DEFAULT_OVERLOAD_STATUS: u16 = 529;
 
-/// The closed set of error classes shared by every component.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The closed set of error classes shared by every component (snake_case on the wire between a
+/// worker and its frontend).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ErrorClass {
     /// The body could not be read or parsed as the expected JSON type (400).
     BadRequest,

@@ -30,7 +30,7 @@ pub async fn arm_fault(state: web::Data<AppState>, body: web::Bytes) -> HttpResp
         }
     };
     if let Some(engine) = spec.engine {
-        if !state.engines.iter().any(|e| e.instance_id == engine) {
+        if !state.engines.contains(engine) {
             return error_response(
                 &ApiError::validation(format!("no engine with instance id {engine}")),
                 overload,

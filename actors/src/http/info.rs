@@ -84,15 +84,14 @@ pub async fn get_model(path: web::Path<String>, state: web::Data<AppState>) -> H
 }
 
 fn endpoints_and_instances(state: &AppState) -> (Vec<String>, Vec<Value>) {
-    let mut endpoints: Vec<String> = state
-        .engines
+    let engines = state.engines.snapshot();
+    let mut endpoints: Vec<String> = engines
         .iter()
         .map(|_| "dyn://dynamix.backend.generate".to_string())
         .collect();
     endpoints.sort();
     endpoints.dedup();
-    let instances = state
-        .engines
+    let instances = engines
         .iter()
         .filter(|e| !e.load.retired.load(std::sync::atomic::Ordering::Relaxed))
         .map(|e| {
@@ -101,7 +100,7 @@ fn endpoints_and_instances(state: &AppState) -> (Vec<String>, Vec<Value>) {
                 "component": "backend",
                 "endpoint": "generate",
                 "instance_id": e.instance_id,
-                "transport": "in-process",
+                "transport": e.transport,
                 "engine": e.engine,
                 "device": e.device,
                 "active_requests": e.load.active(),
@@ -121,6 +120,9 @@ fn endpoints_and_instances(state: &AppState) -> (Vec<String>, Vec<Value>) {
                     "preemptions": mocker.preemptions(),
                     "prefix_hit_rate": mocker.prefix_hit_rate(),
                 });
+            }
+            if let Some(load) = e.remote.as_ref().and_then(|r| r.lock().ok().and_then(|l| l.clone())) {
+                instance["load_metrics"] = json!(load);
             }
             if let Some(model) = &e.model {
                 use std::sync::atomic::Ordering::Relaxed;
@@ -145,6 +147,7 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     let (endpoints, instances) = endpoints_and_instances(&state);
     let failed: Vec<_> = state
         .engines
+        .snapshot()
         .iter()
         .filter_map(|e| {
             e.load.failure().map(|reason| {
@@ -182,7 +185,7 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
             "Service is healthy".to_string(),
         )
     };
-    response.json(json!({
+    let mut body = json!({
         "status": status,
         "message": message,
         "initial_discovery_complete": true,
@@ -191,7 +194,11 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         "instances": instances,
         "failed_instances": failed,
         "inflight_requests": state.inflight.len(),
-    }))
+    });
+    if let Some(cluster) = state.cluster.get() {
+        body["cluster"] = cluster();
+    }
+    response.json(body)
 }
 
 /// `GET /live`: liveness.

@@ -200,6 +200,71 @@ pub struct EngineInfo {
     /// The model engine's batch state (model engines only).
     #[serde(skip)]
     pub model: Option<Arc<crate::engine::ModelLoad>>,
+    /// How it is reached: `in-process`, or a worker's `tcp://host:port`.
+    pub transport: String,
+    /// A worker's last published load (remote engines only).
+    #[serde(skip)]
+    pub remote: Option<Arc<std::sync::Mutex<Option<crate::distributed::LoadMetrics>>>>,
+}
+
+/// A late-bound reporter of the distributed layer's state for `/health`.
+pub type ClusterStatus =
+    Arc<std::sync::OnceLock<Box<dyn Fn() -> serde_json::Value + Send + Sync>>>;
+
+/// The engines `/health` reports: fixed for in-process engines, changing as workers join and leave
+/// in a frontend.
+#[derive(Debug, Default)]
+pub struct EngineRegistry {
+    engines: std::sync::RwLock<Vec<EngineInfo>>,
+}
+
+impl EngineRegistry {
+    /// A registry holding `engines`.
+    pub fn new(engines: Vec<EngineInfo>) -> Self {
+        EngineRegistry {
+            engines: std::sync::RwLock::new(engines),
+        }
+    }
+
+    /// The engines now.
+    pub fn snapshot(&self) -> Vec<EngineInfo> {
+        self.engines
+            .read()
+            .map(|e| e.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// How many engines there are.
+    pub fn len(&self) -> usize {
+        self.engines.read().map(|e| e.len()).unwrap_or(0)
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether engine `id` is listed.
+    pub fn contains(&self, id: u64) -> bool {
+        self.engines
+            .read()
+            .map(|e| e.iter().any(|e| e.instance_id == id))
+            .unwrap_or(false)
+    }
+
+    /// Add an engine, replacing one with the same id.
+    pub fn upsert(&self, info: EngineInfo) {
+        let mut engines = self.engines.write().unwrap_or_else(|e| e.into_inner());
+        engines.retain(|e| e.instance_id != info.instance_id);
+        engines.push(info);
+    }
+
+    /// Remove engine `id`; returns it.
+    pub fn remove(&self, id: u64) -> Option<EngineInfo> {
+        let mut engines = self.engines.write().unwrap_or_else(|e| e.into_inner());
+        let index = engines.iter().position(|e| e.instance_id == id)?;
+        Some(engines.remove(index))
+    }
 }
 
 /// The served model as the models routes describe it.
@@ -224,7 +289,10 @@ pub struct AppState {
     /// Readiness and admission.
     pub lifecycle: Arc<Lifecycle>,
     /// Engines, for `/health`.
-    pub engines: Arc<Vec<EngineInfo>>,
+    pub engines: Arc<EngineRegistry>,
+    /// Discovery and event-plane state (a frontend of workers), set once they start: merged into
+    /// `/health` under `cluster`.
+    pub cluster: ClusterStatus,
     /// Fault injection (`/admin/faults` when `faults.admin_endpoint`).
     pub faults: Arc<crate::faults::FaultInjector>,
     /// Requests in flight, for `/health`.

@@ -234,6 +234,12 @@ impl SelectionPolicy for KvPolicy {
             metrics.remove_worker(engine_id);
         }
     }
+
+    fn engine_added(&mut self, engine: &EngineSlot) {
+        self.active
+            .insert(engine.id, ActiveSequences::new(self.block_size));
+        self.publish_load(engine.id);
+    }
 }
 
 #[cfg(test)]

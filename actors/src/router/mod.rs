@@ -214,6 +214,28 @@ impl Handler<EngineRemoved> for KvRouterActor {
     }
 }
 
+/// An engine joined (a worker registered in discovery): route to it from now on. An engine with the
+/// same id is replaced.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct EngineAdded {
+    /// The engine.
+    pub slot: EngineSlot,
+}
+
+impl Handler<EngineAdded> for KvRouterActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: EngineAdded, _ctx: &mut Self::Context) {
+        if self.engines.iter().any(|e| e.id == msg.slot.id) {
+            self.engines.retain(|e| e.id != msg.slot.id);
+            self.policy.engine_removed(msg.slot.id);
+        }
+        self.policy.engine_added(&msg.slot);
+        self.engines.push(msg.slot);
+    }
+}
+
 impl Handler<RequestProgress> for KvRouterActor {
     type Result = ();
 

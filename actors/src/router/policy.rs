@@ -30,6 +30,9 @@ pub trait SelectionPolicy: Send {
 
     /// The engine is gone; forget everything about it.
     fn engine_removed(&mut self, _engine_id: u64) {}
+
+    /// A new engine joined (a worker process registered).
+    fn engine_added(&mut self, _engine: &EngineSlot) {}
 }
 
 /// What the `kv` policy needs beyond the config.

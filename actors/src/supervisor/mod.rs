@@ -26,7 +26,11 @@ use crate::engine::{
 use crate::faults::{FaultInjector, FaultsConfig};
 use crate::gateway::migration::{MigrationConfig, Migrator};
 use crate::gateway::Gateway;
-use crate::http::{self, AppState, EngineInfo, HttpActor, HttpConfig, Lifecycle, ModelCard};
+use crate::http::{
+    self, AppState, ClusterStatus, EngineInfo, EngineRegistry, HttpActor, HttpConfig, Lifecycle,
+    ModelCard,
+};
+use crate::kv::protocol::RouterEvent;
 use crate::kv::indexer::SharedKvIndex;
 use crate::metrics::{FrontendMetrics, ModelGauges};
 use crate::router::indexer::{KvIndexerActor, RemoveWorker};
@@ -84,6 +88,13 @@ pub struct ServiceConfig {
     pub embeddings: crate::embeddings::EmbeddingsConfig,
     /// Whether to start the HTTP server (false for terminal chat and batch runs).
     pub serve_http: bool,
+    /// A frontend of worker processes: no local engines; engines join and leave as workers register
+    /// (`EngineAdded` / `EngineRemoved` to the router) and KV events arrive from outside
+    /// ([`RunningService::kv_events_in`]).
+    pub remote_engines: bool,
+    /// A worker process: hand the engines' KV events to [`RunningService::kv_events_out`] (for
+    /// publishing) instead of a local index.
+    pub export_kv_events: bool,
 }
 
 /// Why the tree could not start.
@@ -279,7 +290,17 @@ pub struct RunningService {
     /// Metrics registry.
     pub metrics: Arc<FrontendMetrics>,
     /// Engines and their live load.
-    pub engines: Arc<Vec<EngineInfo>>,
+    pub engines: Arc<EngineRegistry>,
+    /// Frontend of workers: where KV events received from workers go (the index's writer).
+    pub kv_events_in: Option<tokio::sync::mpsc::UnboundedSender<RouterEvent>>,
+    /// The index's writer, to purge an engine that left.
+    pub indexer: Option<Addr<KvIndexerActor>>,
+    /// Worker: the local engines' KV events, to publish.
+    pub kv_events_out: Option<tokio::sync::mpsc::UnboundedReceiver<RouterEvent>>,
+    /// Frontend of workers: the `/health` reporter of discovery and events, set once they run.
+    pub cluster: ClusterStatus,
+    /// KV block size the engines use (the mocker's, or `router.kv_cache_block_size`, default 64).
+    pub kv_block_size: usize,
     /// Requests in flight, per engine.
     pub inflight: Arc<InflightRegistry>,
     /// The fault injector (inert unless `faults.enabled`).
@@ -336,12 +357,12 @@ pub async fn start(
     weights: Option<Arc<LlamaModel>>,
     gms: Option<crate::gms::InProcessGms>,
 ) -> Result<RunningService, StartError> {
-    if config.engine.devices.is_empty() {
+    if config.engine.devices.is_empty() && !config.remote_engines {
         return Err(StartError::Config(
             "engine.devices must list at least one device".into(),
         ));
     }
-    if config.engine.kind == EngineKind::Model {
+    if config.engine.kind == EngineKind::Model && !config.remote_engines {
         if weights.is_none() {
             return Err(StartError::Config(
                 "engine.kind = \"model\" needs the model's weights loaded".into(),
@@ -390,7 +411,13 @@ pub async fn start(
     }
     // KV events flow engine → indexer only when the kv router consumes them.
     let index = kv_mode.then(SharedKvIndex::default);
+    let mut kv_events_out = None;
     let (kv_events, indexer) = match (&index, kv_mode && config.router.use_kv_events) {
+        _ if config.export_kv_events => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            kv_events_out = Some(rx);
+            (Some(tx), None)
+        }
         (Some(index), true) => {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let arbiter = Arbiter::new();
@@ -411,7 +438,11 @@ pub async fn start(
     let mut slots = Vec::new();
     let mut infos = Vec::new();
     let mut children = Vec::new();
-    for (index, device) in config.engine.devices.iter().enumerate() {
+    let local_devices: &[String] = match config.remote_engines {
+        true => &[],
+        false => &config.engine.devices,
+    };
+    for (index, device) in local_devices.iter().enumerate() {
         let id = index as u64;
         let load = Arc::new(EngineLoad::default());
         let arbiter = Arbiter::new();
@@ -459,6 +490,8 @@ pub async fn start(
             load: load.clone(),
             mocker: (config.engine.kind == EngineKind::Mocker).then_some(mocker_load),
             model: (config.engine.kind == EngineKind::Model).then_some(model_load),
+            transport: "in-process".into(),
+            remote: None,
         });
         children.push(EngineChild {
             id,
@@ -466,8 +499,14 @@ pub async fn start(
             load: load.clone(),
         });
     }
-    drop(kv_events);
-    let engines = Arc::new(infos);
+    // A frontend keeps one sender for events from workers; otherwise the channel closes with the
+    // last engine.
+    let kv_events_in = match config.remote_engines {
+        true => kv_events,
+        false => None,
+    };
+    let engines = Arc::new(EngineRegistry::new(infos));
+    let cluster = ClusterStatus::default();
 
     let kv_context = index.map(|index| KvContext {
         block_size,
@@ -560,6 +599,7 @@ pub async fn start(
             faults: faults.clone(),
             inflight: inflight.clone(),
             embeddings: embeddings.as_ref().map(|e| e.service.clone()),
+            cluster: cluster.clone(),
         });
         let (server, addrs) = match http::bind(state) {
             Ok(bound) => bound,
@@ -591,6 +631,7 @@ pub async fn start(
         (None, Vec::new())
     };
 
+    let indexer_addr = indexer.as_ref().map(|(addr, _)| addr.clone());
     let supervisor = Supervisor {
         http,
         engines: children,
@@ -613,5 +654,10 @@ pub async fn start(
         engines,
         inflight,
         faults,
+        kv_events_in,
+        indexer: indexer_addr,
+        kv_events_out,
+        cluster,
+        kv_block_size: block_size,
     })
 }

@@ -1,0 +1,411 @@
+//! The frontend side: [`InstanceManager`] turns discovery events into routable engines — one
+//! [`RemoteEngine`] per worker instance, added to and removed from the router as workers register
+//! and their leases vanish — and feeds the workers' KV events into this frontend's own index.
+//! Frontends are replicas: each builds its index from the events, none coordinates with another.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::discovery::{self, DiscoveryEvent};
+use super::events;
+use super::remote::{RemoteEngine, RemoteSettings};
+use super::response_stream::ResponseStreamServer;
+use super::{DistributedConfig, Instance, LoadMetrics};
+use crate::engine::EngineLoad;
+use crate::http::{EngineInfo, EngineRegistry};
+use crate::router::indexer::{KvIndexerActor, RemoveWorker};
+use crate::router::{EngineAdded, EngineRemoved, EngineSlot, KvRouterActor};
+use crate::supervisor::RunningService;
+
+type LoadCell = Arc<Mutex<Option<LoadMetrics>>>;
+
+/// What the frontend's distributed layer needs from its process.
+pub struct FrontendSettings {
+    /// `[distributed]`.
+    pub config: DistributedConfig,
+    /// Request-plane frame limit (`DYN_TCP_MAX_MESSAGE_SIZE`).
+    pub max_message_size: usize,
+    /// Admission slots per worker when its record does not say.
+    pub default_capacity: usize,
+    /// KV block size the router uses when it routes by KV overlap (`None`: not routing by KV).
+    pub kv_block_size: Option<usize>,
+}
+
+/// The running distributed layer of a frontend; dropping it stops discovery and event intake.
+pub struct FrontendHandle {
+    _watch: discovery::WatchHandle,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    manager: Addr<InstanceManager>,
+    /// The call-home server.
+    pub streams: Arc<ResponseStreamServer>,
+}
+
+impl Drop for FrontendHandle {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl FrontendHandle {
+    /// Instances routable now.
+    pub async fn instances(&self) -> Vec<u64> {
+        self.manager.send(ListInstances).await.unwrap_or_default()
+    }
+}
+
+/// Start discovery, the response-stream server and event intake for `service` (started with
+/// `remote_engines`). Fails, naming the address, when etcd or NATS cannot be reached.
+pub async fn start(
+    service: &RunningService,
+    settings: FrontendSettings,
+) -> Result<FrontendHandle, String> {
+    let config = settings.config.clone();
+    config.validate()?;
+    let streams = ResponseStreamServer::bind(&config.host, config.response_stream_port)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot listen for response streams on {}:{}: {e}",
+                config.host, config.response_stream_port
+            )
+        })?;
+    let nats = events::connect(
+        &config.nats_url,
+        "dynamix-frontend",
+        Duration::from_secs_f64(config.connect_timeout_secs),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut tasks = Vec::new();
+    if let Some(sink) = service.kv_events_in.clone() {
+        tasks.push(
+            events::subscribe_kv_events(&nats, config.kv_events_subject(), sink)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    let loads: Arc<Mutex<HashMap<u64, LoadCell>>> = Arc::default();
+    {
+        let loads = loads.clone();
+        tasks.push(
+            events::subscribe_load_metrics(&nats, config.load_metrics_subject(), move |m| {
+                if let Some(cell) = loads.lock().ok().and_then(|l| l.get(&m.worker_id).cloned()) {
+                    if let Ok(mut cell) = cell.lock() {
+                        *cell = Some(m);
+                    }
+                }
+            })
+            .await
+            .map_err(|e| e.to_string())?,
+        );
+    }
+    let (discovered, watch) = discovery::watch_instances(&config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let etcd_state = Arc::new(Mutex::new("connected".to_string()));
+    let (down_tx, down_rx) = mpsc::unbounded_channel();
+    let manager = InstanceManager {
+        settings: RemoteSettings {
+            request_timeout: Duration::from_secs_f64(config.request_timeout_secs),
+            connect_timeout: Duration::from_secs_f64(config.connect_timeout_secs),
+            max_message_size: settings.max_message_size,
+            endpoint_path: config.endpoint_path(),
+        },
+        default_capacity: settings.default_capacity,
+        kv_block_size: settings.kv_block_size,
+        streams: streams.clone(),
+        router: service.gateway.router.clone(),
+        indexer: service.indexer.clone(),
+        registry: service.engines.clone(),
+        loads: loads.clone(),
+        known: HashMap::new(),
+        down_tx,
+        etcd_state: etcd_state.clone(),
+        inputs: Some((discovered, down_rx)),
+    }
+    .start();
+    let registry = service.engines.clone();
+    let nats_state = nats.clone();
+    let _ = service.cluster.set(Box::new(move || {
+        json!({
+            "discovery": {"backend": "etcd", "state": etcd_state.lock().map(|s| s.clone()).unwrap_or_default()},
+            "event_plane": {"backend": "nats", "state": events::nats_state(&nats_state)},
+            "workers": registry.len(),
+        })
+    }));
+    Ok(FrontendHandle {
+        _watch: watch,
+        tasks,
+        manager,
+        streams,
+    })
+}
+
+struct Known {
+    instance: Instance,
+    addr: Addr<RemoteEngine>,
+    load: Arc<EngineLoad>,
+    routable: bool,
+}
+
+/// Keeps the router's engines equal to the live workers.
+pub struct InstanceManager {
+    settings: RemoteSettings,
+    default_capacity: usize,
+    kv_block_size: Option<usize>,
+    streams: Arc<ResponseStreamServer>,
+    router: Addr<KvRouterActor>,
+    indexer: Option<Addr<KvIndexerActor>>,
+    registry: Arc<EngineRegistry>,
+    loads: Arc<Mutex<HashMap<u64, LoadCell>>>,
+    known: HashMap<u64, Known>,
+    down_tx: mpsc::UnboundedSender<u64>,
+    etcd_state: Arc<Mutex<String>>,
+    #[allow(clippy::type_complexity)]
+    inputs: Option<(
+        mpsc::UnboundedReceiver<DiscoveryEvent>,
+        mpsc::UnboundedReceiver<u64>,
+    )>,
+}
+
+impl Actor for InstanceManager {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if let Some((mut discovered, mut down)) = self.inputs.take() {
+            ctx.add_stream(futures_util::stream::poll_fn(move |cx| {
+                discovered.poll_recv(cx)
+            }));
+            ctx.add_stream(futures_util::stream::poll_fn(move |cx| {
+                down.poll_recv(cx).map(|id| id.map(Down))
+            }));
+        }
+    }
+}
+
+/// A request failed in a way that suggests the worker is gone.
+struct Down(u64);
+
+/// A down worker answered a probe.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Answered(u64);
+
+/// Routable instance ids.
+#[derive(Message)]
+#[rtype(result = "Vec<u64>")]
+struct ListInstances;
+
+impl Handler<ListInstances> for InstanceManager {
+    type Result = Vec<u64>;
+
+    fn handle(&mut self, _msg: ListInstances, _ctx: &mut Self::Context) -> Vec<u64> {
+        let mut ids: Vec<u64> = self
+            .known
+            .iter()
+            .filter(|(_, k)| k.routable)
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+}
+
+impl InstanceManager {
+    fn add(&mut self, instance: Instance) {
+        let id = instance.instance_id;
+        if let Some(known) = self.known.get(&id) {
+            if known.instance == instance && known.routable {
+                return;
+            }
+        }
+        if let (Some(ours), Some(theirs)) = (self.kv_block_size, instance.kv_block_size) {
+            if ours != theirs {
+                tracing::error!(
+                    worker = format!("{id:x}"),
+                    "worker uses KV blocks of {theirs} tokens but this frontend's router uses {ours} (router.kv_cache_block_size); not routing to it"
+                );
+                return;
+            }
+        }
+        let load = Arc::new(EngineLoad::default());
+        let engine = match RemoteEngine::new(
+            &instance,
+            self.settings.clone(),
+            self.streams.clone(),
+            self.down_tx.clone(),
+            load.clone(),
+        ) {
+            Ok(engine) => engine,
+            Err(e) => {
+                tracing::error!(worker = format!("{id:x}"), error = %e, "cannot route to this worker");
+                return;
+            }
+        };
+        let addr = engine.start();
+        let capacity = instance.capacity.unwrap_or(self.default_capacity).max(1);
+        let address = instance.tcp_address().unwrap_or_default();
+        self.router.do_send(EngineAdded {
+            slot: EngineSlot {
+                id,
+                addr: addr.clone().recipient(),
+                load: load.clone(),
+                capacity,
+                device: address.clone(),
+            },
+        });
+        let cell: LoadCell = Arc::default();
+        if let Ok(mut loads) = self.loads.lock() {
+            loads.insert(id, cell.clone());
+        }
+        self.registry.upsert(EngineInfo {
+            instance_id: id,
+            engine: instance.engine.clone().unwrap_or_else(|| "remote".into()),
+            device: address.clone(),
+            load: load.clone(),
+            mocker: None,
+            model: None,
+            transport: format!("tcp://{address}"),
+            remote: Some(cell),
+        });
+        tracing::info!(worker = format!("{id:x}"), %address, "worker joined; routing to it");
+        self.known.insert(
+            id,
+            Known {
+                instance,
+                addr,
+                load,
+                routable: true,
+            },
+        );
+    }
+
+    fn unroute(&mut self, id: u64) {
+        self.router.do_send(EngineRemoved { engine_id: id });
+        if let Some(info) = self.registry.remove(id) {
+            info.load
+                .retired
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn remove(&mut self, id: u64) {
+        let Some(known) = self.known.remove(&id) else {
+            return;
+        };
+        self.unroute(id);
+        if let Some(indexer) = &self.indexer {
+            indexer.do_send(RemoveWorker(id));
+        }
+        if let Ok(mut loads) = self.loads.lock() {
+            loads.remove(&id);
+        }
+        drop(known.addr);
+        tracing::warn!(
+            worker = format!("{id:x}"),
+            active = known.load.active(),
+            "worker left discovery (lease revoked or expired); no longer routing to it"
+        );
+    }
+}
+
+impl StreamHandler<DiscoveryEvent> for InstanceManager {
+    fn handle(&mut self, event: DiscoveryEvent, _ctx: &mut Self::Context) {
+        match event {
+            DiscoveryEvent::Added(instance) => self.add(instance),
+            DiscoveryEvent::Removed(id) => self.remove(id),
+            DiscoveryEvent::Lost(reason) => {
+                tracing::warn!(%reason, "lost etcd; routing to the {} workers already known until it is back", self.known.len());
+                if let Ok(mut state) = self.etcd_state.lock() {
+                    *state = format!("disconnected: {reason}");
+                }
+            }
+            DiscoveryEvent::Restored => {
+                tracing::info!("etcd is back; re-reading the workers");
+                if let Ok(mut state) = self.etcd_state.lock() {
+                    *state = "connected".into();
+                }
+            }
+        }
+    }
+
+    fn finished(&mut self, _ctx: &mut Self::Context) {
+        tracing::debug!("discovery stream ended");
+    }
+}
+
+impl StreamHandler<Down> for InstanceManager {
+    fn handle(&mut self, Down(id): Down, ctx: &mut Self::Context) {
+        let Some(known) = self.known.get_mut(&id) else {
+            return;
+        };
+        if !known.routable {
+            return;
+        }
+        known.routable = false;
+        let address = known.instance.tcp_address().unwrap_or_default();
+        tracing::warn!(worker = format!("{id:x}"), %address, "worker looks down (request failed or stream broke); not routing to it until it answers");
+        self.unroute(id);
+        // Probe until it answers or discovery drops it.
+        let me = ctx.address();
+        actix::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if !me.connected() {
+                    return;
+                }
+                let ok = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    tokio::net::TcpStream::connect(&address),
+                )
+                .await
+                .is_ok_and(|r| r.is_ok());
+                if ok {
+                    me.do_send(Answered(id));
+                    return;
+                }
+                if !matches!(me.send(IsDown(id)).await, Ok(true)) {
+                    return;
+                }
+            }
+        });
+    }
+
+    fn finished(&mut self, _ctx: &mut Self::Context) {}
+}
+
+/// Whether `id` is known and not routable (the probe keeps going only then).
+#[derive(Message)]
+#[rtype(result = "bool")]
+struct IsDown(u64);
+
+impl Handler<IsDown> for InstanceManager {
+    type Result = bool;
+
+    fn handle(&mut self, IsDown(id): IsDown, _ctx: &mut Self::Context) -> bool {
+        self.known.get(&id).is_some_and(|k| !k.routable)
+    }
+}
+
+impl Handler<Answered> for InstanceManager {
+    type Result = ();
+
+    fn handle(&mut self, Answered(id): Answered, _ctx: &mut Self::Context) {
+        let Some(known) = self.known.get(&id) else {
+            return;
+        };
+        if known.routable {
+            return;
+        }
+        let instance = known.instance.clone();
+        tracing::info!(worker = format!("{id:x}"), "worker answers again");
+        self.add(instance);
+    }
+}

@@ -1,0 +1,289 @@
+//! Real etcd and NATS servers on loopback, started as child processes for tests, benches and the
+//! README's walk-through. Each server gets its own free ports and a fresh temporary directory (etcd's
+//! data, both servers' logs); [`EtcdServer::stop`] / [`EtcdServer::restart`] (and the NATS twins)
+//! simulate an outage on the same ports and data, and dropping a server kills it and removes its
+//! directory.
+//!
+//! Binaries are found on `PATH` (`etcd`, `nats-server`) unless `DYNAMIX_ETCD_BIN` /
+//! `DYNAMIX_NATS_BIN` name another one.
+
+use std::fs::{self, File};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How long a server may take to accept TCP on its port (etcd and nats start in under a second;
+/// a loaded CI machine can be much slower).
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A free TCP port on 127.0.0.1 (bind port 0, read what the OS chose, release it). Another process
+/// may take it before the caller binds it, which is unlikely enough for tests. Returns 0 if the OS
+/// cannot bind a loopback socket at all.
+pub fn free_port() -> u16 {
+    try_free_port().unwrap_or(0)
+}
+
+fn try_free_port() -> Result<u16, String> {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .map_err(|e| format!("cannot bind a free port on 127.0.0.1: {e}"))
+}
+
+/// A local single-member etcd cluster (`etcd --name default ...`) on two free loopback ports.
+pub struct EtcdServer {
+    process: ServerProcess,
+}
+
+impl EtcdServer {
+    /// Starts etcd and waits (up to 15 s) until its client port accepts TCP.
+    pub fn start() -> Result<EtcdServer, String> {
+        let client_port = try_free_port()?;
+        let peer_port = try_free_port()?;
+        let dir = ScratchDir::create("etcd")?;
+        let data_dir = dir.path().join("data");
+        let client_url = format!("http://127.0.0.1:{client_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let args = vec![
+            "--name".into(),
+            "default".into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--listen-client-urls".into(),
+            client_url.clone(),
+            "--advertise-client-urls".into(),
+            client_url,
+            "--listen-peer-urls".into(),
+            peer_url.clone(),
+            "--initial-advertise-peer-urls".into(),
+            peer_url.clone(),
+            "--initial-cluster".into(),
+            format!("default={peer_url}"),
+        ];
+        let mut process = ServerProcess {
+            name: "etcd",
+            binary: binary_from_env("DYNAMIX_ETCD_BIN", "etcd"),
+            package: "etcd-server",
+            env_var: "DYNAMIX_ETCD_BIN",
+            args,
+            port: client_port,
+            dir,
+            child: None,
+        };
+        process.spawn()?;
+        Ok(EtcdServer { process })
+    }
+
+    /// The client URL, `http://127.0.0.1:{port}`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.process.port)
+    }
+
+    /// Kills the server (SIGKILL, as a crash would) and waits for it; ports and data stay.
+    pub fn stop(&mut self) {
+        self.process.kill();
+    }
+
+    /// Starts the server again on the same ports and data directory (stopping it first if it runs).
+    pub fn restart(&mut self) -> Result<(), String> {
+        self.process.kill();
+        self.process.spawn()
+    }
+}
+
+/// A local `nats-server -a 127.0.0.1 -p {port}` on a free port.
+pub struct NatsServer {
+    process: ServerProcess,
+}
+
+impl NatsServer {
+    /// Starts nats-server and waits (up to 15 s) until its port accepts TCP.
+    pub fn start() -> Result<NatsServer, String> {
+        let port = try_free_port()?;
+        let dir = ScratchDir::create("nats")?;
+        let args = vec![
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+        ];
+        let mut process = ServerProcess {
+            name: "nats-server",
+            binary: binary_from_env("DYNAMIX_NATS_BIN", "nats-server"),
+            package: "nats-server",
+            env_var: "DYNAMIX_NATS_BIN",
+            args,
+            port,
+            dir,
+            child: None,
+        };
+        process.spawn()?;
+        Ok(NatsServer { process })
+    }
+
+    /// The client URL, `nats://127.0.0.1:{port}`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.process.port)
+    }
+
+    /// Kills the server (SIGKILL) and waits for it; the port stays reserved for [`Self::restart`].
+    pub fn stop(&mut self) {
+        self.process.kill();
+    }
+
+    /// Starts the server again on the same port (stopping it first if it runs).
+    pub fn restart(&mut self) -> Result<(), String> {
+        self.process.kill();
+        self.process.spawn()
+    }
+}
+
+fn binary_from_env(var: &str, default: &str) -> String {
+    std::env::var(var)
+        .ok()
+        .filter(|value| !value.is_empty())
+        .unwrap_or_else(|| default.to_string())
+}
+
+/// One server child process and what it takes to start it again.
+struct ServerProcess {
+    name: &'static str,
+    binary: String,
+    /// The Debian package to suggest when the binary is missing.
+    package: &'static str,
+    env_var: &'static str,
+    args: Vec<String>,
+    /// The port whose accepting TCP means "started".
+    port: u16,
+    /// Data and logs; removed when the server is dropped (after the child is killed).
+    dir: ScratchDir,
+    child: Option<Child>,
+}
+
+impl ServerProcess {
+    fn spawn(&mut self) -> Result<(), String> {
+        let log_path = self.dir.path().join(format!("{}.log", self.name));
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| format!("cannot open {} log {}: {e}", self.name, log_path.display()))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| format!("cannot open {} log {}: {e}", self.name, log_path.display()))?;
+        let child = Command::new(&self.binary)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log_err))
+            .spawn()
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    format!(
+                        "cannot start {} (`{}`): binary not found; install it with \
+                         `apt-get install {}` or point {} at it",
+                        self.name, self.binary, self.package, self.env_var
+                    )
+                } else {
+                    format!("cannot start {} (`{}`): {e}", self.name, self.binary)
+                }
+            })?;
+        self.child = Some(child);
+        self.wait_until_accepting(&log_path)
+    }
+
+    fn wait_until_accepting(&mut self, log_path: &Path) -> Result<(), String> {
+        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    return Err(format!(
+                        "{} (`{}`) exited ({status}) before accepting connections on {address}; \
+                         log {}:\n{}",
+                        self.name,
+                        self.binary,
+                        log_path.display(),
+                        log_tail(log_path)
+                    ));
+                }
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                return Err(format!(
+                    "{} (`{}`) did not accept connections on {address} within {} s; log {}:\n{}",
+                    self.name,
+                    self.binary,
+                    START_TIMEOUT.as_secs(),
+                    log_path.display(),
+                    log_tail(log_path)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // An already exited child makes kill() fail; wait() reaps it either way.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The last lines of a server log, for start-up errors.
+fn log_tail(path: &Path) -> String {
+    match fs::read_to_string(path) {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(20)..].join("\n")
+        }
+        Err(e) => format!("(cannot read the log: {e})"),
+    }
+}
+
+/// A uniquely named directory under the system temp dir, removed on drop.
+struct ScratchDir {
+    path: PathBuf,
+}
+
+impl ScratchDir {
+    fn create(kind: &str) -> Result<ScratchDir, String> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let path = std::env::temp_dir().join(format!(
+            "dynamix-{kind}-{}-{}-{nanos}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir_all(&path)
+            .map_err(|e| format!("cannot create the {kind} directory {}: {e}", path.display()))?;
+        Ok(ScratchDir { path })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}

@@ -1,0 +1,437 @@
+//! [`RemoteEngine`]: the frontend's actor for one worker instance. The router sees it as an engine
+//! ([`Generate`] in, tokens out on the request's channel); underneath, each request is one TCP
+//! request-plane frame (ACKed by the worker) and one call-home response stream (runtime spec §1.5):
+//! handshake, prologue, data frames, `complete_final`, sentinel.
+//!
+//! A stream that ends without `complete_final` — the worker was killed, its connection broke — closes
+//! the request's channel before a finish, which the serving path migrates to another engine (same
+//! rules as in-process). The instance is then reported down so no new request goes there until it
+//! answers again. A consumer that goes away sends `stop` to the worker.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use actix::prelude::*;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use super::response_stream::{ResponseConnection, ResponseStreamServer};
+use super::{Annotated, Instance, WireError};
+use crate::codec::messages::{
+    ConnectionInfo, ControlMessage, NetworkStreamWrapper, RequestControlMessage, RequestType,
+    ResponseStreamPrologue, ResponseType, StreamType, TcpStreamConnectionInfo,
+};
+use crate::codec::{
+    MessageKind, TcpRequestCodec, TcpRequestMessage, TcpResponseCodec, TwoPartCodec,
+    TwoPartMessage,
+};
+use crate::engine::Generate;
+use crate::error::{ApiError, ErrorClass};
+use crate::protocol::engine::{EngineEvent, EngineOutput};
+
+/// Idle request-plane connections kept per worker.
+const POOL_SIZE: usize = 100;
+
+/// Timeouts and limits of the client side of the request plane.
+#[derive(Clone, Debug)]
+pub struct RemoteSettings {
+    /// ACK and call-home wait.
+    pub request_timeout: Duration,
+    /// TCP connect.
+    pub connect_timeout: Duration,
+    /// Request-plane frame limit (`DYN_TCP_MAX_MESSAGE_SIZE`).
+    pub max_message_size: usize,
+    /// `{ns}.{comp}.{ep}`.
+    pub endpoint_path: String,
+}
+
+/// One request-plane connection: frames out, ACKs in.
+struct Connection {
+    reader: FramedRead<OwnedReadHalf, TcpResponseCodec>,
+    writer: FramedWrite<OwnedWriteHalf, TcpRequestCodec>,
+}
+
+/// What the requests of one instance share.
+struct Shared {
+    instance_id: u64,
+    address: String,
+    settings: RemoteSettings,
+    streams: Arc<ResponseStreamServer>,
+    pool: Mutex<Vec<Connection>>,
+    /// Where "this instance looks dead" goes (the frontend's instance manager).
+    down: mpsc::UnboundedSender<u64>,
+    /// The router's view of its load; tokens received are counted here.
+    load: Arc<crate::engine::EngineLoad>,
+}
+
+/// The frontend's face of one worker instance.
+pub struct RemoteEngine {
+    shared: Arc<Shared>,
+}
+
+impl RemoteEngine {
+    /// An engine for `instance`, whose response streams come back through `streams`; failures that
+    /// suggest the worker is gone are reported on `down`.
+    pub fn new(
+        instance: &Instance,
+        settings: RemoteSettings,
+        streams: Arc<ResponseStreamServer>,
+        down: mpsc::UnboundedSender<u64>,
+        load: Arc<crate::engine::EngineLoad>,
+    ) -> Result<Self, String> {
+        Ok(RemoteEngine {
+            shared: Arc::new(Shared {
+                instance_id: instance.instance_id,
+                address: instance.tcp_address()?,
+                settings,
+                streams,
+                pool: Mutex::new(Vec::new()),
+                down,
+                load,
+            }),
+        })
+    }
+}
+
+impl Actor for RemoteEngine {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // The router reserves an admission slot per message; keep room for all of them.
+        ctx.set_mailbox_capacity(4096);
+    }
+}
+
+impl Handler<Generate> for RemoteEngine {
+    type Result = ();
+
+    fn handle(&mut self, msg: Generate, _ctx: &mut Self::Context) {
+        let shared = self.shared.clone();
+        actix::spawn(async move {
+            let Generate {
+                request,
+                output,
+                admission,
+            } = msg;
+            run(&shared, request, &output).await;
+            drop(admission);
+        });
+    }
+}
+
+/// Why a request could not be started on the worker.
+fn unavailable(shared: &Shared, what: String) -> ApiError {
+    ApiError::new(
+        ErrorClass::Unavailable,
+        format!(
+            "worker {:x} at {}: {what}",
+            shared.instance_id, shared.address
+        ),
+    )
+    .with_details(serde_json::json!({"instance_id": shared.instance_id}))
+}
+
+async fn run(
+    shared: &Shared,
+    mut request: crate::protocol::engine::EngineRequest,
+    output: &mpsc::Sender<EngineEvent>,
+) {
+    // The instance id pins to this worker; inside it, its own router picks the engine.
+    request.pinned_engine = None;
+    let mut pending = shared.streams.register();
+    let id = request.request_id.clone();
+    let frame = match request_frame(shared, &request, &pending.subject) {
+        Ok(frame) => frame,
+        Err(e) => {
+            let _ = output.send(Err(e)).await;
+            return;
+        }
+    };
+    if let Err(e) = send_request(shared, frame).await {
+        let _ = output.send(Err(e)).await;
+        return;
+    }
+    let Some(connection) = pending.connected(shared.settings.request_timeout).await else {
+        let _ = shared.down.send(shared.instance_id);
+        let _ = output
+            .send(Err(unavailable(
+                shared,
+                format!(
+                    "accepted request {id} but did not open its response stream within {:.1} s",
+                    shared.settings.request_timeout.as_secs_f64()
+                ),
+            )))
+            .await;
+        return;
+    };
+    drop(pending);
+    match pump(shared, connection, output, &id).await {
+        StreamEnd::Complete | StreamEnd::Cancelled => {}
+        StreamEnd::Broken(reason) => {
+            // Closing the channel before a finish is what migration acts on.
+            tracing::warn!(
+                worker = format!("{:x}", shared.instance_id),
+                request = %id,
+                %reason,
+                "Stream ended before generation completed"
+            );
+            let _ = shared.down.send(shared.instance_id);
+        }
+    }
+}
+
+fn request_frame(
+    shared: &Shared,
+    request: &crate::protocol::engine::EngineRequest,
+    subject: &str,
+) -> Result<TcpRequestMessage, ApiError> {
+    let internal = |e: String| ApiError::new(ErrorClass::Internal, e);
+    let info = TcpStreamConnectionInfo {
+        address: shared.streams.address().to_string(),
+        subject: subject.to_string(),
+        context: request.request_id.clone(),
+        stream_type: StreamType::Response,
+    };
+    let control = RequestControlMessage {
+        id: request.request_id.clone(),
+        request_type: RequestType::SingleIn,
+        response_type: ResponseType::ManyOut,
+        connection_info: ConnectionInfo {
+            transport: "tcp_server".into(),
+            info: serde_json::to_string(&info).map_err(|e| internal(e.to_string()))?,
+        },
+        payload_codec: None,
+        metadata: None,
+        frontend_send_ts_ns: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_nanos() as u64),
+    };
+    let header = serde_json::to_vec(&control).map_err(|e| internal(e.to_string()))?;
+    let body = serde_json::to_vec(request).map_err(|e| internal(e.to_string()))?;
+    let payload = TwoPartCodec::new(None)
+        .encode_message(TwoPartMessage::new(header, body))
+        .map_err(|e| internal(e.to_string()))?;
+    Ok(TcpRequestMessage {
+        endpoint_path: shared.settings.endpoint_path.clone(),
+        headers: Default::default(),
+        payload,
+    })
+}
+
+/// Send one request frame and wait for its ACK, on a pooled connection or a new one.
+async fn send_request(shared: &Shared, frame: TcpRequestMessage) -> Result<(), ApiError> {
+    let pooled = shared.pool.lock().ok().and_then(|mut p| p.pop());
+    let mut connection = match pooled {
+        Some(c) => c,
+        None => connect(shared).await?,
+    };
+    let timeout = shared.settings.request_timeout;
+    let exchange = async {
+        connection
+            .writer
+            .send(frame)
+            .await
+            .map_err(|e| format!("cannot send the request: {e}"))?;
+        match connection.reader.next().await {
+            Some(Ok(ack)) => Ok(ack),
+            Some(Err(e)) => Err(format!("bad ACK: {e}")),
+            None => Err("closed the request-plane connection before its ACK".to_string()),
+        }
+    };
+    let ack = match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok(ack)) => ack,
+        Ok(Err(what)) => {
+            let _ = shared.down.send(shared.instance_id);
+            return Err(unavailable(shared, what));
+        }
+        Err(_) => {
+            let _ = shared.down.send(shared.instance_id);
+            return Err(unavailable(
+                shared,
+                format!("no ACK within {:.1} s", timeout.as_secs_f64()),
+            ));
+        }
+    };
+    if !ack.data.is_empty() {
+        // Rejections ("Server unavailable: ...") and errors ("Unknown endpoint: ...", "Decode
+        // error: ..."); the connection stays usable either way.
+        let text = String::from_utf8_lossy(&ack.data).into_owned();
+        return_to_pool(shared, connection);
+        let class = if ack.is_accepted() {
+            ErrorClass::Internal
+        } else {
+            ErrorClass::Unavailable
+        };
+        return Err(ApiError::new(
+            class,
+            format!("worker {:x} refused the request: {text}", shared.instance_id),
+        ));
+    }
+    return_to_pool(shared, connection);
+    Ok(())
+}
+
+fn return_to_pool(shared: &Shared, connection: Connection) {
+    if let Ok(mut pool) = shared.pool.lock() {
+        if pool.len() < POOL_SIZE {
+            pool.push(connection);
+        }
+    }
+}
+
+async fn connect(shared: &Shared) -> Result<Connection, ApiError> {
+    let stream = tokio::time::timeout(
+        shared.settings.connect_timeout,
+        TcpStream::connect(&shared.address),
+    )
+    .await
+    .map_err(|_| {
+        let _ = shared.down.send(shared.instance_id);
+        unavailable(
+            shared,
+            format!(
+                "connect timed out after {:.1} s",
+                shared.settings.connect_timeout.as_secs_f64()
+            ),
+        )
+    })?
+    .map_err(|e| {
+        let _ = shared.down.send(shared.instance_id);
+        unavailable(shared, format!("cannot connect: {e}"))
+    })?;
+    let _ = stream.set_nodelay(true);
+    let (read, write) = stream.into_split();
+    let max = Some(shared.settings.max_message_size);
+    Ok(Connection {
+        reader: FramedRead::new(read, TcpResponseCodec::new(max)),
+        writer: FramedWrite::new(write, TcpRequestCodec::new(max)),
+    })
+}
+
+/// How a response stream ended.
+enum StreamEnd {
+    /// `complete_final` (or the sentinel) arrived.
+    Complete,
+    /// The consumer went away; `stop` was sent.
+    Cancelled,
+    /// It ended or broke before completing.
+    Broken(String),
+}
+
+async fn pump(
+    shared: &Shared,
+    connection: ResponseConnection,
+    output: &mpsc::Sender<EngineEvent>,
+    id: &str,
+) -> StreamEnd {
+    let (mut sink, mut stream) = connection.split();
+    // Prologue: did generation start?
+    let prologue = match tokio::time::timeout(shared.settings.request_timeout, stream.next()).await
+    {
+        Err(_) => return StreamEnd::Broken("no prologue".into()),
+        Ok(None) => return StreamEnd::Broken("closed before its prologue".into()),
+        Ok(Some(Err(e))) => return StreamEnd::Broken(format!("bad frame: {e}")),
+        Ok(Some(Ok(frame))) => frame,
+    };
+    match serde_json::from_slice::<ResponseStreamPrologue>(&prologue.header) {
+        Ok(ResponseStreamPrologue { error: None, .. }) => {}
+        Ok(ResponseStreamPrologue {
+            error: Some(text),
+            typed_error,
+        }) => {
+            let error = typed_error
+                .and_then(|v| serde_json::from_value::<WireError>(v).ok())
+                .map(ApiError::from)
+                .unwrap_or_else(|| ApiError::new(ErrorClass::Internal, text));
+            let _ = output.send(Err(error)).await;
+            return StreamEnd::Complete;
+        }
+        Err(e) => return StreamEnd::Broken(format!("bad prologue: {e}")),
+    }
+    loop {
+        tokio::select! {
+            frame = stream.next() => {
+                let frame = match frame {
+                    None => return StreamEnd::Broken("connection closed".into()),
+                    Some(Err(e)) => return StreamEnd::Broken(format!("bad frame: {e}")),
+                    Some(Ok(frame)) => frame,
+                };
+                match frame.kind() {
+                    MessageKind::DataOnly => {}
+                    MessageKind::HeaderOnly => {
+                        return match serde_json::from_slice::<ControlMessage>(&frame.header) {
+                            Ok(ControlMessage::Sentinel) => StreamEnd::Complete,
+                            Ok(other) => StreamEnd::Broken(format!("unexpected control message {other:?} from the worker")),
+                            Err(e) => StreamEnd::Broken(format!("bad control frame: {e}")),
+                        };
+                    }
+                    other => return StreamEnd::Broken(format!("unexpected {other:?} frame")),
+                }
+                let wrapper: NetworkStreamWrapper = match serde_json::from_slice(&frame.data) {
+                    Ok(w) => w,
+                    Err(e) => return StreamEnd::Broken(format!("bad data frame: {e}")),
+                };
+                if wrapper.complete_final {
+                    return StreamEnd::Complete;
+                }
+                let event = match decode_item(wrapper.data) {
+                    Ok(event) => event,
+                    Err(e) => return StreamEnd::Broken(e),
+                };
+                if let Ok(out) = &event {
+                    // Text-only outputs (echo_full) count as one token each, as in-process.
+                    let tokens = out.token_ids.len().max(usize::from(out.text.is_some()));
+                    shared
+                        .load
+                        .generated_tokens
+                        .fetch_add(tokens as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                if output.send(event).await.is_err() {
+                    let _ = sink.send(control(ControlMessage::Stop)).await;
+                    tracing::debug!(request = %id, "consumer gone; sent stop to the worker");
+                    return StreamEnd::Cancelled;
+                }
+            }
+            _ = output.closed() => {
+                let _ = sink.send(control(ControlMessage::Stop)).await;
+                tracing::debug!(request = %id, "consumer gone; sent stop to the worker");
+                return StreamEnd::Cancelled;
+            }
+        }
+    }
+}
+
+fn control(message: ControlMessage) -> TwoPartMessage {
+    let header = serde_json::to_vec(&message).unwrap_or_default();
+    TwoPartMessage::header_only(Bytes::from(header))
+}
+
+/// One `Annotated` item → an engine event.
+fn decode_item(item: Option<serde_json::Value>) -> Result<EngineEvent, String> {
+    let item: Annotated = match item {
+        Some(value) => serde_json::from_value(value).map_err(|e| format!("bad item: {e}"))?,
+        None => return Err("data frame without an item".into()),
+    };
+    if item.event.as_deref() == Some("error") {
+        let error = item
+            .data
+            .and_then(|v| serde_json::from_value::<WireError>(v).ok())
+            .map(ApiError::from)
+            .unwrap_or_else(|| {
+                ApiError::new(
+                    ErrorClass::Internal,
+                    item.comment.unwrap_or_default().join("; "),
+                )
+            });
+        return Ok(Err(error));
+    }
+    let data = item.data.ok_or("item without data")?;
+    serde_json::from_value::<EngineOutput>(data)
+        .map(Ok)
+        .map_err(|e| format!("item is not an engine output: {e}"))
+}

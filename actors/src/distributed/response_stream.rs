@@ -1,0 +1,163 @@
+//! The frontend's call-home response-stream server (runtime spec §1.5): one listener per frontend
+//! process. Each request registers a pending stream under a fresh `subject`; the worker dials back,
+//! sends a header-only [`CallHomeHandshake`] naming that subject, and the connection is handed to
+//! the request that waits for it. Connections naming no pending subject are closed.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio_util::codec::Framed;
+
+use crate::codec::messages::{CallHomeHandshake, StreamType};
+use crate::codec::{MessageKind, TwoPartCodec};
+
+/// A worker's response connection, past its handshake.
+pub type ResponseConnection = Framed<TcpStream, TwoPartCodec>;
+
+type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<ResponseConnection>>>>;
+
+/// How long a new connection may take to send its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The listener and its pending streams.
+pub struct ResponseStreamServer {
+    address: String,
+    pending: Pending,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ResponseStreamServer {
+    /// Listen on `host:port` (0 = any free port); `host` is also the address advertised to workers.
+    pub async fn bind(host: &str, port: u16) -> std::io::Result<Arc<Self>> {
+        let listener = TcpListener::bind((host, port)).await?;
+        let local: SocketAddr = listener.local_addr()?;
+        let address = format!("{host}:{}", local.port());
+        let pending: Pending = Arc::default();
+        let task = tokio::spawn(accept_loop(listener, pending.clone()));
+        tracing::info!(%address, "response-stream server listening");
+        Ok(Arc::new(ResponseStreamServer {
+            address,
+            pending,
+            task,
+        }))
+    }
+
+    /// `host:port` workers dial back to.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// A pending stream under a fresh subject; dropping it forgets the subject.
+    pub fn register(&self) -> PendingStream {
+        let subject = uuid::Uuid::new_v4().to_string();
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.insert(subject.clone(), tx);
+        }
+        PendingStream {
+            subject,
+            rx,
+            pending: self.pending.clone(),
+        }
+    }
+
+    /// Streams registered and not yet connected.
+    pub fn pending(&self) -> usize {
+        self.pending.lock().map(|p| p.len()).unwrap_or(0)
+    }
+}
+
+impl Drop for ResponseStreamServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One request's expected response connection.
+pub struct PendingStream {
+    /// The subject the worker must name.
+    pub subject: String,
+    rx: oneshot::Receiver<ResponseConnection>,
+    pending: Pending,
+}
+
+impl PendingStream {
+    /// Wait for the worker's connection (`None` after `timeout`).
+    pub async fn connected(&mut self, timeout: Duration) -> Option<ResponseConnection> {
+        match tokio::time::timeout(timeout, &mut self.rx).await {
+            Ok(Ok(connection)) => Some(connection),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for PendingStream {
+    fn drop(&mut self) {
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.remove(&self.subject);
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, pending: Pending) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let pending = pending.clone();
+                tokio::spawn(async move {
+                    if let Err(reason) = handshake(stream, &pending).await {
+                        tracing::warn!(%peer, %reason, "response-stream connection refused");
+                    }
+                });
+            }
+            Err(e) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "response-stream accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn handshake(stream: TcpStream, pending: &Pending) -> Result<(), String> {
+    let _ = stream.set_nodelay(true);
+    let mut framed = Framed::new(stream, TwoPartCodec::new(None));
+    let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, framed.next()).await {
+        Err(_) => return Err("no handshake within 5 s".into()),
+        Ok(None) => return Err("closed before its handshake".into()),
+        Ok(Some(Err(e))) => return Err(format!("bad handshake frame: {e}")),
+        Ok(Some(Ok(frame))) => frame,
+    };
+    if first.kind() != MessageKind::HeaderOnly {
+        return Err(format!(
+            "the first frame must be a header-only handshake, got {:?}",
+            first.kind()
+        ));
+    }
+    let handshake: CallHomeHandshake = serde_json::from_slice(&first.header)
+        .map_err(|e| format!("handshake is not a CallHomeHandshake: {e}"))?;
+    if handshake.stream_type != StreamType::Response {
+        return Err(format!(
+            "handshake for subject {} asks for a {:?} stream; only response streams are served",
+            handshake.subject, handshake.stream_type
+        ));
+    }
+    let waiter = pending
+        .lock()
+        .map_err(|_| "pending table poisoned".to_string())?
+        .remove(&handshake.subject);
+    match waiter {
+        Some(tx) => tx
+            .send(framed)
+            .map_err(|_| format!("subject {} was abandoned", handshake.subject)),
+        None => Err(format!(
+            "subject {} is not pending (unknown, timed out or already connected)",
+            handshake.subject
+        )),
+    }
+}

@@ -1,0 +1,176 @@
+//! The worker side: serve this process's engines on the TCP request plane, register in etcd under a
+//! lease that the keep-alive renews, and publish the engines' KV events and load on NATS. Shutdown
+//! follows upstream (runtime spec §5.7): leave discovery first, keep serving for the grace period,
+//! refuse new requests, wait for the running ones, then stop.
+
+use std::time::Duration;
+
+use super::discovery::Registration;
+use super::events;
+use super::request_plane::{EndpointSettings, WorkerEndpoint};
+use super::{DistributedConfig, Instance, LoadMetrics, Transport};
+use crate::supervisor::RunningService;
+
+/// What the worker's distributed layer needs from its process.
+pub struct WorkerSettings {
+    /// `[distributed]`.
+    pub config: DistributedConfig,
+    /// Request-plane frame limit (`DYN_TCP_MAX_MESSAGE_SIZE`).
+    pub max_message_size: usize,
+    /// The engine kind, advertised in the discovery record.
+    pub engine: String,
+    /// Requests this worker admits at once (all its engines).
+    pub capacity: usize,
+    /// Capacity of each request's token channel.
+    pub stream_buffer: usize,
+}
+
+/// A registered, serving worker.
+pub struct WorkerHandle {
+    registration: Option<Registration>,
+    endpoint: WorkerEndpoint,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    grace: Duration,
+    /// `tcp://host:port` of the request plane.
+    pub address: String,
+}
+
+impl WorkerHandle {
+    /// The instance id now (the lease id; a new one after the lease was lost and re-granted).
+    pub fn instance_id(&self) -> u64 {
+        self.registration
+            .as_ref()
+            .map(|r| r.instance_id())
+            .unwrap_or(0)
+    }
+
+    /// Leave discovery, serve for the grace period, refuse new work, wait (at most `drain_timeout`)
+    /// for running requests, stop publishing.
+    pub async fn shutdown(mut self, drain_timeout: Duration) {
+        if let Some(registration) = self.registration.take() {
+            let id = registration.instance_id();
+            registration.deregister().await;
+            tracing::info!(worker = format!("{id:x}"), "left discovery");
+        }
+        if !self.grace.is_zero() {
+            tokio::time::sleep(self.grace).await;
+        }
+        self.endpoint.state.drain();
+        let running = self.endpoint.state.inflight();
+        if !self.endpoint.state.wait_idle(drain_timeout).await {
+            tracing::warn!(
+                running = self.endpoint.state.inflight(),
+                "drain timed out; stopping with requests still running"
+            );
+        } else if running > 0 {
+            tracing::info!(running, "running requests finished");
+        }
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Serve `service`'s engines (started with `export_kv_events`) to frontends. Fails, naming the
+/// address, when the port cannot be bound or etcd or NATS cannot be reached.
+pub async fn start(
+    service: &mut RunningService,
+    settings: WorkerSettings,
+) -> Result<WorkerHandle, String> {
+    let config = settings.config.clone();
+    config.validate()?;
+    let endpoint = WorkerEndpoint::serve(
+        &config.host,
+        config.request_plane_port,
+        EndpointSettings {
+            endpoint_path: config.endpoint_path(),
+            max_message_size: settings.max_message_size,
+            connect_timeout: Duration::from_secs_f64(config.connect_timeout_secs),
+            stream_buffer: settings.stream_buffer,
+        },
+        service.gateway.router.clone(),
+    )
+    .await
+    .map_err(|e| {
+        format!(
+            "cannot listen for requests on {}:{}: {e}",
+            config.host, config.request_plane_port
+        )
+    })?;
+    let address = format!("tcp://{}:{}", config.host, endpoint.port);
+    let nats = events::connect(
+        &config.nats_url,
+        "dynamix-worker",
+        Duration::from_secs_f64(config.connect_timeout_secs),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let record = {
+        let (config, address, engine, capacity, block) = (
+            config.clone(),
+            address.clone(),
+            settings.engine.clone(),
+            settings.capacity,
+            service.kv_block_size,
+        );
+        move |id: u64| Instance {
+            component: config.component.clone(),
+            endpoint: config.endpoint.clone(),
+            namespace: config.namespace.clone(),
+            instance_id: id,
+            transport: Transport::Tcp(address.clone()),
+            engine: Some(engine.clone()),
+            kv_block_size: Some(block),
+            capacity: Some(capacity),
+        }
+    };
+    let registration = Registration::start(&config, record)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut tasks = Vec::new();
+    if let Some(events) = service.kv_events_out.take() {
+        tasks.push(events::spawn_kv_publisher(
+            nats.clone(),
+            config.kv_events_subject(),
+            events,
+            registration.watch_id(),
+        ));
+    }
+    let ids = registration.watch_id();
+    let engines = service.engines.clone();
+    let state = endpoint.state.clone();
+    let capacity = settings.capacity as u64;
+    tasks.push(events::spawn_load_publisher(
+        nats,
+        config.load_metrics_subject(),
+        Duration::from_millis(config.load_metrics_interval_ms),
+        move || {
+            let engines = engines.snapshot();
+            let mockers: Vec<_> = engines.iter().filter_map(|e| e.mocker.clone()).collect();
+            let blocks = (!mockers.is_empty())
+                .then(|| mockers.iter().map(|m| m.active_decode_blocks() as u64).sum());
+            let waiting = (!mockers.is_empty())
+                .then(|| mockers.iter().map(|m| m.waiting_requests() as u64).sum());
+            LoadMetrics {
+                worker_id: *ids.borrow(),
+                active_requests: state.inflight() as u64,
+                capacity,
+                kv_active_blocks: blocks,
+                kv_total_blocks: None,
+                waiting_requests: waiting,
+            }
+        },
+    ));
+    tracing::info!(
+        worker = format!("{:x}", registration.instance_id()),
+        %address,
+        "worker registered and serving"
+    );
+    Ok(WorkerHandle {
+        registration: Some(registration),
+        endpoint,
+        tasks,
+        grace: Duration::from_secs_f64(config.graceful_shutdown_grace_period_secs),
+        address,
+    })
+}

@@ -1,0 +1,693 @@
+//! The multi-process deployment with real processes: etcd and NATS servers, `dynamix frontend` and
+//! `dynamix worker` binaries started from the shipped configs (configs/frontend.toml,
+//! configs/worker.toml), then killed, restarted and cut off from etcd and NATS.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{client, get, metric_value, post_json, sse_json};
+use dynamix_actors::distributed::infra::{free_port, EtcdServer, NatsServer};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+/// etcd and NATS for one test.
+struct Infra {
+    etcd: EtcdServer,
+    nats: NatsServer,
+    logs: PathBuf,
+}
+
+impl Infra {
+    fn start() -> Infra {
+        let etcd = EtcdServer::start().expect("etcd starts (apt-get install etcd-server)");
+        let nats = NatsServer::start().expect("nats-server starts (apt-get install nats-server)");
+        let logs = std::env::temp_dir().join(format!("dynamix-dist-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&logs).expect("log dir");
+        Infra { etcd, nats, logs }
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("ETCD_ENDPOINTS".into(), self.etcd.url()),
+            ("NATS_SERVER".into(), self.nats.url()),
+            ("DYN_LOG".into(), "info,dynamix_actors=debug".into()),
+        ]
+    }
+}
+
+/// A dynamix process; killed on drop. Its log is printed if the test fails.
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(infra: &Infra, name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let log = infra.logs.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_dynamix"));
+        command
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdout(Stdio::null())
+            .stderr(file);
+        for (k, v) in infra.env() {
+            command.env(k, v);
+        }
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let child = command.spawn().expect("spawn dynamix");
+        Proc {
+            name: name.into(),
+            child,
+            log,
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn terminate(&mut self) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("---- {} log (last 40 lines) ----", self.name);
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+struct Frontend {
+    proc: Proc,
+    base: String,
+}
+
+fn frontend(infra: &Infra, name: &str, extra: &[&str], env: &[(&str, &str)]) -> Frontend {
+    let port = free_port().to_string();
+    let mut args = vec![
+        "frontend",
+        "--config",
+        "configs/frontend.toml",
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        &port,
+    ];
+    args.extend_from_slice(extra);
+    let proc = Proc::spawn(infra, name, &args, env);
+    Frontend {
+        proc,
+        base: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+fn worker(infra: &Infra, name: &str, extra: &[&str], env: &[(&str, &str)]) -> Proc {
+    let mut args = vec!["worker", "--config", "configs/worker.toml"];
+    args.extend_from_slice(extra);
+    // Short leases so a killed worker leaves discovery quickly.
+    let mut all = vec![("DYN_DISTRIBUTED__LEASE_TTL_SECS", "2")];
+    all.extend_from_slice(env);
+    Proc::spawn(infra, name, &args, &all)
+}
+
+/// Echo workers: deterministic output (the user's text, one character per step), so a migrated
+/// stream can be checked character by character.
+fn echo_worker(infra: &Infra, name: &str) -> Proc {
+    worker(
+        infra,
+        name,
+        &["out=echo_full"],
+        &[("DYN_TOKEN_ECHO_DELAY_MS", "25")],
+    )
+}
+
+impl Frontend {
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    async fn health(&self) -> Option<Value> {
+        let res = client().get(self.url("/health")).send().await;
+        match res {
+            Ok(mut res) => res.json::<Value>().limit(1 << 20).await.ok(),
+            Err(_) => None,
+        }
+    }
+
+    /// Wait until `/health` lists exactly `n` workers.
+    async fn wait_workers(&self, n: usize, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        let mut last = Value::Null;
+        while Instant::now() < deadline {
+            if let Some(health) = self.health().await {
+                if health["instances"].as_array().map(Vec::len) == Some(n) {
+                    return health;
+                }
+                last = health;
+            }
+            actix_rt::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("frontend did not see {n} workers within {within:?}; last /health: {last}");
+    }
+
+    /// Wait until `/health`'s `cluster` reports `component` (`discovery` / `event_plane`) in a
+    /// state starting with `prefix`.
+    async fn wait_cluster(&self, component: &str, prefix: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        let mut last = Value::Null;
+        while Instant::now() < deadline {
+            if let Some(health) = self.health().await {
+                if health["cluster"][component]["state"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with(prefix))
+                {
+                    return health;
+                }
+                last = health;
+            }
+            actix_rt::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("cluster.{component} never became {prefix:?} within {within:?}; last /health: {last}");
+    }
+}
+
+fn text_of(n: usize, seed: usize) -> String {
+    // Distinct, easy-to-check characters per request.
+    (0..n)
+        .map(|i| char::from(b'a' + ((i * 7 + seed * 3) % 26) as u8))
+        .collect()
+}
+
+/// Stream one chat request; returns (content, finish_reason, status).
+async fn stream_chat(base: &str, content: &str) -> (String, Option<String>, u16) {
+    let body = json!({
+        "model": common::MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "stream": true,
+    });
+    let mut res = awc::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .finish()
+        .post(format!("{base}/v1/chat/completions"))
+        .insert_header(("content-type", "application/json"))
+        .send_body(body.to_string())
+        .await
+        .expect("request");
+    let status = res.status().as_u16();
+    let mut raw = Vec::new();
+    while let Some(chunk) = res.next().await {
+        match chunk {
+            Ok(bytes) => raw.extend_from_slice(&bytes),
+            Err(e) => panic!("stream broke at the client: {e}"),
+        }
+    }
+    let text = String::from_utf8(raw).expect("utf-8");
+    if status != 200 {
+        return (text, None, status);
+    }
+    let mut out = String::new();
+    let mut finish = None;
+    for frame in sse_json(&text) {
+        if let Some(error) = frame.get("error") {
+            panic!("error frame in the stream: {error}");
+        }
+        for choice in frame["choices"].as_array().into_iter().flatten() {
+            if let Some(piece) = choice["delta"]["content"].as_str() {
+                out.push_str(piece);
+            }
+            if let Some(reason) = choice["finish_reason"].as_str() {
+                finish = Some(reason.to_string());
+            }
+        }
+    }
+    (out, finish, status)
+}
+
+fn generated_tokens(health: &Value) -> Vec<(u64, u64)> {
+    health["instances"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|i| {
+            (
+                i["instance_id"].as_u64().unwrap_or_default(),
+                i["generated_tokens"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+#[actix_rt::test]
+async fn killed_worker_mid_stream_migrates_every_request_and_a_restarted_one_rejoins() {
+    let infra = Infra::start();
+    let fe = frontend(&infra, "frontend", &["--router-mode", "round-robin"], &[]);
+    let mut a = echo_worker(&infra, "worker-a");
+    let _b = echo_worker(&infra, "worker-b");
+    fe.wait_workers(2, Duration::from_secs(60)).await;
+
+    // 8 streams of 60 characters (~1.5 s each at 25 ms a character), spread over both workers.
+    let texts: Vec<String> = (0..8).map(|i| text_of(60, i)).collect();
+    let base = fe.base.clone();
+    let streams = futures_util::future::join_all(
+        texts
+            .iter()
+            .map(|t| stream_chat(&base, t))
+            .collect::<Vec<_>>(),
+    );
+    let killer = async {
+        actix_rt::time::sleep(Duration::from_millis(500)).await;
+        a.kill();
+    };
+    let (results, ()) = tokio::join!(streams, killer);
+    for (text, (content, finish, status)) in texts.iter().zip(&results) {
+        assert_eq!(*status, 200, "{content}");
+        assert_eq!(
+            content, text,
+            "a migrated stream must lose and repeat nothing"
+        );
+        assert_eq!(finish.as_deref(), Some("stop"));
+    }
+    let metrics = common::get_text(&fe.url("/metrics")).await;
+    let migrations: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("dynamo_frontend_model_migration_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        migrations >= 1.0,
+        "the killed worker's requests were migrated: {metrics}"
+    );
+
+    // The dead worker leaves routing (broken stream, then lease expiry).
+    let health = fe.wait_workers(1, Duration::from_secs(15)).await;
+    let survivor = health["instances"][0]["instance_id"].as_u64().unwrap();
+
+    // Restarted, it registers again (a new lease, so a new instance id) and receives traffic.
+    let _a2 = echo_worker(&infra, "worker-a-restarted");
+    let health = fe.wait_workers(2, Duration::from_secs(30)).await;
+    let newcomer = generated_tokens(&health)
+        .into_iter()
+        .map(|(id, _)| id)
+        .find(|id| *id != survivor)
+        .unwrap();
+    for i in 0..4 {
+        let (content, _, status) = stream_chat(&fe.base, &text_of(5, 100 + i)).await;
+        assert_eq!(status, 200);
+        assert_eq!(content, text_of(5, 100 + i));
+    }
+    let health = fe.health().await.unwrap();
+    let served = generated_tokens(&health)
+        .into_iter()
+        .find(|(id, _)| *id == newcomer)
+        .map(|(_, n)| n)
+        .unwrap_or(0);
+    assert!(
+        served > 0,
+        "the restarted worker gets traffic: {health}"
+    );
+}
+
+#[actix_rt::test]
+async fn kv_events_cross_processes_and_every_frontend_replica_learns_them() {
+    let infra = Infra::start();
+    let fe1 = frontend(&infra, "frontend-1", &[], &[]);
+    let fe2 = frontend(&infra, "frontend-2", &[], &[]);
+    let speed = [("DYN_MOCKER__SPEEDUP_RATIO", "100")];
+    let _w1 = worker(&infra, "worker-1", &[], &speed);
+    let _w2 = worker(&infra, "worker-2", &[], &speed);
+    fe1.wait_workers(2, Duration::from_secs(60)).await;
+    fe2.wait_workers(2, Duration::from_secs(60)).await;
+
+    // A long prompt (many 64-token blocks), served once through frontend 1.
+    let prompt: String = (0..400).map(|i| format!("word{i} ")).collect();
+    let body = json!({"model": common::MODEL, "prompt": prompt, "max_tokens": 4});
+    let (status, first) = post_json(&fe1.url("/v1/completions"), &body).await;
+    assert_eq!(status, 200, "{first}");
+
+    // Both replicas learn the worker's cache from its KV events on NATS: the same prompt is then
+    // routed expecting cached tokens, on either frontend.
+    for fe in [&fe1, &fe2] {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let (status, _) = post_json(&fe.url("/v1/completions"), &body).await;
+            assert_eq!(status, 200);
+            let metrics = common::get_text(&fe.url("/metrics")).await;
+            let cached = metric_value(&metrics, "dynamo_frontend_cached_tokens_sum", &[])
+                .unwrap_or(0.0);
+            if cached > 0.0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never routed with a cache hit: {metrics}",
+                fe.base
+            );
+            actix_rt::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // Workers publish their load, which the frontend shows per instance.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let health = fe1.health().await.unwrap();
+        let with_load = health["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["load_metrics"]["capacity"].as_u64() == Some(256))
+            .count();
+        if with_load == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no load metrics: {health}");
+        actix_rt::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn nats_and_etcd_outages_are_reported_and_recovered_from() {
+    let mut infra = Infra::start();
+    let fe = frontend(&infra, "frontend", &["--router-mode", "round-robin"], &[]);
+    let _w = echo_worker(&infra, "worker");
+    fe.wait_workers(1, Duration::from_secs(60)).await;
+    fe.wait_cluster("event_plane", "connected", Duration::from_secs(5))
+        .await;
+
+    // NATS down: requests still travel over TCP; /health says the event plane is down.
+    infra.nats.stop();
+    fe.wait_cluster("event_plane", "disconnected", Duration::from_secs(15))
+        .await;
+    let (content, _, status) = stream_chat(&fe.base, "hello").await;
+    assert_eq!((status, content.as_str()), (200, "hello"));
+    infra.nats.restart().expect("nats restarts");
+    fe.wait_cluster("event_plane", "connected", Duration::from_secs(20))
+        .await;
+
+    // etcd down: the known worker keeps serving; /health names the discovery outage.
+    infra.etcd.stop();
+    let health = fe
+        .wait_cluster("discovery", "disconnected", Duration::from_secs(15))
+        .await;
+    assert!(
+        health["cluster"]["discovery"]["state"]
+            .as_str()
+            .unwrap()
+            .len()
+            > "disconnected".len(),
+        "the outage names its cause: {health}"
+    );
+    let (content, _, status) = stream_chat(&fe.base, "still here").await;
+    assert_eq!((status, content.as_str()), (200, "still here"));
+    infra.etcd.restart().expect("etcd restarts");
+    fe.wait_cluster("discovery", "connected", Duration::from_secs(20))
+        .await;
+    fe.wait_workers(1, Duration::from_secs(20)).await;
+    let (content, _, status) = stream_chat(&fe.base, "back").await;
+    assert_eq!((status, content.as_str()), (200, "back"));
+
+    // With no worker at all, a request fails with a clear 503.
+    drop(_w);
+    fe.wait_workers(0, Duration::from_secs(15)).await;
+    let (status, body) = post_json(&fe.url("/v1/chat/completions"), &common::chat_body("x")).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("No engine is available")),
+        "{body}"
+    );
+}
+
+#[actix_rt::test]
+async fn processes_refuse_to_start_without_etcd_or_nats_and_say_which() {
+    let mut infra = Infra::start();
+    infra.etcd.stop();
+    let mut fe = frontend(&infra, "frontend-no-etcd", &[], &[]);
+    let status = fe
+        .proc
+        .wait_exit(Duration::from_secs(30))
+        .expect("a frontend without etcd exits");
+    assert!(!status.success());
+    let log = fe.proc.log();
+    assert!(
+        log.contains(&infra.etcd.url()) || log.contains("etcd"),
+        "names etcd: {log}"
+    );
+
+    infra.etcd.restart().unwrap();
+    infra.nats.stop();
+    let mut w = worker(&infra, "worker-no-nats", &[], &[]);
+    let status = w
+        .wait_exit(Duration::from_secs(30))
+        .expect("a worker without NATS exits");
+    assert!(!status.success());
+    let log = w.log();
+    assert!(
+        log.contains(&infra.nats.url()),
+        "names the NATS URL: {log}"
+    );
+}
+
+#[actix_rt::test]
+async fn sigterm_leaves_discovery_first_and_finishes_running_streams() {
+    let infra = Infra::start();
+    let fe = frontend(&infra, "frontend", &["--router-mode", "round-robin"], &[]);
+    let mut w = worker(
+        &infra,
+        "worker",
+        &["out=echo_full"],
+        &[
+            ("DYN_TOKEN_ECHO_DELAY_MS", "25"),
+            ("DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS", "0"),
+        ],
+    );
+    fe.wait_workers(1, Duration::from_secs(60)).await;
+    let text = text_of(80, 9);
+    let stream = stream_chat(&fe.base, &text);
+    let stop = async {
+        actix_rt::time::sleep(Duration::from_millis(400)).await;
+        w.terminate();
+        // Gone from discovery while its stream still runs (the lease is revoked, not left to expire).
+        fe.wait_workers(0, Duration::from_secs(1)).await;
+    };
+    let ((content, finish, status), ()) = tokio::join!(stream, stop);
+    assert_eq!(status, 200);
+    assert_eq!(content, text, "the running stream finishes on the draining worker");
+    assert_eq!(finish.as_deref(), Some("stop"));
+    let exit = w.wait_exit(Duration::from_secs(15)).expect("worker exits");
+    assert!(exit.success(), "clean exit: {}", w.log());
+}
+
+#[actix_rt::test]
+async fn the_request_plane_answers_bad_frames_with_errors_and_keeps_serving() {
+    use dynamix_actors::codec::{TcpRequestCodec, TcpRequestMessage, TcpResponseCodec};
+    use futures_util::SinkExt;
+    use tokio_util::codec::{FramedRead, FramedWrite};
+
+    let infra = Infra::start();
+    let fe = frontend(&infra, "frontend", &["--router-mode", "round-robin"], &[]);
+    let _w = echo_worker(&infra, "worker");
+    let health = fe.wait_workers(1, Duration::from_secs(60)).await;
+    let address = health["instances"][0]["device"].as_str().unwrap().to_string();
+
+    let stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let (r, w) = stream.into_split();
+    let mut acks = FramedRead::new(r, TcpResponseCodec::new(None));
+    let mut frames = FramedWrite::new(w, TcpRequestCodec::new(None));
+    // Unknown endpoint: an error reply, the connection stays open.
+    frames
+        .send(TcpRequestMessage {
+            endpoint_path: "dynamo.backend.nope".into(),
+            headers: Default::default(),
+            payload: bytes::Bytes::from_static(b"x"),
+        })
+        .await
+        .unwrap();
+    let reply = acks.next().await.unwrap().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&reply.data),
+        "Unknown endpoint: dynamo.backend.nope"
+    );
+    // Right endpoint, payload that is not a two-part frame: a decode error naming the problem.
+    frames
+        .send(TcpRequestMessage {
+            endpoint_path: "dynamo.backend.generate".into(),
+            headers: Default::default(),
+            payload: bytes::Bytes::from_static(b"not a frame"),
+        })
+        .await
+        .unwrap();
+    let reply = acks.next().await.unwrap().unwrap();
+    assert!(
+        String::from_utf8_lossy(&reply.data).starts_with("Decode error"),
+        "{:?}",
+        reply.data
+    );
+    // Garbage bytes that are not a request frame at all: an error reply, then the connection closes.
+    let mut raw = tokio::net::TcpStream::connect(&address).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut raw, &[0, 3, 0xff, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(&mut raw, &mut buf),
+    )
+    .await
+    .expect("the worker closes the connection");
+    assert!(
+        String::from_utf8_lossy(&buf).contains("Decode error"),
+        "{buf:?}"
+    );
+    // The worker still serves.
+    let (content, _, status) = stream_chat(&fe.base, "fine").await;
+    assert_eq!((status, content.as_str()), (200, "fine"));
+    let _ = get(&fe.url("/health")).await;
+}
+
+/// Whether something accepts connections on `127.0.0.1:port`.
+fn listening(port: u16) -> bool {
+    std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(300),
+    )
+    .is_ok()
+}
+
+/// The README's walk-through: etcd and NATS on their default ports (started by `.ci/run`; started
+/// here when nothing listens there), one frontend and two workers from the shipped configs with no
+/// address overrides, and a request through them.
+#[actix_rt::test]
+async fn readme_walkthrough_with_the_shipped_configs_on_the_default_ports() {
+    let dir = std::env::temp_dir().join(format!("dynamix-walk-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut own = Vec::new();
+    if !listening(2379) {
+        own.push(
+            Command::new(std::env::var("DYNAMIX_ETCD_BIN").unwrap_or_else(|_| "etcd".into()))
+                .args(["--name", "default", "--data-dir"])
+                .arg(dir.join("etcd"))
+                .args([
+                    "--listen-client-urls",
+                    "http://127.0.0.1:2379",
+                    "--advertise-client-urls",
+                    "http://127.0.0.1:2379",
+                    "--listen-peer-urls",
+                    "http://127.0.0.1:2380",
+                    "--initial-advertise-peer-urls",
+                    "http://127.0.0.1:2380",
+                    "--initial-cluster",
+                    "default=http://127.0.0.1:2380",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("etcd (apt-get install etcd-server)"),
+        );
+    }
+    if !listening(4222) {
+        own.push(
+            Command::new(std::env::var("DYNAMIX_NATS_BIN").unwrap_or_else(|_| "nats-server".into()))
+                .args(["-a", "127.0.0.1", "-p", "4222"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("nats-server (apt-get install nats-server)"),
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !(listening(2379) && listening(4222)) {
+        assert!(Instant::now() < deadline, "etcd/NATS did not come up on 2379/4222");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Only the namespace is ours, so parallel runs on one etcd do not see each other's workers.
+    let namespace = format!("walk{}", std::process::id());
+    let port = free_port();
+    let spawn = |name: &str, args: &[&str]| -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_dynamix"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(args)
+            .env("DYN_NAMESPACE", &namespace)
+            .env_remove("ETCD_ENDPOINTS")
+            .env_remove("NATS_SERVER")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn dynamix");
+        Proc {
+            name: name.into(),
+            child,
+            log,
+        }
+    };
+    let port_arg = port.to_string();
+    let fe = Frontend {
+        proc: spawn(
+            "frontend",
+            &[
+                "frontend",
+                "--config",
+                "configs/frontend.toml",
+                "--http-host",
+                "127.0.0.1",
+                "--http-port",
+                &port_arg,
+            ],
+        ),
+        base: format!("http://127.0.0.1:{port}"),
+    };
+    let worker_args = ["worker", "--config", "configs/worker.toml"];
+    let _w1 = spawn("worker-1", &worker_args);
+    let _w2 = spawn("worker-2", &worker_args);
+    fe.wait_workers(2, Duration::from_secs(60)).await;
+    let (status, body) = post_json(
+        &fe.url("/v1/chat/completions"),
+        &json!({"model": common::MODEL, "messages": [{"role": "user", "content": "Hi there"}], "max_tokens": 8}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 8, "{body}");
+    let health = fe.health().await.unwrap();
+    assert_eq!(health["cluster"]["discovery"]["state"], "connected", "{health}");
+    assert_eq!(health["cluster"]["event_plane"]["state"], "connected", "{health}");
+    drop(fe);
+    for mut child in own {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
