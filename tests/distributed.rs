@@ -691,3 +691,54 @@ async fn readme_walkthrough_with_the_shipped_configs_on_the_default_ports() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[actix_rt::test]
+async fn a_client_that_hangs_up_stops_generation_on_the_worker() {
+    let infra = Infra::start();
+    let fe = frontend(&infra, "frontend", &["--router-mode", "round-robin"], &[]);
+    let _w = worker(
+        &infra,
+        "worker",
+        &["out=echo_full"],
+        &[
+            ("DYN_TOKEN_ECHO_DELAY_MS", "25"),
+            ("DYN_DISTRIBUTED__LOAD_METRICS_INTERVAL_MS", "100"),
+        ],
+    );
+    fe.wait_workers(1, Duration::from_secs(60)).await;
+    // 400 characters: 10 s of generation if nobody stops it.
+    let body = json!({
+        "model": common::MODEL,
+        "messages": [{"role": "user", "content": text_of(400, 1)}],
+        "stream": true,
+    });
+    let mut res = client()
+        .post(fe.url("/v1/chat/completions"))
+        .insert_header(("content-type", "application/json"))
+        .send_body(body.to_string())
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    let first = res.next().await.expect("a first chunk").unwrap();
+    assert!(!first.is_empty());
+    let running = |health: &Value| health["instances"][0]["load_metrics"]["active_requests"].as_u64();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while running(&fe.health().await.unwrap()) != Some(1) {
+        assert!(Instant::now() < deadline, "the worker never reported the running request");
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(res);
+    // The frontend sends `stop`; the worker drops the request long before its 10 s would end.
+    let deadline = Instant::now() + Duration::from_secs(4);
+    loop {
+        let health = fe.health().await.unwrap();
+        if running(&health) == Some(0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker still runs the abandoned request: {health}"
+        );
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+    }
+}

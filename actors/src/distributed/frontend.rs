@@ -68,7 +68,11 @@ pub async fn start(
 ) -> Result<FrontendHandle, String> {
     let config = settings.config.clone();
     config.validate()?;
-    let streams = ResponseStreamServer::bind(&config.host, config.response_stream_port)
+    let streams = ResponseStreamServer::bind(
+        &config.host,
+        config.response_stream_port,
+        settings.max_message_size,
+    )
         .await
         .map_err(|e| {
             format!(

@@ -311,8 +311,10 @@ mod tests {
 
     #[test]
     fn bad_names_are_named() {
-        let mut c = DistributedConfig::default();
-        c.component = "Back End".into();
+        let c = DistributedConfig {
+            component: "Back End".into(),
+            ..DistributedConfig::default()
+        };
         assert!(c.validate().unwrap_err().contains("distributed.component"));
     }
 }

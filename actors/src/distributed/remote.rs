@@ -435,3 +435,33 @@ fn decode_item(item: Option<serde_json::Value>) -> Result<EngineEvent, String> {
         .map(Ok)
         .map_err(|e| format!("item is not an engine output: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn items_decode_to_outputs_and_typed_errors() {
+        let out = decode_item(Some(json!({"data": {"token_ids": [5, 6], "text": null, "finish_reason": null}})))
+            .unwrap()
+            .unwrap();
+        assert_eq!(out.token_ids, vec![5, 6]);
+        let err = decode_item(Some(json!({
+            "event": "error",
+            "comment": ["engine restarted"],
+            "data": {"class": "unavailable", "message": "engine restarted"}
+        })))
+        .unwrap()
+        .unwrap_err();
+        assert_eq!(err.class, ErrorClass::Unavailable, "stays migratable");
+        // An error item without a typed error still carries its text.
+        let err = decode_item(Some(json!({"event": "error", "comment": ["boom"]})))
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.message, "boom");
+        assert!(decode_item(None).is_err());
+        assert!(decode_item(Some(json!({"data": {"token_ids": "x"}}))).is_err());
+        assert!(decode_item(Some(json!({"id": "1"}))).is_err());
+    }
+}

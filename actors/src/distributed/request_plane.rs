@@ -432,3 +432,98 @@ async fn handle(
     let _ = sink.send(header(&ControlMessage::Sentinel)).await;
     let _ = sink.close().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::messages::{ConnectionInfo, RequestType, ResponseType};
+
+    fn request() -> EngineRequest {
+        EngineRequest {
+            request_id: "req-1".into(),
+            model: "m".into(),
+            token_ids: vec![1, 2, 3],
+            echo_text: "hi".into(),
+            sampling: Default::default(),
+            stop: Default::default(),
+            pinned_engine: None,
+            resumed_outputs: 0,
+        }
+    }
+
+    fn envelope(context: &str, transport: &str, body: &[u8]) -> Bytes {
+        let info = TcpStreamConnectionInfo {
+            address: "127.0.0.1:1".into(),
+            subject: "s".into(),
+            context: context.into(),
+            stream_type: StreamType::Response,
+        };
+        let control = RequestControlMessage {
+            id: "req-1".into(),
+            request_type: RequestType::SingleIn,
+            response_type: ResponseType::ManyOut,
+            connection_info: ConnectionInfo {
+                transport: transport.into(),
+                info: serde_json::to_string(&info).unwrap(),
+            },
+            payload_codec: None,
+            metadata: None,
+            frontend_send_ts_ns: None,
+        };
+        TwoPartCodec::new(None)
+            .encode_message(TwoPartMessage::new(
+                serde_json::to_vec(&control).unwrap(),
+                body.to_vec(),
+            ))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_well_formed_envelope_is_accepted() {
+        let body = serde_json::to_vec(&request()).unwrap();
+        let (info, parsed) = accept(&envelope("req-1", "tcp_server", &body)).unwrap();
+        assert_eq!(info.subject, "s");
+        assert_eq!(parsed, request());
+    }
+
+    #[test]
+    fn malformed_envelopes_are_named_errors() {
+        let body = serde_json::to_vec(&request()).unwrap();
+        let cases: Vec<(Bytes, &str)> = vec![
+            (Bytes::from_static(b"junk"), "Decode error"),
+            (
+                TwoPartCodec::new(None)
+                    .encode_message(TwoPartMessage::header_only(b"{}".to_vec()))
+                    .unwrap(),
+                "Unexpected message from work queue",
+            ),
+            (envelope("other", "tcp_server", &body), "does not match request id"),
+            (envelope("req-1", "nats", &body), "response transport"),
+            (envelope("req-1", "tcp_server", b"{\"nope\":1}"), "request body"),
+        ];
+        for (payload, expected) in cases {
+            let error = accept(&payload).unwrap_err();
+            assert!(error.contains(expected), "{error} should mention {expected}");
+        }
+    }
+
+    #[test]
+    fn outputs_and_errors_become_annotated_items() {
+        let ok: EngineEvent = Ok(crate::protocol::engine::EngineOutput {
+            token_ids: vec![7],
+            ..Default::default()
+        });
+        let item = item(&ok).unwrap();
+        assert_eq!(item.data.unwrap()["token_ids"], serde_json::json!([7]));
+        let err: EngineEvent = Err(ApiError::new(ErrorClass::Unavailable, "gone"));
+        let item = item_of(&err);
+        assert_eq!(item.event.as_deref(), Some("error"));
+        assert_eq!(item.comment, Some(vec!["gone".to_string()]));
+        let wire: WireError = serde_json::from_value(item.data.unwrap()).unwrap();
+        assert_eq!(wire.class, ErrorClass::Unavailable);
+    }
+
+    fn item_of(event: &EngineEvent) -> Annotated {
+        item(event).unwrap()
+    }
+}

@@ -33,12 +33,14 @@ pub struct ResponseStreamServer {
 
 impl ResponseStreamServer {
     /// Listen on `host:port` (0 = any free port); `host` is also the address advertised to workers.
-    pub async fn bind(host: &str, port: u16) -> std::io::Result<Arc<Self>> {
+    /// Frames over `max_frame` bytes end their stream (upstream sets no limit; one output is small,
+    /// so a huge length is a broken or hostile peer, not data worth buffering).
+    pub async fn bind(host: &str, port: u16, max_frame: usize) -> std::io::Result<Arc<Self>> {
         let listener = TcpListener::bind((host, port)).await?;
         let local: SocketAddr = listener.local_addr()?;
         let address = format!("{host}:{}", local.port());
         let pending: Pending = Arc::default();
-        let task = tokio::spawn(accept_loop(listener, pending.clone()));
+        let task = tokio::spawn(accept_loop(listener, pending.clone(), max_frame));
         tracing::info!(%address, "response-stream server listening");
         Ok(Arc::new(ResponseStreamServer {
             address,
@@ -104,13 +106,13 @@ impl Drop for PendingStream {
     }
 }
 
-async fn accept_loop(listener: TcpListener, pending: Pending) {
+async fn accept_loop(listener: TcpListener, pending: Pending, max_frame: usize) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let pending = pending.clone();
                 tokio::spawn(async move {
-                    if let Err(reason) = handshake(stream, &pending).await {
+                    if let Err(reason) = handshake(stream, &pending, max_frame).await {
                         tracing::warn!(%peer, %reason, "response-stream connection refused");
                     }
                 });
@@ -124,9 +126,9 @@ async fn accept_loop(listener: TcpListener, pending: Pending) {
     }
 }
 
-async fn handshake(stream: TcpStream, pending: &Pending) -> Result<(), String> {
+async fn handshake(stream: TcpStream, pending: &Pending, max_frame: usize) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
-    let mut framed = Framed::new(stream, TwoPartCodec::new(None));
+    let mut framed = Framed::new(stream, TwoPartCodec::new(Some(max_frame)));
     let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, framed.next()).await {
         Err(_) => return Err("no handshake within 5 s".into()),
         Ok(None) => return Err("closed before its handshake".into()),

@@ -148,7 +148,7 @@ pub async fn start(
             let engines = engines.snapshot();
             let mockers: Vec<_> = engines.iter().filter_map(|e| e.mocker.clone()).collect();
             let blocks = (!mockers.is_empty())
-                .then(|| mockers.iter().map(|m| m.active_decode_blocks() as u64).sum());
+                .then(|| mockers.iter().map(|m| m.active_decode_blocks()).sum());
             let waiting = (!mockers.is_empty())
                 .then(|| mockers.iter().map(|m| m.waiting_requests() as u64).sum());
             LoadMetrics {

@@ -172,7 +172,10 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
             .iter()
             .map(|f| f["reason"].as_str().unwrap_or_default().to_string())
             .collect::<Vec<_>>();
-        let message = if why.is_empty() {
+        let message = if state.cluster.get().is_some() {
+            // A frontend of workers (upstream's wording), with what discovery says.
+            "No endpoints available: no worker is registered".to_string()
+        } else if why.is_empty() {
             "No engine is serving: every engine has been removed".to_string()
         } else {
             format!("No engine is serving: {}", why.join("; "))
