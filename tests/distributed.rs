@@ -277,7 +277,18 @@ async fn killed_worker_mid_stream_migrates_every_request_and_a_restarted_one_rej
     let fe = frontend(&infra, "frontend", &["--router-mode", "round-robin"], &[]);
     let mut a = echo_worker(&infra, "worker-a");
     let _b = echo_worker(&infra, "worker-b");
-    fe.wait_workers(2, Duration::from_secs(60)).await;
+    let health = fe.wait_workers(2, Duration::from_secs(60)).await;
+    assert_eq!(
+        health["endpoints"],
+        json!(["dyn://dynamo.backend.generate"]),
+        "{health}"
+    );
+    assert!(
+        health["instances"][0]["transport"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("tcp://127.0.0.1:")),
+        "{health}"
+    );
 
     // 8 streams of 60 characters (~1.5 s each at 25 ms a character), spread over both workers.
     let texts: Vec<String> = (0..8).map(|i| text_of(60, i)).collect();

@@ -277,6 +277,11 @@ impl InstanceManager {
             mocker: None,
             model: None,
             transport: format!("tcp://{address}"),
+            endpoint_id: [
+                instance.namespace.clone(),
+                instance.component.clone(),
+                instance.endpoint.clone(),
+            ],
             remote: Some(cell),
         });
         tracing::info!(worker = format!("{id:x}"), %address, "worker joined; routing to it");

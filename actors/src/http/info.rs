@@ -87,7 +87,7 @@ fn endpoints_and_instances(state: &AppState) -> (Vec<String>, Vec<Value>) {
     let engines = state.engines.snapshot();
     let mut endpoints: Vec<String> = engines
         .iter()
-        .map(|_| "dyn://dynamix.backend.generate".to_string())
+        .map(|e| format!("dyn://{}", e.endpoint_id.join(".")))
         .collect();
     endpoints.sort();
     endpoints.dedup();
@@ -96,9 +96,9 @@ fn endpoints_and_instances(state: &AppState) -> (Vec<String>, Vec<Value>) {
         .filter(|e| !e.load.retired.load(std::sync::atomic::Ordering::Relaxed))
         .map(|e| {
             let mut instance = json!({
-                "namespace": "dynamix",
-                "component": "backend",
-                "endpoint": "generate",
+                "namespace": e.endpoint_id[0],
+                "component": e.endpoint_id[1],
+                "endpoint": e.endpoint_id[2],
                 "instance_id": e.instance_id,
                 "transport": e.transport,
                 "engine": e.engine,

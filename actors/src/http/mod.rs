@@ -202,6 +202,9 @@ pub struct EngineInfo {
     pub model: Option<Arc<crate::engine::ModelLoad>>,
     /// How it is reached: `in-process`, or a worker's `tcp://host:port`.
     pub transport: String,
+    /// Namespace, component and endpoint it serves (`dynamix/backend/generate` in-process; a
+    /// worker's from its discovery record).
+    pub endpoint_id: [String; 3],
     /// A worker's last published load (remote engines only).
     #[serde(skip)]
     pub remote: Option<Arc<std::sync::Mutex<Option<crate::distributed::LoadMetrics>>>>,

@@ -491,6 +491,7 @@ pub async fn start(
             mocker: (config.engine.kind == EngineKind::Mocker).then_some(mocker_load),
             model: (config.engine.kind == EngineKind::Model).then_some(model_load),
             transport: "in-process".into(),
+            endpoint_id: ["dynamix".into(), "backend".into(), "generate".into()],
             remote: None,
         });
         children.push(EngineChild {
