@@ -506,13 +506,15 @@ async fn sigterm_leaves_discovery_first_and_finishes_running_streams() {
         ],
     );
     fe.wait_workers(1, Duration::from_secs(60)).await;
-    let text = text_of(80, 9);
+    // 200 characters: 5 s of streaming.
+    let text = text_of(200, 9);
     let stream = stream_chat(&fe.base, &text);
     let stop = async {
         actix_rt::time::sleep(Duration::from_millis(400)).await;
         w.terminate();
-        // Gone from discovery while its stream still runs (the lease is revoked, not left to expire).
-        fe.wait_workers(0, Duration::from_secs(1)).await;
+        // Gone from discovery while its stream still runs (the lease is revoked, not left to expire:
+        // with a 2 s lease and a 5 s stream, only the revocation fits).
+        fe.wait_workers(0, Duration::from_secs(3)).await;
     };
     let ((content, finish, status), ()) = tokio::join!(stream, stop);
     assert_eq!(status, 200);
@@ -605,40 +607,9 @@ fn listening(port: u16) -> bool {
 async fn readme_walkthrough_with_the_shipped_configs_on_the_default_ports() {
     let dir = std::env::temp_dir().join(format!("dynamix-walk-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut own = Vec::new();
-    if !listening(2379) {
-        own.push(
-            Command::new(std::env::var("DYNAMIX_ETCD_BIN").unwrap_or_else(|_| "etcd".into()))
-                .args(["--name", "default", "--data-dir"])
-                .arg(dir.join("etcd"))
-                .args([
-                    "--listen-client-urls",
-                    "http://127.0.0.1:2379",
-                    "--advertise-client-urls",
-                    "http://127.0.0.1:2379",
-                    "--listen-peer-urls",
-                    "http://127.0.0.1:2380",
-                    "--initial-advertise-peer-urls",
-                    "http://127.0.0.1:2380",
-                    "--initial-cluster",
-                    "default=http://127.0.0.1:2380",
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("etcd (apt-get install etcd-server)"),
-        );
-    }
-    if !listening(4222) {
-        own.push(
-            Command::new(std::env::var("DYNAMIX_NATS_BIN").unwrap_or_else(|_| "nats-server".into()))
-                .args(["-a", "127.0.0.1", "-p", "4222"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("nats-server (apt-get install nats-server)"),
-        );
-    }
+    // Servers started here (only when nothing listens on the default ports) stop when dropped.
+    let _etcd = (!listening(2379)).then(|| EtcdServer::start_on(2379, 2380).expect("etcd on 2379"));
+    let _nats = (!listening(4222)).then(|| NatsServer::start_on(4222).expect("nats-server on 4222"));
     let deadline = Instant::now() + Duration::from_secs(15);
     while !(listening(2379) && listening(4222)) {
         assert!(Instant::now() < deadline, "etcd/NATS did not come up on 2379/4222");
@@ -696,10 +667,6 @@ async fn readme_walkthrough_with_the_shipped_configs_on_the_default_ports() {
     assert_eq!(health["cluster"]["discovery"]["state"], "connected", "{health}");
     assert_eq!(health["cluster"]["event_plane"]["state"], "connected", "{health}");
     drop(fe);
-    for mut child in own {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

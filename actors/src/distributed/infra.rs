@@ -40,8 +40,11 @@ pub struct EtcdServer {
 impl EtcdServer {
     /// Starts etcd and waits (up to 15 s) until its client port accepts TCP.
     pub fn start() -> Result<EtcdServer, String> {
-        let client_port = try_free_port()?;
-        let peer_port = try_free_port()?;
+        Self::start_on(try_free_port()?, try_free_port()?)
+    }
+
+    /// [`Self::start`] on given ports (2379 and 2380 are etcd's defaults).
+    pub fn start_on(client_port: u16, peer_port: u16) -> Result<EtcdServer, String> {
         let dir = ScratchDir::create("etcd")?;
         let data_dir = dir.path().join("data");
         let client_url = format!("http://127.0.0.1:{client_port}");
@@ -101,7 +104,11 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts nats-server and waits (up to 15 s) until its port accepts TCP.
     pub fn start() -> Result<NatsServer, String> {
-        let port = try_free_port()?;
+        Self::start_on(try_free_port()?)
+    }
+
+    /// [`Self::start`] on a given port (4222 is NATS's default).
+    pub fn start_on(port: u16) -> Result<NatsServer, String> {
         let dir = ScratchDir::create("nats")?;
         let args = vec![
             "-a".into(),
