@@ -223,50 +223,44 @@ fn request_frame(
     })
 }
 
-/// Send one request frame and wait for its ACK, on a pooled connection or a new one.
+/// Send one request frame and wait for its ACK, on a pooled connection or a new one. A pooled
+/// connection that fails is retried once on a fresh one (the worker may have closed it) before the
+/// worker is reported down.
 async fn send_request(shared: &Shared, frame: TcpRequestMessage) -> Result<(), ApiError> {
-    let pooled = shared.pool.lock().ok().and_then(|mut p| p.pop());
-    let mut connection = match pooled {
-        Some(c) => c,
-        None => connect(shared).await?,
-    };
     let timeout = shared.settings.request_timeout;
-    let exchange = async {
-        connection
-            .writer
-            .send(frame)
-            .await
-            .map_err(|e| format!("cannot send the request: {e}"))?;
-        match connection.reader.next().await {
-            Some(Ok(ack)) => Ok(ack),
-            Some(Err(e)) => Err(format!("bad ACK: {e}")),
-            None => Err("closed the request-plane connection before its ACK".to_string()),
-        }
-    };
-    let ack = match tokio::time::timeout(timeout, exchange).await {
-        Ok(Ok(ack)) => ack,
-        Ok(Err(what)) => {
-            let _ = shared.down.send(shared.instance_id);
-            return Err(unavailable(shared, what));
-        }
-        Err(_) => {
-            let _ = shared.down.send(shared.instance_id);
-            return Err(unavailable(
-                shared,
-                format!("no ACK within {:.1} s", timeout.as_secs_f64()),
-            ));
+    let mut pooled = shared.pool.lock().ok().and_then(|mut p| p.pop());
+    let (connection, ack) = loop {
+        let fresh = pooled.is_none();
+        let mut connection = match pooled.take() {
+            Some(c) => c,
+            None => connect(shared).await?,
+        };
+        match tokio::time::timeout(timeout, exchange(&mut connection, frame.clone())).await {
+            Ok(Ok(ack)) => break (connection, ack),
+            Ok(Err(_)) if !fresh => continue,
+            Ok(Err(what)) => {
+                let _ = shared.down.send(shared.instance_id);
+                return Err(unavailable(shared, what));
+            }
+            Err(_) => {
+                let _ = shared.down.send(shared.instance_id);
+                return Err(unavailable(
+                    shared,
+                    format!("no ACK within {:.1} s", timeout.as_secs_f64()),
+                ));
+            }
         }
     };
     if !ack.data.is_empty() {
         // Rejections ("Server unavailable: ...") and errors ("Unknown endpoint: ...", "Decode
-        // error: ..."); the connection stays usable either way.
+        // error: ..."). The worker closes the connection after some of them: do not pool it.
         let text = String::from_utf8_lossy(&ack.data).into_owned();
-        return_to_pool(shared, connection);
         let class = if ack.is_accepted() {
             ErrorClass::Internal
         } else {
             ErrorClass::Unavailable
         };
+        drop(connection);
         return Err(ApiError::new(
             class,
             format!("worker {:x} refused the request: {text}", shared.instance_id),
@@ -274,6 +268,23 @@ async fn send_request(shared: &Shared, frame: TcpRequestMessage) -> Result<(), A
     }
     return_to_pool(shared, connection);
     Ok(())
+}
+
+/// Write one frame, read its reply.
+async fn exchange(
+    connection: &mut Connection,
+    frame: TcpRequestMessage,
+) -> Result<crate::codec::TcpResponseMessage, String> {
+    connection
+        .writer
+        .send(frame)
+        .await
+        .map_err(|e| format!("cannot send the request: {e}"))?;
+    match connection.reader.next().await {
+        Some(Ok(ack)) => Ok(ack),
+        Some(Err(e)) => Err(format!("bad ACK: {e}")),
+        None => Err("closed the request-plane connection before its ACK".to_string()),
+    }
 }
 
 fn return_to_pool(shared: &Shared, connection: Connection) {
@@ -440,6 +451,50 @@ fn decode_item(item: Option<serde_json::Value>) -> Result<EngineEvent, String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A worker that ACKs one frame per connection and then closes it: a pooled connection is dead
+    /// by the time it is reused, which must cost a reconnect, not a "worker down" report.
+    #[actix_rt::test]
+    async fn a_pooled_connection_the_worker_closed_is_replaced_not_reported() {
+        use crate::codec::TcpResponseMessage;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (r, w) = stream.into_split();
+                let mut frames = FramedRead::new(r, TcpRequestCodec::new(None));
+                let mut acks = FramedWrite::new(w, TcpResponseCodec::new(None));
+                if frames.next().await.is_some() {
+                    acks.send(TcpResponseMessage::ack()).await.unwrap();
+                }
+            }
+        });
+        let (down, mut reports) = mpsc::unbounded_channel();
+        let shared = Shared {
+            instance_id: 1,
+            address,
+            settings: RemoteSettings {
+                request_timeout: Duration::from_secs(5),
+                connect_timeout: Duration::from_secs(5),
+                max_message_size: 1 << 20,
+                endpoint_path: "ns.backend.generate".into(),
+            },
+            streams: ResponseStreamServer::bind("127.0.0.1", 0, 1 << 20).await.unwrap(),
+            pool: Mutex::new(Vec::new()),
+            down,
+            load: Default::default(),
+        };
+        let frame = TcpRequestMessage {
+            endpoint_path: "ns.backend.generate".into(),
+            headers: Default::default(),
+            payload: Bytes::from_static(b"x"),
+        };
+        for _ in 0..3 {
+            send_request(&shared, frame.clone()).await.unwrap();
+        }
+        assert!(reports.try_recv().is_err(), "no down report");
+    }
 
     #[test]
     fn items_decode_to_outputs_and_typed_errors() {
