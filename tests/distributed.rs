@@ -38,6 +38,15 @@ impl Infra {
     }
 }
 
+impl Drop for Infra {
+    fn drop(&mut self) {
+        // Processes are dropped first (declared later); keep their logs only for a failed test.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.logs);
+        }
+    }
+}
+
 /// A dynamix process; killed on drop. Its log is printed if the test fails.
 struct Proc {
     name: String,
