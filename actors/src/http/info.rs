@@ -173,7 +173,7 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
             .map(|f| f["reason"].as_str().unwrap_or_default().to_string())
             .collect::<Vec<_>>();
         let message = if state.cluster.get().is_some() {
-            // A frontend of workers (upstream's wording), with what discovery says.
+            // A frontend of workers (upstream's wording); `cluster` below says why.
             "No endpoints available: no worker is registered".to_string()
         } else if why.is_empty() {
             "No engine is serving: every engine has been removed".to_string()
