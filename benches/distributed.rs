@@ -99,11 +99,17 @@ async fn unary(base: &str, requests: usize) -> (f64, f64, f64) {
     }
     let rps = requests as f64 / started.elapsed().as_secs_f64();
     latencies.sort_by(f64::total_cmp);
-    (percentile(&latencies, 0.5), percentile(&latencies, 0.99), rps)
+    (
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        rps,
+    )
 }
 
 async fn streams(base: &str, total: usize, concurrency: usize) -> f64 {
-    let text: String = (0..256).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let text: String = (0..256)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
     let body = serde_json::json!({
         "model": MODEL,
         "messages": [{"role": "user", "content": text}],
@@ -139,7 +145,10 @@ async fn streams(base: &str, total: usize, concurrency: usize) -> f64 {
             }
         })
         .collect();
-    let chunks: usize = futures_util::future::join_all(tasks).await.into_iter().sum();
+    let chunks: usize = futures_util::future::join_all(tasks)
+        .await
+        .into_iter()
+        .sum();
     chunks as f64 / started.elapsed().as_secs_f64()
 }
 
@@ -154,7 +163,15 @@ fn main() {
     let (single_port, frontend_port) = (free_port().to_string(), free_port().to_string());
     let _procs = Killed(vec![
         dynamix(
-            &["serve", "--http-host", "127.0.0.1", "--http-port", &single_port, "--no-embeddings", "out=echo_full"],
+            &[
+                "serve",
+                "--http-host",
+                "127.0.0.1",
+                "--http-port",
+                &single_port,
+                "--no-embeddings",
+                "out=echo_full",
+            ],
             &[],
         ),
         dynamix(

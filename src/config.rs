@@ -12,11 +12,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use dynamix_actors::distributed::DistributedConfig;
 use dynamix_actors::embeddings::EmbeddingsConfig;
 use dynamix_actors::engine::mocker::MockerConfig;
 use dynamix_actors::engine::ModelEngineConfig;
 use dynamix_actors::engine::{EchoConfig, EngineConfig, EngineKind};
-use dynamix_actors::distributed::DistributedConfig;
 use dynamix_actors::faults::FaultsConfig;
 use dynamix_actors::gateway::migration::MigrationConfig;
 use dynamix_actors::http::HttpConfig;
@@ -168,8 +168,14 @@ const DYNAMO_ENV: &[(&str, &str)] = &[
     ("DYN_NAMESPACE", "distributed.namespace"),
     ("DYN_TCP_RPC_HOST", "distributed.host"),
     ("DYN_TCP_RPC_PORT", "distributed.request_plane_port"),
-    ("DYN_TCP_REQUEST_TIMEOUT", "distributed.request_timeout_secs"),
-    ("DYN_TCP_CONNECT_TIMEOUT", "distributed.connect_timeout_secs"),
+    (
+        "DYN_TCP_REQUEST_TIMEOUT",
+        "distributed.request_timeout_secs",
+    ),
+    (
+        "DYN_TCP_CONNECT_TIMEOUT",
+        "distributed.connect_timeout_secs",
+    ),
     (
         "DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS",
         "distributed.graceful_shutdown_grace_period_secs",

@@ -234,7 +234,9 @@ pub fn load_weights(path: &Path, config: &Config) -> Result<Arc<LlamaModel>, Run
             )
             .map_err(|e| RunError::Model(e.to_string()))?;
             let how = match role {
-                WeightsRole::Writer => "read the GGUF and wrote the weights into the memory service",
+                WeightsRole::Writer => {
+                    "read the GGUF and wrote the weights into the memory service"
+                }
                 WeightsRole::Reader => "mapped the weights committed in the memory service",
             };
             tracing::info!(
@@ -377,7 +379,10 @@ pub async fn run_frontend(
 
 /// `dynamix worker`: serve this process's engines to frontends until `shutdown` resolves, then leave
 /// discovery and drain.
-pub async fn run_worker(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+pub async fn run_worker(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
     let max_message_size = max_message_size()?;
     let mut service = start_as(&config, false, Role::Worker).await?;
     let settings = distributed::worker::WorkerSettings {

@@ -210,7 +210,9 @@ impl Frontend {
             }
             actix_rt::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("cluster.{component} never became {prefix:?} within {within:?}; last /health: {last}");
+        panic!(
+            "cluster.{component} never became {prefix:?} within {within:?}; last /health: {last}"
+        );
     }
 }
 
@@ -355,10 +357,7 @@ async fn killed_worker_mid_stream_migrates_every_request_and_a_restarted_one_rej
         .find(|(id, _)| *id == newcomer)
         .map(|(_, n)| n)
         .unwrap_or(0);
-    assert!(
-        served > 0,
-        "the restarted worker gets traffic: {health}"
-    );
+    assert!(served > 0, "the restarted worker gets traffic: {health}");
 }
 
 #[actix_rt::test]
@@ -386,8 +385,8 @@ async fn kv_events_cross_processes_and_every_frontend_replica_learns_them() {
             let (status, _) = post_json(&fe.url("/v1/completions"), &body).await;
             assert_eq!(status, 200);
             let metrics = common::get_text(&fe.url("/metrics")).await;
-            let cached = metric_value(&metrics, "dynamo_frontend_cached_tokens_sum", &[])
-                .unwrap_or(0.0);
+            let cached =
+                metric_value(&metrics, "dynamo_frontend_cached_tokens_sum", &[]).unwrap_or(0.0);
             if cached > 0.0 {
                 break;
             }
@@ -495,10 +494,7 @@ async fn processes_refuse_to_start_without_etcd_or_nats_and_say_which() {
         .expect("a worker without NATS exits");
     assert!(!status.success());
     let log = w.log();
-    assert!(
-        log.contains(&infra.nats.url()),
-        "names the NATS URL: {log}"
-    );
+    assert!(log.contains(&infra.nats.url()), "names the NATS URL: {log}");
 }
 
 #[actix_rt::test]
@@ -527,7 +523,10 @@ async fn sigterm_leaves_discovery_first_and_finishes_running_streams() {
     };
     let ((content, finish, status), ()) = tokio::join!(stream, stop);
     assert_eq!(status, 200);
-    assert_eq!(content, text, "the running stream finishes on the draining worker");
+    assert_eq!(
+        content, text,
+        "the running stream finishes on the draining worker"
+    );
     assert_eq!(finish.as_deref(), Some("stop"));
     let exit = w.wait_exit(Duration::from_secs(15)).expect("worker exits");
     assert!(exit.success(), "clean exit: {}", w.log());
@@ -543,7 +542,10 @@ async fn the_request_plane_answers_bad_frames_with_errors_and_keeps_serving() {
     let fe = frontend(&infra, "frontend", &["--router-mode", "round-robin"], &[]);
     let _w = echo_worker(&infra, "worker");
     let health = fe.wait_workers(1, Duration::from_secs(60)).await;
-    let address = health["instances"][0]["device"].as_str().unwrap().to_string();
+    let address = health["instances"][0]["device"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     let stream = tokio::net::TcpStream::connect(&address).await.unwrap();
     let (r, w) = stream.into_split();
@@ -618,10 +620,14 @@ async fn readme_walkthrough_with_the_shipped_configs_on_the_default_ports() {
     std::fs::create_dir_all(&dir).unwrap();
     // Servers started here (only when nothing listens on the default ports) stop when dropped.
     let _etcd = (!listening(2379)).then(|| EtcdServer::start_on(2379, 2380).expect("etcd on 2379"));
-    let _nats = (!listening(4222)).then(|| NatsServer::start_on(4222).expect("nats-server on 4222"));
+    let _nats =
+        (!listening(4222)).then(|| NatsServer::start_on(4222).expect("nats-server on 4222"));
     let deadline = Instant::now() + Duration::from_secs(15);
     while !(listening(2379) && listening(4222)) {
-        assert!(Instant::now() < deadline, "etcd/NATS did not come up on 2379/4222");
+        assert!(
+            Instant::now() < deadline,
+            "etcd/NATS did not come up on 2379/4222"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     // Only the namespace is ours, so parallel runs on one etcd do not see each other's workers.
@@ -673,8 +679,14 @@ async fn readme_walkthrough_with_the_shipped_configs_on_the_default_ports() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["usage"]["completion_tokens"], 8, "{body}");
     let health = fe.health().await.unwrap();
-    assert_eq!(health["cluster"]["discovery"]["state"], "connected", "{health}");
-    assert_eq!(health["cluster"]["event_plane"]["state"], "connected", "{health}");
+    assert_eq!(
+        health["cluster"]["discovery"]["state"], "connected",
+        "{health}"
+    );
+    assert_eq!(
+        health["cluster"]["event_plane"]["state"], "connected",
+        "{health}"
+    );
     drop(fe);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -708,10 +720,14 @@ async fn a_client_that_hangs_up_stops_generation_on_the_worker() {
     assert_eq!(res.status().as_u16(), 200);
     let first = res.next().await.expect("a first chunk").unwrap();
     assert!(!first.is_empty());
-    let running = |health: &Value| health["instances"][0]["load_metrics"]["active_requests"].as_u64();
+    let running =
+        |health: &Value| health["instances"][0]["load_metrics"]["active_requests"].as_u64();
     let deadline = Instant::now() + Duration::from_secs(5);
     while running(&fe.health().await.unwrap()) != Some(1) {
-        assert!(Instant::now() < deadline, "the worker never reported the running request");
+        assert!(
+            Instant::now() < deadline,
+            "the worker never reported the running request"
+        );
         actix_rt::time::sleep(Duration::from_millis(50)).await;
     }
     drop(res);

@@ -31,7 +31,6 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::{DistributedConfig, Instance};
-use crate::error::ErrorClass;
 
 /// Pause between two attempts to reach etcd again after an outage.
 const RETRY_INTERVAL: Duration = Duration::from_millis(500);
@@ -69,16 +68,6 @@ pub enum DiscoveryError {
         /// The serializer's error.
         reason: String,
     },
-}
-
-impl DiscoveryError {
-    /// The shared error class: etcd trouble makes the deployment unavailable.
-    pub fn class(&self) -> ErrorClass {
-        match self {
-            DiscoveryError::Connect { .. } | DiscoveryError::Etcd { .. } => ErrorClass::Unavailable,
-            DiscoveryError::Record { .. } => ErrorClass::Internal,
-        }
-    }
 }
 
 /// How to reach etcd: the endpoints and the bound on every call.
@@ -122,8 +111,11 @@ impl EtcdAccess {
             .with_connect_timeout(self.timeout)
             .with_keep_alive(HTTP2_PING_INTERVAL, HTTP2_PING_TIMEOUT)
             .with_keep_alive_while_idle(false);
-        match tokio::time::timeout(self.timeout, Client::connect(&self.endpoints, Some(options)))
-            .await
+        match tokio::time::timeout(
+            self.timeout,
+            Client::connect(&self.endpoints, Some(options)),
+        )
+        .await
         {
             Ok(Ok(client)) => Ok(client),
             Ok(Err(e)) => Err(self.unreachable(e.to_string())),
@@ -334,7 +326,9 @@ struct Lease {
 
 /// Renew three times per TTL, so one lost round trip does not lose the lease.
 fn renewal_period(ttl_secs: i64) -> Duration {
-    let ttl_ms = u64::try_from(ttl_secs.max(1)).unwrap_or(1).saturating_mul(1000);
+    let ttl_ms = u64::try_from(ttl_secs.max(1))
+        .unwrap_or(1)
+        .saturating_mul(1000);
     Duration::from_millis((ttl_ms / 3).max(100))
 }
 
@@ -347,7 +341,11 @@ async fn register(
     record: &RecordFn,
 ) -> Result<Lease, DiscoveryError> {
     let granted = access
-        .call("lease grant", &format!("ttl {ttl} s"), client.lease_grant(ttl, None))
+        .call(
+            "lease grant",
+            &format!("ttl {ttl} s"),
+            client.lease_grant(ttl, None),
+        )
         .await?;
     let lease = Lease {
         id: granted.id(),
@@ -365,7 +363,11 @@ async fn register(
         .call(
             "put",
             &key,
-            client.put(key.clone(), value, Some(PutOptions::new().with_lease(lease.id))),
+            client.put(
+                key.clone(),
+                value,
+                Some(PutOptions::new().with_lease(lease.id)),
+            ),
         )
         .await;
     if let Err(e) = put {
@@ -452,7 +454,11 @@ impl KeepAlive {
         // Opening the stream sends the first keep-alive and reads its answer; "lease not found"
         // comes back as an error, so ask etcd whether the lease still exists to tell it apart.
         let opened = access
-            .call("lease keep-alive", &subject, client.lease_keep_alive(lease_id))
+            .call(
+                "lease keep-alive",
+                &subject,
+                client.lease_keep_alive(lease_id),
+            )
             .await;
         let (mut keeper, mut stream) = match opened {
             Ok(pair) => pair,
@@ -513,7 +519,14 @@ impl KeepAlive {
             Some(client) => client,
             None => self.access.connect().await?,
         };
-        let lease = register(&self.access, &mut client, &self.config, self.ttl, &self.record).await;
+        let lease = register(
+            &self.access,
+            &mut client,
+            &self.config,
+            self.ttl,
+            &self.record,
+        )
+        .await;
         self.set_client(client);
         let lease = lease?;
         tracing::warn!(
@@ -693,7 +706,9 @@ impl Watcher {
                 Ok(instance) => {
                     instances.insert(instance.instance_id, instance);
                 }
-                Err(e) => tracing::warn!(key = %String::from_utf8_lossy(kv.key()), "skipping discovery record: {e}"),
+                Err(e) => {
+                    tracing::warn!(key = %String::from_utf8_lossy(kv.key()), "skipping discovery record: {e}")
+                }
             }
         }
         Ok((instances, revision))
@@ -729,7 +744,11 @@ impl Watcher {
             .with_start_revision(revision.saturating_add(1));
         let opened = self
             .access
-            .call("watch", &self.prefix, client.watch(self.prefix.as_str(), Some(options)))
+            .call(
+                "watch",
+                &self.prefix,
+                client.watch(self.prefix.as_str(), Some(options)),
+            )
             .await;
         let mut stream = match opened {
             Ok(stream) => stream,
@@ -815,8 +834,8 @@ fn instance_id_of_key(prefix: &str, key: &[u8]) -> Result<u64, String> {
 /// A record under the prefix: its JSON must be an [`Instance`] whose id matches the key.
 fn parse_record(prefix: &str, key: &[u8], value: &[u8]) -> Result<Instance, String> {
     let id = instance_id_of_key(prefix, key)?;
-    let instance: Instance =
-        serde_json::from_slice(value).map_err(|e| format!("value is not an instance record: {e}"))?;
+    let instance: Instance = serde_json::from_slice(value)
+        .map_err(|e| format!("value is not an instance record: {e}"))?;
     if instance.instance_id != id {
         return Err(format!(
             "record says instance_id {:x} but the key says {id:x}",
@@ -910,7 +929,10 @@ mod tests {
         ));
         // Keep renewing for a while first: the lease must survive renewals past its TTL.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        assert!(events.try_recv().is_err(), "a renewed lease must not expire");
+        assert!(
+            events.try_recv().is_err(),
+            "a renewed lease must not expire"
+        );
         let died = Instant::now();
         drop(registration);
         assert_eq!(
@@ -964,9 +986,18 @@ mod tests {
         };
         let error = watch_instances(&config).await.err().expect("must fail");
         assert!(matches!(error, DiscoveryError::Connect { .. }));
-        assert!(error.to_string().contains(&format!("127.0.0.1:{port}")), "{error}");
-        let error = Registration::start(&config, record(1)).await.err().expect("must fail");
-        assert!(error.to_string().contains(&format!("127.0.0.1:{port}")), "{error}");
+        assert!(
+            error.to_string().contains(&format!("127.0.0.1:{port}")),
+            "{error}"
+        );
+        let error = Registration::start(&config, record(1))
+            .await
+            .err()
+            .expect("must fail");
+        assert!(
+            error.to_string().contains(&format!("127.0.0.1:{port}")),
+            "{error}"
+        );
     }
 
     #[tokio::test]

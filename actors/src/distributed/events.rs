@@ -20,7 +20,6 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::LoadMetrics;
-use crate::error::ErrorClass;
 use crate::kv::protocol::RouterEvent;
 
 /// Bound on handing one message to the client: its outgoing queue is full only when the connection
@@ -50,13 +49,6 @@ pub enum EventsError {
         /// The client's error.
         reason: String,
     },
-}
-
-impl EventsError {
-    /// The shared error class: without NATS the deployment is unavailable.
-    pub fn class(&self) -> ErrorClass {
-        ErrorClass::Unavailable
-    }
 }
 
 /// Connects to NATS as `name`, failing if the server does not answer within `timeout` (no retry
@@ -337,7 +329,9 @@ mod tests {
         let frontend = connect(&nats.url(), "frontend", WAIT).await.unwrap();
         assert_eq!(nats_state(&worker), "connected");
         let (sink, mut received) = mpsc::unbounded_channel();
-        let _subscription = subscribe_kv_events(&frontend, "kv".into(), sink).await.unwrap();
+        let _subscription = subscribe_kv_events(&frontend, "kv".into(), sink)
+            .await
+            .unwrap();
         frontend.flush().await.unwrap();
 
         let (local, events) = mpsc::unbounded_channel();
@@ -356,7 +350,10 @@ mod tests {
         assert_eq!((got.worker_id, got.event.dp_rank), (0xdef, 0));
 
         drop(local);
-        tokio::time::timeout(WAIT, publisher).await.unwrap().unwrap();
+        tokio::time::timeout(WAIT, publisher)
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[tokio::test]
@@ -364,7 +361,9 @@ mod tests {
         let nats = NatsServer::start().unwrap();
         let client = connect(&nats.url(), "test", WAIT).await.unwrap();
         let (sink, mut received) = mpsc::unbounded_channel();
-        let _kv = subscribe_kv_events(&client, "kv".into(), sink).await.unwrap();
+        let _kv = subscribe_kv_events(&client, "kv".into(), sink)
+            .await
+            .unwrap();
         let metrics = Arc::new(Mutex::new(Vec::new()));
         let seen = metrics.clone();
         let _load = subscribe_load_metrics(&client, "load".into(), move |m| {
@@ -375,7 +374,10 @@ mod tests {
         client.flush().await.unwrap();
 
         client.publish("kv", "not json".into()).await.unwrap();
-        client.publish("kv", "{\"worker_id\": 1}".into()).await.unwrap();
+        client
+            .publish("kv", "{\"worker_id\": 1}".into())
+            .await
+            .unwrap();
         client
             .publish("kv", serde_json::to_vec(&removed(7, 9)).unwrap().into())
             .await
@@ -411,15 +413,19 @@ mod tests {
         .await
         .unwrap();
         frontend.flush().await.unwrap();
-        let publisher = spawn_load_publisher(worker, "load".into(), Duration::from_millis(50), || {
-            LoadMetrics {
-                worker_id: 5,
-                capacity: 4,
-                ..LoadMetrics::default()
-            }
-        });
+        let publisher =
+            spawn_load_publisher(worker, "load".into(), Duration::from_millis(50), || {
+                LoadMetrics {
+                    worker_id: 5,
+                    capacity: 4,
+                    ..LoadMetrics::default()
+                }
+            });
         for _ in 0..3 {
-            let got = tokio::time::timeout(WAIT, received.recv()).await.unwrap().unwrap();
+            let got = tokio::time::timeout(WAIT, received.recv())
+                .await
+                .unwrap()
+                .unwrap();
             assert_eq!((got.worker_id, got.capacity), (5, 4));
         }
         publisher.abort();
@@ -428,7 +434,9 @@ mod tests {
     #[tokio::test]
     async fn unreachable_server_is_named() {
         let url = format!("nats://127.0.0.1:{}", free_port());
-        let error = connect(&url, "test", Duration::from_secs(2)).await.unwrap_err();
+        let error = connect(&url, "test", Duration::from_secs(2))
+            .await
+            .unwrap_err();
         assert!(matches!(error, EventsError::Connect { .. }));
         assert!(error.to_string().contains(&url), "{error}");
     }
@@ -439,7 +447,9 @@ mod tests {
         let worker = connect(&nats.url(), "worker", WAIT).await.unwrap();
         let frontend = connect(&nats.url(), "frontend", WAIT).await.unwrap();
         let (sink, mut received) = mpsc::unbounded_channel();
-        let _subscription = subscribe_kv_events(&frontend, "kv".into(), sink).await.unwrap();
+        let _subscription = subscribe_kv_events(&frontend, "kv".into(), sink)
+            .await
+            .unwrap();
         frontend.flush().await.unwrap();
         let (local, events) = mpsc::unbounded_channel();
         let (_ids, id) = watch::channel(1_u64);
@@ -461,7 +471,10 @@ mod tests {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let mut event_id = 3;
         let arrived = loop {
-            assert!(std::time::Instant::now() < deadline, "no delivery after the restart");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no delivery after the restart"
+            );
             local.send(removed(0, event_id)).unwrap();
             event_id += 1;
             if let Ok(Some(event)) =

@@ -40,7 +40,8 @@ pub struct FrontendSettings {
 pub struct FrontendHandle {
     _watch: discovery::WatchHandle,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    manager: Addr<InstanceManager>,
+    /// Held so the manager lives exactly as long as this handle.
+    _manager: Addr<InstanceManager>,
     /// The call-home server.
     pub streams: Arc<ResponseStreamServer>,
 }
@@ -50,13 +51,6 @@ impl Drop for FrontendHandle {
         for task in &self.tasks {
             task.abort();
         }
-    }
-}
-
-impl FrontendHandle {
-    /// Instances routable now.
-    pub async fn instances(&self) -> Vec<u64> {
-        self.manager.send(ListInstances).await.unwrap_or_default()
     }
 }
 
@@ -73,13 +67,13 @@ pub async fn start(
         config.response_stream_port,
         settings.max_message_size,
     )
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot listen for response streams on {}:{}: {e}",
-                config.host, config.response_stream_port
-            )
-        })?;
+    .await
+    .map_err(|e| {
+        format!(
+            "cannot listen for response streams on {}:{}: {e}",
+            config.host, config.response_stream_port
+        )
+    })?;
     let nats = events::connect(
         &config.nats_url,
         "dynamix-frontend",
@@ -147,7 +141,7 @@ pub async fn start(
     Ok(FrontendHandle {
         _watch: watch,
         tasks,
-        manager,
+        _manager: manager,
         streams,
     })
 }
@@ -201,26 +195,6 @@ struct Down(u64);
 #[derive(Message)]
 #[rtype(result = "()")]
 struct Answered(u64);
-
-/// Routable instance ids.
-#[derive(Message)]
-#[rtype(result = "Vec<u64>")]
-struct ListInstances;
-
-impl Handler<ListInstances> for InstanceManager {
-    type Result = Vec<u64>;
-
-    fn handle(&mut self, _msg: ListInstances, _ctx: &mut Self::Context) -> Vec<u64> {
-        let mut ids: Vec<u64> = self
-            .known
-            .iter()
-            .filter(|(_, k)| k.routable)
-            .map(|(id, _)| *id)
-            .collect();
-        ids.sort_unstable();
-        ids
-    }
-}
 
 impl InstanceManager {
     fn add(&mut self, instance: Instance) {

@@ -106,11 +106,19 @@ impl DistributedConfig {
             ));
         }
         for (key, value) in [
-            ("distributed.request_timeout_secs", self.request_timeout_secs),
-            ("distributed.connect_timeout_secs", self.connect_timeout_secs),
+            (
+                "distributed.request_timeout_secs",
+                self.request_timeout_secs,
+            ),
+            (
+                "distributed.connect_timeout_secs",
+                self.connect_timeout_secs,
+            ),
         ] {
             if !(value.is_finite() && value > 0.0) {
-                return Err(format!("{key} = {value} must be a positive number of seconds"));
+                return Err(format!(
+                    "{key} = {value} must be a positive number of seconds"
+                ));
             }
         }
         if !(self.graceful_shutdown_grace_period_secs.is_finite()
@@ -292,8 +300,14 @@ mod tests {
     #[test]
     fn names_match_upstream() {
         let c = DistributedConfig::default();
-        assert_eq!(c.instance_key(0x1f), "v1/instances/dynamo/backend/generate/1f");
-        assert_eq!(c.kv_events_subject(), "namespace.dynamo.component.backend.kv-events");
+        assert_eq!(
+            c.instance_key(0x1f),
+            "v1/instances/dynamo/backend/generate/1f"
+        );
+        assert_eq!(
+            c.kv_events_subject(),
+            "namespace.dynamo.component.backend.kv-events"
+        );
         let i = Instance {
             component: "backend".into(),
             endpoint: "generate".into(),
@@ -305,7 +319,10 @@ mod tests {
             capacity: None,
         };
         let v = serde_json::to_value(&i).unwrap();
-        assert_eq!(v["transport"], serde_json::json!({"tcp": "tcp://127.0.0.1:4000"}));
+        assert_eq!(
+            v["transport"],
+            serde_json::json!({"tcp": "tcp://127.0.0.1:4000"})
+        );
         assert_eq!(i.tcp_address().unwrap(), "127.0.0.1:4000");
     }
 

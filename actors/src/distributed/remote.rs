@@ -26,8 +26,7 @@ use crate::codec::messages::{
     ResponseStreamPrologue, ResponseType, StreamType, TcpStreamConnectionInfo,
 };
 use crate::codec::{
-    MessageKind, TcpRequestCodec, TcpRequestMessage, TcpResponseCodec, TwoPartCodec,
-    TwoPartMessage,
+    MessageKind, TcpRequestCodec, TcpRequestMessage, TcpResponseCodec, TwoPartCodec, TwoPartMessage,
 };
 use crate::engine::Generate;
 use crate::error::{ApiError, ErrorClass};
@@ -263,7 +262,10 @@ async fn send_request(shared: &Shared, frame: TcpRequestMessage) -> Result<(), A
         drop(connection);
         return Err(ApiError::new(
             class,
-            format!("worker {:x} refused the request: {text}", shared.instance_id),
+            format!(
+                "worker {:x} refused the request: {text}",
+                shared.instance_id
+            ),
         ));
     }
     return_to_pool(shared, connection);
@@ -480,7 +482,9 @@ mod tests {
                 max_message_size: 1 << 20,
                 endpoint_path: "ns.backend.generate".into(),
             },
-            streams: ResponseStreamServer::bind("127.0.0.1", 0, 1 << 20).await.unwrap(),
+            streams: ResponseStreamServer::bind("127.0.0.1", 0, 1 << 20)
+                .await
+                .unwrap(),
             pool: Mutex::new(Vec::new()),
             down,
             load: Default::default(),
@@ -498,9 +502,11 @@ mod tests {
 
     #[test]
     fn items_decode_to_outputs_and_typed_errors() {
-        let out = decode_item(Some(json!({"data": {"token_ids": [5, 6], "text": null, "finish_reason": null}})))
-            .unwrap()
-            .unwrap();
+        let out = decode_item(Some(
+            json!({"data": {"token_ids": [5, 6], "text": null, "finish_reason": null}}),
+        ))
+        .unwrap()
+        .unwrap();
         assert_eq!(out.token_ids, vec![5, 6]);
         let err = decode_item(Some(json!({
             "event": "error",

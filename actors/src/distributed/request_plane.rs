@@ -50,18 +50,12 @@ pub struct EndpointState {
     inflight: AtomicUsize,
     draining: AtomicBool,
     idle: Notify,
-    served: AtomicUsize,
 }
 
 impl EndpointState {
     /// Requests running now.
     pub fn inflight(&self) -> usize {
         self.inflight.load(Ordering::Relaxed)
-    }
-
-    /// Requests accepted since start.
-    pub fn served(&self) -> usize {
-        self.served.load(Ordering::Relaxed)
     }
 
     /// Refuse new requests ("Server unavailable: ...").
@@ -89,7 +83,6 @@ struct InflightGuard(Arc<EndpointState>);
 impl InflightGuard {
     fn new(state: &Arc<EndpointState>) -> Self {
         state.inflight.fetch_add(1, Ordering::Relaxed);
-        state.served.fetch_add(1, Ordering::Relaxed);
         InflightGuard(state.clone())
     }
 }
@@ -497,13 +490,22 @@ mod tests {
                     .unwrap(),
                 "Unexpected message from work queue",
             ),
-            (envelope("other", "tcp_server", &body), "does not match request id"),
+            (
+                envelope("other", "tcp_server", &body),
+                "does not match request id",
+            ),
             (envelope("req-1", "nats", &body), "response transport"),
-            (envelope("req-1", "tcp_server", b"{\"nope\":1}"), "request body"),
+            (
+                envelope("req-1", "tcp_server", b"{\"nope\":1}"),
+                "request body",
+            ),
         ];
         for (payload, expected) in cases {
             let error = accept(&payload).unwrap_err();
-            assert!(error.contains(expected), "{error} should mention {expected}");
+            assert!(
+                error.contains(expected),
+                "{error} should mention {expected}"
+            );
         }
     }
 

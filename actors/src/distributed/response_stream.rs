@@ -67,11 +67,6 @@ impl ResponseStreamServer {
             pending: self.pending.clone(),
         }
     }
-
-    /// Streams registered and not yet connected.
-    pub fn pending(&self) -> usize {
-        self.pending.lock().map(|p| p.len()).unwrap_or(0)
-    }
 }
 
 impl Drop for ResponseStreamServer {

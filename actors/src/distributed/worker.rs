@@ -31,19 +31,9 @@ pub struct WorkerHandle {
     endpoint: WorkerEndpoint,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     grace: Duration,
-    /// `tcp://host:port` of the request plane.
-    pub address: String,
 }
 
 impl WorkerHandle {
-    /// The instance id now (the lease id; a new one after the lease was lost and re-granted).
-    pub fn instance_id(&self) -> u64 {
-        self.registration
-            .as_ref()
-            .map(|r| r.instance_id())
-            .unwrap_or(0)
-    }
-
     /// Leave discovery, serve for the grace period, refuse new work, wait (at most `drain_timeout`)
     /// for running requests, stop publishing.
     pub async fn shutdown(mut self, drain_timeout: Duration) {
@@ -171,6 +161,5 @@ pub async fn start(
         endpoint,
         tasks,
         grace: Duration::from_secs_f64(config.graceful_shutdown_grace_period_secs),
-        address,
     })
 }

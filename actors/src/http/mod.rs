@@ -211,8 +211,7 @@ pub struct EngineInfo {
 }
 
 /// A late-bound reporter of the distributed layer's state for `/health`.
-pub type ClusterStatus =
-    Arc<std::sync::OnceLock<Box<dyn Fn() -> serde_json::Value + Send + Sync>>>;
+pub type ClusterStatus = Arc<std::sync::OnceLock<Box<dyn Fn() -> serde_json::Value + Send + Sync>>>;
 
 /// The engines `/health` reports: fixed for in-process engines, changing as workers join and leave
 /// in a frontend.

@@ -30,8 +30,8 @@ use crate::http::{
     self, AppState, ClusterStatus, EngineInfo, EngineRegistry, HttpActor, HttpConfig, Lifecycle,
     ModelCard,
 };
-use crate::kv::protocol::RouterEvent;
 use crate::kv::indexer::SharedKvIndex;
+use crate::kv::protocol::RouterEvent;
 use crate::metrics::{FrontendMetrics, ModelGauges};
 use crate::router::indexer::{KvIndexerActor, RemoveWorker};
 use crate::router::policy::KvContext;
