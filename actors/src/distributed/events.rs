@@ -322,6 +322,26 @@ mod tests {
             .expect("subscriber ended")
     }
 
+    /// Waits until the server has registered `client`'s subscription to `subject`: core NATS drops
+    /// what is published on another connection before that, and `flush` only writes the SUB out.
+    /// A probe published on the subscribing connection itself is ordered after its SUB.
+    async fn subscribed(
+        client: &Client,
+        subject: &str,
+        events: &mut mpsc::UnboundedReceiver<RouterEvent>,
+    ) {
+        let probe = removed(u64::MAX, 0);
+        client
+            .publish(
+                subject.to_string(),
+                serde_json::to_vec(&probe).unwrap().into(),
+            )
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+        assert_eq!(next(events).await, probe);
+    }
+
     #[tokio::test]
     async fn kv_events_round_trip_with_instance_id() {
         let nats = NatsServer::start().unwrap();
@@ -332,7 +352,7 @@ mod tests {
         let _subscription = subscribe_kv_events(&frontend, "kv".into(), sink)
             .await
             .unwrap();
-        frontend.flush().await.unwrap();
+        subscribed(&frontend, "kv", &mut received).await;
 
         let (local, events) = mpsc::unbounded_channel();
         let (ids, id) = watch::channel(0xabc_u64);
@@ -450,7 +470,7 @@ mod tests {
         let _subscription = subscribe_kv_events(&frontend, "kv".into(), sink)
             .await
             .unwrap();
-        frontend.flush().await.unwrap();
+        subscribed(&frontend, "kv", &mut received).await;
         let (local, events) = mpsc::unbounded_channel();
         let (_ids, id) = watch::channel(1_u64);
         let _publisher = spawn_kv_publisher(worker.clone(), "kv".into(), events, id);
