@@ -143,11 +143,11 @@ impl Decoder for TcpRequestCodec {
         let endpoint_path = std::str::from_utf8(&src[2..headers_at])
             .map_err(|_| TcpCodecError::InvalidPath)?
             .to_string();
-        let headers: BTreeMap<String, String> = if headers_len == 0 {
-            BTreeMap::new()
-        } else {
-            serde_json::from_slice(&src[headers_at + 2..payload_at])
-                .map_err(|e| TcpCodecError::InvalidHeaders(e.to_string()))?
+        let headers = match &src[headers_at + 2..payload_at] {
+            // No headers (the common case): no JSON parse.
+            b"" | EMPTY_HEADERS => BTreeMap::new(),
+            json => serde_json::from_slice(json)
+                .map_err(|e| TcpCodecError::InvalidHeaders(e.to_string()))?,
         };
         src.advance(payload_at + 4);
         let payload = src.split_to(payload_len).freeze();
@@ -159,16 +159,39 @@ impl Decoder for TcpRequestCodec {
     }
 }
 
+/// The headers JSON of a request without headers.
+const EMPTY_HEADERS: &[u8] = b"{}";
+
 impl Encoder<TcpRequestMessage> for TcpRequestCodec {
     type Error = TcpCodecError;
 
     fn encode(&mut self, item: TcpRequestMessage, dst: &mut BytesMut) -> Result<(), TcpCodecError> {
+        self.encode(&item, dst)
+    }
+}
+
+/// Encoding by reference: a sender that keeps the frame (to retry it on a fresh connection) need
+/// not clone it.
+impl Encoder<&TcpRequestMessage> for TcpRequestCodec {
+    type Error = TcpCodecError;
+
+    fn encode(
+        &mut self,
+        item: &TcpRequestMessage,
+        dst: &mut BytesMut,
+    ) -> Result<(), TcpCodecError> {
         let path = item.endpoint_path.as_bytes();
         if path.len() > u16::MAX as usize {
             return Err(TcpCodecError::PathTooLong(path.len()));
         }
-        let headers = serde_json::to_vec(&item.headers)
-            .map_err(|e| TcpCodecError::InvalidHeaders(e.to_string()))?;
+        let headers = if item.headers.is_empty() {
+            std::borrow::Cow::Borrowed(EMPTY_HEADERS)
+        } else {
+            std::borrow::Cow::Owned(
+                serde_json::to_vec(&item.headers)
+                    .map_err(|e| TcpCodecError::InvalidHeaders(e.to_string()))?,
+            )
+        };
         if headers.len() > u16::MAX as usize {
             return Err(TcpCodecError::HeadersTooLarge(headers.len()));
         }

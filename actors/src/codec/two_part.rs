@@ -13,13 +13,14 @@ use tokio_util::codec::{Decoder, Encoder};
 /// Length of the fixed prefix.
 pub const PREFIX_LEN: usize = 24;
 
-/// What a two-part frame carries.
+/// What a two-part frame carries: a header and a body, kept as one buffer (header‖body) and a split
+/// point, so a decoded frame is one shared handle on the receive buffer, not two.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TwoPartMessage {
-    /// Opaque header bytes (a JSON control message, handshake or prologue).
-    pub header: Bytes,
-    /// Opaque body bytes (the request or a response item).
-    pub data: Bytes,
+    /// Header bytes followed by body bytes.
+    bytes: Bytes,
+    /// Where the header ends.
+    header_len: usize,
 }
 
 /// Which parts a message has (upstream's classification).
@@ -36,27 +37,48 @@ pub enum MessageKind {
 }
 
 impl TwoPartMessage {
-    /// A message with both parts.
-    pub fn new(header: impl Into<Bytes>, data: impl Into<Bytes>) -> Self {
+    /// A message with both parts (copied into one buffer).
+    pub fn new(header: impl AsRef<[u8]>, data: impl AsRef<[u8]>) -> Self {
+        let (header, data) = (header.as_ref(), data.as_ref());
+        let mut bytes = BytesMut::with_capacity(header.len() + data.len());
+        bytes.extend_from_slice(header);
+        bytes.extend_from_slice(data);
         TwoPartMessage {
-            header: header.into(),
-            data: data.into(),
+            bytes: bytes.freeze(),
+            header_len: header.len(),
         }
     }
 
-    /// A header-only message.
+    /// A header-only message (no copy).
     pub fn header_only(header: impl Into<Bytes>) -> Self {
-        Self::new(header, Bytes::new())
+        let bytes = header.into();
+        TwoPartMessage {
+            header_len: bytes.len(),
+            bytes,
+        }
     }
 
-    /// A data-only message.
+    /// A data-only message (no copy).
     pub fn data_only(data: impl Into<Bytes>) -> Self {
-        Self::new(Bytes::new(), data)
+        TwoPartMessage {
+            bytes: data.into(),
+            header_len: 0,
+        }
+    }
+
+    /// The header bytes (a JSON control message, handshake or prologue).
+    pub fn header(&self) -> &[u8] {
+        &self.bytes[..self.header_len]
+    }
+
+    /// The body bytes (the request or a response item).
+    pub fn data(&self) -> &[u8] {
+        &self.bytes[self.header_len..]
     }
 
     /// Which parts it has.
     pub fn kind(&self) -> MessageKind {
-        match (self.header.is_empty(), self.data.is_empty()) {
+        match (self.header_len == 0, self.header_len == self.bytes.len()) {
             (true, true) => MessageKind::Empty,
             (false, true) => MessageKind::HeaderOnly,
             (true, false) => MessageKind::DataOnly,
@@ -169,13 +191,6 @@ impl TwoPartCodec {
     }
 }
 
-fn checksum(header: &[u8], data: &[u8]) -> u64 {
-    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-    hasher.update(header);
-    hasher.update(data);
-    hasher.digest()
-}
-
 impl Decoder for TwoPartCodec {
     type Item = TwoPartMessage;
     type Error = TwoPartCodecError;
@@ -195,18 +210,21 @@ impl Decoder for TwoPartCodec {
             src.reserve((total - src.len()).min(1 << 20));
             return Ok(None);
         }
-        src.advance(PREFIX_LEN);
-        // One split off the buffer, then the header off that: one shared handle less than two
-        // splits of the BytesMut.
-        let mut data = src.split_to(total - PREFIX_LEN).freeze();
-        let header = data.split_to(header_len as usize);
+        // One split off the buffer for the whole frame, the prefix skipped in the handle: a frame
+        // costs one shared handle (one reference count up, one down).
+        let mut bytes = src.split_to(total).freeze();
+        bytes.advance(PREFIX_LEN);
+        let message = TwoPartMessage {
+            bytes,
+            header_len: header_len as usize,
+        };
         if self.verify_checksum && expected != 0 {
-            let actual = checksum(&header, &data);
+            let actual = xxhash_rust::xxh3::xxh3_64(&message.bytes);
             if actual != expected {
                 return Err(TwoPartCodecError::ChecksumMismatch { expected, actual });
             }
         }
-        Ok(Some(TwoPartMessage { header, data }))
+        Ok(Some(message))
     }
 }
 
@@ -231,18 +249,19 @@ impl Encoder<&TwoPartMessage> for TwoPartCodec {
         item: &TwoPartMessage,
         dst: &mut BytesMut,
     ) -> Result<(), TwoPartCodecError> {
-        let total = self.check_size(item.header.len() as u64, item.data.len() as u64)?;
+        let header_len = item.header_len as u64;
+        let data_len = (item.bytes.len() - item.header_len) as u64;
+        let total = self.check_size(header_len, data_len)?;
         let sum = if self.write_checksum {
-            checksum(&item.header, &item.data)
+            xxhash_rust::xxh3::xxh3_64(&item.bytes)
         } else {
             0
         };
         dst.reserve(total);
-        dst.put_u64(item.header.len() as u64);
-        dst.put_u64(item.data.len() as u64);
+        dst.put_u64(header_len);
+        dst.put_u64(data_len);
         dst.put_u64(sum);
-        dst.extend_from_slice(&item.header);
-        dst.extend_from_slice(&item.data);
+        dst.extend_from_slice(&item.bytes);
         Ok(())
     }
 }
@@ -361,14 +380,26 @@ mod tests {
         let mut two = frame(b"a", b"", 0);
         two.extend_from_slice(&frame(b"b", b"", 0));
         assert!(codec.decode_message(two.freeze()).is_err());
-        assert_eq!(
-            TwoPartMessage::new(Bytes::new(), Bytes::new()).kind(),
-            MessageKind::Empty
-        );
+        assert_eq!(TwoPartMessage::new(b"", b"").kind(), MessageKind::Empty);
         assert_eq!(
             TwoPartMessage::data_only(&b"x"[..]).kind(),
             MessageKind::DataOnly
         );
+        let decoded = codec
+            .decode_message(frame(b"hd", b"body", 0).freeze())
+            .unwrap();
+        assert_eq!(
+            (decoded.header(), decoded.data()),
+            (&b"hd"[..], &b"body"[..])
+        );
+        assert_eq!(decoded.kind(), MessageKind::HeaderAndData);
+        assert_eq!(decoded, TwoPartMessage::new(b"hd", b"body"));
+        let header_only = codec.decode_message(frame(b"hd", b"", 0).freeze()).unwrap();
+        assert_eq!(
+            (header_only.header(), header_only.data()),
+            (&b"hd"[..], &b""[..])
+        );
+        assert_eq!(header_only.kind(), MessageKind::HeaderOnly);
     }
 
     proptest! {

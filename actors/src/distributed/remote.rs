@@ -234,7 +234,7 @@ async fn send_request(shared: &Shared, frame: TcpRequestMessage) -> Result<(), A
             Some(c) => c,
             None => connect(shared).await?,
         };
-        match tokio::time::timeout(timeout, exchange(&mut connection, frame.clone())).await {
+        match tokio::time::timeout(timeout, exchange(&mut connection, &frame)).await {
             Ok(Ok(ack)) => break (connection, ack),
             Ok(Err(_)) if !fresh => continue,
             Ok(Err(what)) => {
@@ -275,7 +275,7 @@ async fn send_request(shared: &Shared, frame: TcpRequestMessage) -> Result<(), A
 /// Write one frame, read its reply.
 async fn exchange(
     connection: &mut Connection,
-    frame: TcpRequestMessage,
+    frame: &TcpRequestMessage,
 ) -> Result<crate::codec::TcpResponseMessage, String> {
     connection
         .writer
@@ -351,7 +351,7 @@ async fn pump(
         Ok(Some(Err(e))) => return StreamEnd::Broken(format!("bad frame: {e}")),
         Ok(Some(Ok(frame))) => frame,
     };
-    match serde_json::from_slice::<ResponseStreamPrologue>(&prologue.header) {
+    match serde_json::from_slice::<ResponseStreamPrologue>(prologue.header()) {
         Ok(ResponseStreamPrologue { error: None, .. }) => {}
         Ok(ResponseStreamPrologue {
             error: Some(text),
@@ -377,7 +377,7 @@ async fn pump(
                 match frame.kind() {
                     MessageKind::DataOnly => {}
                     MessageKind::HeaderOnly => {
-                        return match serde_json::from_slice::<ControlMessage>(&frame.header) {
+                        return match serde_json::from_slice::<ControlMessage>(frame.header()) {
                             Ok(ControlMessage::Sentinel) => StreamEnd::Complete,
                             Ok(other) => StreamEnd::Broken(format!("unexpected control message {other:?} from the worker")),
                             Err(e) => StreamEnd::Broken(format!("bad control frame: {e}")),
@@ -385,7 +385,7 @@ async fn pump(
                     }
                     other => return StreamEnd::Broken(format!("unexpected {other:?} frame")),
                 }
-                let wrapper: NetworkStreamWrapper = match serde_json::from_slice(&frame.data) {
+                let wrapper: NetworkStreamWrapper = match serde_json::from_slice(frame.data()) {
                     Ok(w) => w,
                     Err(e) => return StreamEnd::Broken(format!("bad data frame: {e}")),
                 };

@@ -232,7 +232,7 @@ fn accept(payload: &Bytes) -> Result<(TcpStreamConnectionInfo, EngineRequest), S
     if message.kind() != MessageKind::HeaderAndData {
         return Err("Unexpected message from work queue; unable extract a TwoPartMessage with a header and data".into());
     }
-    let control: RequestControlMessage = serde_json::from_slice(&message.header)
+    let control: RequestControlMessage = serde_json::from_slice(message.header())
         .map_err(|e| format!("Decode error: control header: {e}"))?;
     if let Some(codec) = control.payload_codec.as_deref().filter(|c| *c != "json") {
         return Err(format!(
@@ -259,7 +259,7 @@ fn accept(payload: &Bytes) -> Result<(TcpStreamConnectionInfo, EngineRequest), S
             info.context, control.id
         ));
     }
-    let request: EngineRequest = serde_json::from_slice(&message.data)
+    let request: EngineRequest = serde_json::from_slice(message.data())
         .map_err(|e| format!("Decode error: request body: {e}"))?;
     Ok((info, request))
 }
@@ -389,7 +389,7 @@ async fn handle(
             }
             message = control.next() => match message {
                 Some(Ok(frame)) if frame.kind() == MessageKind::HeaderOnly => {
-                    match serde_json::from_slice::<ControlMessage>(&frame.header) {
+                    match serde_json::from_slice::<ControlMessage>(frame.header()) {
                         Ok(ControlMessage::Stop) | Ok(ControlMessage::Kill) => {
                             tracing::debug!(request = %id, "stopped by the requester");
                             return;
@@ -466,7 +466,7 @@ mod tests {
         TwoPartCodec::new(None)
             .encode_message(TwoPartMessage::new(
                 serde_json::to_vec(&control).unwrap(),
-                body.to_vec(),
+                body,
             ))
             .unwrap()
     }

@@ -136,7 +136,7 @@ async fn handshake(stream: TcpStream, pending: &Pending, max_frame: usize) -> Re
             first.kind()
         ));
     }
-    let handshake: CallHomeHandshake = serde_json::from_slice(&first.header)
+    let handshake: CallHomeHandshake = serde_json::from_slice(first.header())
         .map_err(|e| format!("handshake is not a CallHomeHandshake: {e}"))?;
     if handshake.stream_type != StreamType::Response {
         return Err(format!(
