@@ -11,6 +11,9 @@ use bytes::{Bytes, BytesMut};
 use dynamix_actors::codec::{TcpRequestCodec, TcpRequestMessage, TwoPartCodec, TwoPartMessage};
 use tokio_util::codec::{Decoder, Encoder};
 
+mod common;
+use common::env_usize;
+
 fn gbps(bytes: usize, seconds: f64) -> f64 {
     bytes as f64 / seconds / 1e9
 }
@@ -127,10 +130,7 @@ fn tcp_request_round_trip(size: usize, count: usize) -> f64 {
 }
 
 fn main() {
-    let total: usize = std::env::var("BENCH_BYTES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1 << 30);
+    let total = env_usize("BENCH_BYTES", 1 << 30);
     println!("codec: {} MiB moved per case", total >> 20);
     println!(
         "{:<34} {:>10} {:>10} {:>12}",

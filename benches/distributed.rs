@@ -17,14 +17,10 @@ use std::time::{Duration, Instant};
 use dynamix_actors::distributed::infra::{free_port, EtcdServer, NatsServer};
 use futures_util::StreamExt;
 
-const MODEL: &str = "SmolLM2-135M-Instruct";
+mod common;
+use common::env_usize;
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+const MODEL: &str = "SmolLM2-135M-Instruct";
 
 struct Killed(Vec<Child>);
 

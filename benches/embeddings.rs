@@ -16,14 +16,10 @@ use dynamix_actors::models::{ModelStore, PullProgress, MINILM};
 use dynamix_actors::supervisor::restart::SupervisionConfig;
 use serde_json::{json, Value};
 
-const MODEL: &str = "all-MiniLM-L6-v2";
+mod common;
+use common::env_usize;
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+const MODEL: &str = "all-MiniLM-L6-v2";
 
 /// `count` distinct short sentences (~10 tokens each).
 fn short_inputs(count: usize) -> Vec<String> {

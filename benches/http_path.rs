@@ -19,14 +19,10 @@ use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const MODEL: &str = "SmolLM2-135M-Instruct";
+mod common;
+use common::env_usize;
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+const MODEL: &str = "SmolLM2-135M-Instruct";
 
 fn main() {
     match std::env::var("BENCH_ROLE").as_deref() {

@@ -17,12 +17,8 @@ use dynamix_actors::models::{ModelStore, SMOLLM2, SMOLLM2_GGUF};
 use dynamix_actors::protocol::engine::{EngineRequest, SamplingOptions, StopConditions};
 use dynamix_actors::tokenizer::ModelTokenizer;
 
-fn env_usize(key: &str, default: usize) -> usize {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+mod common;
+use common::env_usize;
 
 /// A prompt of exactly `n` tokens.
 fn prompt(tok: &ModelTokenizer, n: usize) -> Vec<u32> {
