@@ -551,35 +551,26 @@ async fn the_request_plane_answers_bad_frames_with_errors_and_keeps_serving() {
     let (r, w) = stream.into_split();
     let mut acks = FramedRead::new(r, TcpResponseCodec::new(None));
     let mut frames = FramedWrite::new(w, TcpRequestCodec::new(None));
+    let mut reply_to = async |endpoint_path: &str, payload: &'static [u8]| {
+        frames
+            .send(TcpRequestMessage {
+                endpoint_path: endpoint_path.into(),
+                headers: Default::default(),
+                payload: bytes::Bytes::from_static(payload),
+            })
+            .await
+            .unwrap();
+        let reply = acks.next().await.unwrap().unwrap();
+        String::from_utf8_lossy(&reply.data).into_owned()
+    };
     // Unknown endpoint: an error reply, the connection stays open.
-    frames
-        .send(TcpRequestMessage {
-            endpoint_path: "dynamo.backend.nope".into(),
-            headers: Default::default(),
-            payload: bytes::Bytes::from_static(b"x"),
-        })
-        .await
-        .unwrap();
-    let reply = acks.next().await.unwrap().unwrap();
     assert_eq!(
-        String::from_utf8_lossy(&reply.data),
+        reply_to("dynamo.backend.nope", b"x").await,
         "Unknown endpoint: dynamo.backend.nope"
     );
     // Right endpoint, payload that is not a two-part frame: a decode error naming the problem.
-    frames
-        .send(TcpRequestMessage {
-            endpoint_path: "dynamo.backend.generate".into(),
-            headers: Default::default(),
-            payload: bytes::Bytes::from_static(b"not a frame"),
-        })
-        .await
-        .unwrap();
-    let reply = acks.next().await.unwrap().unwrap();
-    assert!(
-        String::from_utf8_lossy(&reply.data).starts_with("Decode error"),
-        "{:?}",
-        reply.data
-    );
+    let reply = reply_to("dynamo.backend.generate", b"not a frame").await;
+    assert!(reply.starts_with("Decode error"), "{reply:?}");
     // Garbage bytes that are not a request frame at all: an error reply, then the connection closes.
     let mut raw = tokio::net::TcpStream::connect(&address).await.unwrap();
     tokio::io::AsyncWriteExt::write_all(&mut raw, &[0, 3, 0xff, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0])

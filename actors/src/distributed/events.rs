@@ -322,14 +322,18 @@ mod tests {
             .expect("subscriber ended")
     }
 
-    /// Waits until the server has registered `client`'s subscription to `subject`: core NATS drops
-    /// what is published on another connection before that, and `flush` only writes the SUB out.
-    /// A probe published on the subscribing connection itself is ordered after its SUB.
-    async fn subscribed(
+    /// Subscribes `client` to the KV events on `subject` and waits until the server has registered
+    /// the subscription: core NATS drops what another connection publishes before that, and `flush`
+    /// only writes the SUB out. A probe published on the subscribing connection itself is ordered
+    /// after its SUB, so once it arrives the subscription is live.
+    async fn kv_subscriber(
         client: &Client,
         subject: &str,
-        events: &mut mpsc::UnboundedReceiver<RouterEvent>,
-    ) {
+    ) -> (JoinHandle<()>, mpsc::UnboundedReceiver<RouterEvent>) {
+        let (sink, mut events) = mpsc::unbounded_channel();
+        let subscription = subscribe_kv_events(client, subject.into(), sink)
+            .await
+            .unwrap();
         let probe = removed(u64::MAX, 0);
         client
             .publish(
@@ -339,7 +343,8 @@ mod tests {
             .await
             .unwrap();
         client.flush().await.unwrap();
-        assert_eq!(next(events).await, probe);
+        assert_eq!(next(&mut events).await, probe);
+        (subscription, events)
     }
 
     #[tokio::test]
@@ -348,11 +353,7 @@ mod tests {
         let worker = connect(&nats.url(), "worker", WAIT).await.unwrap();
         let frontend = connect(&nats.url(), "frontend", WAIT).await.unwrap();
         assert_eq!(nats_state(&worker), "connected");
-        let (sink, mut received) = mpsc::unbounded_channel();
-        let _subscription = subscribe_kv_events(&frontend, "kv".into(), sink)
-            .await
-            .unwrap();
-        subscribed(&frontend, "kv", &mut received).await;
+        let (_subscription, mut received) = kv_subscriber(&frontend, "kv").await;
 
         let (local, events) = mpsc::unbounded_channel();
         let (ids, id) = watch::channel(0xabc_u64);
@@ -466,11 +467,7 @@ mod tests {
         let mut nats = NatsServer::start().unwrap();
         let worker = connect(&nats.url(), "worker", WAIT).await.unwrap();
         let frontend = connect(&nats.url(), "frontend", WAIT).await.unwrap();
-        let (sink, mut received) = mpsc::unbounded_channel();
-        let _subscription = subscribe_kv_events(&frontend, "kv".into(), sink)
-            .await
-            .unwrap();
-        subscribed(&frontend, "kv", &mut received).await;
+        let (_subscription, mut received) = kv_subscriber(&frontend, "kv").await;
         let (local, events) = mpsc::unbounded_channel();
         let (_ids, id) = watch::channel(1_u64);
         let _publisher = spawn_kv_publisher(worker.clone(), "kv".into(), events, id);
