@@ -16,9 +16,10 @@
 //! if the lease expired meanwhile it registers again under a new lease, hence a new instance id,
 //! published through [`Registration::watch_id`].
 //!
-//! etcd-client's balanced channel does not fail a call while no endpoint is reachable, it waits; so
-//! every call here is bounded by `connect_timeout_secs`, and a TCP probe of the endpoints first turns
-//! "nothing listens there" into an immediate, clearly worded error.
+//! A call on a channel whose peer went silent can wait for a long time, so every call here is
+//! bounded by `connect_timeout_secs`, and a TCP probe of the endpoints first turns "nothing listens
+//! there" into an immediate, clearly worded error. The client is [`super::etcd`]: generated gRPC
+//! code for the few etcd RPCs used here, committed, so the build needs no `protoc`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -26,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
+use super::etcd::{self, Client, ConnectOptions, EventType};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -107,16 +108,12 @@ impl EtcdAccess {
             return Err(self.unreachable("no etcd endpoints configured"));
         }
         self.probe().await?;
-        let options = ConnectOptions::new()
-            .with_connect_timeout(self.timeout)
-            .with_keep_alive(HTTP2_PING_INTERVAL, HTTP2_PING_TIMEOUT)
-            .with_keep_alive_while_idle(false);
-        match tokio::time::timeout(
-            self.timeout,
-            Client::connect(&self.endpoints, Some(options)),
-        )
-        .await
-        {
+        let options = ConnectOptions {
+            connect_timeout: self.timeout,
+            keep_alive: Some((HTTP2_PING_INTERVAL, HTTP2_PING_TIMEOUT)),
+            keep_alive_while_idle: false,
+        };
+        match tokio::time::timeout(self.timeout, Client::connect(&self.endpoints, &options)).await {
             Ok(Ok(client)) => Ok(client),
             Ok(Err(e)) => Err(self.unreachable(e.to_string())),
             Err(_) => Err(self.unreachable(format!(
@@ -151,13 +148,13 @@ impl EtcdAccess {
         &self,
         op: &'static str,
         subject: &str,
-        call: impl Future<Output = Result<T, etcd_client::Error>>,
+        call: impl Future<Output = Result<T, etcd::Error>>,
     ) -> Result<T, DiscoveryError> {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(
-                e @ (etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_)),
-            )) => Err(self.unreachable(format!("{op} {subject}: {e}"))),
+            Ok(Err(e)) if e.is_unreachable() => {
+                Err(self.unreachable(format!("{op} {subject}: {e}")))
+            }
             Ok(Err(e)) => Err(DiscoveryError::Etcd {
                 op,
                 reason: format!("{subject}: {e}"),
@@ -344,12 +341,12 @@ async fn register(
         .call(
             "lease grant",
             &format!("ttl {ttl} s"),
-            client.lease_grant(ttl, None),
+            client.lease_grant(ttl),
         )
         .await?;
     let lease = Lease {
-        id: granted.id(),
-        ttl: granted.ttl(),
+        id: granted.id,
+        ttl: granted.ttl,
     };
     let instance_id = lease.id as u64;
     let key = config.instance_key(instance_id);
@@ -360,15 +357,7 @@ async fn register(
         reason: e.to_string(),
     })?;
     let put = access
-        .call(
-            "put",
-            &key,
-            client.put(
-                key.clone(),
-                value,
-                Some(PutOptions::new().with_lease(lease.id)),
-            ),
-        )
+        .call("put", &key, client.put(key.clone(), value, lease.id))
         .await;
     if let Err(e) = put {
         // Best effort: an orphan lease holds no key and expires on its own anyway.
@@ -460,18 +449,18 @@ impl KeepAlive {
                 client.lease_keep_alive(lease_id),
             )
             .await;
-        let (mut keeper, mut stream) = match opened {
+        let (keeper, mut stream) = match opened {
             Ok(pair) => pair,
             Err(e) => {
                 return match access
                     .call(
                         "lease time-to-live",
                         &subject,
-                        client.lease_time_to_live(lease_id, None),
+                        client.lease_time_to_live(lease_id),
                     )
                     .await
                 {
-                    Ok(answer) if answer.ttl() <= 0 => RenewalStop::LeaseGone,
+                    Ok(answer) if answer.ttl <= 0 => RenewalStop::LeaseGone,
                     Ok(_) => RenewalStop::Unreachable(e.to_string()),
                     Err(e) => RenewalStop::Unreachable(e.to_string()),
                 }
@@ -487,11 +476,11 @@ impl KeepAlive {
         }
         loop {
             tokio::time::sleep(self.period).await;
-            if let Err(e) = keeper.keep_alive().await {
+            if let Err(e) = keeper.keep_alive() {
                 return RenewalStop::Unreachable(format!("keep-alive of {subject}: {e}"));
             }
             match tokio::time::timeout(self.access.timeout, stream.message()).await {
-                Ok(Ok(Some(answer))) if answer.ttl() > 0 => {
+                Ok(Ok(Some(answer))) if answer.ttl > 0 => {
                     self.connected.store(true, Ordering::Relaxed);
                 }
                 Ok(Ok(Some(_))) => return RenewalStop::LeaseGone,
@@ -696,18 +685,18 @@ impl Watcher {
             .call(
                 "list",
                 &self.prefix,
-                client.get(self.prefix.as_str(), Some(GetOptions::new().with_prefix())),
+                client.get_prefix(self.prefix.as_str()),
             )
             .await?;
-        let revision = listing.header().map(|h| h.revision()).unwrap_or(0);
+        let revision = listing.header.as_ref().map_or(0, |h| h.revision);
         let mut instances = HashMap::new();
-        for kv in listing.kvs() {
-            match parse_record(&self.prefix, kv.key(), kv.value()) {
+        for kv in &listing.kvs {
+            match parse_record(&self.prefix, &kv.key, &kv.value) {
                 Ok(instance) => {
                     instances.insert(instance.instance_id, instance);
                 }
                 Err(e) => {
-                    tracing::warn!(key = %String::from_utf8_lossy(kv.key()), "skipping discovery record: {e}")
+                    tracing::warn!(key = %String::from_utf8_lossy(&kv.key), "skipping discovery record: {e}")
                 }
             }
         }
@@ -739,15 +728,12 @@ impl Watcher {
 
     /// Watches the prefix from `revision + 1` until the watch breaks or nobody listens.
     async fn follow(&mut self, client: &mut Client, revision: i64) -> WatchStop {
-        let options = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(revision.saturating_add(1));
         let opened = self
             .access
             .call(
                 "watch",
                 &self.prefix,
-                client.watch(self.prefix.as_str(), Some(options)),
+                client.watch_prefix(self.prefix.as_str(), revision.saturating_add(1)),
             )
             .await;
         let mut stream = match opened {
@@ -766,28 +752,34 @@ impl Watcher {
                 }
                 Err(e) => return WatchStop::Lost(format!("watch on {}: {e}", self.prefix)),
             };
-            if response.canceled() {
-                if response.compact_revision() > 0 {
+            if response.canceled {
+                if response.compact_revision > 0 {
                     tracing::info!(
                         prefix = %self.prefix,
-                        compact_revision = response.compact_revision(),
+                        compact_revision = response.compact_revision,
                         "etcd compacted past the watch revision; re-listing"
                     );
                     return WatchStop::Compacted;
                 }
                 return WatchStop::Lost(format!(
                     "etcd cancelled the watch on {}: {}",
-                    self.prefix,
-                    response.cancel_reason()
+                    self.prefix, response.cancel_reason
                 ));
             }
             // The first message is the `created` confirmation, with no events.
-            for event in response.events() {
-                let Some(kv) = event.kv() else { continue };
-                let key = String::from_utf8_lossy(kv.key());
-                let id = instance_id_of_key(&self.prefix, kv.key());
-                let update = match event.event_type() {
-                    EventType::Put => match parse_record(&self.prefix, kv.key(), kv.value()) {
+            for event in &response.events {
+                let Some(kv) = event.kv.as_ref() else {
+                    continue;
+                };
+                let key = String::from_utf8_lossy(&kv.key);
+                let id = instance_id_of_key(&self.prefix, &kv.key);
+                // An event type this client does not know (a newer etcd) is neither put nor delete.
+                let Ok(event_type) = EventType::try_from(event.r#type) else {
+                    tracing::warn!(key = %key, event_type = event.r#type, "ignoring unknown etcd event type");
+                    continue;
+                };
+                let update = match event_type {
+                    EventType::Put => match parse_record(&self.prefix, &kv.key, &kv.value) {
                         Ok(instance) => {
                             self.known.insert(instance.instance_id, instance.clone());
                             Some(DiscoveryEvent::Added(instance))
@@ -947,19 +939,21 @@ mod tests {
         let etcd = EtcdServer::start().unwrap();
         let config = config(&etcd, 5);
         let (mut events, _handle) = watch_instances(&config).await.unwrap();
-        let mut client = Client::connect([etcd.url()], None).await.unwrap();
-        client
-            .put(format!("{}abc", config.instance_prefix()), "not json", None)
+        let mut client = Client::connect(&[etcd.url()], &ConnectOptions::default())
             .await
             .unwrap();
         client
-            .put(format!("{}xyz", config.instance_prefix()), "{}", None)
+            .put(format!("{}abc", config.instance_prefix()), "not json", 0)
+            .await
+            .unwrap();
+        client
+            .put(format!("{}xyz", config.instance_prefix()), "{}", 0)
             .await
             .unwrap();
         // A well-formed record whose id disagrees with its key.
         let liar = serde_json::to_vec(&record(1)(0x99)).unwrap();
         client
-            .put(config.instance_key(0x98), liar, None)
+            .put(config.instance_key(0x98), liar, 0)
             .await
             .unwrap();
         let registration = Registration::start(&config, record(4003)).await.unwrap();
@@ -1013,7 +1007,9 @@ mod tests {
             DiscoveryEvent::Added(record(4005)(first))
         );
         // What etcd does to a lease that was not renewed in time.
-        let mut client = Client::connect([etcd.url()], None).await.unwrap();
+        let mut client = Client::connect(&[etcd.url()], &ConnectOptions::default())
+            .await
+            .unwrap();
         client.lease_revoke(first as i64).await.unwrap();
         assert_eq!(
             next_event(&mut events, Duration::from_secs(5)).await,

@@ -4,6 +4,7 @@
 //!
 //! Layout:
 //! - `mod.rs`: [`DistributedConfig`] (`[distributed]`), the discovery record [`Instance`], names.
+//! - [`etcd`]: the etcd v3 client (generated gRPC code for KV, Watch and Lease; no protoc needed).
 //! - [`discovery`]: etcd — a worker's lease-bound registration and keep-alive; the frontend's watch.
 //! - [`infra`]: start local etcd and NATS servers (tests, benches, the README's walk-through).
 //! - [`events`]: NATS — KV events and load metrics, worker → every frontend.
@@ -13,6 +14,7 @@
 //! - [`frontend`], [`worker`]: wiring of the two processes.
 
 pub mod discovery;
+pub mod etcd;
 pub mod events;
 pub mod frontend;
 pub mod infra;
