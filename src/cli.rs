@@ -10,7 +10,7 @@ use crate::config::Overrides;
 #[derive(Debug, Parser)]
 #[command(
     name = "dynamix",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("DYNAMIX_GIT_COMMIT"), ")"),
     about,
     args_conflicts_with_subcommands = true
 )]
