@@ -198,31 +198,66 @@ pub fn python() -> String {
     std::env::var("DYNAMIX_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
-/// Installs the `openai` SDK with pip when it is missing.
-pub fn ensure_openai_sdk() {
+/// Where the tests keep their own Python packages: `<model store>/python` (`DYNAMIX_HOME`, default
+/// `~/.cache/dynamix`), so the user's Python environment is never changed.
+pub fn python_packages_dir() -> std::path::PathBuf {
+    dynamix_actors::models::ModelStore::default_home().join("python")
+}
+
+/// Makes the `openai` SDK importable from [`python_packages_dir`], installing it there with
+/// `pip install --target` when it is not (test processes take turns on a lock file, so concurrent
+/// runs install once). Returns the directory to put on `PYTHONPATH`.
+pub fn ensure_openai_sdk() -> std::path::PathBuf {
     use std::process::Command;
-    let has = Command::new(python())
-        .args(["-c", "import openai"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !has {
-        let status = Command::new(python())
-            .args(["-m", "pip", "install", "--quiet", "openai"])
+    let dir = python_packages_dir();
+    std::fs::create_dir_all(&dir).expect("the model store is writable");
+    let importable = || {
+        Command::new(python())
+            .args(["-c", "import openai"])
+            .env("PYTHONPATH", &dir)
             .status()
-            .expect("python3 with pip is needed to install the openai SDK");
-        assert!(status.success(), "pip install openai failed");
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if importable() {
+        return dir;
     }
+    let lock = std::fs::File::create(dir.join(".install.lock")).expect("lock file");
+    lock.lock().expect("lock the python packages directory");
+    if !importable() {
+        let output = Command::new(python())
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--upgrade",
+                "--target",
+            ])
+            .arg(&dir)
+            .arg("openai>=1.40,<3")
+            .output()
+            .expect("python3 with pip is needed to install the openai SDK");
+        assert!(
+            output.status.success(),
+            "pip install openai into {} failed: {}",
+            dir.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    dir
 }
 
 /// Runs an `openai` SDK script from tests/conformance with `args` off the actix thread (the SDK
 /// blocks; the in-process server must keep serving) and asserts it succeeded and printed `marker`.
 pub async fn run_sdk_script(script: &str, args: Vec<String>, marker: &str) {
-    ensure_openai_sdk();
+    let packages = ensure_openai_sdk();
     let path = format!("{}/tests/conformance/{script}", env!("CARGO_MANIFEST_DIR"));
     let output = actix_rt::task::spawn_blocking(move || {
         std::process::Command::new(python())
             .arg(path)
+            .env("PYTHONPATH", packages)
             .args(args)
             .output()
     })
