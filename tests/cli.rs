@@ -378,11 +378,34 @@ fn models_list_and_port_conflict() {
 
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
-    let (code, _, stderr) =
-        run_to_end(bin().args(["--http-host", "127.0.0.1", "--http-port", &port.to_string()]));
+    // The embedded default config serves the weights' memory service in-process: its socket goes to
+    // a directory of this test's own, so concurrent runs never share /tmp's default socket.
+    let gms_dir = temp_dir();
+    let (code, _, stderr) = run_to_end(
+        bin()
+            .args(["--http-host", "127.0.0.1", "--http-port", &port.to_string()])
+            .env("GMS_SOCKET_DIR", &gms_dir),
+    );
+    let _ = std::fs::remove_dir_all(&gms_dir);
     assert_eq!(code, 1);
     assert!(
         stderr.contains(&format!("Failed to start HTTP server: port {port} already in use. Use --http-port to specify a different port.")),
         "{stderr}"
+    );
+}
+
+#[test]
+fn version_names_the_package_version_and_the_git_commit() {
+    let (code, stdout, stderr) = run_to_end(bin().arg("--version"));
+    assert_eq!(code, 0, "{stderr}");
+    let line = stdout.trim();
+    let expected_prefix = format!("dynamix {} (", env!("CARGO_PKG_VERSION"));
+    assert!(line.starts_with(&expected_prefix), "{line}");
+    let commit = line[expected_prefix.len()..].trim_end_matches(')');
+    // A checkout builds with its short commit; a build outside git says `unknown`.
+    assert!(
+        commit == "unknown"
+            || (commit.len() == 12 && commit.chars().all(|c| c.is_ascii_hexdigit())),
+        "{line}"
     );
 }

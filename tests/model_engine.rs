@@ -267,14 +267,37 @@ async fn the_official_openai_sdk_accepts_the_model_responses() {
     server.stop().await;
 }
 
+/// A child process that is killed and reaped when dropped, so a failing test leaves nothing running.
+struct Reaped(std::process::Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A `dynamix` process serving the model with its weights through the memory service at `socket`;
 /// returns it, its base URL and how it loaded the weights (the log line).
-fn serve_through_gms(socket: &std::path::Path) -> (std::process::Child, String, String) {
+fn serve_through_gms(socket: &std::path::Path) -> (Reaped, String, String) {
     serve_with_gms(socket, "")
 }
 
 /// Like [`serve_through_gms`], with `extra` lines in `[model_engine]`.
-fn serve_with_gms(socket: &std::path::Path, extra: &str) -> (std::process::Child, String, String) {
+fn serve_with_gms(socket: &std::path::Path, extra: &str) -> (Reaped, String, String) {
     use std::io::BufRead;
     let dir = std::env::temp_dir().join(format!("dynamix-gms-serve-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).expect("dir");
@@ -287,14 +310,16 @@ fn serve_with_gms(socket: &std::path::Path, extra: &str) -> (std::process::Child
         ),
     )
     .expect("config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dynamix"))
-        .arg("--config")
-        .arg(&config)
-        .env("DYN_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn dynamix");
+    let mut child = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_dynamix"))
+            .arg("--config")
+            .arg(&config)
+            .env("DYN_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn dynamix"),
+    );
     let stderr = child.stderr.take().expect("stderr");
     // Keep draining the log for the life of the process (a closed pipe would fail its writes).
     let (tx, rx) = std::sync::mpsc::channel();
@@ -329,13 +354,15 @@ async fn a_crashed_worker_restarts_from_the_memory_service_instead_of_the_gguf()
     let dir = std::env::temp_dir().join(format!("dynamix-gms-model-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).expect("dir");
     let socket = dir.join("weights.sock");
-    let mut gms = Command::new(env!("CARGO_BIN_EXE_dynamix"))
-        .args(["gms", "--tag", "weights", "--socket"])
-        .arg(&socket)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn gms");
+    let mut gms = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_dynamix"))
+            .args(["gms", "--tag", "weights", "--socket"])
+            .arg(&socket)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn gms"),
+    );
     for _ in 0..500 {
         if socket.exists() {
             break;

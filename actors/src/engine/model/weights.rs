@@ -370,6 +370,27 @@ fn storage_bytes(dtype: GgmlDType, elems: usize) -> u64 {
     (elems / dtype.block_size() * dtype.type_size()) as u64
 }
 
+/// The variable candle 0.11 reads (once, at the first quantized matmul) to keep its AVX2 kernels on
+/// CPUs that have AVX512-VNNI.
+pub const FORCE_AVX2_ENV: &str = "MISTRALRS_FORCE_AVX2";
+
+/// Keeps every host on one Q8_0 matmul path: candle's own Q8_0 x Q8_0 dot products, which quantize
+/// the activations in blocks of 32 like the weights.
+///
+/// On CPUs with AVX512-VNNI candle otherwise repacks Q8_0 weights and quantizes the activations in
+/// blocks of 256 (one scale per 256 values), which is coarse enough to change SmolLM2's greedy text:
+/// "What is the capital of France?" answers "L'Étoile, la Cité, ..." and rambles to the length
+/// limit instead of naming Paris and stopping. Set `MISTRALRS_FORCE_AVX2=0` to get the repacked
+/// path anyway (faster on such CPUs, less exact); any value set before start is left alone.
+fn pin_q8_0_activation_blocks() {
+    static PINNED: std::sync::Once = std::sync::Once::new();
+    PINNED.call_once(|| {
+        if std::env::var_os(FORCE_AVX2_ENV).is_none() {
+            std::env::set_var(FORCE_AVX2_ENV, "1");
+        }
+    });
+}
+
 impl LlamaModel {
     /// Load a llama-architecture GGUF file. Blocking: reads ~100 MB and re-quantizes (about a second
     /// for SmolLM2-135M).
@@ -443,6 +464,7 @@ impl LlamaModel {
         shape: ModelShape,
         mut tensors: TensorSet,
     ) -> Result<LlamaModel, LoadError> {
+        pin_q8_0_activation_blocks();
         let started = Instant::now();
         let err = |name: &str, reason: String| LoadError::Tensor {
             path: path.to_path_buf(),
