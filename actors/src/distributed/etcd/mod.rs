@@ -391,7 +391,7 @@ mod tests {
             connect_timeout: Duration::from_secs(2),
             ..ConnectOptions::default()
         };
-        let error = Client::connect(&[endpoint.clone()], &options)
+        let error = Client::connect(std::slice::from_ref(&endpoint), &options)
             .await
             .unwrap_err();
         assert!(error.is_unreachable(), "{error:?}");
