@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use dynamix_actors::embeddings::{EmbeddingService, EmbeddingsConfig, ValidEmbeddingRequest};
 use dynamix_actors::faults::FaultInjector;
 use dynamix_actors::models::{ModelStore, PullProgress, MINILM};
-use dynamix_actors::supervisor::restart::SupervisionConfig;
+use dynamix_actors::supervision::SupervisionConfig;
 use serde_json::{json, Value};
 
 mod common;

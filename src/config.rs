@@ -21,7 +21,7 @@ use dynamix_actors::faults::FaultsConfig;
 use dynamix_actors::gateway::migration::MigrationConfig;
 use dynamix_actors::http::HttpConfig;
 use dynamix_actors::router::{RouterConfig, RouterMode};
-use dynamix_actors::supervisor::restart::SupervisionConfig;
+use dynamix_actors::supervision::SupervisionConfig;
 use dynamix_actors::supervisor::{MetricsConfig, ServiceConfig};
 use dynamix_actors::validator::ValidatorConfig;
 use serde::{Deserialize, Serialize};

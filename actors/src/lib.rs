@@ -1,6 +1,8 @@
 //! dynamix-actors: the actors of the dynamix serving runtime and the domain logic beside each.
 //!
 //! # Layout
+//! - [`supervision`]: the supervision primitives every supervised actor uses ([`supervision::ActorKind`],
+//!   restart budgets, [`supervision::RestartTracker`]); imports no actor.
 //! - [`supervisor`]: the root [`supervisor::Supervisor`]; starts and owns the tree, drains it on shutdown.
 //! - [`http`]: [`http::HttpActor`] and the actix-web server: OpenAI routes, SSE, health, metrics, docs.
 //! - [`validator`]: [`validator::ValidatorActor`]: parsing, the §4 validation rules, templating, tokenization.
@@ -32,6 +34,7 @@ pub mod metrics;
 pub mod models;
 pub mod protocol;
 pub mod router;
+pub mod supervision;
 pub mod supervisor;
 pub mod tokenizer;
 pub mod validator;

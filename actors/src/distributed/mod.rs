@@ -291,6 +291,7 @@ impl From<WireError> for crate::error::ApiError {
             class: e.class,
             message: e.message,
             details: e.details,
+            restarted: None,
         }
     }
 }

@@ -19,8 +19,8 @@ use super::batch::{Batch, BatchLimits, BatchQueue};
 use super::error::EmbedError;
 use super::model::Embedder;
 use crate::faults::FaultInjector;
-use crate::supervisor::restart::{
-    panic_message, RestartBudget, SupervisionConfig, SupervisorEvent, SupervisorEvents,
+use crate::supervision::{
+    catch_panic, ActorKind, RestartTracker, SupervisionConfig, SupervisorEvents, Verdict,
 };
 
 /// Embed already validated and tokenized inputs; replies with one unit vector per input, in order.
@@ -44,13 +44,10 @@ pub struct EmbeddingActor {
     limits: BatchLimits,
     /// A [`RunBatch`] is pending: later arrivals join the queue instead of scheduling another.
     scheduled: bool,
-    budget: RestartBudget,
-    events: Option<SupervisorEvents>,
+    /// Restart budget, the failure being restarted from, and why it was given up on (then every
+    /// later request is refused with that reason).
+    supervision: RestartTracker,
     faults: Arc<FaultInjector>,
-    /// Why the actor is stopping, reported once it restarts.
-    stopping_because: Option<String>,
-    /// The restart budget is spent: why, for every later request.
-    given_up: Option<String>,
 }
 
 impl EmbeddingActor {
@@ -61,11 +58,9 @@ impl EmbeddingActor {
             queue: BatchQueue::default(),
             limits,
             scheduled: false,
-            budget: RestartBudget::new(&SupervisionConfig::default()),
-            events: None,
+            supervision: RestartTracker::new(ActorKind::Embeddings, "0")
+                .with_budget(&SupervisionConfig::default()),
             faults: FaultInjector::disabled(),
-            stopping_because: None,
-            given_up: None,
         }
     }
 
@@ -76,8 +71,9 @@ impl EmbeddingActor {
         events: SupervisorEvents,
         faults: Arc<FaultInjector>,
     ) -> Self {
-        self.budget = RestartBudget::new(config);
-        self.events = Some(events);
+        self.supervision = RestartTracker::new(ActorKind::Embeddings, "0")
+            .with_budget(config)
+            .reporting_to(events);
         self.faults = faults;
         self
     }
@@ -93,20 +89,26 @@ impl EmbeddingActor {
     /// error and restart; past it, fail everything waiting and refuse all work from now on.
     fn fault(&mut self, batch: Batch, reason: String, ctx: &mut Context<Self>) {
         tracing::error!(%reason, "embedding engine panicked");
-        if self.budget.allow(Instant::now()) {
-            self.queue.fail(batch, EmbedError::Restarted);
-            self.stopping_because = Some(reason);
-            ctx.stop();
-            return;
-        }
+        let failures = match self.supervision.on_failure(reason.clone()) {
+            Verdict::Restart => {
+                self.queue.fail(batch, EmbedError::Restarted);
+                ctx.stop();
+                return;
+            }
+            // Already stopping for an earlier failure: this pass is retried like the others.
+            Verdict::AlreadyHandled => {
+                self.queue.fail(batch, EmbedError::Restarted);
+                return;
+            }
+            Verdict::GiveUp { failures } => failures,
+        };
         let reason = format!(
-            "The embedding engine failed {} times within its restart window and was taken out of service; last failure: {reason}",
-            self.budget.recent()
+            "The embedding engine failed {failures} times within its restart window and was taken out of service; last failure: {reason}"
         );
         tracing::error!("{reason}");
         self.queue
             .fail_all(EmbedError::OutOfService(reason.clone()));
-        self.given_up = Some(reason);
+        self.supervision.give_up(reason);
     }
 }
 
@@ -126,19 +128,13 @@ impl Supervised for EmbeddingActor {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
         // The scheduled pass was dropped with the old context.
         self.scheduled = false;
-        let Some(reason) = self.stopping_because.take() else {
+        let Some(reason) = self.supervision.on_restart() else {
             return;
         };
         // The model's weights are immutable and a failed pass leaves nothing behind in it, so the
         // restart keeps them (reloading 90 MB would only delay the requests still waiting).
         tracing::warn!(%reason, waiting = self.queue.len(), "embedding engine restarted");
-        if let Some(events) = &self.events {
-            let _ = events.send(SupervisorEvent::Restarted {
-                actor: "embeddings",
-                instance: "0".into(),
-                reason,
-            });
-        }
+        self.supervision.report_restarted(reason);
     }
 }
 
@@ -146,8 +142,8 @@ impl Handler<Embed> for EmbeddingActor {
     type Result = ResponseFuture<Result<Vec<Vec<f32>>, EmbedError>>;
 
     fn handle(&mut self, msg: Embed, ctx: &mut Self::Context) -> Self::Result {
-        if let Some(reason) = &self.given_up {
-            let error = EmbedError::OutOfService(reason.clone());
+        if let Some(reason) = self.supervision.given_up() {
+            let error = EmbedError::OutOfService(reason.to_string());
             return Box::pin(async move { Err(error) });
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
@@ -174,7 +170,7 @@ impl Handler<RunBatch> for EmbeddingActor {
             }
             model.embed(rows)
         };
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(pass)) {
+        match catch_panic(pass) {
             Ok(Ok(vectors)) => {
                 tracing::trace!(
                     rows = rows.len(),
@@ -184,7 +180,7 @@ impl Handler<RunBatch> for EmbeddingActor {
                 self.queue.complete(batch, vectors);
             }
             Ok(Err(error)) => self.queue.fail(batch, error),
-            Err(payload) => return self.fault(batch, panic_message(&*payload), ctx),
+            Err(reason) => return self.fault(batch, reason, ctx),
         }
         self.schedule(ctx);
     }
@@ -196,6 +192,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::supervision::SupervisorEvent;
 
     /// A model whose vector is `[first id, row length]`; token 666 panics, token 13 fails; records
     /// the size of every pass.
@@ -315,7 +312,7 @@ mod tests {
         assert_eq!(embed(&addr, &[&[666]]).await, Err(EmbedError::Restarted));
         match tokio::time::timeout(Duration::from_secs(5), events.recv()).await {
             Ok(Some(SupervisorEvent::Restarted { actor, reason, .. })) => {
-                assert_eq!(actor, "embeddings");
+                assert_eq!(actor, crate::supervision::ActorKind::Embeddings);
                 assert!(reason.contains("injected"), "{reason}");
             }
             other => panic!("expected a restart event, got {other:?}"),

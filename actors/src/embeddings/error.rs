@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use crate::error::{ApiError, ErrorClass};
 use crate::models::PullError;
-use crate::supervisor::restart::restarted_error;
+use crate::supervision::ActorKind;
 
 /// Why the embedding model could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +78,7 @@ impl From<EmbedError> for ApiError {
         match error {
             EmbedError::InvalidInput(detail) => ApiError::validation(detail),
             EmbedError::Model(cause) => ApiError::internal(cause),
-            EmbedError::Restarted => restarted_error("embeddings", "embedding"),
+            EmbedError::Restarted => ApiError::restarted(ActorKind::Embeddings, "embedding"),
             EmbedError::OutOfService(reason) => ApiError::new(ErrorClass::Unavailable, reason),
             EmbedError::Stopped => ApiError::new(
                 ErrorClass::Unavailable,

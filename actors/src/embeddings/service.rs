@@ -17,7 +17,7 @@ use crate::error::ApiError;
 use crate::faults::FaultInjector;
 use crate::models::{ModelStore, PullProgress, PullReporter, MINILM, MINILM_DIR};
 use crate::protocol::embeddings::{EmbeddingRequest, EmbeddingResponse};
-use crate::supervisor::restart::{SupervisionConfig, SupervisorEvents};
+use crate::supervision::{SupervisionConfig, SupervisorEvents};
 use crate::validator::parse_lenient;
 
 /// What the HTTP side holds to serve `/v1/embeddings`: cheap to clone.

@@ -16,8 +16,9 @@ use crate::error::ApiError;
 use crate::faults::FaultInjector;
 use crate::kv::protocol::{KvCacheEvent, KvCacheEventData, RouterEvent};
 use crate::protocol::engine::{EngineEvent, EngineRequest};
-use crate::supervisor::restart::{
-    panic_message, RestartBudget, SupervisionConfig, SupervisorEvent, SupervisorEvents,
+use crate::supervision::{
+    catch_panic, panic_message, ActorKind, RestartTracker, SupervisionConfig, SupervisorEvent,
+    SupervisorEvents, Verdict,
 };
 
 /// Start generating `request`, writing its output into `output`. Fire-and-forget: the sender has
@@ -68,12 +69,9 @@ pub struct EngineActor {
     /// tracking); unset when nobody tracks load.
     progress: ProgressSink,
     faults: Arc<FaultInjector>,
-    budget: RestartBudget,
-    events: Option<SupervisorEvents>,
-    /// Why the actor is stopping, reported once it restarts.
-    stopping_because: Option<String>,
-    /// The restart budget is spent: the engine is out of service and refuses work.
-    given_up: bool,
+    /// Restart budget, the failure being restarted from, whether the engine was given up on (then
+    /// it is out of service and refuses work), and the reports to the root.
+    supervision: RestartTracker,
 }
 
 impl EngineActor {
@@ -94,10 +92,8 @@ impl EngineActor {
             load,
             progress: ProgressSink::default(),
             faults: FaultInjector::disabled(),
-            budget: RestartBudget::new(&SupervisionConfig::default()),
-            events: None,
-            stopping_because: None,
-            given_up: false,
+            supervision: RestartTracker::new(ActorKind::Engine, id.to_string())
+                .with_budget(&SupervisionConfig::default()),
         }
     }
 
@@ -114,35 +110,32 @@ impl EngineActor {
         events: SupervisorEvents,
         faults: Arc<FaultInjector>,
     ) -> Self {
-        self.budget = RestartBudget::new(config);
-        self.events = Some(events);
+        self.supervision = RestartTracker::new(ActorKind::Engine, self.id.to_string())
+            .with_budget(config)
+            .reporting_to(events);
         self.faults = faults;
         self
     }
 
     /// A panic was caught: restart within budget, otherwise give up.
     fn fault(&mut self, reason: String, ctx: &mut Context<Self>) {
-        if self.given_up || self.stopping_because.is_some() {
+        let verdict = self.supervision.on_failure(reason.clone());
+        if verdict == Verdict::AlreadyHandled {
             return;
         }
         tracing::error!(engine = self.id, device = %self.device, %reason, "engine panicked");
-        if self.budget.allow(std::time::Instant::now()) {
-            self.stopping_because = Some(reason);
-        } else {
-            self.given_up = true;
+        if let Verdict::GiveUp { failures } = verdict {
             let reason = format!(
-                "engine {} ({}) failed {} times within its restart window and was taken out of service; last failure: {reason}",
+                "engine {} ({}) failed {failures} times within its restart window and was taken out of service; last failure: {reason}",
                 self.id,
                 self.device,
-                self.budget.recent()
             );
+            self.supervision.give_up(reason.clone());
             self.load.set_failure(reason.clone());
-            if let Some(events) = &self.events {
-                let _ = events.send(SupervisorEvent::EngineFailed {
-                    engine_id: self.id,
-                    reason,
-                });
-            }
+            self.supervision.report(SupervisorEvent::EngineFailed {
+                engine_id: self.id,
+                reason,
+            });
         }
         // Stopping drops every request future spawned on this context: their streams end, and the
         // serving path migrates them.
@@ -161,12 +154,10 @@ impl Actor for EngineActor {
 
 impl Supervised for EngineActor {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
-        let Some(reason) = self.stopping_because.take() else {
+        // `None` for a stop that followed no failure.
+        let Some(reason) = self.supervision.on_restart() else {
             return;
         };
-        if self.given_up {
-            return;
-        }
         // Rebuilt from scratch: a fresh KV cache. The router's index forgets what the old one held.
         self.engine = build_engine(self.spec.clone());
         if let Some(kv_events) = &self.spec.kv_events {
@@ -183,13 +174,7 @@ impl Supervised for EngineActor {
             .restarts
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::warn!(engine = self.id, device = %self.device, %reason, "engine restarted");
-        if let Some(events) = &self.events {
-            let _ = events.send(SupervisorEvent::Restarted {
-                actor: "engine",
-                instance: self.id.to_string(),
-                reason,
-            });
-        }
+        self.supervision.report_restarted(reason);
     }
 }
 
@@ -202,7 +187,7 @@ impl Handler<Generate> for EngineActor {
             output,
             admission,
         } = msg;
-        if self.given_up {
+        if self.supervision.given_up().is_some() {
             // Out of service: dropping the output channel ends the request's stream (migratable).
             return;
         }
@@ -220,13 +205,11 @@ impl Handler<Generate> for EngineActor {
         // A panic inside an engine — building the request's future or running it — is a fault to
         // supervise: the actor stops and restarts (see `fault`).
         let engine = &mut self.engine;
-        let run = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            engine.generate(request, sink)
-        })) {
+        let run = match catch_panic(|| engine.generate(request, sink)) {
             Ok(run) => run,
-            Err(payload) => {
+            Err(reason) => {
                 drop(admission);
-                self.fault(panic_message(&*payload), ctx);
+                self.fault(reason, ctx);
                 return;
             }
         };

@@ -8,6 +8,8 @@
 
 use serde_json::{json, Value};
 
+use crate::supervision::ActorKind;
+
 /// Default status for "all engines busy / admission queue full" (Dynamo's non-standard 529).
 pub const DEFAULT_OVERLOAD_STATUS: u16 = 529;
 
@@ -105,6 +107,9 @@ pub struct ApiError {
     pub message: String,
     /// Optional structured details (for example the admission queue that rejected a request).
     pub details: Option<Value>,
+    /// Set when the actor handling the request failed and is being restarted: the typed signal the
+    /// serving path retries on (never parsed from text). Stays inside the process.
+    pub restarted: Option<ActorKind>,
 }
 
 impl ApiError {
@@ -114,6 +119,7 @@ impl ApiError {
             class,
             message: message.into(),
             details: None,
+            restarted: None,
         }
     }
 
@@ -151,6 +157,7 @@ impl ApiError {
             class: ErrorClass::Overloaded,
             message: "Service temporarily overloaded".into(),
             details: Some(details),
+            restarted: None,
         }
     }
 
@@ -158,6 +165,18 @@ impl ApiError {
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(%cause, "internal error");
         Self::new(ErrorClass::Internal, "Internal server error")
+    }
+
+    /// The error a request gets when `actor` failed while handling it and is being restarted:
+    /// retryable (the request never reached an engine). The body names the actor in `details`.
+    pub fn restarted(actor: ActorKind, while_doing: &str) -> Self {
+        let mut error = Self::new(
+            ErrorClass::Unavailable,
+            format!("{actor} restarted after a fault while {while_doing} this request"),
+        )
+        .with_details(json!({"actor": actor.as_str(), "restarted": true}));
+        error.restarted = Some(actor);
+        error
     }
 
     /// Attach structured details.

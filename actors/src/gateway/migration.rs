@@ -15,11 +15,11 @@ use tokio::sync::mpsc;
 
 use crate::engine::{RequestProgress, RequestStage};
 use crate::error::{ApiError, ErrorClass};
+use crate::gateway::inflight::{InflightHandle, InflightRegistry};
 use crate::metrics::{FrontendMetrics, MigrationOutcome, MigrationType};
 use crate::protocol::engine::{EngineEvent, EngineRequest};
 use crate::router::{KvRouterActor, Route, Routed};
-use crate::supervisor::inflight::{InflightHandle, InflightRegistry};
-use crate::supervisor::restart::restarted_actor;
+use crate::supervision::ActorKind;
 
 /// `[migration]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -122,7 +122,7 @@ pub(crate) async fn route(
             Ok(routed) => return Ok(routed),
             Err(error) => error,
         };
-        if restarted_actor(&error) == Some("router") && router_restarts < ROUTER_RESTART_RETRIES {
+        if error.restarted == Some(ActorKind::Router) && router_restarts < ROUTER_RESTART_RETRIES {
             router_restarts += 1;
             continue;
         }

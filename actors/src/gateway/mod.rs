@@ -9,6 +9,7 @@
 //! Faults: a validation whose validator panicked is retried on a fresh validator; each choice's stream
 //! migrates to another engine when its engine fails ([`migration`]).
 
+pub mod inflight;
 pub mod migration;
 
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use crate::error::{ApiError, ErrorClass};
 use crate::protocol::engine::EngineEvent;
 use crate::protocol::Usage;
 use crate::router::KvRouterActor;
-use crate::supervisor::restart::restarted_actor;
+use crate::supervision::ActorKind;
 use crate::tokenizer::ModelTokenizer;
 use crate::validator::{ValidateChat, ValidateCompletion, ValidatedRequest, ValidatorActor};
 use migration::{ChoiceStream, Migrator, Recoveries, Recovery};
@@ -46,7 +47,7 @@ pub struct Gateway {
 const VALIDATOR_RESTART_RETRIES: usize = 3;
 
 fn validator_restarted(result: &Result<ValidatedRequest, ApiError>) -> bool {
-    matches!(result, Err(e) if restarted_actor(e) == Some("validator"))
+    matches!(result, Err(e) if e.restarted == Some(ActorKind::Validator))
 }
 
 fn mailbox_error(what: &str, e: actix::MailboxError) -> ApiError {

@@ -298,7 +298,7 @@ pub struct AppState {
     /// Fault injection (`/admin/faults` when `faults.admin_endpoint`).
     pub faults: Arc<crate::faults::FaultInjector>,
     /// Requests in flight, for `/health`.
-    pub inflight: Arc<crate::supervisor::inflight::InflightRegistry>,
+    pub inflight: Arc<crate::gateway::inflight::InflightRegistry>,
     /// The embedding model; None when the embeddings family is off (its route answers 404).
     pub embeddings: Option<crate::embeddings::EmbeddingService>,
 }
@@ -336,7 +336,7 @@ pub fn bind(state: Arc<AppState>) -> Result<(Server, Vec<SocketAddr>), std::io::
                     let mut res = match std::panic::AssertUnwindSafe(fut).catch_unwind().await {
                         Ok(result) => result?,
                         Err(payload) => {
-                            let reason = crate::supervisor::restart::panic_message(&*payload);
+                            let reason = crate::supervision::panic_message(&*payload);
                             tracing::error!(%path, %reason, "HTTP handler panicked");
                             return Err(HandlerPanicked.into());
                         }

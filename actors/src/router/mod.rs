@@ -20,9 +20,7 @@ use crate::engine::{overloaded, EngineLoad, Generate, RequestProgress};
 use crate::error::{ApiError, ErrorClass};
 use crate::faults::FaultInjector;
 use crate::protocol::engine::{EngineEvent, EngineRequest};
-use crate::supervisor::restart::{
-    panic_message, restarted_error, SupervisorEvent, SupervisorEvents,
-};
+use crate::supervision::{catch_panic, ActorKind, RestartTracker, SupervisorEvents, Verdict};
 use policy::SelectionPolicy;
 
 /// How the router picks an engine.
@@ -145,8 +143,8 @@ pub struct KvRouterActor {
     config: RouterConfig,
     kv: Option<policy::KvContext>,
     faults: Arc<FaultInjector>,
-    events: Option<SupervisorEvents>,
-    stopping_because: Option<String>,
+    /// No budget: a restart only rebuilds the selection state, so every failure restarts.
+    supervision: RestartTracker,
 }
 
 impl KvRouterActor {
@@ -162,14 +160,13 @@ impl KvRouterActor {
             config: config.clone(),
             kv,
             faults: FaultInjector::disabled(),
-            events: None,
-            stopping_because: None,
+            supervision: RestartTracker::new(ActorKind::Router, "0"),
         })
     }
 
     /// Supervision: where to report restarts, and the fault injector.
     pub fn supervised(mut self, events: SupervisorEvents, faults: Arc<FaultInjector>) -> Self {
-        self.events = Some(events);
+        self.supervision = RestartTracker::new(ActorKind::Router, "0").reporting_to(events);
         self.faults = faults;
         self
     }
@@ -177,7 +174,7 @@ impl KvRouterActor {
 
 impl Supervised for KvRouterActor {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
-        let Some(reason) = self.stopping_because.take() else {
+        let Some(reason) = self.supervision.on_restart() else {
             return;
         };
         match policy::for_mode(&self.config, &self.engines, self.kv.clone()) {
@@ -187,13 +184,7 @@ impl Supervised for KvRouterActor {
             }
         }
         tracing::warn!(%reason, "router restarted");
-        if let Some(events) = &self.events {
-            let _ = events.send(SupervisorEvent::Restarted {
-                actor: "router",
-                instance: "0".into(),
-                reason,
-            });
-        }
+        self.supervision.report_restarted(reason);
     }
 }
 
@@ -257,16 +248,14 @@ impl Handler<Route> for KvRouterActor {
     type Result = Result<Routed, ApiError>;
 
     fn handle(&mut self, msg: Route, ctx: &mut Self::Context) -> Self::Result {
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.route(msg))) {
+        match catch_panic(|| self.route(msg)) {
             Ok(result) => result,
-            Err(payload) => {
-                let reason = panic_message(&*payload);
+            Err(reason) => {
                 tracing::error!(%reason, "router panicked while routing");
-                if self.stopping_because.is_none() {
-                    self.stopping_because = Some(reason);
+                if self.supervision.on_failure(reason) == Verdict::Restart {
                     ctx.stop();
                 }
-                Err(restarted_error("router", "routing"))
+                Err(ApiError::restarted(ActorKind::Router, "routing"))
             }
         }
     }

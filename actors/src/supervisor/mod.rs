@@ -4,13 +4,10 @@
 //!
 //! Supervision (one-for-one): each engine and the router run under an actix `Supervisor` and restart
 //! after a caught panic, rebuilding their state; validators are re-created by their SyncArbiter. Each
-//! reports restarts here ([`restart::SupervisorEvent`]), where they are counted; an engine past its
-//! restart budget is taken out of routing and reported unhealthy. The [`inflight`] registry says which
-//! engine serves each request; request migration itself happens in the serving path
-//! ([`crate::gateway::migration`]).
-
-pub mod inflight;
-pub mod restart;
+//! reports restarts here ([`SupervisorEvent`], through its [`crate::supervision::RestartTracker`]),
+//! where they are counted; an engine past its restart budget is taken out of routing and reported
+//! unhealthy. The in-flight registry ([`crate::gateway::inflight`]) says which engine serves each
+//! request; request migration itself happens in the serving path ([`crate::gateway::migration`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,6 +21,7 @@ use crate::engine::{
     MockerConfig, MockerLoad, ModelEngineConfig, ModelLoad, ProgressSink,
 };
 use crate::faults::{FaultInjector, FaultsConfig};
+use crate::gateway::inflight::InflightRegistry;
 use crate::gateway::migration::{MigrationConfig, Migrator};
 use crate::gateway::Gateway;
 use crate::http::{
@@ -36,10 +34,9 @@ use crate::metrics::{FrontendMetrics, ModelGauges};
 use crate::router::indexer::{KvIndexerActor, RemoveWorker};
 use crate::router::policy::KvContext;
 use crate::router::{EngineRemoved, EngineSlot, KvRouterActor, RouterConfig, RouterMode};
+use crate::supervision::{ActorKind, SupervisionConfig, SupervisorEvent};
 use crate::tokenizer::ModelTokenizer;
 use crate::validator::{ValidatorActor, ValidatorConfig};
-use inflight::InflightRegistry;
-use restart::{SupervisionConfig, SupervisorEvent};
 
 /// `[metrics]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -200,21 +197,21 @@ impl StreamHandler<SupervisorEvent> for Supervisor {
                 instance,
                 reason,
             } => {
-                self.metrics.actor_restarted(actor, &instance);
-                if actor == "engine" {
+                self.metrics.actor_restarted(actor.as_str(), &instance);
+                if actor == ActorKind::Engine {
                     let migrating = instance
                         .parse()
                         .map(|id| self.inflight.on_engine(id).len())
                         .unwrap_or(0);
                     tracing::warn!(engine = %instance, %reason, migrating, "engine restarted; its in-flight requests migrate");
                 } else {
-                    tracing::warn!(actor, %instance, %reason, "actor restarted");
+                    tracing::warn!(%actor, %instance, %reason, "actor restarted");
                 }
             }
             SupervisorEvent::EngineFailed { engine_id, reason } => {
                 tracing::error!(engine = engine_id, %reason, "engine given up on; removing it from routing");
                 self.metrics
-                    .actor_restarted("engine", &engine_id.to_string());
+                    .actor_restarted(ActorKind::Engine.as_str(), &engine_id.to_string());
                 ctx.spawn(self.remove_engine(engine_id).map(|_, _, _| ()));
             }
         }

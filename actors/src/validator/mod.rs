@@ -23,9 +23,7 @@ use crate::protocol::chat::{ChatCompletionRequest, MessageContent, Role};
 use crate::protocol::completions::{CompletionRequest, Prompt};
 use crate::protocol::engine::{EngineRequest, SamplingOptions, StopConditions};
 use crate::protocol::{CommonExt, StopSpec};
-use crate::supervisor::restart::{
-    panic_message, restarted_error, SupervisorEvent, SupervisorEvents,
-};
+use crate::supervision::{catch_panic, ActorKind, RestartTracker, SupervisorEvents};
 use crate::tokenizer::{self, ModelTokenizer};
 
 /// `[validator]`.
@@ -108,6 +106,15 @@ pub struct ValidateCompletion {
     pub context: RequestContext,
 }
 
+/// A validator's restart bookkeeping, named after the SyncArbiter thread that builds (and rebuilds)
+/// the actor.
+fn validator_tracker() -> RestartTracker {
+    RestartTracker::new(
+        ActorKind::Validator,
+        format!("{:?}", std::thread::current().id()),
+    )
+}
+
 /// Parses, validates, templates and tokenizes.
 pub struct ValidatorActor {
     config: ValidatorConfig,
@@ -115,13 +122,14 @@ pub struct ValidatorActor {
     tokenizer: Arc<ModelTokenizer>,
     metrics: Arc<FrontendMetrics>,
     faults: Arc<FaultInjector>,
-    events: Option<SupervisorEvents>,
+    /// Reports restarts; the SyncArbiter re-creates a stopped validator, so there is no budget.
+    supervision: RestartTracker,
 }
 
 impl ValidatorActor {
     /// Supervision: where to report restarts, and the fault injector.
     pub fn supervised(mut self, events: SupervisorEvents, faults: Arc<FaultInjector>) -> Self {
-        self.events = Some(events);
+        self.supervision = validator_tracker().reporting_to(events);
         self.faults = faults;
         self
     }
@@ -133,24 +141,17 @@ impl ValidatorActor {
         ctx: &mut SyncContext<Self>,
         validate: impl FnOnce(&mut Self) -> Result<ValidatedRequest, ApiError>,
     ) -> Result<ValidatedRequest, ApiError> {
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let result = catch_panic(|| {
             if self.faults.on_validate() {
                 panic!("injected fault: validator panics while validating");
             }
             validate(self)
-        }));
-        result.unwrap_or_else(|payload| {
-            let reason = panic_message(&*payload);
+        });
+        result.unwrap_or_else(|reason| {
             tracing::error!(%reason, "validator panicked; restarting it");
-            if let Some(events) = &self.events {
-                let _ = events.send(SupervisorEvent::Restarted {
-                    actor: "validator",
-                    instance: format!("{:?}", std::thread::current().id()),
-                    reason,
-                });
-            }
+            self.supervision.report_restarted(reason);
             ctx.stop();
-            Err(restarted_error("validator", "validating"))
+            Err(ApiError::restarted(ActorKind::Validator, "validating"))
         })
     }
 
@@ -167,7 +168,7 @@ impl ValidatorActor {
             tokenizer,
             metrics,
             faults: FaultInjector::disabled(),
-            events: None,
+            supervision: validator_tracker(),
         }
     }
 

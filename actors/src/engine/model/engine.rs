@@ -201,7 +201,7 @@ async fn drive(shared: Rc<Shared>) {
             Ok(true) => {}
             Ok(false) => break,
             Err(payload) => {
-                let reason = crate::supervisor::restart::panic_message(&*payload);
+                let reason = crate::supervision::panic_message(&*payload);
                 tracing::error!(%reason, "model engine step panicked");
                 *shared.poisoned.borrow_mut() = Some(reason);
                 if let Ok(mut state) = shared.state.try_borrow_mut() {
