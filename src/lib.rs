@@ -53,6 +53,9 @@ pub enum RunError {
     /// A setting read at start is invalid (exit status 2).
     #[error("{0}")]
     Config(String),
+    /// An actor failed past its restart intensity and the failure reached the root supervisor.
+    #[error("stopping: {0}")]
+    Escalated(dynamix_actors::supervision::Escalation),
 }
 
 /// Which process this is.
@@ -349,21 +352,36 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let service = start(&config, input == Input::Http).await?;
-    let result = match &input {
-        Input::Http => {
-            shutdown.await;
-            Ok(())
-        }
-        Input::Text => {
-            tokio::select! {
-                r = frontends::text(&service, &config.model.name) => r,
-                _ = shutdown => Ok(()),
+    let work = async {
+        match &input {
+            Input::Http => {
+                shutdown.await;
+                Ok(())
             }
+            Input::Text => {
+                tokio::select! {
+                    r = frontends::text(&service, &config.model.name) => r,
+                    _ = shutdown => Ok(()),
+                }
+            }
+            Input::Batch(file) => frontends::batch(&service, &config.model.name, file).await,
         }
-        Input::Batch(file) => frontends::batch(&service, &config.model.name, file).await,
     };
+    let result = until_escalated(&service, work).await;
     service.shutdown().await;
     result
+}
+
+/// Runs `work` unless a failure escalates to the root supervisor first: then the work is dropped
+/// and the escalation is the result (the caller drains and exits non-zero).
+async fn until_escalated(
+    service: &RunningService,
+    work: impl Future<Output = Result<(), RunError>>,
+) -> Result<(), RunError> {
+    tokio::select! {
+        result = work => result,
+        escalation = service.escalated() => Err(RunError::Escalated(escalation)),
+    }
 }
 
 fn max_message_size() -> Result<usize, RunError> {
@@ -400,10 +418,14 @@ pub async fn run_frontend(
         "frontend routing to the workers of {}",
         config.distributed.instance_prefix()
     );
-    shutdown.await;
+    let result = until_escalated(&service, async {
+        shutdown.await;
+        Ok(())
+    })
+    .await;
     service.shutdown().await;
     drop(handle);
-    Ok(())
+    result
 }
 
 /// `dynamix worker`: serve this process's engines to frontends until `shutdown` resolves, then leave
@@ -428,14 +450,18 @@ pub async fn run_worker(
             return Err(RunError::Distributed(e));
         }
     };
-    shutdown.await;
+    let result = until_escalated(&service, async {
+        shutdown.await;
+        Ok(())
+    })
+    .await;
     handle
         .shutdown(std::time::Duration::from_secs(
             config.http.graceful_shutdown_timeout_secs.max(1) * 6,
         ))
         .await;
     service.shutdown().await;
-    Ok(())
+    result
 }
 
 /// `dynamix models pull [PACKAGE...]`.

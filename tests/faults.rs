@@ -457,3 +457,142 @@ fn the_drill_reports_no_lost_or_duplicated_tokens() {
     assert!(!stdout.contains("faults injected: none"), "{stdout}");
     assert!(stdout.contains("recovery gap"), "{stdout}");
 }
+
+/// Past its restart intensity the router's failure escalates to the root: in process, the running
+/// service reports it (actor and last error); the binary drains and exits 1 naming both.
+#[actix_rt::test]
+async fn a_router_past_its_restart_intensity_escalates_to_the_root() {
+    let server = start(&config(0, "[supervisor]\nmax_restarts = 1\n")).await;
+    arm(&server, json!({"kind": "router_panic", "count": 3})).await;
+    // Each request meets a panic; the gateway retries a restarted router, so a few requests use up
+    // the budget (one restart allowed, the second failure escalates).
+    for _ in 0..3 {
+        let _ = post_json(
+            &server.url("/v1/chat/completions"),
+            &json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    }
+    let service = server.service.as_ref().expect("running");
+    let escalation = tokio::time::timeout(Duration::from_secs(5), service.escalated())
+        .await
+        .expect("the failure reaches the root");
+    assert_eq!(
+        escalation.actor,
+        dynamix_actors::supervision::ActorKind::Router
+    );
+    assert_eq!(escalation.failures, 2);
+    assert!(
+        escalation
+            .last_error
+            .contains("injected fault: router panics"),
+        "{escalation}"
+    );
+    server.stop().await;
+}
+
+/// The validator threads share one restart intensity: a SyncArbiter re-creating a validator does
+/// not reset it, so repeated validator panics escalate too.
+#[actix_rt::test]
+async fn validators_share_one_restart_intensity_and_escalate_past_it() {
+    let server = start(&config(0, "[supervisor]\nmax_restarts = 2\n")).await;
+    arm(&server, json!({"kind": "validator_panic", "count": 3})).await;
+    for _ in 0..4 {
+        let _ = post_json(
+            &server.url("/v1/chat/completions"),
+            &json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    }
+    let service = server.service.as_ref().expect("running");
+    let escalation = tokio::time::timeout(Duration::from_secs(5), service.escalated())
+        .await
+        .expect("the failure reaches the root");
+    assert_eq!(
+        escalation.actor,
+        dynamix_actors::supervision::ActorKind::Validator
+    );
+    assert_eq!(escalation.failures, 3);
+    server.stop().await;
+}
+
+#[test]
+fn the_binary_exits_non_zero_naming_the_escalated_actor_and_its_last_error() {
+    use std::io::BufRead;
+    let dir = std::env::temp_dir().join(format!("dynamix-escalate-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config_path = dir.join("config.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "[http]\nhost = \"127.0.0.1\"\nport = 0\n{}",
+            config(0, "[supervisor]\nmax_restarts = 0\n").replace(
+                "echo.token_delay_ms = 2\n",
+                "[echo]\ntoken_delay_ms = 2\n[embeddings]\nenabled = false\n"
+            )
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dynamix"))
+        .args(["serve", "out=echo", "--config"])
+        .arg(&config_path)
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn dynamix");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let base = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("dynamix did not start: {seen:?}"));
+        if let Some(rest) = line.split("on http://").nth(1) {
+            break format!("http://{}", rest.split_whitespace().next().unwrap_or(""));
+        }
+        seen.push(line);
+    };
+    let system = actix_rt::System::new();
+    system.block_on(async {
+        let (status, body) = post_json(
+            &format!("{base}/admin/faults"),
+            &json!({"kind": "router_panic"}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let _ = post_json(
+            &format!("{base}/v1/chat/completions"),
+            &json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("dynamix did not exit after the escalation");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log: Vec<String> = rx.try_iter().collect();
+    assert_eq!(status.code(), Some(1), "{log:#?}");
+    let last = log.last().cloned().unwrap_or_default();
+    assert!(
+        last.starts_with("dynamix: stopping: router 0 failed 1 times within its restart window")
+            && last.contains("injected fault: router panics"),
+        "{log:#?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -20,7 +20,9 @@ use crate::engine::{overloaded, EngineLoad, Generate, RequestProgress};
 use crate::error::{ApiError, ErrorClass};
 use crate::faults::FaultInjector;
 use crate::protocol::engine::{EngineEvent, EngineRequest};
-use crate::supervision::{catch_panic, ActorKind, RestartTracker, SupervisorEvents, Verdict};
+use crate::supervision::{
+    catch_panic, ActorKind, RestartTracker, SupervisionConfig, SupervisorEvents, Verdict,
+};
 use policy::SelectionPolicy;
 
 /// How the router picks an engine.
@@ -143,7 +145,7 @@ pub struct KvRouterActor {
     config: RouterConfig,
     kv: Option<policy::KvContext>,
     faults: Arc<FaultInjector>,
-    /// No budget: a restart only rebuilds the selection state, so every failure restarts.
+    /// Restart intensity (`[supervisor]`); past it the failure escalates to the root.
     supervision: RestartTracker,
 }
 
@@ -164,9 +166,16 @@ impl KvRouterActor {
         })
     }
 
-    /// Supervision: where to report restarts, and the fault injector.
-    pub fn supervised(mut self, events: SupervisorEvents, faults: Arc<FaultInjector>) -> Self {
-        self.supervision = RestartTracker::new(ActorKind::Router, "0").reporting_to(events);
+    /// Supervision: the restart intensity, where to report restarts, and the fault injector.
+    pub fn supervised(
+        mut self,
+        config: &SupervisionConfig,
+        events: SupervisorEvents,
+        faults: Arc<FaultInjector>,
+    ) -> Self {
+        self.supervision = RestartTracker::new(ActorKind::Router, "0")
+            .with_budget(config)
+            .reporting_to(events);
         self.faults = faults;
         self
     }
@@ -248,12 +257,24 @@ impl Handler<Route> for KvRouterActor {
     type Result = Result<Routed, ApiError>;
 
     fn handle(&mut self, msg: Route, ctx: &mut Self::Context) -> Self::Result {
+        if let Some(reason) = self.supervision.given_up() {
+            return Err(ApiError::new(ErrorClass::Unavailable, reason));
+        }
         match catch_panic(|| self.route(msg)) {
             Ok(result) => result,
             Err(reason) => {
                 tracing::error!(%reason, "router panicked while routing");
-                if self.supervision.on_failure(reason) == Verdict::Restart {
-                    ctx.stop();
+                match self.supervision.on_failure(reason.clone()) {
+                    Verdict::Restart => ctx.stop(),
+                    Verdict::GiveUp { failures } => {
+                        let escalation = self.supervision.escalate(failures, reason);
+                        tracing::error!(%escalation, "router past its restart intensity; escalating");
+                        return Err(ApiError::new(
+                            ErrorClass::Unavailable,
+                            escalation.to_string(),
+                        ));
+                    }
+                    Verdict::AlreadyHandled => {}
                 }
                 Err(ApiError::restarted(ActorKind::Router, "routing"))
             }

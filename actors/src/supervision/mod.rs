@@ -12,6 +12,7 @@
 //! [`crate::supervisor`].
 
 use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -148,6 +149,9 @@ pub enum SupervisorEvent {
         /// What went wrong.
         reason: String,
     },
+    /// An actor the process cannot serve without spent its restart budget: the failure goes up to
+    /// the root, which stops the process with a non-zero exit naming the actor and the last error.
+    Escalated(Escalation),
     /// An engine spent its restart budget: take it out of routing.
     EngineFailed {
         /// Its instance id.
@@ -155,6 +159,38 @@ pub enum SupervisorEvent {
         /// Why, for `/health`.
         reason: String,
     },
+}
+
+/// A failure that went past an actor's restart intensity, on its way to the root.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Escalation {
+    /// Which kind of actor.
+    pub actor: ActorKind,
+    /// Which one.
+    pub instance: String,
+    /// Failures within the restart window, the last one included.
+    pub failures: usize,
+    /// The last failure.
+    pub last_error: String,
+}
+
+impl std::fmt::Display for Escalation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} failed {} times within its restart window; last error: {}",
+            self.actor, self.instance, self.failures, self.last_error
+        )
+    }
+}
+
+/// A restart budget shared by the instances of one actor that their host re-creates on its own
+/// (the validator threads of a SyncArbiter), so a new instance does not start a new budget.
+pub type SharedBudget = Arc<Mutex<RestartBudget>>;
+
+/// A [`SharedBudget`] for `config`.
+pub fn shared_budget(config: &SupervisionConfig) -> SharedBudget {
+    Arc::new(Mutex::new(RestartBudget::new(config)))
 }
 
 /// Where supervised actors send [`SupervisorEvent`]s.
@@ -180,8 +216,8 @@ pub enum Verdict {
 pub struct RestartTracker {
     actor: ActorKind,
     instance: String,
-    /// `None`: every failure restarts (the actor rebuilds cheap state and nothing escalates yet).
-    budget: Option<RestartBudget>,
+    /// `None`: every failure restarts.
+    budget: Option<SharedBudget>,
     events: Option<SupervisorEvents>,
     /// Why the actor is stopping, reported once it restarts.
     stopping_because: Option<String>,
@@ -203,8 +239,13 @@ impl RestartTracker {
     }
 
     /// Limits restarts to `config`'s budget.
-    pub fn with_budget(mut self, config: &SupervisionConfig) -> Self {
-        self.budget = Some(RestartBudget::new(config));
+    pub fn with_budget(self, config: &SupervisionConfig) -> Self {
+        self.with_shared_budget(shared_budget(config))
+    }
+
+    /// Limits restarts to a budget shared with the actor's other instances.
+    pub fn with_shared_budget(mut self, budget: SharedBudget) -> Self {
+        self.budget = Some(budget);
         self
     }
 
@@ -224,7 +265,11 @@ impl RestartTracker {
         if self.given_up.is_some() || self.stopping_because.is_some() {
             return Verdict::AlreadyHandled;
         }
-        if let Some(budget) = self.budget.as_mut() {
+        if let Some(budget) = &self.budget {
+            // A poisoned lock still holds a usable history: a panic cannot leave it half-written.
+            let mut budget = budget
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             if !budget.allow(Instant::now()) {
                 return Verdict::GiveUp {
                     failures: budget.recent(),
@@ -263,6 +308,19 @@ impl RestartTracker {
                 reason,
             });
         }
+    }
+
+    /// Gives up (with `reason` for every later request) and escalates the failure to the root.
+    pub fn escalate(&mut self, failures: usize, last_error: String) -> Escalation {
+        let escalation = Escalation {
+            actor: self.actor,
+            instance: self.instance.clone(),
+            failures,
+            last_error,
+        };
+        self.given_up = Some(escalation.to_string());
+        self.report(SupervisorEvent::Escalated(escalation.clone()));
+        escalation
     }
 
     /// Sends `event` to the root, if anyone listens.
@@ -382,6 +440,36 @@ mod tests {
         tracker.give_up("out of service".into());
         assert_eq!(tracker.given_up(), Some("out of service"));
         assert_eq!(tracker.on_failure("third".into()), Verdict::AlreadyHandled);
+    }
+
+    #[test]
+    fn a_shared_budget_spans_instances_and_escalation_names_the_actor_and_error() {
+        let (events, mut received) = mpsc::unbounded_channel();
+        let budget = shared_budget(&SupervisionConfig {
+            max_restarts: 1,
+            restart_window_secs: 60.0,
+        });
+        let mut first = RestartTracker::new(ActorKind::Validator, "t1")
+            .with_shared_budget(budget.clone())
+            .reporting_to(events.clone());
+        assert_eq!(first.on_failure("a".into()), Verdict::Restart);
+        // The host re-creates the actor: a new instance, the same budget.
+        let mut second = RestartTracker::new(ActorKind::Validator, "t2")
+            .with_shared_budget(budget)
+            .reporting_to(events);
+        let Verdict::GiveUp { failures } = second.on_failure("b".into()) else {
+            panic!("the second failure in the window must give up");
+        };
+        let escalation = second.escalate(failures, "b".into());
+        assert_eq!(
+            escalation.to_string(),
+            "validator t2 failed 2 times within its restart window; last error: b"
+        );
+        assert_eq!(second.given_up(), Some(escalation.to_string().as_str()));
+        assert_eq!(
+            received.try_recv().unwrap(),
+            SupervisorEvent::Escalated(escalation)
+        );
     }
 
     #[test]

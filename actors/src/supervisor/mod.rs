@@ -34,7 +34,9 @@ use crate::metrics::{FrontendMetrics, ModelGauges};
 use crate::router::indexer::{KvIndexerActor, RemoveWorker};
 use crate::router::policy::KvContext;
 use crate::router::{EngineRemoved, EngineSlot, KvRouterActor, RouterConfig, RouterMode};
-use crate::supervision::{ActorKind, SupervisionConfig, SupervisorEvent};
+use crate::supervision::{
+    shared_budget, ActorKind, Escalation, SupervisionConfig, SupervisorEvent,
+};
 use crate::tokenizer::ModelTokenizer;
 use crate::validator::{ValidatorActor, ValidatorConfig};
 
@@ -147,6 +149,9 @@ pub struct Supervisor {
     inflight: Arc<InflightRegistry>,
     faults: Arc<FaultInjector>,
     events: Option<tokio::sync::mpsc::UnboundedReceiver<SupervisorEvent>>,
+    /// The first failure that escalated to the root: the process must stop (see
+    /// [`RunningService::escalated`]).
+    escalated: tokio::sync::watch::Sender<Option<Escalation>>,
 }
 
 impl Supervisor {
@@ -207,6 +212,19 @@ impl StreamHandler<SupervisorEvent> for Supervisor {
                 } else {
                     tracing::warn!(%actor, %instance, %reason, "actor restarted");
                 }
+            }
+            SupervisorEvent::Escalated(escalation) => {
+                self.metrics
+                    .actor_restarted(escalation.actor.as_str(), &escalation.instance);
+                tracing::error!(%escalation, "a failure escalated to the root supervisor; stopping");
+                // The first escalation is the one the process exits with.
+                self.escalated.send_if_modified(|current| {
+                    let first = current.is_none();
+                    if first {
+                        *current = Some(escalation);
+                    }
+                    first
+                });
             }
             SupervisorEvent::EngineFailed { engine_id, reason } => {
                 tracing::error!(engine = engine_id, %reason, "engine given up on; removing it from routing");
@@ -302,9 +320,29 @@ pub struct RunningService {
     pub inflight: Arc<InflightRegistry>,
     /// The fault injector (inert unless `faults.enabled`).
     pub faults: Arc<FaultInjector>,
+    /// Set when a failure escalated to the root.
+    escalated: tokio::sync::watch::Receiver<Option<Escalation>>,
 }
 
 impl RunningService {
+    /// Resolves with the first failure that escalated to the root (an actor past its restart
+    /// intensity); the caller stops the process with a non-zero exit naming it. Pending forever
+    /// while the tree is healthy.
+    pub fn escalated(&self) -> impl std::future::Future<Output = Escalation> + 'static {
+        let mut escalated = self.escalated.clone();
+        async move {
+            loop {
+                if let Some(escalation) = escalated.borrow_and_update().clone() {
+                    return escalation;
+                }
+                if escalated.changed().await.is_err() {
+                    // The root is gone without escalating: nothing will ever escalate.
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
+
     /// Drain and stop the tree.
     pub async fn shutdown(self) {
         let _ = self.supervisor.send(Shutdown).await;
@@ -523,7 +561,7 @@ pub async fn start(
             return Err(StartError::Config(e.message));
         }
     };
-    let router_actor = router_actor.supervised(events.clone(), faults.clone());
+    let router_actor = router_actor.supervised(&config.supervision, events.clone(), faults.clone());
     let router = actix::Supervisor::start(move |_| router_actor);
     if kv_mode {
         let _ = progress.set(router.clone().recipient());
@@ -537,9 +575,14 @@ pub async fn start(
             events.clone(),
             faults.clone(),
         );
+        // One restart intensity for all validator threads: a re-created validator keeps counting.
+        let budget = shared_budget(&config.supervision);
         SyncArbiter::start(config.validator.threads.max(1), move || {
-            ValidatorActor::new(cfg.clone(), model.clone(), tok.clone(), m.clone())
-                .supervised(ev.clone(), f.clone())
+            ValidatorActor::new(cfg.clone(), model.clone(), tok.clone(), m.clone()).supervised(
+                budget.clone(),
+                ev.clone(),
+                f.clone(),
+            )
         })
     };
     // Only the HTTP server serves embeddings: terminal and batch runs do not load the model.
@@ -630,6 +673,7 @@ pub async fn start(
     };
 
     let indexer_addr = indexer.as_ref().map(|(addr, _)| addr.clone());
+    let (escalated_tx, escalated_rx) = tokio::sync::watch::channel(None);
     let supervisor = Supervisor {
         http,
         engines: children,
@@ -642,6 +686,7 @@ pub async fn start(
         inflight: inflight.clone(),
         faults: faults.clone(),
         events: Some(events_rx),
+        escalated: escalated_tx,
     }
     .start();
     Ok(RunningService {
@@ -657,5 +702,6 @@ pub async fn start(
         kv_events_out,
         cluster,
         kv_block_size: block_size,
+        escalated: escalated_rx,
     })
 }

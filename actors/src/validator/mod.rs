@@ -23,7 +23,9 @@ use crate::protocol::chat::{ChatCompletionRequest, MessageContent, Role};
 use crate::protocol::completions::{CompletionRequest, Prompt};
 use crate::protocol::engine::{EngineRequest, SamplingOptions, StopConditions};
 use crate::protocol::{CommonExt, StopSpec};
-use crate::supervision::{catch_panic, ActorKind, RestartTracker, SupervisorEvents};
+use crate::supervision::{
+    catch_panic, ActorKind, RestartTracker, SharedBudget, SupervisorEvents, Verdict,
+};
 use crate::tokenizer::{self, ModelTokenizer};
 
 /// `[validator]`.
@@ -122,14 +124,23 @@ pub struct ValidatorActor {
     tokenizer: Arc<ModelTokenizer>,
     metrics: Arc<FrontendMetrics>,
     faults: Arc<FaultInjector>,
-    /// Reports restarts; the SyncArbiter re-creates a stopped validator, so there is no budget.
+    /// Reports restarts; the budget is shared by every validator thread (the SyncArbiter re-creates
+    /// a stopped validator), and past it the failure escalates to the root.
     supervision: RestartTracker,
 }
 
 impl ValidatorActor {
-    /// Supervision: where to report restarts, and the fault injector.
-    pub fn supervised(mut self, events: SupervisorEvents, faults: Arc<FaultInjector>) -> Self {
-        self.supervision = validator_tracker().reporting_to(events);
+    /// Supervision: the restart budget all validators share, where to report restarts, and the fault
+    /// injector.
+    pub fn supervised(
+        mut self,
+        budget: SharedBudget,
+        events: SupervisorEvents,
+        faults: Arc<FaultInjector>,
+    ) -> Self {
+        self.supervision = validator_tracker()
+            .with_shared_budget(budget)
+            .reporting_to(events);
         self.faults = faults;
         self
     }
@@ -141,6 +152,9 @@ impl ValidatorActor {
         ctx: &mut SyncContext<Self>,
         validate: impl FnOnce(&mut Self) -> Result<ValidatedRequest, ApiError>,
     ) -> Result<ValidatedRequest, ApiError> {
+        if let Some(reason) = self.supervision.given_up() {
+            return Err(ApiError::new(ErrorClass::Unavailable, reason));
+        }
         let result = catch_panic(|| {
             if self.faults.on_validate() {
                 panic!("injected fault: validator panics while validating");
@@ -148,6 +162,14 @@ impl ValidatorActor {
             validate(self)
         });
         result.unwrap_or_else(|reason| {
+            if let Verdict::GiveUp { failures } = self.supervision.on_failure(reason.clone()) {
+                let escalation = self.supervision.escalate(failures, reason);
+                tracing::error!(%escalation, "validators past their restart intensity; escalating");
+                return Err(ApiError::new(
+                    ErrorClass::Unavailable,
+                    escalation.to_string(),
+                ));
+            }
             tracing::error!(%reason, "validator panicked; restarting it");
             self.supervision.report_restarted(reason);
             ctx.stop();
