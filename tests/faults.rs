@@ -458,15 +458,22 @@ fn the_drill_reports_no_lost_or_duplicated_tokens() {
     assert!(stdout.contains("recovery gap"), "{stdout}");
 }
 
-/// Past its restart intensity the router's failure escalates to the root: in process, the running
-/// service reports it (actor and last error); the binary drains and exits 1 naming both.
-#[actix_rt::test]
-async fn a_router_past_its_restart_intensity_escalates_to_the_root() {
-    let server = start(&config(0, "[supervisor]\nmax_restarts = 1\n")).await;
-    arm(&server, json!({"kind": "router_panic", "count": 3})).await;
-    // Each request meets a panic; the gateway retries a restarted router, so a few requests use up
-    // the budget (one restart allowed, the second failure escalates).
-    for _ in 0..3 {
+/// Starts a server allowing `max_restarts`, arms `fault` (`count` times), sends `requests` chats
+/// (each meets a fault; the gateway retries a restarted router or validator) and returns the failure
+/// that reached the root.
+async fn escalation_after(
+    max_restarts: u32,
+    fault: &str,
+    count: u32,
+    requests: usize,
+) -> dynamix_actors::supervision::Escalation {
+    let server = start(&config(
+        0,
+        &format!("[supervisor]\nmax_restarts = {max_restarts}\n"),
+    ))
+    .await;
+    arm(&server, json!({"kind": fault, "count": count})).await;
+    for _ in 0..requests {
         let _ = post_json(
             &server.url("/v1/chat/completions"),
             &json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
@@ -477,6 +484,16 @@ async fn a_router_past_its_restart_intensity_escalates_to_the_root() {
     let escalation = tokio::time::timeout(Duration::from_secs(5), service.escalated())
         .await
         .expect("the failure reaches the root");
+    server.stop().await;
+    escalation
+}
+
+/// Past its restart intensity the router's failure escalates to the root: in process, the running
+/// service reports it (actor and last error); the binary drains and exits 1 naming both.
+#[actix_rt::test]
+async fn a_router_past_its_restart_intensity_escalates_to_the_root() {
+    // One restart allowed, the second failure escalates.
+    let escalation = escalation_after(1, "router_panic", 3, 3).await;
     assert_eq!(
         escalation.actor,
         dynamix_actors::supervision::ActorKind::Router
@@ -488,32 +505,18 @@ async fn a_router_past_its_restart_intensity_escalates_to_the_root() {
             .contains("injected fault: router panics"),
         "{escalation}"
     );
-    server.stop().await;
 }
 
 /// The validator threads share one restart intensity: a SyncArbiter re-creating a validator does
 /// not reset it, so repeated validator panics escalate too.
 #[actix_rt::test]
 async fn validators_share_one_restart_intensity_and_escalate_past_it() {
-    let server = start(&config(0, "[supervisor]\nmax_restarts = 2\n")).await;
-    arm(&server, json!({"kind": "validator_panic", "count": 3})).await;
-    for _ in 0..4 {
-        let _ = post_json(
-            &server.url("/v1/chat/completions"),
-            &json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
-        )
-        .await;
-    }
-    let service = server.service.as_ref().expect("running");
-    let escalation = tokio::time::timeout(Duration::from_secs(5), service.escalated())
-        .await
-        .expect("the failure reaches the root");
+    let escalation = escalation_after(2, "validator_panic", 3, 4).await;
     assert_eq!(
         escalation.actor,
         dynamix_actors::supervision::ActorKind::Validator
     );
     assert_eq!(escalation.failures, 3);
-    server.stop().await;
 }
 
 #[test]
