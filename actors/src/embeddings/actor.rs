@@ -71,9 +71,7 @@ impl EmbeddingActor {
         events: SupervisorEvents,
         faults: Arc<FaultInjector>,
     ) -> Self {
-        self.supervision = RestartTracker::new(ActorKind::Embeddings, "0")
-            .with_budget(config)
-            .reporting_to(events);
+        self.supervision.supervise(config, events);
         self.faults = faults;
         self
     }

@@ -110,9 +110,7 @@ impl EngineActor {
         events: SupervisorEvents,
         faults: Arc<FaultInjector>,
     ) -> Self {
-        self.supervision = RestartTracker::new(ActorKind::Engine, self.id.to_string())
-            .with_budget(config)
-            .reporting_to(events);
+        self.supervision.supervise(config, events);
         self.faults = faults;
         self
     }

@@ -173,9 +173,7 @@ impl KvRouterActor {
         events: SupervisorEvents,
         faults: Arc<FaultInjector>,
     ) -> Self {
-        self.supervision = RestartTracker::new(ActorKind::Router, "0")
-            .with_budget(config)
-            .reporting_to(events);
+        self.supervision.supervise(config, events);
         self.faults = faults;
         self
     }

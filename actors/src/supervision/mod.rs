@@ -255,9 +255,10 @@ impl RestartTracker {
         self
     }
 
-    /// The actor's kind.
-    pub fn actor(&self) -> ActorKind {
-        self.actor
+    /// Puts the actor under the tree: `config`'s restart intensity, reporting to `events`.
+    pub fn supervise(&mut self, config: &SupervisionConfig, events: SupervisorEvents) {
+        self.budget = Some(shared_budget(config));
+        self.events = Some(events);
     }
 
     /// A failure was caught (`reason`): restart within budget, else give up.

@@ -26,10 +26,10 @@ use pb::etcdserverpb::kv_client::KvClient;
 use pb::etcdserverpb::lease_client::LeaseClient;
 use pb::etcdserverpb::watch_client::WatchClient;
 use pb::etcdserverpb::{
-    watch_request, DeleteRangeRequest, DeleteRangeResponse, LeaseGrantRequest, LeaseGrantResponse,
-    LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseRevokeRequest, LeaseTimeToLiveRequest,
-    LeaseTimeToLiveResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
-    WatchCreateRequest, WatchRequest, WatchResponse,
+    watch_request, LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest,
+    LeaseKeepAliveResponse, LeaseRevokeRequest, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+    PutRequest, PutResponse, RangeRequest, RangeResponse, WatchCreateRequest, WatchRequest,
+    WatchResponse,
 };
 pub use pb::mvccpb::event::EventType;
 pub use pb::mvccpb::{Event, KeyValue};
@@ -177,15 +177,6 @@ impl Client {
         Ok(self.kv.range(request).await?.into_inner())
     }
 
-    /// One key (an empty `kvs` when it does not exist).
-    pub async fn get(&mut self, key: impl Into<Vec<u8>>) -> Result<RangeResponse, Error> {
-        let request = RangeRequest {
-            key: key.into(),
-            ..RangeRequest::default()
-        };
-        Ok(self.kv.range(request).await?.into_inner())
-    }
-
     /// Puts `value` under `key`, attached to `lease` unless it is 0.
     pub async fn put(
         &mut self,
@@ -200,15 +191,6 @@ impl Client {
             ..PutRequest::default()
         };
         Ok(self.kv.put(request).await?.into_inner())
-    }
-
-    /// Deletes one key.
-    pub async fn delete(&mut self, key: impl Into<Vec<u8>>) -> Result<DeleteRangeResponse, Error> {
-        let request = DeleteRangeRequest {
-            key: key.into(),
-            ..DeleteRangeRequest::default()
-        };
-        Ok(self.kv.delete_range(request).await?.into_inner())
     }
 
     /// Grants a lease of `ttl_secs` (etcd picks the id).
