@@ -4,10 +4,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use common::*;
@@ -154,50 +153,8 @@ fn bad_config_exits_2_naming_key_value_and_source() {
     }
 }
 
-/// A running `dynamix` process and the address it printed.
-struct Served {
-    child: Child,
-    base: String,
-    log: mpsc::Receiver<String>,
-    /// Lines logged before the address.
-    early: Vec<String>,
-}
-
 fn serve(args: &[&str], env: &[(&str, &str)]) -> Served {
-    let mut cmd = bin();
-    cmd.args(args)
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut seen = Vec::new();
-    let base = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("server did not start: {seen:?}"));
-        if let Some(i) = line.find("on http://") {
-            let url = line[i + 3..]
-                .split_whitespace()
-                .next()
-                .unwrap_or("")
-                .to_string();
-            break url;
-        }
-        seen.push(line);
-    };
-    Served {
-        child,
-        base,
-        log: rx,
-        early: seen,
-    }
+    spawn_serving(bin().args(args).envs(env.iter().copied()))
 }
 
 fn sigterm(child: &Child) {

@@ -521,7 +521,6 @@ async fn validators_share_one_restart_intensity_and_escalate_past_it() {
 
 #[test]
 fn the_binary_exits_non_zero_naming_the_escalated_actor_and_its_last_error() {
-    use std::io::BufRead;
     let dir = std::env::temp_dir().join(format!("dynamix-escalate-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     let config_path = dir.join("config.toml");
@@ -536,34 +535,17 @@ fn the_binary_exits_non_zero_naming_the_escalated_actor_and_its_last_error() {
         ),
     )
     .unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dynamix"))
-        .args(["serve", "out=echo", "--config"])
-        .arg(&config_path)
-        .env("NO_COLOR", "1")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn dynamix");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let mut seen = Vec::new();
-    let base = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("dynamix did not start: {seen:?}"));
-        if let Some(rest) = line.split("on http://").nth(1) {
-            break format!("http://{}", rest.split_whitespace().next().unwrap_or(""));
-        }
-        seen.push(line);
-    };
+    let Served {
+        mut child,
+        base,
+        log: rx,
+        ..
+    } = spawn_serving(
+        std::process::Command::new(env!("CARGO_BIN_EXE_dynamix"))
+            .args(["serve", "out=echo", "--config"])
+            .arg(&config_path)
+            .env("NO_COLOR", "1"),
+    );
     let system = actix_rt::System::new();
     system.block_on(async {
         let (status, body) = post_json(

@@ -298,7 +298,6 @@ fn serve_through_gms(socket: &std::path::Path) -> (Reaped, String, String) {
 
 /// Like [`serve_through_gms`], with `extra` lines in `[model_engine]`.
 fn serve_with_gms(socket: &std::path::Path, extra: &str) -> (Reaped, String, String) {
-    use std::io::BufRead;
     let dir = std::env::temp_dir().join(format!("dynamix-gms-serve-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).expect("dir");
     let config = dir.join("config.toml");
@@ -310,43 +309,20 @@ fn serve_with_gms(socket: &std::path::Path, extra: &str) -> (Reaped, String, Str
         ),
     )
     .expect("config");
-    let mut child = Reaped(
+    let served = spawn_serving(
         Command::new(env!("CARGO_BIN_EXE_dynamix"))
             .arg("--config")
             .arg(&config)
-            .env("DYN_LOG", "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn dynamix"),
+            .env("DYN_LOG", "info"),
     );
-    let stderr = child.stderr.take().expect("stderr");
-    // Keep draining the log for the life of the process (a closed pipe would fail its writes).
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let mut how = String::new();
-    let mut base = None;
-    for line in rx.iter() {
-        if line.contains("model weights loaded") {
-            how = line.clone();
-        }
-        if let Some(rest) = line.split("on http://").nth(1) {
-            base = Some(format!(
-                "http://{}",
-                rest.split_whitespace().next().unwrap_or_default()
-            ));
-            break;
-        }
-    }
-    let base = base.unwrap_or_else(|| panic!("dynamix did not start; last weights line: {how}"));
-    (child, base, how)
+    let how = served
+        .early
+        .iter()
+        .rev()
+        .find(|line| line.contains("model weights loaded"))
+        .cloned()
+        .unwrap_or_default();
+    (Reaped(served.child), served.base, how)
 }
 
 #[actix_rt::test]

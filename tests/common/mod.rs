@@ -272,3 +272,57 @@ pub async fn run_sdk_script(script: &str, args: Vec<String>, marker: &str) {
     );
     assert!(stdout.contains(marker), "{stdout}");
 }
+
+/// A `dynamix` process started by a test, once it printed the address it serves on.
+pub struct Served {
+    /// The process.
+    pub child: std::process::Child,
+    /// `http://host:port` from its `serving ... on http://...` line.
+    pub base: String,
+    /// Its stderr lines after that one, as they come.
+    pub log: std::sync::mpsc::Receiver<String>,
+    /// Lines logged before the address.
+    pub early: Vec<String>,
+}
+
+/// Spawns `cmd` with stderr piped and waits (up to 60 s) for the line naming its address.
+pub fn spawn_serving(cmd: &mut std::process::Command) -> Served {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn dynamix");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Keep draining the log for the life of the process (a closed pipe would fail its writes).
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut early = Vec::new();
+    let base = loop {
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) else {
+            let _ = child.kill();
+            panic!("dynamix did not start: {early:?}");
+        };
+        if let Some(i) = line.find("on http://") {
+            break line[i + 3..]
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_string();
+        }
+        early.push(line);
+    };
+    Served {
+        child,
+        base,
+        log: rx,
+        early,
+    }
+}
