@@ -229,3 +229,29 @@ impl Handler<Generate> for EngineActor {
         );
     }
 }
+
+/// The router's index was rebuilt (its writer restarted): send every cached KV block again.
+/// Replies with how many blocks were sent.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct ResyncKv;
+
+impl Handler<ResyncKv> for EngineActor {
+    type Result = usize;
+
+    fn handle(&mut self, _msg: ResyncKv, ctx: &mut Self::Context) -> usize {
+        if self.supervision.given_up().is_some() {
+            return 0;
+        }
+        let engine = &mut self.engine;
+        let blocks = match catch_panic(|| engine.resync_kv()) {
+            Ok(blocks) => blocks,
+            Err(reason) => {
+                self.fault(reason, ctx);
+                return 0;
+            }
+        };
+        tracing::info!(engine = self.id, blocks, "KV blocks sent again for the rebuilt index");
+        blocks
+    }
+}

@@ -19,7 +19,7 @@ use futures_util::future::LocalBoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-pub use actor::{overloaded, EngineActor, Generate, ProgressSink};
+pub use actor::{overloaded, EngineActor, Generate, ProgressSink, ResyncKv};
 pub use mocker::{MockerConfig, MockerLoad};
 pub use model::{LlamaModel, ModelEngineConfig, ModelLoad};
 
@@ -320,6 +320,12 @@ pub trait Engine: 'static {
     fn name(&self) -> &'static str;
     /// Start generating `request` into `sink`.
     fn generate(&mut self, request: EngineRequest, sink: TokenSink) -> LocalBoxFuture<'static, ()>;
+
+    /// Send every cached KV block again as `stored` events (the router's index was rebuilt);
+    /// returns how many. Engines that publish no KV events send nothing.
+    fn resync_kv(&mut self) -> usize {
+        0
+    }
 }
 
 /// Everything needed to build one engine on its own thread (sent there, hence `Send`).

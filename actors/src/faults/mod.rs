@@ -41,6 +41,9 @@ pub enum FaultKind {
     HttpPanic,
     /// The embedding engine panics in a forward pass (its actor is stopped and restarted).
     EmbeddingsPanic,
+    /// The KV indexer panics while applying an event (it restarts from an empty index and the
+    /// engines send their blocks again).
+    IndexerPanic,
 }
 
 impl FaultKind {
@@ -55,6 +58,7 @@ impl FaultKind {
             FaultKind::ValidatorPanic => "validator_panic",
             FaultKind::HttpPanic => "http_panic",
             FaultKind::EmbeddingsPanic => "embeddings_panic",
+            FaultKind::IndexerPanic => "indexer_panic",
         }
     }
 
@@ -375,7 +379,8 @@ impl FaultInjector {
             FaultKind::RouterPanic
             | FaultKind::ValidatorPanic
             | FaultKind::HttpPanic
-            | FaultKind::EmbeddingsPanic => return None,
+            | FaultKind::EmbeddingsPanic
+            | FaultKind::IndexerPanic => return None,
         })
     }
 
@@ -395,6 +400,12 @@ impl FaultInjector {
     pub fn on_http(&self) -> bool {
         self.is_enabled()
             && Self::take(&mut self.state(), |s| s.kind == FaultKind::HttpPanic).is_some()
+    }
+
+    /// Called by the KV indexer for each event: true = panic now.
+    pub fn on_index(&self) -> bool {
+        self.is_enabled()
+            && Self::take(&mut self.state(), |s| s.kind == FaultKind::IndexerPanic).is_some()
     }
 
     /// Called by the embedding engine before each forward pass: true = panic now.

@@ -301,6 +301,31 @@ pub struct AppState {
     pub inflight: Arc<crate::gateway::inflight::InflightRegistry>,
     /// The embedding model; None when the embeddings family is off (its route answers 404).
     pub embeddings: Option<crate::embeddings::EmbeddingService>,
+    /// The HTTP workers' restart bookkeeping: a handler panic fails its request and counts as a
+    /// restart; past the budget it escalates to the root.
+    pub supervision: std::sync::Mutex<crate::supervision::RestartTracker>,
+}
+
+impl AppState {
+    /// A handler panicked with `reason` (its request already failed with a 500).
+    fn handler_panicked(&self, reason: String) {
+        use crate::supervision::Verdict;
+        let mut tracker = self
+            .supervision
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match tracker.on_failure(reason.clone()) {
+            Verdict::Restart => {
+                // Nothing to rebuild: the worker thread carries on with its other connections.
+                tracker.on_restart();
+                tracker.report_restarted(reason);
+            }
+            Verdict::GiveUp { failures } => {
+                tracker.escalate(failures, reason);
+            }
+            Verdict::AlreadyHandled => {}
+        }
+    }
 }
 
 /// A handler panicked: the request gets Dynamo's sanitized 500 body.
@@ -329,6 +354,7 @@ pub fn bind(state: Arc<AppState>) -> Result<(Server, Vec<SocketAddr>), std::io::
             .wrap_fn(|req, srv| {
                 let echoed = req.headers().get("x-request-id").cloned();
                 let path = req.path().to_string();
+                let state = req.app_data::<web::Data<AppState>>().cloned();
                 let fut = srv.call(req);
                 async move {
                     // A panic in a handler fails that request with a 500, not the worker thread and
@@ -338,6 +364,9 @@ pub fn bind(state: Arc<AppState>) -> Result<(Server, Vec<SocketAddr>), std::io::
                         Err(payload) => {
                             let reason = crate::supervision::panic_message(&*payload);
                             tracing::error!(%path, %reason, "HTTP handler panicked");
+                            if let Some(state) = state {
+                                state.handler_panicked(reason);
+                            }
                             return Err(HandlerPanicked.into());
                         }
                     };

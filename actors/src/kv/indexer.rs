@@ -796,6 +796,11 @@ impl SharedKvIndex {
         self.write().remove_worker(worker);
     }
 
+    /// Forgets every block (a restarted writer starts over; the engines send theirs again).
+    pub fn clear(&self) {
+        *self.write() = KvIndex::new();
+    }
+
     /// [`KvIndex::find_matches`] under the read lock.
     pub fn find_matches(&self, locals: &[LocalBlockHash], early_exit: bool) -> OverlapScores {
         self.read().find_matches(locals, early_exit)

@@ -11,6 +11,8 @@
 //! The tree itself (who starts whom, and what the root does with the events) is
 //! [`crate::supervisor`].
 
+pub mod tree;
+
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -131,6 +133,11 @@ impl RestartBudget {
         self.history.len() <= self.max as usize
     }
 
+    /// Changes how many restarts the window allows.
+    pub fn set_max(&mut self, max: u32) {
+        self.max = max;
+    }
+
     /// Failures recorded in the current window.
     pub fn recent(&self) -> usize {
         self.history.len()
@@ -172,15 +179,24 @@ pub struct Escalation {
     pub failures: usize,
     /// The last failure.
     pub last_error: String,
+    /// The subtree whose intensity was exceeded; `None` when the actor's own budget was.
+    pub subtree: Option<tree::Subtree>,
 }
 
 impl std::fmt::Display for Escalation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} {} failed {} times within its restart window; last error: {}",
-            self.actor, self.instance, self.failures, self.last_error
-        )
+        match self.subtree {
+            None => write!(
+                f,
+                "{} {} failed {} times within its restart window; last error: {}",
+                self.actor, self.instance, self.failures, self.last_error
+            ),
+            Some(subtree) => write!(
+                f,
+                "the {subtree} subtree went past its restart intensity ({} failures within its window), the last of {} {}; last error: {}",
+                self.failures, self.actor, self.instance, self.last_error
+            ),
+        }
     }
 }
 
@@ -318,6 +334,7 @@ impl RestartTracker {
             instance: self.instance.clone(),
             failures,
             last_error,
+            subtree: None,
         };
         self.given_up = Some(escalation.to_string());
         self.report(SupervisorEvent::Escalated(escalation.clone()));

@@ -22,7 +22,7 @@ use super::scheduler::{Emission, RequestKey, Scheduler, StepReport};
 use super::{KvEventSender, MockerConfig, MockerLoad};
 use crate::engine::{Engine, TokenSink};
 use crate::error::ApiError;
-use crate::kv::protocol::{KvCacheEvent, RouterEvent};
+use crate::kv::protocol::{KvCacheEvent, KvCacheEventData, RouterEvent};
 use crate::protocol::engine::{EngineOutput, EngineRequest};
 use crate::protocol::FinishReason;
 
@@ -98,6 +98,18 @@ impl Engine for MockerEngine {
 
     fn generate(&mut self, request: EngineRequest, sink: TokenSink) -> LocalBoxFuture<'static, ()> {
         run_request(self.shared.clone(), request, sink).boxed_local()
+    }
+
+    fn resync_kv(&mut self) -> usize {
+        // What happened before the snapshot goes out first, so nothing older follows it.
+        self.shared.publish_events();
+        let snapshot = match self.shared.scheduler.try_borrow() {
+            Ok(scheduler) => scheduler.kv_snapshot(),
+            Err(_) => return 0,
+        };
+        let blocks = snapshot.len();
+        self.shared.send_events(snapshot);
+        blocks
     }
 }
 
@@ -269,6 +281,11 @@ impl Shared {
             return;
         };
         let events = scheduler.take_events();
+        drop(scheduler);
+        self.send_events(events);
+    }
+
+    fn send_events(&self, events: Vec<KvCacheEventData>) {
         let Some(sender) = &self.events else {
             return;
         };

@@ -32,6 +32,8 @@ struct Block {
     refcount: u32,
     /// Set while the block is in the prefix cache.
     hashes: Option<BlockHashes>,
+    /// The sequence hash of the block before it (while cached; `None` for a sequence's first).
+    parent: Option<SequenceHash>,
     /// Set while the block sits in the inactive pool: its key in `inactive`.
     lru_tick: Option<u64>,
 }
@@ -145,6 +147,7 @@ impl KvManager {
                 let (_, id) = self.inactive.pop_first()?;
                 let block = &mut self.blocks[id];
                 block.lru_tick = None;
+                block.parent = None;
                 if let Some(hashes) = block.hashes.take() {
                     self.cached.remove(&hashes.sequence);
                     evicted.push(hashes.sequence);
@@ -208,6 +211,7 @@ impl KvManager {
                     if block.hashes.is_none() && !self.cached.contains_key(&hash.sequence) =>
                 {
                     block.hashes = Some(hash);
+                    block.parent = parent;
                     self.cached.insert(hash.sequence, id);
                     true
                 }
@@ -231,6 +235,52 @@ impl KvManager {
         if let Some(done) = run {
             self.events.push(KvCacheEventData::Stored(done));
         }
+    }
+
+    /// Every cached block as `stored` events, each block after its parent: what a router that lost
+    /// its index needs to know this cache again. Empty unless events are recorded.
+    pub(crate) fn snapshot(&self) -> Vec<KvCacheEventData> {
+        if !self.record_events {
+            return Vec::new();
+        }
+        // Depth of each cached block in its sequence (a parent that is no longer cached ends the walk).
+        let mut depth: HashMap<SequenceHash, usize> = HashMap::with_capacity(self.cached.len());
+        let mut chain = Vec::new();
+        for &sequence in self.cached.keys() {
+            let mut at = Some(sequence);
+            while let Some(hash) = at {
+                if depth.contains_key(&hash) {
+                    break;
+                }
+                let Some(block) = self.cached.get(&hash).and_then(|&id| self.blocks.get(id)) else {
+                    break;
+                };
+                chain.push(hash);
+                at = block.parent;
+            }
+            let mut below = at.and_then(|hash| depth.get(&hash).copied());
+            while let Some(hash) = chain.pop() {
+                let d = below.map_or(0, |b| b + 1);
+                depth.insert(hash, d);
+                below = Some(d);
+            }
+        }
+        let mut blocks: Vec<(usize, SequenceHash)> = depth.into_iter().map(|(h, d)| (d, h)).collect();
+        blocks.sort_unstable();
+        blocks
+            .into_iter()
+            .filter_map(|(_, sequence)| {
+                let block = self.blocks.get(*self.cached.get(&sequence)?)?;
+                let hashes = block.hashes?;
+                Some(KvCacheEventData::Stored(KvCacheStoreData {
+                    parent_hash: block.parent,
+                    blocks: vec![KvCacheStoredBlockData {
+                        block_hash: hashes.sequence,
+                        tokens_hash: hashes.local,
+                    }],
+                }))
+            })
+            .collect()
     }
 
     /// The events recorded since the last call, oldest first.
@@ -358,6 +408,37 @@ mod tests {
         // One free plus one evictable.
         assert_eq!(kv.allocate(2).map(|ids| ids.len()), Some(2));
         assert_eq!(kv.allocate(1), None);
+    }
+
+    #[test]
+    fn a_snapshot_replays_every_cached_block_after_its_parent() {
+        let mut kv = KvManager::new(16, true, true);
+        let a = hashes(&(0..12).collect::<Vec<_>>());
+        // A second sequence sharing a's first block, then diverging.
+        let b = hashes(&[0, 1, 2, 3, 90, 91, 92, 93]);
+        let first = kv.allocate(3).unwrap();
+        kv.register_run(&first, &a, None);
+        let second = kv.allocate(1).unwrap();
+        kv.register_run(&second, &b[1..], Some(b[0].sequence));
+        kv.take_events();
+        let snapshot = kv.snapshot();
+        assert_eq!(snapshot.len(), 4, "{snapshot:?}");
+        // Replayed into an empty index, every event finds its parent.
+        let mut index = crate::kv::indexer::KvIndex::new();
+        for (event_id, data) in snapshot.into_iter().enumerate() {
+            let event = crate::kv::protocol::RouterEvent {
+                worker_id: 3,
+                event: crate::kv::protocol::KvCacheEvent {
+                    event_id: event_id as u64,
+                    data,
+                    dp_rank: 0,
+                },
+            };
+            index.apply(&event).expect("parent known");
+        }
+        assert_eq!(index.worker_block_count(3), 4);
+        // Without recorded events there is nothing to replay.
+        assert!(KvManager::new(16, true, false).snapshot().is_empty());
     }
 
     #[test]

@@ -311,6 +311,11 @@ impl Scheduler {
         self.kv.take_events()
     }
 
+    /// Every cached block as `stored` events, parents first (see `KvManager::snapshot`).
+    pub(crate) fn kv_snapshot(&self) -> Vec<KvCacheEventData> {
+        self.kv.snapshot()
+    }
+
     /// Plan and run one forward pass.
     pub(crate) fn step(&mut self) -> StepReport {
         let mut report = StepReport::default();

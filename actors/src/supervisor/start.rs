@@ -1,0 +1,524 @@
+//! Starting the tree: one function per actor kind, called in the order the tree declares
+//! ([`crate::supervision::tree::start_order`]). Each returns the children it started (with how to
+//! stop them) and leaves what later kinds need in [`Startup`]; a failure stops what already runs,
+//! last started first, and is the start's error.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use futures_util::FutureExt;
+
+use super::{RunningService, ServiceConfig, StartError, Supervisor};
+use crate::embeddings::EmbeddingService;
+use crate::engine::{
+    EngineActor, EngineKind, EngineLoad, EngineSpec, LlamaModel, MockerLoad, ModelLoad,
+    ProgressSink, ResyncKv,
+};
+use crate::faults::FaultInjector;
+use crate::gateway::inflight::InflightRegistry;
+use crate::gateway::migration::Migrator;
+use crate::gateway::Gateway;
+use crate::http::{
+    self, AppState, ClusterStatus, EngineInfo, EngineRegistry, HttpActor, Lifecycle, ModelCard,
+};
+use crate::kv::indexer::SharedKvIndex;
+use crate::kv::protocol::RouterEvent;
+use crate::metrics::{FrontendMetrics, ModelGauges};
+use crate::router::indexer::KvIndexerActor;
+use crate::router::policy::KvContext;
+use crate::router::{EngineSlot, KvRouterActor, RouterMode};
+use crate::supervision::tree::{start_order, Child, Tree, POOL};
+use crate::supervision::{shared_budget, ActorKind, RestartTracker, SupervisorEvent};
+use crate::tokenizer::ModelTokenizer;
+use crate::validator::ValidatorActor;
+
+type Events = tokio::sync::mpsc::UnboundedSender<SupervisorEvent>;
+
+/// What the children started so far left for the ones after them.
+struct Startup {
+    config: ServiceConfig,
+    tokenizer: Arc<ModelTokenizer>,
+    weights: Option<Arc<LlamaModel>>,
+    gms: Option<crate::gms::InProcessGms>,
+    metrics: Arc<FrontendMetrics>,
+    faults: Arc<FaultInjector>,
+    events: Events,
+    block_size: usize,
+    /// The shared prefix index (kv routing only).
+    index: Option<SharedKvIndex>,
+    /// Where engines send KV events (the indexer's or the exporter's channel).
+    kv_events: Option<tokio::sync::mpsc::UnboundedSender<RouterEvent>>,
+    kv_events_rx: Option<tokio::sync::mpsc::UnboundedReceiver<RouterEvent>>,
+    indexer: Option<Addr<KvIndexerActor>>,
+    /// Engines report request progress to the router, which starts after them.
+    progress: ProgressSink,
+    slots: Vec<EngineSlot>,
+    infos: Vec<EngineInfo>,
+    router: Option<Addr<KvRouterActor>>,
+    validator: Option<Addr<ValidatorActor>>,
+    embeddings: Option<EmbeddingService>,
+    /// Engines and their live load (remote ones join later on a frontend).
+    registry: Arc<EngineRegistry>,
+    inflight: Arc<InflightRegistry>,
+    http_addrs: Vec<std::net::SocketAddr>,
+    cluster: ClusterStatus,
+}
+
+/// A kind the declaration puts later was needed earlier: the tree's order and its wiring disagree.
+fn out_of_order(what: &str) -> StartError {
+    StartError::Config(format!(
+        "the supervision tree starts {what} after an actor that needs it"
+    ))
+}
+
+/// A stop that stops an arbiter thread.
+fn stop_arbiter(arbiter: Arbiter) -> impl FnOnce() -> futures_util::future::LocalBoxFuture<'static, ()> {
+    move || {
+        arbiter.stop();
+        async {}.boxed_local()
+    }
+}
+
+impl Startup {
+    /// The in-process memory service, started by the bootstrap (the weights are loaded through it).
+    fn memory(&mut self) -> Vec<Child> {
+        let Some(gms) = self.gms.take() else {
+            return Vec::new();
+        };
+        vec![Child::new(ActorKind::MemoryService, "0").stopped_by(move || {
+            gms.stop();
+            async {}.boxed_local()
+        })]
+    }
+
+    fn indexer(&mut self) -> Vec<Child> {
+        let (Some(index), Some(rx)) = (self.index.clone(), self.kv_events_rx.take()) else {
+            return Vec::new();
+        };
+        let arbiter = Arbiter::new();
+        let (supervision, events, faults) = (
+            self.config.supervision.clone(),
+            self.events.clone(),
+            self.faults.clone(),
+        );
+        let addr = actix::Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
+            KvIndexerActor::new(index, rx).supervised(&supervision, events, faults)
+        });
+        self.indexer = Some(addr);
+        vec![Child::new(ActorKind::Indexer, "0").stopped_by(stop_arbiter(arbiter))]
+    }
+
+    fn engines(&mut self) -> Vec<Child> {
+        if self.config.remote_engines {
+            return Vec::new();
+        }
+        let config = &self.config;
+        let output_tokens = mocker_vocabulary(&self.tokenizer);
+        let mut children = Vec::new();
+        for (index, device) in config.engine.devices.iter().enumerate() {
+            let id = index as u64;
+            let load = Arc::new(EngineLoad::default());
+            let arbiter = Arbiter::new();
+            let mocker_load = Arc::new(MockerLoad::default());
+            let model_load = Arc::new(ModelLoad::default());
+            let spec = EngineSpec {
+                kind: config.engine.kind,
+                instance_id: id,
+                echo: config.echo.clone(),
+                mocker: config.mocker.clone(),
+                output_tokens: output_tokens.clone(),
+                kv_events: self.kv_events.clone(),
+                mocker_load: mocker_load.clone(),
+                model: self.weights.clone(),
+                model_engine: config.model_engine.clone(),
+                model_load: model_load.clone(),
+            };
+            let (capacity, device_name, actor_load) = (
+                config.engine.admission_capacity,
+                device.clone(),
+                load.clone(),
+            );
+            let (progress, supervision, events, faults) = (
+                self.progress.clone(),
+                config.supervision.clone(),
+                self.events.clone(),
+                self.faults.clone(),
+            );
+            let addr = actix::Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
+                EngineActor::new(id, device_name, spec, capacity, actor_load)
+                    .with_progress(progress)
+                    .supervised(&supervision, events, faults)
+            });
+            self.slots.push(EngineSlot {
+                id,
+                addr: addr.clone().recipient(),
+                load: load.clone(),
+                capacity: config.engine.admission_capacity,
+                device: device.clone(),
+            });
+            self.infos.push(EngineInfo {
+                instance_id: id,
+                engine: config.engine.kind.as_str().into(),
+                device: device.clone(),
+                load: load.clone(),
+                mocker: (config.engine.kind == EngineKind::Mocker).then_some(mocker_load),
+                model: (config.engine.kind == EngineKind::Model).then_some(model_load),
+                transport: "in-process".into(),
+                endpoint_id: ["dynamix".into(), "backend".into(), "generate".into()],
+                remote: None,
+            });
+            let (resync, queued) = (addr.clone(), load.clone());
+            children.push(
+                Child::new(ActorKind::Engine, id.to_string())
+                    .stopped_by(move || {
+                        load.retired
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                        arbiter.stop();
+                        async {}.boxed_local()
+                    })
+                    .resynced_by(move || resync.do_send(ResyncKv))
+                    .mailbox(move || queued.active()),
+            );
+        }
+        self.registry = Arc::new(EngineRegistry::new(std::mem::take(&mut self.infos)));
+        children
+    }
+
+    fn router(&mut self) -> Result<Vec<Child>, StartError> {
+        let kv_context = self.index.clone().map(|index| KvContext {
+            block_size: self.block_size,
+            index,
+            metrics: Some(self.metrics.clone()),
+        });
+        let slots = std::mem::take(&mut self.slots);
+        let actor = KvRouterActor::new(&self.config.router, slots, kv_context)
+            .map_err(|e| StartError::Config(e.message))?
+            .supervised(
+                &self.config.supervision,
+                self.events.clone(),
+                self.faults.clone(),
+            );
+        let router = actix::Supervisor::start(move |_| actor);
+        if self.config.router.mode == RouterMode::Kv {
+            let _ = self.progress.set(router.clone().recipient());
+        }
+        self.router = Some(router);
+        // Stops when the last address goes (the serving path holds them).
+        Ok(vec![Child::new(ActorKind::Router, "0")])
+    }
+
+    fn validators(&mut self) -> Vec<Child> {
+        let config = &self.config;
+        let (cfg, model, tok, m, ev, f) = (
+            config.validator.clone(),
+            config.model_name.clone(),
+            self.tokenizer.clone(),
+            self.metrics.clone(),
+            self.events.clone(),
+            self.faults.clone(),
+        );
+        // One restart intensity for all validator threads: a re-created validator keeps counting.
+        let budget = shared_budget(&config.supervision);
+        let threads = config.validator.threads.max(1);
+        self.validator = Some(SyncArbiter::start(threads, move || {
+            ValidatorActor::new(cfg.clone(), model.clone(), tok.clone(), m.clone()).supervised(
+                budget.clone(),
+                ev.clone(),
+                f.clone(),
+            )
+        }));
+        // One child for the pool: its SyncArbiter re-creates a stopped validator on its own.
+        vec![Child::new(ActorKind::Validator, POOL)]
+    }
+
+    fn embeddings(&mut self) -> Result<Vec<Child>, StartError> {
+        // Only the HTTP server serves embeddings: terminal and batch runs do not load the model.
+        if !(self.config.embeddings.enabled && self.config.serve_http) {
+            return Ok(Vec::new());
+        }
+        let running = crate::embeddings::start(
+            &self.config.embeddings,
+            self.config.validator.ignore_unsupported_fields,
+            &self.config.supervision,
+            self.events.clone(),
+            self.faults.clone(),
+        )?;
+        self.embeddings = Some(running.service);
+        Ok(vec![
+            Child::new(ActorKind::Embeddings, "0").stopped_by(stop_arbiter(running.arbiter))
+        ])
+    }
+
+    fn gateway(&self) -> Result<Gateway, StartError> {
+        let router = self.router.clone().ok_or_else(|| out_of_order("the router"))?;
+        Ok(Gateway {
+            validator: self
+                .validator
+                .clone()
+                .ok_or_else(|| out_of_order("the validators"))?,
+            router: router.clone(),
+            tokenizer: self.tokenizer.clone(),
+            stream_buffer: self.config.engine.stream_buffer,
+            migrator: Arc::new(Migrator {
+                config: self.config.migration.clone(),
+                router,
+                metrics: Some(self.metrics.clone()),
+                model: self.config.model_name.clone(),
+                inflight: self.inflight.clone(),
+                stream_buffer: self.config.engine.stream_buffer,
+            }),
+        })
+    }
+
+    fn http(&mut self) -> Result<Vec<Child>, StartError> {
+        if !self.config.serve_http {
+            return Ok(Vec::new());
+        }
+        let config = &self.config;
+        let lifecycle = Arc::new(Lifecycle::default());
+        let state = Arc::new(AppState {
+            gateway: self.gateway()?,
+            metrics: self.metrics.clone(),
+            config: config.http.clone(),
+            model: ModelCard {
+                name: config.model_name.clone(),
+                context_length: self.tokenizer.context_length(),
+            },
+            lifecycle: lifecycle.clone(),
+            engines: self.registry.clone(),
+            faults: self.faults.clone(),
+            inflight: self.inflight.clone(),
+            embeddings: self.embeddings.clone(),
+            cluster: self.cluster.clone(),
+            supervision: std::sync::Mutex::new({
+                let mut tracker = RestartTracker::new(ActorKind::Http, "0");
+                tracker.supervise(&config.supervision, self.events.clone());
+                tracker
+            }),
+        });
+        let (server, addrs) = http::bind(state)?;
+        self.http_addrs = addrs;
+        let handle = server.handle();
+        let (events, watching) = (self.events.clone(), lifecycle.clone());
+        actix_rt::spawn(async move {
+            let ended = server.await;
+            // The server only ends on its own when it failed: the process cannot serve without it.
+            if !watching.is_draining() {
+                let last_error = match ended {
+                    Err(e) => e.to_string(),
+                    Ok(()) => "the HTTP server stopped without a drain".into(),
+                };
+                let _ = events.send(SupervisorEvent::Escalated(crate::supervision::Escalation {
+                    actor: ActorKind::Http,
+                    instance: "0".into(),
+                    failures: 1,
+                    last_error,
+                    subtree: None,
+                }));
+            }
+        });
+        let timeout = Duration::from_secs(config.http.graceful_shutdown_timeout_secs);
+        let actor = HttpActor::new(handle, lifecycle, timeout).start();
+        Ok(vec![Child::new(ActorKind::Http, "0").stopped_by(move || {
+            async move {
+                let _ = actor.send(http::Drain).await;
+            }
+            .boxed_local()
+        })])
+    }
+}
+
+/// Settings the actors would reject, caught before anything starts.
+fn check(config: &ServiceConfig, has_weights: bool) -> Result<usize, StartError> {
+    if config.engine.devices.is_empty() && !config.remote_engines {
+        return Err(StartError::Config(
+            "engine.devices must list at least one device".into(),
+        ));
+    }
+    if config.engine.kind == EngineKind::Model && !config.remote_engines {
+        if !has_weights {
+            return Err(StartError::Config(
+                "engine.kind = \"model\" needs the model's weights loaded".into(),
+            ));
+        }
+        config.model_engine.validate().map_err(StartError::Config)?;
+    }
+    let block_size = match config.engine.kind {
+        EngineKind::Mocker => config.mocker.block_size,
+        _ => config.router.kv_cache_block_size.unwrap_or(64),
+    };
+    if let Some(size) = config.router.kv_cache_block_size {
+        if size != block_size {
+            return Err(StartError::Config(format!(
+                "router.kv_cache_block_size = {size} does not match the engines' KV block size of {block_size} tokens"
+            )));
+        }
+    }
+    Ok(block_size)
+}
+
+/// The frontend metrics with the model's gauges set.
+fn metrics(
+    config: &ServiceConfig,
+    tokenizer: &ModelTokenizer,
+    block_size: usize,
+) -> Result<Arc<FrontendMetrics>, StartError> {
+    let env = |key: &str| std::env::var(key).ok();
+    let metrics = Arc::new(
+        FrontendMetrics::new(&config.metrics.prefix, &env)
+            .map_err(|e| StartError::Metrics(e.to_string()))?,
+    );
+    let mut gauges = ModelGauges {
+        context_length: Some(u64::from(tokenizer.context_length())),
+        ..ModelGauges::default()
+    };
+    if config.engine.kind == EngineKind::Mocker {
+        gauges.kv_cache_block_size = Some(block_size as u64);
+        gauges.total_kv_blocks =
+            Some((config.mocker.num_gpu_blocks * config.engine.devices.len()) as u64);
+        gauges.max_num_seqs = Some(config.mocker.max_num_seqs as u64);
+        gauges.max_num_batched_tokens = Some(config.mocker.max_num_batched_tokens as u64);
+    }
+    metrics.set_model_gauges(&config.model_name, &gauges);
+    Ok(metrics)
+}
+
+/// Start the tree. Must run inside an actix System.
+/// `weights` must be given when the engine kind is `model` (loaded once, shared by every engine); `gms`
+/// is an in-process memory service the tree takes ownership of (its first child).
+pub async fn start(
+    config: ServiceConfig,
+    tokenizer: Arc<ModelTokenizer>,
+    weights: Option<Arc<LlamaModel>>,
+    gms: Option<crate::gms::InProcessGms>,
+) -> Result<RunningService, StartError> {
+    let block_size = check(&config, weights.is_some())?;
+    let metrics = metrics(&config, &tokenizer, block_size)?;
+    let kv_mode = config.router.mode == RouterMode::Kv;
+    // KV events flow engine → indexer only when the kv router consumes them; a worker exports them.
+    let index = kv_mode.then(SharedKvIndex::default);
+    let (mut kv_events, mut kv_events_rx, mut kv_events_out) = (None, None, None);
+    if config.export_kv_events {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        kv_events = Some(tx);
+        kv_events_out = Some(rx);
+    } else if kv_mode && config.router.use_kv_events {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        kv_events = Some(tx);
+        kv_events_rx = Some(rx);
+    }
+    let (events, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let faults = FaultInjector::new(config.faults.clone());
+    let mut startup = Startup {
+        tokenizer,
+        weights,
+        gms,
+        metrics: metrics.clone(),
+        faults: faults.clone(),
+        events,
+        block_size,
+        index,
+        kv_events,
+        kv_events_rx,
+        indexer: None,
+        progress: ProgressSink::default(),
+        slots: Vec::new(),
+        infos: Vec::new(),
+        router: None,
+        validator: None,
+        embeddings: None,
+        registry: Arc::new(EngineRegistry::new(Vec::new())),
+        inflight: Arc::new(InflightRegistry::default()),
+        http_addrs: Vec::new(),
+        cluster: ClusterStatus::default(),
+        config,
+    };
+    let mut tree = Tree::new(&startup.config.supervision);
+    for kind in start_order() {
+        let started = match kind {
+            ActorKind::MemoryService => Ok(startup.memory()),
+            ActorKind::Indexer => Ok(startup.indexer()),
+            ActorKind::Engine => Ok(startup.engines()),
+            ActorKind::Router => startup.router(),
+            ActorKind::Validator => Ok(startup.validators()),
+            ActorKind::Embeddings => startup.embeddings(),
+            ActorKind::Http => startup.http(),
+            // Started by the distributed layer, outside this tree.
+            ActorKind::RequestPlane => Ok(Vec::new()),
+        };
+        match started {
+            Ok(children) => children.into_iter().for_each(|child| tree.add(child)),
+            Err(e) => {
+                tree.stop().await;
+                return Err(e);
+            }
+        }
+    }
+    let gateway = match startup.gateway() {
+        Ok(gateway) => gateway,
+        Err(e) => {
+            tree.stop().await;
+            return Err(e);
+        }
+    };
+    // A frontend keeps one sender for events from workers; otherwise the channel closes with the
+    // last engine.
+    let kv_events_in = match startup.config.remote_engines {
+        true => startup.kv_events.take(),
+        false => None,
+    };
+    let (escalated_tx, escalated_rx) = tokio::sync::watch::channel(None);
+    let supervisor = Supervisor {
+        tree,
+        router: gateway.router.clone(),
+        indexer: startup.indexer.clone(),
+        metrics: metrics.clone(),
+        inflight: startup.inflight.clone(),
+        faults: faults.clone(),
+        events: Some(events_rx),
+        escalated: escalated_tx,
+    }
+    .start();
+    Ok(RunningService {
+        supervisor,
+        http_addrs: startup.http_addrs,
+        gateway,
+        metrics,
+        engines: startup.registry,
+        inflight: startup.inflight,
+        faults,
+        kv_events_in,
+        indexer: startup.indexer,
+        kv_events_out,
+        cluster: startup.cluster,
+        kv_block_size: block_size,
+        escalated: escalated_rx,
+    })
+}
+
+/// Words the mocker draws its output from, so that simulated responses are real text.
+const MOCKER_TEXT: &str = "The model is simulated, but the words are real: it reads the request, \
+    weighs the cached prefix against the work still queued, and answers with a steady stream of \
+    plain English tokens until the requested length is reached. Routing, batching, prefill and \
+    decode all take the time a real accelerator would need for the same shapes of work.";
+
+/// The mocker's output vocabulary: the ordinary tokens of [`MOCKER_TEXT`].
+fn mocker_vocabulary(tokenizer: &ModelTokenizer) -> Arc<[u32]> {
+    let mut ids: Vec<u32> = tokenizer
+        .encode(MOCKER_TEXT)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|&id| !tokenizer.is_special(id))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.is_empty() {
+        // A tokenizer that cannot encode plain English still has ids; any non-special one will do.
+        ids = (0..tokenizer.vocab_size() as u32)
+            .filter(|&id| !tokenizer.is_special(id))
+            .take(64)
+            .collect();
+    }
+    ids.into()
+}
