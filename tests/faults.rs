@@ -322,7 +322,34 @@ async fn a_panicking_http_handler_fails_one_request_and_the_server_keeps_serving
     }
     let (status, health) = get_health(&server).await;
     assert_eq!(status, 200, "{health}");
+    // The root counted it as a restart of the http child.
+    let service = server.service.as_ref().expect("running");
+    let (tree, timeline) = service.snapshot().await.expect("the root answers");
+    let http = tree
+        .children
+        .iter()
+        .find(|s| s.name == "http")
+        .and_then(|s| s.children.first())
+        .expect("http child");
+    assert_eq!((http.name.as_str(), http.restarts), ("http 0", 1));
+    assert!(
+        timeline
+            .iter()
+            .any(|e| e.event == "restarted" && e.detail.contains("injected fault")),
+        "{timeline:?}"
+    );
     server.stop().await;
+}
+
+/// HTTP handler panics count against a restart intensity like any actor's.
+#[actix_rt::test]
+async fn http_handler_panics_past_the_restart_intensity_escalate() {
+    let escalation = escalation_after(1, "http_panic", 2, 2).await;
+    assert_eq!(
+        escalation.actor,
+        dynamix_actors::supervision::ActorKind::Http
+    );
+    assert_eq!(escalation.failures, 2);
 }
 
 #[actix_rt::test]
@@ -387,6 +414,20 @@ async fn an_engine_past_its_restart_budget_leaves_routing_and_health_says_why() 
     );
     let (status, body) = post_json(&server.url("/v1/chat/completions"), &chat_body(TEXT)).await;
     assert_eq!(status, 503, "{body}");
+    // An engines subtree with no engine left escalates: the binary would exit non-zero.
+    let service = server.service.as_ref().expect("running");
+    let escalation = tokio::time::timeout(Duration::from_secs(5), service.escalated())
+        .await
+        .expect("the failure reaches the root");
+    assert_eq!(
+        escalation.subtree,
+        Some(dynamix_actors::supervision::tree::Subtree::Engines),
+        "{escalation}"
+    );
+    assert!(
+        escalation.to_string().contains("no engine left"),
+        "{escalation}"
+    );
     server.stop().await;
 }
 

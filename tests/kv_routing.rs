@@ -157,6 +157,75 @@ async fn shared_prefixes_stick_to_their_engine_until_it_is_removed() {
     server.stop().await;
 }
 
+/// The actors of `kind` in the tree, with their restart counts, and the timeline's events.
+async fn tree_of(server: &TestServer) -> (Value, Vec<(String, String)>) {
+    let service = server.service.as_ref().expect("running");
+    let (tree, timeline) = service.snapshot().await.expect("the root answers");
+    let events = timeline
+        .iter()
+        .map(|e| (e.event.to_string(), format!("{} {}", e.actor, e.instance)))
+        .collect();
+    (serde_json::to_value(tree).expect("serializable"), events)
+}
+
+#[actix_rt::test]
+async fn a_restarted_indexer_rebuilds_the_index_from_the_engines_blocks() {
+    let server = start(&format!("{KV_CONFIG}\n[faults]\nenabled = true\n")).await;
+    let home = complete_on(&server, &prompt(3, 320, 0)).await;
+
+    // The next KV event the indexer applies panics it; another request makes one.
+    let service = server.service.as_ref().expect("running");
+    service
+        .faults
+        .arm(dynamix_actors::faults::FaultSpec::new(
+            dynamix_actors::faults::FaultKind::IndexerPanic,
+        ))
+        .expect("armed");
+    complete_on(&server, &prompt(4, 64, 0)).await;
+    let mut waited = 0;
+    let events = loop {
+        let (_, events) = tree_of(&server).await;
+        if events.iter().filter(|(e, _)| e == "resynced").count() == 4 || waited > 50 {
+            break events;
+        }
+        waited += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        events[0],
+        ("restarted".to_string(), "indexer 0".to_string()),
+        "{events:?}"
+    );
+    let resynced: Vec<&str> = events[1..].iter().map(|(_, who)| who.as_str()).collect();
+    assert_eq!(
+        resynced,
+        ["engine 0", "engine 1", "engine 2", "engine 3"],
+        "rest-for-one: every engine after the indexer sends its blocks again"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // The restarted index knows the home engine's prefix again: it still attracts its requests,
+    // and the router expects the whole prefix cached.
+    let cached = cached_tokens_sum(&server).await;
+    for suffix in 1..4 {
+        assert_eq!(complete_on(&server, &prompt(3, 320, suffix)).await, home);
+    }
+    assert!(
+        cached_tokens_sum(&server).await - cached >= 3.0 * 320.0,
+        "the rebuilt index scores the cached prefix"
+    );
+    let (tree, _) = tree_of(&server).await;
+    let kv = tree["children"]
+        .as_array()
+        .and_then(|c| c.iter().find(|s| s["name"] == "kv"))
+        .expect("kv subtree");
+    assert_eq!(kv["strategy"], "rest_for_one", "{kv}");
+    assert_eq!(kv["children"][0]["name"], "indexer 0", "{kv}");
+    assert_eq!(kv["children"][0]["restarts"], 1, "{kv}");
+    assert_eq!(kv["children"][0]["state"], "running", "{kv}");
+    server.stop().await;
+}
+
 #[actix_rt::test]
 async fn kv_metrics_are_exported() {
     let server = start(KV_CONFIG).await;

@@ -251,7 +251,11 @@ impl Handler<ResyncKv> for EngineActor {
                 return 0;
             }
         };
-        tracing::info!(engine = self.id, blocks, "KV blocks sent again for the rebuilt index");
+        tracing::info!(
+            engine = self.id,
+            blocks,
+            "KV blocks sent again for the rebuilt index"
+        );
         blocks
     }
 }

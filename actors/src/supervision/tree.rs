@@ -226,7 +226,10 @@ impl Child {
     }
 
     /// How to stop it.
-    pub fn stopped_by(mut self, stop: impl FnOnce() -> LocalBoxFuture<'static, ()> + 'static) -> Self {
+    pub fn stopped_by(
+        mut self,
+        stop: impl FnOnce() -> LocalBoxFuture<'static, ()> + 'static,
+    ) -> Self {
         self.stop = Some(Box::new(stop));
         self
     }
@@ -326,9 +329,9 @@ impl Tree {
     /// The child `kind` `instance`, or the pool of that kind (validator threads, whose host
     /// re-creates them under new names).
     fn position(&self, kind: ActorKind, instance: &str) -> Option<usize> {
-        self.children.iter().position(|(_, c)| {
-            c.kind == kind && (c.instance == instance || c.instance == POOL)
-        })
+        self.children
+            .iter()
+            .position(|(_, c)| c.kind == kind && (c.instance == instance || c.instance == POOL))
     }
 
     fn record(&mut self, event: &'static str, actor: ActorKind, instance: &str, detail: String) {
@@ -379,7 +382,9 @@ impl Tree {
                 let later: Vec<usize> = (0..self.children.len())
                     .filter(|&i| {
                         let key = &self.children[i].0;
-                        key.len() > depth && key[..depth] == self.children[at].0[..depth] && key[depth] > slot
+                        key.len() > depth
+                            && key[..depth] == self.children[at].0[..depth]
+                            && key[depth] > slot
                     })
                     .collect();
                 for i in later {

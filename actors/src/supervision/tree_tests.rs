@@ -21,7 +21,11 @@ fn child(kind: ActorKind, instance: &str, log: &Rc<RefCell<Vec<String>>>) -> Chi
         .stopped_by(move || {
             async move { stop_log.borrow_mut().push(format!("stop {name}")) }.boxed_local()
         })
-        .resynced_by(move || resync_log.borrow_mut().push(format!("resync {resync_name}")))
+        .resynced_by(move || {
+            resync_log
+                .borrow_mut()
+                .push(format!("resync {resync_name}"))
+        })
 }
 
 #[test]
@@ -96,7 +100,13 @@ fn a_restarted_indexer_resyncs_the_engines_after_it_and_nothing_else() {
     let events: Vec<&str> = tree.timeline().iter().map(|e| e.event).collect();
     assert_eq!(
         events,
-        vec!["restarted", "resynced", "resynced", "restarted", "restarted"]
+        vec![
+            "restarted",
+            "resynced",
+            "resynced",
+            "restarted",
+            "restarted"
+        ]
     );
 }
 
@@ -143,7 +153,10 @@ fn a_subtree_with_every_child_given_up_escalates() {
         panic!("no engine left escalates");
     };
     assert_eq!(escalation.subtree, Some(Subtree::Engines));
-    assert!(escalation.last_error.contains("no engine left"), "{escalation}");
+    assert!(
+        escalation.last_error.contains("no engine left"),
+        "{escalation}"
+    );
 }
 
 #[test]
@@ -162,7 +175,9 @@ fn a_removed_child_leaves_the_tree_and_returns_its_stop() {
     let mut tree = Tree::new(&config(5));
     tree.add(child(ActorKind::Engine, "0", &log));
     tree.add(child(ActorKind::Engine, "1", &log));
-    let stop = tree.remove(ActorKind::Engine, "0").expect("engine 0 is there");
+    let stop = tree
+        .remove(ActorKind::Engine, "0")
+        .expect("engine 0 is there");
     stop().now_or_never().expect("stops at once");
     assert_eq!(*log.borrow(), vec!["stop engine 0"]);
     assert!(tree.remove(ActorKind::Engine, "0").is_none());

@@ -176,7 +176,10 @@ impl Handler<RemoveEngine> for Supervisor {
     type Result = ResponseActFuture<Self, bool>;
 
     fn handle(&mut self, msg: RemoveEngine, _ctx: &mut Self::Context) -> Self::Result {
-        let Some(stop) = self.tree.remove(ActorKind::Engine, &msg.engine_id.to_string()) else {
+        let Some(stop) = self
+            .tree
+            .remove(ActorKind::Engine, &msg.engine_id.to_string())
+        else {
             return Box::pin(actix::fut::ready(false));
         };
         Box::pin(self.retire_engine(msg.engine_id, stop).map(|_, _, _| true))
@@ -334,6 +337,11 @@ impl RunningService {
     /// Drain and stop the tree.
     pub async fn shutdown(self) {
         let _ = self.supervisor.send(Shutdown).await;
+    }
+
+    /// The supervision tree as it stands, and its recent timeline (empty once the tree stopped).
+    pub async fn snapshot(&self) -> Option<(TreeView, Vec<TimelineEntry>)> {
+        self.supervisor.send(Snapshot).await.ok()
     }
 
     /// Take engine `engine_id` out of service (see [`RemoveEngine`]); false if there is none.

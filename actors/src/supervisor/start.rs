@@ -73,7 +73,9 @@ fn out_of_order(what: &str) -> StartError {
 }
 
 /// A stop that stops an arbiter thread.
-fn stop_arbiter(arbiter: Arbiter) -> impl FnOnce() -> futures_util::future::LocalBoxFuture<'static, ()> {
+fn stop_arbiter(
+    arbiter: Arbiter,
+) -> impl FnOnce() -> futures_util::future::LocalBoxFuture<'static, ()> {
     move || {
         arbiter.stop();
         async {}.boxed_local()
@@ -86,10 +88,12 @@ impl Startup {
         let Some(gms) = self.gms.take() else {
             return Vec::new();
         };
-        vec![Child::new(ActorKind::MemoryService, "0").stopped_by(move || {
-            gms.stop();
-            async {}.boxed_local()
-        })]
+        vec![
+            Child::new(ActorKind::MemoryService, "0").stopped_by(move || {
+                gms.stop();
+                async {}.boxed_local()
+            }),
+        ]
     }
 
     fn indexer(&mut self) -> Vec<Child> {
@@ -251,7 +255,10 @@ impl Startup {
     }
 
     fn gateway(&self) -> Result<Gateway, StartError> {
-        let router = self.router.clone().ok_or_else(|| out_of_order("the router"))?;
+        let router = self
+            .router
+            .clone()
+            .ok_or_else(|| out_of_order("the router"))?;
         Ok(Gateway {
             validator: self
                 .validator
@@ -320,12 +327,14 @@ impl Startup {
         });
         let timeout = Duration::from_secs(config.http.graceful_shutdown_timeout_secs);
         let actor = HttpActor::new(handle, lifecycle, timeout).start();
-        Ok(vec![Child::new(ActorKind::Http, "0").stopped_by(move || {
-            async move {
-                let _ = actor.send(http::Drain).await;
-            }
-            .boxed_local()
-        })])
+        Ok(vec![Child::new(ActorKind::Http, "0").stopped_by(
+            move || {
+                async move {
+                    let _ = actor.send(http::Drain).await;
+                }
+                .boxed_local()
+            },
+        )])
     }
 }
 

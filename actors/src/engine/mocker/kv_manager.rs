@@ -265,7 +265,8 @@ impl KvManager {
                 below = Some(d);
             }
         }
-        let mut blocks: Vec<(usize, SequenceHash)> = depth.into_iter().map(|(h, d)| (d, h)).collect();
+        let mut blocks: Vec<(usize, SequenceHash)> =
+            depth.into_iter().map(|(h, d)| (d, h)).collect();
         blocks.sort_unstable();
         blocks
             .into_iter()
