@@ -324,8 +324,9 @@ async fn a_panicking_http_handler_fails_one_request_and_the_server_keeps_serving
     assert_eq!(status, 200, "{health}");
     // The root counted it as a restart of the http child.
     let service = server.service.as_ref().expect("running");
-    let (tree, timeline) = service.snapshot().await.expect("the root answers");
-    let http = tree
+    let snapshot = service.snapshot().await.expect("the root answers");
+    let http = snapshot
+        .tree
         .children
         .iter()
         .find(|s| s.name == "http")
@@ -333,10 +334,12 @@ async fn a_panicking_http_handler_fails_one_request_and_the_server_keeps_serving
         .expect("http child");
     assert_eq!((http.name.as_str(), http.restarts), ("http 0", 1));
     assert!(
-        timeline
+        snapshot
+            .timeline
             .iter()
             .any(|e| e.event == "restarted" && e.detail.contains("injected fault")),
-        "{timeline:?}"
+        "{:?}",
+        snapshot.timeline
     );
     server.stop().await;
 }

@@ -160,12 +160,16 @@ async fn shared_prefixes_stick_to_their_engine_until_it_is_removed() {
 /// The actors of `kind` in the tree, with their restart counts, and the timeline's events.
 async fn tree_of(server: &TestServer) -> (Value, Vec<(String, String)>) {
     let service = server.service.as_ref().expect("running");
-    let (tree, timeline) = service.snapshot().await.expect("the root answers");
-    let events = timeline
+    let snapshot = service.snapshot().await.expect("the root answers");
+    let events = snapshot
+        .timeline
         .iter()
         .map(|e| (e.event.to_string(), format!("{} {}", e.actor, e.instance)))
         .collect();
-    (serde_json::to_value(tree).expect("serializable"), events)
+    (
+        serde_json::to_value(snapshot.tree).expect("serializable"),
+        events,
+    )
 }
 
 #[actix_rt::test]

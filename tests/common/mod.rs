@@ -204,16 +204,22 @@ pub fn python_packages_dir() -> std::path::PathBuf {
     dynamix_actors::models::ModelStore::default_home().join("python")
 }
 
-/// Makes the `openai` SDK importable from [`python_packages_dir`], installing it there with
+/// Makes the `openai` SDK importable from [`python_packages_dir`] (see [`ensure_python_package`]).
+/// Returns the directory to put on `PYTHONPATH`.
+pub fn ensure_openai_sdk() -> std::path::PathBuf {
+    ensure_python_package("openai", "openai>=1.40,<3")
+}
+
+/// Makes `module` importable from [`python_packages_dir`], installing `requirement` there with
 /// `pip install --target` when it is not (test processes take turns on a lock file, so concurrent
 /// runs install once). Returns the directory to put on `PYTHONPATH`.
-pub fn ensure_openai_sdk() -> std::path::PathBuf {
+pub fn ensure_python_package(module: &str, requirement: &str) -> std::path::PathBuf {
     use std::process::Command;
     let dir = python_packages_dir();
     std::fs::create_dir_all(&dir).expect("the model store is writable");
     let importable = || {
         Command::new(python())
-            .args(["-c", "import openai"])
+            .args(["-c", &format!("import {module}")])
             .env("PYTHONPATH", &dir)
             .status()
             .map(|s| s.success())
@@ -236,12 +242,12 @@ pub fn ensure_openai_sdk() -> std::path::PathBuf {
                 "--target",
             ])
             .arg(&dir)
-            .arg("openai>=1.40,<3")
+            .arg(requirement)
             .output()
-            .expect("python3 with pip is needed to install the openai SDK");
+            .unwrap_or_else(|e| panic!("python3 with pip is needed to install {requirement}: {e}"));
         assert!(
             output.status.success(),
-            "pip install openai into {} failed: {}",
+            "pip install {requirement} into {} failed: {}",
             dir.display(),
             String::from_utf8_lossy(&output.stderr)
         );

@@ -72,6 +72,27 @@ pub struct Migrator {
     pub inflight: Arc<InflightRegistry>,
     /// Capacity of each token channel.
     pub stream_buffer: usize,
+    /// The root supervisor, told of each migration (its timeline).
+    pub events: Option<crate::supervision::SupervisorEvents>,
+}
+
+impl Migrator {
+    fn report(
+        &self,
+        request_id: &str,
+        from_engine: u64,
+        to_engine: Option<u64>,
+        cause: &'static str,
+    ) {
+        if let Some(events) = &self.events {
+            let _ = events.send(crate::supervision::SupervisorEvent::Migrated {
+                request_id: request_id.to_string(),
+                from_engine,
+                to_engine,
+                cause,
+            });
+        }
+    }
 }
 
 /// One migration that recovered: when it happened and how long the client waited between the last
@@ -326,6 +347,12 @@ impl ChoiceStream {
                     delivered = self.request.resumed_outputs,
                     "request migrated"
                 );
+                migrator.report(
+                    &self.request.request_id,
+                    failed,
+                    Some(routed.engine_id),
+                    failure.cause(),
+                );
                 self.rx = rx;
                 self.engine_id = routed.engine_id;
                 self.inflight
@@ -346,6 +373,7 @@ impl ChoiceStream {
             }
             Err(error) => {
                 tracing::warn!(request_id = %self.request.request_id, error = %error.message, "migration failed");
+                migrator.report(&self.request.request_id, failed, None, failure.cause());
                 Err(failure.into_event(failed))
             }
         };

@@ -83,7 +83,7 @@ pub async fn get_model(path: web::Path<String>, state: web::Data<AppState>) -> H
     )
 }
 
-fn endpoints_and_instances(state: &AppState) -> (Vec<String>, Vec<Value>) {
+pub(crate) fn endpoints_and_instances(state: &AppState) -> (Vec<String>, Vec<Value>) {
     let engines = state.engines.snapshot();
     let mut endpoints: Vec<String> = engines
         .iter()

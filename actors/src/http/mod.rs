@@ -10,8 +10,10 @@
 //! - [`embeddings`]: `POST /v1/embeddings`.
 //! - [`stream`]: SSE framing of a generation, and folding it into one response.
 //! - [`info`]: `/v1/models`, `/health`, `/live`, `/metrics`, `/openapi.json`, `/docs`, unmatched routes.
+//! - [`dashboard`]: `/dashboard`, the live picture of the supervision tree, engines and requests.
 
 pub mod admin;
+pub mod dashboard;
 pub mod embeddings;
 pub mod info;
 pub mod openai;
@@ -304,6 +306,8 @@ pub struct AppState {
     /// The HTTP workers' restart bookkeeping: a handler panic fails its request and counts as a
     /// restart; past the budget it escalates to the root.
     pub supervision: std::sync::Mutex<crate::supervision::RestartTracker>,
+    /// The root supervisor, once it runs (it starts after the HTTP server), for `/dashboard`.
+    pub supervisor: crate::supervision::tree::SupervisorLink,
 }
 
 impl AppState {
@@ -442,6 +446,9 @@ fn routes(cfg: &mut web::ServiceConfig, config: &HttpConfig, faults_admin: bool)
         .service(get(&p.live, web::get().to(info::live)))
         .service(get(&p.metrics, web::get().to(info::metrics)))
         .service(get("/openapi.json", web::get().to(info::openapi)))
+        .service(get("/dashboard", web::get().to(dashboard::page)))
+        .service(get("/dashboard/state", web::get().to(dashboard::state)))
+        .service(get("/dashboard/events", web::get().to(dashboard::events)))
         .service(get("/docs", web::get().to(info::docs)));
     if faults_admin {
         cfg.service(

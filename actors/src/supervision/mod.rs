@@ -159,6 +159,17 @@ pub enum SupervisorEvent {
     /// An actor the process cannot serve without spent its restart budget: the failure goes up to
     /// the root, which stops the process with a non-zero exit naming the actor and the last error.
     Escalated(Escalation),
+    /// A request left a failed engine and continues on another (for the timeline).
+    Migrated {
+        /// The request.
+        request_id: String,
+        /// The engine it left.
+        from_engine: u64,
+        /// Where it continues; `None` when no engine took it (the client got the error).
+        to_engine: Option<u64>,
+        /// `engine_error`, `engine_stopped` or `stalled`.
+        cause: &'static str,
+    },
     /// An engine spent its restart budget: take it out of routing.
     EngineFailed {
         /// Its instance id.

@@ -264,7 +264,7 @@ pub enum ChildState {
 pub struct TimelineEntry {
     /// Milliseconds since the Unix epoch.
     pub at_ms: u64,
-    /// `restarted`, `given_up`, `escalated`, `resynced` or `removed`.
+    /// `restarted`, `given_up`, `escalated`, `resynced`, `removed` or `migrated`.
     pub event: &'static str,
     /// The actor kind.
     pub actor: ActorKind,
@@ -476,6 +476,15 @@ impl Tree {
         self.children[at].1.stop.take()
     }
 
+    /// Records a request migration in the timeline.
+    pub fn on_migrated(&mut self, request_id: &str, from: u64, to: Option<u64>, cause: &str) {
+        let detail = match to {
+            Some(to) => format!("request {request_id} moved to engine {to} ({cause})"),
+            None => format!("request {request_id} found no engine to continue on ({cause})"),
+        };
+        self.record("migrated", ActorKind::Engine, &from.to_string(), detail);
+    }
+
     /// Records an escalation that an actor raised itself (past its own budget).
     pub fn on_escalated(&mut self, escalation: &Escalation) {
         self.record(
@@ -541,6 +550,51 @@ impl Tree {
     pub fn timeline(&self) -> Vec<TimelineEntry> {
         self.timeline.iter().cloned().collect()
     }
+}
+
+/// Asks the root for the tree as it stands and its recent timeline (`/dashboard`). Declared here so
+/// that the HTTP side can hold a `Recipient` without importing the root that supervises it.
+#[derive(actix::Message)]
+#[rtype(result = "TreeSnapshot")]
+pub struct Snapshot;
+
+/// Where the root can be asked for a [`Snapshot`] (set once it runs), and a signal it raises each
+/// time the tree or its timeline changes, so watchers need not poll.
+#[derive(Clone, Default)]
+pub struct SupervisorLink {
+    root: std::sync::Arc<std::sync::OnceLock<actix::Recipient<Snapshot>>>,
+    changed: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl SupervisorLink {
+    /// Points the link at the running root.
+    pub fn set(&self, root: actix::Recipient<Snapshot>) {
+        let _ = self.root.set(root);
+    }
+
+    /// The tree as it stands; `None` before the root runs or after it stopped.
+    pub async fn snapshot(&self) -> Option<TreeSnapshot> {
+        self.root.get()?.send(Snapshot).await.ok()
+    }
+
+    /// The root saw a change.
+    pub fn notify(&self) {
+        self.changed.notify_waiters();
+    }
+
+    /// Resolves at the next change.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+}
+
+/// The answer to [`Snapshot`].
+#[derive(Clone, Debug, Serialize)]
+pub struct TreeSnapshot {
+    /// The tree.
+    pub tree: TreeView,
+    /// Restarts, resyncs, removals, migrations and escalations, oldest first.
+    pub timeline: Vec<TimelineEntry>,
 }
 
 /// One node of [`Tree::view`]: a subtree (with `strategy`) or an actor (with `actor` and `state`).

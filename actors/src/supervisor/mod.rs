@@ -32,7 +32,7 @@ use crate::kv::protocol::RouterEvent;
 use crate::metrics::FrontendMetrics;
 use crate::router::indexer::{KvIndexerActor, RemoveWorker};
 use crate::router::{EngineRemoved, KvRouterActor, RouterConfig};
-use crate::supervision::tree::{Outcome, StopFn, TimelineEntry, Tree, TreeView};
+use crate::supervision::tree::{Outcome, Snapshot, StopFn, SupervisorLink, Tree, TreeSnapshot};
 use crate::supervision::{ActorKind, Escalation, SupervisionConfig, SupervisorEvent};
 use crate::validator::ValidatorConfig;
 
@@ -139,6 +139,8 @@ pub struct Supervisor {
     /// The first failure that escalated to the root: the process must stop (see
     /// [`RunningService::escalated`]).
     escalated: tokio::sync::watch::Sender<Option<Escalation>>,
+    /// Told of every change, for `/dashboard`.
+    link: SupervisorLink,
 }
 
 impl Supervisor {
@@ -186,16 +188,14 @@ impl Handler<RemoveEngine> for Supervisor {
     }
 }
 
-/// The tree as it stands and its recent timeline (for `/dashboard`).
-#[derive(Message)]
-#[rtype(result = "(TreeView, Vec<TimelineEntry>)")]
-pub struct Snapshot;
-
 impl Handler<Snapshot> for Supervisor {
     type Result = MessageResult<Snapshot>;
 
     fn handle(&mut self, _msg: Snapshot, _ctx: &mut Self::Context) -> Self::Result {
-        MessageResult((self.tree.view(), self.tree.timeline()))
+        MessageResult(TreeSnapshot {
+            tree: self.tree.view(),
+            timeline: self.tree.timeline(),
+        })
     }
 }
 
@@ -229,6 +229,14 @@ impl StreamHandler<SupervisorEvent> for Supervisor {
                 self.tree.on_escalated(&escalation);
                 self.escalate(escalation);
             }
+            SupervisorEvent::Migrated {
+                request_id,
+                from_engine,
+                to_engine,
+                cause,
+            } => self
+                .tree
+                .on_migrated(&request_id, from_engine, to_engine, cause),
             SupervisorEvent::EngineFailed { engine_id, reason } => {
                 tracing::error!(engine = engine_id, %reason, "engine given up on; removing it from routing");
                 let instance = engine_id.to_string();
@@ -243,6 +251,7 @@ impl StreamHandler<SupervisorEvent> for Supervisor {
                 }
             }
         }
+        self.link.notify();
     }
 
     fn finished(&mut self, _ctx: &mut Self::Context) {
@@ -339,8 +348,8 @@ impl RunningService {
         let _ = self.supervisor.send(Shutdown).await;
     }
 
-    /// The supervision tree as it stands, and its recent timeline (empty once the tree stopped).
-    pub async fn snapshot(&self) -> Option<(TreeView, Vec<TimelineEntry>)> {
+    /// The supervision tree as it stands, and its recent timeline (`None` once the tree stopped).
+    pub async fn snapshot(&self) -> Option<TreeSnapshot> {
         self.supervisor.send(Snapshot).await.ok()
     }
 

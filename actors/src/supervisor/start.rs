@@ -28,7 +28,7 @@ use crate::metrics::{FrontendMetrics, ModelGauges};
 use crate::router::indexer::KvIndexerActor;
 use crate::router::policy::KvContext;
 use crate::router::{EngineSlot, KvRouterActor, RouterMode};
-use crate::supervision::tree::{start_order, Child, Tree, POOL};
+use crate::supervision::tree::{start_order, Child, SupervisorLink, Tree, POOL};
 use crate::supervision::{shared_budget, ActorKind, RestartTracker, SupervisorEvent};
 use crate::tokenizer::ModelTokenizer;
 use crate::validator::ValidatorActor;
@@ -63,6 +63,8 @@ struct Startup {
     inflight: Arc<InflightRegistry>,
     http_addrs: Vec<std::net::SocketAddr>,
     cluster: ClusterStatus,
+    /// Set to the root once it runs.
+    link: SupervisorLink,
 }
 
 /// A kind the declaration puts later was needed earlier: the tree's order and its wiring disagree.
@@ -274,6 +276,7 @@ impl Startup {
                 model: self.config.model_name.clone(),
                 inflight: self.inflight.clone(),
                 stream_buffer: self.config.engine.stream_buffer,
+                events: Some(self.events.clone()),
             }),
         })
     }
@@ -303,6 +306,7 @@ impl Startup {
                 tracker.supervise(&config.supervision, self.events.clone());
                 tracker
             }),
+            supervisor: self.link.clone(),
         });
         let (server, addrs) = http::bind(state)?;
         self.http_addrs = addrs;
@@ -441,6 +445,7 @@ pub async fn start(
         inflight: Arc::new(InflightRegistry::default()),
         http_addrs: Vec::new(),
         cluster: ClusterStatus::default(),
+        link: SupervisorLink::default(),
         config,
     };
     let mut tree = Tree::new(&startup.config.supervision);
@@ -487,8 +492,10 @@ pub async fn start(
         faults: faults.clone(),
         events: Some(events_rx),
         escalated: escalated_tx,
+        link: startup.link.clone(),
     }
     .start();
+    startup.link.set(supervisor.clone().recipient());
     Ok(RunningService {
         supervisor,
         http_addrs: startup.http_addrs,
