@@ -97,7 +97,9 @@ pub fn init_logging(filter: &str) {
     }
     // Actor panics are caught and supervised (restart, migration); report each as one log line
     // instead of the default hook's multi-line dump (a backtrace only when RUST_BACKTRACE asks).
-    let backtrace = std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0");
+    let backtraces = std::env::var_os("RUST_BACKTRACE")
+        .is_some_and(|v| v != "0")
+        .then(backtrace_printer);
     std::panic::set_hook(Box::new(move |info| {
         let message = info
             .payload()
@@ -111,10 +113,32 @@ pub fn init_logging(filter: &str) {
             .unwrap_or_default();
         let thread = std::thread::current();
         tracing::error!(thread = thread.name().unwrap_or("unnamed"), %location, "panic: {message}");
-        if backtrace {
-            eprintln!("{}", std::backtrace::Backtrace::force_capture());
+        if let Some(printer) = &backtraces {
+            // Walking the stack is quick; resolving its symbols is not (hundreds of milliseconds),
+            // and the panicking thread is an engine whose other requests wait on it: resolve and
+            // print elsewhere.
+            let _ = printer.send(std::backtrace::Backtrace::force_capture());
         }
     }));
+}
+
+/// A thread that prints the backtraces of caught panics, so the panicking thread does not resolve
+/// them itself.
+fn backtrace_printer() -> std::sync::mpsc::Sender<std::backtrace::Backtrace> {
+    let (tx, rx) = std::sync::mpsc::channel::<std::backtrace::Backtrace>();
+    let spawned = std::thread::Builder::new()
+        .name("panic-backtraces".into())
+        .spawn(move || {
+            for backtrace in rx {
+                // Resolve before taking stderr: log lines of other threads must not wait on it.
+                let text = backtrace.to_string();
+                eprintln!("{text}");
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("dynamix: cannot start the backtrace printer ({e}); panics are logged without backtraces");
+    }
+    tx
 }
 
 /// Resolves on SIGINT or SIGTERM.
