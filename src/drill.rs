@@ -1,18 +1,22 @@
-//! `dynamix drill`: supervisor-driven fault testing. Starts the configured service in-process, sends the
-//! same deterministic set of concurrent streaming chat requests twice — once with fault injection off
-//! (the reference), once with it on (`[faults]`: random faults on a timer and/or per output) — and
-//! prints a report: requests sent/completed/failed, faults injected per kind, restarts per actor,
-//! migrations, tokens lost or duplicated against the reference, the recovery gap (last token before a
-//! failure → first token after it) p50/p99 per cause, and throughput with vs without faults.
+//! `dynamix drill`: supervisor-driven fault testing. Starts the configured service in-process and sends
+//! the same deterministic set of concurrent streaming chat requests once with fault injection off (the
+//! reference), then once per kind in `faults.kinds` with random faults of that kind only (on the
+//! `every_ms` timer and/or per output). For each kind it reports the faults injected, the restarts of
+//! the actor it hits, escalations to the root, migrations, failed requests, tokens lost or duplicated
+//! against the reference, the recovery gap (last token before a failure → first token after it)
+//! p50/p99, and throughput with vs without the fault; then the kinds and actors it could not reach
+//! and why.
 //!
 //! The comparison needs a deterministic engine (`echo`/`echo_full`/`echo_core`); with another engine the
 //! drill still runs and reports, but says that token comparison is meaningless.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dynamix_actors::engine::EngineKind;
+use dynamix_actors::faults::FaultKind;
+use dynamix_actors::router::RouterMode;
+use dynamix_actors::supervision::ActorKind;
 use dynamix_actors::supervisor::RunningService;
 use dynamix_actors::validator::{ChatInput, RequestContext, ValidateChat};
 use serde_json::json;
@@ -144,6 +148,12 @@ async fn phase(service: &Arc<RunningService>, model: &str, options: &DrillOption
                 let mut done = Vec::new();
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i == total {
+                        // The tail: fewer and fewer requests run while faults keep coming at the same
+                        // rate, until the last one standing takes them all. Faults cover the steady
+                        // state only.
+                        service.faults.set_enabled(false);
+                    }
                     if i >= total {
                         return done;
                     }
@@ -182,6 +192,105 @@ fn compare(want: &str, got: &str) -> (u64, u64, u64) {
     (lost, extra, changed)
 }
 
+/// Why a drill of `config` cannot inject `kind`, if it cannot.
+fn unreachable(kind: FaultKind, config: &Config) -> Option<&'static str> {
+    match kind {
+        FaultKind::IndexerPanic
+            if !(config.router.mode == RouterMode::Kv
+                && config.router.use_kv_events
+                && config.engine.kind == EngineKind::Mocker) =>
+        {
+            Some("needs router.mode = \"kv\" with mocker engines (the indexer applies their KV events)")
+        }
+        FaultKind::HttpPanic => Some(
+            "the drill drives the serving path below HTTP; tests/faults.rs panics HTTP handlers",
+        ),
+        FaultKind::EmbeddingsPanic => Some(
+            "the drill sends chat requests; tests/embeddings.rs panics the embedding engine",
+        ),
+        _ => None,
+    }
+}
+
+/// The actors no fault kind reaches yet, and where their failures are exercised instead.
+const NOT_INJECTED: &[(ActorKind, &str)] = &[
+    (
+        ActorKind::MemoryService,
+        "no fault hook yet; tests/gms.rs restarts engines against a live memory service",
+    ),
+    (
+        ActorKind::RequestPlane,
+        "a worker process's; tests/distributed.rs kills workers mid-stream",
+    ),
+];
+
+/// What one phase with faults of one kind did, against the fault-free reference.
+struct KindReport {
+    kind: FaultKind,
+    phase: Phase,
+    injected: u64,
+    restarts: u64,
+    escalations: usize,
+    migrations: usize,
+    failed: usize,
+    lost: u64,
+    extra: u64,
+    changed: u64,
+    gaps: Vec<f64>,
+}
+
+/// Runs one phase with random faults of `kind` only.
+async fn drill_kind(
+    service: &Arc<RunningService>,
+    model: &str,
+    options: &DrillOptions,
+    reference: &Phase,
+    kind: FaultKind,
+) -> KindReport {
+    let faults = &service.faults;
+    let actor = kind.actor();
+    let restarts_before = service.metrics.actor_restarts(actor.as_str());
+    let escalations_before = escalations(service).await;
+    let injected_before = faults.injected().get(&kind).copied().unwrap_or(0);
+    faults.restrict(Some(kind));
+    faults.set_enabled(true);
+    let phase = phase(service, model, options).await;
+    faults.set_enabled(false);
+    faults.restrict(None);
+    // Let restart reports reach the supervisor.
+    actix_rt::time::sleep(Duration::from_millis(100)).await;
+    let (mut lost, mut extra, mut changed) = (0, 0, 0);
+    for (want, got) in reference.outcomes.iter().zip(&phase.outcomes) {
+        let (l, e, c) = compare(&want.text, &got.text);
+        lost += l;
+        extra += e;
+        changed += c;
+    }
+    let recoveries = phase.outcomes.iter().flat_map(|o| &o.recoveries);
+    KindReport {
+        kind,
+        injected: faults.injected().get(&kind).copied().unwrap_or(0) - injected_before,
+        restarts: service.metrics.actor_restarts(actor.as_str()) - restarts_before,
+        escalations: escalations(service).await - escalations_before,
+        migrations: recoveries.clone().count(),
+        gaps: recoveries
+            .filter_map(|(_, gap)| gap.map(|g| g.as_secs_f64() * 1e3))
+            .collect(),
+        failed: phase.outcomes.iter().filter(|o| o.error.is_some()).count(),
+        lost,
+        extra,
+        changed,
+        phase,
+    }
+}
+
+/// Escalations in the root's timeline so far.
+async fn escalations(service: &RunningService) -> usize {
+    service.snapshot().await.map_or(0, |s| {
+        s.timeline.iter().filter(|e| e.event == "escalated").count()
+    })
+}
+
 /// Run the drill and print its report. Fails when the service cannot start.
 pub async fn run(config: Config, options: DrillOptions) -> Result<bool, RunError> {
     let deterministic = matches!(
@@ -200,78 +309,112 @@ pub async fn run(config: Config, options: DrillOptions) -> Result<bool, RunError
         config.migration.limit
     );
     if !faults.is_enabled() {
-        println!("drill: faults.enabled is false in this config: the second phase injects nothing");
+        println!("drill: faults.enabled is false in this config: the fault phases inject nothing");
     }
 
     faults.set_enabled(false);
     let reference = phase(&service, &model, &options).await;
-    println!(
-        "phase 1 (no faults): {:.2} s, {:.0} tokens/s",
-        reference.elapsed.as_secs_f64(),
-        reference.tokens_per_s()
-    );
-
-    let restarts_before: BTreeMap<&str, u64> = ["engine", "router", "validator"]
-        .into_iter()
-        .map(|a| (a, service.metrics.actor_restarts(a)))
-        .collect();
-    let injected_before = faults.injected();
-    faults.set_enabled(true);
-    let faulted = phase(&service, &model, &options).await;
-    faults.set_enabled(false);
-    // Let restart reports reach the supervisor.
-    actix_rt::time::sleep(Duration::from_millis(100)).await;
-    println!(
-        "phase 2 (faults):    {:.2} s, {:.0} tokens/s",
-        faulted.elapsed.as_secs_f64(),
-        faulted.tokens_per_s()
-    );
-
-    let failed: Vec<(usize, &String)> = faulted
-        .outcomes
-        .iter()
-        .enumerate()
-        .filter_map(|(i, o)| o.error.as_ref().map(|e| (i, e)))
-        .collect();
     let reference_failed = reference
         .outcomes
         .iter()
         .filter(|o| o.error.is_some())
         .count();
-    let (mut lost, mut extra, mut changed) = (0, 0, 0);
-    for (want, got) in reference.outcomes.iter().zip(&faulted.outcomes) {
-        let (l, e, c) = compare(&want.text, &got.text);
-        lost += l;
-        extra += e;
-        changed += c;
-    }
-    let mut gaps: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-    let mut migrations = 0;
-    for outcome in &faulted.outcomes {
-        for (cause, gap) in &outcome.recoveries {
-            migrations += 1;
-            if let Some(gap) = gap {
-                gaps.entry(cause).or_default().push(gap.as_secs_f64() * 1e3);
-            }
+    println!(
+        "phase 0 (no faults): {:.2} s, {:.0} tokens/s, {reference_failed} failed",
+        reference.elapsed.as_secs_f64(),
+        reference.tokens_per_s()
+    );
+
+    // One phase per configured kind, so every number below belongs to one kind of fault.
+    let mut reports = Vec::new();
+    let mut skipped = Vec::new();
+    for &kind in &config.faults.kinds {
+        if let Some(why) = unreachable(kind, &config) {
+            skipped.push((kind.as_str(), why));
+            continue;
+        }
+        let report = drill_kind(&service, &model, &options, &reference, kind).await;
+        println!(
+            "phase {} ({}): {:.2} s, {:.0} tokens/s",
+            reports.len() + 1,
+            kind.as_str(),
+            report.phase.elapsed.as_secs_f64(),
+            report.phase.tokens_per_s()
+        );
+        let escalated = report.escalations > 0;
+        reports.push(report);
+        if escalated {
+            println!("a failure escalated to the root: the process would stop here; drill ends");
+            break;
         }
     }
 
+    let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
     println!(
-        "\nrequests: sent {}, completed {}, failed {} (reference run: {} failed)",
-        options.requests,
-        options.requests - failed.len(),
-        failed.len(),
-        reference_failed
+        "\n{:<16} {:>8} {:>8} {:>11} {:>10} {:>6} {:>6} {:>10} {:>8} {:>8} {:>10}",
+        "fault",
+        "injected",
+        "restarts",
+        "escalations",
+        "migrations",
+        "failed",
+        "lost",
+        "duplicated",
+        "gap p50",
+        "gap p99",
+        "throughput"
     );
-    for (i, error) in failed.iter().take(5) {
-        println!("  request {i} failed: {error}");
+    for r in &mut reports {
+        let (lost, extra) = match deterministic {
+            true => (r.lost.to_string(), r.extra.to_string()),
+            false => ("-".into(), "-".into()),
+        };
+        println!(
+            "{:<16} {:>8} {:>8} {:>11} {:>10} {:>6} {:>6} {:>10} {:>8} {:>8} {:>10.2}",
+            r.kind.as_str(),
+            r.injected,
+            r.restarts,
+            r.escalations,
+            r.migrations,
+            r.failed,
+            lost,
+            extra,
+            fmt(percentile(&mut r.gaps, 50.0)),
+            fmt(percentile(&mut r.gaps, 99.0)),
+            r.phase.tokens_per_s() / reference.tokens_per_s().max(1e-9)
+        );
     }
-    let injected: Vec<String> = faults
-        .injected()
-        .into_iter()
-        .map(|(kind, n)| (kind, n - injected_before.get(&kind).copied().unwrap_or(0)))
-        .filter(|(_, n)| *n > 0)
-        .map(|(kind, n)| format!("{} {n}", kind.as_str()))
+    println!("(gaps in ms, from the last token before a failure to the first after it; throughput = tokens/s with the fault / without)");
+    for (kind, why) in &skipped {
+        println!("{kind:<16} not injected: {why}");
+    }
+    for (actor, why) in NOT_INJECTED {
+        println!("{:<16} not injected: {why}", actor.as_str());
+    }
+
+    let sent = options.requests * reports.len();
+    let failed: Vec<(FaultKind, usize, &String)> = reports
+        .iter()
+        .flat_map(|r| {
+            r.phase
+                .outcomes
+                .iter()
+                .enumerate()
+                .filter_map(move |(i, o)| o.error.as_ref().map(|e| (r.kind, i, e)))
+        })
+        .collect();
+    println!(
+        "\nall fault phases: requests sent {sent}, completed {}, failed {} (reference run: {reference_failed} failed)",
+        sent - failed.len(),
+        failed.len(),
+    );
+    for (kind, i, error) in failed.iter().take(5) {
+        println!("  {} request {i} failed: {error}", kind.as_str());
+    }
+    let injected: Vec<String> = reports
+        .iter()
+        .filter(|r| r.injected > 0)
+        .map(|r| format!("{} {}", r.kind.as_str(), r.injected))
         .collect();
     println!(
         "faults injected: {}",
@@ -281,14 +424,9 @@ pub async fn run(config: Config, options: DrillOptions) -> Result<bool, RunError
             injected.join(", ")
         }
     );
-    let restarts: Vec<String> = restarts_before
-        .iter()
-        .map(|(actor, before)| {
-            format!("{actor} {}", service.metrics.actor_restarts(actor) - before)
-        })
-        .collect();
-    println!("restarts: {}", restarts.join(", "));
-    println!("migrations that recovered a stream: {migrations}");
+    let (lost, extra, changed) = reports.iter().fold((0, 0, 0), |(l, e, c), r| {
+        (l + r.lost, e + r.extra, c + r.changed)
+    });
     if deterministic {
         println!(
             "tokens vs the fault-free run: lost {lost}, duplicated {extra}, changed {changed}"
@@ -299,31 +437,22 @@ pub async fn run(config: Config, options: DrillOptions) -> Result<bool, RunError
             config.engine.kind.as_str()
         );
     }
-    let mut all: Vec<f64> = gaps.values().flatten().copied().collect();
-    let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} ms"));
+    let mut all: Vec<f64> = reports
+        .iter()
+        .flat_map(|r| r.gaps.iter().copied())
+        .collect();
     println!(
-        "recovery gap, all: n={} p50 {} p99 {}",
+        "recovery gap, all: n={} p50 {} ms p99 {} ms",
         all.len(),
         fmt(percentile(&mut all, 50.0)),
         fmt(percentile(&mut all, 99.0))
     );
-    for (cause, values) in &mut gaps {
-        println!(
-            "recovery gap, {cause}: n={} p50 {} p99 {}",
-            values.len(),
-            fmt(percentile(values, 50.0)),
-            fmt(percentile(values, 99.0))
-        );
-    }
-    println!(
-        "throughput with faults / without: {:.2}",
-        faulted.tokens_per_s() / reference.tokens_per_s().max(1e-9)
-    );
-    let clean = failed.is_empty() && (!deterministic || lost + extra + changed == 0);
+    let escalated = reports.iter().any(|r| r.escalations > 0);
+    let clean = failed.is_empty() && !escalated && (!deterministic || lost + extra + changed == 0);
     println!(
         "result: {}",
         if clean {
-            "PASS (no lost requests, no lost or duplicated tokens)"
+            "PASS (no lost requests, no lost or duplicated tokens, no escalation)"
         } else {
             "FAIL"
         }

@@ -493,13 +493,51 @@ fn the_drill_reports_no_lost_or_duplicated_tokens() {
         "drill failed: {stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(stdout.contains("completed 120, failed 0"), "{stdout}");
+    // One phase of 120 requests per reachable kind of the shipped config.
+    let reachable = [
+        "engine_panic",
+        "engine_error",
+        "engine_stall",
+        "engine_slow",
+        "router_panic",
+        "validator_panic",
+    ];
+    let sent = 120 * reachable.len();
+    assert!(
+        stdout.contains(&format!("requests sent {sent}, completed {sent}, failed 0")),
+        "{stdout}"
+    );
+    for kind in reachable {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(kind) && !l.contains("not injected"))
+            .unwrap_or_else(|| panic!("a report row for {kind}: {stdout}"));
+        let columns: Vec<&str> = row.split_whitespace().collect();
+        // fault, injected, restarts, escalations, migrations, failed, lost, duplicated, ...
+        assert_eq!(columns[3], "0", "no escalation: {row}");
+        assert_eq!(
+            &columns[5..8],
+            ["0", "0", "0"],
+            "nothing failed or lost: {row}"
+        );
+    }
+    for unreachable in [
+        "http_panic",
+        "embeddings_panic",
+        "indexer_panic",
+        "memory_service",
+    ] {
+        assert!(
+            stdout.contains(&format!("{unreachable:<16} not injected: ")),
+            "{unreachable} is named with the reason: {stdout}"
+        );
+    }
     assert!(
         stdout.contains("lost 0, duplicated 0, changed 0"),
         "{stdout}"
     );
     assert!(!stdout.contains("faults injected: none"), "{stdout}");
-    assert!(stdout.contains("recovery gap"), "{stdout}");
+    assert!(stdout.contains("recovery gap, all"), "{stdout}");
 }
 
 /// Starts a server allowing `max_restarts`, arms `fault` (`count` times), sends `requests` chats

@@ -62,6 +62,35 @@ impl FaultKind {
         }
     }
 
+    /// Every kind, in declaration order.
+    pub const ALL: [FaultKind; 9] = [
+        FaultKind::EnginePanic,
+        FaultKind::EngineStall,
+        FaultKind::EngineError,
+        FaultKind::EngineSlow,
+        FaultKind::RouterPanic,
+        FaultKind::ValidatorPanic,
+        FaultKind::HttpPanic,
+        FaultKind::EmbeddingsPanic,
+        FaultKind::IndexerPanic,
+    ];
+
+    /// The actor a fault of this kind hits.
+    pub fn actor(self) -> crate::supervision::ActorKind {
+        use crate::supervision::ActorKind;
+        match self {
+            FaultKind::EnginePanic
+            | FaultKind::EngineStall
+            | FaultKind::EngineError
+            | FaultKind::EngineSlow => ActorKind::Engine,
+            FaultKind::RouterPanic => ActorKind::Router,
+            FaultKind::ValidatorPanic => ActorKind::Validator,
+            FaultKind::HttpPanic => ActorKind::Http,
+            FaultKind::EmbeddingsPanic => ActorKind::Embeddings,
+            FaultKind::IndexerPanic => ActorKind::Indexer,
+        }
+    }
+
     fn is_engine(self) -> bool {
         matches!(
             self,
@@ -232,6 +261,8 @@ struct State {
     injected: BTreeMap<FaultKind, u64>,
     /// Engines slowed down: (engine, outputs left, delay).
     slowed: Vec<(u64, u32, Duration)>,
+    /// Random faults of this kind only, instead of `faults.kinds` (a drill phase per kind).
+    only: Option<FaultKind>,
 }
 
 /// The process's fault injector; see the module docs.
@@ -265,6 +296,7 @@ impl FaultInjector {
                 rng: StdRng::seed_from_u64(config.seed),
                 injected: BTreeMap::new(),
                 slowed: Vec::new(),
+                only: None,
             }),
             config,
         })
@@ -303,13 +335,34 @@ impl FaultInjector {
         Ok(())
     }
 
+    /// Draws random faults (timer and per-output probability) of `kind` only, or again from
+    /// `faults.kinds` with `None`; either way, faults armed and not yet fired are dropped.
+    pub fn restrict(&self, kind: Option<FaultKind>) {
+        let mut state = self.state();
+        state.only = kind;
+        state.armed.clear();
+        state.slowed.clear();
+    }
+
+    /// The kinds random faults are drawn from.
+    fn random_kinds(&self, state: &State) -> Vec<FaultKind> {
+        match state.only {
+            Some(kind) => vec![kind],
+            None => self.config.kinds.clone(),
+        }
+    }
+
     /// Arms one fault of a kind drawn from `faults.kinds` (the `every_ms` timer).
     pub fn arm_random(&self) {
-        if !self.is_enabled() || self.config.kinds.is_empty() {
+        if !self.is_enabled() {
             return;
         }
         let mut state = self.state();
-        let kind = self.config.kinds[state.rng.gen_range(0..self.config.kinds.len())];
+        let kinds = self.random_kinds(&state);
+        if kinds.is_empty() {
+            return;
+        }
+        let kind = kinds[state.rng.gen_range(0..kinds.len())];
         state.armed.push(Armed {
             spec: FaultSpec::new(kind),
             remaining: 1,
@@ -350,10 +403,8 @@ impl FaultInjector {
             && state.rng.gen_bool(self.config.probability)
         {
             let engine_kinds: Vec<FaultKind> = self
-                .config
-                .kinds
-                .iter()
-                .copied()
+                .random_kinds(&state)
+                .into_iter()
                 .filter(|k| k.is_engine())
                 .collect();
             if !engine_kinds.is_empty() {
