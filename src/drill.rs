@@ -208,21 +208,18 @@ fn unreachable(kind: FaultKind, config: &Config) -> Option<&'static str> {
         FaultKind::EmbeddingsPanic => Some(
             "the drill sends chat requests; tests/embeddings.rs panics the embedding engine",
         ),
+        FaultKind::MemoryServicePanic => Some(
+            "engines talk to the memory service at load and restart, not per chat; gms::in_process tests panic it",
+        ),
         _ => None,
     }
 }
 
 /// The actors no fault kind reaches yet, and where their failures are exercised instead.
-const NOT_INJECTED: &[(ActorKind, &str)] = &[
-    (
-        ActorKind::MemoryService,
-        "no fault hook yet; tests/gms.rs restarts engines against a live memory service",
-    ),
-    (
-        ActorKind::RequestPlane,
-        "a worker process's; tests/distributed.rs kills workers mid-stream",
-    ),
-];
+const NOT_INJECTED: &[(ActorKind, &str)] = &[(
+    ActorKind::RequestPlane,
+    "a worker process's; tests/distributed.rs kills workers mid-stream",
+)];
 
 /// What one phase with faults of one kind did, against the fault-free reference.
 struct KindReport {
@@ -351,7 +348,7 @@ pub async fn run(config: Config, options: DrillOptions) -> Result<bool, RunError
 
     let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
     println!(
-        "\n{:<16} {:>8} {:>8} {:>11} {:>10} {:>6} {:>6} {:>10} {:>8} {:>8} {:>10}",
+        "\n{:<20} {:>8} {:>8} {:>11} {:>10} {:>6} {:>6} {:>10} {:>8} {:>8} {:>10}",
         "fault",
         "injected",
         "restarts",
@@ -370,7 +367,7 @@ pub async fn run(config: Config, options: DrillOptions) -> Result<bool, RunError
             false => ("-".into(), "-".into()),
         };
         println!(
-            "{:<16} {:>8} {:>8} {:>11} {:>10} {:>6} {:>6} {:>10} {:>8} {:>8} {:>10.2}",
+            "{:<20} {:>8} {:>8} {:>11} {:>10} {:>6} {:>6} {:>10} {:>8} {:>8} {:>10.2}",
             r.kind.as_str(),
             r.injected,
             r.restarts,
@@ -386,10 +383,10 @@ pub async fn run(config: Config, options: DrillOptions) -> Result<bool, RunError
     }
     println!("(gaps in ms, from the last token before a failure to the first after it; throughput = tokens/s with the fault / without)");
     for (kind, why) in &skipped {
-        println!("{kind:<16} not injected: {why}");
+        println!("{kind:<20} not injected: {why}");
     }
     for (actor, why) in NOT_INJECTED {
-        println!("{:<16} not injected: {why}", actor.as_str());
+        println!("{:<20} not injected: {why}", actor.as_str());
     }
 
     let sent = options.requests * reports.len();

@@ -318,8 +318,9 @@ pub async fn start_as(
                 tracing::info!(socket = %socket.display(), "using the GPU memory service already running there");
                 None
             } else {
-                let gms =
-                    InProcessGms::start(socket.clone(), WEIGHTS_TAG).map_err(RunError::Model)?;
+                let gms = InProcessGms::start(socket.clone(), WEIGHTS_TAG)
+                    .await
+                    .map_err(RunError::Model)?;
                 tracing::info!(socket = %socket.display(), "GPU memory service (host, weights) running in-process");
                 Some(gms)
             };

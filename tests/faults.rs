@@ -525,10 +525,11 @@ fn the_drill_reports_no_lost_or_duplicated_tokens() {
         "http_panic",
         "embeddings_panic",
         "indexer_panic",
-        "memory_service",
+        "memory_service_panic",
+        "request_plane",
     ] {
         assert!(
-            stdout.contains(&format!("{unreachable:<16} not injected: ")),
+            stdout.contains(&format!("{unreachable:<20} not injected: ")),
             "{unreachable} is named with the reason: {stdout}"
         );
     }

@@ -44,6 +44,9 @@ pub enum FaultKind {
     /// The KV indexer panics while applying an event (it restarts from an empty index and the
     /// engines send their blocks again).
     IndexerPanic,
+    /// The in-process memory service panics while handling a request (that request fails; the
+    /// service resumes with its tables).
+    MemoryServicePanic,
 }
 
 impl FaultKind {
@@ -59,11 +62,12 @@ impl FaultKind {
             FaultKind::HttpPanic => "http_panic",
             FaultKind::EmbeddingsPanic => "embeddings_panic",
             FaultKind::IndexerPanic => "indexer_panic",
+            FaultKind::MemoryServicePanic => "memory_service_panic",
         }
     }
 
     /// Every kind, in declaration order.
-    pub const ALL: [FaultKind; 9] = [
+    pub const ALL: [FaultKind; 10] = [
         FaultKind::EnginePanic,
         FaultKind::EngineStall,
         FaultKind::EngineError,
@@ -73,6 +77,7 @@ impl FaultKind {
         FaultKind::HttpPanic,
         FaultKind::EmbeddingsPanic,
         FaultKind::IndexerPanic,
+        FaultKind::MemoryServicePanic,
     ];
 
     /// The actor a fault of this kind hits.
@@ -88,6 +93,7 @@ impl FaultKind {
             FaultKind::HttpPanic => ActorKind::Http,
             FaultKind::EmbeddingsPanic => ActorKind::Embeddings,
             FaultKind::IndexerPanic => ActorKind::Indexer,
+            FaultKind::MemoryServicePanic => ActorKind::MemoryService,
         }
     }
 
@@ -431,7 +437,8 @@ impl FaultInjector {
             | FaultKind::ValidatorPanic
             | FaultKind::HttpPanic
             | FaultKind::EmbeddingsPanic
-            | FaultKind::IndexerPanic => return None,
+            | FaultKind::IndexerPanic
+            | FaultKind::MemoryServicePanic => return None,
         })
     }
 
@@ -457,6 +464,15 @@ impl FaultInjector {
     pub fn on_index(&self) -> bool {
         self.is_enabled()
             && Self::take(&mut self.state(), |s| s.kind == FaultKind::IndexerPanic).is_some()
+    }
+
+    /// Called by the memory service for each request: true = panic now.
+    pub fn on_memory(&self) -> bool {
+        self.is_enabled()
+            && Self::take(&mut self.state(), |s| {
+                s.kind == FaultKind::MemoryServicePanic
+            })
+            .is_some()
     }
 
     /// Called by the embedding engine before each forward pass: true = panic now.

@@ -90,6 +90,11 @@ impl Startup {
         let Some(gms) = self.gms.take() else {
             return Vec::new();
         };
+        gms.supervise(
+            &self.config.supervision,
+            self.events.clone(),
+            self.faults.clone(),
+        );
         vec![
             Child::new(ActorKind::MemoryService, "0").stopped_by(move || {
                 gms.stop();
