@@ -474,7 +474,7 @@ pub fn main(args: crate::cli::DrillArgs) -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    crate::init_logging(&config.log.filter);
+    crate::init_logging(&config.log);
     let options = crate::drill::DrillOptions {
         requests: args.requests as usize,
         concurrency: args.concurrency as usize,

@@ -50,10 +50,14 @@ fn seconds(name: &str, value: f64) -> Result<Duration, String> {
 }
 
 fn serve(args: GmsServerArgs) -> ExitCode {
-    crate::init_logging(match args.verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
+    crate::init_logging(&crate::config::LogConfig {
+        filter: match args.verbose {
+            0 => "info",
+            1 => "debug",
+            _ => "trace",
+        }
+        .into(),
+        deprecated: Vec::new(),
     });
     let kind: BackendKind = match args.backend.parse() {
         Ok(kind) => kind,

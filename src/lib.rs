@@ -79,8 +79,10 @@ impl RunError {
     }
 }
 
-/// Set up logging with a `RUST_LOG`-style filter (an invalid filter falls back to `info`, with a notice).
-pub fn init_logging(filter: &str) {
+/// Set up logging for `[log]`: its `RUST_LOG`-style filter (an invalid filter falls back to `info`, with
+/// a notice), then the deprecation warnings the config loader collected.
+pub fn init_logging(log: &config::LogConfig) {
+    let filter = log.filter.as_str();
     let env_filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
         eprintln!("dynamix: invalid log filter {filter:?} ({e}); using \"info\"");
         tracing_subscriber::EnvFilter::new("info")
@@ -90,10 +92,8 @@ pub fn init_logging(filter: &str) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
-    for (name, warning) in config::DEPRECATED_ENV {
-        if std::env::var_os(name).is_some() {
-            tracing::warn!("{warning}");
-        }
+    for warning in &log.deprecated {
+        tracing::warn!("{warning}");
     }
     // Actor panics are caught and supervised (restart, migration); report each as one log line
     // instead of the default hook's multi-line dump (a backtrace only when RUST_BACKTRACE asks).
@@ -310,8 +310,11 @@ pub async fn start_as(
     {
         true => {
             let socket = config.model_engine.gms_socket.clone().unwrap_or_else(|| {
-                let dir = std::env::var_os("GMS_SOCKET_DIR").map(PathBuf::from);
-                dynamix_actors::gms::default_socket_path("host-0", WEIGHTS_TAG, dir.as_deref())
+                dynamix_actors::gms::default_socket_path(
+                    "host-0",
+                    WEIGHTS_TAG,
+                    config.model_engine.gms_socket_dir.as_deref(),
+                )
             });
             // Another process on this machine already serves it: load through that one instead.
             let gms = if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
@@ -409,18 +412,13 @@ async fn until_escalated(
     }
 }
 
-fn max_message_size() -> Result<usize, RunError> {
-    dynamix_actors::codec::tcp::max_message_size_from_env(&|k| std::env::var(k).ok())
-        .map_err(RunError::Config)
-}
-
 /// `dynamix frontend`: serve HTTP and route to the workers registered in etcd until `shutdown`
 /// resolves, then drain.
 pub async fn run_frontend(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    let max_message_size = max_message_size()?;
+    let max_message_size = config.distributed.max_message_size;
     let service = start_as(&config, true, Role::Frontend).await?;
     let kv = config.router.mode == dynamix_actors::router::RouterMode::Kv;
     let settings = distributed::frontend::FrontendSettings {
@@ -459,7 +457,7 @@ pub async fn run_worker(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    let max_message_size = max_message_size()?;
+    let max_message_size = config.distributed.max_message_size;
     let mut service = start_as(&config, false, Role::Worker).await?;
     let settings = distributed::worker::WorkerSettings {
         config: config.distributed.clone(),

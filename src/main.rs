@@ -38,7 +38,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    dynamix::init_logging(&config.log.filter);
+    dynamix::init_logging(&config.log);
     let system = actix_rt::System::new();
     let run = async {
         match role {

@@ -83,6 +83,7 @@ fn launch(executable: &Path) -> Browser {
             "--no-zygote",
             "--single-process",
             "--disable-gpu",
+            "--disable-dev-shm-usage",
             "--no-first-run",
             "--remote-debugging-address=127.0.0.1",
             "--remote-debugging-port=0",

@@ -2,7 +2,7 @@
 //!
 //! Layout:
 //! - [`two_part`]: the 24-byte-prefix two-part frame (request payloads, response-stream frames).
-//! - [`tcp`]: the TCP request-plane frame and its one-per-request ACK; `DYN_TCP_MAX_MESSAGE_SIZE`.
+//! - [`tcp`]: the TCP request-plane frame and its one-per-request ACK; its size limit (`distributed.max_message_size`).
 //! - [`messages`]: the JSON messages inside them (request control header, call-home handshake,
 //!   prologue, data wrapper, stop/kill/sentinel).
 //!

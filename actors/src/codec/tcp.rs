@@ -10,21 +10,8 @@ use std::collections::BTreeMap;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
-/// Default `DYN_TCP_MAX_MESSAGE_SIZE`: 32 MiB.
+/// Default `distributed.max_message_size` (`DYN_TCP_MAX_MESSAGE_SIZE`): 32 MiB.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 32 * 1024 * 1024;
-
-/// The request-plane size limit from `DYN_TCP_MAX_MESSAGE_SIZE` (bytes; default 32 MiB).
-pub fn max_message_size_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<usize, String> {
-    match env("DYN_TCP_MAX_MESSAGE_SIZE") {
-        None => Ok(DEFAULT_MAX_MESSAGE_SIZE),
-        Some(raw) => match raw.trim().parse::<usize>() {
-            Ok(0) | Err(_) => Err(format!(
-                "DYN_TCP_MAX_MESSAGE_SIZE={raw:?} must be a positive number of bytes"
-            )),
-            Ok(n) => Ok(n),
-        },
-    }
-}
 
 /// The prefix of the ACK that marks a rejection.
 pub const ACK_UNAVAILABLE_PREFIX: &str = "Server unavailable:";
@@ -422,20 +409,6 @@ mod tests {
             TcpResponseCodec::new(Some(1024)).decode(&mut oversized),
             Err(TcpCodecError::TooLarge { .. })
         ));
-    }
-
-    #[test]
-    fn the_limit_comes_from_the_environment() {
-        assert_eq!(
-            max_message_size_from_env(&|_| None),
-            Ok(DEFAULT_MAX_MESSAGE_SIZE)
-        );
-        assert_eq!(
-            max_message_size_from_env(&|_| Some("1024".into())),
-            Ok(1024)
-        );
-        let err = max_message_size_from_env(&|_| Some("lots".into())).unwrap_err();
-        assert!(err.contains("DYN_TCP_MAX_MESSAGE_SIZE"), "{err}");
     }
 
     proptest! {

@@ -58,6 +58,8 @@ pub struct DistributedConfig {
     /// Worker: seconds to keep serving after leaving discovery on SIGTERM, so routing stops first
     /// (`DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS`).
     pub graceful_shutdown_grace_period_secs: f64,
+    /// Largest request-plane frame, in bytes (`DYN_TCP_MAX_MESSAGE_SIZE`).
+    pub max_message_size: usize,
 }
 
 impl Default for DistributedConfig {
@@ -76,6 +78,7 @@ impl Default for DistributedConfig {
             connect_timeout_secs: 5.0,
             load_metrics_interval_ms: 1000,
             graceful_shutdown_grace_period_secs: 5.0,
+            max_message_size: crate::codec::tcp::DEFAULT_MAX_MESSAGE_SIZE,
         }
     }
 }
@@ -100,6 +103,9 @@ impl DistributedConfig {
                     "{key} = {value:?} must match ^[a-z0-9-_]+$ (Dynamo's component naming)"
                 ));
             }
+        }
+        if self.max_message_size == 0 {
+            return Err("distributed.max_message_size must be a positive number of bytes".into());
         }
         if self.lease_ttl_secs < 2 {
             return Err(format!(

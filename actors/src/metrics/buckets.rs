@@ -142,6 +142,24 @@ impl HistogramConfig {
     /// `DYN_HISTOGRAM_DYN_METRICS_<X>_<KEY>` is used with a deprecation warning. A value that
     /// does not parse is reported and that one default is used. If the resulting combination is
     /// invalid (see [`HistogramConfig::is_valid`]) all three defaults are used, with a warning.
+    pub fn all_from_env(
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> std::collections::HashMap<HistogramKind, HistogramConfig> {
+        HistogramKind::ALL
+            .iter()
+            .map(|&kind| (kind, Self::from_env(kind, env)))
+            .collect()
+    }
+
+    /// The defaults of every histogram.
+    pub fn all_defaults() -> std::collections::HashMap<HistogramKind, HistogramConfig> {
+        HistogramKind::ALL
+            .iter()
+            .map(|&kind| (kind, kind.default_config()))
+            .collect()
+    }
+
+    /// One histogram's settings from the environment (see [`Self::all_from_env`]).
     pub fn from_env(kind: HistogramKind, env: &dyn Fn(&str) -> Option<String>) -> HistogramConfig {
         let default = kind.default_config();
         let min = read_value(env, kind, "MIN", default.min);

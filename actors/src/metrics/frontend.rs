@@ -346,13 +346,12 @@ impl FrontendMetrics {
     /// buckets come from `DYN_METRICS_<X>_{MIN,MAX,COUNT}` read through `env` (see
     /// [`HistogramConfig::from_env`]); bad values only warn. Errors are limited to Prometheus
     /// rejecting a metric definition, which would be a bug here rather than bad input.
-    pub fn new(prefix: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, MetricsError> {
+    pub fn new(
+        prefix: &str,
+        histogram_configs: &HashMap<HistogramKind, HistogramConfig>,
+    ) -> Result<Self, MetricsError> {
         let prefix = sanitize_prefix(prefix);
         let registry = Registry::new();
-        let histogram_configs: HashMap<HistogramKind, HistogramConfig> = HistogramKind::ALL
-            .iter()
-            .map(|&kind| (kind, HistogramConfig::from_env(kind, env)))
-            .collect();
         let buckets = |kind: HistogramKind| {
             histogram_configs
                 .get(&kind)
@@ -558,7 +557,7 @@ impl FrontendMetrics {
                 })?
             },
             series_cache: RwLock::new(HashMap::new()),
-            histogram_configs,
+            histogram_configs: histogram_configs.clone(),
             prefix,
             registry,
         };

@@ -11,7 +11,10 @@ fn no_env(_: &str) -> Option<String> {
 }
 
 fn metrics() -> Arc<FrontendMetrics> {
-    Arc::new(FrontendMetrics::new(DEFAULT_PREFIX, &no_env).expect("metric definitions are valid"))
+    Arc::new(
+        FrontendMetrics::new(DEFAULT_PREFIX, &HistogramConfig::all_from_env(&no_env))
+            .expect("metric definitions are valid"),
+    )
 }
 
 /// The value of the sample line `series` (name plus label set, exactly as rendered).
@@ -314,7 +317,9 @@ fn env_overrides_change_the_rendered_buckets() {
     .into_iter()
     .collect();
     let lookup = |key: &str| env.get(key).map(|v| v.to_string());
-    let metrics = Arc::new(FrontendMetrics::new("", &lookup).expect("metrics"));
+    let metrics = Arc::new(
+        FrontendMetrics::new("", &HistogramConfig::all_from_env(&lookup)).expect("metrics"),
+    );
     assert_eq!(
         metrics.histogram_config(HistogramKind::RequestDuration),
         HistogramConfig {
@@ -603,7 +608,10 @@ fn models_are_labelled_separately() {
 
 #[test]
 fn prefix_is_sanitised_and_applied_to_every_name() {
-    let metrics = Arc::new(FrontendMetrics::new("my-service.v1", &no_env).expect("metrics"));
+    let metrics = Arc::new(
+        FrontendMetrics::new("my-service.v1", &HistogramConfig::all_from_env(&no_env))
+            .expect("metrics"),
+    );
     assert_eq!(metrics.prefix(), "my_service_v1");
     let mut guard = metrics.request_guard("m", Endpoint::Responses, RequestType::Stream);
     guard.mark_success();
@@ -617,7 +625,8 @@ fn prefix_is_sanitised_and_applied_to_every_name() {
         Some(1.0)
     );
     assert!(!text.contains("dynamo_frontend"));
-    let fallback = FrontendMetrics::new("", &no_env).expect("metrics");
+    let fallback =
+        FrontendMetrics::new("", &HistogramConfig::all_from_env(&no_env)).expect("metrics");
     assert_eq!(fallback.prefix(), DEFAULT_PREFIX);
 }
 

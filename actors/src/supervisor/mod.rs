@@ -30,6 +30,7 @@ use crate::gateway::Gateway;
 use crate::http::{ClusterStatus, EngineRegistry, HttpConfig};
 use crate::kv::protocol::RouterEvent;
 use crate::metrics::FrontendMetrics;
+use crate::metrics::{HistogramConfig, HistogramKind};
 use crate::router::indexer::{KvIndexerActor, RemoveWorker};
 use crate::router::{EngineRemoved, KvRouterActor, RouterConfig};
 use crate::supervision::tree::{Outcome, Snapshot, StopFn, SupervisorLink, Tree, TreeSnapshot};
@@ -44,12 +45,17 @@ pub use start::start;
 pub struct MetricsConfig {
     /// Metric name prefix (`--metrics-prefix`, `DYN_METRICS_PREFIX`).
     pub prefix: String,
+    /// Histogram buckets, from Dynamo's `DYN_METRICS_<X>_{MIN,MAX,COUNT}` (resolved by the config
+    /// loader with upstream's lenient rules: a bad value falls back to its default, with a warning).
+    #[serde(skip)]
+    pub histograms: std::collections::HashMap<HistogramKind, HistogramConfig>,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
             prefix: crate::metrics::DEFAULT_PREFIX.into(),
+            histograms: HistogramConfig::all_defaults(),
         }
     }
 }

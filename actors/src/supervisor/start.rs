@@ -382,9 +382,8 @@ fn metrics(
     tokenizer: &ModelTokenizer,
     block_size: usize,
 ) -> Result<Arc<FrontendMetrics>, StartError> {
-    let env = |key: &str| std::env::var(key).ok();
     let metrics = Arc::new(
-        FrontendMetrics::new(&config.metrics.prefix, &env)
+        FrontendMetrics::new(&config.metrics.prefix, &config.metrics.histograms)
             .map_err(|e| StartError::Metrics(e.to_string()))?,
     );
     let mut gauges = ModelGauges {

