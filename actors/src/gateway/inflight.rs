@@ -3,9 +3,10 @@
 //! output with one atomic add), read by the supervisor when an engine fails, by `/health` and by the
 //! fault drill.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use dashmap::DashMap;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -45,7 +46,8 @@ pub struct InflightSnapshot {
 /// See the module docs.
 #[derive(Debug, Default)]
 pub struct InflightRegistry {
-    entries: Mutex<HashMap<(String, u32), Arc<InflightEntry>>>,
+    /// Sharded: registrations from many HTTP workers and snapshots never wait on one lock.
+    entries: DashMap<(String, u32), Arc<InflightEntry>>,
 }
 
 /// Keeps a registry entry alive; removes it when dropped (the choice finished, failed or was cancelled).
@@ -65,21 +67,13 @@ impl InflightHandle {
 impl Drop for InflightHandle {
     fn drop(&mut self) {
         let key = (self.entry.request_id.clone(), self.entry.choice);
-        let mut entries = self.registry.lock();
-        if entries
-            .get(&key)
-            .is_some_and(|e| Arc::ptr_eq(e, &self.entry))
-        {
-            entries.remove(&key);
-        }
+        self.registry
+            .entries
+            .remove_if(&key, |_, e| Arc::ptr_eq(e, &self.entry));
     }
 }
 
 impl InflightRegistry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u32), Arc<InflightEntry>>> {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Registers choice `choice` of `request_id`, now on `engine_id`.
     pub fn register(
         self: &Arc<Self>,
@@ -95,7 +89,7 @@ impl InflightRegistry {
             migrations: AtomicU32::new(0),
             started: Instant::now(),
         });
-        self.lock()
+        self.entries
             .insert((request_id.to_string(), choice), entry.clone());
         InflightHandle {
             registry: self.clone(),
@@ -105,12 +99,12 @@ impl InflightRegistry {
 
     /// Requests in flight.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.entries.len()
     }
 
     /// Whether nothing is in flight.
     pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
+        self.entries.is_empty()
     }
 
     /// Choices in flight on `engine_id`.
@@ -123,8 +117,8 @@ impl InflightRegistry {
 
     /// Every entry.
     pub fn snapshot(&self) -> Vec<InflightSnapshot> {
-        self.lock()
-            .values()
+        self.entries
+            .iter()
             .map(|e| InflightSnapshot {
                 request_id: e.request_id.clone(),
                 choice: e.choice,
