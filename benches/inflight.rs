@@ -64,7 +64,11 @@ fn main() {
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect();
-    let threads = if threads.is_empty() { vec![1, 2, 4, 8] } else { threads };
+    let threads = if threads.is_empty() {
+        vec![1, 2, 4, 8]
+    } else {
+        threads
+    };
     println!(
         "in-flight registry, {} CPUs, {OPEN} choices open per thread, a snapshot every ms",
         std::thread::available_parallelism().map_or(0, |n| n.get())

@@ -231,25 +231,7 @@ impl Instance {
     }
 }
 
-/// A worker's load as it publishes it on the load-metrics subject.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct LoadMetrics {
-    /// The instance.
-    pub worker_id: u64,
-    /// Requests running on it.
-    pub active_requests: u64,
-    /// Requests it admits at once.
-    pub capacity: u64,
-    /// KV blocks in use (mocker) — `None` when the engine does not track blocks.
-    #[serde(default)]
-    pub kv_active_blocks: Option<u64>,
-    /// KV blocks it has.
-    #[serde(default)]
-    pub kv_total_blocks: Option<u64>,
-    /// Requests waiting for a batch slot.
-    #[serde(default)]
-    pub waiting_requests: Option<u64>,
-}
+pub use crate::protocol::engine::LoadMetrics;
 
 /// One item of a response stream (upstream's `Annotated<T>`): `data` carries an engine output; an
 /// error travels as `event: "error"` with the message in `comment` and the typed error in `data`.

@@ -11,6 +11,7 @@ pub mod actor;
 pub mod echo;
 pub mod mocker;
 pub mod model;
+pub mod registry;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;

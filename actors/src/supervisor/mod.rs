@@ -22,12 +22,13 @@ use std::time::Duration;
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::engine::registry::EngineRegistry;
 use crate::engine::{EchoConfig, EngineConfig, MockerConfig, ModelEngineConfig};
 use crate::faults::{FaultInjector, FaultsConfig};
 use crate::gateway::inflight::InflightRegistry;
 use crate::gateway::migration::MigrationConfig;
 use crate::gateway::Gateway;
-use crate::http::{ClusterStatus, EngineRegistry, HttpConfig};
+use crate::http::{ClusterStatus, HttpConfig};
 use crate::kv::protocol::RouterEvent;
 use crate::metrics::FrontendMetrics;
 use crate::metrics::{HistogramConfig, HistogramKind};

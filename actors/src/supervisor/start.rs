@@ -11,6 +11,7 @@ use futures_util::FutureExt;
 
 use super::{RunningService, ServiceConfig, StartError, Supervisor};
 use crate::embeddings::EmbeddingService;
+use crate::engine::registry::{EngineInfo, EngineRegistry};
 use crate::engine::{
     EngineActor, EngineKind, EngineLoad, EngineSpec, LlamaModel, MockerLoad, ModelLoad,
     ProgressSink, ResyncKv,
@@ -19,9 +20,7 @@ use crate::faults::FaultInjector;
 use crate::gateway::inflight::InflightRegistry;
 use crate::gateway::migration::Migrator;
 use crate::gateway::Gateway;
-use crate::http::{
-    self, AppState, ClusterStatus, EngineInfo, EngineRegistry, HttpActor, Lifecycle, ModelCard,
-};
+use crate::http::{self, AppState, ClusterStatus, HttpActor, Lifecycle, ModelCard};
 use crate::kv::indexer::SharedKvIndex;
 use crate::kv::protocol::RouterEvent;
 use crate::metrics::{FrontendMetrics, ModelGauges};
