@@ -1,6 +1,6 @@
 //! The inference routes: `/v1/chat/completions`, `/v1/completions`, `/v1/responses` (and its
-//! `input_tokens` estimate). Each handler runs the same steps (§2.1): content type, body, readiness,
-//! validation on the validator actor, routing, then stream or fold.
+//! `input_tokens` estimate). Every handler runs one path (§2.1, [`inference`]): content type, body,
+//! readiness, its own validation on the validator actor, routing, then stream or fold.
 
 use std::time::Duration;
 
@@ -182,46 +182,66 @@ async fn serve<F: Framer>(
     }
 }
 
+/// What a route hands the shared path once its body is validated: the request, how to frame its
+/// output, and whether to stream it.
+type Validated<F> = Result<(ValidatedRequest, F, bool), ApiError>;
+
+/// The one path of every inference route: accept (content type, body, readiness, headers), the
+/// route's own validation, then route and stream or fold. A failure before routing is counted and
+/// rendered the same way for every route.
+async fn inference<F: Framer, V: std::future::Future<Output = Validated<F>>>(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+    endpoint: Endpoint,
+    validate: impl FnOnce(web::Data<AppState>, Bytes, RequestContext) -> V,
+) -> HttpResponse {
+    let accepted = match accept(&state, &req, payload).await {
+        Ok(a) => a,
+        Err(e) => return reject(&state, endpoint, None, false, &e),
+    };
+    let (validated, framer, stream) =
+        match validate(state.clone(), accepted.body.clone(), accepted.context).await {
+            Ok(v) => v,
+            Err(e) => return reject(&state, endpoint, Some(&accepted.body), false, &e),
+        };
+    serve(
+        &state,
+        req.conn_data::<PeerSocket>().cloned(),
+        endpoint,
+        validated,
+        framer,
+        stream,
+        accepted.admission,
+    )
+    .await
+}
+
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> HttpResponse {
-    let accepted = match accept(&state, &req, payload).await {
-        Ok(a) => a,
-        Err(e) => return reject(&state, Endpoint::ChatCompletions, None, false, &e),
-    };
-    let msg = ValidateChat {
-        input: ChatInput::Body(accepted.body.clone()),
-        context: accepted.context,
-    };
-    let validated = match state.gateway.validate_chat(msg).await {
-        Ok(v) => v,
-        Err(e) => {
-            return reject(
-                &state,
-                Endpoint::ChatCompletions,
-                Some(&accepted.body),
-                false,
-                &e,
-            )
-        }
-    };
-    let framer = ChatFramer::new(
-        &validated.request_id,
-        &validated.model,
-        validated.choices.len(),
-    );
-    let stream = validated.stream;
-    serve(
-        &state,
-        req.conn_data::<PeerSocket>().cloned(),
+    inference(
+        req,
+        payload,
+        state,
         Endpoint::ChatCompletions,
-        validated,
-        framer,
-        stream,
-        accepted.admission,
+        |state, body, context| async move {
+            let input = ChatInput::Body(body);
+            let validated = state
+                .gateway
+                .validate_chat(ValidateChat { input, context })
+                .await?;
+            let framer = ChatFramer::new(
+                &validated.request_id,
+                &validated.model,
+                validated.choices.len(),
+            );
+            let stream = validated.stream;
+            Ok((validated, framer, stream))
+        },
     )
     .await
 }
@@ -232,40 +252,24 @@ pub async fn completions(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> HttpResponse {
-    let accepted = match accept(&state, &req, payload).await {
-        Ok(a) => a,
-        Err(e) => return reject(&state, Endpoint::Completions, None, false, &e),
-    };
-    let msg = ValidateCompletion {
-        body: accepted.body.clone(),
-        context: accepted.context,
-    };
-    let validated = match state.gateway.validate_completion(msg).await {
-        Ok(v) => v,
-        Err(e) => {
-            return reject(
-                &state,
-                Endpoint::Completions,
-                Some(&accepted.body),
-                false,
-                &e,
-            )
-        }
-    };
-    let framer = CompletionFramer::new(
-        &validated.request_id,
-        &validated.model,
-        validated.echo_prompt.clone(),
-    );
-    let stream = validated.stream;
-    serve(
-        &state,
-        req.conn_data::<PeerSocket>().cloned(),
+    inference(
+        req,
+        payload,
+        state,
         Endpoint::Completions,
-        validated,
-        framer,
-        stream,
-        accepted.admission,
+        |state, body, context| async move {
+            let validated = state
+                .gateway
+                .validate_completion(ValidateCompletion { body, context })
+                .await?;
+            let framer = CompletionFramer::new(
+                &validated.request_id,
+                &validated.model,
+                validated.echo_prompt.clone(),
+            );
+            let stream = validated.stream;
+            Ok((validated, framer, stream))
+        },
     )
     .await
 }
@@ -276,37 +280,22 @@ pub async fn responses(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> HttpResponse {
-    let accepted = match accept(&state, &req, payload).await {
-        Ok(a) => a,
-        Err(e) => return reject(&state, Endpoint::Responses, None, false, &e),
-    };
-    let request: ResponsesRequest =
-        match parse_lenient(&accepted.body).and_then(|r: ResponsesRequest| r.check().map(|_| r)) {
-            Ok(r) => r,
-            Err(e) => return reject(&state, Endpoint::Responses, Some(&accepted.body), false, &e),
-        };
-    let chat = match request.to_chat() {
-        Ok(c) => c,
-        Err(e) => return reject(&state, Endpoint::Responses, Some(&accepted.body), false, &e),
-    };
-    let msg = ValidateChat {
-        input: ChatInput::Parsed(Box::new(chat)),
-        context: accepted.context,
-    };
-    let validated = match state.gateway.validate_chat(msg).await {
-        Ok(v) => v,
-        Err(e) => return reject(&state, Endpoint::Responses, Some(&accepted.body), false, &e),
-    };
-    let framer = ResponsesFramer::new(ResponseBuilder::new(&request, &validated.model));
-    let stream = request.stream == Some(true);
-    serve(
-        &state,
-        req.conn_data::<PeerSocket>().cloned(),
+    inference(
+        req,
+        payload,
+        state,
         Endpoint::Responses,
-        validated,
-        framer,
-        stream,
-        accepted.admission,
+        |state, body, context| async move {
+            let request: ResponsesRequest = parse_lenient(&body)?;
+            request.check()?;
+            let input = ChatInput::Parsed(Box::new(request.to_chat()?));
+            let validated = state
+                .gateway
+                .validate_chat(ValidateChat { input, context })
+                .await?;
+            let framer = ResponsesFramer::new(ResponseBuilder::new(&request, &validated.model));
+            Ok((validated, framer, request.stream == Some(true)))
+        },
     )
     .await
 }
