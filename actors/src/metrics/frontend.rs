@@ -9,13 +9,15 @@ use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use prometheus::core::{MetricVec, MetricVecBuilder};
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry,
+    TextEncoder,
 };
 
 use super::buckets::{HistogramConfig, HistogramKind};
 use super::guard::{Endpoint, RequestGuard};
+use super::labels::{MediaKind, MigrationOutcome, MigrationType, ModelGauges, RouterPhase};
 use super::prefix::sanitize_prefix;
+use super::registrar::Registrar;
 use super::MetricsError;
 
 /// Fixed buckets of `tokenizer_latency_ms`.
@@ -33,76 +35,6 @@ const MEDIA_PER_REQUEST_BUCKETS: [f64; 16] = [
 /// How many models' label children are cached. Beyond this (a cardinality guard upstream should
 /// prevent it) requests still count correctly, they just resolve their children uncached.
 const MAX_CACHED_MODELS: usize = 1024;
-
-/// Kind of request migration (spec §6), the `migration_type` label.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MigrationType {
-    /// Stream creation failed and was retried.
-    NewRequest,
-    /// A stream failed mid-generation and was continued on another worker.
-    OngoingRequest,
-}
-
-impl MigrationType {
-    /// The label value: `new_request` or `ongoing_request`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MigrationType::NewRequest => "new_request",
-            MigrationType::OngoingRequest => "ongoing_request",
-        }
-    }
-}
-
-/// How a migration ended, the `outcome` label of `model_migration_duration_seconds`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MigrationOutcome {
-    /// The request continued on a new stream.
-    Recovered,
-    /// No new stream could be created (limit exhausted or retry failed).
-    Failed,
-    /// The client went away while migrating.
-    Cancelled,
-}
-
-impl MigrationOutcome {
-    /// The label value: `recovered`, `failed` or `cancelled`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MigrationOutcome::Recovered => "recovered",
-            MigrationOutcome::Failed => "failed",
-            MigrationOutcome::Cancelled => "cancelled",
-        }
-    }
-}
-
-/// Kind of media part counted by the `*_per_request` histograms.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MediaKind {
-    /// `images_per_request`.
-    Image,
-    /// `videos_per_request`.
-    Video,
-    /// `audio_per_request`.
-    Audio,
-}
-
-/// Per-model values copied from model cards / runtime config into the `model_*` gauges. `None`
-/// leaves that gauge untouched (never set, or last value kept: these gauges are never removed).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ModelGauges {
-    /// `model_context_length`.
-    pub context_length: Option<u64>,
-    /// `model_kv_cache_block_size`.
-    pub kv_cache_block_size: Option<u64>,
-    /// `model_migration_limit`.
-    pub migration_limit: Option<u64>,
-    /// `model_total_kv_blocks`.
-    pub total_kv_blocks: Option<u64>,
-    /// `model_max_num_seqs`.
-    pub max_num_seqs: Option<u64>,
-    /// `model_max_num_batched_tokens`.
-    pub max_num_batched_tokens: Option<u64>,
-}
 
 /// The label children of one model that requests touch, resolved once per model and shared by
 /// all its requests. Children every request uses are resolved eagerly; the ones only some
@@ -177,55 +109,6 @@ const ROUTER_OVERHEAD_BUCKETS_MS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 100.0,
 ];
 
-/// A phase of one KV routing decision, timed into `dynamo_router_overhead_<phase>_ms`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RouterPhase {
-    /// Hashing the prompt into blocks.
-    BlockHashing,
-    /// Looking the blocks up in the prefix index.
-    FindMatches,
-    /// Scoring and picking the worker.
-    Scheduling,
-    /// The whole decision.
-    Total,
-}
-
-impl RouterPhase {
-    /// Every phase, in metric order.
-    pub const ALL: [RouterPhase; 4] = [
-        RouterPhase::BlockHashing,
-        RouterPhase::FindMatches,
-        RouterPhase::Scheduling,
-        RouterPhase::Total,
-    ];
-
-    fn metric_name(self) -> &'static str {
-        match self {
-            RouterPhase::BlockHashing => "overhead_block_hashing_ms",
-            RouterPhase::FindMatches => "overhead_indexer_find_matches_ms",
-            RouterPhase::Scheduling => "overhead_scheduling_ms",
-            RouterPhase::Total => "overhead_total_ms",
-        }
-    }
-
-    fn help(self) -> &'static str {
-        match self {
-            RouterPhase::BlockHashing => "Time spent computing block hashes per routed request",
-            RouterPhase::FindMatches => {
-                "Time spent in the prefix index's find_matches per routed request"
-            }
-            RouterPhase::Scheduling => {
-                "Time spent scoring and selecting a worker per routed request"
-            }
-            RouterPhase::Total => "Total routing overhead per routed request",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-}
-
 /// The frontend's metrics: an owned registry plus handles to every metric in it.
 ///
 /// Shared as `Arc<FrontendMetrics>`; recording is lock-free apart from a read lock on the
@@ -270,73 +153,6 @@ pub struct FrontendMetrics {
     router_overhead: [HistogramVec; RouterPhase::ALL.len()],
     /// Hot-path label children per model; written once per new model, read by every request.
     series_cache: RwLock<HashMap<String, Arc<ModelSeries>>>,
-}
-
-/// Registers metrics under one prefix into one registry, turning failures into [`MetricsError`].
-struct Registrar<'a> {
-    registry: &'a Registry,
-    prefix: &'a str,
-}
-
-impl Registrar<'_> {
-    fn name(&self, name: &str) -> String {
-        format!("{}_{name}", self.prefix)
-    }
-
-    fn register<C: prometheus::core::Collector + Clone + 'static>(
-        &self,
-        name: &str,
-        build: prometheus::Result<C>,
-    ) -> Result<C, MetricsError> {
-        let register_error = |source| MetricsError::Register {
-            name: self.name(name),
-            source,
-        };
-        let collector = build.map_err(register_error)?;
-        self.registry
-            .register(Box::new(collector.clone()))
-            .map_err(register_error)?;
-        Ok(collector)
-    }
-
-    fn counter_vec(
-        &self,
-        name: &str,
-        help: &str,
-        labels: &[&str],
-    ) -> Result<IntCounterVec, MetricsError> {
-        self.register(
-            name,
-            IntCounterVec::new(Opts::new(self.name(name), help), labels),
-        )
-    }
-
-    fn gauge_vec(
-        &self,
-        name: &str,
-        help: &str,
-        labels: &[&str],
-    ) -> Result<IntGaugeVec, MetricsError> {
-        self.register(
-            name,
-            IntGaugeVec::new(Opts::new(self.name(name), help), labels),
-        )
-    }
-
-    fn gauge(&self, name: &str, help: &str) -> Result<IntGauge, MetricsError> {
-        self.register(name, IntGauge::with_opts(Opts::new(self.name(name), help)))
-    }
-
-    fn histogram_vec(
-        &self,
-        name: &str,
-        help: &str,
-        labels: &[&str],
-        buckets: Vec<f64>,
-    ) -> Result<HistogramVec, MetricsError> {
-        let opts = HistogramOpts::new(self.name(name), help).buckets(buckets);
-        self.register(name, HistogramVec::new(opts, labels))
-    }
 }
 
 impl FrontendMetrics {

@@ -10,22 +10,24 @@
 //! - `buckets` — [`log_buckets`] and [`HistogramConfig`]: log-spaced buckets and their
 //!   `DYN_METRICS_<X>_{MIN,MAX,COUNT}` overrides.
 //! - `error_type` — the `error_type` label values and [`error_type_for_status`].
+//! - `labels` — label values and per-model settings ([`MigrationType`], [`RouterPhase`], [`ModelGauges`], ...).
 //! - `prefix` — [`sanitize_prefix`] for `--metrics-prefix`.
 
 mod buckets;
 pub mod error_type;
 mod frontend;
 mod guard;
+mod labels;
 mod prefix;
+mod registrar;
 #[cfg(test)]
 mod tests;
 
 pub use buckets::{log_buckets, HistogramConfig, HistogramKind, MAX_BUCKET_COUNT};
 pub use error_type::error_type_for_status;
-pub use frontend::{
-    FrontendMetrics, MediaKind, MigrationOutcome, MigrationType, ModelGauges, RouterPhase,
-};
+pub use frontend::FrontendMetrics;
 pub use guard::{Endpoint, RequestGuard, RequestType};
+pub use labels::{MediaKind, MigrationOutcome, MigrationType, ModelGauges, RouterPhase};
 pub use prefix::{sanitize_prefix, DEFAULT_PREFIX};
 
 /// `Content-Type` of the Prometheus text exposition served on `/metrics`.
