@@ -8,7 +8,10 @@
 //!   Engines, the router, validators and the embedding engine all use it instead of their own copies.
 //! - [`panic_message`]: the text of a caught panic.
 //!
-//! The tree itself (who starts whom, and what the root does with the events) is
+//! - [`tree`]: the tree as declared (subtrees, strategies, start order) and its live state
+//!   (intensities, rest-for-one resyncs, the timeline), still without naming an actor type.
+//!
+//! The wiring (which function starts each kind, and the root actor that hears the events) is
 //! [`crate::supervisor`].
 
 pub mod tree;

@@ -343,7 +343,7 @@ impl Tree {
         }
     }
 
-    /// A picture of the tree for `/dashboard` and `/health`.
+    /// A picture of the tree for `/dashboard`.
     pub fn view(&self) -> TreeView {
         fn build(tree: &Tree, subtree: Subtree) -> TreeView {
             let spec = spec(subtree);
