@@ -221,6 +221,7 @@ pub fn ensure_python_package(module: &str, requirement: &str) -> std::path::Path
         Command::new(python())
             .args(["-c", &format!("import {module}")])
             .env("PYTHONPATH", &dir)
+            .stderr(std::process::Stdio::null())
             .status()
             .map(|s| s.success())
             .unwrap_or(false)
