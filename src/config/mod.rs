@@ -432,8 +432,8 @@ impl Config {
         }
         for check in [
             self.migration.validate(),
-            self.supervisor.validate(),
-            self.faults.validate(),
+            self.supervisor.validate().map_err(|e| e.to_string()),
+            self.faults.validate().map_err(|e| e.to_string()),
             self.embeddings.validate(),
             self.distributed.validate(),
         ] {

@@ -149,20 +149,60 @@ impl FaultSpec {
         }
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), FaultError> {
         if self.count == 0 {
-            return Err("count must be at least 1".into());
+            return Err(FaultError::ZeroCount);
         }
         if !self.kind.is_engine() && (self.engine.is_some() || self.after_tokens > 0) {
-            return Err(format!(
-                "`engine` and `after_tokens` apply to engine faults, not to {}",
-                self.kind.as_str()
-            ));
+            return Err(FaultError::EngineFieldsOn(self.kind.as_str()));
         }
         if self.duration_ms == Some(0) {
-            return Err("duration_ms must be positive".into());
+            return Err(FaultError::ZeroDuration);
         }
         Ok(())
+    }
+}
+
+/// Why a fault setting or an armed fault was refused; the message names the field.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum FaultError {
+    /// `count` = 0.
+    #[error("count must be at least 1")]
+    ZeroCount,
+    /// `engine` or `after_tokens` on a fault that does not hit an engine.
+    #[error("`engine` and `after_tokens` apply to engine faults, not to {0}")]
+    EngineFieldsOn(&'static str),
+    /// `duration_ms` = 0.
+    #[error("duration_ms must be positive")]
+    ZeroDuration,
+    /// `faults.probability` outside [0, 1].
+    #[error("faults.probability = {0} must be between 0 and 1")]
+    Probability(f64),
+    /// Random faults with nothing to draw from.
+    #[error("faults.kinds must list at least one kind for random faults")]
+    NoKinds,
+    /// The admin endpoint without injection.
+    #[error("faults.admin_endpoint needs faults.enabled = true")]
+    AdminWithoutInjection,
+    /// A zero default stall, slowdown or slowed-token count.
+    #[error("faults.stall_ms, faults.slow_ms and faults.slow_tokens must be positive")]
+    ZeroDefaults,
+    /// A fault of `faults.inject`.
+    #[error("faults.inject[{index}]: {problem}")]
+    Inject {
+        /// Its position in the list.
+        index: usize,
+        /// What is wrong with it.
+        problem: Box<FaultError>,
+    },
+    /// Arming while injection is off.
+    #[error("fault injection is off (faults.enabled = false)")]
+    Off,
+}
+
+impl From<FaultError> for crate::error::ApiError {
+    fn from(error: FaultError) -> Self {
+        crate::error::ApiError::validation(error.to_string())
     }
 }
 
@@ -215,27 +255,24 @@ impl Default for FaultsConfig {
 
 impl FaultsConfig {
     /// Checks ranges; the message names the key.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), FaultError> {
         if !(0.0..=1.0).contains(&self.probability) {
-            return Err(format!(
-                "faults.probability = {} must be between 0 and 1",
-                self.probability
-            ));
+            return Err(FaultError::Probability(self.probability));
         }
         if (self.probability > 0.0 || self.every_ms > 0) && self.kinds.is_empty() {
-            return Err("faults.kinds must list at least one kind for random faults".into());
+            return Err(FaultError::NoKinds);
         }
         if self.admin_endpoint && !self.enabled {
-            return Err("faults.admin_endpoint needs faults.enabled = true".into());
+            return Err(FaultError::AdminWithoutInjection);
         }
         if self.stall_ms == 0 || self.slow_ms == 0 || self.slow_tokens == 0 {
-            return Err(
-                "faults.stall_ms, faults.slow_ms and faults.slow_tokens must be positive".into(),
-            );
+            return Err(FaultError::ZeroDefaults);
         }
-        for (i, spec) in self.inject.iter().enumerate() {
-            spec.validate()
-                .map_err(|e| format!("faults.inject[{i}]: {e}"))?;
+        for (index, spec) in self.inject.iter().enumerate() {
+            spec.validate().map_err(|problem| FaultError::Inject {
+                index,
+                problem: Box::new(problem),
+            })?;
         }
         Ok(())
     }
@@ -331,9 +368,9 @@ impl FaultInjector {
     }
 
     /// Arms `spec`. Fails when injection is off or the spec is invalid.
-    pub fn arm(&self, spec: FaultSpec) -> Result<(), String> {
+    pub fn arm(&self, spec: FaultSpec) -> Result<(), FaultError> {
         if !self.is_enabled() {
-            return Err("fault injection is off (faults.enabled = false)".into());
+            return Err(FaultError::Off);
         }
         spec.validate()?;
         let remaining = spec.count;

@@ -98,15 +98,15 @@ fn bad_specs_and_configs_are_named() {
             ..FaultSpec::new(FaultKind::RouterPanic)
         })
         .unwrap_err();
-    assert!(err.contains("router_panic"), "{err}");
+    assert_eq!(err, FaultError::EngineFieldsOn("router_panic"));
+    assert!(err.to_string().contains("router_panic"), "{err}");
     let config = FaultsConfig {
         probability: 1.5,
         ..enabled()
     };
-    assert!(config
-        .validate()
-        .unwrap_err()
-        .contains("faults.probability"));
+    let err = config.validate().unwrap_err();
+    assert_eq!(err, FaultError::Probability(1.5));
+    assert!(err.to_string().contains("faults.probability"), "{err}");
     let config = FaultsConfig {
         inject: vec![FaultSpec {
             count: 0,
@@ -114,5 +114,13 @@ fn bad_specs_and_configs_are_named() {
         }],
         ..enabled()
     };
-    assert!(config.validate().unwrap_err().contains("faults.inject[0]"));
+    let err = config.validate().unwrap_err();
+    assert!(
+        matches!(&err, FaultError::Inject { index: 0, problem } if **problem == FaultError::ZeroCount),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "faults.inject[0]: count must be at least 1"
+    );
 }

@@ -39,6 +39,6 @@ pub async fn arm_fault(state: web::Data<AppState>, body: web::Bytes) -> HttpResp
     }
     match state.faults.arm(spec.clone()) {
         Ok(()) => HttpResponse::Ok().json(json!({"armed": spec})),
-        Err(message) => error_response(&ApiError::validation(message), overload),
+        Err(error) => error_response(&error.into(), overload),
     }
 }

@@ -89,12 +89,9 @@ impl Default for SupervisionConfig {
 
 impl SupervisionConfig {
     /// Checks ranges; the message names the key.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SupervisionError> {
         if !(self.restart_window_secs.is_finite() && self.restart_window_secs > 0.0) {
-            return Err(format!(
-                "supervisor.restart_window_secs = {} must be a positive number of seconds",
-                self.restart_window_secs
-            ));
+            return Err(SupervisionError::Window(self.restart_window_secs));
         }
         Ok(())
     }
@@ -103,6 +100,14 @@ impl SupervisionConfig {
     pub fn window(&self) -> Duration {
         Duration::from_secs_f64(self.restart_window_secs)
     }
+}
+
+/// Why a `[supervisor]` setting was refused; the message names the key.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum SupervisionError {
+    /// `restart_window_secs` is not a positive, finite number.
+    #[error("supervisor.restart_window_secs = {0} must be a positive number of seconds")]
+    Window(f64),
 }
 
 /// Restarts in the last window; see [`SupervisionConfig`].
@@ -430,10 +435,12 @@ mod tests {
             restart_window_secs: 0.0,
             ..SupervisionConfig::default()
         };
-        assert!(config
-            .validate()
-            .unwrap_err()
-            .contains("supervisor.restart_window_secs"));
+        let err = config.validate().unwrap_err();
+        assert_eq!(err, SupervisionError::Window(0.0));
+        assert!(
+            err.to_string().contains("supervisor.restart_window_secs"),
+            "{err}"
+        );
     }
 
     #[test]
