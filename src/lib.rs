@@ -419,7 +419,7 @@ pub async fn run_frontend(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let max_message_size = config.distributed.max_message_size;
-    let service = start_as(&config, true, Role::Frontend).await?;
+    let mut service = start_as(&config, true, Role::Frontend).await?;
     let kv = config.router.mode == dynamix_actors::router::RouterMode::Kv;
     let settings = distributed::frontend::FrontendSettings {
         config: config.distributed.clone(),
@@ -427,7 +427,7 @@ pub async fn run_frontend(
         default_capacity: config.engine.admission_capacity,
         kv_block_size: kv.then_some(service.kv_block_size),
     };
-    let handle = match distributed::frontend::start(&service, settings).await {
+    let handle = match distributed::frontend::start(&service.local(), settings).await {
         Ok(handle) => handle,
         Err(e) => {
             service.shutdown().await;
@@ -466,7 +466,7 @@ pub async fn run_worker(
         capacity: config.engine.admission_capacity * config.engine.devices.len().max(1),
         stream_buffer: config.engine.stream_buffer,
     };
-    let handle = match distributed::worker::start(&mut service, settings).await {
+    let handle = match distributed::worker::start(&mut service.local(), settings).await {
         Ok(handle) => handle,
         Err(e) => {
             service.shutdown().await;

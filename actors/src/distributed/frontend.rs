@@ -15,12 +15,11 @@ use super::discovery::{self, DiscoveryEvent};
 use super::events;
 use super::remote::{RemoteEngine, RemoteSettings};
 use super::response_stream::ResponseStreamServer;
-use super::{DistributedConfig, Instance, LoadMetrics};
+use super::{DistributedConfig, Instance, LoadMetrics, Local};
 use crate::engine::registry::{EngineInfo, EngineRegistry};
 use crate::engine::EngineLoad;
 use crate::router::indexer::{KvIndexerActor, RemoveWorker};
 use crate::router::{EngineAdded, EngineRemoved, EngineSlot, KvRouterActor};
-use crate::supervisor::RunningService;
 
 type LoadCell = Arc<Mutex<Option<LoadMetrics>>>;
 
@@ -56,10 +55,7 @@ impl Drop for FrontendHandle {
 
 /// Start discovery, the response-stream server and event intake for `service` (started with
 /// `remote_engines`). Fails, naming the address, when etcd or NATS cannot be reached.
-pub async fn start(
-    service: &RunningService,
-    settings: FrontendSettings,
-) -> Result<FrontendHandle, String> {
+pub async fn start(service: &Local, settings: FrontendSettings) -> Result<FrontendHandle, String> {
     let config = settings.config.clone();
     config.validate()?;
     let streams = ResponseStreamServer::bind(
@@ -119,7 +115,7 @@ pub async fn start(
         default_capacity: settings.default_capacity,
         kv_block_size: settings.kv_block_size,
         streams: streams.clone(),
-        router: service.gateway.router.clone(),
+        router: service.router.clone(),
         indexer: service.indexer.clone(),
         registry: service.engines.clone(),
         loads: loads.clone(),

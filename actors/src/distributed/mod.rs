@@ -23,6 +23,27 @@ pub mod request_plane;
 pub mod response_stream;
 pub mod worker;
 
+/// What the distributed layer takes from the local tree that [`crate::supervisor::start`] started:
+/// only the pieces it wires to, so that this layer does not depend on the root that will supervise
+/// it.
+pub struct Local {
+    /// The router: remote engines join and leave it; the worker's endpoint routes through it.
+    pub router: actix::Addr<crate::router::KvRouterActor>,
+    /// Engines and their live load (`/health`, the load publisher).
+    pub engines: std::sync::Arc<crate::engine::registry::EngineRegistry>,
+    /// Frontend: the KV index's writer, to purge a worker that left.
+    pub indexer: Option<actix::Addr<crate::router::indexer::KvIndexerActor>>,
+    /// Frontend: where KV events received from workers go.
+    pub kv_events_in: Option<tokio::sync::mpsc::UnboundedSender<crate::kv::protocol::RouterEvent>>,
+    /// Worker: the local engines' KV events, to publish (taken by the publisher).
+    pub kv_events_out:
+        Option<tokio::sync::mpsc::UnboundedReceiver<crate::kv::protocol::RouterEvent>>,
+    /// KV block size the engines use.
+    pub kv_block_size: usize,
+    /// Frontend: the `/health` reporter of discovery and events, set once they run.
+    pub cluster: crate::http::ClusterStatus,
+}
+
 use serde::{Deserialize, Serialize};
 
 /// `[distributed]`: where etcd and NATS are and how this process is addressed.

@@ -8,8 +8,8 @@ use std::time::Duration;
 use super::discovery::Registration;
 use super::events;
 use super::request_plane::{EndpointSettings, WorkerEndpoint};
+use super::Local;
 use super::{DistributedConfig, Instance, LoadMetrics, Transport};
-use crate::supervisor::RunningService;
 
 /// What the worker's distributed layer needs from its process.
 pub struct WorkerSettings {
@@ -63,10 +63,7 @@ impl WorkerHandle {
 
 /// Serve `service`'s engines (started with `export_kv_events`) to frontends. Fails, naming the
 /// address, when the port cannot be bound or etcd or NATS cannot be reached.
-pub async fn start(
-    service: &mut RunningService,
-    settings: WorkerSettings,
-) -> Result<WorkerHandle, String> {
+pub async fn start(service: &mut Local, settings: WorkerSettings) -> Result<WorkerHandle, String> {
     let config = settings.config.clone();
     config.validate()?;
     let endpoint = WorkerEndpoint::serve(
@@ -78,7 +75,7 @@ pub async fn start(
             connect_timeout: Duration::from_secs_f64(config.connect_timeout_secs),
             stream_buffer: settings.stream_buffer,
         },
-        service.gateway.router.clone(),
+        service.router.clone(),
     )
     .await
     .map_err(|e| {

@@ -355,6 +355,19 @@ impl RunningService {
         let _ = self.supervisor.send(Shutdown).await;
     }
 
+    /// The pieces the distributed layer wires to (the worker's KV events are handed over, once).
+    pub fn local(&mut self) -> crate::distributed::Local {
+        crate::distributed::Local {
+            router: self.gateway.router.clone(),
+            engines: self.engines.clone(),
+            indexer: self.indexer.clone(),
+            kv_events_in: self.kv_events_in.clone(),
+            kv_events_out: self.kv_events_out.take(),
+            kv_block_size: self.kv_block_size,
+            cluster: self.cluster.clone(),
+        }
+    }
+
     /// The supervision tree as it stands, and its recent timeline (`None` once the tree stopped).
     pub async fn snapshot(&self) -> Option<TreeSnapshot> {
         self.supervisor.send(Snapshot).await.ok()
