@@ -118,11 +118,18 @@ pub const TREE: &[SubtreeSpec] = &[
     },
 ];
 
+/// What an undeclared subtree is treated as: no children (a test keeps every subtree declared).
+const UNDECLARED: SubtreeSpec = SubtreeSpec {
+    subtree: Subtree::Root,
+    strategy: Strategy::OneForOne,
+    children: &[],
+};
+
 /// The declaration of `subtree`.
 pub fn spec(subtree: Subtree) -> &'static SubtreeSpec {
     TREE.iter()
         .find(|s| s.subtree == subtree)
-        .expect("every subtree is declared in TREE")
+        .unwrap_or(&UNDECLARED)
 }
 
 /// Where `kind` sits: the subtrees from the root down to its own, each with the index of the slot

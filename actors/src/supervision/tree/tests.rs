@@ -45,6 +45,21 @@ fn start_order_is_a_depth_first_walk_of_the_declaration() {
 }
 
 #[test]
+fn every_subtree_is_declared_once() {
+    for subtree in [
+        Subtree::Root,
+        Subtree::Memory,
+        Subtree::Kv,
+        Subtree::Engines,
+        Subtree::Serving,
+        Subtree::Http,
+    ] {
+        let declared = TREE.iter().filter(|s| s.subtree == subtree).count();
+        assert_eq!(declared, 1, "{subtree}");
+    }
+}
+
+#[test]
 fn every_actor_kind_of_a_process_has_a_place() {
     for kind in start_order() {
         assert!(placement(kind).is_some(), "{kind}");
