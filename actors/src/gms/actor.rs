@@ -462,9 +462,9 @@ impl Handler<Dispatch> for GpuMemoryActor {
             connection,
             request,
         } = msg;
-        let faults = self.faults.clone();
+        let inject = self.faults.on_memory();
         let handled = catch_panic(|| {
-            if faults.on_memory() {
+            if inject {
                 panic!("injected fault: memory service panics while handling a request");
             }
             self.handle_request(connection, request)
