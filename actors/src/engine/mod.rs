@@ -9,6 +9,7 @@
 
 pub mod actor;
 pub mod echo;
+pub mod gpu;
 pub mod mocker;
 pub mod model;
 pub mod registry;

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 
 pub use packages::{
     ModelPackage, PinnedFile, ALL_PACKAGES, ETCD, ETCD_BINARY, MINILM, MINILM_DIR, NATS_SERVER,
-    NATS_SERVER_BINARY, SMOLLM2, SMOLLM2_GGUF, TOOL_PACKAGES,
+    NATS_SERVER_BINARY, NVRTC_CU12, NVRTC_CU12_LIB_DIR, SMOLLM2, SMOLLM2_GGUF, TOOL_PACKAGES,
 };
 
 /// Environment variable naming the store's directory (default `~/.cache/dynamix`).

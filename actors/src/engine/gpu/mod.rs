@@ -1,0 +1,200 @@
+//! The model engine on NVIDIA GPUs (`engine.kind = "model"` with `devices = ["cuda:0", ...]` or
+//! `"auto"`): one [`GpuEngine`] per GPU, on its EngineActor's thread, with its own CUDA context and
+//! stream.
+//!
+//! CUDA is loaded at run time through cudarc (driver, NVRTC, cuBLAS): the build needs no toolkit and
+//! a machine without a driver gets a clear "unavailable" instead of cudarc's panic ([`probe`] checks
+//! `is_culib_present` first).
+//!
+//! The forward pass: weights dequantized from the GGUF to bf16 on the device at load; every matrix
+//! product through cuBLAS (bf16 inputs, f32 accumulation and output, so a batched decode step is one
+//! GEMM per projection for the whole batch and the residual adds ride on the GEMM's beta); every
+//! other op a CUDA C kernel from `kernels/*.cu` that NVRTC compiles at start, specialised to the
+//! model's head size and grouping. The KV cache is paged (blocks of `block_size` tokens, a pool sized
+//! from free memory) with prefix reuse under the same block hashes the KV events carry; sampling runs
+//! on the device unless a request needs penalties, `logit_bias` or top-n logprobs, whose rows take
+//! the CPU engine's sampler.
+//!
+//! Layout:
+//! - `device`: libraries, the context, kernels and cuBLAS of one GPU ([`GpuDevice`], [`probe`]).
+//! - `weights`: the GGUF's tensors on the device ([`GpuWeights`]).
+//! - `batch`: host side of one step, the packed arrays the kernels read ([`StepPlan`]).
+//! - `forward`: the step on the device ([`Forward`]).
+//! - `engine`: [`GpuEngine`], its scheduler, block tables and KV events.
+
+pub mod batch;
+pub mod check;
+pub mod device;
+pub mod engine;
+pub mod forward;
+pub mod kernels;
+pub mod weights;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use device::{probe, GpuDevice, GpuInfo};
+pub use engine::{GpuEngine, GpuLoad};
+pub use forward::Forward;
+pub use weights::GpuWeights;
+
+/// Why the GPU engine cannot run or a GPU operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    /// No usable NVIDIA driver or CUDA library on this machine.
+    #[error("the GPU engine is unavailable: {0}")]
+    Unavailable(String),
+    /// `cuda:N` names a GPU this machine does not have.
+    #[error("device cuda:{ordinal} does not exist: this machine has {count} CUDA device(s)")]
+    NoSuchDevice {
+        /// The ordinal asked for.
+        ordinal: usize,
+        /// Devices present.
+        count: usize,
+    },
+    /// A CUDA driver call failed.
+    #[error("CUDA driver error during {during}: {source}")]
+    Driver {
+        /// What was being done.
+        during: String,
+        /// The driver's error.
+        source: cudarc::driver::DriverError,
+    },
+    /// A cuBLAS call failed.
+    #[error("cuBLAS error during {during}: {source}")]
+    Blas {
+        /// What was being done.
+        during: String,
+        /// cuBLAS's error.
+        source: cudarc::cublas::result::CublasError,
+    },
+    /// NVRTC could not compile the kernels.
+    #[error("NVRTC could not compile the GPU kernels: {0}")]
+    Compile(String),
+    /// The model file could not be read or has a shape the kernels do not support.
+    #[error("{0}")]
+    Model(String),
+    /// The device has too little memory for the weights and a minimal KV cache.
+    #[error("out of GPU memory: {0}")]
+    Memory(String),
+}
+
+impl GpuError {
+    pub(crate) fn driver(
+        during: impl Into<String>,
+    ) -> impl FnOnce(cudarc::driver::DriverError) -> Self {
+        let during = during.into();
+        move |source| GpuError::Driver { during, source }
+    }
+
+    pub(crate) fn blas(
+        during: impl Into<String>,
+    ) -> impl FnOnce(cudarc::cublas::result::CublasError) -> Self {
+        let during = during.into();
+        move |source| GpuError::Blas { during, source }
+    }
+}
+
+/// `[gpu_engine]`: settings of the model engine on GPUs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GpuEngineConfig {
+    /// Sequences in the running batch at most.
+    pub max_num_seqs: usize,
+    /// Tokens one step runs at most (decode tokens first, then prompt chunks): a longer prompt is
+    /// prefilled in chunks so running sequences keep decoding.
+    pub max_batched_tokens: usize,
+    /// Share of the GPU's total memory the engine may fill (weights, activations, KV cache).
+    pub gpu_memory_utilization: f64,
+    /// Tokens per KV block; the KV events' block hashes are over blocks of this size.
+    pub block_size: usize,
+    /// Reuse cached prompt-prefix blocks across requests (and publish KV events for the router).
+    pub prefix_caching: bool,
+    /// Cap on the KV cache in tokens (`None`: as much as `gpu_memory_utilization` leaves).
+    pub max_kv_tokens: Option<usize>,
+    /// Directories whose CUDA libraries (`libnvrtc`, `libcublas`, ...) are loaded before the
+    /// system's, for CUDA installs outside the loader's path (pip's `nvidia-*` wheels, a toolkit
+    /// in `/usr/local/cuda/lib64`).
+    pub cuda_lib_dirs: Vec<PathBuf>,
+}
+
+impl Default for GpuEngineConfig {
+    fn default() -> Self {
+        GpuEngineConfig {
+            max_num_seqs: 256,
+            max_batched_tokens: 8192,
+            gpu_memory_utilization: 0.9,
+            block_size: 16,
+            prefix_caching: true,
+            max_kv_tokens: None,
+            cuda_lib_dirs: Vec::new(),
+        }
+    }
+}
+
+impl GpuEngineConfig {
+    /// A description of the first bad value, if any.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_num_seqs == 0 {
+            return Err("gpu_engine.max_num_seqs must be at least 1".into());
+        }
+        if self.max_batched_tokens < self.max_num_seqs {
+            return Err(format!(
+                "gpu_engine.max_batched_tokens ({}) must be at least max_num_seqs ({}): every running sequence decodes one token per step",
+                self.max_batched_tokens, self.max_num_seqs
+            ));
+        }
+        if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
+            return Err(format!(
+                "gpu_engine.gpu_memory_utilization must be in (0, 1], got {}",
+                self.gpu_memory_utilization
+            ));
+        }
+        if self.block_size == 0 || self.block_size > 1024 {
+            return Err(format!(
+                "gpu_engine.block_size must be between 1 and 1024 tokens, got {}",
+                self.block_size
+            ));
+        }
+        if self.max_kv_tokens == Some(0) {
+            return Err("gpu_engine.max_kv_tokens must be at least 1 when set".into());
+        }
+        Ok(())
+    }
+}
+
+/// Where an engine runs, parsed from an `engine.devices` entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// `cpu:N`: the CPU engine (N only names the engine).
+    Cpu(usize),
+    /// `cuda:N`: GPU number N.
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    /// Parse `cpu:N` or `cuda:N` (a bare `cpu` or `cuda` is number 0).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (kind, number) = match text.split_once(':') {
+            Some((kind, number)) => (kind, Some(number)),
+            None => (text, None),
+        };
+        let number = match number {
+            None => 0,
+            Some(n) => n.parse::<usize>().map_err(|_| {
+                format!("device `{text}`: `{n}` is not a device number (expected cpu:N or cuda:N)")
+            })?,
+        };
+        match kind {
+            "cpu" => Ok(DeviceSpec::Cpu(number)),
+            "cuda" | "gpu" => Ok(DeviceSpec::Cuda(number)),
+            _ => Err(format!(
+                "device `{text}` is not cpu:N or cuda:N (or \"auto\" for every visible GPU)"
+            )),
+        }
+    }
+}
