@@ -4,8 +4,8 @@
 # mapping and commits, a reader in another process that imports the exported fds and verifies every
 # byte, a stale-layout check, and a writer killed with SIGKILL mid-write followed by a clean rewrite.
 #
-#   scripts/gpu-check.sh                      # builds target/release/dynamix with --features cuda
-#   scripts/gpu-check.sh path/to/dynamix      # uses a prebuilt binary (no cargo needed)
+#   scripts/gms-gpu-check.sh                      # builds target/release/dynamix with --features cuda
+#   scripts/gms-gpu-check.sh path/to/dynamix      # uses a prebuilt binary (no cargo needed)
 #
 # Env: GMS_CHECK_DEVICE (default 0), GMS_CHECK_BACKEND (default cuda; host smoke-tests the script), GMS_CHECK_BYTES per allocation (default 64 MiB).
 # Prints one PASS/FAIL line per step and exits non-zero if any step failed.

@@ -1,0 +1,116 @@
+//! GPU engine benchmark on one NVIDIA GPU, on random weights of SmolLM2's shape (or a GGUF given as
+//! the first argument): single-stream decode, aggregate decode at 1/8/32/128 streams, TTFT for a
+//! 512-token prompt, KV-cache capacity; each against the bandwidth ceiling (weight bytes per step
+//! over HBM bandwidth). Prints "skipped" without a GPU.
+//!
+//!   cargo bench --bench gpu [-- model.gguf]
+//!   GPU_BENCH_HBM_GBPS (default 4800, the H200's datasheet bandwidth)
+
+use std::time::Instant;
+
+use dynamix_actors::engine::gpu::check;
+use dynamix_actors::engine::gpu::engine::{DeviceRunner, GpuLoad};
+use dynamix_actors::engine::gpu::{self, GpuEngineConfig};
+use dynamix_actors::engine::model::synthetic::{smollm2_shape, write_random_llama};
+
+fn main() {
+    let gpus = match gpu::probe() {
+        Ok(gpus) if !gpus.is_empty() => gpus,
+        Ok(_) => return println!("skipped: no CUDA device"),
+        Err(e) => return println!("skipped: {e}"),
+    };
+    let path = match std::env::args().nth(1).filter(|a| !a.starts_with('-')) {
+        Some(p) => std::path::PathBuf::from(p),
+        None => {
+            let p = std::env::temp_dir().join("dynamix-gpu-bench.gguf");
+            let t = Instant::now();
+            write_random_llama(&p, &smollm2_shape(), 7, None).expect("random model");
+            println!(
+                "random SmolLM2-shaped model written in {:.1} s",
+                t.elapsed().as_secs_f64()
+            );
+            p
+        }
+    };
+    let hbm: f64 = std::env::var("GPU_BENCH_HBM_GBPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4800.0);
+    println!(
+        "device: {} ({} MiB, sm_{}{})",
+        gpus[0].name,
+        gpus[0].total_memory >> 20,
+        gpus[0].compute_capability.0,
+        gpus[0].compute_capability.1
+    );
+    let config = GpuEngineConfig::default();
+    let load = GpuLoad::default();
+    let t = Instant::now();
+    let (mut runner, blocks) = DeviceRunner::open(&path, 0, &config, &load).expect("engine opens");
+    let cold = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    drop(
+        DeviceRunner::open(
+            &path,
+            0,
+            &GpuEngineConfig {
+                max_kv_tokens: Some(4096),
+                ..config.clone()
+            },
+            &load,
+        )
+        .expect("re-open"),
+    );
+    let warm = t.elapsed().as_secs_f64();
+    let bytes = runner.weights.bytes_per_step();
+    let ceiling = hbm * 1e9 / bytes as f64;
+    println!(
+        "weights: {:.1} MB bf16 read per step; ceiling {:.0} steps/s at {hbm} GB/s",
+        bytes as f64 / 1e6,
+        ceiling
+    );
+    println!(
+        "open: cold {:.2} s (weights load {} ms), re-attach {:.3} s",
+        cold,
+        load.load_ms.load(std::sync::atomic::Ordering::Relaxed),
+        warm
+    );
+    println!(
+        "kv cache: {} blocks x {} tokens = {} tokens",
+        blocks,
+        config.block_size,
+        blocks * config.block_size
+    );
+    // Warm-up (cuBLAS heuristics, JIT of the PTX).
+    check::scheduler_throughput(&mut runner, blocks, &config, 8, 32, 16, 1);
+    let (single, _) = check::scheduler_throughput(&mut runner, blocks, &config, 1, 32, 256, 2);
+    println!(
+        "single-stream decode: {:.0} tok/s ({:.1}% of the bandwidth ceiling)",
+        single,
+        100.0 * single / ceiling
+    );
+    for streams in [1usize, 8, 32, 128] {
+        let (rate, _) = check::scheduler_throughput(
+            &mut runner,
+            blocks,
+            &config,
+            streams,
+            32,
+            128,
+            3 + streams as u64,
+        );
+        let steps = rate / streams as f64;
+        println!("aggregate decode, {streams:>3} streams: {:.0} tok/s ({:.0} steps/s, {:.1}% of the ceiling's steps/s)", rate, steps, 100.0 * steps / ceiling);
+    }
+    let mut ttfts = Vec::new();
+    for i in 0..5 {
+        let (_, ttft) =
+            check::scheduler_throughput(&mut runner, blocks, &config, 1, 512, 1, 100 + i);
+        ttfts.push(ttft * 1e3);
+    }
+    ttfts.sort_by(f64::total_cmp);
+    println!(
+        "TTFT, 512-token prompt: median {:.2} ms (min {:.2}, max {:.2})",
+        ttfts[2], ttfts[0], ttfts[4]
+    );
+}

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU engine on one NVIDIA GPU, end to end, in under 8 minutes:
+#   1. the GPU tests (tests/gpu.rs): greedy tokens and logits against the CPU engine on random
+#      SmolLM2-shaped weights, batch invariance;
+#   2. the GPU benchmark (benches/gpu.rs): single-stream and aggregate decode, TTFT(512), KV capacity,
+#      each against the bandwidth ceiling;
+#   3. the GPU memory service's cuda backend (scripts/gms-gpu-check.sh), when a dynamix binary is given.
+#
+#   scripts/gpu-check.sh              # builds the test and bench binaries here with cargo
+#   scripts/gpu-check.sh DIR          # uses DIR/gpu-tests, DIR/gpu-bench [, DIR/dynamix] built elsewhere
+#
+# CUDA libraries outside the loader's path (a toolkit in /usr/local/cuda, pip's nvidia-* wheels) are
+# found and put on LD_LIBRARY_PATH. Prints each part's output and exits non-zero if a part failed.
+set -u
+DIR="${1:-}"
+failed=0
+if [ -z "$DIR" ]; then
+    DIR="$(mktemp -d)"
+    test_bin=$(cargo test --release --test gpu --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"]=="gpu"]' | tail -1)
+    bench_bin=$(cargo bench --bench gpu --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"]=="gpu"]' | tail -1)
+    [ -n "$test_bin" ] && cp "$test_bin" "$DIR/gpu-tests"
+    [ -n "$bench_bin" ] && cp "$bench_bin" "$DIR/gpu-bench"
+    cargo build --release --bin dynamix && cp target/release/dynamix "$DIR/dynamix"
+fi
+for b in gpu-tests gpu-bench; do
+    if [ ! -x "$DIR/$b" ]; then echo "FAIL: $DIR/$b is missing"; exit 1; fi
+done
+
+# CUDA 13's libraries first, then 12's.
+libdirs=""
+for name in 'libnvrtc.so.13*' 'libcublas.so.13*' 'libnvrtc.so.12*' 'libcublas.so.12*'; do
+    for f in $(find /usr/local /opt /usr/lib -xdev -name "$name" 2>/dev/null | head -3); do
+        d=$(dirname "$f")
+        case ":$libdirs:" in *":$d:"*) ;; *) libdirs="$libdirs:$d" ;; esac
+    done
+done
+export LD_LIBRARY_PATH="${libdirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+
+echo "== GPU tests"
+start=$(date +%s)
+if ! timeout 200 "$DIR/gpu-tests" --test-threads 1 --nocapture; then echo "FAIL: GPU tests"; failed=1; fi
+echo "GPU tests took $(( $(date +%s) - start )) s"
+
+echo "== GPU benchmark"
+start=$(date +%s)
+if ! timeout 150 "$DIR/gpu-bench"; then echo "FAIL: GPU benchmark"; failed=1; fi
+echo "GPU benchmark took $(( $(date +%s) - start )) s"
+
+if [ -x "$DIR/dynamix" ]; then
+    echo "== GPU memory service (cuda backend)"
+    if ! timeout 45 "$(dirname "$0")/gms-gpu-check.sh" "$DIR/dynamix"; then echo "FAIL: GPU memory service"; failed=1; fi
+fi
+[ "$failed" -eq 0 ] && echo "gpu-check: all parts passed"
+exit "$failed"
