@@ -395,3 +395,40 @@ async fn a_process_serving_the_memory_service_in_process_shares_its_weights_with
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[actix_rt::test]
+async fn devices_auto_without_a_gpu_runs_the_model_on_the_cpu() {
+    if dynamix_actors::engine::gpu::probe().is_ok() {
+        eprintln!("skipped: this machine has a GPU, so `auto` takes it");
+        return;
+    }
+    let server = start("engine.kind = \"model\"\nengine.devices = \"auto\"\n").await;
+    let (status, health) = get(&server.url("/health")).await;
+    assert_eq!(status, 200, "{health}");
+    let instances = health["instances"].as_array().expect("instances");
+    assert_eq!(instances.len(), 1, "{health}");
+    assert_eq!(instances[0]["device"], "cpu:0", "{health}");
+    let mut body = ask("What is the capital of France?");
+    body["max_tokens"] = json!(4);
+    let (status, res) = post_json(&server.url("/v1/chat/completions"), &body).await;
+    assert_eq!(status, 200, "{res}");
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn an_explicit_cuda_device_without_a_driver_is_refused_naming_why() {
+    if dynamix_actors::engine::gpu::probe().is_ok() {
+        eprintln!("skipped: this machine has a GPU");
+        return;
+    }
+    let config = test_config("engine.kind = \"model\"\nengine.devices = [\"cuda:0\"]\n");
+    let error = match dynamix::start(&config, true).await {
+        Ok(_) => panic!("started on cuda:0 without a GPU"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        error.contains("engine.devices names cuda:0")
+            && error.contains("GPU engine is unavailable"),
+        "{error}"
+    );
+}

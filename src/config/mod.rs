@@ -97,6 +97,8 @@ pub struct Config {
     pub mocker: MockerConfig,
     /// The real model engine.
     pub model_engine: ModelEngineConfig,
+    /// The model engine on GPUs (`engine.devices = ["cuda:0"]` or `"auto"`).
+    pub gpu_engine: dynamix_actors::engine::gpu::GpuEngineConfig,
     /// Validation and tokenization.
     pub validator: ValidatorConfig,
     /// Metrics.
@@ -430,6 +432,24 @@ impl Config {
         if let Err(message) = self.model_engine.validate() {
             return Err(ConfigError(format!("invalid config: {message}")));
         }
+        if let Err(message) = self.gpu_engine.validate() {
+            return Err(ConfigError(format!("invalid config: {message}")));
+        }
+        // Devices name engines; for the model engine they also say where it runs.
+        for device in self
+            .engine
+            .devices
+            .iter()
+            .filter(|_| self.engine.kind == EngineKind::Model)
+        {
+            if device != "auto" {
+                if let Err(message) = dynamix_actors::engine::gpu::DeviceSpec::parse(device) {
+                    return Err(ConfigError(format!(
+                        "invalid config key `engine.devices`: {message}"
+                    )));
+                }
+            }
+        }
         for check in [
             self.migration.validate(),
             self.supervisor.validate().map_err(|e| e.to_string()),
@@ -441,7 +461,17 @@ impl Config {
                 return Err(ConfigError(format!("invalid config: {message}")));
             }
         }
-        if r.mode == RouterMode::Kv && r.use_kv_events && self.engine.kind != EngineKind::Mocker {
+        let gpu_model = self.engine.kind == EngineKind::Model
+            && self
+                .engine
+                .devices
+                .iter()
+                .any(|d| d == "auto" || d.starts_with("cuda"));
+        if r.mode == RouterMode::Kv
+            && r.use_kv_events
+            && self.engine.kind != EngineKind::Mocker
+            && !gpu_model
+        {
             return Err(ConfigError(format!(
                 "invalid config key `router.mode` = \"kv\" with router.use_kv_events = true: engine.kind = \"{}\" emits no KV events; use engine.kind = \"mocker\" (out=mocker), or approximate mode (--no-kv-events)",
                 self.engine.kind.as_str()
@@ -460,6 +490,7 @@ impl Config {
             echo: self.echo.clone(),
             mocker: self.mocker.clone(),
             model_engine: self.model_engine.clone(),
+            gpu_engine: self.gpu_engine.clone(),
             validator: self.validator.clone(),
             metrics: self.metrics.clone(),
             migration: self.migration.clone(),

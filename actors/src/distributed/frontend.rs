@@ -240,6 +240,7 @@ impl InstanceManager {
             loads.insert(id, cell.clone());
         }
         self.registry.upsert(EngineInfo {
+            gpu: None,
             instance_id: id,
             engine: instance.engine.clone().unwrap_or_else(|| "remote".into()),
             device: address.clone(),

@@ -157,6 +157,9 @@ impl Supervised for EngineActor {
             return;
         };
         // Rebuilt from scratch: a fresh KV cache. The router's index forgets what the old one held.
+        // The old engine goes first, so a GPU engine's KV pool is freed before the new one sizes its
+        // own from the free memory.
+        self.engine = super::unavailable("the engine is restarting".into());
         self.engine = build_engine(self.spec.clone());
         if let Some(kv_events) = &self.spec.kv_events {
             let _ = kv_events.send(RouterEvent {

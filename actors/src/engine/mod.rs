@@ -75,7 +75,10 @@ impl EngineKind {
 pub struct EngineConfig {
     /// Engine kind (`echo`, `echo_full`, `echo_core`, `mocker`, `model`).
     pub kind: EngineKind,
-    /// One EngineActor per device, each pinned to its own Arbiter thread (`cpu:0`, `cpu:1`, ...).
+    /// One EngineActor per device, each pinned to its own Arbiter thread: `cpu:N`, or `cuda:N` for
+    /// the model engine on GPU N. `"auto"` (alone, or as an entry) takes every visible GPU for the
+    /// model engine and falls back to `cpu:0` when there is none.
+    #[serde(deserialize_with = "devices_or_auto")]
     pub devices: Vec<String>,
     /// Requests one engine accepts at once; beyond this the request is rejected as overloaded (529),
     /// so a saturated engine sheds load instead of queueing without bound.
@@ -92,6 +95,20 @@ impl Default for EngineConfig {
             admission_capacity: 256,
             stream_buffer: 64,
         }
+    }
+}
+
+/// `devices = "auto"` or `devices = ["cuda:0", ...]`.
+fn devices_or_auto<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Devices {
+        One(String),
+        Many(Vec<String>),
+    }
+    match Devices::deserialize(d)? {
+        Devices::One(one) => Ok(vec![one]),
+        Devices::Many(many) => Ok(many),
     }
 }
 
@@ -354,6 +371,12 @@ pub struct EngineSpec {
     pub model_engine: model::ModelEngineConfig,
     /// The model engine's live state, shared with `/health`.
     pub model_load: Arc<model::ModelLoad>,
+    /// The device this engine runs on (`cpu:0`, `cuda:1`; `auto` is resolved before engines start).
+    pub device: String,
+    /// GPU engine settings.
+    pub gpu_engine: gpu::GpuEngineConfig,
+    /// The GPU engine's live state, shared with `/health` and `/metrics`.
+    pub gpu_load: Arc<gpu::GpuLoad>,
 }
 
 /// Build the engine described by `spec`. Runs on the engine's own thread.
@@ -369,22 +392,44 @@ pub fn build_engine(spec: EngineSpec) -> Box<dyn Engine> {
             spec.kv_events,
             spec.mocker_load,
         )),
-        EngineKind::Model => match spec.model {
-            Some(weights) => Box::new(model::ModelEngine::new(
+        EngineKind::Model => match (spec.model, gpu::DeviceSpec::parse(&spec.device)) {
+            (Some(weights), Ok(gpu::DeviceSpec::Cuda(ordinal))) => match gpu::GpuEngine::open(
+                &weights.path,
+                ordinal,
+                spec.gpu_engine,
+                spec.gpu_load,
+                spec.instance_id,
+                spec.kv_events,
+            ) {
+                Ok(engine) => Box::new(engine),
+                Err(e) => {
+                    tracing::error!(device = %spec.device, error = %e, "GPU engine failed to start");
+                    Box::new(Unavailable(format!(
+                        "the engine on {} failed to start: {e}",
+                        spec.device
+                    )))
+                }
+            },
+            (Some(weights), _) => Box::new(model::ModelEngine::new(
                 weights,
                 spec.model_engine,
                 spec.model_load,
             )),
-            None => Box::new(Unavailable(
-                "engine kind `model` started without model weights",
+            (None, _) => Box::new(Unavailable(
+                "engine kind `model` started without model weights".into(),
             )),
         },
     }
 }
 
+/// An engine that fails every request with `reason`.
+pub(crate) fn unavailable(reason: String) -> Box<dyn Engine> {
+    Box::new(Unavailable(reason))
+}
+
 /// An engine that cannot serve (it was built without what it needs): every request fails with the
 /// reason. Startup checks make this unreachable in practice; it keeps `build_engine` infallible.
-struct Unavailable(&'static str);
+struct Unavailable(String);
 
 impl Engine for Unavailable {
     fn name(&self) -> &'static str {
@@ -396,7 +441,7 @@ impl Engine for Unavailable {
         _request: EngineRequest,
         sink: TokenSink,
     ) -> LocalBoxFuture<'static, ()> {
-        let reason = self.0;
+        let reason = self.0.clone();
         Box::pin(async move { sink.fail(crate::error::ApiError::internal(reason)).await })
     }
 }

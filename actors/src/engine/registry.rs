@@ -26,6 +26,9 @@ pub struct EngineInfo {
     /// The model engine's batch state (model engines only).
     #[serde(skip)]
     pub model: Option<Arc<crate::engine::ModelLoad>>,
+    /// The GPU engine's live state (a model engine on `cuda:N`).
+    #[serde(skip)]
+    pub gpu: Option<Arc<crate::engine::gpu::GpuLoad>>,
     /// How it is reached: `in-process`, or a worker's `tcp://host:port`.
     pub transport: String,
     /// Namespace, component and endpoint it serves (`dynamix/backend/generate` in-process; a

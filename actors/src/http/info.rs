@@ -135,6 +135,25 @@ pub(crate) fn endpoints_and_instances(state: &AppState) -> (Vec<String>, Vec<Val
                     "decode_tokens": model.decode_tokens.load(Relaxed),
                 });
             }
+            if let Some(gpu) = &e.gpu {
+                use std::sync::atomic::Ordering::Relaxed;
+                instance["gpu"] = json!({
+                    "name": gpu.device_name(),
+                    "memory_total_bytes": gpu.memory_total.load(Relaxed),
+                    "memory_used_bytes": gpu.memory_used.load(Relaxed),
+                    "kv_blocks_used": gpu.kv_blocks_used.load(Relaxed),
+                    "kv_blocks_total": gpu.kv_blocks_total.load(Relaxed),
+                    "running_requests": gpu.running.load(Relaxed),
+                    "waiting_requests": gpu.waiting.load(Relaxed),
+                    "tokens_per_second": gpu.tokens_per_second(),
+                    "steps": gpu.steps.load(Relaxed),
+                    "prefill_tokens": gpu.prefill_tokens.load(Relaxed),
+                    "cached_prompt_tokens": gpu.cached_tokens.load(Relaxed),
+                    "decode_tokens": gpu.decode_tokens.load(Relaxed),
+                    "preemptions": gpu.preemptions.load(Relaxed),
+                    "weights_load_ms": gpu.load_ms.load(Relaxed),
+                });
+            }
             instance
         })
         .collect();
@@ -220,9 +239,12 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         !state.lifecycle.is_draining() && !state.engines.is_empty(),
     );
     match state.metrics.render() {
-        Ok(text) => HttpResponse::Ok()
-            .insert_header((CONTENT_TYPE, crate::metrics::CONTENT_TYPE))
-            .body(text),
+        Ok(mut text) => {
+            text.push_str(&gpu_metrics(&state));
+            HttpResponse::Ok()
+                .insert_header((CONTENT_TYPE, crate::metrics::CONTENT_TYPE))
+                .body(text)
+        }
         Err(e) => {
             tracing::error!(error = %e, "failed to encode metrics");
             HttpResponse::InternalServerError()
@@ -230,6 +252,72 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
                 .body("Failed to encode metrics")
         }
     }
+}
+
+/// Per-GPU gauges (`dynamix_gpu_*`, one series per GPU engine), in Prometheus text; empty without
+/// GPU engines.
+fn gpu_metrics(state: &AppState) -> String {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    type Read = fn(&crate::engine::gpu::GpuLoad) -> f64;
+    let engines: Vec<_> = state
+        .engines
+        .snapshot()
+        .iter()
+        .filter_map(|e| e.gpu.clone().map(|g| (e.instance_id, e.device.clone(), g)))
+        .collect();
+    if engines.is_empty() {
+        return String::new();
+    }
+    let families: [(&str, &str, Read); 7] = [
+        (
+            "kv_blocks_used",
+            "KV cache blocks held by running requests",
+            |g| g.kv_blocks_used.load(Relaxed) as f64,
+        ),
+        (
+            "kv_blocks_total",
+            "KV cache blocks in the GPU's pool",
+            |g| g.kv_blocks_total.load(Relaxed) as f64,
+        ),
+        (
+            "running_requests",
+            "Requests in the GPU engine's running batch",
+            |g| g.running.load(Relaxed) as f64,
+        ),
+        (
+            "waiting_requests",
+            "Requests waiting for a slot in the running batch",
+            |g| g.waiting.load(Relaxed) as f64,
+        ),
+        (
+            "tokens_per_second",
+            "Tokens sampled per second over the last second",
+            |g| g.tokens_per_second(),
+        ),
+        ("memory_total_bytes", "Total device memory", |g| {
+            g.memory_total.load(Relaxed) as f64
+        }),
+        (
+            "memory_used_bytes",
+            "Device memory in use once the engine allocated its pool",
+            |g| g.memory_used.load(Relaxed) as f64,
+        ),
+    ];
+    let mut out = String::new();
+    for (name, help, read) in families {
+        let _ = writeln!(out, "# HELP dynamix_gpu_{name} {help}");
+        let _ = writeln!(out, "# TYPE dynamix_gpu_{name} gauge");
+        for (id, device, g) in &engines {
+            let label = g.device_name().replace('\\', "\\\\").replace('"', "\\\"");
+            let _ = writeln!(
+                out,
+                "dynamix_gpu_{name}{{instance_id=\"{id}\",device=\"{device}\",name=\"{label}\"}} {}",
+                read(g)
+            );
+        }
+    }
+    out
 }
 
 /// Unmatched route: JSON 404 `Route not found: <METHOD> <path>`.

@@ -78,6 +78,8 @@ pub struct ServiceConfig {
     pub mocker: MockerConfig,
     /// Model engines.
     pub model_engine: ModelEngineConfig,
+    /// The model engine on GPUs.
+    pub gpu_engine: crate::engine::gpu::GpuEngineConfig,
     /// Validator.
     pub validator: ValidatorConfig,
     /// Metrics.

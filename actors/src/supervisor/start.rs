@@ -132,6 +132,11 @@ impl Startup {
             let arbiter = Arbiter::new();
             let mocker_load = Arc::new(MockerLoad::default());
             let model_load = Arc::new(ModelLoad::default());
+            let gpu_load = Arc::new(crate::engine::gpu::GpuLoad::default());
+            let on_gpu = matches!(
+                crate::engine::gpu::DeviceSpec::parse(device),
+                Ok(crate::engine::gpu::DeviceSpec::Cuda(_))
+            ) && config.engine.kind == EngineKind::Model;
             let spec = EngineSpec {
                 kind: config.engine.kind,
                 instance_id: id,
@@ -143,6 +148,9 @@ impl Startup {
                 model: self.weights.clone(),
                 model_engine: config.model_engine.clone(),
                 model_load: model_load.clone(),
+                device: device.clone(),
+                gpu_engine: config.gpu_engine.clone(),
+                gpu_load: gpu_load.clone(),
             };
             let (capacity, device_name, actor_load) = (
                 config.engine.admission_capacity,
@@ -173,7 +181,8 @@ impl Startup {
                 device: device.clone(),
                 load: load.clone(),
                 mocker: (config.engine.kind == EngineKind::Mocker).then_some(mocker_load),
-                model: (config.engine.kind == EngineKind::Model).then_some(model_load),
+                model: (config.engine.kind == EngineKind::Model && !on_gpu).then_some(model_load),
+                gpu: on_gpu.then_some(gpu_load),
                 transport: "in-process".into(),
                 endpoint_id: ["dynamix".into(), "backend".into(), "generate".into()],
                 remote: None,
@@ -361,8 +370,14 @@ fn check(config: &ServiceConfig, has_weights: bool) -> Result<usize, StartError>
         }
         config.model_engine.validate().map_err(StartError::Config)?;
     }
+    let on_gpu = config.engine.kind == EngineKind::Model
+        && config.engine.devices.iter().any(|d| d.starts_with("cuda"));
+    if on_gpu {
+        config.gpu_engine.validate().map_err(StartError::Config)?;
+    }
     let block_size = match config.engine.kind {
         EngineKind::Mocker => config.mocker.block_size,
+        EngineKind::Model if on_gpu => config.gpu_engine.block_size,
         _ => config.router.kv_cache_block_size.unwrap_or(64),
     };
     if let Some(size) = config.router.kv_cache_block_size {
@@ -373,6 +388,64 @@ fn check(config: &ServiceConfig, has_weights: bool) -> Result<usize, StartError>
         }
     }
     Ok(block_size)
+}
+
+/// `engine.devices` with `auto` resolved: every visible GPU for the model engine, else `cpu:0` (said
+/// once in the log). An explicit `cuda:N` on a machine without that GPU is an error naming why.
+fn resolve_devices(config: &ServiceConfig) -> Result<Vec<String>, StartError> {
+    use crate::engine::gpu::{self, DeviceSpec};
+    let devices = &config.engine.devices;
+    let model = config.engine.kind == EngineKind::Model && !config.remote_engines;
+    let wants_gpu = model
+        && devices
+            .iter()
+            .any(|d| d == "auto" || matches!(DeviceSpec::parse(d), Ok(DeviceSpec::Cuda(_))));
+    if !wants_gpu {
+        return Ok(devices
+            .iter()
+            .map(|d| {
+                if d == "auto" {
+                    "cpu:0".to_string()
+                } else {
+                    d.clone()
+                }
+            })
+            .collect());
+    }
+    gpu::device::preload(&config.gpu_engine.cuda_lib_dirs);
+    let probed = gpu::probe();
+    let mut resolved = Vec::new();
+    for device in devices {
+        if device == "auto" {
+            match &probed {
+                Ok(gpus) => resolved.extend(gpus.iter().map(|g| format!("cuda:{}", g.ordinal))),
+                Err(e) => {
+                    tracing::warn!(reason = %e, "engine.devices = \"auto\": no usable GPU, running the model on the CPU");
+                    resolved.push("cpu:0".into());
+                }
+            }
+            continue;
+        }
+        if let Ok(DeviceSpec::Cuda(ordinal)) = DeviceSpec::parse(device) {
+            match &probed {
+                Err(e) => {
+                    return Err(StartError::Config(format!(
+                        "engine.devices names {device}, but {e}"
+                    )))
+                }
+                Ok(gpus) if ordinal >= gpus.len() => {
+                    return Err(StartError::Config(format!(
+                        "engine.devices names {device}, but this machine has {} CUDA device(s)",
+                        gpus.len()
+                    )))
+                }
+                Ok(_) => {}
+            }
+        }
+        resolved.push(device.clone());
+    }
+    resolved.dedup();
+    Ok(resolved)
 }
 
 /// The frontend metrics with the model's gauges set.
@@ -409,6 +482,8 @@ pub async fn start(
     weights: Option<Arc<LlamaModel>>,
     gms: Option<crate::gms::InProcessGms>,
 ) -> Result<RunningService, StartError> {
+    let mut config = config;
+    config.engine.devices = resolve_devices(&config)?;
     let block_size = check(&config, weights.is_some())?;
     let metrics = metrics(&config, &tokenizer, block_size)?;
     let kv_mode = config.router.mode == RouterMode::Kv;

@@ -64,9 +64,51 @@ pub struct GpuLoad {
     pub preemptions: AtomicU64,
     /// Loading the weights took this long (ms); 0 when they were re-attached.
     pub load_ms: AtomicU64,
+    /// Sampled tokens per second over the last window of about a second.
+    rate: Mutex<Rate>,
+}
+
+/// A tokens/s window.
+#[derive(Debug)]
+struct Rate {
+    since: std::time::Instant,
+    tokens_then: u64,
+    per_second: f64,
+}
+
+impl Default for Rate {
+    fn default() -> Self {
+        Rate {
+            since: std::time::Instant::now(),
+            tokens_then: 0,
+            per_second: 0.0,
+        }
+    }
 }
 
 impl GpuLoad {
+    /// Sampled tokens per second, over the last second or so (0 when idle for longer).
+    pub fn tokens_per_second(&self) -> f64 {
+        let rate = self.rate.lock().unwrap_or_else(|e| e.into_inner());
+        if rate.since.elapsed().as_secs_f64() > 3.0 {
+            0.0
+        } else {
+            rate.per_second
+        }
+    }
+
+    /// Close the rate window once it is a second old.
+    fn tick(&self) {
+        let mut rate = self.rate.lock().unwrap_or_else(|e| e.into_inner());
+        let elapsed = rate.since.elapsed().as_secs_f64();
+        if elapsed >= 1.0 {
+            let now = self.decode_tokens.load(Ordering::Relaxed);
+            rate.per_second = (now - rate.tokens_then.min(now)) as f64 / elapsed;
+            rate.tokens_then = now;
+            rate.since = std::time::Instant::now();
+        }
+    }
+
     /// The device name.
     pub fn device_name(&self) -> String {
         self.device
@@ -334,6 +376,7 @@ impl Scheduler {
     }
 
     fn publish(&self) {
+        self.load.tick();
         self.load
             .running
             .store(self.running.len(), Ordering::Relaxed);
