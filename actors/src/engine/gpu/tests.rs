@@ -380,6 +380,10 @@ fn a_model_outside_the_kernels_shapes_is_refused_clearly() {
     shape.head_dim = 60;
     let e = kernels::check_shape(&shape).unwrap_err().to_string();
     assert!(e.contains("head size 60"), "{e}");
+    let mut shape = smollm2_shape();
+    shape.heads = 24;
+    let e = kernels::check_shape(&shape).unwrap_err().to_string();
+    assert!(e.contains("24 query heads over 3 KV heads"), "{e}");
 }
 
 #[test]

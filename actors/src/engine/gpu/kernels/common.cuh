@@ -34,11 +34,16 @@ __device__ __forceinline__ bf16 f2bf(float f) {
     return (bf16)(u >> 16);
 }
 
+#ifdef DYNAMIX_KERNEL_EMULATION
+// scripts/kernel-emulation runs these sources on the CPU, where there is no PTX.
+__device__ __forceinline__ float h2f(f16 h) { return emu_half_to_float(h); }
+#else
 __device__ __forceinline__ float h2f(f16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
 }
+#endif
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
