@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 
 use dynamix_actors::engine::gpu::{self, check};
 use dynamix_actors::engine::model::synthetic::{smollm2_shape, write_random_llama};
+use dynamix_actors::engine::model::ModelShape;
 
 /// Why the GPU tests cannot run here, or `None` when a GPU is present.
 fn skip_reason() -> Option<String> {
@@ -29,14 +30,35 @@ macro_rules! require_gpu {
     };
 }
 
-/// The random SmolLM2-shaped model (seed 7), written once per test binary.
+/// SmolLM2's shape, or a tiny one with `DYNAMIX_GPU_TEST_SHAPE=tiny` (for the CPU emulation of the
+/// CUDA libraries in scripts/kernel-emulation, where SmolLM2's size would take hours).
+fn shape() -> ModelShape {
+    if std::env::var("DYNAMIX_GPU_TEST_SHAPE").as_deref() == Ok("tiny") {
+        ModelShape {
+            layers: 2,
+            hidden: 192,
+            heads: 6,
+            kv_heads: 2,
+            head_dim: 32,
+            ffn: 256,
+            vocab: 2048,
+            context_length: 256,
+            rms_eps: 1e-5,
+            rope_theta: 10_000.0,
+        }
+    } else {
+        smollm2_shape()
+    }
+}
+
+/// The random model (seed 7), written once per test binary.
 fn random_model() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("dynamix-gpu-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join("random-smollm2.gguf");
-        write_random_llama(&path, &smollm2_shape(), 7, None).expect("random model");
+        write_random_llama(&path, &shape(), 7, None).expect("random model");
         path
     })
     .clone()
@@ -46,7 +68,7 @@ fn random_model() -> PathBuf {
 fn greedy_tokens_and_logits_agree_with_the_cpu_engine() {
     require_gpu!();
     let path = random_model();
-    let shape = smollm2_shape();
+    let shape = shape();
     let prompts = check::prompts(4, 24, shape.vocab, 11);
     let report = check::compare_with_cpu(&path, 0, &prompts, 64).expect("comparison runs");
     for (i, a) in report.iter().enumerate() {
@@ -77,7 +99,7 @@ fn greedy_tokens_and_logits_agree_with_the_cpu_engine() {
 fn a_request_decodes_the_same_alone_and_in_a_batch_of_32() {
     require_gpu!();
     let path = random_model();
-    let shape = smollm2_shape();
+    let shape = shape();
     let mut prompts = check::prompts(32, 20, shape.vocab, 23);
     let target = prompts.remove(0);
     let (alone, together) = check::batch_invariance(&path, 0, &target, &prompts, 64).expect("runs");

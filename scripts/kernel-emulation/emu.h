@@ -1,24 +1,22 @@
 // A CPU stand-in for the CUDA built-ins the GPU engine's kernels use, so the kernels' own source
-// (actors/src/engine/gpu/kernels/*.cu) runs on the CPU against reference implementations. Blocks run
-// one at a time; the threads of a block run as real threads, with __syncthreads as a block barrier
-// and warp shuffles through a per-warp exchange with a warp barrier. Slow, exact in what it checks:
-// indexing, synchronisation structure, and the arithmetic's formulas (not CUDA's float rounding).
+// (actors/src/engine/gpu/kernels/*.cu) runs on the CPU. Blocks run one after another; the threads of
+// a block are fibers (ucontext) on the calling thread, switched at __syncthreads and warp shuffles,
+// which wait for every thread of the block (or lane of the warp) to arrive. Exact in what it checks:
+// indexing, synchronisation structure and the formulas (not CUDA's float rounding or timing).
 #pragma once
-#include <atomic>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <memory>
-#include <mutex>
-#include <thread>
+#include <ucontext.h>
 #include <vector>
+#include <algorithm>
 
 struct emu_dim3 {
     unsigned x = 1, y = 1, z = 1;
 };
-inline thread_local emu_dim3 threadIdx;
+inline emu_dim3 threadIdx;
 inline emu_dim3 blockIdx;
 inline emu_dim3 blockDim;
 inline emu_dim3 gridDim;
@@ -33,34 +31,48 @@ struct uint4 {
 #define __launch_bounds__(x)
 #define __shared__ static
 
-inline std::unique_ptr<std::barrier<>> emu_block_barrier;
-inline std::vector<std::unique_ptr<std::barrier<>>> emu_warp_barriers;
-inline float emu_exchange[32][32];
-inline std::mutex emu_atomic;
+struct EmuFiber {
+    ucontext_t ctx;
+    std::vector<char> stack;
+    bool done = false;
+};
+inline ucontext_t emu_scheduler;
+inline EmuFiber* emu_current = nullptr;
+inline std::function<void()> emu_body;
 
-inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
+inline void emu_yield() { swapcontext(&emu_current->ctx, &emu_scheduler); }
+
+// Waits until `n` fibers arrived; the last to arrive opens the next generation.
+struct EmuBarrier {
+    unsigned n = 0, count = 0;
+    unsigned long generation = 0;
+    void wait() {
+        unsigned long g = generation;
+        if (++count == n) {
+            count = 0;
+            generation++;
+            return;
+        }
+        while (generation == g) emu_yield();
+    }
+};
+inline EmuBarrier emu_block_barrier;
+inline EmuBarrier emu_warp_barriers[32];
+inline float emu_exchange[32][32];
+
+inline void __syncthreads() { emu_block_barrier.wait(); }
 
 inline float __shfl_xor_sync(unsigned, float v, int offset) {
     unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     emu_exchange[warp][lane] = v;
-    emu_warp_barriers[warp]->arrive_and_wait();
+    emu_warp_barriers[warp].wait();
     float r = emu_exchange[warp][lane ^ offset];
-    emu_warp_barriers[warp]->arrive_and_wait();
+    emu_warp_barriers[warp].wait();
     return r;
 }
 
-inline int atomicMin(int* p, int v) {
-    std::lock_guard<std::mutex> g(emu_atomic);
-    int old = *p;
-    if (v < old) *p = v;
-    return old;
-}
-inline int atomicMax(int* p, int v) {
-    std::lock_guard<std::mutex> g(emu_atomic);
-    int old = *p;
-    if (v > old) *p = v;
-    return old;
-}
+inline int atomicMin(int* p, int v) { int old = *p; if (v < old) *p = v; return old; }
+inline int atomicMax(int* p, int v) { int old = *p; if (v > old) *p = v; return old; }
 
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
@@ -82,25 +94,45 @@ inline float emu_half_to_float(unsigned short h) {
     return sign ? -v : v;
 }
 
-// Run `kernel(args...)` over `grid` blocks of `block` threads (block.x a multiple of 32).
+inline void emu_fiber_entry() {
+    emu_body();
+    emu_current->done = true;
+}
+
+// Run `kernel(args...)` over `grid` blocks of `block` threads.
 template <typename... Params, typename... Args>
 void emu_launch(void (*kernel)(Params...), emu_dim3 grid, unsigned block, Args... args) {
+    static std::vector<EmuFiber> fibers;
+    if (fibers.size() < block) fibers.resize(block);
     gridDim = grid;
     blockDim = emu_dim3{block, 1, 1};
+    emu_body = [=] { kernel(args...); };
     for (unsigned z = 0; z < grid.z; z++)
         for (unsigned y = 0; y < grid.y; y++)
             for (unsigned x = 0; x < grid.x; x++) {
                 blockIdx = emu_dim3{x, y, z};
-                emu_block_barrier = std::make_unique<std::barrier<>>(block);
-                emu_warp_barriers.clear();
-                for (unsigned w = 0; w < (block + 31) / 32; w++)
-                    emu_warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, block - 32 * w)));
-                std::vector<std::thread> threads;
-                for (unsigned t = 0; t < block; t++)
-                    threads.emplace_back([=] {
+                emu_block_barrier = EmuBarrier{block};
+                for (unsigned w = 0; w < (block + 31) / 32; w++) emu_warp_barriers[w] = EmuBarrier{std::min(32u, block - 32 * w)};
+                for (unsigned t = 0; t < block; t++) {
+                    EmuFiber& f = fibers[t];
+                    if (f.stack.empty()) f.stack.resize(256 << 10);
+                    f.done = false;
+                    getcontext(&f.ctx);
+                    f.ctx.uc_stack.ss_sp = f.stack.data();
+                    f.ctx.uc_stack.ss_size = f.stack.size();
+                    f.ctx.uc_link = &emu_scheduler;
+                    makecontext(&f.ctx, emu_fiber_entry, 0);
+                }
+                for (bool running = true; running;) {
+                    running = false;
+                    for (unsigned t = 0; t < block; t++) {
+                        EmuFiber& f = fibers[t];
+                        if (f.done) continue;
+                        running = true;
                         threadIdx = emu_dim3{t, 0, 0};
-                        kernel(args...);
-                    });
-                for (auto& th : threads) th.join();
+                        emu_current = &f;
+                        swapcontext(&emu_scheduler, &f.ctx);
+                    }
+                }
             }
 }
