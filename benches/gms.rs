@@ -2,7 +2,7 @@
 //! granule-sized allocation, export a descriptor) and through the service (a writer's `allocate_request`
 //! and `export_allocation_request` over the Unix socket, fd passing included).
 //!
-//! `cargo bench --bench gms` (add `--features cuda` on a GPU machine; without a GPU the cuda rows print
+//! `cargo bench --bench gms` (on a GPU machine; without a GPU the cuda rows print
 //! that they were skipped). The engine cold-start vs warm-import comparison needs a model engine and is
 //! not here yet.
 

@@ -4,7 +4,7 @@
 # mapping and commits, a reader in another process that imports the exported fds and verifies every
 # byte, a stale-layout check, and a writer killed with SIGKILL mid-write followed by a clean rewrite.
 #
-#   scripts/gms-gpu-check.sh                      # builds target/release/dynamix with --features cuda
+#   scripts/gms-gpu-check.sh                      # builds target/release/dynamix
 #   scripts/gms-gpu-check.sh path/to/dynamix      # uses a prebuilt binary (no cargo needed)
 #
 # Env: GMS_CHECK_DEVICE (default 0), GMS_CHECK_BACKEND (default cuda; host smoke-tests the script), GMS_CHECK_BYTES per allocation (default 64 MiB).
@@ -26,8 +26,8 @@ finish() {
 }
 
 if [ -z "$BIN" ]; then
-    if ! cargo build --release --features cuda --bin dynamix; then
-        fail "cargo build --release --features cuda"
+    if ! cargo build --release --bin dynamix; then
+        fail "cargo build --release"
         finish
     fi
     BIN=target/release/dynamix

@@ -71,7 +71,7 @@ pub struct GmsServerArgs {
     /// Socket path (only with exactly one --tag; default {GMS_SOCKET_DIR or tmp}/gms_{device}_{tag}.sock).
     #[arg(long, alias = "socket-path", value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    /// Memory backend: host (memfd) or cuda (needs a build with --features cuda and an NVIDIA GPU).
+    /// Memory backend: host (memfd) or cuda (needs an NVIDIA GPU and driver).
     #[arg(long, default_value = "host", value_name = "host|cuda")]
     pub backend: String,
     /// Seconds between allocation attempts while the device is out of memory.

@@ -5,6 +5,8 @@
 //! Without a GPU every test here prints why and passes without checking anything: CI has no GPU.
 //! `scripts/gpu-check.sh` runs this binary on a GPU machine.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -33,7 +35,7 @@ macro_rules! require_gpu {
 /// SmolLM2's shape, or a tiny one with `DYNAMIX_GPU_TEST_SHAPE=tiny` (for the CPU emulation of the
 /// CUDA libraries in scripts/kernel-emulation, where SmolLM2's size would take hours).
 fn shape() -> ModelShape {
-    if std::env::var("DYNAMIX_GPU_TEST_SHAPE").as_deref() == Ok("tiny") {
+    if tiny() {
         ModelShape {
             layers: 2,
             hidden: 192,
@@ -49,6 +51,10 @@ fn shape() -> ModelShape {
     } else {
         smollm2_shape()
     }
+}
+
+fn tiny() -> bool {
+    std::env::var("DYNAMIX_GPU_TEST_SHAPE").as_deref() == Ok("tiny")
 }
 
 /// The random model (seed 7), written once per test binary.
@@ -113,4 +119,94 @@ fn a_request_decodes_the_same_alone_and_in_a_batch_of_32() {
         alone, together,
         "greedy tokens differ between a lone run and a batch of 32"
     );
+}
+
+/// A GGUF holding SmolLM2's tokenizer: `DYNAMIX_GPU_TEST_TOKENIZER`, or SmolLM2 itself when the
+/// model store already has it (nothing is downloaded: GPU machines may have no network).
+fn tokenizer_source() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("DYNAMIX_GPU_TEST_TOKENIZER") {
+        return Some(PathBuf::from(path));
+    }
+    use dynamix_actors::models::{ModelStore, SMOLLM2, SMOLLM2_GGUF};
+    let store = ModelStore::default();
+    store
+        .is_complete(&SMOLLM2)
+        .then(|| store.file_path(&SMOLLM2, SMOLLM2_GGUF))
+}
+
+#[actix_rt::test]
+async fn a_chat_completion_is_served_from_cuda_0_and_the_gpu_shows_in_health_and_metrics() {
+    require_gpu!();
+    let Some(tokenizer) = tokenizer_source() else {
+        eprintln!("skipped: no tokenizer (set DYNAMIX_GPU_TEST_TOKENIZER to a GGUF with SmolLM2's tokenizer)");
+        return;
+    };
+    // Random weights of SmolLM2's vocabulary with its tokenizer, so text goes in and out.
+    let mut shape = shape();
+    shape.vocab = 49152;
+    let dir = std::env::temp_dir().join(format!("dynamix-gpu-http-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let model = dir.join("random-with-tokenizer.gguf");
+    write_random_llama(&model, &shape, 5, Some(&tokenizer)).expect("random model");
+    let server = common::start(&format!(
+        "model.gguf = {:?}\nengine.kind = \"model\"\nengine.devices = [\"cuda:0\"]\ngpu_engine.max_kv_tokens = 8192\ngpu_engine.max_num_seqs = 8\ngpu_engine.max_batched_tokens = 1024\n",
+        model.display().to_string()
+    ))
+    .await;
+    let body = serde_json::json!({
+        "model": common::MODEL,
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": 6,
+        "temperature": 0,
+    });
+    let (status, res) = common::post_json(&server.url("/v1/chat/completions"), &body).await;
+    assert_eq!(status, 200, "{res}");
+    assert_eq!(res["usage"]["completion_tokens"], 6, "{res}");
+    assert_eq!(res["choices"][0]["finish_reason"], "length", "{res}");
+    let (_, health) = common::get(&server.url("/health")).await;
+    let instance = &health["instances"][0];
+    assert_eq!(instance["device"], "cuda:0", "{health}");
+    assert!(
+        instance["gpu"]["kv_blocks_total"].as_u64().unwrap_or(0) > 0,
+        "{health}"
+    );
+    assert!(
+        instance["gpu"]["decode_tokens"].as_u64().unwrap_or(0) >= 6,
+        "{health}"
+    );
+    let metrics = common::client()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .body()
+        .await
+        .expect("body");
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains("dynamix_gpu_kv_blocks_total{instance_id=\"0\",device=\"cuda:0\""),
+        "{metrics}"
+    );
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Not a check: writes SmolLM2's tokenizer (its GGUF's metadata, no tensors; a few MB) to the path in
+/// `DYNAMIX_GPU_TEST_WRITE_TOKENIZER`, for `scripts/gpu-check.sh --prepare` to carry to a GPU
+/// machine that cannot download the model.
+#[test]
+#[ignore]
+fn write_tokenizer_for_gpu_check() {
+    let Some(dest) = std::env::var_os("DYNAMIX_GPU_TEST_WRITE_TOKENIZER") else {
+        eprintln!("set DYNAMIX_GPU_TEST_WRITE_TOKENIZER to the file to write");
+        return;
+    };
+    use dynamix_actors::models::{ModelStore, SMOLLM2, SMOLLM2_GGUF};
+    let store = ModelStore::default();
+    store.ensure(&SMOLLM2, &mut |_| {}).expect("SmolLM2 pulled");
+    dynamix_actors::engine::model::synthetic::write_metadata_only(
+        &store.file_path(&SMOLLM2, SMOLLM2_GGUF),
+        std::path::Path::new(&dest),
+    )
+    .expect("tokenizer written");
 }

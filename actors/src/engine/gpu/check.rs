@@ -177,8 +177,8 @@ pub fn compare_with_cpu(
         }
         let mut free = gpu.step(&[1], &[prompt], &[0])?[0];
         let mut free_prefix = 0;
-        for i in 0..steps {
-            if free != cpu_tokens[i] {
+        for (i, &expected) in cpu_tokens.iter().enumerate() {
+            if free != expected {
                 break;
             }
             free_prefix += 1;

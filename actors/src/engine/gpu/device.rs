@@ -184,14 +184,11 @@ pub struct Kernels {
 }
 
 impl Kernels {
-    /// The kernel `name` (one of [`kernels::KERNEL_NAMES`]).
-    pub fn get(&self, name: &str) -> &CudaFunction {
-        // Every name was loaded at start (see GpuDevice::open); a missing one is a programming error
-        // caught by the tests that launch each kernel.
-        match self.functions.get(name) {
-            Some(f) => f,
-            None => unreachable!("kernel {name} was not loaded"),
-        }
+    /// The kernel `name` (one of [`kernels::KERNEL_NAMES`], all loaded at start).
+    pub fn get(&self, name: &str) -> Result<&CudaFunction, GpuError> {
+        self.functions.get(name).ok_or_else(|| {
+            GpuError::Compile(format!("kernel {name} is not in the compiled program"))
+        })
     }
 }
 
@@ -357,7 +354,7 @@ impl GpuDevice {
 
     /// Launch kernel `name` on the stream.
     pub fn launch(&self, name: &str, config: LaunchConfig, args: &[Arg]) -> Result<(), GpuError> {
-        let f = self.kernels.get(name);
+        let f = self.kernels.get(name)?;
         let mut builder = self.stream.launch_builder(f);
         for arg in args {
             match arg {

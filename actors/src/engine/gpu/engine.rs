@@ -421,7 +421,7 @@ impl Scheduler {
             // Reuse the cached prefix, but always compute at least the last token (its logits).
             let hashes = Self::block_hashes(&seq.tokens, bs, 0, full, None);
             let mut cached = self.kv.cached_prefix(&hashes);
-            cached = cached.min((seq.tokens.len() - 1) / bs);
+            cached = cached.min(seq.tokens.len().saturating_sub(1) / bs);
             let mut blocks = Vec::with_capacity(seq.tokens.len().div_ceil(bs) + 1);
             for h in &hashes[..cached] {
                 match self.kv.acquire_cached(h.sequence) {

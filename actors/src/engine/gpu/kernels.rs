@@ -46,7 +46,7 @@ pub fn check_shape(shape: &ModelShape) -> Result<(), GpuError> {
             "the GPU engine does not support this model: {what}"
         )))
     };
-    if shape.head_dim % 8 != 0 || shape.head_dim < 8 || shape.head_dim > 256 {
+    if !shape.head_dim.is_multiple_of(8) || shape.head_dim < 8 || shape.head_dim > 256 {
         return unsupported(format!(
             "head size {} (must be a multiple of 8 up to 256)",
             shape.head_dim
@@ -54,7 +54,10 @@ pub fn check_shape(shape: &ModelShape) -> Result<(), GpuError> {
     }
     // attention's shared memory holds (2048 / head_dim) partial states of GROUP heads: 8 KiB per
     // query head of the group, within the 48 KiB a block may take statically.
-    if shape.heads % shape.kv_heads != 0 || shape.heads / shape.kv_heads > 5 {
+    if shape.kv_heads == 0
+        || !shape.heads.is_multiple_of(shape.kv_heads)
+        || shape.heads / shape.kv_heads > 5
+    {
         return unsupported(format!(
             "{} query heads over {} KV heads (at most 5 per KV head)",
             shape.heads, shape.kv_heads

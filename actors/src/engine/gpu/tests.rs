@@ -343,7 +343,7 @@ fn nvrtc_from_pypi() {
         .ensure(&NVRTC_CU12, &mut |_| {})
         .unwrap_or_else(|e| panic!("cannot pull {}: {e}", NVRTC_CU12.requirement()));
     let dir = store.package_dir(&NVRTC_CU12).join(NVRTC_CU12_LIB_DIR);
-    let loaded = super::device::preload(&[dir.clone()]);
+    let loaded = super::device::preload(std::slice::from_ref(&dir));
     assert!(
         loaded.len() >= 2,
         "loaded {loaded:?} from {}",
