@@ -431,6 +431,21 @@ impl Scheduler {
             }
             let cached = blocks.len();
             let needed = seq.tokens.len().div_ceil(bs) - cached;
+            if seq.tokens.len().div_ceil(bs) > self.kv.capacity() {
+                // It would wait forever: not even an empty cache holds it.
+                self.kv.release(&blocks);
+                let error = ApiError::new(
+                    ErrorClass::Unavailable,
+                    format!(
+                        "The sequence of {} tokens needs {} KV blocks, but this GPU's KV cache holds {} blocks of {bs} tokens",
+                        seq.tokens.len(),
+                        seq.tokens.len().div_ceil(bs),
+                        self.kv.capacity()
+                    ),
+                );
+                let _ = seq.out.send(Emission::Failed(error));
+                continue;
+            }
             match self.kv.allocate(needed) {
                 Some(fresh) => blocks.extend(fresh),
                 None => {

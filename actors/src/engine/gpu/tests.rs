@@ -436,3 +436,22 @@ fn a_random_model_loads_and_decodes_on_the_cpu_engine() {
     assert_eq!(std::fs::read(&path).ok(), std::fs::read(&again).ok());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_prompt_larger_than_the_whole_cache_fails_instead_of_waiting_forever() {
+    let (mut s, _) = scheduler(config(64), 2);
+    let mut fake = Fake::default();
+    let mut rx = push(&mut s, request((1..=9).collect(), 4));
+    let mut ok = push(&mut s, request(vec![1, 2], 1));
+    while s.step(&mut fake) {}
+    match rx.try_recv() {
+        Ok(Emission::Failed(e)) => assert!(
+            e.message.contains("needs 3 KV blocks") && e.message.contains("holds 2 blocks"),
+            "{}",
+            e.message
+        ),
+        _ => panic!("expected a failure"),
+    }
+    assert_eq!(tokens(&mut ok).0, vec![101], "the next request still runs");
+    assert!(s.is_idle());
+}

@@ -75,6 +75,11 @@ impl KvManager {
         }
     }
 
+    /// Blocks in the cache.
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Blocks held by at least one request.
     pub(crate) fn active_blocks(&self) -> usize {
         self.active
