@@ -276,6 +276,13 @@ static void check_sample() {
                 N * std::exp(-0.5) / z, N * std::exp(-1.0) / z);
     CHECK(c1234 + c77 + c2999 == N, "top_k=3 picked outside the top 3");
     CHECK(std::abs(c1234 - N / z) < 0.15 * N && std::abs(c77 - N * std::exp(-0.5) / z) < 0.15 * N, "top_k=3 frequencies off");
+    // A row with no candidate (every logit NaN) yields token 0 instead of reading past the row.
+    std::vector<float> nan_row(V, NAN);
+    int nan_params[SAMPLE_PARAMS] = {bits(0.0f), bits(1.0f), bits(0.0f), 0, 1, 0, 0, 0, 0};
+    int nan_tok = -1;
+    float nan_lp = 0;
+    emu_launch(sample, {1, 1, 1}, 1024, nan_row.data(), V, (const int*)nan_params, (const int*)banned, &nan_tok, &nan_lp);
+    CHECK(nan_tok == 0, "an all-NaN row picked %d", nan_tok);
     std::printf("sample: checked\n");
 }
 

@@ -152,8 +152,10 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample(
         }
     }
     if (tid == 0) {
-        int tok = chosen;
+        // No candidate at all (every logit NaN or banned): token 0, reported as impossible, rather
+        // than an index past the row.
+        int tok = chosen >= 0 && chosen < vocab ? chosen : 0;
         out_tok[r] = tok;
-        out_logprob[r] = row[tok] - lse;
+        out_logprob[r] = chosen >= 0 && chosen < vocab ? row[tok] - lse : NEG_INF;
     }
 }
