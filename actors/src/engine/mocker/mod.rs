@@ -11,11 +11,10 @@
 //! - `engine`: [`MockerEngine`], the [`Engine`](crate::engine::Engine) face: one shared scheduler per
 //!   engine, its driver task, and the per-request futures that forward tokens into the sinks.
 //! - `scheduler`: the waiting/running queues and the step function, over simulated time.
-//! - `kv_manager`: the block pools (refcounted active, LRU inactive) and the KV events.
+//! - the block pools and KV events live in `kv::blocks` (shared with the GPU engine).
 //! - `perf_model`: prefill and decode times.
 
 mod engine;
-pub(crate) mod kv_manager;
 mod perf_model;
 mod scheduler;
 

@@ -16,9 +16,9 @@ use std::sync::Arc;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use super::kv_manager::{BlockHashes, BlockId, KvManager};
 use super::perf_model::{decode_ms, prefill_ms};
 use super::MockerConfig;
+use crate::kv::blocks::{BlockHashes, BlockId, KvManager};
 use crate::kv::hashing::{chain, local_block_hash, local_block_hashes, sequence_hashes};
 use crate::kv::protocol::KvCacheEventData;
 

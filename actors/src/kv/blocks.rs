@@ -1,6 +1,8 @@
-//! The mocker's paged KV cache (runtime spec §4.5): `capacity` blocks of `block_size` tokens, an active
-//! pool of blocks that running requests hold (refcounted), and an inactive pool of full blocks that no
-//! request holds but that stay cached for prefix reuse until evicted, least recently used first.
+//! A paged KV cache's block accounting (runtime spec §4.5), shared by the mocker (which simulates the
+//! cache) and the GPU engine (whose block ids index its device pool): `capacity` blocks of
+//! `block_size` tokens, an active pool of blocks that running requests hold (refcounted), and an
+//! inactive pool of full blocks that no request holds but that stay cached for prefix reuse until
+//! evicted, least recently used first.
 //!
 //! Full blocks are identified by their sequence hash (kv::hashing); a block that is still filling, or a
 //! full block whose prefix another block already caches, is private to the request holding it and goes
