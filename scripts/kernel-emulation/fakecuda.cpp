@@ -8,6 +8,7 @@
 #include <cstring>
 #include <dlfcn.h>
 #include <functional>
+#include <map>
 #include <string>
 #include <thread>
 #include <vector>
@@ -26,6 +27,7 @@ static Ctx the_ctx;
 static thread_local Ctx* current = nullptr;
 static const size_t TOTAL = 8ull << 30;
 static size_t allocated = 0;
+static std::map<CUdeviceptr, size_t> sizes;
 
 extern "C" {
 CUresult cuInit(unsigned) { return 0; }
@@ -56,9 +58,17 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     if (!m) return 2;
     allocated += bytes;
     *p = (CUdeviceptr)m;
+    sizes[*p] = bytes;
     return 0;
 }
-CUresult cuMemFree_v2(CUdeviceptr p) { std::free((void*)p); return 0; }
+CUresult cuMemFree_v2(CUdeviceptr p) {
+    auto it = sizes.find(p);
+    if (it == sizes.end()) return 1;  // CUDA_ERROR_INVALID_VALUE: not ours, or freed twice
+    allocated -= it->second;
+    sizes.erase(it);
+    std::free((void*)p);
+    return 0;
+}
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, Stream*) { std::memcpy((void*)dst, src, n); return 0; }
 CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, Stream*) { std::memcpy(dst, (void*)src, n); return 0; }
 CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, Stream*) { std::memset((void*)dst, v, n); return 0; }
@@ -79,6 +89,7 @@ CUresult cuModuleGetFunction(Func** f, void* module, const char* name) {
     *f = new Func{(void (*)(unsigned, unsigned, unsigned, unsigned, void**))p};
     return 0;
 }
+CUresult cuFuncGetAttribute(int* v, int, Func*) { *v = 0; return 0; }
 CUresult cuLaunchKernel(Func* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                         unsigned, Stream*, void** params, void**) {
     if (by != 1 || bz != 1 || bx == 0 || bx > 1024) return 1;

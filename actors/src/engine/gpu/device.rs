@@ -242,6 +242,28 @@ impl GpuDevice {
         })
     }
 
+    /// Per kernel: registers per thread, local (spilled) bytes per thread and static shared bytes per
+    /// block, as the driver compiled them for this GPU.
+    pub fn kernel_resources(&self) -> Vec<(&'static str, i32, i32, i32)> {
+        use sys::CUfunction_attribute as A;
+        kernels::KERNEL_NAMES
+            .iter()
+            .filter_map(|&name| {
+                let f = self.kernels.get(name).ok()?.cu_function();
+                // SAFETY: `f` belongs to the module this device holds.
+                let read = |attribute| {
+                    unsafe { result::function::get_function_attribute(f, attribute) }.unwrap_or(-1)
+                };
+                Some((
+                    name,
+                    read(A::CU_FUNC_ATTRIBUTE_NUM_REGS),
+                    read(A::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES),
+                    read(A::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES),
+                ))
+            })
+            .collect()
+    }
+
     /// The stream every operation of this engine runs on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
