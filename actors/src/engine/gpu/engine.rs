@@ -27,6 +27,8 @@ use super::weights::GpuWeights;
 use super::{GpuEngineConfig, GpuError};
 use crate::engine::mocker::KvEventSender;
 use crate::engine::model::sampler::Sampler;
+pub use crate::engine::model::Emission;
+use crate::engine::model::{admit_request, relay};
 use crate::engine::{Engine, TokenSink};
 use crate::error::{ApiError, ErrorClass};
 use crate::kv::blocks::{BlockHashes, BlockId, KvManager};
@@ -225,14 +227,6 @@ impl StepRunner for DeviceRunner {
         self.forward
             .step(&self.device, &self.weights, plan, host_rows)
     }
-}
-
-/// What the scheduler hands a request's future.
-pub enum Emission {
-    /// One token (and maybe the finish).
-    Output(EngineOutput),
-    /// The request failed.
-    Failed(ApiError),
 }
 
 /// One sequence.
@@ -781,37 +775,11 @@ impl Engine for GpuEngine {
 }
 
 async fn run_request(shared: Rc<Shared>, request: EngineRequest, sink: TokenSink) {
-    let prompt_len = request.token_ids.len();
-    if prompt_len == 0 {
-        sink.fail(ApiError::validation(
-            "The prompt is empty: there is nothing to continue",
-        ))
-        .await;
-        return;
-    }
-    if let Some(bad) = request
-        .token_ids
-        .iter()
-        .find(|&&t| t as usize >= shared.vocab)
-    {
-        sink.fail(ApiError::validation(format!(
-            "Token id {bad} is out of range: the model's vocabulary has {} tokens",
-            shared.vocab
-        )))
-        .await;
-        return;
-    }
-    if prompt_len >= shared.context_length {
-        sink.fail(ApiError::validation(format!(
-            "The prompt has {prompt_len} tokens, which exceeds the model's context length of {} tokens",
-            shared.context_length
-        )))
-        .await;
-        return;
-    }
-    let room = (shared.context_length - prompt_len) as u32;
-    let max_new = request.stop.max_tokens.unwrap_or(room).min(room).max(1);
-    let (out, mut outputs) = mpsc::unbounded_channel();
+    let max_new = match admit_request(&request, shared.vocab, shared.context_length) {
+        Ok(max_new) => max_new,
+        Err(error) => return sink.fail(error).await,
+    };
+    let (out, outputs) = mpsc::unbounded_channel();
     match shared.scheduler.try_borrow_mut() {
         Ok(mut s) => s.push(Seq::new(request, max_new, out)),
         Err(_) => {
@@ -823,19 +791,8 @@ async fn run_request(shared: Rc<Shared>, request: EngineRequest, sink: TokenSink
     if !shared.driver_running.replace(true) {
         tokio::task::spawn_local(drive(shared.clone()));
     }
-    while let Some(emission) = outputs.recv().await {
-        match emission {
-            Emission::Output(output) => {
-                let last = output.finish_reason.is_some();
-                if sink.send(output).await.is_err() || last {
-                    return;
-                }
-            }
-            Emission::Failed(error) => {
-                sink.fail(error).await;
-                return;
-            }
-        }
+    if relay(outputs, &sink).await {
+        return;
     }
     if let Some(reason) = shared.poisoned.borrow().clone() {
         panic!("GPU engine step panicked: {reason}");

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use super::forward::{forward, BatchItem, SeqCache};
 use super::sampler::Sampler;
-use super::{LlamaModel, ModelEngineConfig};
+use super::{Emission, LlamaModel, ModelEngineConfig};
 use crate::engine::{Engine, TokenSink};
 use crate::error::{ApiError, ErrorClass};
 use crate::protocol::engine::{EngineOutput, EngineRequest};
@@ -33,12 +33,6 @@ pub struct ModelLoad {
     pub prefill_tokens: AtomicU64,
     /// Tokens sampled.
     pub decode_tokens: AtomicU64,
-}
-
-/// What the driver hands a request's future.
-enum Emission {
-    Output(EngineOutput),
-    Failed(ApiError),
 }
 
 /// One sequence in the scheduler.
@@ -120,37 +114,11 @@ impl Engine for ModelEngine {
 /// One request's life: check it, queue it, forward its outputs until a finish or the consumer leaves.
 async fn run_request(shared: Rc<Shared>, request: EngineRequest, sink: TokenSink) {
     let shape = &shared.model.shape;
-    let prompt_len = request.token_ids.len();
-    if prompt_len == 0 {
-        sink.fail(ApiError::validation(
-            "The prompt is empty: there is nothing to continue",
-        ))
-        .await;
-        return;
-    }
-    if let Some(bad) = request
-        .token_ids
-        .iter()
-        .find(|&&t| t as usize >= shape.vocab)
-    {
-        sink.fail(ApiError::validation(format!(
-            "Token id {bad} is out of range: the model's vocabulary has {} tokens",
-            shape.vocab
-        )))
-        .await;
-        return;
-    }
-    if prompt_len >= shape.context_length {
-        sink.fail(ApiError::validation(format!(
-            "The prompt has {prompt_len} tokens, which exceeds the model's context length of {} tokens",
-            shape.context_length
-        )))
-        .await;
-        return;
-    }
-    let room = (shape.context_length - prompt_len) as u32;
-    let max_new = request.stop.max_tokens.unwrap_or(room).min(room).max(1);
-    let (out, mut outputs) = mpsc::unbounded_channel();
+    let max_new = match super::admit_request(&request, shape.vocab, shape.context_length) {
+        Ok(max_new) => max_new,
+        Err(error) => return sink.fail(error).await,
+    };
+    let (out, outputs) = mpsc::unbounded_channel();
     let seq = Seq {
         sampler: Sampler::new(request.sampling.clone(), &request.token_ids),
         cache: SeqCache::new(shape.layers),
@@ -173,19 +141,8 @@ async fn run_request(shared: Rc<Shared>, request: EngineRequest, sink: TokenSink
     if !shared.driver_running.replace(true) {
         tokio::task::spawn_local(drive(shared.clone()));
     }
-    while let Some(emission) = outputs.recv().await {
-        match emission {
-            Emission::Output(output) => {
-                let last = output.finish_reason.is_some();
-                if sink.send(output).await.is_err() || last {
-                    return;
-                }
-            }
-            Emission::Failed(error) => {
-                sink.fail(error).await;
-                return;
-            }
-        }
+    if super::relay(outputs, &sink).await {
+        return;
     }
     // The driver dropped this sequence without finishing it: only a panicked step does that.
     if let Some(reason) = shared.poisoned.borrow().clone() {

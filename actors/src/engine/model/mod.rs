@@ -34,6 +34,71 @@ mod tests;
 use serde::{Deserialize, Serialize};
 
 pub use engine::{ModelEngine, ModelLoad};
+
+use tokio::sync::mpsc;
+
+use crate::engine::TokenSink;
+use crate::error::ApiError;
+use crate::protocol::engine::{EngineOutput, EngineRequest};
+
+/// What a model engine's scheduler hands a request's future.
+pub enum Emission {
+    /// One token (and maybe the finish).
+    Output(EngineOutput),
+    /// The request failed.
+    Failed(ApiError),
+}
+
+/// The checks both model engines (CPU and GPU) make before queueing `request` for a model of `vocab`
+/// tokens and `context_length`: a non-empty prompt of known ids that leaves room to generate. Returns
+/// the tokens it may generate (`max_tokens` capped by the room left).
+pub(crate) fn admit_request(
+    request: &EngineRequest,
+    vocab: usize,
+    context_length: usize,
+) -> Result<u32, ApiError> {
+    let prompt_len = request.token_ids.len();
+    if prompt_len == 0 {
+        return Err(ApiError::validation(
+            "The prompt is empty: there is nothing to continue",
+        ));
+    }
+    if let Some(bad) = request.token_ids.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::validation(format!(
+            "Token id {bad} is out of range: the model's vocabulary has {vocab} tokens"
+        )));
+    }
+    if prompt_len >= context_length {
+        return Err(ApiError::validation(format!(
+            "The prompt has {prompt_len} tokens, which exceeds the model's context length of {context_length} tokens"
+        )));
+    }
+    let room = (context_length - prompt_len) as u32;
+    Ok(request.stop.max_tokens.unwrap_or(room).min(room).max(1))
+}
+
+/// Forward a sequence's emissions to its sink until it finishes, fails or the consumer leaves.
+/// Returns `false` when the scheduler dropped the sequence without a last word (a panicked step).
+pub(crate) async fn relay(
+    mut outputs: mpsc::UnboundedReceiver<Emission>,
+    sink: &TokenSink,
+) -> bool {
+    while let Some(emission) = outputs.recv().await {
+        match emission {
+            Emission::Output(output) => {
+                let last = output.finish_reason.is_some();
+                if sink.send(output).await.is_err() || last {
+                    return true;
+                }
+            }
+            Emission::Failed(error) => {
+                sink.fail(error).await;
+                return true;
+            }
+        }
+    }
+    false
+}
 pub use weights::{LlamaModel, LoadError, ModelShape};
 
 /// `[model_engine]`: settings of the real model engine.
