@@ -444,7 +444,9 @@ fn resolve_devices(config: &ServiceConfig) -> Result<Vec<String>, StartError> {
         }
         resolved.push(device.clone());
     }
-    resolved.dedup();
+    // `["auto", "cuda:0"]` names cuda:0 twice: one engine per device.
+    let mut seen = std::collections::HashSet::new();
+    resolved.retain(|d| seen.insert(d.clone()));
     Ok(resolved)
 }
 
