@@ -257,15 +257,22 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 /// Per-GPU gauges (`dynamix_gpu_*`, one series per GPU engine), in Prometheus text; empty without
 /// GPU engines.
 fn gpu_metrics(state: &AppState) -> String {
-    use std::fmt::Write;
-    use std::sync::atomic::Ordering::Relaxed;
-    type Read = fn(&crate::engine::gpu::GpuLoad) -> f64;
     let engines: Vec<_> = state
         .engines
         .snapshot()
         .iter()
         .filter_map(|e| e.gpu.clone().map(|g| (e.instance_id, e.device.clone(), g)))
         .collect();
+    render_gpu_metrics(&engines)
+}
+
+/// The `dynamix_gpu_*` families for `(instance_id, device, state)` of each GPU engine.
+fn render_gpu_metrics(
+    engines: &[(u64, String, std::sync::Arc<crate::engine::gpu::GpuLoad>)],
+) -> String {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    type Read = fn(&crate::engine::gpu::GpuLoad) -> f64;
     if engines.is_empty() {
         return String::new();
     }
@@ -308,7 +315,7 @@ fn gpu_metrics(state: &AppState) -> String {
     for (name, help, read) in families {
         let _ = writeln!(out, "# HELP dynamix_gpu_{name} {help}");
         let _ = writeln!(out, "# TYPE dynamix_gpu_{name} gauge");
-        for (id, device, g) in &engines {
+        for (id, device, g) in engines {
             let label = g.device_name().replace('\\', "\\\\").replace('"', "\\\"");
             let _ = writeln!(
                 out,
@@ -560,4 +567,37 @@ fn schemas() -> Value {
                 "index": {"type": "integer"}, "text": {"type": "string"}, "finish_reason": {"type": "string", "nullable": true}}}},
             "usage": usage}},
     })
+}
+
+#[cfg(test)]
+mod gpu_metrics_tests {
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::sync::Arc;
+
+    use crate::engine::gpu::GpuLoad;
+
+    #[test]
+    fn each_gpu_engine_is_one_labelled_series_per_family() {
+        assert_eq!(super::render_gpu_metrics(&[]), "");
+        let load = Arc::new(GpuLoad::default());
+        *load.device.lock().unwrap_or_else(|e| e.into_inner()) = "NVIDIA \"H200\"".into();
+        load.kv_blocks_total.store(4096, Relaxed);
+        load.kv_blocks_used.store(17, Relaxed);
+        let text = super::render_gpu_metrics(&[(3, "cuda:1".into(), load)]);
+        assert!(
+            text.contains("# TYPE dynamix_gpu_kv_blocks_total gauge"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "dynamix_gpu_kv_blocks_total{instance_id=\"3\",device=\"cuda:1\",name=\"NVIDIA \\\"H200\\\"\"} 4096"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("dynamix_gpu_kv_blocks_used{instance_id=\"3\""),
+            "{text}"
+        );
+        assert_eq!(text.matches("# HELP dynamix_gpu_").count(), 7);
+    }
 }
