@@ -24,7 +24,9 @@ fn main() {
         None => {
             let p = std::env::temp_dir().join("dynamix-gpu-bench.gguf");
             let t = Instant::now();
-            write_random_llama(&p, &smollm2_shape(), 7, None).expect("random model");
+            if let Err(e) = write_random_llama(&p, &smollm2_shape(), 7, None) {
+                fail(&format!("cannot write the random model: {e}"));
+            }
             println!(
                 "random SmolLM2-shaped model written in {:.1} s",
                 t.elapsed().as_secs_f64()
@@ -46,15 +48,16 @@ fn main() {
     let config = GpuEngineConfig::default();
     let load = GpuLoad::default();
     let t = Instant::now();
-    let (runner, _) = DeviceRunner::open(&path, 0, &config, &load).expect("engine opens");
+    let (runner, _) = DeviceRunner::open(&path, 0, &config, &load)
+        .unwrap_or_else(|e| fail(&format!("the engine did not open: {e}")));
     let cold = t.elapsed().as_secs_f64();
     let cold_load_ms = load.load_ms.load(std::sync::atomic::Ordering::Relaxed);
     // What a restarted engine does: the old one (and its KV pool) goes, the new one re-attaches the
     // weights this process already put on the GPU.
     drop(runner);
     let t = Instant::now();
-    let (mut runner, blocks) =
-        DeviceRunner::open(&path, 0, &config, &load).expect("engine re-opens");
+    let (mut runner, blocks) = DeviceRunner::open(&path, 0, &config, &load)
+        .unwrap_or_else(|e| fail(&format!("the engine did not re-open: {e}")));
     let warm = t.elapsed().as_secs_f64();
     let bytes = runner.weights.bytes_per_step();
     let ceiling = hbm * 1e9 / bytes as f64;
@@ -110,4 +113,10 @@ fn main() {
         "TTFT, 512-token prompt: median {:.2} ms (min {:.2}, max {:.2})",
         ttfts[2], ttfts[0], ttfts[4]
     );
+}
+
+/// Print why the benchmark cannot go on and exit non-zero.
+fn fail(why: &str) -> ! {
+    eprintln!("error: {why}");
+    std::process::exit(1)
 }

@@ -297,6 +297,47 @@ impl KvManager {
     }
 }
 
+/// Numbers one worker's KV events in order and sends them to whoever indexes them (a router that
+/// went away is not the engine's problem). Shared by the mocker and the GPU engine.
+pub(crate) struct KvEventPublisher {
+    worker_id: u64,
+    sender: Option<tokio::sync::mpsc::UnboundedSender<crate::kv::protocol::RouterEvent>>,
+    next_event_id: std::cell::Cell<u64>,
+}
+
+impl KvEventPublisher {
+    /// Events of `worker_id` into `sender` (`None`: nobody listens, nothing is sent).
+    pub(crate) fn new(
+        worker_id: u64,
+        sender: Option<tokio::sync::mpsc::UnboundedSender<crate::kv::protocol::RouterEvent>>,
+    ) -> Self {
+        KvEventPublisher {
+            worker_id,
+            sender,
+            next_event_id: std::cell::Cell::new(0),
+        }
+    }
+
+    /// Send `events`, oldest first.
+    pub(crate) fn send(&self, events: Vec<KvCacheEventData>) {
+        let Some(sender) = &self.sender else {
+            return;
+        };
+        for data in events {
+            let event_id = self.next_event_id.get();
+            self.next_event_id.set(event_id + 1);
+            let _ = sender.send(crate::kv::protocol::RouterEvent {
+                worker_id: self.worker_id,
+                event: crate::kv::protocol::KvCacheEvent {
+                    event_id,
+                    data,
+                    dp_rank: 0,
+                },
+            });
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

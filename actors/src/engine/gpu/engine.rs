@@ -28,14 +28,13 @@ use super::{GpuEngineConfig, GpuError};
 use crate::engine::mocker::KvEventSender;
 use crate::engine::model::sampler::Sampler;
 pub use crate::engine::model::Emission;
-use crate::engine::model::{admit_request, relay};
+use crate::engine::model::{admit_request, finish_after, relay};
 use crate::engine::{Engine, TokenSink};
 use crate::error::{ApiError, ErrorClass};
-use crate::kv::blocks::{BlockHashes, BlockId, KvManager};
+use crate::kv::blocks::{BlockHashes, BlockId, KvEventPublisher, KvManager};
 use crate::kv::hashing::{chain, local_block_hash, SequenceHash};
-use crate::kv::protocol::{KvCacheEvent, KvCacheEventData, RouterEvent};
+use crate::kv::protocol::KvCacheEventData;
 use crate::protocol::engine::{EngineOutput, EngineRequest, SamplingOptions, TokenLogprob};
-use crate::protocol::FinishReason;
 
 /// Live state of one GPU engine, shared with `/health` and `/metrics`.
 #[derive(Debug, Default)]
@@ -609,14 +608,15 @@ impl Scheduler {
             let token = token.min(self.vocab.saturating_sub(1) as u32);
             s.generated += 1;
             s.tokens.push(token);
-            let finish =
-                if s.stop_ids.contains(&token) && s.generated > s.min_tokens.saturating_sub(1) {
-                    Some(FinishReason::Stop)
-                } else if s.generated >= s.max_new || s.tokens.len() >= self.context_length {
-                    Some(FinishReason::Length)
-                } else {
-                    None
-                };
+            let finish = finish_after(
+                token,
+                &s.stop_ids,
+                s.generated,
+                s.min_tokens,
+                s.max_new,
+                s.tokens.len(),
+                self.context_length,
+            );
             let output = EngineOutput {
                 token_ids: vec![token],
                 finish_reason: finish,
@@ -666,9 +666,7 @@ struct Shared {
     runner: RefCell<Box<dyn StepRunner>>,
     driver_running: Cell<bool>,
     poisoned: RefCell<Option<String>>,
-    worker_id: u64,
-    events: Option<KvEventSender>,
-    next_event_id: Cell<u64>,
+    events: KvEventPublisher,
     vocab: usize,
     context_length: usize,
 }
@@ -726,9 +724,7 @@ impl GpuEngine {
                 runner: RefCell::new(runner),
                 driver_running: Cell::new(false),
                 poisoned: RefCell::new(None),
-                worker_id,
-                events,
-                next_event_id: Cell::new(0),
+                events: KvEventPublisher::new(worker_id, events),
                 vocab,
                 context_length,
             }),
@@ -738,19 +734,7 @@ impl GpuEngine {
 
 impl Shared {
     fn send_events(&self, events: Vec<KvCacheEventData>) {
-        let Some(sender) = &self.events else { return };
-        for data in events {
-            let event_id = self.next_event_id.get();
-            self.next_event_id.set(event_id + 1);
-            let _ = sender.send(RouterEvent {
-                worker_id: self.worker_id,
-                event: KvCacheEvent {
-                    event_id,
-                    data,
-                    dp_rank: 0,
-                },
-            });
-        }
+        self.events.send(events);
     }
 }
 

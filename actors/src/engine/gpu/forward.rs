@@ -198,18 +198,7 @@ impl Forward {
         for (l, layer) in w.layers.iter().enumerate() {
             let kc = self.kv.keys.at(l * self.kv.layer_bytes);
             let vc = self.kv.values.at(l * self.kv.layer_bytes);
-            device.launch(
-                "rms_norm",
-                grid((tt, 1, 1), 256),
-                &[
-                    Arg::Ptr(self.x.ptr()),
-                    Arg::Ptr(layer.attn_norm.ptr()),
-                    Arg::Ptr(self.act.ptr()),
-                    Arg::Ptr(0),
-                    Arg::I32(h as i32),
-                    Arg::F32(s.rms_eps),
-                ],
-            )?;
+            self.rms_norm(device, layer.attn_norm.ptr(), t, 0, h, s.rms_eps)?;
             device.gemm(
                 t,
                 h + 2 * kvw,
@@ -265,18 +254,7 @@ impl Forward {
                 )?;
             }
             device.gemm(t, h, h, layer.wo.ptr(), self.act.ptr(), self.x.ptr(), 1.0)?;
-            device.launch(
-                "rms_norm",
-                grid((tt, 1, 1), 256),
-                &[
-                    Arg::Ptr(self.x.ptr()),
-                    Arg::Ptr(layer.ffn_norm.ptr()),
-                    Arg::Ptr(self.act.ptr()),
-                    Arg::Ptr(0),
-                    Arg::I32(h as i32),
-                    Arg::F32(s.rms_eps),
-                ],
-            )?;
+            self.rms_norm(device, layer.ffn_norm.ptr(), t, 0, h, s.rms_eps)?;
             device.gemm(
                 t,
                 2 * ffn,
@@ -309,17 +287,13 @@ impl Forward {
             device.synchronize()?;
             return Ok((Vec::new(), Vec::new()));
         }
-        device.launch(
-            "rms_norm",
-            grid((r as u32, 1, 1), 256),
-            &[
-                Arg::Ptr(self.x.ptr()),
-                Arg::Ptr(w.final_norm.ptr()),
-                Arg::Ptr(self.act.ptr()),
-                Arg::Ptr(at(plan.at.rows)),
-                Arg::I32(h as i32),
-                Arg::F32(s.rms_eps),
-            ],
+        self.rms_norm(
+            device,
+            w.final_norm.ptr(),
+            r,
+            at(plan.at.rows),
+            h,
+            s.rms_eps,
         )?;
         device.gemm(
             r,
@@ -354,6 +328,30 @@ impl Forward {
             host.push(logits);
         }
         Ok((sampled, host))
+    }
+
+    /// `act[i] = bf16(RMSNorm(x[rows[i]]) · weight)` for `count` rows (`rows` 0: rows 0..count).
+    fn rms_norm(
+        &self,
+        device: &GpuDevice,
+        weight: u64,
+        count: usize,
+        rows: u64,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<(), GpuError> {
+        device.launch(
+            "rms_norm",
+            grid((count as u32, 1, 1), 256),
+            &[
+                Arg::Ptr(self.x.ptr()),
+                Arg::Ptr(weight),
+                Arg::Ptr(self.act.ptr()),
+                Arg::Ptr(rows),
+                Arg::I32(hidden as i32),
+                Arg::F32(eps),
+            ],
+        )
     }
 
     /// Logits of the last step's row `row` (for tests comparing against the CPU engine).

@@ -22,7 +22,8 @@ use super::scheduler::{Emission, RequestKey, Scheduler, StepReport};
 use super::{KvEventSender, MockerConfig, MockerLoad};
 use crate::engine::{Engine, TokenSink};
 use crate::error::ApiError;
-use crate::kv::protocol::{KvCacheEvent, KvCacheEventData, RouterEvent};
+use crate::kv::blocks::KvEventPublisher;
+use crate::kv::protocol::KvCacheEventData;
 use crate::protocol::engine::{EngineOutput, EngineRequest};
 use crate::protocol::FinishReason;
 
@@ -51,9 +52,7 @@ struct Shared {
     /// Whether a driver task is alive.
     driver_running: Cell<bool>,
     default_max_tokens: u32,
-    worker_id: u64,
-    events: Option<KvEventSender>,
-    next_event_id: Cell<u64>,
+    events: KvEventPublisher,
     load: Arc<MockerLoad>,
 }
 
@@ -82,9 +81,7 @@ impl MockerEngine {
                 deferred_cancels: RefCell::new(Vec::new()),
                 driver_running: Cell::new(false),
                 default_max_tokens,
-                worker_id,
-                events,
-                next_event_id: Cell::new(0),
+                events: KvEventPublisher::new(worker_id, events),
                 load,
             }),
         }
@@ -286,22 +283,7 @@ impl Shared {
     }
 
     fn send_events(&self, events: Vec<KvCacheEventData>) {
-        let Some(sender) = &self.events else {
-            return;
-        };
-        for data in events {
-            let event_id = self.next_event_id.get();
-            self.next_event_id.set(event_id + 1);
-            // A router that went away is not the engine's problem.
-            let _ = sender.send(RouterEvent {
-                worker_id: self.worker_id,
-                event: KvCacheEvent {
-                    event_id,
-                    data,
-                    dp_rank: 0,
-                },
-            });
-        }
+        self.events.send(events);
     }
 }
 

@@ -7,7 +7,7 @@ use super::*;
 use crate::engine::EngineLoad;
 use crate::error::ErrorClass;
 use crate::kv::hashing::{local_block_hashes, sequence_hashes};
-use crate::kv::protocol::KvCacheEventData;
+use crate::kv::protocol::{KvCacheEventData, RouterEvent};
 use crate::protocol::engine::{EngineEvent, StopConditions};
 
 const VOCAB: [u32; 3] = [7, 8, 9];

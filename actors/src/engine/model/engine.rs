@@ -16,7 +16,6 @@ use super::{Emission, LlamaModel, ModelEngineConfig};
 use crate::engine::{Engine, TokenSink};
 use crate::error::{ApiError, ErrorClass};
 use crate::protocol::engine::{EngineOutput, EngineRequest};
-use crate::protocol::FinishReason;
 
 /// Live state of one model engine, shared with `/health`.
 #[derive(Debug, Default)]
@@ -290,13 +289,15 @@ fn step(shared: &Shared) -> bool {
         let (token, logprob) = s.sampler.sample(&mut logits, banned);
         s.generated += 1;
         s.tokens.push(token);
-        let finish = if s.stop_ids.contains(&token) {
-            Some(FinishReason::Stop)
-        } else if s.generated >= s.max_new || s.tokens.len() >= context {
-            Some(FinishReason::Length)
-        } else {
-            None
-        };
+        let finish = super::finish_after(
+            token,
+            &s.stop_ids,
+            s.generated,
+            s.min_tokens,
+            s.max_new,
+            s.tokens.len(),
+            context,
+        );
         let output = EngineOutput {
             token_ids: vec![token],
             finish_reason: finish,

@@ -77,6 +77,28 @@ pub(crate) fn admit_request(
     Ok(request.stop.max_tokens.unwrap_or(room).min(room).max(1))
 }
 
+/// Why a sequence ends after its `generated`-th token `token`, if it does: a stop id once
+/// `min_tokens` are out (before that the samplers ban them), else `max_new` tokens or a sequence of
+/// `len` tokens reaching the `context_length`.
+pub(crate) fn finish_after(
+    token: u32,
+    stop_ids: &[u32],
+    generated: u32,
+    min_tokens: u32,
+    max_new: u32,
+    len: usize,
+    context_length: usize,
+) -> Option<crate::protocol::FinishReason> {
+    use crate::protocol::FinishReason;
+    if stop_ids.contains(&token) && generated >= min_tokens {
+        Some(FinishReason::Stop)
+    } else if generated >= max_new || len >= context_length {
+        Some(FinishReason::Length)
+    } else {
+        None
+    }
+}
+
 /// Forward a sequence's emissions to its sink until it finishes, fails or the consumer leaves.
 /// Returns `false` when the scheduler dropped the sequence without a last word (a panicked step).
 pub(crate) async fn relay(

@@ -82,15 +82,7 @@ pub fn write_random_llama(
     let u32v = |v: usize| gguf_file::Value::U32(v as u32);
     let mut metadata: HashMap<String, gguf_file::Value> = HashMap::new();
     if let Some(source) = metadata_from {
-        let mut file = BufReader::new(File::open(source).map_err(|e| LoadError::Io {
-            path: source.to_path_buf(),
-            source: e,
-        })?);
-        let content = gguf_file::Content::read(&mut file).map_err(|e| LoadError::Format {
-            path: source.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        for (k, v) in content.metadata {
+        for (k, v) in read_header(source)?.metadata {
             if !k.starts_with("llama.") {
                 metadata.insert(k, v);
             }
@@ -139,14 +131,7 @@ pub fn write_random_llama(
 /// Copy only the metadata of `source` (no tensors) to `dest`: the tokenizer of a model, small enough
 /// to carry where the model is not.
 pub fn write_metadata_only(source: &Path, dest: &Path) -> Result<(), LoadError> {
-    let mut file = BufReader::new(File::open(source).map_err(|e| LoadError::Io {
-        path: source.to_path_buf(),
-        source: e,
-    })?);
-    let content = gguf_file::Content::read(&mut file).map_err(|e| LoadError::Format {
-        path: source.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let content = read_header(source)?;
     let mut keys: Vec<&String> = content.metadata.keys().collect();
     keys.sort();
     let metadata: Vec<(&str, &gguf_file::Value)> = keys
@@ -159,6 +144,18 @@ pub fn write_metadata_only(source: &Path, dest: &Path) -> Result<(), LoadError> 
     })?;
     gguf_file::write(&mut out, &metadata, &[]).map_err(|e| LoadError::Format {
         path: dest.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// The header (metadata and tensor directory) of the GGUF file at `path`.
+fn read_header(path: &Path) -> Result<gguf_file::Content, LoadError> {
+    let mut file = BufReader::new(File::open(path).map_err(|e| LoadError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?);
+    gguf_file::Content::read(&mut file).map_err(|e| LoadError::Format {
+        path: path.to_path_buf(),
         reason: e.to_string(),
     })
 }
