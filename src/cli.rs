@@ -203,7 +203,9 @@ pub struct ServeArgs {
     /// More logging: -v debug, -vv trace.
     #[arg(short = 'v', action = clap::ArgAction::Count)]
     pub verbose: u8,
-    /// dynamo-run style `in=http|text|batch:FILE` and `out=model|mocker|echo|echo_full|echo_core`.
+    /// dynamo-run style `in=http|text|batch:FILE|dyn://NS.COMP.EP` and
+    /// `out=model|mocker|echo|echo_full|echo_core|auto`. `in=dyn://...` serves the engine as a worker
+    /// on that endpoint; `out=auto` is a frontend that routes to the workers it discovers.
     #[arg(value_name = "in=.. out=..")]
     pub io: Vec<String>,
 }
@@ -217,13 +219,55 @@ pub enum Input {
     Text,
     /// JSONL prompts from a file; results written beside it.
     Batch(PathBuf),
+    /// Serve the engine as a worker on this endpoint (`in=dyn://ns.comp.ep`).
+    Endpoint {
+        /// Namespace.
+        namespace: String,
+        /// Component.
+        component: String,
+        /// Endpoint.
+        endpoint: String,
+    },
+}
+
+/// What `in=` and `out=` ask for, beside the config overrides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Io {
+    /// Where requests come from.
+    pub input: Input,
+    /// `out=auto`: route to the workers discovered in etcd instead of local engines.
+    pub discover: bool,
+}
+
+/// `dyn://ns.comp.ep` → its three names (each non-empty, `[a-z0-9-_]`).
+fn parse_endpoint(url: &str) -> Result<Input, String> {
+    let rest = url.strip_prefix("dyn://").ok_or_else(|| {
+        format!("`in={url}`: an endpoint is written dyn://namespace.component.endpoint")
+    })?;
+    let parts: Vec<&str> = rest.split('.').collect();
+    let valid = |p: &str| {
+        !p.is_empty()
+            && p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    };
+    match parts.as_slice() {
+        [namespace, component, endpoint] if parts.iter().all(|p| valid(p)) => Ok(Input::Endpoint {
+            namespace: namespace.to_string(),
+            component: component.to_string(),
+            endpoint: endpoint.to_string(),
+        }),
+        _ => Err(format!(
+            "`in={url}`: expected dyn://namespace.component.endpoint with three names of [a-z0-9-_]"
+        )),
+    }
 }
 
 impl ServeArgs {
     /// Split `in=` / `out=` and the flags into the input and config overrides.
-    pub fn resolve(&self) -> Result<(Input, Overrides), String> {
+    pub fn resolve(&self) -> Result<(Io, Overrides), String> {
         let mut input = Input::Http;
         let mut engine_kind = None;
+        let mut discover = false;
         for arg in &self.io {
             if let Some(value) = arg.strip_prefix("in=") {
                 input = match value {
@@ -236,9 +280,10 @@ impl ServeArgs {
                         }
                         Input::Batch(PathBuf::from(path))
                     }
+                    v if v.starts_with("dyn://") => parse_endpoint(v)?,
                     other => {
                         return Err(format!(
-                        "unknown input `in={other}`: expected in=http, in=text or in=batch:FILE"
+                        "unknown input `in={other}`: expected in=http, in=text, in=batch:FILE or in=dyn://namespace.component.endpoint"
                     ))
                     }
                 };
@@ -247,9 +292,10 @@ impl ServeArgs {
                     "echo" | "echo_full" | "echo_core" | "mocker" | "model" => {
                         engine_kind = Some(value.to_string())
                     }
+                    "auto" => discover = true,
                     other => {
                         return Err(format!(
-                            "unknown or unavailable engine `out={other}`: this build has out=model, out=mocker, out=echo, out=echo_full and out=echo_core"
+                            "unknown or unavailable engine `out={other}`: this build has out=model, out=mocker, out=echo, out=echo_full, out=echo_core and out=auto (route to discovered workers)"
                         ))
                     }
                 }
@@ -257,10 +303,30 @@ impl ServeArgs {
                 return Err(format!("unexpected argument `{arg}`: expected in=..., out=... or a --flag (see --help)"));
             }
         }
+        if discover && matches!(input, Input::Endpoint { .. }) {
+            return Err(
+                "`in=dyn://...` serves an engine as a worker and `out=auto` routes to workers: pick one (out=mocker, out=model, ...)"
+                    .into(),
+            );
+        }
         let mut settings = Vec::new();
         let mut set = |key: &str, value: toml::Value, flag: &str| {
             settings.push((key.to_string(), value, flag.to_string()))
         };
+        if let Input::Endpoint {
+            namespace,
+            component,
+            endpoint,
+        } = &input
+        {
+            for (key, value) in [
+                ("distributed.namespace", namespace),
+                ("distributed.component", component),
+                ("distributed.endpoint", endpoint),
+            ] {
+                set(key, toml::Value::String(value.clone()), "in=dyn://");
+            }
+        }
         if let Some(w) = self.kv_overlap_score_weight {
             set(
                 "router.kv_overlap_score_weight",
@@ -328,6 +394,6 @@ impl ServeArgs {
             verbosity: self.verbose,
             settings,
         };
-        Ok((input, overrides))
+        Ok((Io { input, discover }, overrides))
     }
 }

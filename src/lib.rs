@@ -393,6 +393,10 @@ pub async fn run(
                 }
             }
             Input::Batch(file) => frontends::batch(&service, &config.model.name, file).await,
+            Input::Endpoint { .. } => Err(RunError::Frontend(
+                "in=dyn://... serves a worker: run it with `dynamix in=dyn://ns.comp.ep out=ENGINE`"
+                    .into(),
+            )),
         }
     };
     let result = until_escalated(&service, work).await;
@@ -416,10 +420,11 @@ async fn until_escalated(
 /// resolves, then drain.
 pub async fn run_frontend(
     config: Config,
+    input: Input,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let max_message_size = config.distributed.max_message_size;
-    let mut service = start_as(&config, true, Role::Frontend).await?;
+    let mut service = start_as(&config, input == Input::Http, Role::Frontend).await?;
     let kv = config.router.mode == dynamix_actors::router::RouterMode::Kv;
     let settings = distributed::frontend::FrontendSettings {
         config: config.distributed.clone(),
@@ -441,11 +446,22 @@ pub async fn run_frontend(
         "frontend routing to the workers of {}",
         config.distributed.instance_prefix()
     );
-    let result = until_escalated(&service, async {
-        shutdown.await;
-        Ok(())
-    })
-    .await;
+    let work = async {
+        match &input {
+            Input::Text => {
+                tokio::select! {
+                    r = frontends::text(&service, &config.model.name) => r,
+                    _ = shutdown => Ok(()),
+                }
+            }
+            Input::Batch(file) => frontends::batch(&service, &config.model.name, file).await,
+            Input::Http | Input::Endpoint { .. } => {
+                shutdown.await;
+                Ok(())
+            }
+        }
+    };
+    let result = until_escalated(&service, work).await;
     service.shutdown().await;
     drop(handle);
     result
@@ -465,6 +481,8 @@ pub async fn run_worker(
         engine: config.engine.kind.as_str().into(),
         capacity: config.engine.admission_capacity * config.engine.devices.len().max(1),
         stream_buffer: config.engine.stream_buffer,
+        card: None,
+        codec: distributed::wire::PayloadCodec::Msgpack,
     };
     let handle = match distributed::worker::start(&mut service.local(), settings).await {
         Ok(handle) => handle,

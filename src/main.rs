@@ -23,13 +23,20 @@ fn main() -> ExitCode {
         None => (cli.serve, dynamix::Role::Standalone),
     };
     let (serve, role) = serve;
-    let (input, overrides) = match serve.resolve() {
+    let (io, overrides) = match serve.resolve() {
         Ok(resolved) => resolved,
         Err(message) => {
             eprintln!("dynamix: {message}");
             return ExitCode::from(2);
         }
     };
+    // dynamo-run's forms: `in=dyn://...` is a worker, `out=auto` a frontend.
+    let role = match (&role, &io.input, io.discover) {
+        (dynamix::Role::Standalone, dynamix::Input::Endpoint { .. }, _) => dynamix::Role::Worker,
+        (dynamix::Role::Standalone, _, true) => dynamix::Role::Frontend,
+        _ => role,
+    };
+    let input = io.input;
     let env = || std::env::vars().collect::<Vec<_>>();
     let config = match dynamix::config::load(serve.config.as_deref(), &env, &overrides) {
         Ok(config) => config,
@@ -45,14 +52,19 @@ fn main() -> ExitCode {
             dynamix::Role::Standalone => {
                 dynamix::run(config, input, dynamix::shutdown_signal()).await
             }
-            dynamix::Role::Frontend if input == dynamix::Input::Http => {
-                dynamix::run_frontend(config, dynamix::shutdown_signal()).await
+            dynamix::Role::Frontend if !matches!(input, dynamix::Input::Endpoint { .. }) => {
+                dynamix::run_frontend(config, input, dynamix::shutdown_signal()).await
             }
-            dynamix::Role::Worker if input == dynamix::Input::Http => {
+            dynamix::Role::Worker
+                if matches!(input, dynamix::Input::Http | dynamix::Input::Endpoint { .. }) =>
+            {
                 dynamix::run_worker(config, dynamix::shutdown_signal()).await
             }
+            dynamix::Role::Frontend => Err(dynamix::RunError::Frontend(
+                "a frontend takes requests from in=http, in=text or in=batch:FILE; in=dyn://... makes a worker".into(),
+            )),
             _ => Err(dynamix::RunError::Frontend(
-                "`in=` applies to `dynamix serve` only: a frontend serves HTTP and a worker serves its request plane".into(),
+                "a worker serves its request plane: use `dynamix worker` or `dynamix in=dyn://ns.comp.ep out=ENGINE`".into(),
             )),
         }
     };

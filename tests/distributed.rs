@@ -546,6 +546,8 @@ async fn the_request_plane_answers_bad_frames_with_errors_and_keeps_serving() {
         .as_str()
         .unwrap()
         .to_string();
+    let id = health["instances"][0]["instance_id"].as_u64().unwrap();
+    let path = format!("{id:x}/dynamo/backend/generate");
 
     let stream = tokio::net::TcpStream::connect(&address).await.unwrap();
     let (r, w) = stream.into_split();
@@ -563,14 +565,21 @@ async fn the_request_plane_answers_bad_frames_with_errors_and_keeps_serving() {
         let reply = acks.next().await.unwrap().unwrap();
         String::from_utf8_lossy(&reply.data).into_owned()
     };
-    // Unknown endpoint: an error reply, the connection stays open.
-    assert_eq!(
-        reply_to("dynamo.backend.nope", b"x").await,
-        "Unknown endpoint: dynamo.backend.nope"
+    // Unknown endpoint (Dynamo's path form, another instance or the old dotted form): a
+    // rejection as Dynamo words it, the connection stays open.
+    for wrong in ["dynamo.backend.generate", "1/dynamo/backend/generate"] {
+        assert_eq!(
+            reply_to(wrong, b"x").await,
+            format!("Server unavailable: unknown endpoint {wrong}")
+        );
+    }
+    // Right endpoint, payload that is not a two-part frame: no call-home address, so a rejection
+    // naming the problem.
+    let reply = reply_to(&path, b"not a frame").await;
+    assert!(
+        reply.starts_with("Server unavailable: cannot decode the request envelope"),
+        "{reply:?}"
     );
-    // Right endpoint, payload that is not a two-part frame: a decode error naming the problem.
-    let reply = reply_to("dynamo.backend.generate", b"not a frame").await;
-    assert!(reply.starts_with("Decode error"), "{reply:?}");
     // Garbage bytes that are not a request frame at all: an error reply, then the connection closes.
     let mut raw = tokio::net::TcpStream::connect(&address).await.unwrap();
     tokio::io::AsyncWriteExt::write_all(&mut raw, &[0, 3, 0xff, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0])
@@ -584,7 +593,8 @@ async fn the_request_plane_answers_bad_frames_with_errors_and_keeps_serving() {
     .await
     .expect("the worker closes the connection");
     assert!(
-        String::from_utf8_lossy(&buf).contains("Decode error"),
+        String::from_utf8_lossy(&buf)
+            .contains("Server unavailable: cannot decode the request frame"),
         "{buf:?}"
     );
     // The worker still serves.

@@ -88,23 +88,13 @@ pub struct CallHomeHandshake {
     pub stream_type: StreamType,
 }
 
-/// Second frame (header-only): whether `generate` started.
+/// Second frame (header-only): whether the worker took the request. A worker that fails a
+/// request reports it as an error item on the stream instead (a Dynamo frontend takes a prologue
+/// error for a dead worker). Data frames carry [`crate::distributed::wire::StreamItem`]s.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResponseStreamPrologue {
     /// `null` when generation started, else the error text.
     pub error: Option<String>,
-    /// [newer] The error as an object (dynamix: `{"class", "message", "details"}`), omitted when none.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub typed_error: Option<Value>,
-}
-
-/// One data frame's body.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct NetworkStreamWrapper {
-    /// The item (`Annotated<T>`), `null` on the final frame.
-    pub data: Option<Value>,
-    /// True on the final frame of a normally completed stream.
-    pub complete_final: bool,
 }
 
 /// Control frames (header-only): requester → worker `stop` / `kill`, worker → requester `sentinel`.
@@ -160,19 +150,7 @@ mod tests {
             serde_json::from_str(value["connection_info"]["info"].as_str().unwrap()).unwrap();
         assert_eq!(inner, info);
         assert_eq!(
-            serde_json::to_value(NetworkStreamWrapper {
-                data: None,
-                complete_final: true
-            })
-            .unwrap(),
-            json!({"data": null, "complete_final": true})
-        );
-        assert_eq!(
-            serde_json::to_value(ResponseStreamPrologue {
-                error: None,
-                typed_error: None
-            })
-            .unwrap(),
+            serde_json::to_value(ResponseStreamPrologue { error: None }).unwrap(),
             json!({"error": null})
         );
     }

@@ -1,5 +1,8 @@
-//! The event plane over NATS core pub/sub (runtime spec §3.2): workers publish their engines' KV
-//! events and their load metrics as JSON; every frontend subscribes. Core NATS keeps nothing: what
+//! The event plane over NATS core pub/sub (interop spec §7): workers publish their engines' KV
+//! events (batches, topic `kv-events`), their KV usage (`kv_metrics`) and dynamix's load
+//! (`load_metrics`), each in Dynamo's msgpack envelope on
+//! `namespace.{ns}.component.{comp}.endpoint.{ep}.{topic}`; every frontend subscribes. The same
+//! subscribers read Dynamo workers' events (run with `--event-plane nats`). Core NATS keeps nothing: what
 //! is published while a subscriber (or the publisher) is disconnected is lost, so the KV router's
 //! view of a worker can lag until that worker's next events, as with Dynamo's non-durable mode.
 //!
@@ -19,8 +22,12 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use super::wire::events::{ActiveLoad, EventEnvelope};
 use super::LoadMetrics;
 use crate::kv::protocol::RouterEvent;
+
+/// Most KV events sent in one batch.
+const MAX_BATCH: usize = 256;
 
 /// Bound on handing one message to the client: its outgoing queue is full only when the connection
 /// is stuck, and a publisher must not stall behind it.
@@ -117,34 +124,63 @@ pub fn nats_state(client: &Client) -> &'static str {
     }
 }
 
-/// Publishes JSON on one subject, dropping messages while NATS is away (warned once per outage).
+/// Publishes enveloped messages on one subject, dropping them while NATS is away (warned once per
+/// outage).
 struct Publisher {
     client: Client,
     subject: Subject,
+    /// The envelope's topic: the subject's last token.
+    topic: String,
+    publisher_id: u64,
+    sequence: u64,
     /// What is published, for the logs (`KV events`, `load metrics`).
     what: &'static str,
     /// Set while publishing fails, so an outage is logged once rather than per message.
     failing: bool,
 }
 
+/// A publisher id: random per process and publisher, below 2^53 as Dynamo's (JSON-safe).
+pub fn new_publisher_id() -> u64 {
+    let id = uuid::Uuid::new_v4().as_u64_pair().0 & ((1 << 53) - 1);
+    id.max(1)
+}
+
 impl Publisher {
-    fn new(client: Client, subject: String, what: &'static str) -> Publisher {
+    fn new(client: Client, subject: String, publisher_id: u64, what: &'static str) -> Publisher {
+        let topic = subject.rsplit('.').next().unwrap_or_default().to_string();
         Publisher {
             client,
             subject: Subject::from(subject),
+            topic,
+            publisher_id,
+            sequence: 0,
             what,
             failing: false,
         }
     }
 
     async fn publish(&mut self, message: &impl Serialize) {
-        let payload = match serde_json::to_vec(message) {
+        let envelope = rmp_serde::to_vec_named(message).and_then(|payload| {
+            let published_at = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or_default();
+            rmp_serde::to_vec_named(&EventEnvelope {
+                publisher_id: self.publisher_id,
+                sequence: self.sequence,
+                published_at,
+                topic: self.topic.clone(),
+                payload,
+            })
+        });
+        let payload = match envelope {
             Ok(payload) => payload,
             Err(e) => {
                 tracing::warn!(subject = %self.subject, "cannot encode {}: {e}", self.what);
                 return;
             }
         };
+        self.sequence += 1;
         match self.send(payload).await {
             Ok(()) => {
                 if self.failing {
@@ -191,47 +227,78 @@ impl Publisher {
     }
 }
 
-/// Forwards the worker's local KV events to `subject`. Each event's `worker_id` (the local engine
-/// index) moves to `dp_rank` and is replaced by the current instance id. Ends, after a flush, when
-/// the channel closes.
+/// Forwards the worker's local KV events to `subject` as batches (what is queued when one is sent,
+/// at most 256) from `publisher_id`. Each event's `worker_id` (the local engine index) moves to
+/// `dp_rank` and is replaced by the current instance id. Ends, after a flush, when the channel
+/// closes.
 pub fn spawn_kv_publisher(
     client: Client,
     subject: String,
+    publisher_id: u64,
     mut events: mpsc::UnboundedReceiver<RouterEvent>,
     instance_id: watch::Receiver<u64>,
 ) -> JoinHandle<()> {
-    let mut publisher = Publisher::new(client, subject, "KV events");
+    let mut publisher = Publisher::new(client, subject, publisher_id, "KV events");
     tokio::spawn(async move {
-        while let Some(mut event) = events.recv().await {
-            event.event.dp_rank = u32::try_from(event.worker_id).unwrap_or(u32::MAX);
-            event.worker_id = *instance_id.borrow();
-            publisher.publish(&event).await;
+        let mut batch = Vec::new();
+        while let Some(first) = events.recv().await {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match events.try_recv() {
+                    Ok(event) => batch.push(event),
+                    Err(_) => break,
+                }
+            }
+            let id = *instance_id.borrow();
+            for event in &mut batch {
+                event.event.dp_rank = u32::try_from(event.worker_id).unwrap_or(u32::MAX);
+                event.worker_id = id;
+            }
+            publisher.publish(&batch).await;
+            batch.clear();
         }
         publisher.flush().await;
     })
 }
 
-/// Publishes `sample()` to `subject` every `interval`, until the handle is aborted.
+/// Publishes `sample()` on `load_subject` every `interval`, and the KV usage it implies on
+/// `kv_subject` (Dynamo's `kv_metrics`) whenever it changed, until the handle is aborted.
 pub fn spawn_load_publisher(
     client: Client,
-    subject: String,
+    load_subject: String,
+    kv_subject: String,
+    publisher_id: u64,
     interval: Duration,
     sample: impl Fn() -> LoadMetrics + Send + 'static,
 ) -> JoinHandle<()> {
-    let mut publisher = Publisher::new(client, subject, "load metrics");
+    let mut load = Publisher::new(client.clone(), load_subject, publisher_id, "load metrics");
+    let mut kv = Publisher::new(client, kv_subject, publisher_id, "KV metrics");
     let period = interval.max(Duration::from_millis(1));
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = None;
         loop {
             ticks.tick().await;
-            publisher.publish(&sample()).await;
+            let metrics = sample();
+            let usage = ActiveLoad {
+                worker_id: metrics.worker_id,
+                dp_rank: 0,
+                active_decode_blocks: None,
+                active_prefill_tokens: None,
+                kv_used_blocks: metrics.kv_active_blocks,
+            };
+            load.publish(&metrics).await;
+            if usage.kv_used_blocks.is_some() && last.as_ref() != Some(&usage) {
+                kv.publish(&usage).await;
+                last = Some(usage);
+            }
         }
     })
 }
 
-/// Subscribes to `subject` and forwards each payload that parses as a [`RouterEvent`] to `sink`
-/// (malformed ones are logged and skipped). Ends when `sink` is closed.
+/// Subscribes to `subject` and forwards each event of each batch to `sink` (malformed envelopes
+/// and payloads are logged, naming the publisher, and skipped). Ends when `sink` is closed.
 pub async fn subscribe_kv_events(
     client: &Client,
     subject: String,
@@ -245,9 +312,14 @@ pub async fn subscribe_kv_events(
                 message = subscriber.next() => message,
             };
             let Some(message) = message else { break };
-            if let Some(event) = parse::<RouterEvent>(&subject, "KV event", &message.payload) {
+            let Some(batch) =
+                parse::<Vec<RouterEvent>>(&subject, "KV event batch", &message.payload)
+            else {
+                continue;
+            };
+            for event in batch {
                 if sink.send(event).is_err() {
-                    break;
+                    return;
                 }
             }
         }
@@ -255,22 +327,31 @@ pub async fn subscribe_kv_events(
     }))
 }
 
-/// Subscribes to `subject` and calls `sink` with each payload that parses as [`LoadMetrics`]
-/// (malformed ones are logged and skipped). Runs until the handle is aborted or the client closes.
+/// Subscribes to `subject` and calls `sink` with each enveloped `T` (malformed ones are logged and
+/// skipped). Runs until the handle is aborted or the client closes.
+pub async fn subscribe_enveloped<T: DeserializeOwned + Send + 'static>(
+    client: &Client,
+    subject: String,
+    what: &'static str,
+    sink: impl Fn(T) + Send + 'static,
+) -> Result<JoinHandle<()>, EventsError> {
+    let mut subscriber = subscribe(client, &subject).await?;
+    Ok(tokio::spawn(async move {
+        while let Some(message) = subscriber.next().await {
+            if let Some(value) = parse::<T>(&subject, what, &message.payload) {
+                sink(value);
+            }
+        }
+    }))
+}
+
+/// [`subscribe_enveloped`] for dynamix's [`LoadMetrics`].
 pub async fn subscribe_load_metrics(
     client: &Client,
     subject: String,
     sink: impl Fn(LoadMetrics) + Send + 'static,
 ) -> Result<JoinHandle<()>, EventsError> {
-    let mut subscriber = subscribe(client, &subject).await?;
-    Ok(tokio::spawn(async move {
-        while let Some(message) = subscriber.next().await {
-            if let Some(metrics) = parse::<LoadMetrics>(&subject, "load metrics", &message.payload)
-            {
-                sink(metrics);
-            }
-        }
-    }))
+    subscribe_enveloped(client, subject, "load metrics", sink).await
 }
 
 async fn subscribe(client: &Client, subject: &str) -> Result<async_nats::Subscriber, EventsError> {
@@ -283,14 +364,36 @@ async fn subscribe(client: &Client, subject: &str) -> Result<async_nats::Subscri
         })
 }
 
-fn parse<T: DeserializeOwned>(subject: &str, what: &str, payload: &[u8]) -> Option<T> {
-    match serde_json::from_slice(payload) {
+/// Opens the envelope and decodes its payload; logs and skips what does not decode.
+fn parse<T: DeserializeOwned>(subject: &str, what: &str, bytes: &[u8]) -> Option<T> {
+    let envelope = match EventEnvelope::decode(bytes) {
+        Ok(envelope) => envelope,
+        Err(e) => {
+            tracing::warn!(subject, "skipping a malformed {what} message: {e}");
+            return None;
+        }
+    };
+    match envelope.payload() {
         Ok(value) => Some(value),
         Err(e) => {
             tracing::warn!(subject, "skipping a malformed {what} message: {e}");
             None
         }
     }
+}
+
+/// An enveloped message, as publishers send it (tests).
+#[cfg(test)]
+pub(crate) fn envelope(topic: &str, message: &impl Serialize) -> Vec<u8> {
+    EventEnvelope {
+        publisher_id: 1,
+        sequence: 0,
+        published_at: 0,
+        topic: topic.into(),
+        payload: rmp_serde::to_vec_named(message).unwrap_or_default(),
+    }
+    .encode()
+    .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -338,7 +441,7 @@ mod tests {
         client
             .publish(
                 subject.to_string(),
-                serde_json::to_vec(&probe).unwrap().into(),
+                envelope("kv-events", &vec![probe.clone()]).into(),
             )
             .await
             .unwrap();
@@ -357,7 +460,7 @@ mod tests {
 
         let (local, events) = mpsc::unbounded_channel();
         let (ids, id) = watch::channel(0xabc_u64);
-        let publisher = spawn_kv_publisher(worker, "kv".into(), events, id);
+        let publisher = spawn_kv_publisher(worker, "kv".into(), 9, events, id);
         local.send(removed(2, 1)).unwrap();
         let got = next(&mut received).await;
         assert_eq!(got.worker_id, 0xabc);
@@ -394,16 +497,24 @@ mod tests {
         .unwrap();
         client.flush().await.unwrap();
 
-        client.publish("kv", "not json".into()).await.unwrap();
+        client.publish("kv", "not msgpack".into()).await.unwrap();
+        // Raw JSON without the envelope, and a single event instead of a batch: both refused.
         client
-            .publish("kv", "{\"worker_id\": 1}".into())
+            .publish("kv", serde_json::to_vec(&removed(7, 8)).unwrap().into())
             .await
             .unwrap();
         client
-            .publish("kv", serde_json::to_vec(&removed(7, 9)).unwrap().into())
+            .publish("kv", envelope("kv-events", &removed(7, 8)).into())
             .await
             .unwrap();
-        client.publish("load", "[1, 2]".into()).await.unwrap();
+        client
+            .publish("kv", envelope("kv-events", &vec![removed(7, 9)]).into())
+            .await
+            .unwrap();
+        client
+            .publish("load", envelope("load_metrics", &[1, 2]).into())
+            .await
+            .unwrap();
         let good = LoadMetrics {
             worker_id: 7,
             active_requests: 3,
@@ -411,7 +522,7 @@ mod tests {
             ..LoadMetrics::default()
         };
         client
-            .publish("load", serde_json::to_vec(&good).unwrap().into())
+            .publish("load", envelope("load_metrics", &good).into())
             .await
             .unwrap();
         assert_eq!(next(&mut received).await, removed(7, 9));
@@ -434,14 +545,31 @@ mod tests {
         .await
         .unwrap();
         frontend.flush().await.unwrap();
-        let publisher =
-            spawn_load_publisher(worker, "load".into(), Duration::from_millis(50), || {
-                LoadMetrics {
-                    worker_id: 5,
-                    capacity: 4,
-                    ..LoadMetrics::default()
-                }
-            });
+        let (kv_sink, mut kv_received) = mpsc::unbounded_channel();
+        let _kv = subscribe_enveloped(
+            &frontend,
+            "kvm".into(),
+            "KV metrics",
+            move |m: ActiveLoad| {
+                let _ = kv_sink.send(m);
+            },
+        )
+        .await
+        .unwrap();
+        frontend.flush().await.unwrap();
+        let publisher = spawn_load_publisher(
+            worker,
+            "load".into(),
+            "kvm".into(),
+            3,
+            Duration::from_millis(50),
+            || LoadMetrics {
+                worker_id: 5,
+                capacity: 4,
+                kv_active_blocks: Some(7),
+                ..LoadMetrics::default()
+            },
+        );
         for _ in 0..3 {
             let got = tokio::time::timeout(WAIT, received.recv())
                 .await
@@ -449,6 +577,13 @@ mod tests {
                 .unwrap();
             assert_eq!((got.worker_id, got.capacity), (5, 4));
         }
+        // KV usage goes out once, as it does not change.
+        let usage = tokio::time::timeout(WAIT, kv_received.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((usage.worker_id, usage.kv_used_blocks), (5, Some(7)));
+        assert!(kv_received.try_recv().is_err());
         publisher.abort();
     }
 
@@ -470,7 +605,7 @@ mod tests {
         let (_subscription, mut received) = kv_subscriber(&frontend, "kv").await;
         let (local, events) = mpsc::unbounded_channel();
         let (_ids, id) = watch::channel(1_u64);
-        let _publisher = spawn_kv_publisher(worker.clone(), "kv".into(), events, id);
+        let _publisher = spawn_kv_publisher(worker.clone(), "kv".into(), 9, events, id);
         local.send(removed(0, 1)).unwrap();
         assert_eq!(next(&mut received).await.event.event_id, 1);
 

@@ -15,6 +15,7 @@ use super::discovery::{self, DiscoveryEvent};
 use super::events;
 use super::remote::{RemoteEngine, RemoteSettings};
 use super::response_stream::ResponseStreamServer;
+use super::wire::events::{ActiveLoad, KV_EVENTS, KV_METRICS, LOAD_METRICS};
 use super::{DistributedConfig, Instance, LoadMetrics, Local};
 use crate::engine::registry::{EngineInfo, EngineRegistry};
 use crate::engine::EngineLoad;
@@ -80,7 +81,7 @@ pub async fn start(service: &Local, settings: FrontendSettings) -> Result<Fronte
     let mut tasks = Vec::new();
     if let Some(sink) = service.kv_events_in.clone() {
         tasks.push(
-            events::subscribe_kv_events(&nats, config.kv_events_subject(), sink)
+            events::subscribe_kv_events(&nats, config.event_subject(KV_EVENTS), sink)
                 .await
                 .map_err(|e| e.to_string())?,
         );
@@ -89,13 +90,43 @@ pub async fn start(service: &Local, settings: FrontendSettings) -> Result<Fronte
     {
         let loads = loads.clone();
         tasks.push(
-            events::subscribe_load_metrics(&nats, config.load_metrics_subject(), move |m| {
+            events::subscribe_load_metrics(&nats, config.event_subject(LOAD_METRICS), move |m| {
                 if let Some(cell) = loads.lock().ok().and_then(|l| l.get(&m.worker_id).cloned()) {
                     if let Ok(mut cell) = cell.lock() {
                         *cell = Some(m);
                     }
                 }
             })
+            .await
+            .map_err(|e| e.to_string())?,
+        );
+    }
+    {
+        // Dynamo workers publish only their KV usage: keep it beside the rest of their load.
+        let loads = loads.clone();
+        tasks.push(
+            events::subscribe_enveloped(
+                &nats,
+                config.event_subject(KV_METRICS),
+                "KV metrics",
+                move |usage: ActiveLoad| {
+                    let Some(cell) = loads
+                        .lock()
+                        .ok()
+                        .and_then(|l| l.get(&usage.worker_id).cloned())
+                    else {
+                        return;
+                    };
+                    let Ok(mut guard) = cell.lock() else {
+                        return;
+                    };
+                    let load = guard.get_or_insert_with(|| LoadMetrics {
+                        worker_id: usage.worker_id,
+                        ..LoadMetrics::default()
+                    });
+                    load.kv_active_blocks = usage.kv_used_blocks;
+                },
+            )
             .await
             .map_err(|e| e.to_string())?,
         );
@@ -110,7 +141,6 @@ pub async fn start(service: &Local, settings: FrontendSettings) -> Result<Fronte
             request_timeout: Duration::from_secs_f64(config.request_timeout_secs),
             connect_timeout: Duration::from_secs_f64(config.connect_timeout_secs),
             max_message_size: settings.max_message_size,
-            endpoint_path: config.endpoint_path(),
         },
         default_capacity: settings.default_capacity,
         kv_block_size: settings.kv_block_size,
@@ -299,7 +329,7 @@ impl InstanceManager {
 impl StreamHandler<DiscoveryEvent> for InstanceManager {
     fn handle(&mut self, event: DiscoveryEvent, _ctx: &mut Self::Context) {
         match event {
-            DiscoveryEvent::Added(instance) => self.add(instance),
+            DiscoveryEvent::Added(instance) => self.add(*instance),
             DiscoveryEvent::Removed(id) => self.remove(id),
             DiscoveryEvent::Lost(reason) => {
                 tracing::warn!(%reason, "lost etcd; routing to the {} workers already known until it is back", self.known.len());

@@ -21,6 +21,7 @@ pub mod infra;
 pub mod remote;
 pub mod request_plane;
 pub mod response_stream;
+pub mod wire;
 pub mod worker;
 
 /// What the distributed layer takes from the local tree that [`crate::supervisor::start`] started:
@@ -177,133 +178,39 @@ impl DistributedConfig {
         format!("{}{instance_id:x}", self.instance_prefix())
     }
 
-    /// NATS subject of the component's KV events: `namespace.{ns}.component.{comp}.kv-events`.
-    pub fn kv_events_subject(&self) -> String {
+    /// etcd key of an instance's model card: `v1/mdc/{ns}/{comp}/{ep}/{id:x}`.
+    pub fn card_key(&self, instance_id: u64) -> String {
         format!(
-            "namespace.{}.component.{}.kv-events",
-            self.namespace, self.component
+            "v1/mdc/{}/{}/{}/{instance_id:x}",
+            self.namespace, self.component, self.endpoint
         )
     }
 
-    /// NATS subject of the workers' load metrics: `namespace.{ns}.component.{comp}.load_metrics`.
-    pub fn load_metrics_subject(&self) -> String {
+    /// etcd prefix of the model cards of the served endpoint.
+    pub fn card_prefix(&self) -> String {
         format!(
-            "namespace.{}.component.{}.load_metrics",
-            self.namespace, self.component
+            "v1/mdc/{}/{}/{}/",
+            self.namespace, self.component, self.endpoint
         )
     }
 
-    /// The endpoint path carried in request-plane frames: `{ns}.{comp}.{ep}`.
-    pub fn endpoint_path(&self) -> String {
-        format!("{}.{}.{}", self.namespace, self.component, self.endpoint)
+    /// NATS subject of one event-plane topic of the served endpoint:
+    /// `namespace.{ns}.component.{comp}.endpoint.{ep}.{topic}`.
+    pub fn event_subject(&self, topic: &str) -> String {
+        format!(
+            "{}.{topic}",
+            wire::events::subject_prefix(&self.namespace, &self.component, &self.endpoint)
+        )
     }
-}
 
-/// How an instance is reached (externally tagged, as upstream: `{"tcp": "tcp://ip:port"}`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Transport {
-    /// The TCP request plane: `tcp://ip:port`.
-    Tcp(String),
-    /// NATS request plane: the instance subject.
-    NatsTcp(String),
-    /// HTTP/2 request plane.
-    Http(String),
-}
-
-/// A worker's discovery record (the value under its lease-bound key, runtime spec §5.3), with what
-/// the frontend needs to route to it beyond upstream's fields.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Instance {
-    /// Component name.
-    pub component: String,
-    /// Endpoint name.
-    pub endpoint: String,
-    /// Namespace.
-    pub namespace: String,
-    /// The primary lease id.
-    pub instance_id: u64,
-    /// Where requests go.
-    pub transport: Transport,
-    /// The engine kind it runs (`mocker`, `model`, ...).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub engine: Option<String>,
-    /// Its KV block size in tokens (the frontend's kv router must use the same).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kv_block_size: Option<usize>,
-    /// Requests it admits at once (its engines' admission capacity summed).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub capacity: Option<usize>,
-}
-
-impl Instance {
-    /// The `host:port` of a `tcp://` transport, else an error naming the transport.
-    pub fn tcp_address(&self) -> Result<String, String> {
-        match &self.transport {
-            Transport::Tcp(url) => url
-                .strip_prefix("tcp://")
-                .map(str::to_string)
-                .ok_or_else(|| format!("instance {:x}: transport {url:?} is not tcp://host:port", self.instance_id)),
-            other => Err(format!(
-                "instance {:x} uses transport {other:?}; this frontend speaks the TCP request plane only",
-                self.instance_id
-            )),
-        }
+    /// The endpoint path of instance `id` in request-plane frames: `{id:x}/{ns}/{comp}/{ep}`.
+    pub fn endpoint_path(&self, id: u64) -> String {
+        wire::record::endpoint_path(id, &self.namespace, &self.component, &self.endpoint)
     }
 }
 
 pub use crate::protocol::engine::LoadMetrics;
-
-/// One item of a response stream (upstream's `Annotated<T>`): `data` carries an engine output; an
-/// error travels as `event: "error"` with the message in `comment` and the typed error in `data`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Annotated {
-    /// The item.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data: Option<serde_json::Value>,
-    /// Item id.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    /// `error` for an error item.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub event: Option<String>,
-    /// Error text.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub comment: Option<Vec<String>>,
-}
-
-/// An [`ApiError`](crate::error::ApiError) on the wire.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct WireError {
-    /// Its class (decides status and whether it migrates).
-    pub class: crate::error::ErrorClass,
-    /// Client-facing message.
-    pub message: String,
-    /// Structured details.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub details: Option<serde_json::Value>,
-}
-
-impl From<&crate::error::ApiError> for WireError {
-    fn from(e: &crate::error::ApiError) -> Self {
-        WireError {
-            class: e.class,
-            message: e.message.clone(),
-            details: e.details.clone(),
-        }
-    }
-}
-
-impl From<WireError> for crate::error::ApiError {
-    fn from(e: WireError) -> Self {
-        crate::error::ApiError {
-            class: e.class,
-            message: e.message,
-            details: e.details,
-            restarted: None,
-        }
-    }
-}
+pub use wire::{Instance, Transport};
 
 #[cfg(test)]
 mod tests {
@@ -317,25 +224,10 @@ mod tests {
             "v1/instances/dynamo/backend/generate/1f"
         );
         assert_eq!(
-            c.kv_events_subject(),
-            "namespace.dynamo.component.backend.kv-events"
+            c.event_subject("kv-events"),
+            "namespace.dynamo.component.backend.endpoint.generate.kv-events"
         );
-        let i = Instance {
-            component: "backend".into(),
-            endpoint: "generate".into(),
-            namespace: "dynamo".into(),
-            instance_id: 7,
-            transport: Transport::Tcp("tcp://127.0.0.1:4000".into()),
-            engine: None,
-            kv_block_size: None,
-            capacity: None,
-        };
-        let v = serde_json::to_value(&i).unwrap();
-        assert_eq!(
-            v["transport"],
-            serde_json::json!({"tcp": "tcp://127.0.0.1:4000"})
-        );
-        assert_eq!(i.tcp_address().unwrap(), "127.0.0.1:4000");
+        assert_eq!(c.endpoint_path(0x1f), "1f/dynamo/backend/generate");
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! [`RemoteEngine`]: the frontend's actor for one worker instance. The router sees it as an engine
 //! ([`Generate`] in, tokens out on the request's channel); underneath, each request is one TCP
 //! request-plane frame (ACKed by the worker) and one call-home response stream (runtime spec §1.5):
-//! handshake, prologue, data frames, `complete_final`, sentinel.
+//! handshake, prologue, data frames, `complete_final`, sentinel. Requests go to the path and in the
+//! codec the worker's record names, as Dynamo's pre-processed request; the worker may be a dynamix
+//! worker or any Dynamo worker (interop spec §3–§5).
 //!
 //! A stream that ends without `complete_final` — the worker was killed, its connection broke — closes
 //! the request's channel before a finish, which the serving path migrates to another engine (same
 //! rules as in-process). The instance is then reported down so no new request goes there until it
-//! answers again. A consumer that goes away sends `stop` to the worker.
+//! answers again. A consumer that goes away sends `kill` to the worker, as Dynamo's frontend does.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -20,17 +22,18 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::response_stream::{ResponseConnection, ResponseStreamServer};
-use super::{Annotated, Instance, WireError};
+use super::wire::record::TcpTarget;
+use super::wire::{Instance, PayloadCodec, PreprocessedRequest, StreamItem};
 use crate::codec::messages::{
-    ConnectionInfo, ControlMessage, NetworkStreamWrapper, RequestControlMessage, RequestType,
-    ResponseStreamPrologue, ResponseType, StreamType, TcpStreamConnectionInfo,
+    ConnectionInfo, ControlMessage, RequestControlMessage, RequestType, ResponseStreamPrologue,
+    ResponseType, StreamType, TcpStreamConnectionInfo,
 };
 use crate::codec::{
     MessageKind, TcpRequestCodec, TcpRequestMessage, TcpResponseCodec, TwoPartCodec, TwoPartMessage,
 };
 use crate::engine::Generate;
 use crate::error::{ApiError, ErrorClass};
-use crate::protocol::engine::{EngineEvent, EngineOutput};
+use crate::protocol::engine::EngineEvent;
 
 /// Idle request-plane connections kept per worker.
 const POOL_SIZE: usize = 100;
@@ -44,8 +47,6 @@ pub struct RemoteSettings {
     pub connect_timeout: Duration,
     /// Request-plane frame limit (`DYN_TCP_MAX_MESSAGE_SIZE`).
     pub max_message_size: usize,
-    /// `{ns}.{comp}.{ep}`.
-    pub endpoint_path: String,
 }
 
 /// One request-plane connection: frames out, ACKs in.
@@ -58,6 +59,12 @@ struct Connection {
 struct Shared {
     instance_id: u64,
     address: String,
+    /// The frame path the worker serves.
+    path: String,
+    /// How request bodies (and so the responses) are encoded.
+    codec: PayloadCodec,
+    /// A dynamix worker: send the dynamix extension.
+    dynamix: bool,
     settings: RemoteSettings,
     streams: Arc<ResponseStreamServer>,
     pool: Mutex<Vec<Connection>>,
@@ -82,10 +89,15 @@ impl RemoteEngine {
         down: mpsc::UnboundedSender<u64>,
         load: Arc<crate::engine::EngineLoad>,
     ) -> Result<Self, String> {
+        instance.check()?;
+        let TcpTarget { address, path } = instance.tcp_target()?;
         Ok(RemoteEngine {
             shared: Arc::new(Shared {
                 instance_id: instance.instance_id,
-                address: instance.tcp_address()?,
+                address,
+                path,
+                codec: instance.codec(),
+                dynamix: instance.is_dynamix(),
                 settings,
                 streams,
                 pool: Mutex::new(Vec::new()),
@@ -203,21 +215,33 @@ fn request_frame(
             transport: "tcp_server".into(),
             info: serde_json::to_string(&info).map_err(|e| internal(e.to_string()))?,
         },
-        payload_codec: None,
+        payload_codec: Some(shared.codec.name().into()),
         metadata: None,
-        frontend_send_ts_ns: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .ok()
-            .map(|d| d.as_nanos() as u64),
+        frontend_send_ts_ns: None,
     };
     let header = serde_json::to_vec(&control).map_err(|e| internal(e.to_string()))?;
-    let body = serde_json::to_vec(request).map_err(|e| internal(e.to_string()))?;
+    let body = shared
+        .codec
+        .encode(&PreprocessedRequest::from_engine_request(
+            request,
+            shared.dynamix,
+        ))
+        .map_err(internal)?;
     let payload = TwoPartCodec::new(None)
         .encode_message(TwoPartMessage::new(header, body))
         .map_err(|e| internal(e.to_string()))?;
+    let sent_at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
     Ok(TcpRequestMessage {
-        endpoint_path: shared.settings.endpoint_path.clone(),
-        headers: Default::default(),
+        endpoint_path: shared.path.clone(),
+        headers: [
+            ("x-endpoint-path".to_string(), shared.path.clone()),
+            ("request-id".to_string(), request.request_id.clone()),
+            ("x-frontend-send-ts-ns".to_string(), sent_at.to_string()),
+        ]
+        .into(),
         payload,
     })
 }
@@ -251,8 +275,8 @@ async fn send_request(shared: &Shared, frame: TcpRequestMessage) -> Result<(), A
         }
     };
     if !ack.data.is_empty() {
-        // Rejections ("Server unavailable: ...") and errors ("Unknown endpoint: ...", "Decode
-        // error: ..."). The worker closes the connection after some of them: do not pool it.
+        // Rejections ("Server unavailable: ...": unknown endpoint, draining) and other texts.
+        // The worker closes the connection after some of them: do not pool it.
         let text = String::from_utf8_lossy(&ack.data).into_owned();
         let class = if ack.is_accepted() {
             ErrorClass::Internal
@@ -352,16 +376,10 @@ async fn pump(
         Ok(Some(Ok(frame))) => frame,
     };
     match serde_json::from_slice::<ResponseStreamPrologue>(prologue.header()) {
-        Ok(ResponseStreamPrologue { error: None, .. }) => {}
-        Ok(ResponseStreamPrologue {
-            error: Some(text),
-            typed_error,
-        }) => {
-            let error = typed_error
-                .and_then(|v| serde_json::from_value::<WireError>(v).ok())
-                .map(ApiError::from)
-                .unwrap_or_else(|| ApiError::new(ErrorClass::Internal, text));
-            let _ = output.send(Err(error)).await;
+        Ok(ResponseStreamPrologue { error: None }) => {}
+        Ok(ResponseStreamPrologue { error: Some(text) }) => {
+            // The worker could not start generating: another worker may.
+            let _ = output.send(Err(unavailable(shared, text))).await;
             return StreamEnd::Complete;
         }
         Err(e) => return StreamEnd::Broken(format!("bad prologue: {e}")),
@@ -385,14 +403,14 @@ async fn pump(
                     }
                     other => return StreamEnd::Broken(format!("unexpected {other:?} frame")),
                 }
-                let wrapper: NetworkStreamWrapper = match serde_json::from_slice(frame.data()) {
-                    Ok(w) => w,
-                    Err(e) => return StreamEnd::Broken(format!("bad data frame: {e}")),
+                let item: StreamItem = match shared.codec.decode(frame.data()) {
+                    Ok(item) => item,
+                    Err(e) => return StreamEnd::Broken(format!("bad data frame ({}): {e}", shared.codec.name())),
                 };
-                if wrapper.complete_final {
+                if item.complete_final {
                     return StreamEnd::Complete;
                 }
-                let event = match decode_item(wrapper.data) {
+                let event = match item.data.ok_or_else(|| "data frame without an item".to_string()).and_then(|i| i.into_event()) {
                     Ok(event) => event,
                     Err(e) => return StreamEnd::Broken(e),
                 };
@@ -405,14 +423,14 @@ async fn pump(
                         .fetch_add(tokens as u64, std::sync::atomic::Ordering::Relaxed);
                 }
                 if output.send(event).await.is_err() {
-                    let _ = sink.send(control(ControlMessage::Stop)).await;
-                    tracing::debug!(request = %id, "consumer gone; sent stop to the worker");
+                    let _ = sink.send(control(ControlMessage::Kill)).await;
+                    tracing::debug!(request = %id, "consumer gone; sent kill to the worker");
                     return StreamEnd::Cancelled;
                 }
             }
             _ = output.closed() => {
-                let _ = sink.send(control(ControlMessage::Stop)).await;
-                tracing::debug!(request = %id, "consumer gone; sent stop to the worker");
+                let _ = sink.send(control(ControlMessage::Kill)).await;
+                tracing::debug!(request = %id, "consumer gone; sent kill to the worker");
                 return StreamEnd::Cancelled;
             }
         }
@@ -424,35 +442,9 @@ fn control(message: ControlMessage) -> TwoPartMessage {
     TwoPartMessage::header_only(Bytes::from(header))
 }
 
-/// One `Annotated` item → an engine event.
-fn decode_item(item: Option<serde_json::Value>) -> Result<EngineEvent, String> {
-    let item: Annotated = match item {
-        Some(value) => serde_json::from_value(value).map_err(|e| format!("bad item: {e}"))?,
-        None => return Err("data frame without an item".into()),
-    };
-    if item.event.as_deref() == Some("error") {
-        let error = item
-            .data
-            .and_then(|v| serde_json::from_value::<WireError>(v).ok())
-            .map(ApiError::from)
-            .unwrap_or_else(|| {
-                ApiError::new(
-                    ErrorClass::Internal,
-                    item.comment.unwrap_or_default().join("; "),
-                )
-            });
-        return Ok(Err(error));
-    }
-    let data = item.data.ok_or("item without data")?;
-    serde_json::from_value::<EngineOutput>(data)
-        .map(Ok)
-        .map_err(|e| format!("item is not an engine output: {e}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     /// A worker that ACKs one frame per connection and then closes it: a pooled connection is dead
     /// by the time it is reused, which must cost a reconnect, not a "worker down" report.
@@ -476,11 +468,13 @@ mod tests {
         let shared = Shared {
             instance_id: 1,
             address,
+            path: "1/ns/backend/generate".into(),
+            codec: PayloadCodec::Json,
+            dynamix: true,
             settings: RemoteSettings {
                 request_timeout: Duration::from_secs(5),
                 connect_timeout: Duration::from_secs(5),
                 max_message_size: 1 << 20,
-                endpoint_path: "ns.backend.generate".into(),
             },
             streams: ResponseStreamServer::bind("127.0.0.1", 0, 1 << 20)
                 .await
@@ -490,7 +484,7 @@ mod tests {
             load: Default::default(),
         };
         let frame = TcpRequestMessage {
-            endpoint_path: "ns.backend.generate".into(),
+            endpoint_path: "1/ns/backend/generate".into(),
             headers: Default::default(),
             payload: Bytes::from_static(b"x"),
         };
@@ -498,31 +492,5 @@ mod tests {
             send_request(&shared, frame.clone()).await.unwrap();
         }
         assert!(reports.try_recv().is_err(), "no down report");
-    }
-
-    #[test]
-    fn items_decode_to_outputs_and_typed_errors() {
-        let out = decode_item(Some(
-            json!({"data": {"token_ids": [5, 6], "text": null, "finish_reason": null}}),
-        ))
-        .unwrap()
-        .unwrap();
-        assert_eq!(out.token_ids, vec![5, 6]);
-        let err = decode_item(Some(json!({
-            "event": "error",
-            "comment": ["engine restarted"],
-            "data": {"class": "unavailable", "message": "engine restarted"}
-        })))
-        .unwrap()
-        .unwrap_err();
-        assert_eq!(err.class, ErrorClass::Unavailable, "stays migratable");
-        // An error item without a typed error still carries its text.
-        let err = decode_item(Some(json!({"event": "error", "comment": ["boom"]})))
-            .unwrap()
-            .unwrap_err();
-        assert_eq!(err.message, "boom");
-        assert!(decode_item(None).is_err());
-        assert!(decode_item(Some(json!({"data": {"token_ids": "x"}}))).is_err());
-        assert!(decode_item(Some(json!({"id": "1"}))).is_err());
     }
 }

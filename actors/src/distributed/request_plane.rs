@@ -1,13 +1,17 @@
-//! The worker's TCP request plane (runtime spec §1.2–1.3, §1.6): one listener per worker process.
-//! Each request frame gets exactly one reply, in order — an empty ACK once the request is accepted,
-//! or an error text — and an accepted request runs in its own task: dial back to the requester's
-//! response-stream server, handshake, hand the request to this process's router, then prologue,
-//! one data frame per engine output, `complete_final` and the sentinel.
+//! The worker's TCP request plane (interop spec §3–§5): one listener per worker process. Each
+//! request frame gets exactly one reply, in order: an empty ACK once the worker can answer on a
+//! response stream, else a `Server unavailable: ...` text (unknown endpoint path, draining, an
+//! envelope without a usable call-home address). An accepted request runs in its own task: dial back
+//! to the requester's response-stream server, handshake, prologue, then one data frame per engine
+//! output in the request's codec, `complete_final` and the sentinel. A request the worker cannot
+//! serve (a body that does not decode, a routing failure) is answered on the stream with an error
+//! item carrying Dynamo's `error` object: a Dynamo frontend waits forever on an ACK text, and takes
+//! a prologue error for a dead worker.
 //!
 //! If the local engine dies mid-stream (its channel closes before a finish), the stream ends without
 //! `complete_final`: the frontend migrates the request, exactly as for a killed worker.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,24 +22,26 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::codec::{Framed, FramedRead, FramedWrite};
 
-use super::{Annotated, WireError};
+use super::wire::{PayloadCodec, PreprocessedRequest, StreamItem};
 use crate::codec::messages::{
-    CallHomeHandshake, ControlMessage, NetworkStreamWrapper, RequestControlMessage,
-    ResponseStreamPrologue, StreamType, TcpStreamConnectionInfo,
+    CallHomeHandshake, ControlMessage, RequestControlMessage, ResponseStreamPrologue, StreamType,
+    TcpStreamConnectionInfo,
 };
 use crate::codec::{
     MessageKind, TcpCodecError, TcpRequestCodec, TcpResponseCodec, TcpResponseMessage,
     TwoPartCodec, TwoPartMessage,
 };
 use crate::error::{ApiError, ErrorClass};
-use crate::protocol::engine::{EngineEvent, EngineRequest};
+use crate::protocol::engine::EngineRequest;
 use crate::router::{KvRouterActor, Route};
 
 /// What the endpoint needs.
 #[derive(Clone)]
 pub struct EndpointSettings {
-    /// `{ns}.{comp}.{ep}`: frames for any other path get "Unknown endpoint".
-    pub endpoint_path: String,
+    /// `/{ns}/{comp}/{ep}`: frames must carry `{instance_id:x}` followed by this.
+    pub path_suffix: String,
+    /// The current instance id (the lease id; 0 until registered, changes on re-registration).
+    pub instance_id: Arc<AtomicU64>,
     /// Request-plane frame limit (`DYN_TCP_MAX_MESSAGE_SIZE`).
     pub max_message_size: usize,
     /// Dialling the requester back.
@@ -175,16 +181,25 @@ async fn serve_connection(
                 // The decoder cannot resynchronise after a bad frame: say why, then close.
                 let text = match &e {
                     TcpCodecError::TooLarge { .. } => e.to_string(),
-                    _ => format!("Decode error: {e}"),
+                    _ => format!("cannot decode the request frame: {e}"),
                 };
                 tracing::warn!(%peer, error = %e, "request-plane frame rejected; closing the connection");
-                let _ = replies.send(reply(&text)).await;
+                let _ = replies.send(TcpResponseMessage::unavailable(&text)).await;
                 return;
             }
         };
-        if frame.endpoint_path != settings.endpoint_path {
+        let expected = format!(
+            "{:x}{}",
+            settings.instance_id.load(Ordering::Relaxed),
+            settings.path_suffix
+        );
+        if frame.endpoint_path != expected {
+            tracing::warn!(%peer, path = %frame.endpoint_path, %expected, "request for an endpoint this worker does not serve");
             let _ = replies
-                .send(reply(&format!("Unknown endpoint: {}", frame.endpoint_path)))
+                .send(TcpResponseMessage::unavailable(&format!(
+                    "unknown endpoint {}",
+                    frame.endpoint_path
+                )))
                 .await;
             continue;
         }
@@ -195,22 +210,20 @@ async fn serve_connection(
             continue;
         }
         match accept(&frame.payload) {
-            Ok((info, request)) => {
+            Ok(accepted) => {
                 if replies.send(TcpResponseMessage::ack()).await.is_err() {
                     return;
                 }
                 let guard = InflightGuard::new(&state);
-                tokio::spawn(handle(
-                    info,
-                    request,
-                    settings.clone(),
-                    router.clone(),
-                    guard,
-                ));
+                tokio::spawn(handle(accepted, settings.clone(), router.clone(), guard));
             }
             Err(text) => {
                 tracing::warn!(%peer, %text, "request rejected");
-                if replies.send(reply(&text)).await.is_err() {
+                if replies
+                    .send(TcpResponseMessage::unavailable(&text))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -218,50 +231,67 @@ async fn serve_connection(
     }
 }
 
-fn reply(text: &str) -> TcpResponseMessage {
-    TcpResponseMessage {
-        data: Bytes::from(text.to_string()),
-    }
+/// A request the worker will answer on a response stream: where to call home, in which codec, and
+/// the request, or why it cannot be served (sent as an error item).
+struct Accepted {
+    id: String,
+    info: TcpStreamConnectionInfo,
+    codec: PayloadCodec,
+    request: Result<EngineRequest, ApiError>,
 }
 
-/// Decode a request envelope: control header + engine request.
-fn accept(payload: &Bytes) -> Result<(TcpStreamConnectionInfo, EngineRequest), String> {
+/// Decodes a request envelope: control header, then the body in its codec. `Err` when there is no
+/// usable call-home address (the ACK text says why); a body that cannot be served is
+/// `Ok` with the error, answered on the stream.
+fn accept(payload: &Bytes) -> Result<Accepted, String> {
     let message = TwoPartCodec::new(None)
         .decode_message(payload.clone())
-        .map_err(|e| format!("Decode error: {e}"))?;
+        .map_err(|e| format!("cannot decode the request envelope: {e}"))?;
     if message.kind() != MessageKind::HeaderAndData {
-        return Err("Unexpected message from work queue; unable extract a TwoPartMessage with a header and data".into());
+        return Err("the request envelope must have a control header and a body".into());
     }
     let control: RequestControlMessage = serde_json::from_slice(message.header())
-        .map_err(|e| format!("Decode error: control header: {e}"))?;
-    if let Some(codec) = control.payload_codec.as_deref().filter(|c| *c != "json") {
-        return Err(format!(
-            "Decode error: payload_codec {codec:?} is not supported (json only)"
-        ));
-    }
+        .map_err(|e| format!("cannot decode the control header: {e}"))?;
     if control.connection_info.transport != "tcp_server" {
         return Err(format!(
-            "Decode error: response transport {:?} is not supported (tcp_server only)",
+            "connection_info.transport {:?} is not supported (tcp_server only)",
             control.connection_info.transport
         ));
     }
     let info: TcpStreamConnectionInfo = serde_json::from_str(&control.connection_info.info)
-        .map_err(|e| format!("Decode error: connection_info.info: {e}"))?;
+        .map_err(|e| format!("cannot decode connection_info.info: {e}"))?;
     if info.stream_type != StreamType::Response {
         return Err(format!(
-            "Decode error: stream_type {:?} is not a response stream",
+            "connection_info.info.stream_type {:?} is not a response stream",
             info.stream_type
         ));
     }
     if info.context != control.id {
         return Err(format!(
-            "Decode error: connection context {:?} does not match request id {:?}",
+            "connection_info.info.context {:?} does not match the request id {:?}",
             info.context, control.id
         ));
     }
-    let request: EngineRequest = serde_json::from_slice(message.data())
-        .map_err(|e| format!("Decode error: request body: {e}"))?;
-    Ok((info, request))
+    let (codec, request) = match PayloadCodec::parse(control.payload_codec.as_deref()) {
+        Ok(codec) => (
+            codec,
+            codec
+                .decode::<PreprocessedRequest>(message.data())
+                .map_err(|e| format!("cannot decode the request body ({}): {e}", codec.name()))
+                .and_then(|body| body.into_engine_request(control.id.clone()))
+                .map_err(|e| ApiError::new(ErrorClass::BadRequest, e)),
+        ),
+        Err(e) => (
+            PayloadCodec::Json,
+            Err(ApiError::new(ErrorClass::BadRequest, e)),
+        ),
+    };
+    Ok(Accepted {
+        id: control.id,
+        info,
+        codec,
+        request,
+    })
 }
 
 /// Dial back to the requester (retrying while the local address is not yet available).
@@ -286,42 +316,24 @@ fn header(value: &impl serde::Serialize) -> TwoPartMessage {
     TwoPartMessage::header_only(Bytes::from(serde_json::to_vec(value).unwrap_or_default()))
 }
 
-fn data(item: Option<Annotated>, complete_final: bool) -> Result<TwoPartMessage, String> {
-    let data = match item {
-        Some(item) => Some(serde_json::to_value(item).map_err(|e| e.to_string())?),
-        None => None,
-    };
-    let body = serde_json::to_vec(&NetworkStreamWrapper {
-        data,
-        complete_final,
-    })
-    .map_err(|e| e.to_string())?;
-    Ok(TwoPartMessage::data_only(Bytes::from(body)))
-}
-
-fn item(event: &EngineEvent) -> Result<Annotated, String> {
-    Ok(match event {
-        Ok(output) => Annotated {
-            data: Some(serde_json::to_value(output).map_err(|e| e.to_string())?),
-            ..Annotated::default()
-        },
-        Err(error) => Annotated {
-            data: Some(serde_json::to_value(WireError::from(error)).map_err(|e| e.to_string())?),
-            event: Some("error".into()),
-            comment: Some(vec![error.message.clone()]),
-            ..Annotated::default()
-        },
-    })
+fn data(codec: PayloadCodec, item: &StreamItem) -> Result<TwoPartMessage, String> {
+    codec
+        .encode(item)
+        .map(|body| TwoPartMessage::data_only(Bytes::from(body)))
 }
 
 async fn handle(
-    info: TcpStreamConnectionInfo,
-    mut request: EngineRequest,
+    accepted: Accepted,
     settings: Arc<EndpointSettings>,
     router: Addr<KvRouterActor>,
     _guard: InflightGuard,
 ) {
-    let id = request.request_id.clone();
+    let Accepted {
+        id,
+        info,
+        codec,
+        request,
+    } = accepted;
     let stream = match dial(&info.address, settings.connect_timeout).await {
         Ok(stream) => stream,
         Err(e) => {
@@ -338,33 +350,36 @@ async fn handle(
     if framed.send(header(&handshake)).await.is_err() {
         return;
     }
-    request.pinned_engine = None;
-    let (tx, mut rx) = mpsc::channel(settings.stream_buffer.max(1));
-    let routed = router
-        .send(Route {
-            request,
-            output: tx,
-            exclude: Vec::new(),
-        })
+    if framed
+        .send(header(&ResponseStreamPrologue { error: None }))
         .await
-        .map_err(|e| ApiError::new(ErrorClass::Unavailable, format!("router unavailable: {e}")))
-        .and_then(|r| r);
-    if let Err(error) = routed {
-        let prologue = ResponseStreamPrologue {
-            error: Some(error.message.clone()),
-            typed_error: serde_json::to_value(WireError::from(&error)).ok(),
-        };
-        let _ = framed.send(header(&prologue)).await;
+        .is_err()
+    {
         return;
     }
-    let prologue = ResponseStreamPrologue {
-        error: None,
-        typed_error: None,
+    let (tx, mut rx) = mpsc::channel(settings.stream_buffer.max(1));
+    let routed = match request {
+        Ok(request) => router
+            .send(Route {
+                request,
+                output: tx,
+                exclude: Vec::new(),
+            })
+            .await
+            .map_err(|e| ApiError::new(ErrorClass::Unavailable, format!("router unavailable: {e}")))
+            .and_then(|r| r),
+        Err(error) => Err(error),
     };
-    if framed.send(header(&prologue)).await.is_err() {
+    let (mut sink, mut control) = framed.split();
+    if let Err(error) = routed {
+        tracing::debug!(request = %id, error = %error.message, "request failed before generation");
+        if let Ok(frame) = data(codec, &StreamItem::of(&Err(error))) {
+            if sink.send(frame).await.is_ok() {
+                finish(&mut sink, codec).await;
+            }
+        }
         return;
     }
-    let (mut sink, mut control) = framed.split();
     let mut finished = false;
     loop {
         tokio::select! {
@@ -374,7 +389,7 @@ async fn handle(
                     Ok(output) => output.finish_reason.is_some(),
                     Err(_) => true,
                 };
-                let frame = match item(&event).and_then(|i| data(Some(i), false)) {
+                let frame = match data(codec, &StreamItem::of(&event)) {
                     Ok(frame) => frame,
                     Err(e) => {
                         tracing::error!(request = %id, error = %e, "cannot encode an output");
@@ -417,7 +432,15 @@ async fn handle(
         tracing::warn!(request = %id, "engine stopped before finishing; ending the stream without completion");
         return;
     }
-    if let Ok(frame) = data(None, true) {
+    finish(&mut sink, codec).await;
+}
+
+/// `complete_final`, the sentinel, close.
+async fn finish(
+    sink: &mut futures_util::stream::SplitSink<Framed<TcpStream, TwoPartCodec>, TwoPartMessage>,
+    codec: PayloadCodec,
+) {
+    if let Ok(frame) = data(codec, &StreamItem::complete()) {
         if sink.send(frame).await.is_err() {
             return;
         }
@@ -444,7 +467,7 @@ mod tests {
         }
     }
 
-    fn envelope(context: &str, transport: &str, body: &[u8]) -> Bytes {
+    fn envelope(context: &str, transport: &str, codec: Option<&str>, body: &[u8]) -> Bytes {
         let info = TcpStreamConnectionInfo {
             address: "127.0.0.1:1".into(),
             subject: "s".into(),
@@ -459,7 +482,7 @@ mod tests {
                 transport: transport.into(),
                 info: serde_json::to_string(&info).unwrap(),
             },
-            payload_codec: None,
+            payload_codec: codec.map(str::to_string),
             metadata: None,
             frontend_send_ts_ns: None,
         };
@@ -472,36 +495,43 @@ mod tests {
     }
 
     #[test]
-    fn a_well_formed_envelope_is_accepted() {
-        let body = serde_json::to_vec(&request()).unwrap();
-        let (info, parsed) = accept(&envelope("req-1", "tcp_server", &body)).unwrap();
-        assert_eq!(info.subject, "s");
-        assert_eq!(parsed, request());
+    fn well_formed_envelopes_are_accepted_in_both_codecs() {
+        let wire = PreprocessedRequest::from_engine_request(&request(), true);
+        for (name, codec) in [
+            (None, PayloadCodec::Json),
+            (Some("msgpack"), PayloadCodec::Msgpack),
+        ] {
+            let body = codec.encode(&wire).unwrap();
+            let accepted = accept(&envelope("req-1", "tcp_server", name, &body)).unwrap();
+            assert_eq!(accepted.info.subject, "s");
+            assert_eq!(accepted.codec, codec);
+            assert_eq!(accepted.request.unwrap(), request());
+        }
     }
 
     #[test]
-    fn malformed_envelopes_are_named_errors() {
-        let body = serde_json::to_vec(&request()).unwrap();
+    fn envelopes_without_a_call_home_address_are_refused_with_the_reason() {
+        let body = serde_json::to_vec(&PreprocessedRequest::from_engine_request(&request(), true))
+            .unwrap();
         let cases: Vec<(Bytes, &str)> = vec![
-            (Bytes::from_static(b"junk"), "Decode error"),
+            (Bytes::from_static(b"junk"), "request envelope"),
             (
                 TwoPartCodec::new(None)
                     .encode_message(TwoPartMessage::header_only(b"{}".to_vec()))
                     .unwrap(),
-                "Unexpected message from work queue",
+                "control header and a body",
             ),
             (
-                envelope("other", "tcp_server", &body),
-                "does not match request id",
+                envelope("other", "tcp_server", None, &body),
+                "does not match the request id",
             ),
-            (envelope("req-1", "nats", &body), "response transport"),
             (
-                envelope("req-1", "tcp_server", b"{\"nope\":1}"),
-                "request body",
+                envelope("req-1", "nats", None, &body),
+                "connection_info.transport",
             ),
         ];
         for (payload, expected) in cases {
-            let error = accept(&payload).unwrap_err();
+            let error = accept(&payload).err().unwrap();
             assert!(
                 error.contains(expected),
                 "{error} should mention {expected}"
@@ -510,22 +540,21 @@ mod tests {
     }
 
     #[test]
-    fn outputs_and_errors_become_annotated_items() {
-        let ok: EngineEvent = Ok(crate::protocol::engine::EngineOutput {
-            token_ids: vec![7],
-            ..Default::default()
-        });
-        let item = item(&ok).unwrap();
-        assert_eq!(item.data.unwrap()["token_ids"], serde_json::json!([7]));
-        let err: EngineEvent = Err(ApiError::new(ErrorClass::Unavailable, "gone"));
-        let item = item_of(&err);
-        assert_eq!(item.event.as_deref(), Some("error"));
-        assert_eq!(item.comment, Some(vec!["gone".to_string()]));
-        let wire: WireError = serde_json::from_value(item.data.unwrap()).unwrap();
-        assert_eq!(wire.class, ErrorClass::Unavailable);
-    }
-
-    fn item_of(event: &EngineEvent) -> Annotated {
-        item(event).unwrap()
+    fn bodies_that_cannot_be_served_are_answered_on_the_stream() {
+        for (codec, body, expected) in [
+            (None, b"{\"nope\":1}".to_vec(), "token_ids"),
+            (Some("msgpack"), b"\xc1".to_vec(), "msgpack"),
+            (Some("cbor"), b"{}".to_vec(), "cbor"),
+            (None, b"{\"token_ids\": []}".to_vec(), "token_ids is empty"),
+        ] {
+            let accepted = accept(&envelope("req-1", "tcp_server", codec, &body)).unwrap();
+            let error = accepted.request.unwrap_err();
+            assert_eq!(error.class, ErrorClass::BadRequest);
+            assert!(
+                error.message.contains(expected),
+                "{} should mention {expected}",
+                error.message
+            );
+        }
     }
 }

@@ -1,15 +1,21 @@
 //! The worker side: serve this process's engines on the TCP request plane, register in etcd under a
-//! lease that the keep-alive renews, and publish the engines' KV events and load on NATS. Shutdown
+//! lease that the keep-alive renews, and publish the engines' KV events and load on NATS, all in
+//! Dynamo's formats (interop spec §2): the `Endpoint` instance record with its frame path, the model
+//! card (`v1/mdc/...`) and the event channel and source records, all under the one lease. Shutdown
 //! follows upstream (runtime spec §5.7): leave discovery first, keep serving for the grace period,
 //! refuse new requests, wait for the running ones, then stop.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::discovery::Registration;
 use super::events;
 use super::request_plane::{EndpointSettings, WorkerEndpoint};
+use super::wire::events::{KV_EVENTS, KV_METRICS, LOAD_METRICS};
+use super::wire::PayloadCodec;
 use super::Local;
-use super::{DistributedConfig, Instance, LoadMetrics, Transport};
+use super::{DistributedConfig, Instance, LoadMetrics};
 
 /// What the worker's distributed layer needs from its process.
 pub struct WorkerSettings {
@@ -23,6 +29,10 @@ pub struct WorkerSettings {
     pub capacity: usize,
     /// Capacity of each request's token channel.
     pub stream_buffer: usize,
+    /// The model deployment card (`card_json`) a Dynamo frontend needs to serve the model.
+    pub card: Option<serde_json::Value>,
+    /// How request bodies are to be encoded (advertised in the record).
+    pub codec: PayloadCodec,
 }
 
 /// A registered, serving worker.
@@ -66,11 +76,16 @@ impl WorkerHandle {
 pub async fn start(service: &mut Local, settings: WorkerSettings) -> Result<WorkerHandle, String> {
     let config = settings.config.clone();
     config.validate()?;
+    let current_id = Arc::new(AtomicU64::new(0));
     let endpoint = WorkerEndpoint::serve(
         &config.host,
         config.request_plane_port,
         EndpointSettings {
-            endpoint_path: config.endpoint_path(),
+            path_suffix: format!(
+                "/{}/{}/{}",
+                config.namespace, config.component, config.endpoint
+            ),
+            instance_id: current_id.clone(),
             max_message_size: settings.max_message_size,
             connect_timeout: Duration::from_secs_f64(config.connect_timeout_secs),
             stream_buffer: settings.stream_buffer,
@@ -84,7 +99,7 @@ pub async fn start(service: &mut Local, settings: WorkerSettings) -> Result<Work
             config.host, config.request_plane_port
         )
     })?;
-    let address = format!("tcp://{}:{}", config.host, endpoint.port);
+    let address = format!("{}:{}", config.host, endpoint.port);
     let nats = events::connect(
         &config.nats_url,
         "dynamix-worker",
@@ -93,32 +108,55 @@ pub async fn start(service: &mut Local, settings: WorkerSettings) -> Result<Work
     .await
     .map_err(|e| e.to_string())?;
     let record = {
-        let (config, address, engine, capacity, block) = (
+        let (config, address, engine, capacity, block, codec) = (
             config.clone(),
             address.clone(),
             settings.engine.clone(),
             settings.capacity,
             service.kv_block_size,
+            settings.codec,
         );
         move |id: u64| Instance {
-            component: config.component.clone(),
-            endpoint: config.endpoint.clone(),
-            namespace: config.namespace.clone(),
-            instance_id: id,
-            transport: Transport::Tcp(address.clone()),
             engine: Some(engine.clone()),
             kv_block_size: Some(block),
             capacity: Some(capacity),
+            device_type: Some("cpu".into()),
+            ..Instance::endpoint(
+                &config.namespace,
+                &config.component,
+                &config.endpoint,
+                id,
+                &address,
+                codec,
+            )
         }
     };
-    let registration = Registration::start(&config, record)
+    let publisher_id = events::new_publisher_id();
+    let publishes_kv = service.kv_events_out.is_some();
+    let extras = {
+        let (config, card) = (config.clone(), settings.card.clone());
+        move |id: u64| extra_records(&config, card.as_ref(), publisher_id, publishes_kv, id)
+    };
+    let registration = Registration::start_with(&config, record, extras)
         .await
         .map_err(|e| e.to_string())?;
     let mut tasks = Vec::new();
+    {
+        // Frames must carry the current instance id (it changes when a lease is re-granted).
+        let mut ids = registration.watch_id();
+        current_id.store(*ids.borrow(), Ordering::Relaxed);
+        let current_id = current_id.clone();
+        tasks.push(tokio::spawn(async move {
+            while ids.changed().await.is_ok() {
+                current_id.store(*ids.borrow(), Ordering::Relaxed);
+            }
+        }));
+    }
     if let Some(events) = service.kv_events_out.take() {
         tasks.push(events::spawn_kv_publisher(
             nats.clone(),
-            config.kv_events_subject(),
+            config.event_subject(KV_EVENTS),
+            publisher_id,
             events,
             registration.watch_id(),
         ));
@@ -129,7 +167,9 @@ pub async fn start(service: &mut Local, settings: WorkerSettings) -> Result<Work
     let capacity = settings.capacity as u64;
     tasks.push(events::spawn_load_publisher(
         nats,
-        config.load_metrics_subject(),
+        config.event_subject(LOAD_METRICS),
+        config.event_subject(KV_METRICS),
+        publisher_id,
         Duration::from_millis(config.load_metrics_interval_ms),
         move || {
             let engines = engines.snapshot();
@@ -159,4 +199,48 @@ pub async fn start(service: &mut Local, settings: WorkerSettings) -> Result<Work
         tasks,
         grace: Duration::from_secs_f64(config.graceful_shutdown_grace_period_secs),
     })
+}
+
+/// The keys a worker puts beside its instance record: the model card and, when it publishes on
+/// NATS, the event channels and the KV-event source. A record that cannot be encoded is logged and
+/// left out (the worker still serves dynamix frontends).
+fn extra_records(
+    config: &DistributedConfig,
+    card: Option<&serde_json::Value>,
+    publisher_id: u64,
+    publishes_kv: bool,
+    instance_id: u64,
+) -> Vec<(String, Vec<u8>)> {
+    let mut records = Vec::new();
+    if let Some(card) = card {
+        let record = serde_json::json!({
+            "type": "Model",
+            "namespace": config.namespace,
+            "component": config.component,
+            "endpoint": config.endpoint,
+            "instance_id": instance_id,
+            "card_json": card,
+        });
+        match serde_json::to_vec(&record) {
+            Ok(value) => records.push((config.card_key(instance_id), value)),
+            Err(e) => tracing::error!("cannot encode the model card: {e}"),
+        }
+    }
+    let topics: &[&str] = if publishes_kv {
+        &[KV_EVENTS, KV_METRICS]
+    } else {
+        &[KV_METRICS]
+    };
+    match super::wire::events::registration_records(
+        &config.namespace,
+        &config.component,
+        &config.endpoint,
+        publisher_id,
+        instance_id,
+        topics,
+    ) {
+        Ok(mut events) => records.append(&mut events),
+        Err(e) => tracing::error!("cannot encode the event channel records: {e}"),
+    }
+    records
 }

@@ -169,4 +169,6 @@ pub enum FinishReason {
     Length,
     /// The request was cancelled.
     Cancelled,
+    /// Output was withheld by a content filter (reported by some remote engines).
+    ContentFilter,
 }

@@ -12,6 +12,8 @@ use crate::distributed::etcd::Client;
 use crate::distributed::{DistributedConfig, Instance};
 
 type RecordFn = Arc<dyn Fn(u64) -> Instance + Send + Sync>;
+/// More keys to put under the same lease (model card, event channels), for an instance id.
+type ExtrasFn = Arc<dyn Fn(u64) -> Vec<(String, Vec<u8>)> + Send + Sync>;
 
 /// A worker's presence in discovery: its lease, its key, and the task that keeps both alive.
 ///
@@ -36,12 +38,23 @@ impl Registration {
         config: &DistributedConfig,
         record: impl Fn(u64) -> Instance + Send + Sync + 'static,
     ) -> Result<Registration, DiscoveryError> {
+        Self::start_with(config, record, |_| Vec::new()).await
+    }
+
+    /// [`Self::start`], also putting `extras(lease_id)` (key, value) pairs under the same lease,
+    /// after the instance record: they vanish with it.
+    pub async fn start_with(
+        config: &DistributedConfig,
+        record: impl Fn(u64) -> Instance + Send + Sync + 'static,
+        extras: impl Fn(u64) -> Vec<(String, Vec<u8>)> + Send + Sync + 'static,
+    ) -> Result<Registration, DiscoveryError> {
         let access = EtcdAccess::new(config);
         let record: RecordFn = Arc::new(record);
+        let extras: ExtrasFn = Arc::new(extras);
         let ttl = i64::try_from(config.lease_ttl_secs.max(1)).unwrap_or(i64::MAX);
         let started = tokio::time::timeout(access.timeout, async {
             let mut client = access.connect().await?;
-            let lease = register(&access, &mut client, config, ttl, &record).await?;
+            let lease = register(&access, &mut client, config, ttl, &record, &extras).await?;
             Ok::<_, DiscoveryError>((client, lease))
         })
         .await;
@@ -69,6 +82,7 @@ impl Registration {
             ttl,
             period: renewal_period(lease.ttl),
             record,
+            extras,
             lease_id: lease.id,
             client: Some(client),
             shared_client: shared_client.clone(),
@@ -168,6 +182,7 @@ async fn register(
     config: &DistributedConfig,
     ttl: i64,
     record: &RecordFn,
+    extras: &ExtrasFn,
 ) -> Result<Lease, DiscoveryError> {
     let granted = access
         .call(
@@ -188,9 +203,25 @@ async fn register(
         key: key.clone(),
         reason: e.to_string(),
     })?;
-    let put = access
+    let mut put = access
         .call("put", &key, client.put(key.clone(), value, lease.id))
-        .await;
+        .await
+        .map(|_| ());
+    if put.is_ok() {
+        for (extra_key, extra_value) in extras(instance_id) {
+            put = access
+                .call(
+                    "put",
+                    &extra_key,
+                    client.put(extra_key.clone(), extra_value, lease.id),
+                )
+                .await
+                .map(|_| ());
+            if put.is_err() {
+                break;
+            }
+        }
+    }
     if let Err(e) = put {
         // Best effort: an orphan lease holds no key and expires on its own anyway.
         let _ = tokio::time::timeout(access.timeout, client.lease_revoke(lease.id)).await;
@@ -215,6 +246,7 @@ struct KeepAlive {
     ttl: i64,
     period: Duration,
     record: RecordFn,
+    extras: ExtrasFn,
     lease_id: i64,
     /// `None` after a failure: the next attempt connects a fresh client.
     client: Option<Client>,
@@ -346,6 +378,7 @@ impl KeepAlive {
             &self.config,
             self.ttl,
             &self.record,
+            &self.extras,
         )
         .await;
         self.set_client(client);

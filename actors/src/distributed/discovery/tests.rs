@@ -7,8 +7,8 @@ use tokio::sync::mpsc;
 use super::*;
 use crate::distributed::etcd::{Client, ConnectOptions};
 use crate::distributed::infra::EtcdServer;
+use crate::distributed::wire::PayloadCodec;
 use crate::distributed::Instance;
-use crate::distributed::Transport;
 use std::collections::HashSet;
 use std::time::Instant;
 
@@ -23,14 +23,17 @@ fn config(etcd: &EtcdServer, ttl: u64) -> DistributedConfig {
 
 fn record(port: u16) -> impl Fn(u64) -> Instance + Send + Sync + 'static {
     move |id| Instance {
-        component: "backend".into(),
-        endpoint: "generate".into(),
-        namespace: "dynamo".into(),
-        instance_id: id,
-        transport: Transport::Tcp(format!("tcp://127.0.0.1:{port}")),
         engine: Some("mocker".into()),
         kv_block_size: Some(16),
         capacity: Some(8),
+        ..Instance::endpoint(
+            "dynamo",
+            "backend",
+            "generate",
+            id,
+            &format!("127.0.0.1:{port}"),
+            PayloadCodec::Msgpack,
+        )
     }
 }
 
@@ -53,7 +56,7 @@ async fn register_then_deregister() {
     let id = registration.instance_id();
     assert!(registration.connected());
     match next_event(&mut events, Duration::from_secs(5)).await {
-        DiscoveryEvent::Added(instance) => assert_eq!(instance, record(4000)(id)),
+        DiscoveryEvent::Added(instance) => assert_eq!(*instance, record(4000)(id)),
         other => panic!("expected Added, got {other:?}"),
     }
     registration.deregister().await;
@@ -71,7 +74,7 @@ async fn listing_reports_existing_instances() {
     let (mut events, _handle) = watch_instances(&config).await.unwrap();
     assert_eq!(
         next_event(&mut events, Duration::from_secs(5)).await,
-        DiscoveryEvent::Added(record(4001)(registration.instance_id()))
+        DiscoveryEvent::Added(Box::new(record(4001)(registration.instance_id())))
     );
 }
 
@@ -126,13 +129,13 @@ async fn malformed_records_are_skipped() {
     let registration = Registration::start(&config, record(4003)).await.unwrap();
     assert_eq!(
         next_event(&mut events, Duration::from_secs(5)).await,
-        DiscoveryEvent::Added(record(4003)(registration.instance_id()))
+        DiscoveryEvent::Added(Box::new(record(4003)(registration.instance_id())))
     );
     // The listing of a fresh watcher skips them too.
     let (mut relisted, _handle2) = watch_instances(&config).await.unwrap();
     assert_eq!(
         next_event(&mut relisted, Duration::from_secs(5)).await,
-        DiscoveryEvent::Added(record(4003)(registration.instance_id()))
+        DiscoveryEvent::Added(Box::new(record(4003)(registration.instance_id())))
     );
     assert!(relisted.try_recv().is_err());
 }
@@ -171,7 +174,7 @@ async fn lost_lease_is_granted_again() {
     let mut ids = registration.watch_id();
     assert_eq!(
         next_event(&mut events, Duration::from_secs(5)).await,
-        DiscoveryEvent::Added(record(4005)(first))
+        DiscoveryEvent::Added(Box::new(record(4005)(first)))
     );
     // What etcd does to a lease that was not renewed in time.
     let mut client = Client::connect(&[etcd.url()], &ConnectOptions::default())
@@ -190,7 +193,7 @@ async fn lost_lease_is_granted_again() {
     assert_ne!(second, first);
     assert_eq!(
         next_event(&mut events, Duration::from_secs(5)).await,
-        DiscoveryEvent::Added(record(4005)(second))
+        DiscoveryEvent::Added(Box::new(record(4005)(second)))
     );
     registration.deregister().await;
     assert_eq!(

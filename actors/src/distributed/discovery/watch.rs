@@ -14,7 +14,7 @@ use crate::distributed::{DistributedConfig, Instance};
 pub enum DiscoveryEvent {
     /// An instance appeared or its record changed (consumers must be idempotent: a re-put of the
     /// same id emits `Added` again).
-    Added(Instance),
+    Added(Box<Instance>),
     /// The instance with this id left (deregistered, or its lease expired).
     Removed(u64),
     /// The watch on etcd broke (the reason); the known set is stale until `Restored`.
@@ -199,7 +199,9 @@ impl Watcher {
             .collect();
         fresh.sort_unstable_by_key(|instance| instance.instance_id);
         for instance in fresh {
-            let _ = self.sink.send(DiscoveryEvent::Added(instance.clone()));
+            let _ = self
+                .sink
+                .send(DiscoveryEvent::Added(Box::new(instance.clone())));
         }
         self.known = instances;
     }
@@ -260,7 +262,7 @@ impl Watcher {
                     EventType::Put => match parse_record(&self.prefix, &kv.key, &kv.value) {
                         Ok(instance) => {
                             self.known.insert(instance.instance_id, instance.clone());
-                            Some(DiscoveryEvent::Added(instance))
+                            Some(DiscoveryEvent::Added(Box::new(instance)))
                         }
                         Err(e) => {
                             tracing::warn!(key = %key, "skipping discovery record: {e}");
