@@ -197,6 +197,9 @@ pub struct ServeArgs {
     /// Served model name.
     #[arg(long, value_name = "NAME")]
     pub model_name: Option<String>,
+    /// A Hugging Face model directory to take the tokenizer and chat template from.
+    #[arg(long, value_name = "DIR")]
+    pub model_path: Option<PathBuf>,
     /// Do not serve /v1/embeddings (the embedding model is not loaded; the route answers 404).
     #[arg(long)]
     pub no_embeddings: bool,
@@ -378,6 +381,13 @@ impl ServeArgs {
                 "--kv-cache-block-size",
             );
         }
+        if let Some(path) = &self.model_path {
+            set(
+                "model.path",
+                toml::Value::String(path.display().to_string()),
+                "--model-path",
+            );
+        }
         if self.no_embeddings {
             set(
                 "embeddings.enabled",
@@ -393,6 +403,7 @@ impl ServeArgs {
             engine_kind,
             verbosity: self.verbose,
             settings,
+            frontend: discover,
         };
         Ok((Io { input, discover }, overrides))
     }

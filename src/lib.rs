@@ -4,6 +4,7 @@
 //! `run(config, input, shutdown)` takes the shutdown future as a parameter, so tests start a real server
 //! and stop it when they choose.
 
+pub mod cards;
 pub mod cli;
 pub mod config;
 pub mod drill;
@@ -295,14 +296,31 @@ pub async fn start(config: &Config, serve_http: bool) -> Result<RunningService, 
     start_as(config, serve_http, Role::Standalone).await
 }
 
+/// The tokenizer `config` names: `model.path`'s Hugging Face files, else the GGUF model's.
+pub fn config_tokenizer(config: &Config) -> Result<Arc<ModelTokenizer>, RunError> {
+    match &config.model.path {
+        Some(dir) => cards::tokenizer_from_dir(dir),
+        None => load_tokenizer(&model_file(config)?),
+    }
+}
+
 /// [`start`] for a role: a frontend starts no engines, a worker hands its KV events out.
 pub async fn start_as(
     config: &Config,
     serve_http: bool,
     role: Role,
 ) -> Result<RunningService, RunError> {
-    let path = model_file(config)?;
-    let tokenizer = load_tokenizer(&path)?;
+    let tokenizer = config_tokenizer(config)?;
+    start_with(config, tokenizer, serve_http, role).await
+}
+
+/// [`start_as`] with a given tokenizer (a frontend's, from the workers' model card).
+pub async fn start_with(
+    config: &Config,
+    tokenizer: Arc<ModelTokenizer>,
+    serve_http: bool,
+    role: Role,
+) -> Result<RunningService, RunError> {
     // The in-process memory service starts first so the weights can be written into it.
     let (gms, config) = match config.model_engine.gms_serve
         && config.engine.kind == EngineKind::Model
@@ -336,7 +354,7 @@ pub async fn start_as(
     let config = config.as_ref();
     let weights = match (config.engine.kind, role) {
         (_, Role::Frontend) => None,
-        (EngineKind::Model, _) => Some(load_weights(&path, config)?),
+        (EngineKind::Model, _) => Some(load_weights(&model_file(config)?, config)?),
         _ => None,
     };
     let mut service_config = config.service(serve_http);
@@ -424,7 +442,19 @@ pub async fn run_frontend(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let max_message_size = config.distributed.max_message_size;
-    let mut service = start_as(&config, input == Input::Http, Role::Frontend).await?;
+    let mut shutdown = std::pin::pin!(shutdown);
+    let (config, tokenizer) = match config.model.source {
+        config::ModelSource::Local => (config, None),
+        _ => match cards::frontend_model(config, &mut shutdown).await? {
+            Some(choice) => (choice.config, choice.tokenizer),
+            None => return Ok(()),
+        },
+    };
+    let tokenizer = match tokenizer {
+        Some(tokenizer) => tokenizer,
+        None => config_tokenizer(&config)?,
+    };
+    let mut service = start_with(&config, tokenizer, input == Input::Http, Role::Frontend).await?;
     let kv = config.router.mode == dynamix_actors::router::RouterMode::Kv;
     let settings = distributed::frontend::FrontendSettings {
         config: config.distributed.clone(),
@@ -451,12 +481,12 @@ pub async fn run_frontend(
             Input::Text => {
                 tokio::select! {
                     r = frontends::text(&service, &config.model.name) => r,
-                    _ = shutdown => Ok(()),
+                    _ = &mut shutdown => Ok(()),
                 }
             }
             Input::Batch(file) => frontends::batch(&service, &config.model.name, file).await,
             Input::Http | Input::Endpoint { .. } => {
-                shutdown.await;
+                (&mut shutdown).await;
                 Ok(())
             }
         }
@@ -475,13 +505,23 @@ pub async fn run_worker(
 ) -> Result<(), RunError> {
     let max_message_size = config.distributed.max_message_size;
     let mut service = start_as(&config, false, Role::Worker).await?;
+    let tokenizer = config_tokenizer(&config)?;
+    let card = cards::worker_card(&config, &tokenizer, service.kv_block_size)
+        .and_then(|card| serde_json::to_value(card).map_err(|e| RunError::Model(e.to_string())));
+    let card = match card {
+        Ok(card) => card,
+        Err(e) => {
+            service.shutdown().await;
+            return Err(e);
+        }
+    };
     let settings = distributed::worker::WorkerSettings {
         config: config.distributed.clone(),
         max_message_size,
         engine: config.engine.kind.as_str().into(),
         capacity: config.engine.admission_capacity * config.engine.devices.len().max(1),
         stream_buffer: config.engine.stream_buffer,
-        card: None,
+        card: Some(card),
         codec: distributed::wire::PayloadCodec::Msgpack,
     };
     let handle = match distributed::worker::start(&mut service.local(), settings).await {

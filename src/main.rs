@@ -37,6 +37,10 @@ fn main() -> ExitCode {
         _ => role,
     };
     let input = io.input;
+    let overrides = dynamix::config::Overrides {
+        frontend: role == dynamix::Role::Frontend,
+        ..overrides
+    };
     let env = || std::env::vars().collect::<Vec<_>>();
     let config = match dynamix::config::load(serve.config.as_deref(), &env, &overrides) {
         Ok(config) => config,

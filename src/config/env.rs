@@ -62,6 +62,7 @@ pub(super) const DYNAMO_ENV: &[(&str, &str)] = &[
     ("DYN_LOG", "log.filter"),
     ("DYN_TOKEN_ECHO_DELAY_MS", "echo.token_delay_ms"),
     ("DYN_MODEL_NAME", "model.name"),
+    ("DYN_MODEL_PATH", "model.path"),
     ("DYN_METRICS_PREFIX", "metrics.prefix"),
     (
         "DYN_IGNORE_OPENAI_FE_UNSUPPORTED_FIELDS",

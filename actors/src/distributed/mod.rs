@@ -3,7 +3,9 @@
 //! discovery, NATS for KV events and load metrics, TCP for requests and response streams.
 //!
 //! Layout:
-//! - `mod.rs`: [`DistributedConfig`] (`[distributed]`), the discovery record [`Instance`], names.
+//! - `mod.rs`: [`DistributedConfig`] (`[distributed]`), names of keys and subjects.
+//! - [`wire`]: every message on etcd, NATS and TCP, in Dynamo 1.6.1's formats (interop spec).
+//! - [`card`]: model deployment cards: a worker's files and checksums, a frontend's model.
 //! - [`etcd`]: the etcd v3 client (generated gRPC code for KV, Watch and Lease; no protoc needed).
 //! - [`discovery`]: etcd — a worker's lease-bound registration and keep-alive; the frontend's watch.
 //! - [`infra`]: start local etcd and NATS servers (tests, benches, the README's walk-through).
@@ -13,6 +15,7 @@
 //! - [`remote`]: [`remote::RemoteEngine`], the frontend's actor for one worker instance.
 //! - [`frontend`], [`worker`]: wiring of the two processes.
 
+pub mod card;
 pub mod discovery;
 pub mod etcd;
 pub mod events;

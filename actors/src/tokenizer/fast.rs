@@ -1,6 +1,7 @@
 //! A direct encoder for the GGUF "gpt2" (byte-level BPE) pipeline that [`super::build_tokenizer`]
 //! assembles with `tokenizers`: added tokens split out first (leftmost-longest), then digits
-//! isolated one by one, then the GPT-2 pre-tokenizer regex, then byte-level BPE.
+//! isolated one by one, then the GPT-2 pre-tokenizer regex, then byte-level BPE. Hugging Face
+//! `tokenizer.json` pipelines of the same shape, with or without the digit step, use it too.
 //!
 //! It exists for speed: `tokenizers` builds a `NormalizedString` with alignment tables per split
 //! and an `Encoding` with a `String` per token, which made encoding a 35-token chat prompt cost
@@ -39,6 +40,9 @@ pub(super) struct FastBpe {
     /// (left id, right id) → (rank, merged id); a later duplicate merge replaces an earlier one,
     /// as in `tokenizers`.
     merges: HashMap<u64, (u32, u32), BuildHasherDefault<PairHasher>>,
+    /// Whether digits are isolated one by one before the GPT-2 pattern runs (a `Digits`
+    /// pre-tokenizer ahead of `ByteLevel`).
+    split_digits: bool,
 }
 
 /// Key of the merge table: the two ids packed.
@@ -79,12 +83,14 @@ impl FastBpe {
     /// `tokenizers` refuses too).
     ///
     /// `vocab` looks a token's text up; `byte_chars[b]` is the character byte-level BPE writes for byte `b`; `merges` are
-    /// `(left, right)` token strings in rank order; `added` are the added tokens' (text, id).
+    /// `(left, right)` token strings in rank order; `added` are the added tokens' (text, id);
+    /// `split_digits` isolates digits before the GPT-2 pattern.
     pub(super) fn new(
         vocab: impl Fn(&str) -> Option<u32>,
         byte_chars: &[char; 256],
         merges: &[(String, String)],
         added: &[(String, u32)],
+        split_digits: bool,
     ) -> Option<Self> {
         let mut byte_ids = [MISSING; 256];
         for (byte, c) in byte_chars.iter().enumerate() {
@@ -118,6 +124,7 @@ impl FastBpe {
             words: Regex::new(WORD_PATTERN).ok()?,
             byte_ids,
             merges: merge_map,
+            split_digits,
         })
     }
 
@@ -137,9 +144,13 @@ impl FastBpe {
         ids
     }
 
-    /// Text without added tokens: digits isolated one by one, each remaining run split by the
-    /// GPT-2 pattern.
+    /// Text without added tokens: digits isolated one by one (when configured), each remaining
+    /// run split by the GPT-2 pattern.
     fn encode_plain(&self, text: &str, ids: &mut Vec<u32>, scratch: &mut Scratch) {
+        if !self.split_digits {
+            self.split_words(text, ids, scratch);
+            return;
+        }
         let mut run_start = 0;
         for (at, c) in text.char_indices() {
             if c.is_numeric() {

@@ -1,4 +1,5 @@
-//! The chat model's tokenizer, built from the metadata of its GGUF file.
+//! The chat model's tokenizer, built from the metadata of its GGUF file or from Hugging Face
+//! files (`tokenizer.json` and friends, as a Dynamo model deployment card references them).
 //!
 //! SmolLM2 ships as a GGUF file with no `tokenizer.json`: its byte-level BPE vocabulary, merges,
 //! token types and ChatML chat template are GGUF metadata. [`ModelTokenizer::from_gguf`] reads
@@ -6,15 +7,19 @@
 //! (BPE, a digit-splitting + byte-level pre-tokenizer, a byte-level decoder, control tokens as
 //! special added tokens) that round-trips text exactly. The chat template is rendered with
 //! minijinja the way `transformers` renders it. [`IncrementalDecoder`] turns a stream of ids into
-//! text without ever splitting a UTF-8 character.
+//! text without ever splitting a UTF-8 character. [`ModelTokenizer::from_hf`] loads a byte-level
+//! BPE `tokenizer.json` instead, and [`ModelTokenizer::to_hf_json`] exports either kind as one.
 //!
 //! Layout:
 //! - `gguf` — the GGUF metadata reader and its errors.
+//! - `hf` — loading Hugging Face tokenizer files; exporting `tokenizer.json`.
+//! - `fast` — the direct byte-level BPE encoder used when a pipeline allows it.
 //! - `incremental` — the streaming detokenizer.
 //! - `tests` — tests against the real model file and crafted GGUF bytes.
 
 mod fast;
 pub mod gguf;
+mod hf;
 mod incremental;
 
 #[cfg(test)]
@@ -31,12 +36,15 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, Tokenizer};
 
 pub use gguf::{GgufArray, GgufError, GgufMetadata, GgufValue};
+pub use hf::HfTokenizerFiles;
 pub use incremental::IncrementalDecoder;
 
 /// GGUF token type of control tokens (`<|im_start|>`, ...), per llama.cpp's `llama_token_type`.
 const TOKEN_TYPE_CONTROL: i32 = 3;
 /// GGUF token type of user-defined tokens: matched whole in text, but not special.
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+/// Context window assumed when the model files do not state one.
+const DEFAULT_CONTEXT_LENGTH: u32 = 2048;
 
 /// Why a tokenizer could not be built or used.
 #[derive(Debug, thiserror::Error)]
@@ -123,12 +131,17 @@ pub struct ModelTokenizer {
     special: Vec<bool>,
     bos_token_id: u32,
     eos_token_id: u32,
+    /// Every id that ends a generation, `eos_token_id` first (Hugging Face models may list more
+    /// in `generation_config.json`).
+    eos_token_ids: Vec<u32>,
     bos_token: String,
     eos_token: String,
     context_length: u32,
     /// The chat template, compiled once at load under the name [`CHAT_TEMPLATE`]: compiling
     /// it per request cost more than tokenizing the prompt.
     chat_template: Option<minijinja::Environment<'static>>,
+    /// The template's source, kept to export it (a model deployment card's files).
+    chat_template_source: Option<String>,
     model_name: Option<String>,
 }
 
@@ -221,7 +234,7 @@ impl ModelTokenizer {
         let context_length = metadata
             .get(&format!("{architecture}.context_length"))
             .and_then(GgufValue::as_u32)
-            .unwrap_or(2048);
+            .unwrap_or(DEFAULT_CONTEXT_LENGTH);
 
         let char_bytes = byte_level_char_to_byte();
         let (tokenizer, fast) = build_tokenizer(tokens, merges, &token_types, &char_bytes)?;
@@ -235,13 +248,14 @@ impl ModelTokenizer {
             .collect();
 
         // Compiled here so that a template that does not compile fails the load, not a request.
-        let chat_template = match metadata
+        let chat_template_source = metadata
             .get("tokenizer.chat_template")
             .and_then(GgufValue::as_str)
-        {
+            .map(str::to_string);
+        let chat_template = match &chat_template_source {
             Some(source) => {
                 let mut environment = chat_environment();
-                environment.add_template_owned(CHAT_TEMPLATE, source.to_string())?;
+                environment.add_template_owned(CHAT_TEMPLATE, source.clone())?;
                 Some(environment)
             }
             None => None,
@@ -254,10 +268,12 @@ impl ModelTokenizer {
             special,
             bos_token_id,
             eos_token_id,
+            eos_token_ids: vec![eos_token_id],
             bos_token: tokens[bos_token_id as usize].clone(),
             eos_token: tokens[eos_token_id as usize].clone(),
             context_length,
             chat_template,
+            chat_template_source,
             model_name: metadata
                 .get("general.name")
                 .and_then(GgufValue::as_str)
@@ -321,12 +337,35 @@ impl ModelTokenizer {
         self.eos_token_id
     }
 
-    /// The id that begins a sequence (`<|im_start|>` for SmolLM2).
+    /// Every id that ends a generation: [`eos_token_id`](Self::eos_token_id) first, then any
+    /// other listed in a Hugging Face model's `generation_config.json`.
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos_token_ids
+    }
+
+    /// The id that begins a sequence (`<|im_start|>` for SmolLM2; the eos id for a Hugging Face
+    /// model that names no bos token).
     pub fn bos_token_id(&self) -> u32 {
         self.bos_token_id
     }
 
-    /// The model's context window in tokens (`<arch>.context_length`; 2048 if absent).
+    /// The text of the bos token, as chat templates see it (empty when the model has none).
+    pub fn bos_token(&self) -> &str {
+        &self.bos_token
+    }
+
+    /// The text of the eos token, as chat templates see it.
+    pub fn eos_token(&self) -> &str {
+        &self.eos_token
+    }
+
+    /// The chat template's Jinja source, if the model has one.
+    pub fn chat_template_source(&self) -> Option<&str> {
+        self.chat_template_source.as_deref()
+    }
+
+    /// The model's context window in tokens (`<arch>.context_length` of a GGUF file,
+    /// `max_position_embeddings` of a Hugging Face `config.json`; 2048 if absent).
     pub fn context_length(&self) -> u32 {
         self.context_length
     }
@@ -355,7 +394,7 @@ impl ModelTokenizer {
         self.token_bytes.get(id as usize).map(|bytes| &bytes[..])
     }
 
-    /// `general.name` from the GGUF file, if present.
+    /// `general.name` from the GGUF file, if present (`None` for Hugging Face files).
     pub fn model_name(&self) -> Option<&str> {
         self.model_name.as_deref()
     }
@@ -470,6 +509,7 @@ fn build_tokenizer(
         &byte_chars,
         &merges,
         &added_tokens,
+        true,
     );
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)

@@ -176,6 +176,32 @@ fn socket_address(endpoint: &str) -> Option<&str> {
     port.parse::<u16>().ok().map(|_| authority)
 }
 
+/// The keys and values under `prefix` (sorted by key), bounded by `connect_timeout_secs`.
+pub async fn list_prefix(
+    config: &DistributedConfig,
+    prefix: &str,
+) -> Result<Vec<(String, Vec<u8>)>, DiscoveryError> {
+    let access = EtcdAccess::new(config);
+    let listing = tokio::time::timeout(access.timeout, async {
+        let mut client = access.connect().await?;
+        access.call("list", prefix, client.get_prefix(prefix)).await
+    })
+    .await
+    .map_err(|_| {
+        access.unreachable(format!(
+            "listing {prefix} took over {:.1} s",
+            access.timeout.as_secs_f64()
+        ))
+    })??;
+    let mut records: Vec<(String, Vec<u8>)> = listing
+        .kvs
+        .into_iter()
+        .map(|kv| (String::from_utf8_lossy(&kv.key).into_owned(), kv.value))
+        .collect();
+    records.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(records)
+}
+
 /// Builds the record a worker announces under a lease id.
 mod registration;
 mod watch;

@@ -1,0 +1,156 @@
+//! Model deployment cards in the two processes (interop spec §2.3): the worker describes the model
+//! it serves (its tokenizer files, name, block size, capacities) so that any frontend — dynamix's
+//! or Dynamo's — can serve it; the frontend takes its model from the first card it finds under its
+//! endpoint, so that it serves whatever workers (dynamix's or Dynamo's) register there.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dynamix_actors::distributed::card::{self, CardRecord, CardSpec, ModelCard, RuntimeConfig};
+use dynamix_actors::distributed::discovery;
+use dynamix_actors::engine::EngineKind;
+use dynamix_actors::models::ModelStore;
+use dynamix_actors::tokenizer::ModelTokenizer;
+
+use crate::config::{Config, ModelSource};
+use crate::RunError;
+
+/// How often the frontend looks for a card while none is there, and how often it says so.
+const POLL: Duration = Duration::from_secs(1);
+const WAITING_LOG: Duration = Duration::from_secs(10);
+
+/// The tokenizer of a Hugging Face model directory (`model.path`).
+pub fn tokenizer_from_dir(dir: &Path) -> Result<Arc<ModelTokenizer>, RunError> {
+    card::CardFiles::read_dir(dir)
+        .and_then(|files| files.tokenizer())
+        .map(Arc::new)
+        .map_err(|e| {
+            RunError::Model(format!(
+                "model.path = {}: cannot load its tokenizer: {e}",
+                dir.display()
+            ))
+        })
+}
+
+/// The card a worker registers for `config`'s engines: the files of `model.path` in place, or
+/// `tokenizer` exported into the model store.
+pub fn worker_card(
+    config: &Config,
+    tokenizer: &ModelTokenizer,
+    kv_block_size: usize,
+) -> Result<ModelCard, RunError> {
+    let devices = config.engine.devices.len().max(1) as u64;
+    let runtime = match config.engine.kind {
+        EngineKind::Mocker => RuntimeConfig::new(
+            config.mocker.num_gpu_blocks as u64 * devices,
+            config.mocker.max_num_seqs as u64 * devices,
+            config.mocker.max_num_batched_tokens as u64,
+        ),
+        EngineKind::Model => RuntimeConfig::new(
+            (config.model_engine.max_kv_tokens / kv_block_size.max(1)) as u64 * devices,
+            config.model_engine.max_num_seqs as u64 * devices,
+            config.model_engine.max_batched_tokens as u64,
+        ),
+        _ => RuntimeConfig::new(0, config.engine.admission_capacity as u64 * devices, 0),
+    };
+    let spec = CardSpec {
+        model_name: config.model.name.clone(),
+        kv_cache_block_size: u32::try_from(kv_block_size).unwrap_or(u32::MAX),
+        context_length: 0,
+        migration_limit: config.migration.limit,
+        runtime,
+    };
+    let card = match &config.model.path {
+        Some(dir) => card::card_from_model_dir(dir, &spec).map(|(_, card)| card),
+        None => card::write_store_card_files(&ModelStore::default_home(), tokenizer, &spec),
+    };
+    card.map_err(|e| RunError::Model(format!("cannot write the model card: {e}")))
+}
+
+/// What a frontend takes from a card.
+pub struct CardChoice {
+    /// The config with the card's model name and block size.
+    pub config: Config,
+    /// The card's tokenizer, or `None` to use the local one.
+    pub tokenizer: Option<Arc<ModelTokenizer>>,
+}
+
+/// Waits for the first card under the frontend's endpoint and applies it to `config`
+/// (`model.source` = `workers` or `auto`). Cards that do not parse are skipped with a warning
+/// naming the key; a card whose files cannot be read is skipped under `workers` and, under
+/// `auto`, served with the local tokenizer. Returns `None` if `stop` resolves first.
+pub async fn frontend_model(
+    mut config: Config,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<Option<CardChoice>, RunError> {
+    let prefix = config.distributed.card_prefix();
+    let mut stop = std::pin::pin!(stop);
+    let started = Instant::now();
+    let mut logged = Instant::now() - WAITING_LOG;
+    let mut skipped = std::collections::HashSet::new();
+    loop {
+        let records = discovery::list_prefix(&config.distributed, &prefix)
+            .await
+            .map_err(|e| RunError::Distributed(e.to_string()))?;
+        for (key, value) in records {
+            if skipped.contains(&key) {
+                continue;
+            }
+            let record = match CardRecord::from_json(&value) {
+                Ok(record) => record,
+                Err(e) => {
+                    tracing::warn!(%key, "skipping a model card: {e}");
+                    skipped.insert(key);
+                    continue;
+                }
+            };
+            let card = record.card_json;
+            match card::load_model(&card).await {
+                Ok(model) => {
+                    tracing::info!(%key, model = %model.name, block_size = model.kv_block_size, context_length = model.context_length, "serving the model of the workers' card");
+                    apply(&mut config, &model.name, model.kv_block_size as usize);
+                    return Ok(Some(CardChoice {
+                        config,
+                        tokenizer: Some(model.tokenizer),
+                    }));
+                }
+                Err(e) if config.model.source == ModelSource::Auto => {
+                    tracing::warn!(%key, model = %card.display_name, "cannot load the card's tokenizer ({e}); serving it with the local tokenizer (model.source = \"auto\")");
+                    let block = card.kv_cache_block_size as usize;
+                    apply(&mut config, &card.display_name, block);
+                    return Ok(Some(CardChoice {
+                        config,
+                        tokenizer: None,
+                    }));
+                }
+                Err(e) => {
+                    tracing::warn!(%key, "skipping a model card: {e}");
+                    skipped.insert(key);
+                }
+            }
+        }
+        if logged.elapsed() >= WAITING_LOG {
+            tracing::info!(
+                prefix,
+                waited_secs = started.elapsed().as_secs(),
+                "waiting for a worker's model card"
+            );
+            logged = Instant::now();
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(POLL) => {}
+            _ = &mut stop => return Ok(None),
+        }
+    }
+}
+
+/// The card's name and block size into the frontend's config.
+fn apply(config: &mut Config, name: &str, block_size: usize) {
+    config.model.name = name.to_string();
+    if block_size >= 2 {
+        config.router.kv_cache_block_size = Some(block_size);
+        config.mocker.block_size = block_size;
+        config.gpu_engine.block_size = block_size;
+    }
+}
