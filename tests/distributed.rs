@@ -726,3 +726,108 @@ async fn a_client_that_hangs_up_stops_generation_on_the_worker() {
         actix_rt::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Bad input from a foreign peer (interop spec §2, issue: "bad input from a foreign peer"):
+/// malformed instance records and model cards under the frontend's endpoint, and a worker that
+/// accepts the TCP connection but answers garbage, are each skipped with a log line naming the key
+/// or the worker and the field; the frontend keeps serving through the good worker.
+#[actix_rt::test]
+async fn malformed_records_cards_and_peers_are_skipped_and_named() {
+    use dynamix_actors::distributed::etcd::{Client as Etcd, ConnectOptions};
+
+    let infra = Infra::start();
+    let mut etcd = Etcd::connect(
+        &[infra.etcd.url()],
+        &ConnectOptions {
+            connect_timeout: Duration::from_secs(5),
+            keep_alive: None,
+            keep_alive_while_idle: false,
+        },
+    )
+    .await
+    .expect("etcd client");
+    // A junk card sorts first: the frontend must skip it and take the good worker's.
+    let prefix = "v1/instances/dynamo/backend/generate";
+    etcd.put(
+        "v1/mdc/dynamo/backend/generate/0",
+        b"{\"type\": \"Model\"}".to_vec(),
+        0,
+    )
+    .await
+    .unwrap();
+    let _w = echo_worker(&infra, "worker");
+    let fe = frontend(&infra, "frontend", &["--router-mode", "round-robin"], &[]);
+    fe.wait_workers(1, Duration::from_secs(60)).await;
+
+    // A listener that answers every frame with garbage bytes, advertised as a worker.
+    let liar = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let liar_port = liar.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = liar.accept().await {
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut socket, &[0xff; 64]).await;
+        }
+    });
+    let bad: Vec<(String, Vec<u8>)> = vec![
+        (format!("{prefix}/aa"), b"not json".to_vec()),
+        (
+            format!("{prefix}/bb"),
+            json!({"type": "Endpoint", "component": "backend", "endpoint": "generate",
+                "namespace": "dynamo", "instance_id": 1, "transport": {"tcp": "127.0.0.1:1/x"}})
+            .to_string()
+            .into_bytes(),
+        ),
+        (
+            format!("{prefix}/cc"),
+            json!({"type": "Endpoint", "component": "backend", "endpoint": "generate",
+                "namespace": "dynamo", "instance_id": 0xcc, "transport": {"tcp": "127.0.0.1:1/cc/x"},
+                "request_plane_codec": "cbor"})
+            .to_string()
+            .into_bytes(),
+        ),
+        (
+            format!("{prefix}/dd"),
+            json!({"type": "Endpoint", "component": "backend", "endpoint": "generate",
+                "namespace": "dynamo", "instance_id": 0xdd, "transport": {"tcp": "nohost/dd"}})
+            .to_string()
+            .into_bytes(),
+        ),
+    ];
+    for (key, value) in bad {
+        etcd.put(key, value, 0).await.unwrap();
+    }
+    // Only the well-formed records count as workers; the liar is well-formed until it lies.
+    let liar_key = format!("{prefix}/ee");
+    etcd.put(
+        liar_key.clone(),
+        json!({"type": "Endpoint", "component": "backend", "endpoint": "generate",
+            "namespace": "dynamo", "instance_id": 0xee,
+            "transport": {"tcp": format!("127.0.0.1:{liar_port}/ee/dynamo/backend/generate")}})
+        .to_string()
+        .into_bytes(),
+        0,
+    )
+    .await
+    .unwrap();
+    fe.wait_workers(2, Duration::from_secs(30)).await;
+    // Requests keep succeeding: one may land on the liar, which breaks its stream; the request
+    // then migrates to the good worker and the liar is taken out of routing.
+    for i in 0..6 {
+        let text = format!("still fine {i}");
+        let (content, _, status) = stream_chat(&fe.base, &text).await;
+        assert_eq!((status, content.as_str()), (200, text.as_str()));
+    }
+    let log = fe.proc.log();
+    for expected in [
+        "v1/mdc/dynamo/backend/generate/0",
+        "generate/aa",
+        "but the key says",
+        "request_plane_codec",
+        "transport.tcp",
+        "request-plane exchange failed",
+    ] {
+        assert!(
+            log.contains(expected),
+            "frontend log should name {expected:?}:\n{log}"
+        );
+    }
+}

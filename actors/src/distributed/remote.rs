@@ -23,6 +23,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::response_stream::{ResponseConnection, ResponseStreamServer};
 use super::wire::record::TcpTarget;
+use super::wire::response::FinishReasonWire;
 use super::wire::{Instance, PayloadCodec, PreprocessedRequest, StreamItem};
 use crate::codec::messages::{
     ConnectionInfo, ControlMessage, RequestControlMessage, RequestType, ResponseStreamPrologue,
@@ -262,6 +263,7 @@ async fn send_request(shared: &Shared, frame: TcpRequestMessage) -> Result<(), A
             Ok(Ok(ack)) => break (connection, ack),
             Ok(Err(_)) if !fresh => continue,
             Ok(Err(what)) => {
+                tracing::warn!(worker = format!("{:x}", shared.instance_id), address = %shared.address, error = %what, "request-plane exchange failed");
                 let _ = shared.down.send(shared.instance_id);
                 return Err(unavailable(shared, what));
             }
@@ -409,6 +411,9 @@ async fn pump(
                 };
                 if item.complete_final {
                     return StreamEnd::Complete;
+                }
+                if let Some(FinishReasonWire::Unknown(reason)) = item.data.as_ref().and_then(|i| i.data.as_ref()).and_then(|d| d.finish_reason.as_ref()) {
+                    tracing::warn!(worker = format!("{:x}", shared.instance_id), request = %id, finish_reason = %reason, "unknown finish_reason from the worker; ending the choice as a stop");
                 }
                 let event = match item.data.ok_or_else(|| "data frame without an item".to_string()).and_then(|i| i.into_event()) {
                     Ok(event) => event,

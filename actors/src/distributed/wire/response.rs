@@ -14,7 +14,8 @@ use crate::error::{ApiError, ErrorClass};
 use crate::protocol::engine::{EngineEvent, EngineOutput, TokenLogprob};
 use crate::protocol::FinishReason;
 
-/// `finish_reason` as Dynamo writes it: a string, or `{"error": msg}`.
+/// `finish_reason` as Dynamo writes it: a string, or `{"error": msg}`. A string this build does
+/// not know (a newer peer's) is kept as [`FinishReasonWire::Unknown`] and ends the stream as a stop.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReasonWire {
@@ -31,6 +32,9 @@ pub enum FinishReasonWire {
     ContentFilter,
     /// The engine failed.
     Error(String),
+    /// A reason this build does not know.
+    #[serde(untagged)]
+    Unknown(String),
 }
 
 /// One alternative at a step.
@@ -223,7 +227,9 @@ impl LlmEngineOutput {
     pub fn into_event(self) -> Result<EngineEvent, String> {
         let finish_reason = match self.finish_reason {
             None => None,
-            Some(FinishReasonWire::Eos | FinishReasonWire::Stop) => Some(FinishReason::Stop),
+            Some(FinishReasonWire::Eos | FinishReasonWire::Stop | FinishReasonWire::Unknown(_)) => {
+                Some(FinishReason::Stop)
+            }
             Some(FinishReasonWire::Length) => Some(FinishReason::Length),
             Some(FinishReasonWire::Cancelled) => Some(FinishReason::Cancelled),
             Some(FinishReasonWire::ContentFilter) => Some(FinishReason::ContentFilter),

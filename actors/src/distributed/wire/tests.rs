@@ -255,8 +255,26 @@ fn outputs_round_trip_and_dynamo_outputs_decode() {
         Some(FinishReasonWire::Error("oom".into()))
     );
     assert_eq!(failed.into_event().unwrap().unwrap_err().message, "oom");
+    // A reason from a newer peer ends the stream as a stop; a malformed one is an error.
+    let newer: LlmEngineOutput =
+        serde_json::from_value(json!({"token_ids": [], "finish_reason": "exploded"})).unwrap();
+    assert_eq!(
+        newer.finish_reason,
+        Some(FinishReasonWire::Unknown("exploded".into()))
+    );
+    assert_eq!(
+        newer.into_event().unwrap().unwrap().finish_reason,
+        Some(FinishReason::Stop)
+    );
+    let msgpack =
+        rmp_serde::to_vec_named(&json!({"token_ids": [], "finish_reason": "exploded"})).unwrap();
+    let newer: LlmEngineOutput = rmp_serde::from_slice(&msgpack).unwrap();
+    assert_eq!(
+        newer.finish_reason,
+        Some(FinishReasonWire::Unknown("exploded".into()))
+    );
     assert!(serde_json::from_value::<LlmEngineOutput>(
-        json!({"token_ids": [], "finish_reason": "exploded"})
+        json!({"token_ids": [], "finish_reason": 7})
     )
     .is_err());
     // The final frame has no data key, in both codecs.
