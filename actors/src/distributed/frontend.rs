@@ -246,6 +246,7 @@ impl InstanceManager {
             self.streams.clone(),
             self.down_tx.clone(),
             load.clone(),
+            Some(self.router.clone().recipient()),
         ) {
             Ok(engine) => engine,
             Err(e) => {

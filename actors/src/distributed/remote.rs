@@ -32,7 +32,7 @@ use crate::codec::messages::{
 use crate::codec::{
     MessageKind, TcpRequestCodec, TcpRequestMessage, TcpResponseCodec, TwoPartCodec, TwoPartMessage,
 };
-use crate::engine::Generate;
+use crate::engine::{Generate, RequestProgress, RequestStage};
 use crate::error::{ApiError, ErrorClass};
 use crate::protocol::engine::EngineEvent;
 
@@ -73,6 +73,9 @@ struct Shared {
     down: mpsc::UnboundedSender<u64>,
     /// The router's view of its load; tokens received are counted here.
     load: Arc<crate::engine::EngineLoad>,
+    /// The router's load tracking: first output and end of each request, as a local engine
+    /// reports them (without it, finished requests would count as running forever).
+    progress: Option<Recipient<RequestProgress>>,
 }
 
 /// The frontend's face of one worker instance.
@@ -89,6 +92,7 @@ impl RemoteEngine {
         streams: Arc<ResponseStreamServer>,
         down: mpsc::UnboundedSender<u64>,
         load: Arc<crate::engine::EngineLoad>,
+        progress: Option<Recipient<RequestProgress>>,
     ) -> Result<Self, String> {
         instance.check()?;
         let TcpTarget { address, path } = instance.tcp_target()?;
@@ -104,6 +108,7 @@ impl RemoteEngine {
                 pool: Mutex::new(Vec::new()),
                 down,
                 load,
+                progress,
             }),
         })
     }
@@ -129,9 +134,23 @@ impl Handler<Generate> for RemoteEngine {
                 output,
                 admission,
             } = msg;
+            let id = request.request_id.clone();
             run(&shared, request, &output).await;
             drop(admission);
+            shared.report(&id, RequestStage::Finished);
         });
+    }
+}
+
+impl Shared {
+    fn report(&self, request_id: &str, stage: RequestStage) {
+        if let Some(progress) = &self.progress {
+            progress.do_send(RequestProgress {
+                engine_id: self.instance_id,
+                request_id: request_id.to_string(),
+                stage,
+            });
+        }
     }
 }
 
@@ -386,6 +405,7 @@ async fn pump(
         }
         Err(e) => return StreamEnd::Broken(format!("bad prologue: {e}")),
     }
+    let mut first = true;
     loop {
         tokio::select! {
             frame = stream.next() => {
@@ -419,6 +439,10 @@ async fn pump(
                     Ok(event) => event,
                     Err(e) => return StreamEnd::Broken(e),
                 };
+                if first {
+                    first = false;
+                    shared.report(id, RequestStage::FirstToken);
+                }
                 if let Ok(out) = &event {
                     // Text-only outputs (echo_full) count as one token each, as in-process.
                     let tokens = out.token_ids.len().max(usize::from(out.text.is_some()));
@@ -487,6 +511,7 @@ mod tests {
             pool: Mutex::new(Vec::new()),
             down,
             load: Default::default(),
+            progress: None,
         };
         let frame = TcpRequestMessage {
             endpoint_path: "1/ns/backend/generate".into(),

@@ -22,6 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::codec::{Framed, FramedRead, FramedWrite};
 
+use super::wire::response::{CompletionUsageWire, PromptTokensDetailsWire};
 use super::wire::{PayloadCodec, PreprocessedRequest, StreamItem};
 use crate::codec::messages::{
     CallHomeHandshake, ControlMessage, RequestControlMessage, ResponseStreamPrologue, StreamType,
@@ -358,6 +359,13 @@ async fn handle(
         return;
     }
     let (tx, mut rx) = mpsc::channel(settings.stream_buffer.max(1));
+    let mut usage = Usage {
+        prompt: request
+            .as_ref()
+            .map(|r| u32::try_from(r.token_ids.len()).unwrap_or(u32::MAX))
+            .unwrap_or(0),
+        ..Usage::default()
+    };
     let routed = match request {
         Ok(request) => router
             .send(Route {
@@ -389,7 +397,7 @@ async fn handle(
                     Ok(output) => output.finish_reason.is_some(),
                     Err(_) => true,
                 };
-                let frame = match data(codec, &StreamItem::of(&event)) {
+                let frame = match data(codec, &usage.annotate(&event)) {
                     Ok(frame) => frame,
                     Err(e) => {
                         tracing::error!(request = %id, error = %e, "cannot encode an output");
@@ -433,6 +441,47 @@ async fn handle(
         return;
     }
     finish(&mut sink, codec).await;
+}
+
+/// Token counts of one request, reported as Dynamo's `completion_usage` on its first and last
+/// outputs (a Dynamo frontend takes the cached-token count from there).
+#[derive(Default)]
+struct Usage {
+    prompt: u32,
+    generated: u32,
+    cached: Option<u32>,
+    first_sent: bool,
+}
+
+impl Usage {
+    /// The item for `event`, with usage when it is the first or the last output.
+    fn annotate(&mut self, event: &crate::protocol::engine::EngineEvent) -> StreamItem {
+        let item = StreamItem::of(event);
+        let Ok(output) = event else {
+            return item;
+        };
+        let tokens = output
+            .token_ids
+            .len()
+            .max(usize::from(output.text.is_some()));
+        self.generated = self
+            .generated
+            .saturating_add(u32::try_from(tokens).unwrap_or(u32::MAX));
+        self.cached = self.cached.or(output.cached_tokens);
+        let first = !std::mem::replace(&mut self.first_sent, true);
+        if !first && output.finish_reason.is_none() {
+            return item;
+        }
+        item.with_usage(CompletionUsageWire {
+            prompt_tokens: self.prompt,
+            completion_tokens: self.generated,
+            total_tokens: self.prompt.saturating_add(self.generated),
+            prompt_tokens_details: Some(PromptTokensDetailsWire {
+                audio_tokens: None,
+                cached_tokens: Some(self.cached.unwrap_or(0)),
+            }),
+        })
+    }
 }
 
 /// `complete_final`, the sentinel, close.
@@ -537,6 +586,37 @@ mod tests {
                 "{error} should mention {expected}"
             );
         }
+    }
+
+    #[test]
+    fn usage_rides_on_the_first_and_the_last_output() {
+        use crate::protocol::engine::EngineOutput;
+        let mut usage = Usage {
+            prompt: 10,
+            ..Usage::default()
+        };
+        let output = |cached, finish| {
+            Ok(EngineOutput {
+                token_ids: vec![1],
+                cached_tokens: cached,
+                finish_reason: finish,
+                ..EngineOutput::default()
+            })
+        };
+        let usage_of = |item: StreamItem| {
+            item.data
+                .and_then(|i| i.data)
+                .and_then(|d| d.completion_usage)
+        };
+        let first = usage_of(usage.annotate(&output(Some(8), None))).unwrap();
+        assert_eq!((first.prompt_tokens, first.completion_tokens), (10, 1));
+        assert_eq!(first.prompt_tokens_details.unwrap().cached_tokens, Some(8));
+        assert!(usage_of(usage.annotate(&output(None, None))).is_none());
+        let last =
+            usage_of(usage.annotate(&output(None, Some(crate::protocol::FinishReason::Length))))
+                .unwrap();
+        assert_eq!((last.completion_tokens, last.total_tokens), (3, 13));
+        assert_eq!(last.prompt_tokens_details.unwrap().cached_tokens, Some(8));
     }
 
     #[test]

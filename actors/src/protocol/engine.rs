@@ -99,6 +99,9 @@ pub struct EngineOutput {
     /// One entry per token of `token_ids` when the request asked for log-probabilities.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub logprobs: Vec<TokenLogprob>,
+    /// On the first output, when the engine knows: prompt tokens served from its prefix cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_tokens: Option<u32>,
 }
 
 /// What flows through an engine's bounded output channel.

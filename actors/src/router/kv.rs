@@ -166,6 +166,13 @@ impl SelectionPolicy for KvPolicy {
             self.temperature,
             &mut self.rng,
         );
+        tracing::debug!(
+            request = %request.request_id,
+            blocks = locals.len(),
+            overlaps = ?scores.scores,
+            chosen = ?chosen.as_ref().map(|c| c.worker),
+            "kv routing decision"
+        );
         // The chosen engine first; should it be full, the others from cheapest to dearest.
         let logits =
             crate::kv::selector::logits(&states, self.block_size, self.overlap_score_weight);

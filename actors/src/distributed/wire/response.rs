@@ -60,6 +60,20 @@ pub struct CompletionUsageWire {
     pub completion_tokens: u32,
     /// Their sum.
     pub total_tokens: u32,
+    /// What the prompt tokens were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetailsWire>,
+}
+
+/// `completion_usage.prompt_tokens_details`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PromptTokensDetailsWire {
+    /// Audio tokens.
+    #[serde(default)]
+    pub audio_tokens: Option<u32>,
+    /// Tokens served from the prefix cache (Dynamo's frontend reports these as cached tokens).
+    #[serde(default)]
+    pub cached_tokens: Option<u32>,
 }
 
 /// `LLMEngineOutput`: only `token_ids` is required.
@@ -89,6 +103,9 @@ pub struct LlmEngineOutput {
     /// Choice index.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index: Option<u32>,
+    /// Token counts, on the first and the last output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_usage: Option<CompletionUsageWire>,
 }
 
 /// `Annotated<LLMEngineOutput>`.
@@ -129,6 +146,14 @@ impl StreamItem {
             data: Some(WireItem::from_event(event)),
             complete_final: false,
         }
+    }
+
+    /// Adds `usage` to an output item (Dynamo reports it on the first and the last output).
+    pub fn with_usage(mut self, usage: CompletionUsageWire) -> StreamItem {
+        if let Some(output) = self.data.as_mut().and_then(|item| item.data.as_mut()) {
+            output.completion_usage = Some(usage);
+        }
+        self
     }
 
     /// The final frame.
@@ -218,6 +243,7 @@ impl From<&EngineOutput> for LlmEngineOutput {
                 FinishReason::ContentFilter => FinishReasonWire::ContentFilter,
             }),
             index: None,
+            completion_usage: None,
         }
     }
 }
@@ -266,11 +292,16 @@ impl LlmEngineOutput {
             }
             None => Vec::new(),
         };
+        let cached_tokens = self
+            .completion_usage
+            .and_then(|u| u.prompt_tokens_details)
+            .and_then(|d| d.cached_tokens);
         Ok(Ok(EngineOutput {
             token_ids: self.token_ids,
             text: self.text,
             finish_reason,
             logprobs,
+            cached_tokens,
         }))
     }
 }

@@ -219,6 +219,7 @@ fn outputs_round_trip_and_dynamo_outputs_decode() {
                 top: vec![(6, -0.25), (1, -2.0)],
             },
         ],
+        cached_tokens: None,
     };
     for codec in [PayloadCodec::Json, PayloadCodec::Msgpack] {
         let bytes = codec.encode(&StreamItem::of(&Ok(output.clone()))).unwrap();
@@ -236,6 +237,7 @@ fn outputs_round_trip_and_dynamo_outputs_decode() {
     let item: StreamItem = serde_json::from_value(frame).unwrap();
     let event = item.data.unwrap().into_event().unwrap().unwrap();
     assert_eq!(event.token_ids, vec![1980]);
+    assert_eq!(event.cached_tokens, Some(0), "from completion_usage");
     for (reason, expected) in [
         (json!("eos"), Some(FinishReason::Stop)),
         (json!("stop"), Some(FinishReason::Stop)),

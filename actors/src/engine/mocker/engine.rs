@@ -162,6 +162,9 @@ async fn run_request(shared: Rc<Shared>, request: EngineRequest, sink: TokenSink
         let output = EngineOutput {
             token_ids: vec![emission.token],
             finish_reason: emission.finished.then_some(FinishReason::Length),
+            cached_tokens: emission
+                .cached_tokens
+                .map(|c| u32::try_from(c).unwrap_or(u32::MAX)),
             ..Default::default()
         };
         if sink.send(output).await.is_err() || emission.finished {

@@ -60,6 +60,8 @@ pub(crate) struct Emission {
     pub(crate) token: u32,
     /// Whether this was the request's last token (`max_tokens` reached).
     pub(crate) finished: bool,
+    /// On the request's first token: prompt tokens its prefix cache held.
+    pub(crate) cached_tokens: Option<usize>,
 }
 
 /// What one [`Scheduler::step`] did.
@@ -101,6 +103,8 @@ struct Sequence {
     hashes: Vec<BlockHashes>,
     /// Leading blocks already offered to the prefix cache.
     registered: usize,
+    /// Prompt tokens found in the prefix cache at the first admission.
+    cached: Option<usize>,
     rng: SmallRng,
 }
 
@@ -223,6 +227,7 @@ impl Scheduler {
             blocks: Vec::new(),
             hashes,
             registered: 0,
+            cached: None,
             rng: SmallRng::seed_from_u64(seed),
         });
         Ok(key)
@@ -406,6 +411,7 @@ impl Scheduler {
                     key: seq.key,
                     token,
                     finished: seq.generated() >= seq.max_tokens,
+                    cached_tokens: (seq.generated() == 1).then(|| seq.cached.unwrap_or(0)),
                 });
             }
         }
@@ -521,6 +527,7 @@ impl Scheduler {
         }
         seq.computed = cached_tokens;
         seq.registered = hits;
+        seq.cached.get_or_insert(cached_tokens);
         if self.hit_rates.len() == HIT_RATE_WINDOW {
             self.hit_rates.pop_front();
         }

@@ -441,3 +441,20 @@ fn pending_prefill_tokens_counts_waiting_and_prefilling_work() {
     s.step();
     assert_eq!(s.pending_prefill_tokens(), 12 + 6);
 }
+
+/// The first token of a request says how much of its prompt the prefix cache held (Dynamo's
+/// `completion_usage.prompt_tokens_details.cached_tokens`); later tokens say nothing.
+#[test]
+fn the_first_emission_reports_cached_prompt_tokens() {
+    let mut s = scheduler(small());
+    let first = s.enqueue(1, prompt(0..18), 3).unwrap();
+    let reports = run_to_idle(&mut s);
+    let cold = &tokens_by_request(&reports)[&first];
+    assert_eq!(cold[0].cached_tokens, Some(0));
+    assert!(cold[1..].iter().all(|e| e.cached_tokens.is_none()));
+    // The same prompt again: its four full blocks (16 tokens) are cached.
+    let again = s.enqueue(2, prompt(0..18), 3).unwrap();
+    let reports = run_to_idle(&mut s);
+    let warm = &tokens_by_request(&reports)[&again];
+    assert_eq!(warm[0].cached_tokens, Some(16));
+}
