@@ -2,6 +2,8 @@
 //! environment), and small HTTP/SSE helpers over awc.
 #![allow(dead_code)]
 
+pub mod dynamo;
+
 use std::time::Duration;
 
 use awc::Client;
