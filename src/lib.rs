@@ -506,9 +506,26 @@ pub async fn run_worker(
     let max_message_size = config.distributed.max_message_size;
     let mut service = start_as(&config, false, Role::Worker).await?;
     let tokenizer = config_tokenizer(&config)?;
-    let card = cards::worker_card(&config, &tokenizer, service.kv_block_size)
-        .and_then(|card| serde_json::to_value(card).map_err(|e| RunError::Model(e.to_string())));
-    let card = match card {
+    let card =
+        cards::worker_card(&config, &tokenizer, service.kv_block_size).and_then(|mut card| {
+            let d = &config.distributed;
+            let server = match d.system_port {
+                Some(port) => Some(
+                    distributed::metadata::serve(
+                        d.system_host.as_deref().unwrap_or(&d.host),
+                        port,
+                        &d.host,
+                        (&d.namespace, &d.component, &d.endpoint),
+                        &mut card,
+                    )
+                    .map_err(RunError::Distributed)?,
+                ),
+                None => None,
+            };
+            let card = serde_json::to_value(card).map_err(|e| RunError::Model(e.to_string()))?;
+            Ok((card, server))
+        });
+    let (card, _system_server) = match card {
         Ok(card) => card,
         Err(e) => {
             service.shutdown().await;

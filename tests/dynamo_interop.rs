@@ -498,3 +498,68 @@ async fn dynamo_frontend_kv_routes_across_dynamix_workers() {
 async fn dynamo_frontend_serves_mixed_workers() {
     mixed_scenario(Side::Dynamo).await;
 }
+
+/// A dynamix worker on "another machine": no `--model-path`, so its card is its own tokenizer
+/// (SmolLM2's, exported as Hugging Face files) and, with `DYN_SYSTEM_PORT`, the card names URLs on
+/// the worker's system server instead of local paths. A Dynamo frontend fetches the files over
+/// HTTP, checks their blake3 sums, loads the exported tokenizer and serves the model.
+#[actix_rt::test]
+async fn dynamo_frontend_fetches_a_dynamix_workers_card_over_http() {
+    use dynamix_actors::distributed::{discovery, DistributedConfig};
+
+    let Some(dynamo) = DynamoEnv::ensure() else {
+        return;
+    };
+    let cluster = Cluster::start(&dynamo);
+    let system_port = dynamix_actors::distributed::infra::free_port().to_string();
+    let mut worker = cluster.dynamix(
+        "dynamix-worker",
+        &[
+            format!("in={DEFAULT_ENDPOINT}"),
+            "out=mocker".into(),
+            "--config".into(),
+            concat!(env!("CARGO_MANIFEST_DIR"), "/configs/worker.toml").into(),
+            "--model-name".into(),
+            MOCK_MODEL.into(),
+        ],
+        &[
+            ("DYN_SYSTEM_PORT", &system_port),
+            ("DYN_MOCKER__SPEEDUP_RATIO", "100"),
+        ],
+        None,
+    );
+    let mut frontend = cluster.dynamo_frontend("dynamo-frontend", "round-robin", &[]);
+    cluster
+        .wait_workers(DEFAULT_ENDPOINT, 1, &mut [&mut worker], READY)
+        .await;
+    let config = DistributedConfig {
+        etcd_endpoints: vec![cluster.etcd.url()],
+        ..DistributedConfig::default()
+    };
+    let cards = discovery::list_prefix(&config, &config.card_prefix())
+        .await
+        .expect("list cards");
+    let card: Value = serde_json::from_slice(&cards[0].1).expect("card JSON");
+    let tokenizer = &card["card_json"]["tokenizer"]["hf_tokenizer_json"];
+    let url = tokenizer["path"].as_str().unwrap_or_default();
+    assert!(
+        url.starts_with(&format!(
+            "http://127.0.0.1:{system_port}/v1/metadata/dynamo/backend/generate/"
+        )),
+        "the card names the system server's URL: {tokenizer}"
+    );
+    frontend
+        .wait_model(MOCK_MODEL, &mut [&mut worker], READY)
+        .await;
+    let (status, body) = post_json(
+        &frontend.url("/v1/chat/completions"),
+        &chat_request("Hello there", 6, false),
+    )
+    .await;
+    assert!(
+        status == 200 && body["usage"]["completion_tokens"] == 6,
+        "Dynamo's frontend serves the dynamix worker's model from the fetched card: {status} {body}"
+    );
+    let stream = stream_chat(frontend.base(), &chat_request("Hello there", 5, true)).await;
+    assert!(stream.is_complete(5), "{stream:?}");
+}

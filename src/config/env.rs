@@ -63,6 +63,8 @@ pub(super) const DYNAMO_ENV: &[(&str, &str)] = &[
     ("DYN_TOKEN_ECHO_DELAY_MS", "echo.token_delay_ms"),
     ("DYN_MODEL_NAME", "model.name"),
     ("DYN_MODEL_PATH", "model.path"),
+    ("DYN_SYSTEM_PORT", "distributed.system_port"),
+    ("DYN_SYSTEM_HOST", "distributed.system_host"),
     ("DYN_METRICS_PREFIX", "metrics.prefix"),
     (
         "DYN_IGNORE_OPENAI_FE_UNSUPPORTED_FIELDS",

@@ -6,6 +6,7 @@
 //! - `mod.rs`: [`DistributedConfig`] (`[distributed]`), names of keys and subjects.
 //! - [`wire`]: every message on etcd, NATS and TCP, in Dynamo 1.6.1's formats (interop spec).
 //! - [`card`]: model deployment cards: a worker's files and checksums, a frontend's model.
+//! - [`metadata`]: a worker's system server, serving its card's files over HTTP.
 //! - [`etcd`]: the etcd v3 client (generated gRPC code for KV, Watch and Lease; no protoc needed).
 //! - [`discovery`]: etcd — a worker's lease-bound registration and keep-alive; the frontend's watch.
 //! - [`infra`]: start local etcd and NATS servers (tests, benches, the README's walk-through).
@@ -21,6 +22,7 @@ pub mod etcd;
 pub mod events;
 pub mod frontend;
 pub mod infra;
+pub mod metadata;
 pub mod remote;
 pub mod request_plane;
 pub mod response_stream;
@@ -85,6 +87,11 @@ pub struct DistributedConfig {
     pub graceful_shutdown_grace_period_secs: f64,
     /// Largest request-plane frame, in bytes (`DYN_TCP_MAX_MESSAGE_SIZE`).
     pub max_message_size: usize,
+    /// Worker: port of the system server that serves the model card's files to frontends on
+    /// other machines (`DYN_SYSTEM_PORT`; unset = the card names local paths; 0 = any free port).
+    pub system_port: Option<u16>,
+    /// Worker: address the system server binds (`DYN_SYSTEM_HOST`; default: `host`).
+    pub system_host: Option<String>,
 }
 
 impl Default for DistributedConfig {
@@ -104,6 +111,8 @@ impl Default for DistributedConfig {
             load_metrics_interval_ms: 1000,
             graceful_shutdown_grace_period_secs: 5.0,
             max_message_size: crate::codec::tcp::DEFAULT_MAX_MESSAGE_SIZE,
+            system_port: None,
+            system_host: None,
         }
     }
 }
