@@ -461,6 +461,8 @@ pub async fn run_frontend(
         max_message_size,
         default_capacity: config.engine.admission_capacity,
         kv_block_size: kv.then_some(service.kv_block_size),
+        model: (config.model.source != config::ModelSource::Local)
+            .then(|| config.model.name.clone()),
     };
     let handle = match distributed::frontend::start(&service.local(), settings).await {
         Ok(handle) => handle,

@@ -563,3 +563,58 @@ async fn dynamo_frontend_fetches_a_dynamix_workers_card_over_http() {
     let stream = stream_chat(frontend.base(), &chat_request("Hello there", 5, true)).await;
     assert!(stream.is_complete(5), "{stream:?}");
 }
+
+/// Dynamo's workers of different models share one endpoint by default (`dyn://dynamo.backend.generate`).
+/// A dynamix frontend that took `mock-model` from the first card must not route to a worker whose
+/// card names another model: its requests all go to the `mock-model` worker.
+#[actix_rt::test]
+async fn dynamix_frontend_routes_only_to_workers_of_its_model() {
+    let Some(dynamo) = DynamoEnv::ensure() else {
+        return;
+    };
+    let cluster = Cluster::start(&dynamo);
+    let mut ours = cluster.mocker("mock-model-mocker", FAST, &[]);
+    cluster
+        .wait_workers(DEFAULT_ENDPOINT, 1, &mut [&mut ours], READY)
+        .await;
+    let mut frontend =
+        cluster.dynamix_frontend("dynamix-frontend", &["--router-mode", "round-robin"]);
+    frontend
+        .wait_model(MOCK_MODEL, &mut [&mut ours], READY)
+        .await;
+    let mut other = cluster.mocker("other-model-mocker", FAST, &["--model-name", "other-model"]);
+    cluster
+        .wait_workers(DEFAULT_ENDPOINT, 2, &mut [&mut ours, &mut other], READY)
+        .await;
+    frontend
+        .wait_log(&["worker serves another model; not routing to it"], READY)
+        .await;
+    let url = frontend.url("/v1/chat/completions");
+    for i in 0..6 {
+        let (status, body) = post_json(&url, &chat_request(&format!("Hello {i}"), 4, false)).await;
+        assert!(
+            status == 200 && body["usage"]["completion_tokens"] == 4,
+            "request {i}: {status} {body}"
+        );
+    }
+    let served_by_other = other
+        .metric(
+            "dynamo_component_requests_total",
+            &[("dynamo_endpoint", "generate")],
+        )
+        .await;
+    assert_eq!(
+        served_by_other, 0.0,
+        "the other model's worker got requests"
+    );
+    let served_by_ours = ours
+        .metric(
+            "dynamo_component_requests_total",
+            &[("dynamo_endpoint", "generate")],
+        )
+        .await;
+    assert!(
+        served_by_ours >= 6.0,
+        "mock-model's worker served {served_by_ours}"
+    );
+}

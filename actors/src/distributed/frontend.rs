@@ -34,6 +34,10 @@ pub struct FrontendSettings {
     pub default_capacity: usize,
     /// KV block size the router uses when it routes by KV overlap (`None`: not routing by KV).
     pub kv_block_size: Option<usize>,
+    /// The model this frontend serves, when it took it from the workers' cards: instances whose
+    /// card names another model are not routed to (workers of several models may share one
+    /// endpoint, as Dynamo's do by default).
+    pub model: Option<String>,
 }
 
 /// The running distributed layer of a frontend; dropping it stops discovery and event intake.
@@ -144,6 +148,9 @@ pub async fn start(service: &Local, settings: FrontendSettings) -> Result<Fronte
         },
         default_capacity: settings.default_capacity,
         kv_block_size: settings.kv_block_size,
+        model: settings.model.clone(),
+        config: config.clone(),
+        pending: Default::default(),
         streams: streams.clone(),
         router: service.router.clone(),
         indexer: service.indexer.clone(),
@@ -184,6 +191,10 @@ pub struct InstanceManager {
     settings: RemoteSettings,
     default_capacity: usize,
     kv_block_size: Option<usize>,
+    model: Option<String>,
+    config: DistributedConfig,
+    /// Instances whose card is being checked (a removal meanwhile cancels the add).
+    pending: std::collections::HashSet<u64>,
     streams: Arc<ResponseStreamServer>,
     router: Addr<KvRouterActor>,
     indexer: Option<Addr<KvIndexerActor>>,
@@ -327,11 +338,104 @@ impl InstanceManager {
     }
 }
 
+/// An instance whose model card was checked.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Checked(Box<Instance>);
+
+impl Handler<Checked> for InstanceManager {
+    type Result = ();
+
+    fn handle(&mut self, Checked(instance): Checked, _ctx: &mut Self::Context) {
+        if self.pending.remove(&instance.instance_id) {
+            self.add(*instance);
+        }
+    }
+}
+
+/// What an instance's model card says.
+enum CardCheck {
+    /// It serves this model.
+    Serves(String),
+    /// It wrote no card (within the wait).
+    Missing,
+    /// The card could not be read or parsed (the reason).
+    Unreadable(String),
+}
+
+/// Reads `v1/mdc/.../{id:x}`, waiting up to 2 s for it: a worker writes its card just after its
+/// instance record.
+async fn card_model(config: &DistributedConfig, id: u64) -> CardCheck {
+    let key = config.card_key(id);
+    for _ in 0..10 {
+        match super::discovery::list_prefix(config, &key).await {
+            Ok(records) => {
+                if let Some((_, value)) = records.into_iter().find(|(k, _)| *k == key) {
+                    return match serde_json::from_slice::<serde_json::Value>(&value) {
+                        Ok(card) => match card["card_json"]["display_name"].as_str() {
+                            Some(name) => CardCheck::Serves(name.to_string()),
+                            None => {
+                                CardCheck::Unreadable("card_json.display_name is missing".into())
+                            }
+                        },
+                        Err(e) => CardCheck::Unreadable(format!("not JSON: {e}")),
+                    };
+                }
+            }
+            Err(e) => return CardCheck::Unreadable(e.to_string()),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    CardCheck::Missing
+}
+
+impl InstanceManager {
+    /// Routes to `instance` once its card shows it serves this frontend's model (when the frontend
+    /// took its model from the cards); a worker without a card, or whose card cannot be read, is
+    /// routed to as before.
+    fn check_then_add(&mut self, instance: Instance, ctx: &mut Context<Self>) {
+        let Some(model) = self.model.clone() else {
+            return self.add(instance);
+        };
+        let id = instance.instance_id;
+        if self
+            .known
+            .get(&id)
+            .is_some_and(|k| k.instance == instance && k.routable)
+        {
+            return;
+        }
+        self.pending.insert(id);
+        let config = self.config.clone();
+        let me = ctx.address();
+        actix::spawn(async move {
+            let worker = format!("{id:x}");
+            match card_model(&config, id).await {
+                CardCheck::Serves(name) if name == model => {}
+                CardCheck::Serves(name) => {
+                    tracing::warn!(%worker, card_model = %name, served = %model, "worker serves another model; not routing to it");
+                    return;
+                }
+                CardCheck::Missing => {
+                    tracing::debug!(%worker, "worker wrote no model card; routing to it")
+                }
+                CardCheck::Unreadable(reason) => {
+                    tracing::warn!(%worker, key = %config.card_key(id), %reason, "cannot read the worker's model card; routing to it")
+                }
+            }
+            me.do_send(Checked(Box::new(instance)));
+        });
+    }
+}
+
 impl StreamHandler<DiscoveryEvent> for InstanceManager {
-    fn handle(&mut self, event: DiscoveryEvent, _ctx: &mut Self::Context) {
+    fn handle(&mut self, event: DiscoveryEvent, ctx: &mut Self::Context) {
         match event {
-            DiscoveryEvent::Added(instance) => self.add(*instance),
-            DiscoveryEvent::Removed(id) => self.remove(id),
+            DiscoveryEvent::Added(instance) => self.check_then_add(*instance, ctx),
+            DiscoveryEvent::Removed(id) => {
+                self.pending.remove(&id);
+                self.remove(id)
+            }
             DiscoveryEvent::Lost(reason) => {
                 tracing::warn!(%reason, "lost etcd; routing to the {} workers already known until it is back", self.known.len());
                 if let Ok(mut state) = self.etcd_state.lock() {
