@@ -928,23 +928,7 @@ impl Drop for ClusterProcess {
 
 /// The sum of every series of `name` whose labels include all of `labels` (0 when none match).
 pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (metric, label_text) = match series.split_once('{') {
-                Some((metric, rest)) => (metric, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            let matches = metric == name
-                && labels.iter().all(|(k, v)| {
-                    label_text
-                        .split(',')
-                        .any(|pair| pair == format!("{k}=\"{v}\""))
-                });
-            matches.then(|| value.parse::<f64>().ok()).flatten()
-        })
-        .sum()
+    super::metric_values(text, name, labels).sum()
 }
 
 /// A chat request for [`MOCK_MODEL`]: `content` as the user message, exactly `max_tokens` tokens

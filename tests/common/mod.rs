@@ -169,30 +169,37 @@ pub fn chat_body(content: &str) -> Value {
     serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": content}]})
 }
 
-/// The value of a metric series line in Prometheus text, matching name and all given label pairs.
-pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+/// The values of the series of `name` in Prometheus text whose labels include all of `labels`.
+pub fn metric_values<'a>(
+    text: &'a str,
+    name: &'a str,
+    labels: &'a [(&'a str, &'a str)],
+) -> impl Iterator<Item = f64> + 'a {
     text.lines()
         .filter(|l| !l.starts_with('#'))
-        .find_map(|line| {
+        .filter_map(move |line| {
             let (series, value) = line.rsplit_once(' ')?;
             let (metric, label_text) = match series.split_once('{') {
                 Some((m, rest)) => (m, rest.trim_end_matches('}')),
                 None => (series, ""),
             };
-            if metric != name {
-                return None;
-            }
-            let ok = labels.iter().all(|(k, v)| {
-                label_text
-                    .split(',')
-                    .any(|pair| pair == format!("{k}=\"{v}\""))
-            });
+            let ok = metric == name
+                && labels.iter().all(|(k, v)| {
+                    label_text
+                        .split(',')
+                        .any(|pair| pair == format!("{k}=\"{v}\""))
+                });
             if ok {
                 value.parse().ok()
             } else {
                 None
             }
         })
+}
+
+/// The value of a metric series line in Prometheus text, matching name and all given label pairs.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    metric_values(text, name, labels).next()
 }
 
 /// The Python that runs the `openai` SDK scripts (`DYNAMIX_PYTHON`, default `python3`).

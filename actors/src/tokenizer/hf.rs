@@ -15,8 +15,8 @@ use serde_json::Value;
 use tokenizers::{AddedToken, Model, Tokenizer};
 
 use super::{
-    byte_level_char_to_byte, chat_environment, fast, token_to_bytes, ModelTokenizer,
-    TokenizerError, CHAT_TEMPLATE, DEFAULT_CONTEXT_LENGTH,
+    byte_level_char_to_byte, fast, token_to_bytes, ModelTokenizer, TokenizerError,
+    DEFAULT_CONTEXT_LENGTH,
 };
 
 /// `model_max_length` above this is `transformers`' "no limit" sentinel (1e30), not a context
@@ -177,14 +177,7 @@ impl ModelTokenizer {
             Some(source) => Some(source.to_string()),
             None => tokenizer_config.as_ref().and_then(config_chat_template),
         };
-        let chat_template = match &chat_template_source {
-            Some(source) => {
-                let mut environment = chat_environment();
-                environment.add_template_owned(CHAT_TEMPLATE, source.clone())?;
-                Some(environment)
-            }
-            None => None,
-        };
+        let chat_template = super::compile_chat_template(chat_template_source.as_deref())?;
 
         let fast = fast_encoder(&json, &tokenizer, &added);
 

@@ -252,14 +252,7 @@ impl ModelTokenizer {
             .get("tokenizer.chat_template")
             .and_then(GgufValue::as_str)
             .map(str::to_string);
-        let chat_template = match &chat_template_source {
-            Some(source) => {
-                let mut environment = chat_environment();
-                environment.add_template_owned(CHAT_TEMPLATE, source.clone())?;
-                Some(environment)
-            }
-            None => None,
-        };
+        let chat_template = compile_chat_template(chat_template_source.as_deref())?;
 
         Ok(Self {
             tokenizer,
@@ -576,6 +569,19 @@ const CHAT_TEMPLATE: &str = "chat";
 
 /// The Jinja environment chat templates run in, configured like `transformers`' (trimmed and
 /// left-stripped blocks, `raise_exception`).
+/// The template compiled for rendering, so that one that does not compile fails the load.
+fn compile_chat_template(
+    source: Option<&str>,
+) -> Result<Option<minijinja::Environment<'static>>, minijinja::Error> {
+    source
+        .map(|source| {
+            let mut environment = chat_environment();
+            environment.add_template_owned(CHAT_TEMPLATE, source.to_string())?;
+            Ok(environment)
+        })
+        .transpose()
+}
+
 fn chat_environment() -> minijinja::Environment<'static> {
     let mut environment = minijinja::Environment::new();
     environment.set_trim_blocks(true);
