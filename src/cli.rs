@@ -408,3 +408,55 @@ impl ServeArgs {
         Ok((Io { input, discover }, overrides))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(io: &[&str]) -> Result<(Io, Overrides), String> {
+        ServeArgs {
+            io: io.iter().map(|s| s.to_string()).collect(),
+            ..ServeArgs::default()
+        }
+        .resolve()
+    }
+
+    #[test]
+    fn dynamo_run_endpoints_and_out_auto() {
+        let (io, overrides) = resolve(&["in=dyn://ns1.comp-a.gen_1", "out=mocker"]).unwrap();
+        assert_eq!(
+            io.input,
+            Input::Endpoint {
+                namespace: "ns1".into(),
+                component: "comp-a".into(),
+                endpoint: "gen_1".into()
+            }
+        );
+        assert!(!io.discover);
+        let keys: Vec<(&str, &str)> = overrides
+            .settings
+            .iter()
+            .filter_map(|(k, v, _)| v.as_str().map(|v| (k.as_str(), v)))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("distributed.namespace", "ns1"),
+                ("distributed.component", "comp-a"),
+                ("distributed.endpoint", "gen_1")
+            ]
+        );
+        let (io, overrides) = resolve(&["in=text", "out=auto"]).unwrap();
+        assert_eq!((io.input, io.discover), (Input::Text, true));
+        assert!(overrides.frontend);
+        for (bad, named) in [
+            (&["in=dyn://ns.comp"][..], "three names"),
+            (&["in=dyn://NS.comp.ep"][..], "three names"),
+            (&["in=dyn://a.b.c", "out=auto"][..], "pick one"),
+            (&["out=zmq"][..], "out=auto"),
+        ] {
+            let error = resolve(bad).unwrap_err();
+            assert!(error.contains(named), "{bad:?}: {error}");
+        }
+    }
+}
