@@ -2,13 +2,16 @@
 //! etcd, its files in `tests/fixtures/dynamo-model`), rejection of unservable cards, fetching
 //! files from disk and over HTTP from a local server, and a SmolLM2 card written and loaded back.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use super::*;
 use crate::models::tests::TempDir;
-use crate::tokenizer::ChatMessage;
+use crate::tokenizer::{ChatMessage, ModelTokenizer};
 
 /// Where the mocker's model files were when the card was captured.
 const CAPTURED_DIR: &str = "/tmp/dynvenv/model";
