@@ -542,6 +542,11 @@ pub async fn run_worker(
         stream_buffer: config.engine.stream_buffer,
         card: Some(card),
         codec: distributed::wire::PayloadCodec::Msgpack,
+        device_type: if config.engine.devices.iter().any(|d| d.starts_with("cuda")) {
+            "cuda".into()
+        } else {
+            "cpu".into()
+        },
     };
     let handle = match distributed::worker::start(&mut service.local(), settings).await {
         Ok(handle) => handle,

@@ -33,6 +33,8 @@ pub struct WorkerSettings {
     pub card: Option<serde_json::Value>,
     /// How request bodies are to be encoded (advertised in the record).
     pub codec: PayloadCodec,
+    /// `cuda` or `cpu`, as the record's `device_type`.
+    pub device_type: String,
 }
 
 /// A registered, serving worker.
@@ -108,27 +110,34 @@ pub async fn start(service: &mut Local, settings: WorkerSettings) -> Result<Work
     .await
     .map_err(|e| e.to_string())?;
     let record = {
-        let (config, address, engine, capacity, block, codec) = (
+        let (config, address, engine, capacity, block, codec, device) = (
             config.clone(),
             address.clone(),
             settings.engine.clone(),
             settings.capacity,
             service.kv_block_size,
             settings.codec,
+            settings.device_type.clone(),
         );
-        move |id: u64| Instance {
-            engine: Some(engine.clone()),
-            kv_block_size: Some(block),
-            capacity: Some(capacity),
-            device_type: Some("cpu".into()),
-            ..Instance::endpoint(
-                &config.namespace,
-                &config.component,
-                &config.endpoint,
-                id,
-                &address,
-                codec,
-            )
+        let current_id = current_id.clone();
+        // Called with each lease id before its record is put: frames for it are accepted from
+        // the moment a frontend can see it (a re-granted lease calls it again).
+        move |id: u64| {
+            current_id.store(id, Ordering::Relaxed);
+            Instance {
+                engine: Some(engine.clone()),
+                kv_block_size: Some(block),
+                capacity: Some(capacity),
+                device_type: Some(device.clone()),
+                ..Instance::endpoint(
+                    &config.namespace,
+                    &config.component,
+                    &config.endpoint,
+                    id,
+                    &address,
+                    codec,
+                )
+            }
         }
     };
     let publisher_id = events::new_publisher_id();
@@ -141,17 +150,6 @@ pub async fn start(service: &mut Local, settings: WorkerSettings) -> Result<Work
         .await
         .map_err(|e| e.to_string())?;
     let mut tasks = Vec::new();
-    {
-        // Frames must carry the current instance id (it changes when a lease is re-granted).
-        let mut ids = registration.watch_id();
-        current_id.store(*ids.borrow(), Ordering::Relaxed);
-        let current_id = current_id.clone();
-        tasks.push(tokio::spawn(async move {
-            while ids.changed().await.is_ok() {
-                current_id.store(*ids.borrow(), Ordering::Relaxed);
-            }
-        }));
-    }
     if let Some(events) = service.kv_events_out.take() {
         tasks.push(events::spawn_kv_publisher(
             nats.clone(),
