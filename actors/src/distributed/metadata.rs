@@ -19,8 +19,8 @@ pub struct MetadataServer {
 
 impl Drop for MetadataServer {
     fn drop(&mut self) {
-        let handle = self.handle.clone();
-        actix_rt::spawn(async move { handle.stop(false).await });
+        // The stop command is sent when `stop` is called; awaiting would only wait for it.
+        drop(self.handle.stop(false));
     }
 }
 
