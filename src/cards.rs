@@ -87,7 +87,7 @@ pub async fn frontend_model(
     let prefix = config.distributed.card_prefix();
     let mut stop = std::pin::pin!(stop);
     let started = Instant::now();
-    let mut logged = Instant::now() - WAITING_LOG;
+    let mut logged: Option<Instant> = None;
     let mut skipped = std::collections::HashSet::new();
     loop {
         let records = discovery::list_prefix(&config.distributed, &prefix)
@@ -130,13 +130,13 @@ pub async fn frontend_model(
                 }
             }
         }
-        if logged.elapsed() >= WAITING_LOG {
+        if logged.is_none_or(|at| at.elapsed() >= WAITING_LOG) {
             tracing::info!(
                 prefix,
                 waited_secs = started.elapsed().as_secs(),
                 "waiting for a worker's model card"
             );
-            logged = Instant::now();
+            logged = Some(Instant::now());
         }
         tokio::select! {
             _ = tokio::time::sleep(POLL) => {}
