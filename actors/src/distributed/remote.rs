@@ -11,7 +11,7 @@
 //! answers again. A consumer that goes away sends `kill` to the worker, as Dynamo's frontend does.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use actix::prelude::*;
 use bytes::Bytes;
@@ -250,18 +250,11 @@ fn request_frame(
     let payload = TwoPartCodec::new(None)
         .encode_message(TwoPartMessage::new(header, body))
         .map_err(|e| internal(e.to_string()))?;
-    let sent_at = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
+    // Dynamo's frontend also sends x-endpoint-path, request-id and x-frontend-send-ts-ns headers;
+    // workers need none of them (interop spec §3.1), so the request path builds none.
     Ok(TcpRequestMessage {
         endpoint_path: shared.path.clone(),
-        headers: [
-            ("x-endpoint-path".to_string(), shared.path.clone()),
-            ("request-id".to_string(), request.request_id.clone()),
-            ("x-frontend-send-ts-ns".to_string(), sent_at.to_string()),
-        ]
-        .into(),
+        headers: Default::default(),
         payload,
     })
 }
