@@ -81,27 +81,7 @@ fn main() {
             "kernel {name:<18} {regs:>3} registers, {local:>4} B local (spills), {shared:>6} B shared"
         );
     }
-    // Warm-up (cuBLAS heuristics, JIT of the PTX).
-    check::scheduler_throughput(&mut runner, blocks, &config, 8, 32, 16, 1);
-    let (single, _) = check::scheduler_throughput(&mut runner, blocks, &config, 1, 32, 256, 2);
-    println!(
-        "single-stream decode: {:.0} tok/s ({:.1}% of the bandwidth ceiling)",
-        single,
-        100.0 * single / ceiling
-    );
-    for streams in [1usize, 8, 32, 128] {
-        let (rate, _) = check::scheduler_throughput(
-            &mut runner,
-            blocks,
-            &config,
-            streams,
-            32,
-            128,
-            3 + streams as u64,
-        );
-        let steps = rate / streams as f64;
-        println!("aggregate decode, {streams:>3} streams: {:.0} tok/s ({:.0} steps/s, {:.1}% of the ceiling's steps/s)", rate, steps, 100.0 * steps / ceiling);
-    }
+    decode_rates(&mut runner, blocks, &config, ceiling, "CUDA graphs");
     let mut ttfts = Vec::new();
     for i in 0..5 {
         let (_, ttft) =
@@ -113,6 +93,49 @@ fn main() {
         "TTFT, 512-token prompt: median {:.2} ms (min {:.2}, max {:.2})",
         ttfts[2], ttfts[0], ttfts[4]
     );
+    // The same decode without graphs, for what they buy (the first engine and its pool go first).
+    drop(runner);
+    let eager = GpuEngineConfig {
+        enforce_eager: true,
+        ..config
+    };
+    match DeviceRunner::open(&path, 0, &eager, &load) {
+        Ok((mut runner, blocks)) => decode_rates(&mut runner, blocks, &eager, ceiling, "eager"),
+        Err(e) => println!("eager run skipped: the engine did not re-open: {e}"),
+    }
+}
+
+/// Single-stream and aggregate decode through the scheduler, printed against the ceiling.
+fn decode_rates(
+    runner: &mut DeviceRunner,
+    blocks: usize,
+    config: &GpuEngineConfig,
+    ceiling: f64,
+    mode: &str,
+) {
+    // Warm-up (cuBLAS heuristics, JIT of the PTX, graph capture of the common buckets).
+    for streams in [1, 8, 32, 128] {
+        check::scheduler_throughput(runner, blocks, config, streams, 32, 16, 1);
+    }
+    let (single, _) = check::scheduler_throughput(runner, blocks, config, 1, 32, 256, 2);
+    println!(
+        "[{mode}] single-stream decode: {:.0} tok/s ({:.1}% of the bandwidth ceiling)",
+        single,
+        100.0 * single / ceiling
+    );
+    for streams in [1usize, 8, 32, 128] {
+        let (rate, _) = check::scheduler_throughput(
+            runner,
+            blocks,
+            config,
+            streams,
+            32,
+            128,
+            3 + streams as u64,
+        );
+        let steps = rate / streams as f64;
+        println!("[{mode}] aggregate decode, {streams:>3} streams: {:.0} tok/s ({:.0} steps/s, {:.1}% of the ceiling's steps/s)", rate, steps, 100.0 * steps / ceiling);
+    }
 }
 
 /// Print why the benchmark cannot go on and exit non-zero.

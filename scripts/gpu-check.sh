@@ -29,6 +29,9 @@ prepare() {
     [ -n "$bench_bin" ] && cp "$bench_bin" "$dir/gpu-bench"
     cargo build --release --bin dynamix && cp target/release/dynamix "$dir/dynamix" && strip "$dir/dynamix" 2>/dev/null
     DYNAMIX_GPU_TEST_WRITE_TOKENIZER="$dir/tokenizer.gguf" "$dir/gpu-tests" --ignored write_tokenizer_for_gpu_check >/dev/null
+    local anchor
+    anchor="$(dirname "$0")/../../shared/gpu_anchor/torch_graphs.py"
+    [ -f "$anchor" ] && cp "$anchor" "$dir/"
     ls -la "$dir"
 }
 
@@ -61,17 +64,25 @@ command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --query-gpu=name,memory.tota
 
 echo "== GPU tests"
 start=$(date +%s)
-if ! timeout 200 "$DIR/gpu-tests" --test-threads 1 --nocapture; then echo "FAIL: GPU tests"; failed=1; fi
+if ! timeout 170 "$DIR/gpu-tests" --test-threads 1 --nocapture; then echo "FAIL: GPU tests"; failed=1; fi
 echo "GPU tests took $(( $(date +%s) - start )) s"
 
 echo "== GPU benchmark"
 start=$(date +%s)
-if ! timeout 150 "$DIR/gpu-bench"; then echo "FAIL: GPU benchmark"; failed=1; fi
+if ! timeout 130 "$DIR/gpu-bench"; then echo "FAIL: GPU benchmark"; failed=1; fi
 echo "GPU benchmark took $(( $(date +%s) - start )) s"
+
+# The PyTorch anchor (../shared/gpu_anchor/torch_graphs.py, copied into DIR by --prepare when it is
+# there): a hand-written decode loop of the same shape, eager and as CUDA graphs, for ratios taken in
+# the same run.
+if [ -f "$DIR/torch_graphs.py" ] && command -v python3 >/dev/null 2>&1; then
+    echo "== PyTorch anchor (hand-written decode loop, tok/s)"
+    timeout 60 python3 "$DIR/torch_graphs.py" || echo "(the anchor did not finish)"
+fi
 
 if [ -x "$DIR/dynamix" ]; then
     echo "== GPU memory service (cuda backend)"
-    if ! timeout 45 "$(dirname "$0")/gms-gpu-check.sh" "$DIR/dynamix"; then echo "FAIL: GPU memory service"; failed=1; fi
+    if ! timeout 40 "$(dirname "$0")/gms-gpu-check.sh" "$DIR/dynamix"; then echo "FAIL: GPU memory service"; failed=1; fi
 fi
 [ "$failed" -eq 0 ] && echo "gpu-check: all parts passed"
 exit "$failed"

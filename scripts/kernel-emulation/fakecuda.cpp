@@ -51,6 +51,9 @@ CUresult cuStreamCreate(Stream** s, unsigned) { *s = new Stream{}; return 0; }
 CUresult cuStreamCreateWithPriority(Stream** s, unsigned, int) { *s = new Stream{}; return 0; }
 CUresult cuStreamDestroy_v2(Stream* s) { delete s; return 0; }
 CUresult cuStreamSynchronize(Stream*) { return 0; }
+// No graph capture here: the engine falls back to launching each step's kernels itself.
+CUresult cuStreamBeginCapture_v2(Stream*, int) { return 801; }  // CUDA_ERROR_NOT_SUPPORTED
+CUresult cuStreamEndCapture(Stream*, void** graph) { *graph = nullptr; return 801; }
 CUresult cuMemGetInfo_v2(size_t* free_, size_t* total) { *total = TOTAL; *free_ = TOTAL - allocated; return 0; }
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     if (allocated + bytes > TOTAL) return 2;  // CUDA_ERROR_OUT_OF_MEMORY

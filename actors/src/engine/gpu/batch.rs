@@ -56,6 +56,30 @@ pub struct Offsets {
     pub banned: usize,
 }
 
+impl Offsets {
+    /// Where each array starts for `tokens` tokens, `seqs` sequences, `rows` sampled rows and block
+    /// tables `max_blocks` wide.
+    pub fn layout(tokens: usize, seqs: usize, rows: usize, max_blocks: usize) -> Offsets {
+        let ids = 0;
+        let pos = ids + tokens;
+        let slots = pos + tokens;
+        let seq = slots + tokens;
+        let tables = seq + tokens;
+        let rows_at = tables + seqs * max_blocks;
+        let params = rows_at + rows;
+        Offsets {
+            ids,
+            pos,
+            slots,
+            seq,
+            tables,
+            rows: rows_at,
+            params,
+            banned: params + rows * SAMPLE_PARAMS,
+        }
+    }
+}
+
 /// One step, ready to upload.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StepPlan {
@@ -127,17 +151,7 @@ impl StepPlan {
             max_blocks = max_blocks.max(needed);
             max_context = max_context.max(end);
         }
-        let mut at = Offsets {
-            ids: 0,
-            ..Offsets::default()
-        };
-        at.pos = at.ids + tokens;
-        at.slots = at.pos + tokens;
-        at.seq = at.slots + tokens;
-        at.tables = at.seq + tokens;
-        at.rows = at.tables + seqs * max_blocks;
-        at.params = at.rows + rows;
-        at.banned = at.params + rows * SAMPLE_PARAMS;
+        let at = Offsets::layout(tokens, seqs, rows, max_blocks);
         let mut data = vec![0i32; at.banned + banned];
         let (mut t, mut r, mut b) = (0usize, 0usize, 0usize);
         for (s, item) in items.iter().enumerate() {
@@ -181,6 +195,65 @@ impl StepPlan {
             max_blocks,
             max_context,
             block_size,
+            data,
+            at,
+        })
+    }
+}
+
+impl StepPlan {
+    /// Whether every sequence runs one token and samples it: a decode-only step, the kind a captured
+    /// CUDA graph replays.
+    pub fn is_decode(&self) -> bool {
+        self.tokens == self.seqs && self.rows == self.seqs
+    }
+
+    /// This decode step laid out for a graph captured for `batch` sequences and block tables `width`
+    /// wide, so that every offset and size depends only on (`batch`, `width`). Sequences past this
+    /// plan's are padding: token 0 at position 0, its KV written to `scratch_block` (a block no
+    /// sequence owns), sampled greedily, its token ignored. Returns `None` when this plan is not a
+    /// decode step or does not fit.
+    pub fn padded(&self, batch: usize, width: usize, scratch_block: usize) -> Option<StepPlan> {
+        let n = self.seqs;
+        if !self.is_decode() || n > batch || self.max_blocks > width {
+            return None;
+        }
+        let at = Offsets::layout(batch, batch, batch, width);
+        let banned = self.data.len() - self.at.banned;
+        let mut data = vec![0i32; at.banned + banned];
+        for (from, to) in [
+            (self.at.ids, at.ids),
+            (self.at.pos, at.pos),
+            (self.at.slots, at.slots),
+            (self.at.seq, at.seq),
+            (self.at.rows, at.rows),
+        ] {
+            data[to..to + n].copy_from_slice(&self.data[from..from + n]);
+        }
+        for s in 0..n {
+            let src = self.at.tables + s * self.max_blocks;
+            let dst = at.tables + s * width;
+            data[dst..dst + self.max_blocks]
+                .copy_from_slice(&self.data[src..src + self.max_blocks]);
+        }
+        data[at.params..at.params + n * SAMPLE_PARAMS]
+            .copy_from_slice(&self.data[self.at.params..self.at.params + n * SAMPLE_PARAMS]);
+        data[at.banned..].copy_from_slice(&self.data[self.at.banned..]);
+        for s in n..batch {
+            data[at.slots + s] = (scratch_block * self.block_size) as i32;
+            data[at.seq + s] = s as i32;
+            data[at.tables + s * width] = scratch_block as i32;
+            data[at.rows + s] = s as i32;
+            // Greedy (temperature 0), top_p 1, nothing banned.
+            data[at.params + s * SAMPLE_PARAMS + 1] = 1.0f32.to_bits() as i32;
+        }
+        Some(StepPlan {
+            tokens: batch,
+            seqs: batch,
+            rows: batch,
+            max_blocks: width,
+            max_context: width * self.block_size,
+            block_size: self.block_size,
             data,
             at,
         })

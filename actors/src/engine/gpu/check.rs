@@ -52,10 +52,22 @@ impl Direct {
         seqs: usize,
         context: usize,
     ) -> Result<Direct, GpuError> {
+        Self::open_with(path, ordinal, seqs, context, false)
+    }
+
+    /// [`open`](Self::open), launching every kernel one by one when `eager` (no CUDA graphs).
+    pub fn open_with(
+        path: &Path,
+        ordinal: usize,
+        seqs: usize,
+        context: usize,
+        eager: bool,
+    ) -> Result<Direct, GpuError> {
         let config = GpuEngineConfig {
             max_num_seqs: seqs.max(1),
             max_batched_tokens: (seqs * 8).max(2048),
             max_kv_tokens: Some(seqs * (context + 16)),
+            enforce_eager: eager,
             ..GpuEngineConfig::default()
         };
         let (runner, blocks) = DeviceRunner::open(path, ordinal, &config, &GpuLoad::default())?;
@@ -110,6 +122,21 @@ impl Direct {
     }
 }
 
+/// Logits of the last token of `tokens`, run through `model` after what `cache` holds.
+fn cpu_logits(model: &LlamaModel, cache: &mut SeqCache, tokens: &[u32]) -> Vec<f32> {
+    forward(
+        model,
+        &mut [BatchItem {
+            tokens,
+            cache,
+            want_logits: true,
+        }],
+    )
+    .ok()
+    .and_then(|mut l| l.remove(0))
+    .unwrap_or_default()
+}
+
 /// CPU greedy decoding of `prompt` for `steps` tokens, and the first step's logits.
 pub fn cpu_greedy(model: &LlamaModel, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<f32>) {
     let mut cache = SeqCache::new(model.shape.layers);
@@ -117,40 +144,71 @@ pub fn cpu_greedy(model: &LlamaModel, prompt: &[u32], steps: usize) -> (Vec<u32>
     let mut out = Vec::new();
     let mut first = Vec::new();
     for i in 0..steps {
-        let logits = forward(
-            model,
-            &mut [BatchItem {
-                tokens: &next,
-                cache: &mut cache,
-                want_logits: true,
-            }],
-        )
-        .ok()
-        .and_then(|mut l| l.remove(0))
-        .unwrap_or_default();
-        if i == 0 {
-            first = logits.clone();
-        }
+        let logits = cpu_logits(model, &mut cache, &next);
         let t = argmax(&logits);
+        if i == 0 {
+            first = logits;
+        }
         out.push(t);
         next = vec![t];
     }
     (out, first)
 }
 
-/// How the GPU's greedy decoding compares with the CPU's on one prompt.
+/// Steps where `model`'s greedy token equals `expected[i]` when fed `prompt` then `expected[..i]`
+/// (teacher forcing), and the first step's logits.
+pub fn cpu_forced(model: &LlamaModel, prompt: &[u32], expected: &[u32]) -> (usize, Vec<f32>) {
+    let mut cache = SeqCache::new(model.shape.layers);
+    let mut agree = 0;
+    let mut first = Vec::new();
+    for (i, &want) in expected.iter().enumerate() {
+        let input = if i == 0 { prompt } else { &expected[i - 1..i] };
+        let logits = cpu_logits(model, &mut cache, input);
+        agree += usize::from(argmax(&logits) == want);
+        if i == 0 {
+            first = logits;
+        }
+    }
+    (agree, first)
+}
+
+/// Largest |a − b| over two logits vectors.
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+/// Standard deviation of `values`.
+fn std_dev(values: &[f32]) -> f32 {
+    let n = values.len().max(1) as f32;
+    let mean = values.iter().sum::<f32>() / n;
+    (values.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n).sqrt()
+}
+
+/// How the GPU's greedy decoding compares with the CPU engine's on one prompt. The reference is
+/// the CPU engine with its matrices in f32 ([`LlamaModel::load_dense`]): the same weights, with no
+/// rounding beyond f32's. The CPU engine as it serves (Q8_0 matrices times Q8_0-quantized
+/// activations) is measured against the same reference, for scale.
 #[derive(Clone, Debug)]
 pub struct Agreement {
     /// Steps compared.
     pub steps: usize,
-    /// Steps where the GPU's greedy token equals the CPU's when both are fed the CPU's tokens.
+    /// Steps where the GPU's greedy token equals the reference's when both are fed the reference's
+    /// tokens.
     pub teacher_forced: usize,
-    /// Leading steps where free-running greedy decodings are identical.
+    /// Leading steps where the GPU's and the reference's free-running greedy decodings are
+    /// identical.
     pub free_prefix: usize,
-    /// Largest |GPU − CPU| over the first step's logits.
+    /// Largest |GPU − reference| over the first step's logits.
     pub max_abs_diff: f32,
-    /// Standard deviation of the CPU's first-step logits (the scale of that difference).
+    /// Standard deviation of the reference's first-step logits (the scale of that difference).
     pub logit_std: f32,
+    /// The same teacher-forced count for the quantized CPU engine against the reference.
+    pub cpu_q8_teacher_forced: usize,
+    /// The same logits difference for the quantized CPU engine against the reference.
+    pub cpu_q8_max_abs_diff: f32,
 }
 
 /// Compare the GPU against the CPU engine on `prompts` for `steps` greedy tokens each.
@@ -160,24 +218,26 @@ pub fn compare_with_cpu(
     prompts: &[Vec<u32>],
     steps: usize,
 ) -> Result<Vec<Agreement>, GpuError> {
-    let model = LlamaModel::load(path).map_err(|e| GpuError::Model(e.to_string()))?;
+    let reference = LlamaModel::load_dense(path).map_err(|e| GpuError::Model(e.to_string()))?;
+    let quantized = LlamaModel::load(path).map_err(|e| GpuError::Model(e.to_string()))?;
     let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
     let mut gpu = Direct::open(path, ordinal, 2, longest + steps + 1)?;
     let mut out = Vec::new();
     for prompt in prompts {
-        let (cpu_tokens, cpu_logits) = cpu_greedy(&model, prompt, steps);
+        let (ref_tokens, ref_logits) = cpu_greedy(&reference, prompt, steps);
+        let (cpu_q8_teacher_forced, q8_logits) = cpu_forced(&quantized, prompt, &ref_tokens);
         // Teacher forcing on sequence 0; free running on sequence 1.
         let mut forced = 0;
         let first = gpu.step(&[0], &[prompt], &[0])?;
         let gpu_logits = gpu.logits(0)?;
-        forced += usize::from(first[0] == cpu_tokens[0]);
+        forced += usize::from(first[0] == ref_tokens[0]);
         for i in 1..steps {
-            let t = gpu.step(&[0], &[&cpu_tokens[i - 1..i]], &[prompt.len() + i - 1])?;
-            forced += usize::from(t[0] == cpu_tokens[i]);
+            let t = gpu.step(&[0], &[&ref_tokens[i - 1..i]], &[prompt.len() + i - 1])?;
+            forced += usize::from(t[0] == ref_tokens[i]);
         }
         let mut free = gpu.step(&[1], &[prompt], &[0])?[0];
         let mut free_prefix = 0;
-        for (i, &expected) in cpu_tokens.iter().enumerate() {
+        for (i, &expected) in ref_tokens.iter().enumerate() {
             if free != expected {
                 break;
             }
@@ -186,24 +246,54 @@ pub fn compare_with_cpu(
                 free = gpu.step(&[1], &[&[free]], &[prompt.len() + i])?[0];
             }
         }
-        let max_abs_diff = cpu_logits
-            .iter()
-            .zip(&gpu_logits)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        let mean = cpu_logits.iter().sum::<f32>() / cpu_logits.len().max(1) as f32;
-        let var = cpu_logits
-            .iter()
-            .map(|l| (l - mean) * (l - mean))
-            .sum::<f32>()
-            / cpu_logits.len().max(1) as f32;
         out.push(Agreement {
             steps,
             teacher_forced: forced,
             free_prefix,
-            max_abs_diff,
-            logit_std: var.sqrt(),
+            max_abs_diff: max_abs_diff(&ref_logits, &gpu_logits),
+            logit_std: std_dev(&ref_logits),
+            cpu_q8_teacher_forced,
+            cpu_q8_max_abs_diff: max_abs_diff(&ref_logits, &q8_logits),
         });
+    }
+    Ok(out)
+}
+
+/// Free-running greedy decoding of each prompt for `steps` tokens with decode steps replayed as
+/// CUDA graphs and with every kernel launched one by one: per prompt, the leading steps where the
+/// two agree and the largest |difference| of the first decode step's logits.
+pub fn graphs_against_eager(
+    path: &Path,
+    ordinal: usize,
+    prompts: &[Vec<u32>],
+    steps: usize,
+) -> Result<Vec<(usize, f32)>, GpuError> {
+    let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let context = longest + steps + 1;
+    let mut graphs = Direct::open_with(path, ordinal, 1, context, false)?;
+    let mut eager = Direct::open_with(path, ordinal, 1, context, true)?;
+    let mut out = Vec::new();
+    for prompt in prompts {
+        let mut decoded: Vec<(Vec<u32>, Vec<f32>)> = Vec::new();
+        for gpu in [&mut graphs, &mut eager] {
+            let mut tokens = vec![gpu.step(&[0], &[prompt], &[0])?[0]];
+            let mut logits = Vec::new();
+            for i in 1..steps {
+                let last = [tokens[i - 1]];
+                tokens.push(gpu.step(&[0], &[&last], &[prompt.len() + i - 1])?[0]);
+                if i == 1 {
+                    logits = gpu.logits(0)?;
+                }
+            }
+            decoded.push((tokens, logits));
+        }
+        let same = decoded[0]
+            .0
+            .iter()
+            .zip(&decoded[1].0)
+            .take_while(|(a, b)| a == b)
+            .count();
+        out.push((same, max_abs_diff(&decoded[0].1, &decoded[1].1)));
     }
     Ok(out)
 }

@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
 use cudarc::driver::{
-    result, sys, CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
+    result, sys, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, LaunchConfig,
+    PushKernelArg,
 };
 
 use super::{kernels, GpuError};
@@ -192,6 +193,9 @@ impl Kernels {
     }
 }
 
+/// cuBLAS's workspace: set explicitly, so that no GEMM allocates while a graph is being captured.
+const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
+
 /// One GPU: context, stream, kernels and cuBLAS.
 pub struct GpuDevice {
     /// Its probe entry.
@@ -200,6 +204,7 @@ pub struct GpuDevice {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     kernels: Kernels,
+    _blas_workspace: Option<DeviceMemory>,
 }
 
 impl GpuDevice {
@@ -230,7 +235,7 @@ impl GpuDevice {
             functions.insert(name, f);
         }
         let blas = CudaBlas::new(stream.clone()).map_err(GpuError::blas("creating the handle"))?;
-        Ok(GpuDevice {
+        let mut device = GpuDevice {
             info,
             ctx,
             stream,
@@ -239,7 +244,43 @@ impl GpuDevice {
                 _module: module,
                 functions,
             },
-        })
+            _blas_workspace: None,
+        };
+        let workspace = device.alloc(BLAS_WORKSPACE_BYTES, "cuBLAS workspace")?;
+        // SAFETY: the workspace is a live allocation of the stated size, kept as long as the handle.
+        unsafe {
+            blas_sys::cublasSetWorkspace_v2(
+                *device.blas.handle(),
+                workspace.ptr() as *mut std::ffi::c_void,
+                workspace.bytes(),
+            )
+        }
+        .result()
+        .map_err(GpuError::blas("setting the workspace"))?;
+        device._blas_workspace = Some(workspace);
+        Ok(device)
+    }
+
+    /// Start recording this engine's stream into a graph: what is queued until
+    /// [`end_capture`](Self::end_capture) is recorded, not run.
+    pub fn begin_capture(&self) -> Result<(), GpuError> {
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(GpuError::driver("starting a CUDA graph capture"))
+    }
+
+    /// Stop recording and instantiate the graph, ready to replay with `launch`.
+    pub fn end_capture(&self) -> Result<CudaGraph, GpuError> {
+        match self
+            .stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .map_err(GpuError::driver("ending a CUDA graph capture"))?
+        {
+            Some(graph) => Ok(graph),
+            None => Err(GpuError::Model(
+                "the CUDA graph capture recorded nothing".into(),
+            )),
+        }
     }
 
     /// Per kernel: registers per thread, local (spilled) bytes per thread and static shared bytes per

@@ -178,7 +178,12 @@ impl DeviceRunner {
             }
         };
         let max_rows = config.max_num_seqs;
-        let workspace = Forward::workspace_bytes(&weights, config.max_batched_tokens, max_rows);
+        let workspace = Forward::workspace_bytes(
+            &weights,
+            config.max_batched_tokens,
+            max_rows,
+            config.block_size,
+        );
         let blocks = Forward::kv_blocks_that_fit(
             &device,
             &weights,
@@ -194,6 +199,11 @@ impl DeviceRunner {
             max_rows,
             config.block_size,
             blocks,
+            if config.enforce_eager {
+                0
+            } else {
+                config.cuda_graph_max_batch
+            },
         )?;
         let (free, total) = device.memory()?;
         *load.device.lock().unwrap_or_else(|e| e.into_inner()) = device.info.name.clone();

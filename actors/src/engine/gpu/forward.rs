@@ -5,7 +5,7 @@
 //! the residual (beta = 1) → RMSNorm → gate·up GEMM → SiLU·up → down GEMM into the residual. Then
 //! the final norm of the logits rows only, the output-head GEMM, and one sampling block per row.
 
-use super::batch::StepPlan;
+use super::batch::{Offsets, StepPlan};
 use super::device::{grid, Arg, DeviceMemory, GpuDevice};
 use super::kernels::SAMPLE_THREADS;
 use super::weights::GpuWeights;
@@ -15,6 +15,86 @@ use super::GpuError;
 const ATTENTION_TARGET_BLOCKS: usize = 264;
 /// Partial-softmax entries (token × KV head × partition) the scratch buffer holds.
 const PARTIAL_CAP: usize = 16_384;
+
+/// Batch sizes decode graphs are captured for; a step of n sequences replays the first bucket of at
+/// least n, its extra rows padding (past 256: the next multiple of 64).
+const GRAPH_BATCHES: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256];
+/// `i32`s of banned ids (stop tokens before `min_tokens`) a graph step can carry; a step with more
+/// launches without a graph.
+const GRAPH_BANNED_CAP: usize = 16_384;
+
+/// Key partitions for attention over `pairs` (token, KV head) pairs of at most `max_context`
+/// positions: the keys are split across blocks only when the pairs alone leave the GPU idle.
+fn attention_parts(pairs: usize, max_context: usize) -> usize {
+    if pairs == 0 || pairs >= ATTENTION_TARGET_BLOCKS {
+        return 1;
+    }
+    ATTENTION_TARGET_BLOCKS
+        .div_ceil(pairs)
+        .min(max_context.div_ceil(32))
+        .min(PARTIAL_CAP / pairs)
+        .max(1)
+}
+
+/// Decode steps captured as CUDA graphs, one per (batch-size bucket, block-table width): a step's
+/// ~300 launches become one.
+struct Graphs {
+    /// Largest batch a graph is captured for.
+    max_batch: usize,
+    /// Widest block table: blocks per sequence at the model's context length.
+    max_width: usize,
+    /// The step arrays every graph reads: a fixed address, rewritten before each replay.
+    plan: DeviceMemory,
+    /// Instantiated graphs by (batch, width).
+    execs: std::collections::HashMap<(usize, usize), cudarc::driver::CudaGraph>,
+}
+
+/// The block-table width a step with tables `max_blocks` wide is laid out at: the next power of
+/// two, at least 4, at most `max_width`. Attention is partitioned for this width's context, so a
+/// step splits its keys the same way with or without a graph.
+fn table_width(max_blocks: usize, max_width: usize) -> usize {
+    max_blocks
+        .next_power_of_two()
+        .max(4)
+        .min(max_width)
+        .max(max_blocks)
+}
+
+/// The graph a step of `seqs` decode sequences with tables `max_blocks` wide replays: (batch
+/// rounded up to a bucket, [`table_width`]). `None` past `max_batch`.
+pub(crate) fn graph_key(
+    seqs: usize,
+    max_blocks: usize,
+    max_batch: usize,
+    max_width: usize,
+) -> Option<(usize, usize)> {
+    if seqs == 0 || seqs > max_batch || max_blocks > max_width {
+        return None;
+    }
+    let batch = GRAPH_BATCHES
+        .iter()
+        .copied()
+        .find(|&b| b >= seqs)
+        .unwrap_or(seqs.next_multiple_of(64))
+        .min(max_batch);
+    Some((batch, table_width(max_blocks, max_width)))
+}
+
+impl Graphs {
+    /// The graph `plan` replays, if it is a decode step a graph can take.
+    fn key(&self, plan: &StepPlan) -> Option<(usize, usize)> {
+        if !plan.is_decode() {
+            return None;
+        }
+        graph_key(plan.seqs, plan.max_blocks, self.max_batch, self.max_width)
+    }
+
+    /// Bytes of the largest step arrays a graph reads.
+    fn plan_bytes(max_batch: usize, max_width: usize) -> usize {
+        let at = Offsets::layout(max_batch, max_batch, max_batch, max_width);
+        (at.banned + GRAPH_BANNED_CAP) * 4
+    }
+}
 
 /// The KV cache pool: `blocks` blocks of `block_size` tokens for every layer.
 pub struct KvPool {
@@ -53,6 +133,9 @@ pub struct Forward {
     partials: DeviceMemory,
     out: DeviceMemory,
     plan: Option<DeviceMemory>,
+    /// Blocks per sequence at the model's context length.
+    max_width: usize,
+    graphs: Option<Graphs>,
     /// The KV cache.
     pub kv: KvPool,
 }
@@ -62,7 +145,9 @@ pub type Sampled = (u32, f32);
 
 impl Forward {
     /// Buffers for steps of up to `max_tokens` tokens and `max_rows` sampled rows, and a KV pool of
-    /// `kv_blocks` blocks (from [`Forward::kv_blocks_that_fit`]).
+    /// `kv_blocks` blocks (from [`Forward::kv_blocks_that_fit`]) plus one scratch block that the
+    /// padding rows of graph steps write to. Decode steps of up to `graph_max_batch` sequences
+    /// replay CUDA graphs (0: never).
     pub fn new(
         device: &GpuDevice,
         weights: &GpuWeights,
@@ -70,11 +155,27 @@ impl Forward {
         max_rows: usize,
         block_size: usize,
         kv_blocks: usize,
+        graph_max_batch: usize,
     ) -> Result<Forward, GpuError> {
         let s = &weights.shape;
         let (h, kvw, ffn) = (s.hidden, s.kv_width(), s.ffn);
         let group = s.heads / s.kv_heads;
-        let layer_bytes = kv_blocks * block_size * kvw * 2;
+        let layer_bytes = (kv_blocks + 1) * block_size * kvw * 2;
+        let graph_max_batch = graph_max_batch.min(max_rows).min(max_tokens);
+        let max_width = s.context_length.div_ceil(block_size).max(1);
+        let graphs = if graph_max_batch > 0 {
+            Some(Graphs {
+                max_batch: graph_max_batch,
+                max_width,
+                plan: device.alloc(
+                    Graphs::plan_bytes(graph_max_batch, max_width),
+                    "graph step plan",
+                )?,
+                execs: std::collections::HashMap::new(),
+            })
+        } else {
+            None
+        };
         let kv = KvPool {
             blocks: kv_blocks,
             block_size,
@@ -96,18 +197,28 @@ impl Forward {
             )?,
             out: device.alloc(max_rows * 8, "sampled tokens")?,
             plan: None,
+            max_width,
+            graphs,
             kv,
         })
     }
 
     /// Activation bytes [`Forward::new`] allocates besides the KV pool.
-    pub fn workspace_bytes(weights: &GpuWeights, max_tokens: usize, max_rows: usize) -> usize {
+    pub fn workspace_bytes(
+        weights: &GpuWeights,
+        max_tokens: usize,
+        max_rows: usize,
+        block_size: usize,
+    ) -> usize {
         let s = &weights.shape;
         let (h, kvw, ffn) = (s.hidden, s.kv_width(), s.ffn);
         let group = s.heads / s.kv_heads;
+        let graph_batch = max_rows.min(max_tokens);
+        let max_width = s.context_length.div_ceil(block_size.max(1)).max(1);
         max_tokens * (h * 4 + h.max(ffn) * 2 + (h + 2 * kvw) * 4 + 2 * ffn * 4)
             + max_rows * (s.vocab * 4 + 8)
             + PARTIAL_CAP * group * (s.head_dim + 2) * 4
+            + Graphs::plan_bytes(graph_batch, max_width)
     }
 
     /// KV blocks that fit in `utilization` of the device's memory after the workspace, capped at
@@ -125,7 +236,8 @@ impl Forward {
         let budget = (total as f64 * utilization) as usize;
         let left = budget.saturating_sub(used).saturating_sub(workspace);
         let per_block = KvPool::block_bytes(weights, block_size);
-        let mut blocks = left / per_block;
+        // One block is the scratch block of graph steps' padding rows.
+        let mut blocks = (left / per_block).saturating_sub(1);
         if let Some(cap) = max_tokens {
             blocks = blocks.min(cap.div_ceil(block_size));
         }
@@ -143,6 +255,8 @@ impl Forward {
 
     /// Run `plan`: every token through the model, then sample each logits row. Returns one
     /// `(token, logprob)` per row, and the logits of the rows in `host_rows` (sampled on the host).
+    /// A decode step replays a CUDA graph captured for its batch-size bucket and block-table width
+    /// (captured the first time that pair is seen); any other step launches its kernels one by one.
     pub fn step(
         &mut self,
         device: &GpuDevice,
@@ -150,7 +264,6 @@ impl Forward {
         plan: &StepPlan,
         host_rows: &[usize],
     ) -> Result<(Vec<Sampled>, Vec<Vec<f32>>), GpuError> {
-        let s = &w.shape;
         let (t, r) = (plan.tokens, plan.rows);
         if t == 0 || t > self.max_tokens || r > self.max_rows {
             return Err(GpuError::Model(format!(
@@ -158,16 +271,110 @@ impl Forward {
                 self.max_tokens, self.max_rows
             )));
         }
-        if self
-            .plan
-            .as_ref()
-            .is_none_or(|p| p.bytes() < plan.data.len() * 4)
-        {
+        let padded_rows = match self.replay(device, w, plan)? {
+            Some(rows) => rows,
+            None => {
+                if self
+                    .plan
+                    .as_ref()
+                    .is_none_or(|p| p.bytes() < plan.data.len() * 4)
+                {
+                    device.synchronize()?;
+                    self.plan = Some(device.alloc(plan.data.len() * 4 * 2, "step plan")?);
+                }
+                let base = self.plan.as_ref().map(|p| p.ptr()).unwrap_or(0);
+                device.upload(base, &plan.data)?;
+                let width = table_width(plan.max_blocks, self.max_width);
+                let parts = attention_parts(t * w.shape.kv_heads, width * plan.block_size);
+                self.enqueue(device, w, plan, base, parts)?;
+                r
+            }
+        };
+        if r == 0 {
             device.synchronize()?;
-            self.plan = Some(device.alloc(plan.data.len() * 4 * 2, "step plan")?);
+            return Ok((Vec::new(), Vec::new()));
         }
-        let base = self.plan.as_ref().map(|p| p.ptr()).unwrap_or(0);
-        device.upload(base, &plan.data)?;
+        let mut out = vec![0u32; 2 * padded_rows];
+        device.download(self.out.ptr(), &mut out)?;
+        let sampled = (0..r)
+            .map(|i| (out[i], f32::from_bits(out[padded_rows + i])))
+            .collect();
+        let vocab = w.shape.vocab;
+        let mut host = Vec::with_capacity(host_rows.len());
+        for &row in host_rows {
+            let mut logits = vec![0f32; vocab];
+            device.download(self.logits.at(row * vocab * 4), &mut logits)?;
+            host.push(logits);
+        }
+        Ok((sampled, host))
+    }
+
+    /// Replay (capturing first if needed) the graph for this decode step. Returns the rows the
+    /// graph sampled (this plan's, then padding), or `None` when the step runs without a graph.
+    fn replay(
+        &mut self,
+        device: &GpuDevice,
+        w: &GpuWeights,
+        plan: &StepPlan,
+    ) -> Result<Option<usize>, GpuError> {
+        let Some(graphs) = self.graphs.as_mut() else {
+            return Ok(None);
+        };
+        let Some(key) = graphs.key(plan) else {
+            return Ok(None);
+        };
+        let Some(padded) = plan.padded(key.0, key.1, self.kv.blocks) else {
+            return Ok(None);
+        };
+        if padded.data.len() * 4 > graphs.plan.bytes() {
+            return Ok(None);
+        }
+        let base = graphs.plan.ptr();
+        device.upload(base, &padded.data)?;
+        if !graphs.execs.contains_key(&key) {
+            let parts = attention_parts(key.0 * w.shape.kv_heads, padded.max_context);
+            device.begin_capture()?;
+            let recorded = self.enqueue(device, w, &padded, base, parts);
+            let ended = device.end_capture();
+            let graph = match recorded.and(ended) {
+                Ok(graph) => graph,
+                Err(e) => {
+                    // Graphs off for this engine; the step runs as plain launches.
+                    tracing::warn!(error = %e, batch = key.0, width = key.1, "cannot capture a CUDA graph; decode steps launch their kernels one by one from now on");
+                    self.graphs = None;
+                    return Ok(None);
+                }
+            };
+            let graphs = self.graphs.as_mut().ok_or_else(|| {
+                GpuError::Model("the CUDA graphs went away during a capture".into())
+            })?;
+            graphs.execs.insert(key, graph);
+        }
+        let graphs = self
+            .graphs
+            .as_ref()
+            .ok_or_else(|| GpuError::Model("the CUDA graphs went away during a capture".into()))?;
+        if let Some(graph) = graphs.execs.get(&key) {
+            graph
+                .launch()
+                .map_err(GpuError::driver("replaying a decode step's CUDA graph"))?;
+        }
+        Ok(Some(key.0))
+    }
+
+    /// Queue every kernel of `plan` (whose arrays are at device address `base`) on the stream,
+    /// splitting attention over `parts` key partitions. Nothing here waits or allocates, so a
+    /// graph capture records it whole.
+    fn enqueue(
+        &self,
+        device: &GpuDevice,
+        w: &GpuWeights,
+        plan: &StepPlan,
+        base: u64,
+        parts: usize,
+    ) -> Result<(), GpuError> {
+        let s = &w.shape;
+        let (t, r) = (plan.tokens, plan.rows);
         let at = |offset: usize| base + offset as u64 * 4;
         let (h, kvw, ffn, heads) = (s.hidden, s.kv_width(), s.ffn, s.heads);
         let kvh = s.kv_heads;
@@ -182,18 +389,6 @@ impl Forward {
                 Arg::I32(h as i32),
             ],
         )?;
-        // Split the keys across blocks only when tokens × KV heads leave the GPU idle.
-        let pairs = t * kvh;
-        let mut parts = 1;
-        if pairs < ATTENTION_TARGET_BLOCKS {
-            parts = ATTENTION_TARGET_BLOCKS
-                .div_ceil(pairs)
-                .min(plan.max_context.div_ceil(32))
-                .min(PARTIAL_CAP / pairs)
-                .max(1);
-        }
-        let part = plan.max_context.div_ceil(parts).max(1);
-        let parts = plan.max_context.div_ceil(part).max(1);
         let scale = 1.0 / (s.head_dim as f32).sqrt();
         for (l, layer) in w.layers.iter().enumerate() {
             let kc = self.kv.keys.at(l * self.kv.layer_bytes);
@@ -235,7 +430,6 @@ impl Forward {
                     Arg::I32(plan.max_blocks as i32),
                     Arg::I32(plan.block_size as i32),
                     Arg::I32(heads as i32),
-                    Arg::I32(part as i32),
                     Arg::F32(scale),
                     Arg::Ptr(self.act.ptr()),
                     Arg::Ptr(self.partials.ptr()),
@@ -284,8 +478,7 @@ impl Forward {
             )?;
         }
         if r == 0 {
-            device.synchronize()?;
-            return Ok((Vec::new(), Vec::new()));
+            return Ok(());
         }
         self.rms_norm(
             device,
@@ -316,18 +509,7 @@ impl Forward {
                 Arg::Ptr(self.out.at(r * 4)),
             ],
         )?;
-        let mut out = vec![0u32; 2 * r];
-        device.download(self.out.ptr(), &mut out)?;
-        let sampled = (0..r)
-            .map(|i| (out[i], f32::from_bits(out[r + i])))
-            .collect();
-        let mut host = Vec::with_capacity(host_rows.len());
-        for &row in host_rows {
-            let mut logits = vec![0f32; s.vocab];
-            device.download(self.logits.at(row * s.vocab * 4), &mut logits)?;
-            host.push(logits);
-        }
-        Ok((sampled, host))
+        Ok(())
     }
 
     /// `act[i] = bf16(RMSNorm(x[rows[i]]) · weight)` for `count` rows (`rows` 0: rows 0..count).

@@ -120,6 +120,11 @@ pub struct GpuEngineConfig {
     /// system's, for CUDA installs outside the loader's path (pip's `nvidia-*` wheels, a toolkit
     /// in `/usr/local/cuda/lib64`).
     pub cuda_lib_dirs: Vec<PathBuf>,
+    /// Launch every kernel of every step one by one (vLLM's `enforce_eager`): no CUDA graphs.
+    pub enforce_eager: bool,
+    /// Decode steps of up to this many sequences replay CUDA graphs, captured once per batch-size
+    /// bucket and block-table width.
+    pub cuda_graph_max_batch: usize,
 }
 
 impl Default for GpuEngineConfig {
@@ -132,6 +137,8 @@ impl Default for GpuEngineConfig {
             prefix_caching: true,
             max_kv_tokens: None,
             cuda_lib_dirs: Vec::new(),
+            enforce_eager: false,
+            cuda_graph_max_batch: 256,
         }
     }
 }

@@ -80,6 +80,112 @@ fn a_step_packs_slots_tables_rows_and_parameters() {
 }
 
 #[test]
+fn a_decode_step_pads_to_its_graph_layout_and_keeps_every_value() {
+    let banned = [7u32, 9];
+    let row = greedy(&banned);
+    let (b0, b1, b2) = ([3usize, 8], [5usize], [1usize, 2, 6]);
+    let items = [
+        PlanItem {
+            tokens: &[11],
+            start: 20,
+            blocks: &b0,
+            sample: Some(row.clone()),
+        },
+        PlanItem {
+            tokens: &[12],
+            start: 3,
+            blocks: &b1,
+            sample: Some(greedy(&[])),
+        },
+        PlanItem {
+            tokens: &[13],
+            start: 40,
+            blocks: &b2,
+            sample: Some(row.clone()),
+        },
+    ];
+    let plan = StepPlan::build(&items, 16).expect("plan");
+    assert!(plan.is_decode());
+    let scratch = 99;
+    let padded = plan.padded(4, 8, scratch).expect("padded");
+    let (a, p) = (plan.at, padded.at);
+    assert_eq!(
+        (padded.tokens, padded.seqs, padded.rows, padded.max_blocks),
+        (4, 4, 4, 8)
+    );
+    assert_eq!(
+        p,
+        super::batch::Offsets::layout(4, 4, 4, 8),
+        "offsets depend on (batch, width) only"
+    );
+    for (from, to) in [
+        (a.ids, p.ids),
+        (a.pos, p.pos),
+        (a.slots, p.slots),
+        (a.seq, p.seq),
+        (a.rows, p.rows),
+    ] {
+        assert_eq!(padded.data[to..to + 3], plan.data[from..from + 3]);
+    }
+    for s in 0..3 {
+        let src = &plan.data[a.tables + s * plan.max_blocks..][..plan.max_blocks];
+        assert_eq!(
+            &padded.data[p.tables + s * 8..][..plan.max_blocks],
+            src,
+            "table row {s}"
+        );
+    }
+    assert_eq!(
+        padded.data[p.params..p.params + 3 * SAMPLE_PARAMS],
+        plan.data[a.params..a.params + 3 * SAMPLE_PARAMS]
+    );
+    assert_eq!(
+        padded.data[p.banned..],
+        [7, 9, 7, 9],
+        "banned ids keep their offsets"
+    );
+    // The padding row: token 0 at position 0, written to the scratch block, sampled greedily.
+    assert_eq!((padded.data[p.ids + 3], padded.data[p.pos + 3]), (0, 0));
+    assert_eq!(padded.data[p.slots + 3], (scratch * 16) as i32);
+    assert_eq!(
+        (padded.data[p.seq + 3], padded.data[p.tables + 3 * 8]),
+        (3, scratch as i32)
+    );
+    assert_eq!(padded.data[p.rows + 3], 3);
+    let params = &padded.data[p.params + 3 * SAMPLE_PARAMS..][..SAMPLE_PARAMS];
+    assert_eq!(f32::from_bits(params[0] as u32), 0.0, "greedy");
+    assert_eq!(params[8], 0, "nothing banned");
+    // Too small a graph, too narrow a table, or a step that prefills: no padded layout.
+    assert!(plan.padded(2, 8, scratch).is_none());
+    assert!(plan.padded(4, 2, scratch).is_none());
+    let prefill = [PlanItem {
+        tokens: &[1, 2],
+        start: 0,
+        blocks: &b1,
+        sample: Some(greedy(&[])),
+    }];
+    assert!(StepPlan::build(&prefill, 16)
+        .expect("plan")
+        .padded(4, 8, scratch)
+        .is_none());
+}
+
+#[test]
+fn decode_steps_map_to_graph_buckets() {
+    use super::forward::graph_key;
+    assert_eq!(graph_key(1, 1, 256, 512), Some((1, 4)));
+    assert_eq!(graph_key(3, 5, 256, 512), Some((4, 8)));
+    assert_eq!(graph_key(17, 9, 256, 512), Some((24, 16)));
+    assert_eq!(graph_key(129, 300, 256, 512), Some((160, 512)));
+    // Capped by the largest batch and the widest table.
+    assert_eq!(graph_key(100, 3, 100, 512), Some((100, 4)));
+    assert_eq!(graph_key(1, 300, 256, 300), Some((1, 300)));
+    assert_eq!(graph_key(257, 3, 256, 512), None);
+    assert_eq!(graph_key(0, 3, 256, 512), None);
+    assert_eq!(graph_key(1, 600, 256, 512), None);
+}
+
+#[test]
 fn a_step_without_enough_blocks_is_refused() {
     let items = [PlanItem {
         tokens: &[1, 2, 3, 4, 5],

@@ -402,6 +402,31 @@ impl LlamaModel {
         Ok(model)
     }
 
+    /// The model with every matrix dequantized to f32: the CPU engine's own forward pass with no
+    /// quantization of activations (Q8_0 matrices multiply Q8_0-quantized activations), so that its
+    /// only rounding is f32's. A reference for checks of other engines on the same weights; about 4x
+    /// the memory of [`load`](Self::load) and several times slower.
+    pub fn load_dense(path: &Path) -> Result<LlamaModel, LoadError> {
+        let started = Instant::now();
+        let (shape, mut tensors) = Self::read_tensors(path)?;
+        for (name, tensor) in tensors.iter_mut() {
+            if tensor.dtype() != GgmlDType::F32 {
+                let dense = tensor
+                    .dequantize(&Device::Cpu)
+                    .and_then(|t| QTensor::quantize(&t, GgmlDType::F32))
+                    .map_err(|e| LoadError::Tensor {
+                        path: path.to_path_buf(),
+                        name: name.clone(),
+                        reason: e.to_string(),
+                    })?;
+                *tensor = dense;
+            }
+        }
+        let mut model = Self::assemble(path, shape, tensors)?;
+        model.load_time = started.elapsed();
+        Ok(model)
+    }
+
     /// The model's shape and the plan of its tensors, from the file's header alone (no tensor data is
     /// read): what [`read_tensors`](Self::read_tensors) will produce, byte for byte in size.
     pub fn plan(path: &Path) -> Result<(ModelShape, Vec<TensorPlan>), LoadError> {

@@ -64,7 +64,8 @@ extern "C" __global__ void rope_kv(float* qkv, bf16* k_cache, bf16* v_cache, con
 // position pos[t] of sequence seq[t] attends over positions 0..=pos[t] of that sequence, whose KV
 // lives in blocks block_tables[seq[t] * max_blocks + j] of `block_size` slots.
 //
-// Grid: (T, KV_HEADS, P). The keys are split into P partitions of `part` positions; each block
+// Grid: (T, KV_HEADS, P). Token t's keys are split into P partitions of ceil((pos[t] + 1) / P)
+// positions (the last ones may be empty); each block
 // handles one partition for the GROUP query heads sharing one KV head. With P == 1 it writes the
 // normalised output (bf16 [T, heads * HEAD_DIM]); otherwise it writes its partial softmax state to
 // `partials` and attention_combine finishes. Block: 256 threads = 8 warps; within a warp,
@@ -88,13 +89,16 @@ __device__ __forceinline__ void load8(const bf16* p, float* out) {
 
 extern "C" __global__ void __launch_bounds__(256) attention(
     const float* qkv, const bf16* k_cache, const bf16* v_cache, const int* seq, const int* pos,
-    const int* block_tables, int max_blocks, int block_size, int heads, int part, float scale,
-    bf16* out, float* partials) {
+    const int* block_tables, int max_blocks, int block_size, int heads, float scale, bf16* out,
+    float* partials) {
     __shared__ float s_m[ATT_GROUPS][GROUP];
     __shared__ float s_l[ATT_GROUPS][GROUP];
     __shared__ float s_acc[ATT_GROUPS][GROUP][HEAD_DIM];
     int t = blockIdx.x, kvh = blockIdx.y, p = blockIdx.z, P = gridDim.z;
     int ctx = pos[t] + 1;
+    // Each token splits its own context into P parts, so a step's launch depends on P alone (what
+    // lets a captured graph replay it at any context length).
+    int part = (ctx + P - 1) / P;
     int begin = p * part;
     int end = min(begin + part, ctx);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
