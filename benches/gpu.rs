@@ -82,6 +82,22 @@ fn main() {
         );
     }
     decode_rates(&mut runner, blocks, &config, ceiling, "CUDA graphs");
+    // Where a decode step's time goes: each operation alone, replayed from a graph.
+    for (batch, context) in [(1usize, 256usize), (8, 256), (32, 256), (128, 256)] {
+        match check::profile_decode(&mut runner, blocks, batch, context, config.block_size) {
+            Ok(times) => {
+                let line: Vec<String> = times
+                    .iter()
+                    .map(|(op, us)| format!("{op} {us:.1}"))
+                    .collect();
+                println!(
+                    "decode step profile, batch {batch}, context {context} (GPU us per step): {}",
+                    line.join(", ")
+                );
+            }
+            Err(e) => println!("decode step profile, batch {batch}: failed: {e}"),
+        }
+    }
     let mut ttfts = Vec::new();
     for i in 0..5 {
         let (_, ttft) =
@@ -113,28 +129,33 @@ fn decode_rates(
     ceiling: f64,
     mode: &str,
 ) {
-    // Warm-up (cuBLAS heuristics, JIT of the PTX, graph capture of the common buckets).
-    for streams in [1, 8, 32, 128] {
-        check::scheduler_throughput(runner, blocks, config, streams, 32, 16, 1);
-    }
-    let (single, _) = check::scheduler_throughput(runner, blocks, config, 1, 32, 256, 2);
+    // Each run twice, the first as warm-up (cuBLAS heuristics, the PTX's JIT, and the capture of the
+    // graphs its batch buckets and table widths need, as a serving engine has after its first
+    // requests).
+    let (single, _) = (0..2)
+        .map(|_| check::scheduler_throughput(runner, blocks, config, 1, 32, 256, 2))
+        .last()
+        .unwrap_or_default();
     println!(
         "[{mode}] single-stream decode: {:.0} tok/s ({:.1}% of the bandwidth ceiling)",
         single,
         100.0 * single / ceiling
     );
     for streams in [1usize, 8, 32, 128] {
-        let (rate, _) = check::scheduler_throughput(
-            runner,
-            blocks,
-            config,
-            streams,
-            32,
-            128,
-            3 + streams as u64,
-        );
+        let seed = 3 + streams as u64;
+        let (rate, _) = (0..2)
+            .map(|_| check::scheduler_throughput(runner, blocks, config, streams, 32, 128, seed))
+            .last()
+            .unwrap_or_default();
         let steps = rate / streams as f64;
         println!("[{mode}] aggregate decode, {streams:>3} streams: {:.0} tok/s ({:.0} steps/s, {:.1}% of the ceiling's steps/s)", rate, steps, 100.0 * steps / ceiling);
+    }
+    if let Some((graphs, time)) = runner.forward.graph_stats() {
+        println!(
+            "[{mode}] {graphs} decode graphs captured in {:.1} ms ({:.2} ms each)",
+            time.as_secs_f64() * 1e3,
+            time.as_secs_f64() * 1e3 / graphs.max(1) as f64
+        );
     }
 }
 

@@ -1,6 +1,7 @@
 // Runs the GPU engine's kernels (the .cu sources themselves) on the CPU through emu.h and checks each
 // against a plain reference: GGUF dequantization, RMSNorm, RoPE + paged KV write, paged attention
-// (whole and partitioned + combined), SiLU·up, and sampling. See run.sh.
+// (whole and partitioned + combined, and with RoPE fused for decode), SiLU·up, and sampling. See
+// run.sh.
 #include "emu.h"
 
 #include <algorithm>
@@ -85,7 +86,7 @@ static void check_dequant() {
 }
 
 static void check_norm_and_silu() {
-    const int T = 3, H = 576, F = 100;
+    const int T = 3, H = 576, F = 600;
     std::vector<float> x(T * H), w(H);
     for (auto& v : x) v = uniform(-2, 2);
     for (auto& v : w) v = uniform(0.5f, 1.5f);
@@ -102,7 +103,7 @@ static void check_norm_and_silu() {
     std::vector<float> gu(T * 2 * F);
     for (auto& v : gu) v = uniform(-4, 4);
     std::vector<bf16> act(T * F);
-    emu_launch(silu_mul, {T, 1, 1}, 256, (const float*)gu.data(), act.data(), F);
+    emu_launch(silu_mul, {T, (F + 255) / 256, 1}, 256, (const float*)gu.data(), act.data(), F);
     for (int t = 0; t < T; t++)
         for (int i = 0; i < F; i++) {
             float g = gu[t * 2 * F + i], u = gu[t * 2 * F + F + i];
@@ -197,15 +198,16 @@ static void check_attention() {
             }
         }
     // Each token splits its own context into P parts; with P = 40 most partitions of the prefill
-    // tokens are empty.
+    // tokens are empty. With P > 1 the last block of each (token, KV head) combines.
+    std::vector<int> counters(T * KV_HEADS, 0);
     for (int P : {1, 4, 9, 40}) {
         std::vector<bf16> out(T * HEADS * HEAD_DIM, 0);
         std::vector<float> partials((size_t)T * KV_HEADS * P * GROUP * (HEAD_DIM + 2));
-        emu_launch(attention, {(unsigned)T, KV_HEADS, (unsigned)P}, 256, (const float*)qkv.data(), (const bf16*)kc.data(),
-                   (const bf16*)vc.data(), (const int*)seq.data(), (const int*)pos.data(), (const int*)tables.data(), MAXB, BS,
-                   HEADS, scale, out.data(), partials.data());
-        if (P > 1)
-            emu_launch(attention_combine, {(unsigned)T, HEADS, 1}, HEAD_DIM, (const float*)partials.data(), P, HEADS, out.data());
+        emu_launch(attention, {(unsigned)T, KV_HEADS, (unsigned)P}, 256, (const float*)qkv.data(), kc.data(),
+                   vc.data(), (const int*)seq.data(), (const int*)pos.data(), (const int*)tables.data(), MAXB, BS,
+                   HEADS, scale, out.data(), partials.data(), counters.data(), 0, (const int*)nullptr,
+                   (const float*)nullptr, (const float*)nullptr);
+        for (int c : counters) CHECK(c == 0, "attention P=%d left a counter at %d", P, c);
         int bad = 0;
         for (size_t i = 0; i < out.size(); i++)
             if (!close(bf(out[i]), ref[i], 0.02f, 2e-3f)) {
@@ -214,6 +216,67 @@ static void check_attention() {
         CHECK(bad == 0, "attention with %d partition(s): %d of %zu values differ", P, bad, out.size());
     }
     std::printf("attention (1, 4, 9 and 40 partitions): checked\n");
+}
+
+// Decode steps: attention rotates the queries and the token's key itself and writes the key and value
+// into the cache; the same as rope_kv followed by attention.
+static void check_fused_attention() {
+    const int BS = 16, MAXB = 16, NBLOCKS = 64, CTX = 256, half = HEAD_DIM / 2;
+    std::vector<float> cos_t(CTX * half), sin_t(CTX * half);
+    for (int p = 0; p < CTX; p++)
+        for (int i = 0; i < half; i++) {
+            float a = p * std::pow(10000.0f, -2.0f * i / HEAD_DIM);
+            cos_t[p * half + i] = std::cos(a);
+            sin_t[p * half + i] = std::sin(a);
+        }
+    // Three sequences, one token each: positions 0, 36 and 129.
+    const int T = 3;
+    std::vector<int> seq = {0, 1, 2}, pos = {0, 36, 129};
+    std::vector<int> perm(NBLOCKS);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    std::vector<int> tables(T * MAXB), slots(T);
+    for (int i = 0; i < T * MAXB; i++) tables[i] = perm[i % NBLOCKS];
+    for (int t = 0; t < T; t++) slots[t] = tables[t * MAXB + pos[t] / BS] * BS + pos[t] % BS;
+    std::vector<bf16> kc(NBLOCKS * BS * KVW), vc(NBLOCKS * BS * KVW);
+    for (auto& v : kc) v = f2bf(uniform(-1, 1));
+    for (auto& v : vc) v = f2bf(uniform(-1, 1));
+    std::vector<float> qkv(T * WIDTH);
+    for (auto& v : qkv) v = uniform(-1, 1);
+    float scale = 1.0f / std::sqrt((float)HEAD_DIM);
+    // Reference: rope_kv, then attention as prefill runs it.
+    auto ref_qkv = qkv;
+    auto ref_kc = kc, ref_vc = vc;
+    emu_launch(rope_kv, {T, 1, 1}, 128, ref_qkv.data(), ref_kc.data(), ref_vc.data(), (const int*)pos.data(),
+               (const int*)slots.data(), (const float*)cos_t.data(), (const float*)sin_t.data(), HEADS);
+    std::vector<int> counters(T * KV_HEADS, 0);
+    for (int P : {1, 5}) {
+        std::vector<bf16> ref(T * HEADS * HEAD_DIM, 0), out(T * HEADS * HEAD_DIM, 0);
+        std::vector<float> partials((size_t)T * KV_HEADS * P * GROUP * (HEAD_DIM + 2));
+        emu_launch(attention, {(unsigned)T, KV_HEADS, (unsigned)P}, 256, (const float*)ref_qkv.data(), ref_kc.data(),
+                   ref_vc.data(), (const int*)seq.data(), (const int*)pos.data(), (const int*)tables.data(), MAXB, BS,
+                   HEADS, scale, ref.data(), partials.data(), counters.data(), 0, (const int*)nullptr,
+                   (const float*)nullptr, (const float*)nullptr);
+        auto fkc = kc, fvc = vc;
+        emu_launch(attention, {(unsigned)T, KV_HEADS, (unsigned)P}, 256, (const float*)qkv.data(), fkc.data(),
+                   fvc.data(), (const int*)seq.data(), (const int*)pos.data(), (const int*)tables.data(), MAXB, BS,
+                   HEADS, scale, out.data(), partials.data(), counters.data(), 1, (const int*)slots.data(),
+                   (const float*)cos_t.data(), (const float*)sin_t.data());
+        int bad = 0;
+        for (size_t i = 0; i < out.size(); i++)
+            if (!close(bf(out[i]), bf(ref[i]), 0.01f, 1e-3f)) {
+                if (bad++ < 5) std::printf("  fused attention P=%d [%zu]: %f vs %f\n", P, i, bf(out[i]), bf(ref[i]));
+            }
+        CHECK(bad == 0, "fused attention with %d partition(s): %d of %zu values differ", P, bad, out.size());
+        for (int t = 0; t < T; t++)
+            for (int i = 0; i < KVW; i++) {
+                size_t at = (size_t)slots[t] * KVW + i;
+                CHECK(close(bf(fkc[at]), bf(ref_kc[at]), 1e-3f, 1e-4f), "fused key t%d[%d]", t, i);
+                CHECK(bf(fvc[at]) == bf(ref_vc[at]), "fused value t%d[%d]", t, i);
+            }
+        CHECK(fkc.size() == ref_kc.size(), "cache size");
+    }
+    std::printf("attention with RoPE and the KV write fused (decode): checked\n");
 }
 
 static void check_sample() {
@@ -291,6 +354,7 @@ int main() {
     check_norm_and_silu();
     check_rope_kv();
     check_attention();
+    check_fused_attention();
     check_sample();
     std::printf(failures ? "%d check(s) FAILED\n" : "all kernel checks passed\n", failures);
     return failures ? 1 : 0;

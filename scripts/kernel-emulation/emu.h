@@ -72,6 +72,9 @@ inline float __shfl_xor_sync(unsigned, float v, int offset) {
 }
 
 inline int atomicMin(int* p, int v) { int old = *p; if (v < old) *p = v; return old; }
+inline int atomicAdd(int* p, int v) { int old = *p; *p += v; return old; }
+inline void __threadfence() {}
+inline float __ldcg(const float* p) { return *p; }
 inline int atomicMax(int* p, int v) { int old = *p; if (v > old) *p = v; return old; }
 
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }

@@ -338,6 +338,42 @@ pub fn batch_invariance(
     Ok((alone, together))
 }
 
+/// GPU microseconds of one decode step of `batch` sequences at `context` positions each, whole and
+/// per operation ([`Forward::profile`](super::Forward::profile)), after one real run of that step.
+pub fn profile_decode(
+    runner: &mut DeviceRunner,
+    blocks: usize,
+    batch: usize,
+    context: usize,
+    block_size: usize,
+) -> Result<Vec<(&'static str, f64)>, GpuError> {
+    let per_seq = context.div_ceil(block_size);
+    if per_seq * batch > blocks {
+        return Err(GpuError::Memory(format!(
+            "{blocks} KV blocks, {} needed",
+            per_seq * batch
+        )));
+    }
+    let tables: Vec<Vec<usize>> = (0..batch)
+        .map(|s| (s * per_seq..(s + 1) * per_seq).collect())
+        .collect();
+    let ids: Vec<[u32; 1]> = (0..batch).map(|s| [1 + s as u32]).collect();
+    let items: Vec<PlanItem<'_>> = (0..batch)
+        .map(|s| PlanItem {
+            tokens: &ids[s],
+            start: context - 1,
+            blocks: &tables[s],
+            sample: Some(greedy_row()),
+        })
+        .collect();
+    let plan = StepPlan::build(&items, block_size).map_err(|e| GpuError::Model(e.to_string()))?;
+    runner.run(&plan, &[])?;
+    runner.device.bind()?;
+    runner
+        .forward
+        .profile(&runner.device, &runner.weights, &plan, 10)
+}
+
 /// Throughput of `streams` sequences through the real scheduler: each with a `prompt_len`-token
 /// prompt, decoding `tokens` tokens greedily. Returns (decode tokens/s over the decode phase,
 /// seconds to the first token of the batch).

@@ -269,18 +269,12 @@ impl GpuDevice {
             .map_err(GpuError::driver("starting a CUDA graph capture"))
     }
 
-    /// Stop recording and instantiate the graph, ready to replay with `launch`.
-    pub fn end_capture(&self) -> Result<CudaGraph, GpuError> {
-        match self
-            .stream
+    /// Stop recording and instantiate the graph, ready to replay with `launch` (`None` when
+    /// nothing was recorded).
+    pub fn end_capture(&self) -> Result<Option<CudaGraph>, GpuError> {
+        self.stream
             .end_capture(sys::CUgraphInstantiate_flags(0))
-            .map_err(GpuError::driver("ending a CUDA graph capture"))?
-        {
-            Some(graph) => Ok(graph),
-            None => Err(GpuError::Model(
-                "the CUDA graph capture recorded nothing".into(),
-            )),
-        }
+            .map_err(GpuError::driver("ending a CUDA graph capture"))
     }
 
     /// Per kernel: registers per thread, local (spilled) bytes per thread and static shared bytes per

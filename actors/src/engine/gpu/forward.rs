@@ -1,9 +1,12 @@
 //! One step on the device: the batched forward pass over a [`StepPlan`] and device sampling.
 //!
 //! Per layer: RMSNorm → QKV GEMM → RoPE + paged KV write → paged attention (partitioned over the
-//! keys when the batch is too small to fill the GPU, then combined) → output GEMM accumulated into
-//! the residual (beta = 1) → RMSNorm → gate·up GEMM → SiLU·up → down GEMM into the residual. Then
-//! the final norm of the logits rows only, the output-head GEMM, and one sampling block per row.
+//! keys when the batch is too small to fill the GPU; the last block of each token combines) →
+//! output GEMM accumulated into the residual (beta = 1) → RMSNorm → gate·up GEMM → SiLU·up → down
+//! GEMM into the residual. Then the final norm of the logits rows only, the output-head GEMM, and
+//! one sampling block per row. In a decode step (one token per sequence) attention does the RoPE
+//! and the KV write itself, and the step replays a CUDA graph: 9 launches per layer become one
+//! graph launch per step.
 
 use super::batch::{Offsets, StepPlan};
 use super::device::{grid, Arg, DeviceMemory, GpuDevice};
@@ -22,6 +25,23 @@ const GRAPH_BATCHES: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 
 /// `i32`s of banned ids (stop tokens before `min_tokens`) a graph step can carry; a step with more
 /// launches without a graph.
 const GRAPH_BANNED_CAP: usize = 16_384;
+
+/// The operations of a step, in order, as [`Forward::profile`] times them.
+pub const STEP_OPS: &[&str] = &[
+    "embed",
+    "attn_norm",
+    "qkv_gemm",
+    "rope_kv",
+    "attention",
+    "o_gemm",
+    "ffn_norm",
+    "gate_up_gemm",
+    "silu_mul",
+    "down_gemm",
+    "final_norm",
+    "head_gemm",
+    "sample",
+];
 
 /// Key partitions for attention over `pairs` (token, KV head) pairs of at most `max_context`
 /// positions: the keys are split across blocks only when the pairs alone leave the GPU idle.
@@ -47,6 +67,8 @@ struct Graphs {
     plan: DeviceMemory,
     /// Instantiated graphs by (batch, width).
     execs: std::collections::HashMap<(usize, usize), cudarc::driver::CudaGraph>,
+    /// Time spent capturing and instantiating them.
+    capture_time: std::time::Duration,
 }
 
 /// The block-table width a step with tables `max_blocks` wide is laid out at: the next power of
@@ -131,6 +153,9 @@ pub struct Forward {
     gate_up: DeviceMemory,
     logits: DeviceMemory,
     partials: DeviceMemory,
+    /// Per (token, KV head): attention blocks of a partitioned token done so far (zero between
+    /// launches: the last block resets it).
+    counters: DeviceMemory,
     out: DeviceMemory,
     plan: Option<DeviceMemory>,
     /// Blocks per sequence at the model's context length.
@@ -172,6 +197,7 @@ impl Forward {
                     "graph step plan",
                 )?,
                 execs: std::collections::HashMap::new(),
+                capture_time: std::time::Duration::ZERO,
             })
         } else {
             None
@@ -195,6 +221,11 @@ impl Forward {
                 PARTIAL_CAP * group * (s.head_dim + 2) * 4,
                 "attention partials",
             )?,
+            counters: {
+                let counters = device.alloc(max_tokens * s.kv_heads * 4, "attention counters")?;
+                device.zero(counters.ptr(), counters.bytes())?;
+                counters
+            },
             out: device.alloc(max_rows * 8, "sampled tokens")?,
             plan: None,
             max_width,
@@ -218,6 +249,7 @@ impl Forward {
         max_tokens * (h * 4 + h.max(ffn) * 2 + (h + 2 * kvw) * 4 + 2 * ffn * 4)
             + max_rows * (s.vocab * 4 + 8)
             + PARTIAL_CAP * group * (s.head_dim + 2) * 4
+            + max_tokens * s.kv_heads * 4
             + Graphs::plan_bytes(graph_batch, max_width)
     }
 
@@ -333,10 +365,15 @@ impl Forward {
         device.upload(base, &padded.data)?;
         if !graphs.execs.contains_key(&key) {
             let parts = attention_parts(key.0 * w.shape.kv_heads, padded.max_context);
-            device.begin_capture()?;
-            let recorded = self.enqueue(device, w, &padded, base, parts);
-            let ended = device.end_capture();
-            let graph = match recorded.and(ended) {
+            let started = std::time::Instant::now();
+            let captured = device.begin_capture().and_then(|()| {
+                let recorded = self.enqueue(device, w, &padded, base, parts);
+                let ended = device.end_capture();
+                recorded.and(ended)?.ok_or_else(|| {
+                    GpuError::Model("the CUDA graph capture recorded nothing".into())
+                })
+            });
+            let graph = match captured {
                 Ok(graph) => graph,
                 Err(e) => {
                     // Graphs off for this engine; the step runs as plain launches.
@@ -349,6 +386,7 @@ impl Forward {
                 GpuError::Model("the CUDA graphs went away during a capture".into())
             })?;
             graphs.execs.insert(key, graph);
+            graphs.capture_time += started.elapsed();
         }
         let graphs = self
             .graphs
@@ -373,143 +411,240 @@ impl Forward {
         base: u64,
         parts: usize,
     ) -> Result<(), GpuError> {
+        self.enqueue_ops(device, w, plan, base, parts, None)
+    }
+
+    /// [`enqueue`](Self::enqueue), or only the operations named `only` (one of [`STEP_OPS`]), for
+    /// timing them alone.
+    fn enqueue_ops(
+        &self,
+        device: &GpuDevice,
+        w: &GpuWeights,
+        plan: &StepPlan,
+        base: u64,
+        parts: usize,
+        only: Option<&str>,
+    ) -> Result<(), GpuError> {
+        let on = |name: &str| only.is_none_or(|o| o == name);
         let s = &w.shape;
         let (t, r) = (plan.tokens, plan.rows);
         let at = |offset: usize| base + offset as u64 * 4;
         let (h, kvw, ffn, heads) = (s.hidden, s.kv_width(), s.ffn, s.heads);
         let kvh = s.kv_heads;
         let tt = t as u32;
-        device.launch(
-            "embed",
-            grid((tt, 1, 1), 256),
-            &[
-                Arg::Ptr(w.embedding.ptr()),
-                Arg::Ptr(at(plan.at.ids)),
-                Arg::Ptr(self.x.ptr()),
-                Arg::I32(h as i32),
-            ],
-        )?;
+        if on("embed") {
+            device.launch(
+                "embed",
+                grid((tt, 1, 1), 256),
+                &[
+                    Arg::Ptr(w.embedding.ptr()),
+                    Arg::Ptr(at(plan.at.ids)),
+                    Arg::Ptr(self.x.ptr()),
+                    Arg::I32(h as i32),
+                ],
+            )?;
+        }
         let scale = 1.0 / (s.head_dim as f32).sqrt();
         for (l, layer) in w.layers.iter().enumerate() {
             let kc = self.kv.keys.at(l * self.kv.layer_bytes);
             let vc = self.kv.values.at(l * self.kv.layer_bytes);
-            self.rms_norm(device, layer.attn_norm.ptr(), t, 0, h, s.rms_eps)?;
-            device.gemm(
-                t,
-                h + 2 * kvw,
-                h,
-                layer.wqkv.ptr(),
-                self.act.ptr(),
-                self.qkv.ptr(),
-                0.0,
-            )?;
-            device.launch(
-                "rope_kv",
-                grid((tt, 1, 1), 128),
-                &[
-                    Arg::Ptr(self.qkv.ptr()),
-                    Arg::Ptr(kc),
-                    Arg::Ptr(vc),
-                    Arg::Ptr(at(plan.at.pos)),
-                    Arg::Ptr(at(plan.at.slots)),
-                    Arg::Ptr(w.rope_cos.ptr()),
-                    Arg::Ptr(w.rope_sin.ptr()),
-                    Arg::I32(heads as i32),
-                ],
-            )?;
-            device.launch(
-                "attention",
-                grid((tt, kvh as u32, parts as u32), 256),
-                &[
-                    Arg::Ptr(self.qkv.ptr()),
-                    Arg::Ptr(kc),
-                    Arg::Ptr(vc),
-                    Arg::Ptr(at(plan.at.seq)),
-                    Arg::Ptr(at(plan.at.pos)),
-                    Arg::Ptr(at(plan.at.tables)),
-                    Arg::I32(plan.max_blocks as i32),
-                    Arg::I32(plan.block_size as i32),
-                    Arg::I32(heads as i32),
-                    Arg::F32(scale),
-                    Arg::Ptr(self.act.ptr()),
-                    Arg::Ptr(self.partials.ptr()),
-                ],
-            )?;
-            if parts > 1 {
+            if on("attn_norm") {
+                self.rms_norm(device, layer.attn_norm.ptr(), t, 0, h, s.rms_eps)?;
+            }
+            if on("qkv_gemm") {
+                device.gemm(
+                    t,
+                    h + 2 * kvw,
+                    h,
+                    layer.wqkv.ptr(),
+                    self.act.ptr(),
+                    self.qkv.ptr(),
+                    0.0,
+                )?;
+            }
+            // A decode step (one token per sequence) rotates and writes its keys inside attention.
+            let fused = plan.is_decode();
+            if !fused && on("rope_kv") {
                 device.launch(
-                    "attention_combine",
-                    grid((tt, heads as u32, 1), s.head_dim as u32),
+                    "rope_kv",
+                    grid((tt, 1, 1), 128),
                     &[
-                        Arg::Ptr(self.partials.ptr()),
-                        Arg::I32(parts as i32),
+                        Arg::Ptr(self.qkv.ptr()),
+                        Arg::Ptr(kc),
+                        Arg::Ptr(vc),
+                        Arg::Ptr(at(plan.at.pos)),
+                        Arg::Ptr(at(plan.at.slots)),
+                        Arg::Ptr(w.rope_cos.ptr()),
+                        Arg::Ptr(w.rope_sin.ptr()),
                         Arg::I32(heads as i32),
-                        Arg::Ptr(self.act.ptr()),
                     ],
                 )?;
             }
-            device.gemm(t, h, h, layer.wo.ptr(), self.act.ptr(), self.x.ptr(), 1.0)?;
-            self.rms_norm(device, layer.ffn_norm.ptr(), t, 0, h, s.rms_eps)?;
-            device.gemm(
-                t,
-                2 * ffn,
-                h,
-                layer.w_gate_up.ptr(),
-                self.act.ptr(),
-                self.gate_up.ptr(),
-                0.0,
-            )?;
-            device.launch(
-                "silu_mul",
-                grid((tt, 1, 1), 256),
-                &[
-                    Arg::Ptr(self.gate_up.ptr()),
-                    Arg::Ptr(self.act.ptr()),
-                    Arg::I32(ffn as i32),
-                ],
-            )?;
-            device.gemm(
-                t,
-                h,
-                ffn,
-                layer.w_down.ptr(),
-                self.act.ptr(),
-                self.x.ptr(),
-                1.0,
-            )?;
+            if on("attention") {
+                device.launch(
+                    "attention",
+                    grid((tt, kvh as u32, parts as u32), 256),
+                    &[
+                        Arg::Ptr(self.qkv.ptr()),
+                        Arg::Ptr(kc),
+                        Arg::Ptr(vc),
+                        Arg::Ptr(at(plan.at.seq)),
+                        Arg::Ptr(at(plan.at.pos)),
+                        Arg::Ptr(at(plan.at.tables)),
+                        Arg::I32(plan.max_blocks as i32),
+                        Arg::I32(plan.block_size as i32),
+                        Arg::I32(heads as i32),
+                        Arg::F32(scale),
+                        Arg::Ptr(self.act.ptr()),
+                        Arg::Ptr(self.partials.ptr()),
+                        Arg::Ptr(self.counters.ptr()),
+                        Arg::I32(i32::from(fused)),
+                        Arg::Ptr(at(plan.at.slots)),
+                        Arg::Ptr(w.rope_cos.ptr()),
+                        Arg::Ptr(w.rope_sin.ptr()),
+                    ],
+                )?;
+            }
+            if on("o_gemm") {
+                device.gemm(t, h, h, layer.wo.ptr(), self.act.ptr(), self.x.ptr(), 1.0)?;
+            }
+            if on("ffn_norm") {
+                self.rms_norm(device, layer.ffn_norm.ptr(), t, 0, h, s.rms_eps)?;
+            }
+            if on("gate_up_gemm") {
+                device.gemm(
+                    t,
+                    2 * ffn,
+                    h,
+                    layer.w_gate_up.ptr(),
+                    self.act.ptr(),
+                    self.gate_up.ptr(),
+                    0.0,
+                )?;
+            }
+            if on("silu_mul") {
+                device.launch(
+                    "silu_mul",
+                    grid((tt, ffn.div_ceil(256) as u32, 1), 256),
+                    &[
+                        Arg::Ptr(self.gate_up.ptr()),
+                        Arg::Ptr(self.act.ptr()),
+                        Arg::I32(ffn as i32),
+                    ],
+                )?;
+            }
+            if on("down_gemm") {
+                device.gemm(
+                    t,
+                    h,
+                    ffn,
+                    layer.w_down.ptr(),
+                    self.act.ptr(),
+                    self.x.ptr(),
+                    1.0,
+                )?;
+            }
         }
         if r == 0 {
             return Ok(());
         }
-        self.rms_norm(
-            device,
-            w.final_norm.ptr(),
-            r,
-            at(plan.at.rows),
-            h,
-            s.rms_eps,
-        )?;
-        device.gemm(
-            r,
-            s.vocab,
-            h,
-            w.output_head(),
-            self.act.ptr(),
-            self.logits.ptr(),
-            0.0,
-        )?;
-        device.launch(
-            "sample",
-            grid((r as u32, 1, 1), SAMPLE_THREADS as u32),
-            &[
-                Arg::Ptr(self.logits.ptr()),
-                Arg::I32(s.vocab as i32),
-                Arg::Ptr(at(plan.at.params)),
-                Arg::Ptr(at(plan.at.banned)),
-                Arg::Ptr(self.out.ptr()),
-                Arg::Ptr(self.out.at(r * 4)),
-            ],
-        )?;
+        if on("final_norm") {
+            self.rms_norm(
+                device,
+                w.final_norm.ptr(),
+                r,
+                at(plan.at.rows),
+                h,
+                s.rms_eps,
+            )?;
+        }
+        if on("head_gemm") {
+            device.gemm(
+                r,
+                s.vocab,
+                h,
+                w.output_head(),
+                self.act.ptr(),
+                self.logits.ptr(),
+                0.0,
+            )?;
+        }
+        if on("sample") {
+            device.launch(
+                "sample",
+                grid((r as u32, 1, 1), SAMPLE_THREADS as u32),
+                &[
+                    Arg::Ptr(self.logits.ptr()),
+                    Arg::I32(s.vocab as i32),
+                    Arg::Ptr(at(plan.at.params)),
+                    Arg::Ptr(at(plan.at.banned)),
+                    Arg::Ptr(self.out.ptr()),
+                    Arg::Ptr(self.out.at(r * 4)),
+                ],
+            )?;
+        }
         Ok(())
+    }
+
+    /// Decode graphs captured so far and the time their capture took (`None`: graphs are off).
+    pub fn graph_stats(&self) -> Option<(usize, std::time::Duration)> {
+        self.graphs
+            .as_ref()
+            .map(|g| (g.execs.len(), g.capture_time))
+    }
+
+    /// GPU time of one step of `plan` (a step that ran before, so its buffers hold real values):
+    /// first the whole step, then each of [`STEP_OPS`] alone (every layer's instance), each
+    /// captured `repeat` times into one graph and replayed, so launch costs are a graph node's.
+    /// Microseconds per step. For the benchmark.
+    pub fn profile(
+        &mut self,
+        device: &GpuDevice,
+        w: &GpuWeights,
+        plan: &StepPlan,
+        repeat: usize,
+    ) -> Result<Vec<(&'static str, f64)>, GpuError> {
+        if self
+            .plan
+            .as_ref()
+            .is_none_or(|p| p.bytes() < plan.data.len() * 4)
+        {
+            device.synchronize()?;
+            self.plan = Some(device.alloc(plan.data.len() * 4 * 2, "step plan")?);
+        }
+        let base = self.plan.as_ref().map(|p| p.ptr()).unwrap_or(0);
+        device.upload(base, &plan.data)?;
+        let width = table_width(plan.max_blocks, self.max_width);
+        let parts = attention_parts(plan.tokens * w.shape.kv_heads, width * plan.block_size);
+        let mut out = Vec::new();
+        for only in std::iter::once(None).chain(STEP_OPS.iter().map(|&o| Some(o))) {
+            device.begin_capture()?;
+            let mut recorded = Ok(());
+            for _ in 0..repeat.max(1) {
+                recorded =
+                    recorded.and_then(|()| self.enqueue_ops(device, w, plan, base, parts, only));
+            }
+            let Some(graph) = recorded.and(device.end_capture())? else {
+                // Not part of this step (the norms when the products fold them in).
+                out.push((only.unwrap_or("whole step"), 0.0));
+                continue;
+            };
+            graph
+                .launch()
+                .map_err(GpuError::driver("replaying a profile graph"))?;
+            device.synchronize()?;
+            let started = std::time::Instant::now();
+            const REPLAYS: usize = 5;
+            for _ in 0..REPLAYS {
+                graph
+                    .launch()
+                    .map_err(GpuError::driver("replaying a profile graph"))?;
+            }
+            device.synchronize()?;
+            let us = started.elapsed().as_secs_f64() * 1e6 / (REPLAYS * repeat.max(1)) as f64;
+            out.push((only.unwrap_or("whole step"), us));
+        }
+        Ok(out)
     }
 
     /// `act[i] = bf16(RMSNorm(x[rows[i]]) · weight)` for `count` rows (`rows` 0: rows 0..count).

@@ -29,7 +29,6 @@ pub const KERNEL_NAMES: &[&str] = &[
     "rms_norm",
     "rope_kv",
     "attention",
-    "attention_combine",
     "silu_mul",
     "sample",
 ];

@@ -60,17 +60,22 @@ extern "C" __global__ void rope_kv(float* qkv, bf16* k_cache, bf16* v_cache, con
     for (int i = threadIdx.x; i < kvw; i += blockDim.x) v_cache[slot * kvw + i] = f2bf(vsrc[i]);
 }
 
-// Paged causal attention with grouped queries. Query token t (row of qkv, already rotated) at
-// position pos[t] of sequence seq[t] attends over positions 0..=pos[t] of that sequence, whose KV
-// lives in blocks block_tables[seq[t] * max_blocks + j] of `block_size` slots.
+// Paged causal attention with grouped queries. Query token t (row of qkv) at position pos[t] of
+// sequence seq[t] attends over positions 0..=pos[t] of that sequence, whose KV lives in blocks
+// block_tables[seq[t] * max_blocks + j] of `block_size` slots.
+//
+// `fused` (decode steps, where no sequence has two tokens in the step): the queries and the token's
+// own key are rotated here, and the block whose partition holds position pos[t] writes the rotated
+// key and the value into slot slots[t] first; rope_kv does not run. Otherwise rope_kv has already
+// rotated the queries in place and written every token's key and value.
 //
 // Grid: (T, KV_HEADS, P). Token t's keys are split into P partitions of ceil((pos[t] + 1) / P)
-// positions (the last ones may be empty); each block
-// handles one partition for the GROUP query heads sharing one KV head. With P == 1 it writes the
-// normalised output (bf16 [T, heads * HEAD_DIM]); otherwise it writes its partial softmax state to
-// `partials` and attention_combine finishes. Block: 256 threads = 8 warps; within a warp,
-// LANES_PER_KEY lanes read one key (8 bf16 = 16 bytes each), so a warp reads 32 / LANES_PER_KEY keys
-// at once.
+// positions (the last ones may be empty); each block handles one partition for the GROUP query
+// heads sharing one KV head. With P == 1 it writes the normalised output (bf16 [T, heads *
+// HEAD_DIM]); otherwise it writes its partial softmax state to `partials`, and the last of the P
+// blocks of (t, KV head) to finish (counted in `counters`, which it resets to 0) combines them.
+// Block: 256 threads = 8 warps; within a warp, LANES_PER_KEY lanes read one key (8 bf16 = 16 bytes
+// each), so a warp reads 32 / LANES_PER_KEY keys at once.
 #define LANES_PER_KEY (HEAD_DIM / 8)
 #define KEYS_PER_WARP (32 / LANES_PER_KEY)
 #define ATT_WARPS 8
@@ -88,12 +93,14 @@ __device__ __forceinline__ void load8(const bf16* p, float* out) {
 }
 
 extern "C" __global__ void __launch_bounds__(256) attention(
-    const float* qkv, const bf16* k_cache, const bf16* v_cache, const int* seq, const int* pos,
+    const float* qkv, bf16* k_cache, bf16* v_cache, const int* seq, const int* pos,
     const int* block_tables, int max_blocks, int block_size, int heads, float scale, bf16* out,
-    float* partials) {
+    float* partials, int* counters, int fused, const int* slots, const float* cos_t,
+    const float* sin_t) {
     __shared__ float s_m[ATT_GROUPS][GROUP];
     __shared__ float s_l[ATT_GROUPS][GROUP];
     __shared__ float s_acc[ATT_GROUPS][GROUP][HEAD_DIM];
+    __shared__ int s_last;
     int t = blockIdx.x, kvh = blockIdx.y, p = blockIdx.z, P = gridDim.z;
     int ctx = pos[t] + 1;
     // Each token splits its own context into P parts, so a step's launch depends on P alone (what
@@ -105,13 +112,41 @@ extern "C" __global__ void __launch_bounds__(256) attention(
     int sub = lane % LANES_PER_KEY;
     int group = warp * KEYS_PER_WARP + lane / LANES_PER_KEY;
     const int kvw = KV_HEADS * HEAD_DIM;
+    const int half = HEAD_DIM / 2;
     int width = heads * HEAD_DIM + 2 * kvw;
     const float* qrow = qkv + (long long)t * width;
+    const float* cs = cos_t + (long long)(ctx - 1) * half;
+    const float* sn = sin_t + (long long)(ctx - 1) * half;
+    if (fused && begin <= ctx - 1 && ctx - 1 < end) {
+        // This block's partition holds the token itself: its key and value go into the cache first.
+        const float* krow = qrow + heads * HEAD_DIM + kvh * HEAD_DIM;
+        const float* vrow = krow + kvw;
+        long long dst = (long long)slots[t] * kvw + kvh * HEAD_DIM;
+        for (int i = threadIdx.x; i < half; i += blockDim.x) {
+            float a = krow[2 * i], b = krow[2 * i + 1];
+            k_cache[dst + 2 * i] = f2bf(a * cs[i] - b * sn[i]);
+            k_cache[dst + 2 * i + 1] = f2bf(a * sn[i] + b * cs[i]);
+        }
+        for (int i = threadIdx.x; i < HEAD_DIM; i += blockDim.x) v_cache[dst + i] = f2bf(vrow[i]);
+        __syncthreads();
+    }
     float q[GROUP][8];
 #pragma unroll
-    for (int g = 0; g < GROUP; g++)
+    for (int g = 0; g < GROUP; g++) {
+        const float* qh = qrow + (kvh * GROUP + g) * HEAD_DIM + sub * 8;
+        if (fused) {
 #pragma unroll
-        for (int i = 0; i < 8; i++) q[g][i] = qrow[(kvh * GROUP + g) * HEAD_DIM + sub * 8 + i] * scale;
+            for (int m = 0; m < 4; m++) {
+                float a = qh[2 * m], b = qh[2 * m + 1];
+                int i = sub * 4 + m;
+                q[g][2 * m] = (a * cs[i] - b * sn[i]) * scale;
+                q[g][2 * m + 1] = (a * sn[i] + b * cs[i]) * scale;
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; i++) q[g][i] = qh[i] * scale;
+        }
+    }
     float m[GROUP], l[GROUP], acc[GROUP][8];
 #pragma unroll
     for (int g = 0; g < GROUP; g++) {
@@ -164,6 +199,8 @@ extern "C" __global__ void __launch_bounds__(256) attention(
         for (int i = 0; i < 8; i++) s_acc[group][g][sub * 8 + i] = acc[g][i];
     }
     __syncthreads();
+    float* mine = partials + ((long long)(t * KV_HEADS + kvh) * P * GROUP) * PARTIAL_WIDTH;
+    const long long stride = (long long)GROUP * PARTIAL_WIDTH;
     for (int idx = threadIdx.x; idx < GROUP * HEAD_DIM; idx += blockDim.x) {
         int g = idx / HEAD_DIM, d = idx % HEAD_DIM;
         float M = NEG_INF;
@@ -180,7 +217,7 @@ extern "C" __global__ void __launch_bounds__(256) attention(
         if (P == 1) {
             out[(long long)t * heads * HEAD_DIM + head * HEAD_DIM + d] = f2bf(L > 0.0f ? A / L : 0.0f);
         } else {
-            float* dst = partials + ((((long long)t * KV_HEADS + kvh) * P + p) * GROUP + g) * PARTIAL_WIDTH;
+            float* dst = mine + p * stride + g * PARTIAL_WIDTH;
             dst[2 + d] = A;
             if (d == 0) {
                 dst[0] = M;
@@ -188,33 +225,43 @@ extern "C" __global__ void __launch_bounds__(256) attention(
             }
         }
     }
-}
-
-// Finishes a partitioned attention: grid (T, heads), HEAD_DIM threads.
-extern "C" __global__ void attention_combine(const float* partials, int parts, int heads, bf16* out) {
-    int t = blockIdx.x, head = blockIdx.y, d = threadIdx.x;
-    int kvh = head / GROUP, g = head % GROUP;
-    const float* base = partials + (((long long)t * KV_HEADS + kvh) * parts * GROUP + g) * PARTIAL_WIDTH;
-    long long stride = (long long)GROUP * PARTIAL_WIDTH;
-    float M = NEG_INF;
-    for (int p = 0; p < parts; p++) M = fmaxf(M, base[p * stride]);
-    float L = 0.0f, A = 0.0f;
-    for (int p = 0; p < parts; p++) {
-        float m = base[p * stride];
-        if (m == NEG_INF) continue;
-        float w = __expf(m - M);
-        L += base[p * stride + 1] * w;
-        A += base[p * stride + 2 + d] * w;
+    if (P == 1) return;
+    // The last of the P blocks of (t, kvh) to get here combines the partitions.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int* counter = counters + t * KV_HEADS + kvh;
+        s_last = atomicAdd(counter, 1) == P - 1;
+        if (s_last) *counter = 0;
     }
-    out[(long long)t * heads * HEAD_DIM + head * HEAD_DIM + d] = f2bf(L > 0.0f ? A / L : 0.0f);
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    for (int idx = threadIdx.x; idx < GROUP * HEAD_DIM; idx += blockDim.x) {
+        int g = idx / HEAD_DIM, d = idx % HEAD_DIM;
+        const float* base = mine + g * PARTIAL_WIDTH;
+        float M = NEG_INF;
+        for (int k = 0; k < P; k++) M = fmaxf(M, __ldcg(base + k * stride));
+        float L = 0.0f, A = 0.0f;
+        for (int k = 0; k < P; k++) {
+            float mk = __ldcg(base + k * stride);
+            if (mk == NEG_INF) continue;
+            float w = __expf(mk - M);
+            L += __ldcg(base + k * stride + 1) * w;
+            A += __ldcg(base + k * stride + 2 + d) * w;
+        }
+        int head = kvh * GROUP + g;
+        out[(long long)t * heads * HEAD_DIM + head * HEAD_DIM + d] = f2bf(L > 0.0f ? A / L : 0.0f);
+    }
 }
 
-// out[t, i] = bf16(silu(gate) * up) from gate_up rows [T, 2 * ffn] (gate first). Grid: T blocks.
+// out[t, i] = bf16(silu(gate) * up) from gate_up rows [T, 2 * ffn] (gate first).
+// Grid: (T, ceil(ffn / blockDim)).
 extern "C" __global__ void silu_mul(const float* gate_up, bf16* out, int ffn) {
     int t = blockIdx.x;
+    int i = blockIdx.y * blockDim.x + threadIdx.x;
+    if (i >= ffn) return;
     const float* row = gate_up + (long long)t * 2 * ffn;
-    for (int i = threadIdx.x; i < ffn; i += blockDim.x) {
-        float g = row[i];
-        out[(long long)t * ffn + i] = f2bf(g / (1.0f + __expf(-g)) * row[ffn + i]);
-    }
+    float g = row[i];
+    out[(long long)t * ffn + i] = f2bf(g / (1.0f + __expf(-g)) * row[ffn + i]);
 }
