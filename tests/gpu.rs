@@ -245,3 +245,38 @@ fn cpu_engine_against_its_dense_reference() {
         println!("prompt {i}: quantized CPU engine agrees with the f32 reference on {agree}/64");
     }
 }
+
+/// Runs last (tests run in name order): an illegal address leaves the GPU's context unusable, and
+/// the next engine opened on that GPU resets it and decodes as before.
+#[test]
+fn sticky_cuda_errors_are_cleared_when_the_engine_is_reopened() {
+    use dynamix_actors::engine::gpu::device::{grid, Arg};
+    use dynamix_actors::engine::gpu::engine::StepRunner;
+    require_gpu!();
+    if tiny() {
+        eprintln!("skipped: the CUDA emulation cannot take an illegal address the way a GPU does");
+        return;
+    }
+    let path = random_model();
+    let prompt = check::prompts(1, 8, shape().vocab, 41).remove(0);
+    let before = check::Direct::open(&path, 0, 1, 64)
+        .and_then(|mut gpu| gpu.step(&[0], &[&prompt], &[0]))
+        .expect("a step runs")[0];
+    let mut gpu = check::Direct::open(&path, 0, 1, 64).expect("opens");
+    // The embedding gather from a table at address 16: an illegal address.
+    let _ = gpu.runner.device.launch(
+        "embed",
+        grid((1, 1, 1), 256),
+        &[Arg::Ptr(16), Arg::Ptr(16), Arg::Ptr(16), Arg::I32(576)],
+    );
+    let fault = gpu.runner.fault().expect("the device is unusable");
+    println!("after an illegal address: {fault}");
+    assert!(
+        gpu.step(&[0], &[&prompt], &[0]).is_err(),
+        "later steps fail"
+    );
+    drop(gpu);
+    let mut again = check::Direct::open(&path, 0, 1, 64).expect("reopens on a reset context");
+    let after = again.step(&[0], &[&prompt], &[0]).expect("steps run again")[0];
+    assert_eq!(before, after, "the reopened engine decodes as before");
+}

@@ -145,6 +145,33 @@ fn probe_now() -> Result<Vec<GpuInfo>, String> {
     Ok(gpus)
 }
 
+/// GPU `ordinal`'s primary context, held (so that opening an engine does not create it twice), or
+/// why it is unusable: a sticky error, such as an earlier engine's illegal address, after which
+/// every call in the context fails until it is reset. `Ok(None)` when there is no such context to
+/// check (opening the device reports why).
+pub fn check_context(ordinal: usize) -> Result<Option<Arc<CudaContext>>, String> {
+    let Ok(ctx) = CudaContext::new(ordinal) else {
+        return Ok(None);
+    };
+    match ctx.synchronize() {
+        Ok(()) => Ok(Some(ctx)),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Reset GPU `ordinal`'s primary context: everything allocated in it is gone, and the next engine
+/// opens a fresh one. Whoever held memory in it must have dropped it first.
+pub fn reset_context(ordinal: usize) -> Result<(), GpuError> {
+    let dev = result::device::get(ordinal as i32)
+        .map_err(GpuError::driver(format!("finding cuda:{ordinal}")))?;
+    // SAFETY: `dev` is a valid device handle; the caller has dropped every object of the context.
+    unsafe { sys::cuDevicePrimaryCtxReset_v2(dev) }
+        .result()
+        .map_err(GpuError::driver(format!(
+            "resetting cuda:{ordinal}'s context"
+        )))
+}
+
 /// A raw device allocation, freed on drop.
 pub struct DeviceMemory {
     ctx: Arc<CudaContext>,

@@ -127,6 +127,13 @@ pub trait StepRunner {
         plan: &StepPlan,
         host_rows: &[usize],
     ) -> Result<(Vec<Sampled>, Vec<Vec<f32>>), GpuError>;
+
+    /// After a failed step: why the device is left unusable (a sticky CUDA error such as an illegal
+    /// address, after which every call in the context fails until it is reset), or `None` when
+    /// later steps can still run.
+    fn fault(&mut self) -> Option<String> {
+        None
+    }
 }
 
 /// The GPU as a [`StepRunner`].
@@ -153,6 +160,20 @@ impl DeviceRunner {
         super::device::preload(&config.cuda_lib_dirs);
         let (shape, _) = crate::engine::model::LlamaModel::plan(path)
             .map_err(|e| GpuError::Model(e.to_string()))?;
+        let _context = match super::device::check_context(ordinal) {
+            Ok(context) => context,
+            Err(fault) => {
+                // An earlier engine left the context unusable: its weights go with it, then a
+                // reset, and this engine opens a fresh context.
+                tracing::warn!(ordinal, %fault, "the GPU's context is unusable; resetting it");
+                WEIGHTS
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|((_, o), _)| *o != ordinal);
+                super::device::reset_context(ordinal)?;
+                None
+            }
+        };
         let device = GpuDevice::open(ordinal, &shape)?;
         let key = (path.to_path_buf(), ordinal);
         let cached = WEIGHTS
@@ -235,6 +256,16 @@ impl StepRunner for DeviceRunner {
         self.device.bind()?;
         self.forward
             .step(&self.device, &self.weights, plan, host_rows)
+    }
+
+    fn fault(&mut self) -> Option<String> {
+        // A sticky error comes back from every later call; an ordinary failure leaves the stream
+        // working.
+        self.device
+            .bind()
+            .and_then(|()| self.device.synchronize())
+            .err()
+            .map(|e| e.to_string())
     }
 }
 
@@ -320,6 +351,8 @@ pub struct Scheduler {
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
     load: Arc<GpuLoad>,
+    /// Set when a failed step left the device unusable ([`StepRunner::fault`]).
+    fault: Option<String>,
 }
 
 impl Scheduler {
@@ -338,6 +371,7 @@ impl Scheduler {
             vocab,
             context_length,
             waiting: VecDeque::new(),
+            fault: None,
             running: Vec::new(),
             load,
         }
@@ -367,6 +401,12 @@ impl Scheduler {
     /// Blocks held by running sequences.
     pub fn blocks_in_use(&self) -> usize {
         self.kv.active_blocks()
+    }
+
+    /// Why the device became unusable, once (the engine must be rebuilt). Its sequences were
+    /// dropped without a last word, so the requests move to the rebuilt engine.
+    pub fn take_fault(&mut self) -> Option<String> {
+        self.fault.take()
     }
 
     /// Drop every sequence (a failed step), telling each consumer why.
@@ -578,6 +618,16 @@ impl Scheduler {
             Ok(out) => out,
             Err(e) => {
                 tracing::error!(%e, "GPU step failed");
+                if let Some(fault) = runner.fault() {
+                    // Nothing more can run on this context: drop the sequences without a word (their
+                    // requests migrate when the engine is rebuilt) and say why.
+                    for seq in self.running.drain(..).chain(self.waiting.drain(..)) {
+                        self.kv.release(&seq.blocks);
+                    }
+                    self.publish();
+                    self.fault = Some(format!("{e} (the device is left unusable: {fault})"));
+                    return false;
+                }
                 self.fail_all(&ApiError::new(
                     ErrorClass::Internal,
                     format!("GPU step failed: {e}"),
@@ -676,6 +726,9 @@ struct Shared {
     runner: RefCell<Box<dyn StepRunner>>,
     driver_running: Cell<bool>,
     poisoned: RefCell<Option<String>>,
+    /// Why the device became unusable: every request from now on panics, so that the supervisor
+    /// rebuilds the engine.
+    fault: RefCell<Option<String>>,
     events: KvEventPublisher,
     vocab: usize,
     context_length: usize,
@@ -734,6 +787,7 @@ impl GpuEngine {
                 runner: RefCell::new(runner),
                 driver_running: Cell::new(false),
                 poisoned: RefCell::new(None),
+                fault: RefCell::new(None),
                 events: KvEventPublisher::new(worker_id, events),
                 vocab,
                 context_length,
@@ -769,6 +823,10 @@ impl Engine for GpuEngine {
 }
 
 async fn run_request(shared: Rc<Shared>, request: EngineRequest, sink: TokenSink) {
+    if let Some(fault) = shared.fault.borrow().clone() {
+        // The supervisor rebuilds the engine (resetting the GPU's context) and retries the request.
+        panic!("GPU engine unusable: {fault}");
+    }
     let max_new = match admit_request(&request, shared.vocab, shared.context_length) {
         Ok(max_new) => max_new,
         Err(error) => return sink.fail(error).await,
@@ -788,6 +846,9 @@ async fn run_request(shared: Rc<Shared>, request: EngineRequest, sink: TokenSink
     if relay(outputs, &sink).await {
         return;
     }
+    if let Some(fault) = shared.fault.borrow().clone() {
+        panic!("GPU engine unusable: {fault}");
+    }
     if let Some(reason) = shared.poisoned.borrow().clone() {
         panic!("GPU engine step panicked: {reason}");
     }
@@ -799,11 +860,16 @@ async fn drive(shared: Rc<Shared>) {
             let mut scheduler = shared.scheduler.borrow_mut();
             let mut runner = shared.runner.borrow_mut();
             let more = scheduler.step(runner.as_mut());
-            (more, scheduler.take_events())
+            (more, scheduler.take_events(), scheduler.take_fault())
         }));
         match stepped {
-            Ok((more, events)) => {
+            Ok((more, events, fault)) => {
                 shared.send_events(events);
+                if let Some(fault) = fault {
+                    tracing::error!(%fault, "GPU engine unusable; it is rebuilt at its next request");
+                    *shared.fault.borrow_mut() = Some(fault);
+                    break;
+                }
                 if !more {
                     break;
                 }

@@ -441,6 +441,49 @@ fn a_failed_step_fails_every_sequence_with_the_reason() {
     assert_eq!(s.blocks_in_use(), 0);
 }
 
+/// A step that fails and leaves the device unusable (a sticky CUDA error).
+struct Faulted;
+
+impl StepRunner for Faulted {
+    fn run(
+        &mut self,
+        _plan: &StepPlan,
+        _host_rows: &[usize],
+    ) -> Result<(Vec<Sampled>, Vec<Vec<f32>>), GpuError> {
+        Err(GpuError::Model(
+            "an illegal memory access was encountered".into(),
+        ))
+    }
+
+    fn fault(&mut self) -> Option<String> {
+        Some("CUDA_ERROR_ILLEGAL_ADDRESS".into())
+    }
+}
+
+#[test]
+fn a_step_that_leaves_the_device_unusable_drops_its_sequences_for_a_rebuilt_engine() {
+    let (mut s, load) = scheduler(config(64), 64);
+    let mut a = push(&mut s, request(vec![1, 2], 4));
+    let mut b = push(&mut s, request(vec![3, 4, 5], 4));
+    assert!(!s.step(&mut Faulted));
+    let fault = s.take_fault().expect("the fault is reported");
+    assert!(
+        fault.contains("illegal memory access") && fault.contains("ILLEGAL_ADDRESS"),
+        "{fault}"
+    );
+    assert!(s.take_fault().is_none(), "reported once");
+    // No last word: the requests' relays end without a result, which is what makes the engine
+    // panic, be rebuilt by its supervisor and retry them.
+    for rx in [&mut a, &mut b] {
+        assert!(matches!(
+            rx.try_recv(),
+            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected)
+        ));
+    }
+    assert_eq!(s.blocks_in_use(), 0);
+    assert_eq!(load.running.load(Ordering::Relaxed), 0);
+}
+
 /// NVRTC from PyPI (pinned), loaded by absolute path.
 fn nvrtc_from_pypi() {
     use crate::models::{ModelStore, NVRTC_CU12, NVRTC_CU12_LIB_DIR};
