@@ -114,15 +114,23 @@ static void check_norm_and_silu() {
 
 const int HEADS = GROUP * KV_HEADS, KVW = KV_HEADS * HEAD_DIM, WIDTH = HEADS * HEAD_DIM + 2 * KVW;
 
-static void check_rope_kv() {
-    const int T = 4, CTX = 64, half = HEAD_DIM / 2, slots_total = 200;
-    std::vector<float> cos_t(CTX * half), sin_t(CTX * half);
-    for (int p = 0; p < CTX; p++)
+// RoPE tables [ctx, HEAD_DIM / 2] with base 10000, as the engine builds them.
+static void rope_tables(int ctx, std::vector<float>& cos_t, std::vector<float>& sin_t) {
+    const int half = HEAD_DIM / 2;
+    cos_t.assign(ctx * half, 0.0f);
+    sin_t.assign(ctx * half, 0.0f);
+    for (int p = 0; p < ctx; p++)
         for (int i = 0; i < half; i++) {
             float a = p * std::pow(10000.0f, -2.0f * i / HEAD_DIM);
             cos_t[p * half + i] = std::cos(a);
             sin_t[p * half + i] = std::sin(a);
         }
+}
+
+static void check_rope_kv() {
+    const int T = 4, CTX = 64, half = HEAD_DIM / 2, slots_total = 200;
+    std::vector<float> cos_t, sin_t;
+    rope_tables(CTX, cos_t, sin_t);
     std::vector<float> qkv(T * WIDTH);
     for (auto& v : qkv) v = uniform(-1, 1);
     auto orig = qkv;
@@ -222,13 +230,8 @@ static void check_attention() {
 // into the cache; the same as rope_kv followed by attention.
 static void check_fused_attention() {
     const int BS = 16, MAXB = 16, NBLOCKS = 64, CTX = 256, half = HEAD_DIM / 2;
-    std::vector<float> cos_t(CTX * half), sin_t(CTX * half);
-    for (int p = 0; p < CTX; p++)
-        for (int i = 0; i < half; i++) {
-            float a = p * std::pow(10000.0f, -2.0f * i / HEAD_DIM);
-            cos_t[p * half + i] = std::cos(a);
-            sin_t[p * half + i] = std::sin(a);
-        }
+    std::vector<float> cos_t, sin_t;
+    rope_tables(CTX, cos_t, sin_t);
     // Three sequences, one token each: positions 0, 36 and 129.
     const int T = 3;
     std::vector<int> seq = {0, 1, 2}, pos = {0, 36, 129};

@@ -306,18 +306,7 @@ impl Forward {
         let padded_rows = match self.replay(device, w, plan)? {
             Some(rows) => rows,
             None => {
-                if self
-                    .plan
-                    .as_ref()
-                    .is_none_or(|p| p.bytes() < plan.data.len() * 4)
-                {
-                    device.synchronize()?;
-                    self.plan = Some(device.alloc(plan.data.len() * 4 * 2, "step plan")?);
-                }
-                let base = self.plan.as_ref().map(|p| p.ptr()).unwrap_or(0);
-                device.upload(base, &plan.data)?;
-                let width = table_width(plan.max_blocks, self.max_width);
-                let parts = attention_parts(t * w.shape.kv_heads, width * plan.block_size);
+                let (base, parts) = self.upload_plan(device, w, plan)?;
                 self.enqueue(device, w, plan, base, parts)?;
                 r
             }
@@ -339,6 +328,29 @@ impl Forward {
             host.push(logits);
         }
         Ok((sampled, host))
+    }
+
+    /// Put `plan`'s arrays in the (growable) buffer of steps that run without a graph. Returns their
+    /// device address and the attention partitions for the step.
+    fn upload_plan(
+        &mut self,
+        device: &GpuDevice,
+        w: &GpuWeights,
+        plan: &StepPlan,
+    ) -> Result<(u64, usize), GpuError> {
+        if self
+            .plan
+            .as_ref()
+            .is_none_or(|p| p.bytes() < plan.data.len() * 4)
+        {
+            device.synchronize()?;
+            self.plan = Some(device.alloc(plan.data.len() * 4 * 2, "step plan")?);
+        }
+        let base = self.plan.as_ref().map(|p| p.ptr()).unwrap_or(0);
+        device.upload(base, &plan.data)?;
+        let width = table_width(plan.max_blocks, self.max_width);
+        let parts = attention_parts(plan.tokens * w.shape.kv_heads, width * plan.block_size);
+        Ok((base, parts))
     }
 
     /// Replay (capturing first if needed) the graph for this decode step. Returns the rows the
@@ -604,18 +616,7 @@ impl Forward {
         plan: &StepPlan,
         repeat: usize,
     ) -> Result<Vec<(&'static str, f64)>, GpuError> {
-        if self
-            .plan
-            .as_ref()
-            .is_none_or(|p| p.bytes() < plan.data.len() * 4)
-        {
-            device.synchronize()?;
-            self.plan = Some(device.alloc(plan.data.len() * 4 * 2, "step plan")?);
-        }
-        let base = self.plan.as_ref().map(|p| p.ptr()).unwrap_or(0);
-        device.upload(base, &plan.data)?;
-        let width = table_width(plan.max_blocks, self.max_width);
-        let parts = attention_parts(plan.tokens * w.shape.kv_heads, width * plan.block_size);
+        let (base, parts) = self.upload_plan(device, w, plan)?;
         let mut out = Vec::new();
         for only in std::iter::once(None).chain(STEP_OPS.iter().map(|&o| Some(o))) {
             device.begin_capture()?;
