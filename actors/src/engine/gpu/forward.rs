@@ -404,11 +404,12 @@ impl Forward {
             .graphs
             .as_ref()
             .ok_or_else(|| GpuError::Model("the CUDA graphs went away during a capture".into()))?;
-        if let Some(graph) = graphs.execs.get(&key) {
-            graph
-                .launch()
-                .map_err(GpuError::driver("replaying a decode step's CUDA graph"))?;
-        }
+        graphs
+            .execs
+            .get(&key)
+            .ok_or_else(|| GpuError::Model("a captured CUDA graph went missing".into()))?
+            .launch()
+            .map_err(GpuError::driver("replaying a decode step's CUDA graph"))?;
         Ok(Some(key.0))
     }
 
