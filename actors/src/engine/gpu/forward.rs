@@ -5,7 +5,7 @@
 //! output GEMM accumulated into the residual (beta = 1) → RMSNorm → gate·up GEMM → SiLU·up → down
 //! GEMM into the residual. Then the final norm of the logits rows only, the output-head GEMM, and
 //! one sampling block per row. In a decode step (one token per sequence) attention does the RoPE
-//! and the KV write itself, and the step replays a CUDA graph: 9 launches per layer become one
+//! and the KV write itself, and the step replays a CUDA graph: 8 launches per layer become one
 //! graph launch per step.
 
 use super::batch::{Offsets, StepPlan};
@@ -57,7 +57,7 @@ fn attention_parts(pairs: usize, max_context: usize) -> usize {
 }
 
 /// Decode steps captured as CUDA graphs, one per (batch-size bucket, block-table width): a step's
-/// ~300 launches become one.
+/// ~250 launches become one.
 struct Graphs {
     /// Largest batch a graph is captured for.
     max_batch: usize,
