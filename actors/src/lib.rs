@@ -20,7 +20,7 @@
 //! - [`distributed`]: frontend and worker processes over etcd (discovery), NATS (events) and TCP.
 
 pub mod backend;
-pub mod codec;
+pub use dynamix_wire::codec;
 pub mod distributed;
 pub mod embeddings;
 pub mod engine;

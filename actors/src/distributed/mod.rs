@@ -18,14 +18,14 @@
 
 pub mod card;
 pub mod discovery;
-pub mod etcd;
+pub use dynamix_wire::etcd;
 pub mod events;
 pub mod frontend;
 pub mod infra;
 pub mod metadata;
 pub mod remote;
 pub mod request_plane;
-pub mod response_stream;
+pub use dynamix_wire::response_stream;
 pub mod wire;
 pub mod worker;
 

@@ -8,43 +8,9 @@
 //! validation); `error_type` keeps that distinction within Dynamo's own vocabulary, so a dynamix
 //! frontend reads back exactly the class a dynamix worker sent.
 
-use serde::{Deserialize, Serialize};
+pub use dynamix_wire::error::{DynamoError, PublicMessage};
 
 use crate::error::{ApiError, ErrorClass};
-
-/// The client-safe part.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct PublicMessage {
-    /// `message`.
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// The text a client may see.
-    #[serde(default)]
-    pub message: Option<String>,
-}
-
-/// `error` of an error item.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct DynamoError {
-    /// Legacy, finer category (`InvalidArgument`, `WorkerOverloaded`, ...).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error_type: Option<String>,
-    /// Canonical category (`InvalidRequest`, `Unavailable`, ...).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub class: Option<String>,
-    /// Catalogued cause (`request.invalid_argument`, ...).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// The message.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
-    /// Operator-facing context.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub diagnostic: Option<String>,
-    /// Client-safe details.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub public: Option<PublicMessage>,
-}
 
 /// (error_type, class, reason) for a dynamix class: every pair is in Dynamo's catalogue.
 fn identity(class: ErrorClass) -> (&'static str, &'static str, &'static str) {
@@ -139,27 +105,27 @@ impl From<&ApiError> for DynamoError {
     }
 }
 
-impl DynamoError {
-    /// The error as dynamix serves it: the finer `error_type` first, then `class`; unknown or
-    /// absent categories are internal errors. The text is the public message, else the message,
-    /// else the diagnostic.
-    pub fn to_api_error(&self) -> ApiError {
-        let class = self
+/// The error as dynamix serves it: the finer `error_type` first, then `class`; unknown or absent
+/// categories are internal errors. The text is the public message, else the message, else the
+/// diagnostic.
+impl From<&DynamoError> for ApiError {
+    fn from(error: &DynamoError) -> ApiError {
+        let class = error
             .error_type
             .as_deref()
             .and_then(class_of)
-            .or_else(|| self.class.as_deref().and_then(class_of))
+            .or_else(|| error.class.as_deref().and_then(class_of))
             .unwrap_or(ErrorClass::Internal);
-        let message = self
+        let message = error
             .public
             .as_ref()
             .and_then(|p| p.message.clone())
-            .or_else(|| self.message.clone())
-            .or_else(|| self.diagnostic.clone())
+            .or_else(|| error.message.clone())
+            .or_else(|| error.diagnostic.clone())
             .unwrap_or_else(|| {
                 format!(
                     "worker error ({})",
-                    self.reason.as_deref().unwrap_or("no reason given")
+                    error.reason.as_deref().unwrap_or("no reason given")
                 )
             });
         ApiError::new(class, message)

@@ -16,64 +16,14 @@
 
 pub mod error;
 pub mod events;
-pub mod record;
 pub mod request;
 pub mod response;
 
+pub use dynamix_wire::record::{self, Instance, Transport};
+pub use dynamix_wire::PayloadCodec;
 pub use error::DynamoError;
-pub use record::{Instance, Transport};
 pub use request::PreprocessedRequest;
 pub use response::{LlmEngineOutput, StreamItem, WireItem};
-
-use serde::de::DeserializeOwned;
-use serde::Serialize;
-
-/// How a request body and its response items are encoded (`payload_codec`, `request_plane_codec`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum PayloadCodec {
-    /// JSON (the default when a record or control message names none).
-    #[default]
-    Json,
-    /// msgpack maps with named fields (Dynamo 1.6.1's default).
-    Msgpack,
-}
-
-impl PayloadCodec {
-    /// The codec a `payload_codec` / `request_plane_codec` value names; `None` and `"json"` are JSON.
-    pub fn parse(name: Option<&str>) -> Result<PayloadCodec, String> {
-        match name {
-            None | Some("json") => Ok(PayloadCodec::Json),
-            Some("msgpack") => Ok(PayloadCodec::Msgpack),
-            Some(other) => Err(format!(
-                "payload codec {other:?} is not supported (json or msgpack)"
-            )),
-        }
-    }
-
-    /// Its name on the wire.
-    pub fn name(self) -> &'static str {
-        match self {
-            PayloadCodec::Json => "json",
-            PayloadCodec::Msgpack => "msgpack",
-        }
-    }
-
-    /// Encodes `value`.
-    pub fn encode(self, value: &impl Serialize) -> Result<Vec<u8>, String> {
-        match self {
-            PayloadCodec::Json => serde_json::to_vec(value).map_err(|e| e.to_string()),
-            PayloadCodec::Msgpack => rmp_serde::to_vec_named(value).map_err(|e| e.to_string()),
-        }
-    }
-
-    /// Decodes a `T`.
-    pub fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, String> {
-        match self {
-            PayloadCodec::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
-            PayloadCodec::Msgpack => rmp_serde::from_slice(bytes).map_err(|e| e.to_string()),
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests;

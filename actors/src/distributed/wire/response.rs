@@ -187,7 +187,7 @@ impl WireItem {
     pub fn into_event(self) -> Result<EngineEvent, String> {
         if self.event.as_deref() == Some("error") || self.error.is_some() {
             let error = match self.error {
-                Some(error) => error.to_api_error(),
+                Some(error) => ApiError::from(&error),
                 None => ApiError::new(
                     ErrorClass::Internal,
                     self.comment

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::PayloadCodec;
+use crate::PayloadCodec;
 
 /// How an instance is reached (externally tagged: `{"tcp": "..."}`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

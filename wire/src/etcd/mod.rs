@@ -1,6 +1,6 @@
 //! A small etcd v3 client: the KV, Watch and Lease calls discovery makes, over tonic.
 //!
-//! The gRPC types in [`pb`] are generated from the subset of etcd's protos in `actors/proto/etcd/`
+//! The gRPC types in [`pb`] are generated from the subset of etcd's protos in `wire/proto/etcd/`
 //! and committed, so building dynamix needs no `protoc`; `scripts/gen-etcd-proto` regenerates
 //! them (it brings its own protoc). The wire is etcd's own: same packages, services, methods and
 //! field numbers as any other etcd client.
@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Streaming;
 
-/// Code generated from `actors/proto/etcd/` by `scripts/gen-etcd-proto`: do not edit by hand.
+/// Code generated from `wire/proto/etcd/` by `scripts/gen-etcd-proto`: do not edit by hand.
 #[allow(clippy::all, missing_docs, rustdoc::all)]
 pub mod pb {
     pub mod etcdserverpb;
@@ -26,10 +26,10 @@ use pb::etcdserverpb::kv_client::KvClient;
 use pb::etcdserverpb::lease_client::LeaseClient;
 use pb::etcdserverpb::watch_client::WatchClient;
 use pb::etcdserverpb::{
-    watch_request, LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest,
-    LeaseKeepAliveResponse, LeaseRevokeRequest, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
-    PutRequest, PutResponse, RangeRequest, RangeResponse, WatchCreateRequest, WatchRequest,
-    WatchResponse,
+    watch_request, DeleteRangeRequest, LeaseGrantRequest, LeaseGrantResponse,
+    LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseRevokeRequest, LeaseTimeToLiveRequest,
+    LeaseTimeToLiveResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
+    WatchCreateRequest, WatchRequest, WatchResponse,
 };
 pub use pb::mvccpb::event::EventType;
 pub use pb::mvccpb::{Event, KeyValue};
@@ -191,6 +191,15 @@ impl Client {
             ..PutRequest::default()
         };
         Ok(self.kv.put(request).await?.into_inner())
+    }
+
+    /// Deletes `key`; returns how many keys were deleted (0 or 1).
+    pub async fn delete(&mut self, key: impl Into<Vec<u8>>) -> Result<i64, Error> {
+        let request = DeleteRangeRequest {
+            key: key.into(),
+            ..DeleteRangeRequest::default()
+        };
+        Ok(self.kv.delete_range(request).await?.into_inner().deleted)
     }
 
     /// Grants a lease of `ttl_secs` (etcd picks the id).
@@ -365,9 +374,13 @@ mod tests {
         assert!(endpoint_uri("unix:///tmp/etcd").is_err());
     }
 
-    #[actix_rt::test]
+    #[tokio::test]
     async fn a_closed_port_is_a_connect_error_naming_the_endpoint() {
-        let port = crate::distributed::infra::free_port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let endpoint = format!("127.0.0.1:{port}");
         let options = ConnectOptions {
             connect_timeout: Duration::from_secs(2),

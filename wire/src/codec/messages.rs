@@ -90,7 +90,7 @@ pub struct CallHomeHandshake {
 
 /// Second frame (header-only): whether the worker took the request. A worker that fails a
 /// request reports it as an error item on the stream instead (a Dynamo frontend takes a prologue
-/// error for a dead worker). Data frames carry [`crate::distributed::wire::StreamItem`]s.
+/// error for a dead worker). Data frames carry stream items.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResponseStreamPrologue {
     /// `null` when generation started, else the error text.

@@ -1,0 +1,594 @@
+//! [`Runtime`]: one per process and backend (python-sdk spec §2): the store (etcd with its lease, or
+//! `mem`), the TCP endpoint server (bound when the first endpoint is served), the calling client
+//! (made on the first call), and the endpoints served now.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dynamix_wire::client::{Call, ClientSettings, EndpointClient};
+use dynamix_wire::endpoint::{EndpointServer, EndpointState, Handler, Request, ServerSettings};
+use dynamix_wire::record::{endpoint_path, Instance, Transport};
+use dynamix_wire::PayloadCodec;
+use pyo3::exceptions::{PyConnectionError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use tokio::sync::OnceCell;
+
+use crate::call::{CallStream, Source};
+use crate::discovery::{EtcdStore, KeyWatch, MemStore, Store};
+use crate::serve::{to_json, Control, PyHandler};
+
+/// Limits and addresses (`DYN_TCP_*`, read by the Python layer).
+#[derive(Clone, Debug)]
+struct Settings {
+    host: String,
+    port: u16,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    max_message_size: usize,
+}
+
+struct Inner {
+    store: Store,
+    instance_id: u64,
+    settings: Settings,
+    server: OnceCell<Arc<EndpointServer>>,
+    client: OnceCell<Arc<EndpointClient>>,
+    /// Endpoint states by `ns/comp/ep`.
+    served: Mutex<HashMap<String, Arc<EndpointState>>>,
+}
+
+fn runtime_error(e: impl std::fmt::Display) -> PyErr {
+    PyRuntimeError::new_err(e.to_string())
+}
+
+impl Inner {
+    fn is_mem(&self) -> bool {
+        matches!(self.store, Store::Mem(_))
+    }
+
+    fn path(&self, ns: &str, comp: &str, ep: &str) -> String {
+        endpoint_path(self.instance_id, ns, comp, ep)
+    }
+
+    async fn server(&self) -> PyResult<Arc<EndpointServer>> {
+        self.server
+            .get_or_try_init(|| async {
+                EndpointServer::bind(
+                    &self.settings.host,
+                    self.settings.port,
+                    ServerSettings {
+                        max_message_size: self.settings.max_message_size,
+                        connect_timeout: self.settings.connect_timeout,
+                    },
+                )
+                .await
+                .map_err(|e| {
+                    PyConnectionError::new_err(format!(
+                        "cannot listen on {}:{} (DYN_TCP_RPC_HOST, DYN_DISTRIBUTED__REQUEST_PLANE_PORT): {e}",
+                        self.settings.host, self.settings.port
+                    ))
+                })
+            })
+            .await
+            .cloned()
+    }
+
+    async fn client(&self) -> PyResult<Arc<EndpointClient>> {
+        self.client
+            .get_or_try_init(|| async {
+                EndpointClient::new(
+                    &self.settings.host,
+                    ClientSettings {
+                        request_timeout: self.settings.request_timeout,
+                        connect_timeout: self.settings.connect_timeout,
+                        max_message_size: self.settings.max_message_size,
+                    },
+                )
+                .await
+                .map(Arc::new)
+                .map_err(|e| {
+                    PyConnectionError::new_err(format!(
+                        "cannot listen for response streams on {}: {e}",
+                        self.settings.host
+                    ))
+                })
+            })
+            .await
+            .cloned()
+    }
+
+    /// The instance record of this process's `ns.comp.ep`.
+    async fn record(&self, ns: &str, comp: &str, ep: &str) -> PyResult<Instance> {
+        let path = self.path(ns, comp, ep);
+        let address = if self.is_mem() {
+            "mem:0".to_string()
+        } else {
+            self.server().await?.address()
+        };
+        Ok(Instance {
+            kind: Some("Endpoint".into()),
+            component: comp.into(),
+            endpoint: ep.into(),
+            namespace: ns.into(),
+            instance_id: self.instance_id,
+            transport: Transport::Tcp(format!("{address}/{path}")),
+            device_type: None,
+            request_plane_codec: Some(PayloadCodec::Json.name().into()),
+            engine: None,
+            kv_block_size: None,
+            capacity: None,
+        })
+    }
+
+    fn instance_key(&self, ns: &str, comp: &str, ep: &str) -> String {
+        format!("v1/instances/{ns}/{comp}/{ep}/{:x}", self.instance_id)
+    }
+
+    async fn publish(&self, ns: &str, comp: &str, ep: &str) -> PyResult<()> {
+        let record = self.record(ns, comp, ep).await?;
+        let value = serde_json::to_vec(&record).map_err(runtime_error)?;
+        self.store
+            .put(&self.instance_key(ns, comp, ep), value)
+            .await
+            .map_err(PyConnectionError::new_err)
+    }
+}
+
+/// The process's connection to its deployment.
+#[pyclass(frozen, module = "dynamix._core")]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+#[pymethods]
+impl Runtime {
+    /// Connect (`etcd`: to the first endpoint that answers, and grant the primary lease) or set up
+    /// the process-local store (`mem`). Blocks, without the GIL, for at most the connect timeout.
+    #[new]
+    #[pyo3(signature = (backend, etcd_endpoints, host, port, lease_ttl_secs, connect_timeout_secs, request_timeout_secs, max_message_size))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        backend: &str,
+        etcd_endpoints: Vec<String>,
+        host: String,
+        port: u16,
+        lease_ttl_secs: i64,
+        connect_timeout_secs: f64,
+        request_timeout_secs: f64,
+        max_message_size: usize,
+    ) -> PyResult<Self> {
+        let seconds = |name: &str, value: f64| {
+            if value.is_finite() && value > 0.0 {
+                Ok(Duration::from_secs_f64(value))
+            } else {
+                Err(PyValueError::new_err(format!(
+                    "{name} = {value} must be a positive number of seconds"
+                )))
+            }
+        };
+        let settings = Settings {
+            host,
+            port,
+            connect_timeout: seconds("DYN_TCP_CONNECT_TIMEOUT", connect_timeout_secs)?,
+            request_timeout: seconds("DYN_TCP_REQUEST_TIMEOUT", request_timeout_secs)?,
+            max_message_size,
+        };
+        if lease_ttl_secs < 2 {
+            return Err(PyValueError::new_err(format!(
+                "DYN_DISTRIBUTED__LEASE_TTL_SECS = {lease_ttl_secs} must be at least 2 seconds"
+            )));
+        }
+        let (store, instance_id) = match backend {
+            "mem" => {
+                // Positive and below 2^63, like an etcd lease id.
+                let id = rand::random::<u64>() >> 1 | 1;
+                (Store::Mem(MemStore::global()), id)
+            }
+            "etcd" => {
+                let connect_timeout = settings.connect_timeout;
+                let store = py.detach(|| {
+                    pyo3_async_runtimes::tokio::get_runtime().block_on(EtcdStore::connect(
+                        &etcd_endpoints,
+                        lease_ttl_secs,
+                        connect_timeout,
+                    ))
+                });
+                let store = store.map_err(PyConnectionError::new_err)?;
+                let id = store.lease() as u64;
+                (Store::Etcd(Box::new(store)), id)
+            }
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "discovery backend {other:?} is not supported (etcd or mem)"
+                )))
+            }
+        };
+        Ok(Runtime {
+            inner: Arc::new(Inner {
+                store,
+                instance_id,
+                settings,
+                server: OnceCell::new(),
+                client: OnceCell::new(),
+                served: Mutex::default(),
+            }),
+        })
+    }
+
+    /// This process's instance id (the lease id on etcd).
+    #[getter]
+    fn instance_id(&self) -> u64 {
+        self.inner.instance_id
+    }
+
+    /// The backend's name.
+    #[getter]
+    fn backend(&self) -> &'static str {
+        if self.inner.is_mem() {
+            "mem"
+        } else {
+            "etcd"
+        }
+    }
+
+    /// Whether etcd said the lease expired.
+    fn lease_lost(&self) -> bool {
+        match &self.inner.store {
+            Store::Etcd(store) => store.lease_lost.load(std::sync::atomic::Ordering::SeqCst),
+            Store::Mem(_) => false,
+        }
+    }
+
+    /// Awaitable: serve `ns.comp.ep` with `dispatch(id, body, headers, metadata, control, sink)` and
+    /// publish its instance record. `RuntimeError` if this process serves it already.
+    fn serve<'py>(
+        &self,
+        py: Python<'py>,
+        ns: String,
+        comp: String,
+        ep: String,
+        dispatch: Py<PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let inner = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let key = format!("{ns}/{comp}/{ep}");
+            let path = inner.path(&ns, &comp, &ep);
+            let handler: Arc<dyn Handler> = Arc::new(PyHandler {
+                dispatch: Arc::new(dispatch),
+            });
+            let state = match &inner.store {
+                Store::Mem(store) => {
+                    let mut handlers = store.handlers.lock().map_err(runtime_error)?;
+                    if handlers.contains_key(&path) {
+                        return Err(PyRuntimeError::new_err(format!(
+                            "endpoint {ns}.{comp}.{ep} is already served by this process"
+                        )));
+                    }
+                    handlers.insert(path.clone(), handler);
+                    Arc::new(EndpointState::default())
+                }
+                Store::Etcd(_) => inner
+                    .server()
+                    .await?
+                    .register(&path, handler)
+                    .map_err(|_| {
+                        PyRuntimeError::new_err(format!(
+                            "endpoint {ns}.{comp}.{ep} is already served by this process"
+                        ))
+                    })?,
+            };
+            inner
+                .served
+                .lock()
+                .map_err(runtime_error)?
+                .insert(key, state);
+            inner.publish(&ns, &comp, &ep).await
+        })
+    }
+
+    /// Awaitable: put this instance of `ns.comp.ep` back in discovery.
+    fn register_instance<'py>(
+        &self,
+        py: Python<'py>,
+        ns: String,
+        comp: String,
+        ep: String,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let inner = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            inner.publish(&ns, &comp, &ep).await
+        })
+    }
+
+    /// Awaitable: take this instance of `ns.comp.ep` out of discovery (routing stops; running
+    /// requests go on).
+    fn unregister_instance<'py>(
+        &self,
+        py: Python<'py>,
+        ns: String,
+        comp: String,
+        ep: String,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let inner = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            inner
+                .store
+                .delete(&inner.instance_key(&ns, &comp, &ep))
+                .await
+                .map_err(PyConnectionError::new_err)
+        })
+    }
+
+    /// Awaitable: stop serving `ns.comp.ep`: refuse new requests, wait for running ones when
+    /// `wait` (at most `timeout` seconds; `None`: no limit), then forget the handler. Resolves to
+    /// the number of requests still running.
+    #[pyo3(signature = (ns, comp, ep, wait, timeout=None))]
+    fn stop_serving<'py>(
+        &self,
+        py: Python<'py>,
+        ns: String,
+        comp: String,
+        ep: String,
+        wait: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let inner = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let key = format!("{ns}/{comp}/{ep}");
+            let path = inner.path(&ns, &comp, &ep);
+            let state = inner.served.lock().map_err(runtime_error)?.remove(&key);
+            let Some(state) = state else { return Ok(0) };
+            state.drain();
+            if wait {
+                state
+                    .wait_idle(timeout.map(|t| Duration::from_secs_f64(t.max(0.0))))
+                    .await;
+            }
+            match &inner.store {
+                Store::Mem(store) => {
+                    store.handlers.lock().map_err(runtime_error)?.remove(&path);
+                }
+                Store::Etcd(_) => {
+                    if let Some(server) = inner.server.get() {
+                        server.unregister(&path);
+                    }
+                }
+            }
+            Ok(state.inflight())
+        })
+    }
+
+    /// Awaitable: put `key` = `value` (attached to the lease on etcd).
+    fn put<'py>(&self, py: Python<'py>, key: String, value: String) -> PyResult<Bound<'py, PyAny>> {
+        let inner = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            inner
+                .store
+                .put(&key, value.into_bytes())
+                .await
+                .map_err(PyConnectionError::new_err)
+        })
+    }
+
+    /// Awaitable: delete `key`.
+    fn delete<'py>(&self, py: Python<'py>, key: String) -> PyResult<Bound<'py, PyAny>> {
+        let inner = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            inner
+                .store
+                .delete(&key)
+                .await
+                .map_err(PyConnectionError::new_err)
+        })
+    }
+
+    /// Awaitable: an [`InstanceWatch`] of `ns.comp.ep`.
+    fn watch<'py>(
+        &self,
+        py: Python<'py>,
+        ns: String,
+        comp: String,
+        ep: String,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let inner = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let prefix = format!("v1/instances/{ns}/{comp}/{ep}/");
+            let keys = inner
+                .store
+                .watch(&prefix)
+                .await
+                .map_err(PyConnectionError::new_err)?;
+            Ok(InstanceWatch {
+                inner,
+                keys,
+                name: format!("{ns}/{comp}/{ep}"),
+            })
+        })
+    }
+
+    /// Awaitable: revoke the lease (every key of this process leaves etcd at once).
+    fn revoke<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let inner = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            inner
+                .store
+                .revoke()
+                .await
+                .map_err(PyConnectionError::new_err)
+        })
+    }
+}
+
+/// The live instances of one endpoint, and calls to them.
+#[pyclass(frozen, module = "dynamix._core")]
+pub struct InstanceWatch {
+    inner: Arc<Inner>,
+    keys: KeyWatch,
+    /// `ns/comp/ep`.
+    name: String,
+}
+
+impl InstanceWatch {
+    fn instances(&self) -> BTreeMap<u64, Instance> {
+        self.keys
+            .snapshot()
+            .into_iter()
+            .filter_map(|(key, value)| match serde_json::from_slice::<Instance>(&value) {
+                Ok(instance) => Some((instance.instance_id, instance)),
+                Err(e) => {
+                    tracing::warn!(%key, "skipping an instance record that does not parse: {e}");
+                    None
+                }
+            })
+            .collect()
+    }
+}
+
+#[pymethods]
+impl InstanceWatch {
+    /// The instance ids now, sorted.
+    fn ids(&self) -> Vec<u64> {
+        self.instances().into_keys().collect()
+    }
+
+    /// Awaitable: the ids as soon as there is at least one.
+    fn wait_for_instances<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let mut changes = self.keys.changes();
+        let ids = self.ids();
+        let watch = InstanceIds {
+            keys: self.keys.snapshot_handle(),
+        };
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            if !ids.is_empty() {
+                return Ok(ids);
+            }
+            loop {
+                if changes.changed().await.is_err() {
+                    return Err(PyRuntimeError::new_err("the instance watch stopped"));
+                }
+                let ids = watch.ids();
+                if !ids.is_empty() {
+                    return Ok(ids);
+                }
+            }
+        })
+    }
+
+    /// Awaitable: call `instance_id` with `body`; resolves to a [`CallStream`] once the instance
+    /// accepted the request. `control` is the caller's context (stopping it stops the call).
+    #[pyo3(signature = (instance_id, body, request_id, headers, control=None))]
+    fn call<'py>(
+        &self,
+        py: Python<'py>,
+        instance_id: u64,
+        body: &Bound<'py, PyAny>,
+        request_id: String,
+        headers: BTreeMap<String, String>,
+        control: Option<&Bound<'py, Control>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let body = to_json(body, "the request is")?;
+        let instance = self.instances().remove(&instance_id).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "Unavailable: instance_id={instance_id} not found for endpoint {}",
+                self.name
+            ))
+        })?;
+        let given = control.is_some();
+        let control = control.map(|c| c.get().inner.clone()).unwrap_or_default();
+        let inner = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let source = match &inner.store {
+                Store::Mem(store) => {
+                    let path = endpoint_path(
+                        instance_id,
+                        &instance.namespace,
+                        &instance.component,
+                        &instance.endpoint,
+                    );
+                    let handler = store
+                        .handlers
+                        .lock()
+                        .map_err(runtime_error)?
+                        .get(&path)
+                        .cloned()
+                        .ok_or_else(|| {
+                            PyValueError::new_err(format!(
+                                "Unavailable: instance {instance_id:x} no longer serves {path}"
+                            ))
+                        })?;
+                    let replies = handler.call(Request {
+                        id: request_id,
+                        body,
+                        headers,
+                        metadata: None,
+                        control: control.clone(),
+                    });
+                    Source::Local {
+                        replies,
+                        control,
+                        done: false,
+                    }
+                }
+                Store::Etcd(_) => {
+                    let target = instance
+                        .tcp_target()
+                        .map_err(|e| PyValueError::new_err(format!("Unavailable: {e}")))?;
+                    let client = inner.client().await?;
+                    let stream = client
+                        .call(Call {
+                            target: &target,
+                            codec: instance.codec(),
+                            id: &request_id,
+                            body: &body,
+                            headers,
+                        })
+                        .await
+                        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+                    if given {
+                        // The caller's context: its stop reaches the worker until the stream ends.
+                        let stop = stream.control();
+                        tokio::spawn(async move {
+                            loop {
+                                tokio::select! {
+                                    _ = control.stopped() => break,
+                                    _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                                        if stop.is_done() {
+                                            return;
+                                        }
+                                    }
+                                }
+                            }
+                            if control.is_killed() {
+                                stop.kill().await
+                            } else {
+                                stop.stop().await
+                            }
+                        });
+                    }
+                    Source::Remote(stream)
+                }
+            };
+            Ok(CallStream::new(source))
+        })
+    }
+}
+
+/// The ids of a watch, readable from a task.
+struct InstanceIds {
+    keys: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
+}
+
+impl InstanceIds {
+    fn ids(&self) -> Vec<u64> {
+        let keys = self.keys.lock().map(|k| k.clone()).unwrap_or_default();
+        let mut ids: Vec<u64> = keys
+            .values()
+            .filter_map(|v| serde_json::from_slice::<Instance>(v).ok())
+            .map(|i| i.instance_id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+}

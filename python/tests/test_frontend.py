@@ -1,0 +1,131 @@
+"""Multi-process tests: a Python Tokens worker served by a real `dynamix frontend`, driven with the
+official `openai` client (python-sdk spec §7.1, §10)."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from conftest import get_json, wait_for_model
+import model_dir
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture
+def tokens_model(tmp_path):
+    return model_dir.write(str(tmp_path / "tiny"))
+
+
+def client_for(frontend):
+    return openai.OpenAI(base_url=f"{frontend.base}/v1", api_key="unused", max_retries=0,
+                         timeout=30)
+
+
+def expected(content: str, max_tokens: int) -> str:
+    """What the worker answers: the templated prompt without its special tokens, cut."""
+    return f"user\n{content}\nassistant\n"[:max_tokens]
+
+
+def start(cluster, tokens_model, *, compat=False, **env):
+    worker = cluster.worker("worker", "tokens_worker.py", tokens_model, compat=compat, **env)
+    worker.wait_for_output("worker ready")
+    frontend = cluster.frontend()
+    wait_for_model(frontend.base, "tiny")
+    return worker, frontend
+
+
+def test_a_tokens_worker_is_listed_streams_and_aggregates(cluster, tokens_model):
+    worker, frontend = start(cluster, tokens_model)
+    client = client_for(frontend)
+    assert "tiny" in [m.id for m in client.models.list().data]
+
+    chunks = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hello, dynamix"}], max_tokens=8,
+        stream=True)
+    text, finish = "", None
+    for chunk in chunks:
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+    assert text == expected("Hello, dynamix", 8)
+    assert finish == "length"
+
+    reply = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=100)
+    assert reply.choices[0].message.content == expected("hi", 100)
+    assert reply.choices[0].finish_reason == "stop"
+    # The templated prompt: three special tokens, and one token per byte of the rest.
+    assert reply.usage.prompt_tokens == 3 + len("user\nhi\nassistant\n")
+    assert reply.usage.completion_tokens == len(expected("hi", 100))
+
+    completion = client.completions.create(model="tiny", prompt="abc", max_tokens=2)
+    assert completion.choices[0].text == "ab"
+    assert completion.choices[0].finish_reason == "length"
+
+
+def test_handler_errors_become_http_errors_and_serving_goes_on(cluster, tokens_model):
+    worker, frontend = start(cluster, tokens_model)
+    client = client_for(frontend)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "please fail"}], max_tokens=8)
+    with pytest.raises(openai.APIError):
+        for _ in client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "please fail"}],
+                max_tokens=8, stream=True):
+            pass
+    reply = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "still here"}], max_tokens=5)
+    assert reply.choices[0].message.content == expected("still here", 5)
+
+
+def test_a_client_disconnect_stops_the_handler(cluster, tokens_model, tmp_path):
+    markers = tmp_path / "stops"
+    markers.mkdir()
+    worker, frontend = start(cluster, tokens_model, STOP_MARKER_DIR=str(markers))
+    client = client_for(frontend)
+    stream = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "go slow " * 20}], max_tokens=200,
+        stream=True)
+    received = 0
+    for chunk in stream:
+        received += 1
+        if received == 3:
+            break
+    stream.close()
+    deadline = time.time() + 20
+    while time.time() < deadline and not os.listdir(markers):
+        time.sleep(0.1)
+    assert os.listdir(markers), f"the handler never saw the stop:\n{worker.output()}"
+
+
+def test_sigterm_takes_the_worker_out_of_discovery(cluster, tokens_model):
+    worker, frontend = start(cluster, tokens_model)
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(20) == 0, worker.output()
+    # The lease was revoked: the instance is gone at once, not after the lease's TTL.
+    health = None
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        health = get_json(f"{frontend.base}/health")
+        if not health.get("instances"):
+            break
+        time.sleep(0.2)
+    assert not health.get("instances"), health
+
+
+def test_the_compat_runner_serves_an_unmodified_dynamo_script(cluster, tokens_model, tmp_path):
+    source = open(os.path.join(os.path.dirname(__file__), "workers", "tokens_worker.py")).read()
+    script = tmp_path / "dynamo_worker.py"
+    script.write_text(source.replace("from dynamix.", "from dynamo."))
+    assert "dynamix" not in script.read_text().split('"""')[-1]
+    worker = cluster.spawn("worker", [__import__("sys").executable, "-m", "dynamix.compat",
+                                      str(script), tokens_model])
+    worker.wait_for_output("worker ready")
+    frontend = cluster.frontend()
+    wait_for_model(frontend.base, "tiny")
+    reply = client_for(frontend).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "compat"}], max_tokens=6)
+    assert reply.choices[0].message.content == expected("compat", 6)

@@ -1,0 +1,406 @@
+//! Calling an endpoint instance over the TCP request plane (interop spec §3–§5), independent of what
+//! the body means: one request frame (ACKed by the instance, on a pooled connection) and one call-home
+//! response stream, read as Annotated envelopes until `complete_final` or the sentinel.
+//! [`StreamControl::stop`] / [`StreamControl::kill`] tell the worker to stop; dropping an unfinished
+//! stream sends `kill`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::codec::messages::{
+    ConnectionInfo, ControlMessage, RequestControlMessage, RequestType, ResponseStreamPrologue,
+    ResponseType, StreamType, TcpStreamConnectionInfo,
+};
+use crate::codec::{
+    MessageKind, TcpRequestCodec, TcpRequestMessage, TcpResponseCodec, TcpResponseMessage,
+    TwoPartCodec, TwoPartMessage,
+};
+use crate::error::DynamoError;
+use crate::record::TcpTarget;
+use crate::response_stream::{ResponseConnection, ResponseStreamServer};
+use crate::PayloadCodec;
+
+/// Idle request-plane connections kept per address.
+const POOL_SIZE: usize = 32;
+
+/// Why a call failed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CallError {
+    /// The instance could not be reached or refused the request (`Unavailable: ...`).
+    Unavailable(String),
+    /// The response stream ended before it completed (`Disconnected: ...`).
+    Disconnected(String),
+    /// The handler answered with an error item.
+    Remote(DynamoError),
+    /// The request could not be encoded.
+    Encode(String),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Unavailable(text) => write!(f, "Unavailable: {text}"),
+            CallError::Disconnected(text) => write!(f, "Disconnected: {text}"),
+            CallError::Remote(error) => write!(
+                f,
+                "{}: {}",
+                error.class.as_deref().unwrap_or("Internal"),
+                error.text()
+            ),
+            CallError::Encode(text) => write!(f, "InvalidArgument: {text}"),
+        }
+    }
+}
+
+impl std::error::Error for CallError {}
+
+/// Timeouts and limits.
+#[derive(Clone, Debug)]
+pub struct ClientSettings {
+    /// ACK and call-home wait (`DYN_TCP_REQUEST_TIMEOUT`).
+    pub request_timeout: Duration,
+    /// TCP connect (`DYN_TCP_CONNECT_TIMEOUT`).
+    pub connect_timeout: Duration,
+    /// Largest frame (`DYN_TCP_MAX_MESSAGE_SIZE`).
+    pub max_message_size: usize,
+}
+
+struct Connection {
+    reader: FramedRead<OwnedReadHalf, TcpResponseCodec>,
+    writer: FramedWrite<OwnedWriteHalf, TcpRequestCodec>,
+}
+
+/// Calls endpoints; owns the call-home server its streams come back through.
+pub struct EndpointClient {
+    settings: ClientSettings,
+    streams: Arc<ResponseStreamServer>,
+    pools: Mutex<HashMap<String, Vec<Connection>>>,
+}
+
+/// One call.
+pub struct Call<'a> {
+    /// Where.
+    pub target: &'a TcpTarget,
+    /// How the body is encoded (the instance record's `request_plane_codec`).
+    pub codec: PayloadCodec,
+    /// The request id (becomes the handler's context id).
+    pub id: &'a str,
+    /// The body.
+    pub body: &'a Value,
+    /// Frame headers.
+    pub headers: BTreeMap<String, String>,
+}
+
+impl EndpointClient {
+    /// A client whose call-home server listens on `host` (any free port).
+    pub async fn new(host: &str, settings: ClientSettings) -> std::io::Result<Self> {
+        let streams = ResponseStreamServer::bind(host, 0, settings.max_message_size).await?;
+        Ok(EndpointClient {
+            settings,
+            streams,
+            pools: Mutex::default(),
+        })
+    }
+
+    /// Send `call` and wait for the instance to open its response stream.
+    pub async fn call(&self, call: Call<'_>) -> Result<ResponseStream, CallError> {
+        let mut pending = self.streams.register();
+        let info = TcpStreamConnectionInfo {
+            address: self.streams.address().to_string(),
+            subject: pending.subject.clone(),
+            context: call.id.to_string(),
+            stream_type: StreamType::Response,
+        };
+        let control = RequestControlMessage {
+            id: call.id.to_string(),
+            request_type: RequestType::SingleIn,
+            response_type: ResponseType::ManyOut,
+            connection_info: ConnectionInfo {
+                transport: "tcp_server".into(),
+                info: serde_json::to_string(&info).map_err(|e| CallError::Encode(e.to_string()))?,
+            },
+            payload_codec: Some(call.codec.name().into()),
+            metadata: None,
+            frontend_send_ts_ns: None,
+        };
+        let header = serde_json::to_vec(&control).map_err(|e| CallError::Encode(e.to_string()))?;
+        let body = call.codec.encode(call.body).map_err(CallError::Encode)?;
+        let payload = TwoPartCodec::new(None)
+            .encode_message(TwoPartMessage::new(header, body))
+            .map_err(|e| CallError::Encode(e.to_string()))?;
+        let frame = TcpRequestMessage {
+            endpoint_path: call.target.path.clone(),
+            headers: call.headers,
+            payload,
+        };
+        self.send(&call.target.address, &frame).await?;
+        let Some(connection) = pending.connected(self.settings.request_timeout).await else {
+            return Err(CallError::Unavailable(format!(
+                "{} accepted request {} but did not open its response stream within {:.1} s",
+                call.target.address,
+                call.id,
+                self.settings.request_timeout.as_secs_f64()
+            )));
+        };
+        let (sink, mut stream) = connection.split();
+        let prologue = tokio::time::timeout(self.settings.request_timeout, stream.next()).await;
+        let frame = match prologue {
+            Err(_) => return Err(CallError::Disconnected("no prologue".into())),
+            Ok(None) => return Err(CallError::Disconnected("closed before its prologue".into())),
+            Ok(Some(Err(e))) => return Err(CallError::Disconnected(format!("bad frame: {e}"))),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        match serde_json::from_slice::<ResponseStreamPrologue>(frame.header()) {
+            Ok(ResponseStreamPrologue { error: None }) => {}
+            Ok(ResponseStreamPrologue { error: Some(text) }) => {
+                return Err(CallError::Unavailable(text))
+            }
+            Err(e) => return Err(CallError::Disconnected(format!("bad prologue: {e}"))),
+        }
+        Ok(ResponseStream {
+            control: StreamControl {
+                sink: Arc::new(tokio::sync::Mutex::new(Some(sink))),
+                cancelled: Arc::default(),
+                done: Arc::default(),
+            },
+            stream,
+            codec: call.codec,
+        })
+    }
+
+    /// One request frame and its ACK, on a pooled connection or a new one; a pooled connection
+    /// that fails is retried once on a fresh one (the instance may have closed it).
+    async fn send(&self, address: &str, frame: &TcpRequestMessage) -> Result<(), CallError> {
+        let timeout = self.settings.request_timeout;
+        let mut pooled = self
+            .pools
+            .lock()
+            .ok()
+            .and_then(|mut p| p.get_mut(address).and_then(Vec::pop));
+        let (connection, ack) = loop {
+            let fresh = pooled.is_none();
+            let mut connection = match pooled.take() {
+                Some(c) => c,
+                None => self.connect(address).await?,
+            };
+            match tokio::time::timeout(timeout, exchange(&mut connection, frame)).await {
+                Ok(Ok(ack)) => break (connection, ack),
+                Ok(Err(_)) if !fresh => continue,
+                Ok(Err(what)) => return Err(CallError::Unavailable(format!("{address}: {what}"))),
+                Err(_) => {
+                    return Err(CallError::Unavailable(format!(
+                        "{address}: no ACK within {:.1} s",
+                        timeout.as_secs_f64()
+                    )))
+                }
+            }
+        };
+        if !ack.data.is_empty() {
+            let text = String::from_utf8_lossy(&ack.data).into_owned();
+            return Err(CallError::Unavailable(format!(
+                "{address} refused the request: {text}"
+            )));
+        }
+        if let Ok(mut pools) = self.pools.lock() {
+            let pool = pools.entry(address.to_string()).or_default();
+            if pool.len() < POOL_SIZE {
+                pool.push(connection);
+            }
+        }
+        Ok(())
+    }
+
+    async fn connect(&self, address: &str) -> Result<Connection, CallError> {
+        let stream =
+            tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(address))
+                .await
+                .map_err(|_| {
+                    CallError::Unavailable(format!(
+                        "connecting to {address} timed out after {:.1} s",
+                        self.settings.connect_timeout.as_secs_f64()
+                    ))
+                })?
+                .map_err(|e| CallError::Unavailable(format!("cannot connect to {address}: {e}")))?;
+        let _ = stream.set_nodelay(true);
+        let (read, write) = stream.into_split();
+        let max = Some(self.settings.max_message_size);
+        Ok(Connection {
+            reader: FramedRead::new(read, TcpResponseCodec::new(max)),
+            writer: FramedWrite::new(write, TcpRequestCodec::new(max)),
+        })
+    }
+}
+
+async fn exchange(
+    connection: &mut Connection,
+    frame: &TcpRequestMessage,
+) -> Result<TcpResponseMessage, String> {
+    connection
+        .writer
+        .send(frame)
+        .await
+        .map_err(|e| format!("cannot send the request: {e}"))?;
+    match connection.reader.next().await {
+        Some(Ok(ack)) => Ok(ack),
+        Some(Err(e)) => Err(format!("bad ACK: {e}")),
+        None => Err("closed the connection before its ACK".to_string()),
+    }
+}
+
+/// Stops a call's handler; usable while another task waits on the stream.
+#[derive(Clone)]
+pub struct StreamControl {
+    sink: Arc<tokio::sync::Mutex<Option<SplitSink<ResponseConnection, TwoPartMessage>>>>,
+    cancelled: Arc<AtomicBool>,
+    done: Arc<AtomicBool>,
+}
+
+impl StreamControl {
+    /// Ask the worker to stop; the stream then ends cleanly after what is in flight.
+    pub async fn stop(&self) {
+        self.send(ControlMessage::Stop).await;
+    }
+
+    /// Tell the worker to stop now.
+    pub async fn kill(&self) {
+        self.send(ControlMessage::Kill).await;
+    }
+
+    async fn send(&self, message: ControlMessage) {
+        self.cancelled.store(true, Ordering::SeqCst);
+        if self.done.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Some(sink) = self.sink.lock().await.as_mut() {
+            let header = serde_json::to_vec(&message).unwrap_or_default();
+            let _ = sink
+                .send(TwoPartMessage::header_only(Bytes::from(header)))
+                .await;
+        }
+    }
+
+    /// Whether this side stopped the call.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Whether the stream has ended.
+    pub fn is_done(&self) -> bool {
+        self.done.load(Ordering::SeqCst)
+    }
+}
+
+/// The responses of one call.
+pub struct ResponseStream {
+    control: StreamControl,
+    stream: SplitStream<ResponseConnection>,
+    codec: PayloadCodec,
+}
+
+impl ResponseStream {
+    /// The next Annotated envelope; `None` at the end. An error item is `Err(Remote)` and ends the
+    /// stream; a stream that breaks before completing is `Err(Disconnected)`, unless this side
+    /// stopped it.
+    pub async fn next(&mut self) -> Option<Result<Value, CallError>> {
+        if self.control.is_done() {
+            return None;
+        }
+        let result = self.read().await;
+        if !matches!(result, Some(Ok(_))) {
+            self.control.done.store(true, Ordering::SeqCst);
+        }
+        match result {
+            Some(Err(CallError::Disconnected(_))) if self.control.is_cancelled() => None,
+            other => other,
+        }
+    }
+
+    async fn read(&mut self) -> Option<Result<Value, CallError>> {
+        let disconnected = |what: String| Some(Err(CallError::Disconnected(what)));
+        let frame = match self.stream.next().await {
+            None => {
+                return disconnected("Stream ended before generation completed".into());
+            }
+            Some(Err(e)) => return disconnected(format!("bad frame: {e}")),
+            Some(Ok(frame)) => frame,
+        };
+        match frame.kind() {
+            MessageKind::DataOnly => {}
+            MessageKind::HeaderOnly => {
+                return match serde_json::from_slice::<ControlMessage>(frame.header()) {
+                    Ok(ControlMessage::Sentinel) => None,
+                    Ok(other) => disconnected(format!("unexpected control message {other:?}")),
+                    Err(e) => disconnected(format!("bad control frame: {e}")),
+                };
+            }
+            other => return disconnected(format!("unexpected {other:?} frame")),
+        }
+        let mut item: Value = match self.codec.decode(frame.data()) {
+            Ok(item) => item,
+            Err(e) => return disconnected(format!("bad data frame ({}): {e}", self.codec.name())),
+        };
+        if item.get("complete_final").and_then(Value::as_bool) == Some(true) {
+            return None;
+        }
+        let envelope = match item.get_mut("data").map(Value::take) {
+            Some(Value::Object(envelope)) => envelope,
+            _ => return disconnected("data frame without an item".into()),
+        };
+        let is_error = envelope.get("event").and_then(Value::as_str) == Some("error")
+            || envelope.get("error").is_some_and(|e| !e.is_null());
+        if is_error {
+            let error = envelope
+                .get("error")
+                .and_then(|e| serde_json::from_value::<DynamoError>(e.clone()).ok())
+                .unwrap_or_else(|| {
+                    let text = envelope
+                        .get("comment")
+                        .and_then(Value::as_array)
+                        .map(|c| {
+                            c.iter()
+                                .filter_map(Value::as_str)
+                                .collect::<Vec<_>>()
+                                .join("; ")
+                        })
+                        .filter(|t| !t.is_empty())
+                        .unwrap_or_else(|| "error item without a message".into());
+                    DynamoError::new("Internal", "Internal", "runtime.internal", text)
+                });
+            return Some(Err(CallError::Remote(error)));
+        }
+        Some(Ok(Value::Object(envelope)))
+    }
+
+    /// Its control, to stop the handler from another task.
+    pub fn control(&self) -> StreamControl {
+        self.control.clone()
+    }
+
+    /// Whether the stream has ended.
+    pub fn is_done(&self) -> bool {
+        self.control.is_done()
+    }
+}
+
+impl Drop for ResponseStream {
+    fn drop(&mut self) {
+        if self.control.is_done() || self.control.is_cancelled() {
+            return;
+        }
+        // An abandoned stream: tell the worker, without blocking the dropper.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let control = self.control.clone();
+            runtime.spawn(async move { control.kill().await });
+        }
+    }
+}
