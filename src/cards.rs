@@ -106,6 +106,12 @@ pub async fn frontend_model(
                 }
             };
             let card = record.card_json;
+            if card.model_input == "Text" {
+                // Served as it comes, by the Text-model catalog (distributed::text), not by this
+                // frontend's tokenizer path.
+                skipped.insert(key);
+                continue;
+            }
             match card::load_model(&card).await {
                 Ok(model) => {
                     tracing::info!(%key, model = %model.name, block_size = model.kv_block_size, context_length = model.context_length, "serving the model of the workers' card");

@@ -463,6 +463,11 @@ pub async fn run_frontend(
         kv_block_size: kv.then_some(service.kv_block_size),
         model: (config.model.source != config::ModelSource::Local)
             .then(|| config.model.name.clone()),
+        // A namespace other than the built-in one was chosen: serve only its Text models (python-sdk
+        // spec §7: the default watches every namespace, as Dynamo's frontend does).
+        text_namespace: (config.distributed.namespace
+            != distributed::DistributedConfig::default().namespace)
+            .then(|| config.distributed.namespace.clone()),
     };
     let handle = match distributed::frontend::start(&service.local(), settings).await {
         Ok(handle) => handle,

@@ -52,7 +52,13 @@ fn test_venv() -> PathBuf {
         );
         run(
             Command::new(venv.join("bin/python"))
-                .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                ])
                 .args(TEST_REQUIREMENTS),
             "pip install the test requirements",
         );
@@ -108,7 +114,11 @@ fn the_python_sdk_suite_passes() {
         String::from_utf8_lossy(&output.stderr)
     );
     // Exit 5: pytest collected no test, which must not pass as success.
-    assert!(output.status.success(), "pytest failed ({}):\n{text}", output.status);
+    assert!(
+        output.status.success(),
+        "pytest failed ({}):\n{text}",
+        output.status
+    );
     assert!(text.contains(" passed"), "pytest ran no test:\n{text}");
     println!("{text}");
 }

@@ -11,6 +11,7 @@
 //! - [`response_stream`]: the requester's call-home server (pending subjects → streams).
 //! - [`endpoint`]: a process's TCP endpoint server: one listener, handlers by endpoint path.
 //! - [`client`]: calling an instance's endpoint and reading its response stream.
+//! - [`watch`]: following the keys under an etcd prefix.
 
 pub mod client;
 pub mod codec;
@@ -19,6 +20,7 @@ pub mod error;
 pub mod etcd;
 pub mod record;
 pub mod response_stream;
+pub mod watch;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;

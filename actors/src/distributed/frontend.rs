@@ -34,6 +34,8 @@ pub struct FrontendSettings {
     pub default_capacity: usize,
     /// KV block size the router uses when it routes by KV overlap (`None`: not routing by KV).
     pub kv_block_size: Option<usize>,
+    /// The only namespace whose Text-model cards this frontend serves (`None`: every namespace).
+    pub text_namespace: Option<String>,
     /// The model this frontend serves, when it took it from the workers' cards: instances whose
     /// card names another model are not routed to (workers of several models may share one
     /// endpoint, as Dynamo's do by default).
@@ -162,9 +164,12 @@ pub async fn start(service: &Local, settings: FrontendSettings) -> Result<Fronte
         inputs: Some((discovered, down_rx)),
     }
     .start();
+    let text_models =
+        super::text::TextModels::start(&config, settings.text_namespace.as_deref()).await?;
+    let _ = service.cluster.text_models.set(text_models);
     let registry = service.engines.clone();
     let nats_state = nats.clone();
-    let _ = service.cluster.set(Box::new(move || {
+    let _ = service.cluster.status.set(Box::new(move || {
         json!({
             "discovery": {"backend": "etcd", "state": etcd_state.lock().map(|s| s.clone()).unwrap_or_default()},
             "event_plane": {"backend": "nats", "state": events::nats_state(&nats_state)},

@@ -14,6 +14,7 @@
 //! - [`request_plane`]: the worker's TCP endpoint (request frames, ACKs) and its call-home responses.
 //! - [`response_stream`]: the frontend's call-home server (pending subjects → streams).
 //! - [`remote`]: [`remote::RemoteEngine`], the frontend's actor for one worker instance.
+//! - [`text`]: Text-input models: their cards and instances, and calls to them.
 //! - [`frontend`], [`worker`]: wiring of the two processes.
 
 pub mod card;
@@ -25,6 +26,7 @@ pub mod infra;
 pub mod metadata;
 pub mod remote;
 pub mod request_plane;
+pub mod text;
 pub use dynamix_wire::response_stream;
 pub mod wire;
 pub mod worker;

@@ -31,6 +31,14 @@ fn model_objects(state: &AppState) -> Vec<(String, Value)> {
             model_object(&card.name, card.max_tokens as u64),
         ));
     }
+    if let Some(text) = state.cluster.text_models.get() {
+        for model in text.list() {
+            if !models.iter().any(|(name, _)| *name == model.name) {
+                let object = model_object(&model.name, model.context_length);
+                models.push((model.name, object));
+            }
+        }
+    }
     models
 }
 
@@ -191,7 +199,7 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
             .iter()
             .map(|f| f["reason"].as_str().unwrap_or_default().to_string())
             .collect::<Vec<_>>();
-        let message = if state.cluster.get().is_some() {
+        let message = if state.cluster.status.get().is_some() {
             // A frontend of workers (upstream's wording); `cluster` below says why.
             "No endpoints available: no worker is registered".to_string()
         } else if why.is_empty() {
@@ -217,7 +225,7 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         "failed_instances": failed,
         "inflight_requests": state.inflight.len(),
     });
-    if let Some(cluster) = state.cluster.get() {
+    if let Some(cluster) = state.cluster.status.get() {
         body["cluster"] = cluster();
     }
     response.json(body)

@@ -19,6 +19,7 @@ pub mod info;
 pub mod openai;
 pub mod request;
 pub mod stream;
+pub mod text;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -186,7 +187,16 @@ impl Drop for Admission {
 }
 
 /// A late-bound reporter of the distributed layer's state for `/health`.
-pub type ClusterStatus = Arc<std::sync::OnceLock<Box<dyn Fn() -> serde_json::Value + Send + Sync>>>;
+pub type ClusterStatus = Arc<ClusterLink>;
+
+/// What a frontend of workers adds to the HTTP side once its distributed layer runs.
+#[derive(Default)]
+pub struct ClusterLink {
+    /// The `/health` reporter of discovery and events (merged under `cluster`).
+    pub status: std::sync::OnceLock<Box<dyn Fn() -> serde_json::Value + Send + Sync>>,
+    /// Models whose workers take the OpenAI request as it came (Text models).
+    pub text_models: std::sync::OnceLock<Arc<crate::distributed::text::TextModels>>,
+}
 
 /// The served model as the models routes describe it.
 #[derive(Clone, Debug)]

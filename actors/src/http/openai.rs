@@ -200,6 +200,9 @@ async fn inference<F: Framer, V: std::future::Future<Output = Validated<F>>>(
         Ok(a) => a,
         Err(e) => return reject(&state, endpoint, None, false, &e),
     };
+    if let Some(model) = super::text::lookup(&state, endpoint, &accepted.body) {
+        return super::text::serve(&state, &req, endpoint, model, accepted).await;
+    }
     let (validated, framer, stream) =
         match validate(state.clone(), accepted.body.clone(), accepted.context).await {
             Ok(v) => v,

@@ -1,0 +1,340 @@
+//! Requests for Text-input models (python-sdk spec §7.2): the client's OpenAI body goes to a worker
+//! as it came; the worker's chunks come back as SSE frames in order, or folded into one
+//! `chat.completion` / `text_completion`. The frontend fills a missing `id`, `object`, `created` or
+//! `model`, and refuses a chunk that is not an object with a `choices` list (an internal error
+//! naming it). A worker's error item is the client's status (non-streaming) or an in-stream error
+//! frame after the chunks before it.
+
+use std::collections::BTreeMap;
+
+use actix_web::http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use actix_web::{HttpRequest, HttpResponse};
+use bytes::Bytes;
+use dynamix_wire::client::{CallError, ResponseStream};
+use serde_json::{json, Map, Value};
+
+use super::openai::Accepted;
+use super::request::error_response;
+use super::{Admission, AppState};
+use crate::distributed::text::TextModel;
+use crate::error::{ApiError, ErrorClass};
+use crate::metrics::Endpoint;
+
+/// The `model` of a request body, if it names a Text model served on this route.
+pub(super) fn lookup(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Option<TextModel> {
+    let models = state.cluster.text_models.get()?;
+    #[derive(serde::Deserialize)]
+    struct ModelOnly {
+        model: Option<String>,
+    }
+    let name = serde_json::from_slice::<ModelOnly>(body).ok()?.model?;
+    let model = models.get(&name)?;
+    matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions).then_some(model)
+}
+
+/// Which OpenAI object the chunks make.
+#[derive(Clone, Copy)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+impl Kind {
+    fn chunk_object(self) -> &'static str {
+        match self {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Completion => "text_completion",
+        }
+    }
+
+    fn id_prefix(self) -> &'static str {
+        match self {
+            Kind::Chat => "chatcmpl-",
+            Kind::Completion => "cmpl-",
+        }
+    }
+}
+
+fn call_error(error: CallError) -> ApiError {
+    match error {
+        CallError::Remote(e) => ApiError::from(&e),
+        CallError::Unavailable(text) => ApiError::new(ErrorClass::Unavailable, text),
+        CallError::Disconnected(text) => ApiError::new(
+            ErrorClass::Internal,
+            format!("the worker's stream ended before it completed: {text}"),
+        ),
+        CallError::Encode(text) => ApiError::new(ErrorClass::Internal, text),
+    }
+}
+
+/// Serve `accepted` (whose body names `model`) on `endpoint`.
+pub(super) async fn serve(
+    state: &AppState,
+    req: &HttpRequest,
+    endpoint: Endpoint,
+    model: TextModel,
+    accepted: Accepted,
+) -> HttpResponse {
+    let overload = state.config.overload_status_code;
+    let kind = match endpoint {
+        Endpoint::Completions if model.completions => Kind::Completion,
+        Endpoint::ChatCompletions if model.chat => Kind::Chat,
+        _ => return error_response(&ApiError::model_not_found(), overload),
+    };
+    let Some(models) = state.cluster.text_models.get() else {
+        return error_response(&ApiError::model_not_found(), overload);
+    };
+    let body: Value = match serde_json::from_slice(&accepted.body) {
+        Ok(Value::Object(map)) => Value::Object(map),
+        Ok(_) => {
+            let error = ApiError::new(
+                ErrorClass::BadRequest,
+                "the request body must be a JSON object",
+            );
+            return error_response(&error, overload);
+        }
+        Err(e) => {
+            let error = ApiError::new(
+                ErrorClass::BadRequest,
+                format!("the request body is not valid JSON: {e}"),
+            );
+            return error_response(&error, overload);
+        }
+    };
+    let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
+    // Client metadata reaches the handler as `context.metadata` (x-dynamo-meta-<key>).
+    let headers: BTreeMap<String, String> = req
+        .headers()
+        .iter()
+        .filter(|(name, _)| {
+            name.as_str().starts_with("x-dynamo-meta-") || name.as_str() == "traceparent"
+        })
+        .filter_map(|(name, value)| {
+            Some((name.as_str().to_string(), value.to_str().ok()?.to_string()))
+        })
+        .collect();
+    let request_id = accepted.context.request_id.clone();
+    let responses = match models.call(&model, &request_id, &body, headers).await {
+        Ok(responses) => responses,
+        Err(e) => return error_response(&call_error(e), overload),
+    };
+    let fill = Fill {
+        kind,
+        id: format!("{}{request_id}", kind.id_prefix()),
+        model: model.name.clone(),
+        created: now(),
+    };
+    if stream {
+        return HttpResponse::Ok()
+            .insert_header((CONTENT_TYPE, "text/event-stream"))
+            .insert_header((CACHE_CONTROL, "no-cache"))
+            .streaming(sse(responses, fill, overload, accepted.admission));
+    }
+    match fold(responses, &fill).await {
+        Ok(body) => HttpResponse::Ok().json(body),
+        Err(error) => error_response(&error, overload),
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// What the frontend fills in when a chunk lacks it.
+struct Fill {
+    kind: Kind,
+    id: String,
+    model: String,
+    created: u64,
+}
+
+impl Fill {
+    /// The chunk inside `envelope`, checked and completed.
+    fn chunk(&self, envelope: Value) -> Result<Map<String, Value>, ApiError> {
+        let data = envelope.get("data").cloned().unwrap_or(Value::Null);
+        let Value::Object(mut chunk) = data else {
+            return Err(not_a_chunk(&data));
+        };
+        if !chunk.get("choices").is_some_and(Value::is_array) {
+            return Err(not_a_chunk(&Value::Object(chunk)));
+        }
+        chunk.entry("id").or_insert_with(|| json!(self.id));
+        chunk
+            .entry("object")
+            .or_insert_with(|| json!(self.kind.chunk_object()));
+        chunk
+            .entry("created")
+            .or_insert_with(|| json!(self.created));
+        chunk.entry("model").or_insert_with(|| json!(self.model));
+        Ok(chunk)
+    }
+}
+
+fn not_a_chunk(data: &Value) -> ApiError {
+    let mut text = data.to_string();
+    if text.len() > 200 {
+        let mut cut = 200;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    ApiError::new(
+        ErrorClass::Internal,
+        format!("the worker sent a chunk that is not an object with a `choices` list: {text}"),
+    )
+}
+
+struct SseState {
+    responses: ResponseStream,
+    fill: Fill,
+    overload: u16,
+    done: bool,
+    _admission: Admission,
+}
+
+fn sse(
+    responses: ResponseStream,
+    fill: Fill,
+    overload: u16,
+    admission: Admission,
+) -> impl futures_util::Stream<Item = Result<Bytes, actix_web::Error>> {
+    let state = SseState {
+        responses,
+        fill,
+        overload,
+        done: false,
+        _admission: admission,
+    };
+    futures_util::stream::unfold(state, |mut state| async move {
+        if state.done {
+            return None;
+        }
+        let frame = match state.responses.next().await {
+            None => {
+                state.done = true;
+                "data: [DONE]\n\n".to_string()
+            }
+            Some(Ok(envelope)) => match state.fill.chunk(envelope) {
+                Ok(chunk) => format!("data: {}\n\n", Value::Object(chunk)),
+                Err(error) => {
+                    tracing::error!("{}", error.message);
+                    state.done = true;
+                    format!("{}data: [DONE]\n\n", error.sse_frame(state.overload))
+                }
+            },
+            Some(Err(e)) => {
+                state.done = true;
+                let error = call_error(e);
+                format!("{}data: [DONE]\n\n", error.sse_frame(state.overload))
+            }
+        };
+        Some((Ok(Bytes::from(frame)), state))
+    })
+}
+
+/// One choice being folded.
+#[derive(Default)]
+struct Choice {
+    content: Option<String>,
+    reasoning: Option<String>,
+    tool_calls: Vec<Value>,
+    finish_reason: Value,
+    logprobs: Value,
+}
+
+/// Fold every chunk into one response (spec §7.2): content concatenated per choice, role
+/// `assistant`, the last `finish_reason`, `usage` from the chunk that had it.
+async fn fold(mut responses: ResponseStream, fill: &Fill) -> Result<Value, ApiError> {
+    let mut choices: BTreeMap<u64, Choice> = BTreeMap::new();
+    let mut head: Option<Map<String, Value>> = None;
+    let mut usage = Value::Null;
+    while let Some(item) = responses.next().await {
+        let chunk = fill.chunk(item.map_err(call_error)?)?;
+        if let Some(u) = chunk.get("usage").filter(|u| !u.is_null()) {
+            usage = u.clone();
+        }
+        for choice in chunk["choices"].as_array().into_iter().flatten() {
+            let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
+            let folded = choices.entry(index).or_default();
+            let piece = match fill.kind {
+                Kind::Chat => choice.get("delta"),
+                Kind::Completion => Some(choice),
+            };
+            let text_field = match fill.kind {
+                Kind::Chat => "content",
+                Kind::Completion => "text",
+            };
+            if let Some(text) = piece
+                .and_then(|p| p.get(text_field))
+                .and_then(Value::as_str)
+            {
+                folded
+                    .content
+                    .get_or_insert_with(String::new)
+                    .push_str(text);
+            }
+            if let Some(text) = piece
+                .and_then(|p| p.get("reasoning_content"))
+                .and_then(Value::as_str)
+            {
+                folded
+                    .reasoning
+                    .get_or_insert_with(String::new)
+                    .push_str(text);
+            }
+            if let Some(calls) = piece
+                .and_then(|p| p.get("tool_calls"))
+                .and_then(Value::as_array)
+            {
+                folded.tool_calls.extend(calls.iter().cloned());
+            }
+            if let Some(reason) = choice.get("finish_reason").filter(|r| !r.is_null()) {
+                folded.finish_reason = reason.clone();
+            }
+            if let Some(logprobs) = choice.get("logprobs").filter(|l| !l.is_null()) {
+                folded.logprobs = logprobs.clone();
+            }
+        }
+        head.get_or_insert(chunk);
+    }
+    let head = head.unwrap_or_default();
+    let field = |name: &str, default: Value| head.get(name).cloned().unwrap_or(default);
+    let choices: Vec<Value> = choices
+        .into_iter()
+        .map(|(index, c)| match fill.kind {
+            Kind::Chat => {
+                let mut message = json!({"role": "assistant", "content": c.content});
+                if let Some(reasoning) = c.reasoning {
+                    message["reasoning_content"] = json!(reasoning);
+                }
+                if !c.tool_calls.is_empty() {
+                    message["tool_calls"] = Value::Array(c.tool_calls);
+                }
+                json!({"index": index, "message": message, "finish_reason": c.finish_reason,
+                       "logprobs": c.logprobs})
+            }
+            Kind::Completion => json!({"index": index, "text": c.content.unwrap_or_default(),
+                                       "finish_reason": c.finish_reason, "logprobs": c.logprobs}),
+        })
+        .collect();
+    let object = match fill.kind {
+        Kind::Chat => "chat.completion",
+        Kind::Completion => "text_completion",
+    };
+    let mut body = json!({
+        "id": field("id", json!(fill.id)),
+        "object": object,
+        "created": field("created", json!(fill.created)),
+        "model": field("model", json!(fill.model)),
+        "choices": choices,
+    });
+    if !usage.is_null() {
+        body["usage"] = usage;
+    }
+    Ok(body)
+}

@@ -1,0 +1,104 @@
+"""A worker with a Text model, a Tokens model and a plain endpoint, behind a real `dynamix frontend`
+(python-sdk spec §7.2, §10), driven with the official `openai` client and the SDK's own client."""
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from conftest import wait_for_model
+import model_dir
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture
+def deployment(cluster, tmp_path):
+    tokens_model = model_dir.write(str(tmp_path / "tiny"))
+    worker = cluster.worker("worker", "combined_worker.py", tokens_model)
+    worker.wait_for_output("worker ready")
+    frontend = cluster.frontend()
+    wait_for_model(frontend.base, "tiny")
+    wait_for_model(frontend.base, "reverse-bot")
+    client = openai.OpenAI(base_url=f"{frontend.base}/v1", api_key="unused", max_retries=0,
+                           timeout=30)
+    return worker, frontend, client
+
+
+def test_text_and_tokens_models_are_both_served(deployment):
+    worker, frontend, client = deployment
+    listed = {m.id for m in client.models.list().data}
+    assert {"tiny", "reverse-bot"} <= listed
+
+    stream = client.chat.completions.create(
+        model="reverse-bot", messages=[{"role": "user", "content": "one two three"}], stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "three two one"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+    reply = client.chat.completions.create(
+        model="reverse-bot", messages=[{"role": "user", "content": "a b"}])
+    assert reply.choices[0].message.content == "b a"
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens == 2
+
+    tokens = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "xyz"}], max_tokens=7)
+    assert tokens.choices[0].message.content == "user\nxy"
+
+
+def test_text_model_errors_keep_their_status_and_the_worker_goes_on(deployment):
+    worker, frontend, client = deployment
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="reverse-bot",
+                                       messages=[{"role": "system", "content": "only"}])
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="reverse-bot",
+                                       messages=[{"role": "user", "content": "forbidden"}])
+    assert "no such conversation" in str(missing.value)
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(model="reverse-bot",
+                                       messages=[{"role": "user", "content": "explode now"}])
+    got = []
+    with pytest.raises(openai.APIError):
+        for chunk in client.chat.completions.create(
+                model="reverse-bot", messages=[{"role": "user", "content": "explode now"}],
+                stream=True):
+            got.extend(c.delta.content or "" for c in chunk.choices)
+    assert got == ["now "]
+    # A Chat-only Text model has no completions route.
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="reverse-bot", prompt="x")
+    reply = client.chat.completions.create(
+        model="reverse-bot", messages=[{"role": "user", "content": "still fine"}])
+    assert reply.choices[0].message.content == "fine still"
+
+
+async def test_an_sdk_client_calls_the_plain_endpoint(deployment, cluster):
+    from dynamix.runtime import DistributedRuntime
+
+    os.environ.update(ETCD_ENDPOINTS=cluster.env["ETCD_ENDPOINTS"])
+    runtime = DistributedRuntime(asyncio.get_running_loop(), "etcd")
+    endpoint = runtime.endpoint(f"{cluster.ns}.greeter.generate")
+    client = await endpoint.client()
+    ids = await asyncio.wait_for(client.wait_for_instances(), 10)
+    assert len(ids) == 1
+    items = [i.data() async for i in await client.round_robin("ada, grace")]
+    assert items == ["hello, ada", "hello, grace"]
+    direct = [i async for i in await client.direct("linus", ids[0], annotated=False)]
+    assert direct == ["hello, linus"]
+    await runtime._close()
+
+
+def test_a_stopped_workers_text_model_leaves_the_model_list(deployment):
+    worker, frontend, client = deployment
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(20) == 0, worker.output()
+    wait_for_model(frontend.base, "reverse-bot", present=False, timeout=10)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="reverse-bot",
+                                       messages=[{"role": "user", "content": "hi"}])
