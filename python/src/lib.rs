@@ -32,6 +32,13 @@ fn blake3_file(py: Python<'_>, path: String) -> PyResult<(String, u64)> {
     })
 }
 
+/// Release the GIL for `millis` milliseconds, so background threads that are handing results to
+/// Python finish before the interpreter finalizes (registered with `atexit` by `dynamix.runtime`).
+#[pyfunction]
+fn quiesce(py: Python<'_>, millis: u64) {
+    py.detach(|| std::thread::sleep(std::time::Duration::from_millis(millis.min(1000))));
+}
+
 /// The background runtime: `DYNAMIX_PY_THREADS` worker threads (default 2).
 fn init_runtime() -> PyResult<()> {
     let threads = match std::env::var("DYNAMIX_PY_THREADS") {
@@ -58,6 +65,7 @@ fn init_runtime() -> PyResult<()> {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     init_runtime()?;
     m.add_function(wrap_pyfunction!(blake3_file, m)?)?;
+    m.add_function(wrap_pyfunction!(quiesce, m)?)?;
     m.add_class::<runtime::Runtime>()?;
     m.add_class::<runtime::InstanceWatch>()?;
     m.add_class::<serve::Control>()?;

@@ -408,6 +408,25 @@ impl Runtime {
         })
     }
 
+    /// Revoke the lease, blocking without the GIL (at most the connect timeout). Used last before
+    /// a process exits: an awaitable completed by a background thread could still be handing its
+    /// result to Python when the interpreter starts finalizing.
+    fn revoke_blocking(&self, py: Python<'_>) -> PyResult<()> {
+        let inner = self.inner.clone();
+        let timeout = inner.settings.connect_timeout;
+        py.detach(|| {
+            pyo3_async_runtimes::tokio::get_runtime().block_on(async move {
+                match tokio::time::timeout(timeout, inner.store.revoke()).await {
+                    Ok(result) => result.map_err(PyConnectionError::new_err),
+                    Err(_) => Err(PyConnectionError::new_err(format!(
+                        "revoking the etcd lease took over {:.1} s",
+                        timeout.as_secs_f64()
+                    ))),
+                }
+            })
+        })
+    }
+
     /// Awaitable: revoke the lease (every key of this process leaves etcd at once).
     fn revoke<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let inner = self.inner.clone();

@@ -366,3 +366,12 @@ def test_compat_runs_an_unmodified_dynamo_script(tmp_path):
                           capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode != 0
     assert "dynamo.vllm" in done.stderr and "only dynamo.runtime and dynamo.llm" in done.stderr
+
+
+def test_features_dynamix_lacks_are_importable_and_say_so():
+    from dynamix.llm import KvEventPublisher, WorkerMetricsPublisher
+
+    with pytest.raises(NotImplementedError, match="KV events"):
+        KvEventPublisher(None)
+    with pytest.raises(NotImplementedError, match="load metrics"):
+        WorkerMetricsPublisher()

@@ -22,6 +22,7 @@ def deployment(cluster, tmp_path):
     frontend = cluster.frontend()
     wait_for_model(frontend.base, "tiny")
     wait_for_model(frontend.base, "reverse-bot")
+    wait_for_model(frontend.base, "reverse-bot-loud")
     client = openai.OpenAI(base_url=f"{frontend.base}/v1", api_key="unused", max_retries=0,
                            timeout=30)
     return worker, frontend, client
@@ -45,6 +46,11 @@ def test_text_and_tokens_models_are_both_served(deployment):
     assert reply.choices[0].message.role == "assistant"
     assert reply.choices[0].finish_reason == "stop"
     assert reply.usage.completion_tokens == 2
+
+    loud = client.chat.completions.create(
+        model="reverse-bot-loud", messages=[{"role": "user", "content": "quiet please"}])
+    assert loud.choices[0].message.content == "PLEASE QUIET"
+    assert "reverse-bot-loud" in listed
 
     tokens = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "xyz"}], max_tokens=7)
@@ -99,6 +105,7 @@ def test_a_stopped_workers_text_model_leaves_the_model_list(deployment):
     worker.proc.send_signal(signal.SIGTERM)
     assert worker.proc.wait(20) == 0, worker.output()
     wait_for_model(frontend.base, "reverse-bot", present=False, timeout=10)
+    wait_for_model(frontend.base, "reverse-bot-loud", present=False, timeout=10)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="reverse-bot",
                                        messages=[{"role": "user", "content": "hi"}])

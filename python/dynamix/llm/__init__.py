@@ -12,12 +12,18 @@ from typing import Any, Optional
 from dynamix import _core
 
 __all__ = [
+    "EngineType",
+    "KvEventPublisher",
+    "KvRouter",
     "ModelInput",
     "ModelRuntimeConfig",
     "ModelType",
     "RouterConfig",
     "RouterMode",
+    "WorkerMetricsPublisher",
     "WorkerType",
+    "ZmqKvEventPublisher",
+    "ZmqKvEventPublisherConfig",
     "lora_name_to_id",
     "register_llm",
     "register_model",
@@ -392,3 +398,36 @@ async def unregister_model(endpoint: Any, lora_name: Optional[str] = None) -> No
 
 register_llm = register_model
 unregister_llm = unregister_model
+
+
+class _Later:
+    """A Dynamo class dynamix does not provide yet: importable, and constructing it says so."""
+
+    feature = "this feature"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(f"{type(self).__name__}: {self.feature} is not supported by dynamix yet")
+
+
+class KvEventPublisher(_Later):
+    feature = "publishing KV events from Python workers"
+
+
+class ZmqKvEventPublisher(_Later):
+    feature = "publishing KV events over ZMQ"
+
+
+class ZmqKvEventPublisherConfig(_Later):
+    feature = "publishing KV events over ZMQ"
+
+
+class WorkerMetricsPublisher(_Later):
+    feature = "publishing worker load metrics from Python workers"
+
+
+class KvRouter(_Later):
+    feature = "the KV router in Python"
+
+
+class EngineType(_Later):
+    feature = "engine routes"

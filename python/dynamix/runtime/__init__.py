@@ -6,6 +6,7 @@ Python surface and drives handlers on the user's event loop.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import functools
 import inspect
 import logging
@@ -39,6 +40,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("dynamix.runtime")
+
+# Background threads complete awaitables by calling into Python; give any that is doing so at exit
+# the moment it needs before the interpreter finalizes.
+atexit.register(_core.quiesce, 50)
 
 _NAME = re.compile(r"^[a-z0-9_-]+$")
 _BACKENDS = {"etcd": "etcd", "kv_store": "etcd", "mem": "mem"}
@@ -200,9 +205,11 @@ class DistributedRuntime:
         return self._shutdown
 
     async def _close(self) -> None:
-        """Revoke the lease (every key of this process goes at once)."""
+        """Revoke the lease (every key of this process goes at once). Blocking, on purpose: it is the
+        last call before the process exits, and nothing may still be completing in the background
+        when the interpreter finalizes."""
         try:
-            await self._core.revoke()
+            self._core.revoke_blocking()
         except Exception as e:  # the process is ending: say so, do not fail
             log.warning("could not revoke the lease: %s", e)
         _CORES.pop(self._backend, None)

@@ -10,7 +10,7 @@ import sys
 import time
 import uuid
 
-from dynamix.llm import ModelInput, ModelType, WorkerType, register_model
+from dynamix.llm import ModelInput, ModelType, WorkerType, lora_name_to_id, register_model
 from dynamix.llm.exceptions import HttpError
 from dynamix.runtime import dynamo_worker
 from dynamix.runtime.logging import configure_dynamo_logging
@@ -37,6 +37,8 @@ class ReverseBot:
                 raise RuntimeError("exploded mid-stream")
             if context.is_stopped():
                 return
+            if request["model"] == "reverse-bot-loud":  # the LoRA adapter
+                word = word.upper()
             delta = {"content": word + (" " if i + 1 < len(words) else "")}
             if i == 0:
                 delta["role"] = "assistant"
@@ -70,6 +72,11 @@ async def main(runtime):
     common = dict(worker_type=WorkerType.Aggregated)
     await register_model(ModelInput.Text, ModelType.Chat, text, "reverse-bot",
                          model_name="reverse-bot", skip_model_assets=True, **common)
+    await register_model(ModelInput.Text, ModelType.Chat, text, "reverse-bot",
+                         model_name="reverse-bot", lora_name="reverse-bot-loud",
+                         base_model_path="reverse-bot", skip_model_assets=True,
+                         user_data={"lora_adapter": True,
+                                    "lora_id": lora_name_to_id("reverse-bot-loud")}, **common)
     await register_model(ModelInput.Tokens, ModelType.Chat | ModelType.Completions, toks,
                          MODEL_DIR, model_name="tiny", **common)
     print("worker ready", flush=True)
