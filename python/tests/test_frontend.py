@@ -129,3 +129,44 @@ def test_the_compat_runner_serves_an_unmodified_dynamo_script(cluster, tokens_mo
     reply = client_for(frontend).chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "compat"}], max_tokens=6)
     assert reply.choices[0].message.content == expected("compat", 6)
+
+
+def test_a_request_moves_to_another_python_worker_when_its_worker_dies(cluster, tokens_model,
+                                                                       tmp_path):
+    markers = tmp_path / "serving"
+    markers.mkdir()
+    workers = [cluster.worker(f"worker{i}", "alphabet_worker.py", tokens_model,
+                              SERVING_MARKER_DIR=str(markers)) for i in range(2)]
+    for worker in workers:
+        worker.wait_for_output("worker ready")
+    frontend = cluster.frontend("--migration-limit", "3")
+    wait_for_model(frontend.base, "tiny")
+    client = client_for(frontend)
+    # Both workers must be routable before the request, or the frontend has nowhere to move it.
+    deadline = time.time() + 20
+    while time.time() < deadline and len(get_json(f"{frontend.base}/health").get("instances", [])) < 2:
+        time.sleep(0.1)
+    prompt = client.completions.create(model="tiny", prompt="q", max_tokens=1)
+    start = prompt.usage.prompt_tokens  # the next letter is ALPHABET[start % 26]
+    for name in os.listdir(markers):  # from now on, the only marker is the streaming worker's
+        os.remove(markers / name)
+    stream = client.completions.create(model="tiny", prompt="q", max_tokens=40, stream=True)
+    text = ""
+    killed = None
+    for chunk in stream:
+        text += chunk.choices[0].text if chunk.choices else ""
+        if killed is None and len(text) >= 5:
+            for _ in range(50):
+                serving = [int(name) for name in os.listdir(markers)]
+                if serving:
+                    break
+                time.sleep(0.05)
+            assert len(serving) == 1, serving
+            victim = next(w for w in workers if w.proc.pid == serving[0])
+            victim.proc.kill()
+            killed = victim.name
+    alphabet = "abcdefghijklmnopqrstuvwxyz"
+    assert killed is not None
+    # Both workers served the stream: the one killed, then the one it moved to.
+    assert sorted(os.listdir(markers)) == sorted(str(w.proc.pid) for w in workers)
+    assert text == "".join(alphabet[(start + i) % 26] for i in range(40)), text
