@@ -403,7 +403,7 @@ async fn serve_connection(
 /// A request that will be answered on a response stream: where to call home, in which codec, and
 /// its body, or why the body cannot be used (answered as an error item).
 #[derive(Debug)]
-pub struct Accepted {
+pub struct Accepted<B = Value> {
     /// The request id.
     pub id: String,
     /// The call-home address and subject.
@@ -413,12 +413,17 @@ pub struct Accepted {
     /// The control message's metadata.
     pub metadata: Option<serde_json::Map<String, Value>>,
     /// The decoded body.
-    pub body: Result<Value, String>,
+    pub body: Result<B, String>,
 }
 
-/// Decodes a request envelope: control header, then the body in its codec. `Err` (the ACK text)
-/// when there is no usable call-home address.
+/// Decodes a request envelope: control header, then the body in its codec as a JSON value. `Err`
+/// (the ACK text) when there is no usable call-home address.
 pub fn accept(payload: &Bytes) -> Result<Accepted, String> {
+    accept_as(payload)
+}
+
+/// [`accept`] with the body decoded as a `B`.
+pub fn accept_as<B: serde::de::DeserializeOwned>(payload: &Bytes) -> Result<Accepted<B>, String> {
     let message = TwoPartCodec::new(None)
         .decode_message(payload.clone())
         .map_err(|e| format!("cannot decode the request envelope: {e}"))?;
@@ -451,7 +456,7 @@ pub fn accept(payload: &Bytes) -> Result<Accepted, String> {
         Ok(codec) => (
             codec,
             codec
-                .decode::<Value>(message.data())
+                .decode::<B>(message.data())
                 .map_err(|e| format!("cannot decode the request body ({}): {e}", codec.name())),
         ),
         Err(e) => (PayloadCodec::Json, Err(e)),

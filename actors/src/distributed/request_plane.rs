@@ -11,7 +11,7 @@
 //! If the local engine dies mid-stream (its channel closes before a finish), the stream ends without
 //! `complete_final`: the frontend migrates the request, exactly as for a killed worker.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,14 +19,13 @@ use actix::Addr;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tokio_util::codec::{Framed, FramedRead, FramedWrite};
 
 use super::wire::response::{CompletionUsageWire, PromptTokensDetailsWire};
 use super::wire::{PayloadCodec, PreprocessedRequest, StreamItem};
 use crate::codec::messages::{
-    CallHomeHandshake, ControlMessage, RequestControlMessage, ResponseStreamPrologue, StreamType,
-    TcpStreamConnectionInfo,
+    CallHomeHandshake, ControlMessage, ResponseStreamPrologue, StreamType, TcpStreamConnectionInfo,
 };
 use crate::codec::{
     MessageKind, TcpCodecError, TcpRequestCodec, TcpResponseCodec, TcpResponseMessage,
@@ -35,6 +34,9 @@ use crate::codec::{
 use crate::error::{ApiError, ErrorClass};
 use crate::protocol::engine::EngineRequest;
 use crate::router::{KvRouterActor, Route};
+use dynamix_wire::endpoint::{
+    accept_as, dial, header_frame as header, EndpointState, InflightGuard,
+};
 
 /// What the endpoint needs.
 #[derive(Clone)]
@@ -49,57 +51,6 @@ pub struct EndpointSettings {
     pub connect_timeout: Duration,
     /// Capacity of each request's token channel.
     pub stream_buffer: usize,
-}
-
-/// Requests the endpoint is running, and whether it takes new ones.
-#[derive(Default)]
-pub struct EndpointState {
-    inflight: AtomicUsize,
-    draining: AtomicBool,
-    idle: Notify,
-}
-
-impl EndpointState {
-    /// Requests running now.
-    pub fn inflight(&self) -> usize {
-        self.inflight.load(Ordering::Relaxed)
-    }
-
-    /// Refuse new requests ("Server unavailable: ...").
-    pub fn drain(&self) {
-        self.draining.store(true, Ordering::Relaxed);
-    }
-
-    /// Wait until no request runs, at most `timeout`; true when idle.
-    pub async fn wait_idle(&self, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.idle.notified();
-            if self.inflight() == 0 {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.inflight() == 0;
-            }
-        }
-    }
-}
-
-struct InflightGuard(Arc<EndpointState>);
-
-impl InflightGuard {
-    fn new(state: &Arc<EndpointState>) -> Self {
-        state.inflight.fetch_add(1, Ordering::Relaxed);
-        InflightGuard(state.clone())
-    }
-}
-
-impl Drop for InflightGuard {
-    fn drop(&mut self) {
-        if self.0.inflight.fetch_sub(1, Ordering::Relaxed) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
 }
 
 /// A listening endpoint.
@@ -204,7 +155,7 @@ async fn serve_connection(
                 .await;
             continue;
         }
-        if state.draining.load(Ordering::Relaxed) {
+        if state.is_draining() {
             let _ = replies
                 .send(TcpResponseMessage::unavailable("worker is shutting down"))
                 .await;
@@ -215,7 +166,7 @@ async fn serve_connection(
                 if replies.send(TcpResponseMessage::ack()).await.is_err() {
                     return;
                 }
-                let guard = InflightGuard::new(&state);
+                let guard = state.enter();
                 tokio::spawn(handle(accepted, settings.clone(), router.clone(), guard));
             }
             Err(text) => {
@@ -241,80 +192,22 @@ struct Accepted {
     request: Result<EngineRequest, ApiError>,
 }
 
-/// Decodes a request envelope: control header, then the body in its codec. `Err` when there is no
-/// usable call-home address (the ACK text says why); a body that cannot be served is
-/// `Ok` with the error, answered on the stream.
+/// Decodes a request envelope (dynamix-wire's [`accept_as`]) and maps its body to an
+/// [`EngineRequest`]. `Err` when there is no usable call-home address (the ACK text says why); a
+/// body that cannot be served is `Ok` with the error, answered on the stream.
 fn accept(payload: &Bytes) -> Result<Accepted, String> {
-    let message = TwoPartCodec::new(None)
-        .decode_message(payload.clone())
-        .map_err(|e| format!("cannot decode the request envelope: {e}"))?;
-    if message.kind() != MessageKind::HeaderAndData {
-        return Err("the request envelope must have a control header and a body".into());
-    }
-    let control: RequestControlMessage = serde_json::from_slice(message.header())
-        .map_err(|e| format!("cannot decode the control header: {e}"))?;
-    if control.connection_info.transport != "tcp_server" {
-        return Err(format!(
-            "connection_info.transport {:?} is not supported (tcp_server only)",
-            control.connection_info.transport
-        ));
-    }
-    let info: TcpStreamConnectionInfo = serde_json::from_str(&control.connection_info.info)
-        .map_err(|e| format!("cannot decode connection_info.info: {e}"))?;
-    if info.stream_type != StreamType::Response {
-        return Err(format!(
-            "connection_info.info.stream_type {:?} is not a response stream",
-            info.stream_type
-        ));
-    }
-    if info.context != control.id {
-        return Err(format!(
-            "connection_info.info.context {:?} does not match the request id {:?}",
-            info.context, control.id
-        ));
-    }
-    let (codec, request) = match PayloadCodec::parse(control.payload_codec.as_deref()) {
-        Ok(codec) => (
-            codec,
-            codec
-                .decode::<PreprocessedRequest>(message.data())
-                .map_err(|e| format!("cannot decode the request body ({}): {e}", codec.name()))
-                .and_then(|body| body.into_engine_request(control.id.clone()))
-                .map_err(|e| ApiError::new(ErrorClass::BadRequest, e)),
-        ),
-        Err(e) => (
-            PayloadCodec::Json,
-            Err(ApiError::new(ErrorClass::BadRequest, e)),
-        ),
-    };
+    let accepted = accept_as::<PreprocessedRequest>(payload)?;
+    let id = accepted.id;
+    let request = accepted
+        .body
+        .and_then(|body| body.into_engine_request(id.clone()))
+        .map_err(|e| ApiError::new(ErrorClass::BadRequest, e));
     Ok(Accepted {
-        id: control.id,
-        info,
-        codec,
+        id,
+        info: accepted.info,
+        codec: accepted.codec,
         request,
     })
-}
-
-/// Dial back to the requester (retrying while the local address is not yet available).
-async fn dial(address: &str, timeout: Duration) -> Result<TcpStream, String> {
-    let attempt = async {
-        loop {
-            match TcpStream::connect(address).await {
-                Ok(stream) => return Ok(stream),
-                Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
-                    tokio::time::sleep(Duration::from_millis(200)).await
-                }
-                Err(e) => return Err(format!("cannot connect to {address}: {e}")),
-            }
-        }
-    };
-    tokio::time::timeout(timeout, attempt)
-        .await
-        .map_err(|_| format!("connecting to {address} timed out"))?
-}
-
-fn header(value: &impl serde::Serialize) -> TwoPartMessage {
-    TwoPartMessage::header_only(Bytes::from(serde_json::to_vec(value).unwrap_or_default()))
 }
 
 fn data(codec: PayloadCodec, item: &StreamItem) -> Result<TwoPartMessage, String> {
@@ -501,7 +394,9 @@ async fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::messages::{ConnectionInfo, RequestType, ResponseType};
+    use crate::codec::messages::{
+        ConnectionInfo, RequestControlMessage, RequestType, ResponseType,
+    };
 
     fn request() -> EngineRequest {
         EngineRequest {

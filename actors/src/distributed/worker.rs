@@ -59,7 +59,7 @@ impl WorkerHandle {
         }
         self.endpoint.state.drain();
         let running = self.endpoint.state.inflight();
-        if !self.endpoint.state.wait_idle(drain_timeout).await {
+        if !self.endpoint.state.wait_idle(Some(drain_timeout)).await {
             tracing::warn!(
                 running = self.endpoint.state.inflight(),
                 "drain timed out; stopping with requests still running"
