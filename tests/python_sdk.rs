@@ -99,8 +99,11 @@ fn the_python_sdk_suite_passes() {
     install_sdk(&venv);
     let etcd = EtcdServer::start().expect("etcd starts");
     let nats = NatsServer::start().expect("nats-server starts");
-    let output = Command::new(venv.join("bin/python"))
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"])
+    // The venv's `pytest` script, not `python -m pytest`: `-m` puts the working directory first on
+    // sys.path, where the source tree's `dynamix` (without its compiled `_core`) would shadow the
+    // installed package.
+    let output = Command::new(venv.join("bin/pytest"))
+        .args(["-q", "-p", "no:cacheprovider", "tests"])
         .current_dir(repo().join("python"))
         .env("ETCD_ENDPOINTS", etcd.url())
         .env("NATS_SERVER", nats.url())

@@ -355,15 +355,17 @@ def test_compat_runs_an_unmodified_dynamo_script(tmp_path):
         asyncio.run(main())
     """))
     env = dict(os.environ, DYN_DISCOVERY_BACKEND="mem", DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS="0")
+    # cwd: `python -m` puts it first on sys.path, and the source tree's `dynamix` (python/) must not
+    # shadow the installed one.
     done = subprocess.run([sys.executable, "-m", "dynamix.compat", str(script), "ada,grace"],
-                          capture_output=True, text=True, env=env, timeout=60)
+                          capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:2] == ["hello, ada", "hello, grace"]
 
     other = tmp_path / "vllm_worker.py"
     other.write_text("import dynamo.vllm\n")
     done = subprocess.run([sys.executable, "-m", "dynamix.compat", str(other)],
-                          capture_output=True, text=True, env=env, timeout=60)
+                          capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
     assert done.returncode != 0
     assert "dynamo.vllm" in done.stderr and "only dynamo.runtime and dynamo.llm" in done.stderr
 
