@@ -57,8 +57,11 @@ export DYN_NAMESPACE=benchdynamix
 port=$(free_port)
 "$root/target/release/dynamix" frontend --config "$root/configs/frontend.toml" --http-host 127.0.0.1 \
   --http-port "$port" --router-mode round-robin >"$state/frontend-dynamix.log" 2>&1 & pids+=($!)
+stack=("${pids[@]: -2}")
 wait_http "http://127.0.0.1:$port/v1/models" count-bot 60
 run_load dynamix "http://127.0.0.1:$port"
+# Stop it: Dynamo's frontend watches every namespace and would route to this worker too.
+kill "${stack[@]}" 2>/dev/null || true; sleep 1
 
 if [ -x "$DYN_VENV/bin/python" ]; then
   export DYN_NAMESPACE=dynamo
