@@ -4,10 +4,11 @@
 # behind `dynamix frontend`) and under Dynamo 1.6.1 (its own runtime and `dynamo.frontend`), at 1 and
 # 16 concurrent streams of ITEMS chunks. Prints one JSON line per run and a table; asserts nothing.
 #
-# Needs: target/release/dynamix (built if missing); etcd and nats-server (PATH, or the PyPI packages
+# Needs: etcd and nats-server (PATH, or the PyPI packages
 # the tests pull into $DYNAMIX_HOME); Dynamo's venv at DYN_VENV (default: the one tests/dynamo_interop.rs
 # builds, $DYNAMIX_HOME/python/venv-ai-dynamo-1.6.1; the Dynamo half is skipped without it).
-# Env: DURATION (10 s), ITEMS (200), CONCURRENCY ("1 16").
+# Env: DURATION (10 s), ITEMS (200), CONCURRENCY ("1 16"), DYNAMIX_BIN (a built binary; default: build
+# target/release/dynamix).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 home="${DYNAMIX_HOME:-$HOME/.cache/dynamix}"
@@ -29,7 +30,8 @@ wait_http() {  # url pattern seconds
 
 etcd_bin="$(find_bin etcd)"; nats_bin="$(find_bin nats-server)"
 [ -n "$etcd_bin" ] && [ -n "$nats_bin" ] || { echo "etcd/nats-server not found: run the test suite once, or install them" >&2; exit 1; }
-[ -x "$root/target/release/dynamix" ] || cargo build --release --manifest-path "$root/Cargo.toml"
+dynamix="${DYNAMIX_BIN:-$root/target/release/dynamix}"
+[ -n "${DYNAMIX_BIN:-}" ] || cargo build --release --manifest-path "$root/Cargo.toml"
 
 venv="$home/python/venv-sdk-bench"
 if [ ! -x "$venv/bin/python" ]; then python3 -m venv "$venv"; fi
@@ -55,7 +57,7 @@ run_load() {  # label base
 export DYN_NAMESPACE=benchdynamix
 "$venv/bin/python" -m dynamix.compat "$root/benches/sdk/count_worker.py" "$state/tiny" >"$state/worker-dynamix.log" 2>&1 & pids+=($!)
 port=$(free_port)
-"$root/target/release/dynamix" frontend --config "$root/configs/frontend.toml" --http-host 127.0.0.1 \
+"$dynamix" frontend --config "$root/configs/frontend.toml" --http-host 127.0.0.1 \
   --http-port "$port" --router-mode round-robin >"$state/frontend-dynamix.log" 2>&1 & pids+=($!)
 stack=("${pids[@]: -2}")
 wait_http "http://127.0.0.1:$port/v1/models" count-bot 60

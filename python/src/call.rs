@@ -99,22 +99,49 @@ impl Canceller {
     }
 }
 
-/// The responses of one call.
+/// How many responses are read ahead of the Python reader (python-sdk spec §9.5).
+const READ_AHEAD: usize = 64;
+
+/// One read-ahead response: an envelope, an error, or the end.
+type Next = Option<Result<Value, CallError>>;
+
+/// The responses of one call. A task on the background runtime reads them into a bounded buffer,
+/// so a reader that is behind takes the next one without a round trip (`try_next`).
 #[pyclass(frozen, module = "dynamix._core")]
 pub struct CallStream {
-    source: Arc<tokio::sync::Mutex<Source>>,
+    buffer: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Next>>>,
     canceller: Canceller,
     finished: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl CallStream {
-    /// Wrap a source.
-    pub fn new(source: Source) -> Self {
+    /// Start reading `source`. Must run on the background runtime.
+    pub fn new(mut source: Source) -> Self {
+        let canceller = source.canceller();
+        let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
+        tokio::spawn(async move {
+            loop {
+                let next = source.next().await;
+                let last = !matches!(next, Some(Ok(_)));
+                if tx.send(next).await.is_err() || last {
+                    return;
+                }
+            }
+        });
         CallStream {
-            canceller: source.canceller(),
-            source: Arc::new(tokio::sync::Mutex::new(source)),
+            buffer: Arc::new(tokio::sync::Mutex::new(rx)),
+            canceller,
             finished: Arc::default(),
         }
+    }
+}
+
+/// What Python gets for one response.
+fn to_python(next: Next) -> Option<(&'static str, Json)> {
+    match next {
+        None => None,
+        Some(Ok(envelope)) => Some(("item", Json(envelope))),
+        Some(Err(error)) => Some(("error", Json(error_value(&error)))),
     }
 }
 
@@ -141,20 +168,35 @@ fn error_value(error: &CallError) -> Value {
 impl CallStream {
     /// Awaitable: `("item", envelope)`, `("error", {...})`, or `None` at the end.
     fn next<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let source = self.source.clone();
+        let buffer = self.buffer.clone();
         let finished = self.finished.clone();
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let mut source = source.lock().await;
-            let next = source.next().await;
+            // A closed buffer is an end already reported.
+            let next = buffer.lock().await.recv().await.unwrap_or(None);
             if !matches!(next, Some(Ok(_))) {
                 finished.store(true, std::sync::atomic::Ordering::SeqCst);
             }
-            Ok(match next {
-                None => None,
-                Some(Ok(envelope)) => Some(("item", Json(envelope))),
-                Some(Err(error)) => Some(("error", Json(error_value(&error)))),
-            })
+            Ok(to_python(next))
         })
+    }
+
+    /// The next response if one is buffered, as `next()` resolves; the string `"pending"` when
+    /// the caller must await `next()`.
+    fn try_next<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let pending = || Ok(pyo3::types::PyString::new(py, "pending").into_any());
+        let Ok(mut buffer) = self.buffer.try_lock() else {
+            return pending();
+        };
+        let next = match buffer.try_recv() {
+            Ok(next) => next,
+            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => return pending(),
+            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => None,
+        };
+        if !matches!(next, Some(Ok(_))) {
+            self.finished
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        to_python(next).into_pyobject(py)
     }
 
     /// Awaitable: ask the handler to stop (`kill=True`: stop now).

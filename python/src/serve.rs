@@ -106,6 +106,17 @@ impl Sink {
         self.push(py, Reply::Data(value))
     }
 
+    /// Send one item at once if the stream has room for it: `True` when it was taken, `False`
+    /// when the caller must await [`Sink::send`] (full, or the request is gone). Saves the round
+    /// trip through the background runtime for a handler that yields faster than the reader.
+    fn try_send(&self, item: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let value = to_json(item, "the handler yielded")?;
+        Ok(match self.sender() {
+            Some(tx) => tx.try_send(Reply::Data(value)).is_ok(),
+            None => false,
+        })
+    }
+
     /// Send a ready-made Annotated envelope (`data`, `event`, `comment`, `id`).
     fn send_annotated<'py>(
         &self,

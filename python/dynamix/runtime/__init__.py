@@ -425,6 +425,8 @@ class _Driver:
                 try:
                     if isinstance(item, dict) and item.get("_dynamo_annotated") is True:
                         delivered = await sink.send_annotated(item)
+                    elif sink.try_send(item):
+                        delivered = True
                     else:
                         delivered = await sink.send(item)
                 except TypeError as e:
@@ -594,9 +596,13 @@ class _Responses:
         return self
 
     async def __anext__(self) -> Any:
-        if self._done:
+        if self._done or (self._context is not None and self._context.is_stopped()):
+            # Stopped by the caller: what is still read ahead is dropped (spec §5.3).
+            self._done = True
             raise StopAsyncIteration
-        result = await self._stream.next()
+        result = self._stream.try_next()
+        if result == "pending":
+            result = await self._stream.next()
         if result is None:
             self._done = True
             raise StopAsyncIteration
