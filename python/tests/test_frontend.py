@@ -114,6 +114,7 @@ def test_sigterm_takes_the_worker_out_of_discovery(cluster, tokens_model):
             break
         time.sleep(0.2)
     assert not health.get("instances"), health
+    wait_for_model(frontend.base, "tiny", present=False, timeout=10)
 
 
 def test_the_compat_runner_serves_an_unmodified_dynamo_script(cluster, tokens_model, tmp_path):

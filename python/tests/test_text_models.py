@@ -56,6 +56,13 @@ def test_text_and_tokens_models_are_both_served(deployment):
         model="tiny", messages=[{"role": "user", "content": "xyz"}], max_tokens=7)
     assert tokens.choices[0].message.content == "user\nxy"
 
+    # Text-model requests are counted like any other.
+    import urllib.request
+    metrics = urllib.request.urlopen(f"{frontend.base}/metrics", timeout=5).read().decode()
+    counted = [line for line in metrics.splitlines()
+               if line.startswith("dynamo_frontend_requests_total{") and 'model="reverse-bot"' in line]
+    assert counted, metrics[:2000]
+
 
 def test_text_model_errors_keep_their_status_and_the_worker_goes_on(deployment):
     worker, frontend, client = deployment
@@ -106,6 +113,8 @@ def test_a_stopped_workers_text_model_leaves_the_model_list(deployment):
     assert worker.proc.wait(20) == 0, worker.output()
     wait_for_model(frontend.base, "reverse-bot", present=False, timeout=10)
     wait_for_model(frontend.base, "reverse-bot-loud", present=False, timeout=10)
+    # The Tokens model goes too, once no worker serves it.
+    wait_for_model(frontend.base, "tiny", present=False, timeout=10)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="reverse-bot",
                                        messages=[{"role": "user", "content": "hi"}])

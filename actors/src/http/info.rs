@@ -19,12 +19,19 @@ fn model_object(name: &str, context_window: u64) -> Value {
     })
 }
 
-/// Every served model: the chat model, then the embedding model when that family is on.
+/// Every served model: the chat model, then the embedding model when that family is on, then the
+/// workers' Text models.
 fn model_objects(state: &AppState) -> Vec<(String, Value)> {
-    let mut models = vec![(
-        state.model.name.clone(),
-        model_object(&state.model.name, u64::from(state.model.context_length)),
-    )];
+    let mut models = Vec::new();
+    // A frontend of workers lists its model only while a worker serves it, as Dynamo's does: a
+    // model whose last worker stopped leaves the list.
+    let frontend = state.cluster.status.get().is_some();
+    if !frontend || !endpoints_and_instances(state).1.is_empty() {
+        models.push((
+            state.model.name.clone(),
+            model_object(&state.model.name, u64::from(state.model.context_length)),
+        ));
+    }
     if let Some(card) = state.embeddings.as_ref().map(|e| e.card()) {
         models.push((
             card.name.clone(),

@@ -15,10 +15,11 @@ use serde_json::{json, Map, Value};
 
 use super::openai::Accepted;
 use super::request::error_response;
+use super::stream::RequestTracker;
 use super::{Admission, AppState};
 use crate::distributed::text::TextModel;
 use crate::error::{ApiError, ErrorClass};
-use crate::metrics::Endpoint;
+use crate::metrics::{Endpoint, RequestType};
 
 /// The `model` of a request body, if it names a Text model served on this route.
 pub(super) fn lookup(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Option<TextModel> {
@@ -102,6 +103,19 @@ pub(super) async fn serve(
         }
     };
     let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
+    // Counted like every request; a chunk stands for a token (TTFT, ITL, output count), since the
+    // frontend has no tokenizer for a Text model.
+    let request_type = if stream {
+        RequestType::Stream
+    } else {
+        RequestType::Unary
+    };
+    let mut tracker = RequestTracker::new(
+        state
+            .metrics
+            .request_guard(&model.name, endpoint, request_type),
+        0,
+    );
     // Client metadata reaches the handler as `context.metadata` (x-dynamo-meta-<key>).
     let headers: BTreeMap<String, String> = req
         .headers()
@@ -116,7 +130,11 @@ pub(super) async fn serve(
     let request_id = accepted.context.request_id.clone();
     let responses = match models.call(&model, &request_id, &body, headers).await {
         Ok(responses) => responses,
-        Err(e) => return error_response(&call_error(e), overload),
+        Err(e) => {
+            let error = call_error(e);
+            tracker.error(&error);
+            return error_response(&error, overload);
+        }
     };
     let fill = Fill {
         kind,
@@ -128,11 +146,17 @@ pub(super) async fn serve(
         return HttpResponse::Ok()
             .insert_header((CONTENT_TYPE, "text/event-stream"))
             .insert_header((CACHE_CONTROL, "no-cache"))
-            .streaming(sse(responses, fill, overload, accepted.admission));
+            .streaming(sse(responses, fill, overload, tracker, accepted.admission));
     }
-    match fold(responses, &fill).await {
-        Ok(body) => HttpResponse::Ok().json(body),
-        Err(error) => error_response(&error, overload),
+    match fold(responses, &fill, &mut tracker).await {
+        Ok(body) => {
+            tracker.success();
+            HttpResponse::Ok().json(body)
+        }
+        Err(error) => {
+            tracker.error(&error);
+            error_response(&error, overload)
+        }
     }
 }
 
@@ -194,6 +218,7 @@ struct SseState {
     fill: Fill,
     overload: u16,
     done: bool,
+    tracker: RequestTracker,
     _admission: Admission,
 }
 
@@ -201,6 +226,7 @@ fn sse(
     responses: ResponseStream,
     fill: Fill,
     overload: u16,
+    tracker: RequestTracker,
     admission: Admission,
 ) -> impl futures_util::Stream<Item = Result<Bytes, actix_web::Error>> {
     let state = SseState {
@@ -208,6 +234,7 @@ fn sse(
         fill,
         overload,
         done: false,
+        tracker,
         _admission: admission,
     };
     futures_util::stream::unfold(state, |mut state| async move {
@@ -217,19 +244,25 @@ fn sse(
         let frame = match state.responses.next().await {
             None => {
                 state.done = true;
+                state.tracker.success();
                 "data: [DONE]\n\n".to_string()
             }
             Some(Ok(envelope)) => match state.fill.chunk(envelope) {
-                Ok(chunk) => format!("data: {}\n\n", Value::Object(chunk)),
+                Ok(chunk) => {
+                    state.tracker.tokens(1);
+                    format!("data: {}\n\n", Value::Object(chunk))
+                }
                 Err(error) => {
                     tracing::error!("{}", error.message);
                     state.done = true;
+                    state.tracker.error(&error);
                     format!("{}data: [DONE]\n\n", error.sse_frame(state.overload))
                 }
             },
             Some(Err(e)) => {
                 state.done = true;
                 let error = call_error(e);
+                state.tracker.error(&error);
                 format!("{}data: [DONE]\n\n", error.sse_frame(state.overload))
             }
         };
@@ -249,12 +282,17 @@ struct Choice {
 
 /// Fold every chunk into one response (spec §7.2): content concatenated per choice, role
 /// `assistant`, the last `finish_reason`, `usage` from the chunk that had it.
-async fn fold(mut responses: ResponseStream, fill: &Fill) -> Result<Value, ApiError> {
+async fn fold(
+    mut responses: ResponseStream,
+    fill: &Fill,
+    tracker: &mut RequestTracker,
+) -> Result<Value, ApiError> {
     let mut choices: BTreeMap<u64, Choice> = BTreeMap::new();
     let mut head: Option<Map<String, Value>> = None;
     let mut usage = Value::Null;
     while let Some(item) = responses.next().await {
         let chunk = fill.chunk(item.map_err(call_error)?)?;
+        tracker.tokens(1);
         if let Some(u) = chunk.get("usage").filter(|u| !u.is_null()) {
             usage = u.clone();
         }
