@@ -130,7 +130,9 @@ impl Sink {
         self.push(py, Reply::Annotated(value))
     }
 
-    /// End the stream with an error item of Dynamo category (`error_type`, `class`, `reason`).
+    /// End the stream with an error item of Dynamo category (`error_type`, `class`, `reason`), and
+    /// the HTTP status the handler chose, if any (`HttpError`).
+    #[pyo3(signature = (error_type, class, reason, message, status=None))]
     fn error<'py>(
         &self,
         py: Python<'py>,
@@ -138,8 +140,11 @@ impl Sink {
         class: String,
         reason: String,
         message: String,
+        status: Option<u16>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let reply = Reply::Error(DynamoError::new(&error_type, &class, &reason, message));
+        let mut error = DynamoError::new(&error_type, &class, &reason, message);
+        error.status = status;
+        let reply = Reply::Error(error);
         let future = self.push(py, reply);
         self.close();
         future

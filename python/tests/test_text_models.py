@@ -71,8 +71,13 @@ def test_text_model_errors_keep_their_status_and_the_worker_goes_on(deployment):
                                        messages=[{"role": "system", "content": "only"}])
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="reverse-bot",
-                                       messages=[{"role": "user", "content": "forbidden"}])
+                                       messages=[{"role": "user", "content": "missing"}])
     assert "no such conversation" in str(missing.value)
+    # A status no error class has: the handler's HttpError code, with its message.
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        client.chat.completions.create(model="reverse-bot",
+                                       messages=[{"role": "user", "content": "forbidden"}])
+    assert denied.value.status_code == 403 and "not allowed" in str(denied.value)
     with pytest.raises(openai.InternalServerError):
         client.chat.completions.create(model="reverse-bot",
                                        messages=[{"role": "user", "content": "explode now"}])

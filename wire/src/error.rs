@@ -38,6 +38,10 @@ pub struct DynamoError {
     /// Client-safe details.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public: Option<PublicMessage>,
+    /// dynamix: the HTTP status the handler chose (the Python SDK's `HttpError(code, ...)`), for a
+    /// code no class expresses. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
 }
 
 impl DynamoError {
@@ -54,6 +58,7 @@ impl DynamoError {
                 message: Some(message.clone()),
             }),
             message: Some(message),
+            status: None,
         }
     }
 

@@ -110,6 +110,9 @@ pub struct ApiError {
     /// Set when the actor handling the request failed and is being restarted: the typed signal the
     /// serving path retries on (never parsed from text). Stays inside the process.
     pub restarted: Option<ActorKind>,
+    /// An HTTP status chosen by a worker's handler (`HttpError(code, ...)` in the Python SDK) that
+    /// no class expresses; it replaces the class's status in bodies and frames.
+    pub status: Option<u16>,
 }
 
 impl ApiError {
@@ -120,6 +123,7 @@ impl ApiError {
             message: message.into(),
             details: None,
             restarted: None,
+            status: None,
         }
     }
 
@@ -158,6 +162,7 @@ impl ApiError {
             message: "Service temporarily overloaded".into(),
             details: Some(details),
             restarted: None,
+            status: None,
         }
     }
 
@@ -179,6 +184,18 @@ impl ApiError {
         error
     }
 
+    /// Answer with `status` instead of the class's (400-599; other values are ignored).
+    pub fn with_status(mut self, status: u16) -> Self {
+        self.status = (400..=599).contains(&status).then_some(status);
+        self
+    }
+
+    /// The HTTP status: the one set with [`Self::with_status`], else the class's.
+    pub fn status(&self, overload_status: u16) -> u16 {
+        self.status
+            .unwrap_or_else(|| self.class.status(overload_status))
+    }
+
     /// Attach structured details.
     pub fn with_details(mut self, details: Value) -> Self {
         self.details = Some(details);
@@ -187,7 +204,7 @@ impl ApiError {
 
     /// The flat error body `{"message","type","code"}` (plus `details` when present).
     pub fn body(&self, overload_status: u16) -> Value {
-        let code = self.class.status(overload_status);
+        let code = self.status(overload_status);
         let mut body = json!({
             "message": self.message,
             "type": reason_phrase(code, overload_status, self.class),
@@ -211,7 +228,7 @@ impl ApiError {
         let frame = json!({"error": {
             "message": message,
             "type": self.class.stream_slug(),
-            "code": self.class.status(overload_status),
+            "code": self.status(overload_status),
         }});
         format!("data: {frame}\n\n")
     }
@@ -227,7 +244,11 @@ fn reason_phrase(code: u16, overload_status: u16, class: ErrorClass) -> &'static
         404 => "Not Found",
         405 => "Method Not Allowed",
         413 => "Payload Too Large",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        409 => "Conflict",
         415 => "Unsupported Media Type",
+        422 => "Unprocessable Entity",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         499 => "Client Closed Request",

@@ -54,7 +54,7 @@ const MAX_METADATA_BYTES: usize = 64 * 1024;
 
 /// Render `error` as the flat JSON error body with its status.
 pub fn error_response(error: &ApiError, overload_status: u16) -> HttpResponse {
-    let status = error.class.status(overload_status);
+    let status = error.status(overload_status);
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     HttpResponse::build(code).json(error.body(overload_status))
 }

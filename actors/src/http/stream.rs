@@ -401,7 +401,7 @@ impl Framer for ResponsesFramer {
 
     fn error(&mut self, error: &ApiError, overload_status: u16) -> String {
         self.builder
-            .failed_event(error.class.status(overload_status), &error.message)
+            .failed_event(error.status(overload_status), &error.message)
             + "data: [DONE]\n\n"
     }
 

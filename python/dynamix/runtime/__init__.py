@@ -350,7 +350,8 @@ def _wants_context(handler: Callable) -> bool:
 
 
 def _classify(error: BaseException) -> tuple:
-    """(error_type, class, reason, message) of a handler's exception, as Dynamo's bindings do."""
+    """(error_type, class, reason, message, status) of a handler's exception, as Dynamo's bindings
+    do; status is the HttpError's code, else None."""
     text = f"{type(error).__name__}: {error}"
     if isinstance(error, HttpError):
         code = error.code
@@ -367,14 +368,14 @@ def _classify(error: BaseException) -> tuple:
         kind = kinds.get(code)
         if kind is None:
             kind = kinds[400] if 400 <= code < 500 else ("Internal", "Internal", "runtime.internal")
-        return (*kind, error.message)
+        return (*kind, error.message, code)
     if isinstance(error, (ValueError, TypeError, InvalidArgument)):
-        return ("InvalidArgument", "InvalidRequest", "request.invalid_argument", text)
+        return ("InvalidArgument", "InvalidRequest", "request.invalid_argument", text, None)
     if isinstance(error, (asyncio.CancelledError, Cancelled)):
-        return ("Cancelled", "Cancelled", "request.cancelled", text)
+        return ("Cancelled", "Cancelled", "request.cancelled", text, None)
     if isinstance(error, (EngineShutdown, ConnectionError, TimeoutError, GeneratorExit)):
-        return ("Disconnected", "Unavailable", "backend.unavailable", text)
-    return ("Internal", "Internal", "runtime.internal", text)
+        return ("Disconnected", "Unavailable", "backend.unavailable", text, None)
+    return ("Internal", "Internal", "runtime.internal", text, None)
 
 
 class _InvalidResponse(RuntimeError):
@@ -454,7 +455,7 @@ class _Driver:
                 if isinstance(error, (KeyboardInterrupt, SystemExit)):
                     raise
                 return
-            error_type, klass, reason, message = _classify(error)
+            error_type, klass, reason, message, status = _classify(error)
             if error_type == "Internal" or not isinstance(error, Exception):
                 log.error("handler of %s failed on request %s", self.endpoint, context.id(),
                           exc_info=error)
@@ -462,7 +463,7 @@ class _Driver:
                 log.warning("handler of %s rejected request %s: %s", self.endpoint,
                             context.id(), message)
             try:
-                await sink.error(error_type, klass, reason, message)
+                await sink.error(error_type, klass, reason, message, status)
             except Exception as send_error:
                 log.warning("could not report the error of request %s: %s", context.id(),
                             send_error)

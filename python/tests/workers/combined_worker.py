@@ -28,6 +28,8 @@ class ReverseBot:
             raise ValueError("no user message")
         text = str(user_turns[-1]["content"])
         if text == "forbidden":
+            raise HttpError(403, "not allowed")
+        if text == "missing":
             raise HttpError(404, "no such conversation")
         words = text.split()[::-1]
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",

@@ -101,6 +101,7 @@ impl From<&ApiError> for DynamoError {
                 kind: "message".into(),
                 message: Some(error.message.clone()),
             }),
+            status: error.status,
         }
     }
 }
@@ -128,6 +129,12 @@ impl From<&DynamoError> for ApiError {
                     error.reason.as_deref().unwrap_or("no reason given")
                 )
             });
-        ApiError::new(class, message)
+        let error_out = ApiError::new(class, message);
+        // A handler's own status: 4xx as chosen; 5xx other than 503 and 529 become 500 (the
+        // class's), as Dynamo's frontend does (frontend spec §1.3).
+        match error.status {
+            Some(code @ 400..=499) | Some(code @ (503 | 529)) => error_out.with_status(code),
+            _ => error_out,
+        }
     }
 }

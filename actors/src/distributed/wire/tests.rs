@@ -436,3 +436,26 @@ fn event_registration_records_match_dynamos() {
     );
     assert_eq!(source["publisher_id"], 0x72e252ec398c7u64);
 }
+
+#[test]
+fn a_handlers_own_status_survives_for_4xx_and_503_only() {
+    let with = |status: u16, error_type: &str, class: &str| {
+        let mut error = DynamoError::new(error_type, class, "r", "why");
+        error.status = Some(status);
+        ApiError::from(&error)
+    };
+    let forbidden = with(403, "InvalidArgument", "InvalidRequest");
+    assert_eq!(forbidden.status(429), 403);
+    assert_eq!(forbidden.body(429)["type"], "Forbidden");
+    assert_eq!(forbidden.message, "why");
+    assert_eq!(with(503, "Unavailable", "Unavailable").status(429), 503);
+    let bad_gateway = with(502, "Internal", "Internal");
+    assert_eq!(
+        (bad_gateway.class, bad_gateway.status(429)),
+        (ErrorClass::Internal, 500)
+    );
+    // Without a status, the class decides, and the field is not written.
+    let plain = DynamoError::new("NotFound", "NotFound", "request.not_found", "gone");
+    assert_eq!(ApiError::from(&plain).status(429), 404);
+    assert!(!serde_json::to_string(&plain).unwrap().contains("status"));
+}
