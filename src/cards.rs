@@ -19,6 +19,92 @@ use crate::RunError;
 /// How often the frontend looks for a card while none is there, and how often it says so.
 const POLL: Duration = Duration::from_secs(1);
 const WAITING_LOG: Duration = Duration::from_secs(10);
+/// How long a frontend that sees only Text-model cards waits for a Tokens card on its endpoint
+/// before it serves the Text models alone.
+const TEXT_ONLY_AFTER: Duration = Duration::from_secs(3);
+
+/// The prefix of the Text-model cards a frontend serves: every namespace, or only
+/// `distributed.namespace` when it is not the built-in one (python-sdk spec §7).
+pub fn text_card_prefix(config: &Config) -> String {
+    let default = dynamix_actors::distributed::DistributedConfig::default().namespace;
+    if config.distributed.namespace == default {
+        "v1/mdc/".to_string()
+    } else {
+        format!("v1/mdc/{}/", config.distributed.namespace)
+    }
+}
+
+/// Whether any card under `prefix` is a Text model's.
+async fn text_cards_exist(config: &Config, prefix: &str) -> Result<bool, RunError> {
+    let records = discovery::list_prefix(&config.distributed, prefix)
+        .await
+        .map_err(|e| RunError::Distributed(e.to_string()))?;
+    // Read loosely: a Text card may name no files, which a Tokens card's validation refuses.
+    Ok(records.iter().any(|(_, value)| {
+        serde_json::from_slice::<serde_json::Value>(value).is_ok_and(|record| {
+            record
+                .pointer("/card_json/model_input")
+                .and_then(|v| v.as_str())
+                == Some("Text")
+        })
+    }))
+}
+
+/// The tokenizer of a frontend that serves Text models only: bytes (ids 0-255) and ChatML's
+/// special tokens. Its own model is never listed (no worker serves it), so nothing is ever
+/// tokenized with it; the serving path needs one to start.
+pub fn placeholder_tokenizer() -> Result<Arc<ModelTokenizer>, RunError> {
+    use serde_json::{json, Map, Value};
+    // GPT-2's reversible byte -> printable character map.
+    let mut visible: Vec<u32> = (u32::from('!')..=u32::from('~'))
+        .chain(u32::from('¡')..=u32::from('¬'))
+        .chain(u32::from('®')..=u32::from('ÿ'))
+        .collect();
+    let mut chars = visible.clone();
+    let mut extra = 0;
+    for byte in 0..256u32 {
+        if !visible.contains(&byte) {
+            visible.push(byte);
+            chars.push(256 + extra);
+            extra += 1;
+        }
+    }
+    let mut vocab = Map::new();
+    for (byte, ch) in visible.iter().zip(&chars) {
+        let text = char::from_u32(*ch).map(String::from).unwrap_or_default();
+        vocab.insert(text, json!(byte));
+    }
+    let special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+    let added: Vec<Value> = special
+        .iter()
+        .enumerate()
+        .map(|(i, token)| {
+            vocab.insert(token.to_string(), json!(256 + i));
+            json!({"id": 256 + i, "content": token, "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+                            "use_regex": true});
+    let tokenizer = json!({
+        "version": "1.0", "added_tokens": added, "normalizer": null,
+        "pre_tokenizer": byte_level, "post_processor": null, "decoder": byte_level,
+        "model": {"type": "BPE", "vocab": vocab, "merges": []},
+    });
+    let config = json!({"eos_token": "<|im_end|>", "bos_token": "<|endoftext|>",
+                        "model_max_length": 4096});
+    let tokenizer_json = tokenizer.to_string();
+    let config_json = config.to_string();
+    ModelTokenizer::from_hf(&dynamix_actors::tokenizer::HfTokenizerFiles {
+        tokenizer_json: tokenizer_json.as_bytes(),
+        tokenizer_config_json: Some(config_json.as_bytes()),
+        chat_template: None,
+        generation_config_json: None,
+        config_json: None,
+    })
+    .map(Arc::new)
+    .map_err(|e| RunError::Model(format!("cannot build the placeholder tokenizer: {e}")))
+}
 
 /// The tokenizer of a Hugging Face model directory (`model.path`).
 pub fn tokenizer_from_dir(dir: &Path) -> Result<Arc<ModelTokenizer>, RunError> {
@@ -89,6 +175,8 @@ pub async fn frontend_model(
     let started = Instant::now();
     let mut logged: Option<Instant> = None;
     let mut skipped = std::collections::HashSet::new();
+    let text_prefix = text_card_prefix(&config);
+    let mut text_seen: Option<Instant> = None;
     loop {
         let records = discovery::list_prefix(&config.distributed, &prefix)
             .await
@@ -136,6 +224,20 @@ pub async fn frontend_model(
                 }
             }
         }
+        // Only Text models so far: serve them rather than wait forever for a Tokens card.
+        if text_seen.is_none() && text_cards_exist(&config, &text_prefix).await? {
+            text_seen = Some(Instant::now());
+        }
+        if text_seen.is_some_and(|at| at.elapsed() >= TEXT_ONLY_AFTER) {
+            tracing::warn!(
+                prefix,
+                "no Tokens model's card on this frontend's endpoint: serving the workers' Text models only (a Tokens model that registers later is not picked up; restart the frontend)"
+            );
+            return Ok(Some(CardChoice {
+                config,
+                tokenizer: Some(placeholder_tokenizer()?),
+            }));
+        }
         if logged.is_none_or(|at| at.elapsed() >= WAITING_LOG) {
             tracing::info!(
                 prefix,
@@ -158,5 +260,20 @@ fn apply(config: &mut Config, name: &str, block_size: usize) {
         config.router.kv_cache_block_size = Some(block_size);
         config.mocker.block_size = block_size;
         config.gpu_engine.block_size = block_size;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_placeholder_tokenizer_is_bytes_and_chatml_specials() {
+        let tokenizer = placeholder_tokenizer().unwrap();
+        assert_eq!(tokenizer.vocab_size(), 259);
+        let ids = tokenizer.encode("hé!").unwrap();
+        assert_eq!(ids, vec![b'h' as u32, 0xc3, 0xa9, b'!' as u32]);
+        assert_eq!(tokenizer.decode(&ids, true).unwrap(), "hé!");
+        assert_eq!(tokenizer.eos_token_ids(), &[258]);
     }
 }

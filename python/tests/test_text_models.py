@@ -123,3 +123,19 @@ def test_a_stopped_workers_text_model_leaves_the_model_list(deployment):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="reverse-bot",
                                        messages=[{"role": "user", "content": "hi"}])
+
+
+def test_a_frontend_serves_text_models_alone(cluster):
+    worker = cluster.worker("worker", "reverse_bot.py")
+    worker.wait_for_output("worker ready")
+    frontend = cluster.frontend()
+    # No Tokens card anywhere: after a short wait the frontend serves the Text model alone, and
+    # lists nothing else.
+    assert wait_for_model(frontend.base, "reverse-bot") == ["reverse-bot"]
+    client = openai.OpenAI(base_url=f"{frontend.base}/v1", api_key="unused", max_retries=0,
+                           timeout=30)
+    reply = client.chat.completions.create(
+        model="reverse-bot", messages=[{"role": "user", "content": "hello text world"}])
+    assert reply.choices[0].message.content == "world text hello"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}])
