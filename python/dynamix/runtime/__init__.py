@@ -785,6 +785,3 @@ def dynamo_endpoint(request_model: Any = None, response_model: Any = None) -> Ca
 
     return decorator
 
-
-# Exported for users who catch them from here.
-DynamoException = DynamoException
