@@ -56,6 +56,21 @@ def test_text_and_tokens_models_are_both_served(deployment):
         model="tiny", messages=[{"role": "user", "content": "xyz"}], max_tokens=7)
     assert tokens.choices[0].message.content == "user\nxy"
 
+    # A Text-model request in flight shows in /health, like any other.
+    from conftest import get_json
+    words = " ".join(f"w{i}" for i in range(100))
+    stream = client.chat.completions.create(
+        model="reverse-bot", messages=[{"role": "user", "content": words}], stream=True)
+    seen = []
+    for n, chunk in enumerate(stream):
+        if n == 2:
+            seen.append(get_json(f"{frontend.base}/health")["inflight_requests"])
+    assert seen == [1], seen
+    deadline = time.time() + 5  # the server drops the entry just after the last frame
+    while get_json(f"{frontend.base}/health")["inflight_requests"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert get_json(f"{frontend.base}/health")["inflight_requests"] == 0
+
     # Text-model requests are counted like any other.
     import urllib.request
     metrics = urllib.request.urlopen(f"{frontend.base}/metrics", timeout=5).read().decode()

@@ -102,14 +102,15 @@ impl TextModels {
             .unwrap_or_default()
     }
 
-    /// Send `body` to the next instance of `model` (round-robin); the stream of its chunks.
+    /// Send `body` to the next instance of `model` (round-robin): that instance's id and the stream
+    /// of its chunks.
     pub async fn call(
         &self,
         model: &TextModel,
         request_id: &str,
         body: &Value,
         headers: BTreeMap<String, String>,
-    ) -> Result<ResponseStream, dynamix_wire::client::CallError> {
+    ) -> Result<(u64, ResponseStream), dynamix_wire::client::CallError> {
         use dynamix_wire::client::CallError;
         if model.instances.is_empty() {
             return Err(CallError::Unavailable(format!(
@@ -120,7 +121,8 @@ impl TextModels {
         let instance =
             &model.instances[self.next.fetch_add(1, Ordering::Relaxed) % model.instances.len()];
         let target = instance.tcp_target().map_err(CallError::Unavailable)?;
-        self.client
+        let stream = self
+            .client
             .call(Call {
                 target: &target,
                 codec: instance.codec(),
@@ -128,7 +130,8 @@ impl TextModels {
                 body,
                 headers,
             })
-            .await
+            .await?;
+        Ok((instance.instance_id, stream))
     }
 }
 

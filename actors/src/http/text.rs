@@ -128,8 +128,8 @@ pub(super) async fn serve(
         })
         .collect();
     let request_id = accepted.context.request_id.clone();
-    let responses = match models.call(&model, &request_id, &body, headers).await {
-        Ok(responses) => responses,
+    let (inflight, responses) = match models.call(&model, &request_id, &body, headers).await {
+        Ok((instance, responses)) => (state.inflight.register(&request_id, 0, instance), responses),
         Err(e) => {
             let error = call_error(e);
             tracker.error(&error);
@@ -146,15 +146,22 @@ pub(super) async fn serve(
         return HttpResponse::Ok()
             .insert_header((CONTENT_TYPE, "text/event-stream"))
             .insert_header((CACHE_CONTROL, "no-cache"))
-            .streaming(sse(responses, fill, overload, tracker, accepted.admission));
+            .streaming(sse(
+                responses,
+                fill,
+                overload,
+                Progress { tracker, inflight },
+                accepted.admission,
+            ));
     }
-    match fold(responses, &fill, &mut tracker).await {
+    let mut progress = Progress { tracker, inflight };
+    match fold(responses, &fill, &mut progress).await {
         Ok(body) => {
-            tracker.success();
+            progress.tracker.success();
             HttpResponse::Ok().json(body)
         }
         Err(error) => {
-            tracker.error(&error);
+            progress.tracker.error(&error);
             error_response(&error, overload)
         }
     }
@@ -213,12 +220,29 @@ fn not_a_chunk(data: &Value) -> ApiError {
     )
 }
 
+/// A request's metrics and its in-flight registry entry (dropped when the request ends).
+struct Progress {
+    tracker: RequestTracker,
+    inflight: crate::gateway::inflight::InflightHandle,
+}
+
+impl Progress {
+    /// One chunk delivered.
+    fn chunk(&mut self) {
+        self.tracker.tokens(1);
+        self.inflight
+            .entry()
+            .tokens
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 struct SseState {
     responses: ResponseStream,
     fill: Fill,
     overload: u16,
     done: bool,
-    tracker: RequestTracker,
+    progress: Progress,
     _admission: Admission,
 }
 
@@ -226,7 +250,7 @@ fn sse(
     responses: ResponseStream,
     fill: Fill,
     overload: u16,
-    tracker: RequestTracker,
+    progress: Progress,
     admission: Admission,
 ) -> impl futures_util::Stream<Item = Result<Bytes, actix_web::Error>> {
     let state = SseState {
@@ -234,7 +258,7 @@ fn sse(
         fill,
         overload,
         done: false,
-        tracker,
+        progress,
         _admission: admission,
     };
     futures_util::stream::unfold(state, |mut state| async move {
@@ -244,25 +268,25 @@ fn sse(
         let frame = match state.responses.next().await {
             None => {
                 state.done = true;
-                state.tracker.success();
+                state.progress.tracker.success();
                 "data: [DONE]\n\n".to_string()
             }
             Some(Ok(envelope)) => match state.fill.chunk(envelope) {
                 Ok(chunk) => {
-                    state.tracker.tokens(1);
+                    state.progress.chunk();
                     format!("data: {}\n\n", Value::Object(chunk))
                 }
                 Err(error) => {
                     tracing::error!("{}", error.message);
                     state.done = true;
-                    state.tracker.error(&error);
+                    state.progress.tracker.error(&error);
                     format!("{}data: [DONE]\n\n", error.sse_frame(state.overload))
                 }
             },
             Some(Err(e)) => {
                 state.done = true;
                 let error = call_error(e);
-                state.tracker.error(&error);
+                state.progress.tracker.error(&error);
                 format!("{}data: [DONE]\n\n", error.sse_frame(state.overload))
             }
         };
@@ -285,14 +309,14 @@ struct Choice {
 async fn fold(
     mut responses: ResponseStream,
     fill: &Fill,
-    tracker: &mut RequestTracker,
+    progress: &mut Progress,
 ) -> Result<Value, ApiError> {
     let mut choices: BTreeMap<u64, Choice> = BTreeMap::new();
     let mut head: Option<Map<String, Value>> = None;
     let mut usage = Value::Null;
     while let Some(item) = responses.next().await {
         let chunk = fill.chunk(item.map_err(call_error)?)?;
-        tracker.tokens(1);
+        progress.chunk();
         if let Some(u) = chunk.get("usage").filter(|u| !u.is_null()) {
             usage = u.clone();
         }
