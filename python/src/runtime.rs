@@ -135,6 +135,53 @@ impl Inner {
     }
 }
 
+/// Whether a NATS server answers at `urls` (`NATS_SERVER`: `nats://host:port`, comma-separated;
+/// the first that answers wins): it greets every client with an `INFO {...}` line. The SDK
+/// publishes nothing on NATS yet; this only makes a wrong address fail at start, naming it.
+fn nats_reachable(urls: &str, timeout: Duration) -> Result<(), String> {
+    use std::io::Read;
+    use std::net::ToSocketAddrs;
+    let mut failures = Vec::new();
+    for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+        let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+        let address = if rest.contains(':') {
+            rest.to_string()
+        } else {
+            format!("{rest}:4222")
+        };
+        let attempt = (|| {
+            let addr = address
+                .to_socket_addrs()
+                .map_err(|e| format!("cannot resolve it: {e}"))?
+                .next()
+                .ok_or("it resolves to no address")?;
+            let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+                .map_err(|e| format!("cannot connect: {e}"))?;
+            stream
+                .set_read_timeout(Some(timeout))
+                .map_err(|e| e.to_string())?;
+            let mut greeting = [0u8; 5];
+            stream
+                .read_exact(&mut greeting)
+                .map_err(|e| format!("no greeting: {e}"))?;
+            if &greeting == b"INFO " {
+                Ok(())
+            } else {
+                Err("it is not a NATS server (no INFO greeting)".to_string())
+            }
+        })();
+        match attempt {
+            Ok(()) => return Ok(()),
+            Err(e) => failures.push(format!("{url}: {e}")),
+        }
+    }
+    Err(format!(
+        "cannot reach NATS at NATS_SERVER ({})",
+        failures.join("; ")
+    ))
+}
+
 /// The process's connection to its deployment.
 #[pyclass(frozen, module = "dynamix._core")]
 pub struct Runtime {
@@ -146,7 +193,7 @@ impl Runtime {
     /// Connect (`etcd`: to the first endpoint that answers, and grant the primary lease) or set up
     /// the process-local store (`mem`). Blocks, without the GIL, for at most the connect timeout.
     #[new]
-    #[pyo3(signature = (backend, etcd_endpoints, host, port, lease_ttl_secs, connect_timeout_secs, request_timeout_secs, max_message_size))]
+    #[pyo3(signature = (backend, etcd_endpoints, host, port, lease_ttl_secs, connect_timeout_secs, request_timeout_secs, max_message_size, nats_server=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -158,6 +205,7 @@ impl Runtime {
         connect_timeout_secs: f64,
         request_timeout_secs: f64,
         max_message_size: usize,
+        nats_server: Option<String>,
     ) -> PyResult<Self> {
         let seconds = |name: &str, value: f64| {
             if value.is_finite() && value > 0.0 {
@@ -196,6 +244,10 @@ impl Runtime {
                     ))
                 });
                 let store = store.map_err(PyConnectionError::new_err)?;
+                if let Some(url) = nats_server.as_deref().filter(|u| !u.trim().is_empty()) {
+                    py.detach(|| nats_reachable(url, connect_timeout))
+                        .map_err(PyConnectionError::new_err)?;
+                }
                 let id = store.lease() as u64;
                 (Store::Etcd(Box::new(store)), id)
             }

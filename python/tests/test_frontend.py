@@ -171,3 +171,31 @@ def test_a_request_moves_to_another_python_worker_when_its_worker_dies(cluster, 
     # Both workers served the stream: the one killed, then the one it moved to.
     assert sorted(os.listdir(markers)) == sorted(str(w.proc.pid) for w in workers)
     assert text == "".join(alphabet[(start + i) % 26] for i in range(40)), text
+
+
+def test_unreachable_etcd_or_nats_is_a_connection_error_naming_the_address(cluster, tmp_path):
+    import subprocess
+    import sys
+    from conftest import free_port
+
+    script = ("import asyncio\n"
+              "from dynamix.runtime import DistributedRuntime\n"
+              "async def main():\n"
+              "    try:\n"
+              "        DistributedRuntime(asyncio.get_running_loop(), 'etcd')\n"
+              "        print('connected')\n"
+              "    except ConnectionError as e:\n"
+              "        print('ConnectionError:', e)\n"
+              "asyncio.run(main())\n")
+    closed = free_port()
+    cases = [
+        (dict(ETCD_ENDPOINTS=f"http://127.0.0.1:{closed}"), f"127.0.0.1:{closed}"),
+        (dict(NATS_SERVER=f"nats://127.0.0.1:{closed}"), f"nats://127.0.0.1:{closed}"),
+        ({}, "connected"),
+    ]
+    for extra, expected in cases:
+        env = dict(cluster.env, DYN_TCP_CONNECT_TIMEOUT="2", **extra)
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              env=env, timeout=60, cwd=tmp_path)
+        assert expected in done.stdout, (extra, done.stdout, done.stderr)
+        assert ("ConnectionError" in done.stdout) == bool(extra), done.stdout

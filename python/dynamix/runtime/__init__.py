@@ -106,6 +106,7 @@ def _core_runtime(backend: str) -> "_core.Runtime":
             _env_float("DYN_TCP_CONNECT_TIMEOUT", 5.0),
             _env_float("DYN_TCP_REQUEST_TIMEOUT", 5.0),
             _env_int("DYN_TCP_MAX_MESSAGE_SIZE", 32 * 1024 * 1024, minimum=1024),
+            os.environ.get("NATS_SERVER") if backend == "etcd" else None,
         )
         _CORES[backend] = core
     return core
