@@ -88,12 +88,16 @@ impl MemStore {
     }
 }
 
-/// The etcd backend: a connection and the process's primary lease, renewed in the background.
+/// The etcd backend: a connection and the process's primary lease, renewed in the background. When
+/// etcd says the lease is gone (it expired while etcd or this process was unreachable, or someone
+/// revoked it), the renewer grants a new one and announces it on [`EtcdStore::leases`]: the
+/// runtime then registers everything again under the new id.
 pub struct EtcdStore {
     client: Client,
-    lease: i64,
+    lease: Arc<std::sync::atomic::AtomicI64>,
     renewal: tokio::task::JoinHandle<()>,
-    /// Set once etcd says the lease no longer exists.
+    leases: watch::Receiver<i64>,
+    /// Set once a lease was lost (even if a new one was granted since).
     pub lease_lost: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -135,33 +139,49 @@ impl EtcdStore {
                 )
             })??;
         let lease_lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let current = Arc::new(std::sync::atomic::AtomicI64::new(lease));
+        let (announce, leases) = watch::channel(lease);
         let renewal = tokio::spawn(renew(
             client.clone(),
-            lease,
-            Duration::from_secs_f64((ttl as f64 / 3.0).max(0.5)),
-            lease_lost.clone(),
+            Renewal {
+                ttl,
+                period: Duration::from_secs_f64((ttl as f64 / 3.0).max(0.5)),
+                current: current.clone(),
+                lost: lease_lost.clone(),
+                announce,
+            },
         ));
         Ok(EtcdStore {
             client,
-            lease,
+            lease: current,
             renewal,
+            leases,
             lease_lost,
         })
     }
 
-    /// The lease id (the instance id).
+    /// The current lease id (the instance id).
     pub fn lease(&self) -> i64 {
-        self.lease
+        self.lease.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Ticks with the new lease id whenever a lost lease was replaced.
+    pub fn leases(&self) -> watch::Receiver<i64> {
+        self.leases.clone()
     }
 }
 
-/// Keep-alives every `period`; reconnects the stream when it breaks.
-async fn renew(
-    mut client: Client,
-    lease: i64,
+struct Renewal {
+    ttl: i64,
     period: Duration,
+    current: Arc<std::sync::atomic::AtomicI64>,
     lost: Arc<std::sync::atomic::AtomicBool>,
-) {
+    announce: watch::Sender<i64>,
+}
+
+/// Keep-alives every `period`; reconnects the stream when it breaks; replaces a lost lease.
+async fn renew(mut client: Client, renewal: Renewal) {
+    let mut lease = renewal.current.load(std::sync::atomic::Ordering::SeqCst);
     loop {
         let (keeper, mut answers) = match client.lease_keep_alive(lease).await {
             Ok(pair) => pair,
@@ -174,23 +194,43 @@ async fn renew(
                 continue;
             }
         };
+        let mut gone = false;
         loop {
-            match tokio::time::timeout(period * 2, answers.message()).await {
+            match tokio::time::timeout(renewal.period * 2, answers.message()).await {
                 Ok(Ok(Some(answer))) if answer.ttl > 0 => {}
                 Ok(Ok(Some(_))) => {
-                    tracing::error!(
-                        lease = format!("{lease:x}"),
-                        "the etcd lease expired: this process's endpoints and models left discovery"
-                    );
-                    lost.store(true, std::sync::atomic::Ordering::SeqCst);
-                    return;
+                    gone = true;
+                    break;
                 }
                 _ => break,
             }
-            tokio::time::sleep(period).await;
+            tokio::time::sleep(renewal.period).await;
             if keeper.keep_alive().is_err() {
                 break;
             }
+        }
+        if gone {
+            tracing::error!(
+                lease = format!("{lease:x}"),
+                "the etcd lease is gone: this process's endpoints and models left discovery; registering them again under a new lease"
+            );
+            renewal
+                .lost
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            lease = loop {
+                match client.lease_grant(renewal.ttl).await {
+                    Ok(granted) => break granted.id,
+                    Err(e) => {
+                        tracing::warn!("cannot grant a new etcd lease: {e}");
+                        tokio::time::sleep(RETRY).await;
+                    }
+                }
+            };
+            renewal
+                .current
+                .store(lease, std::sync::atomic::Ordering::SeqCst);
+            let _ = renewal.announce.send(lease);
+            continue;
         }
         tokio::time::sleep(RETRY).await;
     }
@@ -215,7 +255,7 @@ impl Store {
             Store::Etcd(store) => store
                 .client
                 .clone()
-                .put(key, value, store.lease)
+                .put(key, value, store.lease())
                 .await
                 .map(drop)
                 .map_err(|e| format!("etcd put {key}: {e}")),
@@ -263,7 +303,7 @@ impl Store {
                 store
                     .client
                     .clone()
-                    .lease_revoke(store.lease)
+                    .lease_revoke(store.lease())
                     .await
                     .map_err(|e| format!("etcd lease revoke: {e}"))
             }

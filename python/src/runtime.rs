@@ -28,14 +28,26 @@ struct Settings {
     max_message_size: usize,
 }
 
+/// One endpoint this process serves.
+struct Served {
+    names: (String, String, String),
+    state: Arc<EndpointState>,
+}
+
+/// A model card this process published: `(ns, comp, ep, lora slug)` → its record.
+type Cards = BTreeMap<(String, String, String, Option<String>), serde_json::Value>;
+
 struct Inner {
     store: Store,
-    instance_id: u64,
+    /// The lease id (etcd), which changes when a lost lease is replaced.
+    instance_id: std::sync::atomic::AtomicU64,
     settings: Settings,
     server: OnceCell<Arc<EndpointServer>>,
     client: OnceCell<Arc<EndpointClient>>,
-    /// Endpoint states by `ns/comp/ep`.
-    served: Mutex<HashMap<String, Arc<EndpointState>>>,
+    /// Endpoints by `ns/comp/ep`.
+    served: Mutex<HashMap<String, Served>>,
+    /// Model cards, kept to publish them again under a new lease.
+    cards: Mutex<Cards>,
 }
 
 fn runtime_error(e: impl std::fmt::Display) -> PyErr {
@@ -47,8 +59,73 @@ impl Inner {
         matches!(self.store, Store::Mem(_))
     }
 
+    fn id(&self) -> u64 {
+        self.instance_id.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     fn path(&self, ns: &str, comp: &str, ep: &str) -> String {
-        endpoint_path(self.instance_id, ns, comp, ep)
+        endpoint_path(self.id(), ns, comp, ep)
+    }
+
+    /// The key and value of a card under the current id.
+    fn card_entry(
+        &self,
+        (ns, comp, ep, suffix): &(String, String, String, Option<String>),
+        record: &serde_json::Value,
+    ) -> (String, Vec<u8>) {
+        let id = self.id();
+        let mut key = format!("v1/mdc/{ns}/{comp}/{ep}/{id:x}");
+        if let Some(suffix) = suffix {
+            key = format!("{key}/{suffix}");
+        }
+        let mut record = record.clone();
+        if let Some(map) = record.as_object_mut() {
+            map.insert("instance_id".into(), serde_json::json!(id));
+        }
+        (key, serde_json::to_vec(&record).unwrap_or_default())
+    }
+
+    /// A new lease replaced a lost one: serve every endpoint under the new id, and publish its
+    /// records and every card again.
+    async fn relocate(&self, new_id: u64) {
+        let old_id = self
+            .instance_id
+            .swap(new_id, std::sync::atomic::Ordering::SeqCst);
+        if old_id == new_id {
+            return;
+        }
+        let names: Vec<(String, String, String)> = self
+            .served
+            .lock()
+            .map(|s| s.values().map(|v| v.names.clone()).collect())
+            .unwrap_or_default();
+        for (ns, comp, ep) in &names {
+            if let Some(server) = self.server.get() {
+                let old = endpoint_path(old_id, ns, comp, ep);
+                if let Err(e) = server.rename(&old, &self.path(ns, comp, ep)) {
+                    tracing::error!("cannot move {ns}.{comp}.{ep} to the new lease: {e}");
+                }
+            }
+            if let Err(e) = self.publish(ns, comp, ep).await {
+                tracing::error!("cannot register {ns}.{comp}.{ep} again: {e}");
+            }
+        }
+        let cards: Vec<(String, Vec<u8>)> = self
+            .cards
+            .lock()
+            .map(|c| c.iter().map(|(k, v)| self.card_entry(k, v)).collect())
+            .unwrap_or_default();
+        for (key, value) in cards {
+            if let Err(e) = self.store.put(&key, value).await {
+                tracing::error!("cannot publish the model card {key} again: {e}");
+            }
+        }
+        tracing::info!(
+            old = format!("{old_id:x}"),
+            new = format!("{new_id:x}"),
+            endpoints = names.len(),
+            "registered again under a new etcd lease"
+        );
     }
 
     async fn server(&self) -> PyResult<Arc<EndpointServer>> {
@@ -111,7 +188,7 @@ impl Inner {
             component: comp.into(),
             endpoint: ep.into(),
             namespace: ns.into(),
-            instance_id: self.instance_id,
+            instance_id: self.id(),
             transport: Transport::Tcp(format!("{address}/{path}")),
             device_type: None,
             request_plane_codec: Some(PayloadCodec::Json.name().into()),
@@ -122,7 +199,7 @@ impl Inner {
     }
 
     fn instance_key(&self, ns: &str, comp: &str, ep: &str) -> String {
-        format!("v1/instances/{ns}/{comp}/{ep}/{:x}", self.instance_id)
+        format!("v1/instances/{ns}/{comp}/{ep}/{:x}", self.id())
     }
 
     async fn publish(&self, ns: &str, comp: &str, ep: &str) -> PyResult<()> {
@@ -257,22 +334,33 @@ impl Runtime {
                 )))
             }
         };
-        Ok(Runtime {
-            inner: Arc::new(Inner {
-                store,
-                instance_id,
-                settings,
-                server: OnceCell::new(),
-                client: OnceCell::new(),
-                served: Mutex::default(),
-            }),
-        })
+        let inner = Arc::new(Inner {
+            store,
+            instance_id: std::sync::atomic::AtomicU64::new(instance_id),
+            settings,
+            server: OnceCell::new(),
+            client: OnceCell::new(),
+            served: Mutex::default(),
+            cards: Mutex::default(),
+        });
+        if let Store::Etcd(store) = &inner.store {
+            let mut leases = store.leases();
+            let weak = Arc::downgrade(&inner);
+            pyo3_async_runtimes::tokio::get_runtime().spawn(async move {
+                while leases.changed().await.is_ok() {
+                    let id = *leases.borrow_and_update() as u64;
+                    let Some(inner) = weak.upgrade() else { return };
+                    inner.relocate(id).await;
+                }
+            });
+        }
+        Ok(Runtime { inner })
     }
 
     /// This process's instance id (the lease id on etcd).
     #[getter]
     fn instance_id(&self) -> u64 {
-        self.inner.instance_id
+        self.inner.id()
     }
 
     /// The backend's name.
@@ -331,11 +419,13 @@ impl Runtime {
                         ))
                     })?,
             };
-            inner
-                .served
-                .lock()
-                .map_err(runtime_error)?
-                .insert(key, state);
+            inner.served.lock().map_err(runtime_error)?.insert(
+                key,
+                Served {
+                    names: (ns.clone(), comp.clone(), ep.clone()),
+                    state,
+                },
+            );
             inner.publish(&ns, &comp, &ep).await
         })
     }
@@ -390,8 +480,10 @@ impl Runtime {
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             let key = format!("{ns}/{comp}/{ep}");
             let path = inner.path(&ns, &comp, &ep);
-            let state = inner.served.lock().map_err(runtime_error)?.remove(&key);
-            let Some(state) = state else { return Ok(0) };
+            let served = inner.served.lock().map_err(runtime_error)?.remove(&key);
+            let Some(Served { state, .. }) = served else {
+                return Ok(0);
+            };
             state.drain();
             if wait {
                 state
@@ -409,6 +501,61 @@ impl Runtime {
                 }
             }
             Ok(state.inflight())
+        })
+    }
+
+    /// Awaitable: publish a model card for this instance of `ns.comp.ep` (`suffix`: an adapter's
+    /// slug), with the current instance id in its key and record; kept, so it is published again
+    /// under a new lease.
+    #[pyo3(signature = (ns, comp, ep, suffix, record))]
+    fn put_card<'py>(
+        &self,
+        py: Python<'py>,
+        ns: String,
+        comp: String,
+        ep: String,
+        suffix: Option<String>,
+        record: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let record = to_json(record, "the model card is")?;
+        let inner = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let slot = (ns, comp, ep, suffix);
+            let (key, value) = inner.card_entry(&slot, &record);
+            inner
+                .cards
+                .lock()
+                .map_err(runtime_error)?
+                .insert(slot, record);
+            inner
+                .store
+                .put(&key, value)
+                .await
+                .map_err(PyConnectionError::new_err)?;
+            Ok(key)
+        })
+    }
+
+    /// Awaitable: delete this instance's card for `ns.comp.ep` (and `suffix`).
+    #[pyo3(signature = (ns, comp, ep, suffix))]
+    fn delete_card<'py>(
+        &self,
+        py: Python<'py>,
+        ns: String,
+        comp: String,
+        ep: String,
+        suffix: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let inner = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let slot = (ns, comp, ep, suffix);
+            let (key, _) = inner.card_entry(&slot, &serde_json::Value::Null);
+            inner.cards.lock().map_err(runtime_error)?.remove(&slot);
+            inner
+                .store
+                .delete(&key)
+                .await
+                .map_err(PyConnectionError::new_err)
         })
     }
 

@@ -199,3 +199,34 @@ def test_unreachable_etcd_or_nats_is_a_connection_error_naming_the_address(clust
                               env=env, timeout=60, cwd=tmp_path)
         assert expected in done.stdout, (extra, done.stdout, done.stderr)
         assert ("ConnectionError" in done.stdout) == bool(extra), done.stdout
+
+
+def test_a_worker_whose_lease_is_lost_registers_again(cluster, tokens_model):
+    import json
+    import urllib.request
+
+    worker, frontend = start(cluster, tokens_model)
+    client = client_for(frontend)
+    instances = get_json(f"{frontend.base}/health")["instances"]
+    assert len(instances) == 1
+    old = instances[0]["instance_id"]
+    # Revoke the worker's lease behind its back (etcd's HTTP gateway): its keys vanish at once.
+    etcd = os.environ["ETCD_ENDPOINTS"].split(",")[0].rstrip("/")
+    request = urllib.request.Request(f"{etcd}/v3/lease/revoke", method="POST",
+                                     data=json.dumps({"ID": str(old)}).encode(),
+                                     headers={"content-type": "application/json"})
+    urllib.request.urlopen(request, timeout=5).read()
+    # The worker notices at its next keep-alive, takes a new lease and registers everything again.
+    deadline = time.time() + 20
+    new = None
+    while time.time() < deadline:
+        instances = get_json(f"{frontend.base}/health").get("instances", [])
+        ids = [i["instance_id"] for i in instances]
+        if ids and old not in ids:
+            new = ids[0]
+            break
+        time.sleep(0.2)
+    assert new is not None and new != old, worker.output()
+    reply = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "back"}], max_tokens=6)
+    assert reply.choices[0].message.content == expected("back", 6)

@@ -294,6 +294,23 @@ impl EndpointServer {
         }
     }
 
+    /// Serve what `old` served under `new` instead (the instance id in the path changed); its
+    /// state and handler stay. An error when `old` is not served or `new` already is.
+    pub fn rename(&self, old: &str, new: &str) -> Result<(), String> {
+        let mut table = self
+            .table
+            .lock()
+            .map_err(|_| "endpoint table poisoned".to_string())?;
+        if table.contains_key(new) {
+            return Err(format!("endpoint {new} is already served by this process"));
+        }
+        let served = table
+            .remove(old)
+            .ok_or_else(|| format!("endpoint {old} is not served by this process"))?;
+        table.insert(new.to_string(), served);
+        Ok(())
+    }
+
     /// The paths served now.
     pub fn paths(&self) -> Vec<String> {
         self.table

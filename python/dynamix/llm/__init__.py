@@ -206,7 +206,7 @@ def _slug(name: str) -> str:
     return slug or "model"
 
 
-# Card keys this process published, by endpoint (so shutdown and unregister remove them).
+# Cards this process published, by endpoint: {lora_name: slug or None} (shutdown removes them).
 _CARDS: dict = {}
 
 
@@ -215,6 +215,7 @@ def _endpoint_key(endpoint: Any) -> tuple:
 
 
 def _cards_of(endpoint: Any) -> list:
+    """The card suffixes (None for the base model) of `endpoint`, forgotten here."""
     return list(_CARDS.pop(_endpoint_key(endpoint), {}).values())
 
 
@@ -370,30 +371,24 @@ async def register_model(model_input: ModelInput, model_type: ModelType, endpoin
         "namespace": endpoint.namespace,
         "component": endpoint.component,
         "endpoint": endpoint.name,
-        "instance_id": core.instance_id,
+        "instance_id": core.instance_id,  # the core writes the current one
         "card_json": card,
     }
-    key = f"v1/mdc/{endpoint.namespace}/{endpoint.component}/{endpoint.name}/{core.instance_id:x}"
-    if lora_name:
-        record["model_suffix"] = _slug(lora_name)
-        key += "/" + _slug(lora_name)
-    await core.put(key, json.dumps(record))
-    _CARDS.setdefault(_endpoint_key(endpoint), {})[lora_name] = key
+    suffix = _slug(lora_name) if lora_name else None
+    if suffix:
+        record["model_suffix"] = suffix
+    await core.put_card(endpoint.namespace, endpoint.component, endpoint.name, suffix, record)
+    _CARDS.setdefault(_endpoint_key(endpoint), {})[lora_name] = suffix
     log.info("registered model %s (%s, %s) for %s", display, model_input.name,
              model_type.as_str(), endpoint)
 
 
 async def unregister_model(endpoint: Any, lora_name: Optional[str] = None) -> None:
     """Delete this instance's card for the base model, or for one adapter (spec §6.2)."""
-    cards = _CARDS.get(_endpoint_key(endpoint), {})
-    key = cards.pop(lora_name, None)
-    if key is None:
-        core = endpoint._runtime._core
-        key = (f"v1/mdc/{endpoint.namespace}/{endpoint.component}/{endpoint.name}/"
-               f"{core.instance_id:x}")
-        if lora_name:
-            key += "/" + _slug(lora_name)
-    await endpoint._runtime._core.delete(key)
+    _CARDS.get(_endpoint_key(endpoint), {}).pop(lora_name, None)
+    suffix = _slug(lora_name) if lora_name else None
+    await endpoint._runtime._core.delete_card(endpoint.namespace, endpoint.component,
+                                              endpoint.name, suffix)
 
 
 register_llm = register_model

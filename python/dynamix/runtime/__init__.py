@@ -579,8 +579,9 @@ async def _until_skip(runtime: DistributedRuntime) -> None:
 async def _delete_cards(runtime: DistributedRuntime, endpoint: Endpoint) -> None:
     from dynamix.llm import _cards_of  # late: llm imports this module
 
-    for key in _cards_of(endpoint):
-        await runtime._core.delete(key)
+    for suffix in _cards_of(endpoint):
+        await runtime._core.delete_card(endpoint.namespace, endpoint.component, endpoint.name,
+                                        suffix)
 
 
 # ---- calling -------------------------------------------------------------------------------------
