@@ -75,9 +75,85 @@ pub struct ClientSettings {
     pub max_message_size: usize,
 }
 
-struct Connection {
+/// One request-plane connection: frames out, ACKs in.
+pub struct Connection {
     reader: FramedRead<OwnedReadHalf, TcpResponseCodec>,
     writer: FramedWrite<OwnedWriteHalf, TcpRequestCodec>,
+}
+
+impl Connection {
+    /// Connect to `address` within `timeout`; frames over `max_message_size` are refused.
+    pub async fn open(
+        address: &str,
+        timeout: Duration,
+        max_message_size: usize,
+    ) -> Result<Connection, String> {
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
+            .await
+            .map_err(|_| {
+                format!(
+                    "connecting to {address} timed out after {:.1} s",
+                    timeout.as_secs_f64()
+                )
+            })?
+            .map_err(|e| format!("cannot connect to {address}: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let (read, write) = stream.into_split();
+        let max = Some(max_message_size);
+        Ok(Connection {
+            reader: FramedRead::new(read, TcpResponseCodec::new(max)),
+            writer: FramedWrite::new(write, TcpRequestCodec::new(max)),
+        })
+    }
+
+    /// Write one frame, read its ACK.
+    pub async fn exchange(
+        &mut self,
+        frame: &TcpRequestMessage,
+    ) -> Result<TcpResponseMessage, String> {
+        self.writer
+            .send(frame)
+            .await
+            .map_err(|e| format!("cannot send the request: {e}"))?;
+        match self.reader.next().await {
+            Some(Ok(ack)) => Ok(ack),
+            Some(Err(e)) => Err(format!("bad ACK: {e}")),
+            None => Err("closed the connection before its ACK".to_string()),
+        }
+    }
+}
+
+/// The two-part request envelope (interop spec §4): the control header naming the call-home
+/// `streams` address and `subject`, then `body` already encoded in `codec`.
+pub fn envelope(
+    streams: &str,
+    subject: &str,
+    id: &str,
+    codec: PayloadCodec,
+    body: Vec<u8>,
+) -> Result<Bytes, String> {
+    let info = TcpStreamConnectionInfo {
+        address: streams.to_string(),
+        subject: subject.to_string(),
+        context: id.to_string(),
+        stream_type: StreamType::Response,
+    };
+    let control = RequestControlMessage {
+        id: id.to_string(),
+        request_type: RequestType::SingleIn,
+        response_type: ResponseType::ManyOut,
+        connection_info: ConnectionInfo {
+            transport: "tcp_server".into(),
+            info: serde_json::to_string(&info).map_err(|e| e.to_string())?,
+        },
+        payload_codec: Some(codec.name().into()),
+        metadata: None,
+        frontend_send_ts_ns: None,
+    };
+    let header = serde_json::to_vec(&control).map_err(|e| e.to_string())?;
+    TwoPartCodec::new(None)
+        .encode_message(TwoPartMessage::new(header, body))
+        .map_err(|e| e.to_string())
 }
 
 /// Calls endpoints; owns the call-home server its streams come back through.
@@ -115,29 +191,15 @@ impl EndpointClient {
     /// Send `call` and wait for the instance to open its response stream.
     pub async fn call(&self, call: Call<'_>) -> Result<ResponseStream, CallError> {
         let mut pending = self.streams.register();
-        let info = TcpStreamConnectionInfo {
-            address: self.streams.address().to_string(),
-            subject: pending.subject.clone(),
-            context: call.id.to_string(),
-            stream_type: StreamType::Response,
-        };
-        let control = RequestControlMessage {
-            id: call.id.to_string(),
-            request_type: RequestType::SingleIn,
-            response_type: ResponseType::ManyOut,
-            connection_info: ConnectionInfo {
-                transport: "tcp_server".into(),
-                info: serde_json::to_string(&info).map_err(|e| CallError::Encode(e.to_string()))?,
-            },
-            payload_codec: Some(call.codec.name().into()),
-            metadata: None,
-            frontend_send_ts_ns: None,
-        };
-        let header = serde_json::to_vec(&control).map_err(|e| CallError::Encode(e.to_string()))?;
         let body = call.codec.encode(call.body).map_err(CallError::Encode)?;
-        let payload = TwoPartCodec::new(None)
-            .encode_message(TwoPartMessage::new(header, body))
-            .map_err(|e| CallError::Encode(e.to_string()))?;
+        let payload = envelope(
+            self.streams.address(),
+            &pending.subject,
+            call.id,
+            call.codec,
+            body,
+        )
+        .map_err(CallError::Encode)?;
         let frame = TcpRequestMessage {
             endpoint_path: call.target.path.clone(),
             headers: call.headers,
@@ -193,7 +255,7 @@ impl EndpointClient {
                 Some(c) => c,
                 None => self.connect(address).await?,
             };
-            match tokio::time::timeout(timeout, exchange(&mut connection, frame)).await {
+            match tokio::time::timeout(timeout, connection.exchange(frame)).await {
                 Ok(Ok(ack)) => break (connection, ack),
                 Ok(Err(_)) if !fresh => continue,
                 Ok(Err(what)) => return Err(CallError::Unavailable(format!("{address}: {what}"))),
@@ -221,39 +283,13 @@ impl EndpointClient {
     }
 
     async fn connect(&self, address: &str) -> Result<Connection, CallError> {
-        let stream =
-            tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(address))
-                .await
-                .map_err(|_| {
-                    CallError::Unavailable(format!(
-                        "connecting to {address} timed out after {:.1} s",
-                        self.settings.connect_timeout.as_secs_f64()
-                    ))
-                })?
-                .map_err(|e| CallError::Unavailable(format!("cannot connect to {address}: {e}")))?;
-        let _ = stream.set_nodelay(true);
-        let (read, write) = stream.into_split();
-        let max = Some(self.settings.max_message_size);
-        Ok(Connection {
-            reader: FramedRead::new(read, TcpResponseCodec::new(max)),
-            writer: FramedWrite::new(write, TcpRequestCodec::new(max)),
-        })
-    }
-}
-
-async fn exchange(
-    connection: &mut Connection,
-    frame: &TcpRequestMessage,
-) -> Result<TcpResponseMessage, String> {
-    connection
-        .writer
-        .send(frame)
+        Connection::open(
+            address,
+            self.settings.connect_timeout,
+            self.settings.max_message_size,
+        )
         .await
-        .map_err(|e| format!("cannot send the request: {e}"))?;
-    match connection.reader.next().await {
-        Some(Ok(ack)) => Ok(ack),
-        Some(Err(e)) => Err(format!("bad ACK: {e}")),
-        None => Err("closed the connection before its ACK".to_string()),
+        .map_err(CallError::Unavailable)
     }
 }
 

@@ -11,27 +11,18 @@
 //! answers again. A consumer that goes away sends `kill` to the worker, as Dynamo's frontend does.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use actix::prelude::*;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::response_stream::{ResponseConnection, ResponseStreamServer};
 use super::wire::record::TcpTarget;
 use super::wire::response::FinishReasonWire;
 use super::wire::{Instance, PayloadCodec, PreprocessedRequest, StreamItem};
-use crate::codec::messages::{
-    ConnectionInfo, ControlMessage, RequestControlMessage, RequestType, ResponseStreamPrologue,
-    ResponseType, StreamType, TcpStreamConnectionInfo,
-};
-use crate::codec::{
-    MessageKind, TcpRequestCodec, TcpRequestMessage, TcpResponseCodec, TwoPartCodec, TwoPartMessage,
-};
+use crate::codec::messages::{ControlMessage, ResponseStreamPrologue};
+use crate::codec::{MessageKind, TcpRequestMessage, TwoPartMessage};
 use crate::engine::{Generate, RequestProgress, RequestStage};
 use crate::error::{ApiError, ErrorClass};
 use crate::protocol::engine::EngineEvent;
@@ -39,22 +30,10 @@ use crate::protocol::engine::EngineEvent;
 /// Idle request-plane connections kept per worker.
 const POOL_SIZE: usize = 100;
 
-/// Timeouts and limits of the client side of the request plane.
-#[derive(Clone, Debug)]
-pub struct RemoteSettings {
-    /// ACK and call-home wait.
-    pub request_timeout: Duration,
-    /// TCP connect.
-    pub connect_timeout: Duration,
-    /// Request-plane frame limit (`DYN_TCP_MAX_MESSAGE_SIZE`).
-    pub max_message_size: usize,
-}
-
-/// One request-plane connection: frames out, ACKs in.
-struct Connection {
-    reader: FramedRead<OwnedReadHalf, TcpResponseCodec>,
-    writer: FramedWrite<OwnedWriteHalf, TcpRequestCodec>,
-}
+/// Timeouts and limits of the client side of the request plane (dynamix-wire's, shared with the
+/// Python SDK's client).
+pub use dynamix_wire::client::ClientSettings as RemoteSettings;
+use dynamix_wire::client::{envelope, Connection};
 
 /// What the requests of one instance share.
 struct Shared {
@@ -221,25 +200,6 @@ fn request_frame(
     subject: &str,
 ) -> Result<TcpRequestMessage, ApiError> {
     let internal = |e: String| ApiError::new(ErrorClass::Internal, e);
-    let info = TcpStreamConnectionInfo {
-        address: shared.streams.address().to_string(),
-        subject: subject.to_string(),
-        context: request.request_id.clone(),
-        stream_type: StreamType::Response,
-    };
-    let control = RequestControlMessage {
-        id: request.request_id.clone(),
-        request_type: RequestType::SingleIn,
-        response_type: ResponseType::ManyOut,
-        connection_info: ConnectionInfo {
-            transport: "tcp_server".into(),
-            info: serde_json::to_string(&info).map_err(|e| internal(e.to_string()))?,
-        },
-        payload_codec: Some(shared.codec.name().into()),
-        metadata: None,
-        frontend_send_ts_ns: None,
-    };
-    let header = serde_json::to_vec(&control).map_err(|e| internal(e.to_string()))?;
     let body = shared
         .codec
         .encode(&PreprocessedRequest::from_engine_request(
@@ -247,9 +207,14 @@ fn request_frame(
             shared.dynamix,
         ))
         .map_err(internal)?;
-    let payload = TwoPartCodec::new(None)
-        .encode_message(TwoPartMessage::new(header, body))
-        .map_err(|e| internal(e.to_string()))?;
+    let payload = envelope(
+        shared.streams.address(),
+        subject,
+        &request.request_id,
+        shared.codec,
+        body,
+    )
+    .map_err(internal)?;
     // Dynamo's frontend also sends x-endpoint-path, request-id and x-frontend-send-ts-ns headers;
     // workers need none of them (interop spec §3.1), so the request path builds none.
     Ok(TcpRequestMessage {
@@ -271,7 +236,7 @@ async fn send_request(shared: &Shared, frame: TcpRequestMessage) -> Result<(), A
             Some(c) => c,
             None => connect(shared).await?,
         };
-        match tokio::time::timeout(timeout, exchange(&mut connection, &frame)).await {
+        match tokio::time::timeout(timeout, connection.exchange(&frame)).await {
             Ok(Ok(ack)) => break (connection, ack),
             Ok(Err(_)) if !fresh => continue,
             Ok(Err(what)) => {
@@ -310,23 +275,6 @@ async fn send_request(shared: &Shared, frame: TcpRequestMessage) -> Result<(), A
     Ok(())
 }
 
-/// Write one frame, read its reply.
-async fn exchange(
-    connection: &mut Connection,
-    frame: &TcpRequestMessage,
-) -> Result<crate::codec::TcpResponseMessage, String> {
-    connection
-        .writer
-        .send(frame)
-        .await
-        .map_err(|e| format!("cannot send the request: {e}"))?;
-    match connection.reader.next().await {
-        Some(Ok(ack)) => Ok(ack),
-        Some(Err(e)) => Err(format!("bad ACK: {e}")),
-        None => Err("closed the request-plane connection before its ACK".to_string()),
-    }
-}
-
 fn return_to_pool(shared: &Shared, connection: Connection) {
     if let Ok(mut pool) = shared.pool.lock() {
         if pool.len() < POOL_SIZE {
@@ -336,31 +284,15 @@ fn return_to_pool(shared: &Shared, connection: Connection) {
 }
 
 async fn connect(shared: &Shared) -> Result<Connection, ApiError> {
-    let stream = tokio::time::timeout(
+    Connection::open(
+        &shared.address,
         shared.settings.connect_timeout,
-        TcpStream::connect(&shared.address),
+        shared.settings.max_message_size,
     )
     .await
-    .map_err(|_| {
-        let _ = shared.down.send(shared.instance_id);
-        unavailable(
-            shared,
-            format!(
-                "connect timed out after {:.1} s",
-                shared.settings.connect_timeout.as_secs_f64()
-            ),
-        )
-    })?
     .map_err(|e| {
         let _ = shared.down.send(shared.instance_id);
-        unavailable(shared, format!("cannot connect: {e}"))
-    })?;
-    let _ = stream.set_nodelay(true);
-    let (read, write) = stream.into_split();
-    let max = Some(shared.settings.max_message_size);
-    Ok(Connection {
-        reader: FramedRead::new(read, TcpResponseCodec::new(max)),
-        writer: FramedWrite::new(write, TcpRequestCodec::new(max)),
+        unavailable(shared, e)
     })
 }
 
@@ -467,6 +399,9 @@ fn control(message: ControlMessage) -> TwoPartMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::{TcpRequestCodec, TcpResponseCodec};
+    use std::time::Duration;
+    use tokio_util::codec::{FramedRead, FramedWrite};
 
     /// A worker that ACKs one frame per connection and then closes it: a pooled connection is dead
     /// by the time it is reused, which must cost a reconnect, not a "worker down" report.

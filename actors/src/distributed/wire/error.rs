@@ -117,18 +117,7 @@ impl From<&DynamoError> for ApiError {
             .and_then(class_of)
             .or_else(|| error.class.as_deref().and_then(class_of))
             .unwrap_or(ErrorClass::Internal);
-        let message = error
-            .public
-            .as_ref()
-            .and_then(|p| p.message.clone())
-            .or_else(|| error.message.clone())
-            .or_else(|| error.diagnostic.clone())
-            .unwrap_or_else(|| {
-                format!(
-                    "worker error ({})",
-                    error.reason.as_deref().unwrap_or("no reason given")
-                )
-            });
+        let message = error.text();
         let error_out = ApiError::new(class, message);
         // A handler's own status: 4xx as chosen; 5xx other than 503 and 529 become 500 (the
         // class's), as Dynamo's frontend does (frontend spec §1.3).
