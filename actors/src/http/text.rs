@@ -304,6 +304,49 @@ struct Choice {
     logprobs: Value,
 }
 
+/// Add one streamed tool-call delta to the calls folded so far, as OpenAI streams them: deltas with
+/// the same `index` are one call, whose `id`, `type` and `function.name` come once and whose
+/// `function.arguments` arrive in pieces. A delta without an `index` is a call of its own.
+fn merge_tool_call(calls: &mut Vec<Value>, delta: &Value) {
+    let index = delta.get("index").and_then(Value::as_u64);
+    let existing = index.and_then(|i| {
+        calls
+            .iter_mut()
+            .find(|c| c.get("index").and_then(Value::as_u64) == Some(i))
+    });
+    let Some(call) = existing else {
+        calls.push(delta.clone());
+        return;
+    };
+    for field in ["id", "type"] {
+        if call.get(field).is_none_or(Value::is_null) {
+            if let Some(value) = delta.get(field).filter(|v| !v.is_null()) {
+                call[field] = value.clone();
+            }
+        }
+    }
+    let Some(piece) = delta.get("function").filter(|f| f.is_object()) else {
+        return;
+    };
+    if !call.get("function").is_some_and(Value::is_object) {
+        call["function"] = json!({});
+    }
+    let function = &mut call["function"];
+    if function.get("name").is_none_or(Value::is_null) {
+        if let Some(name) = piece.get("name").filter(|v| !v.is_null()) {
+            function["name"] = name.clone();
+        }
+    }
+    if let Some(more) = piece.get("arguments").and_then(Value::as_str) {
+        let so_far = function
+            .get("arguments")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        function["arguments"] = json!(so_far + more);
+    }
+}
+
 /// Fold every chunk into one response (spec §7.2): content concatenated per choice, role
 /// `assistant`, the last `finish_reason`, `usage` from the chunk that had it.
 async fn fold(
@@ -353,7 +396,9 @@ async fn fold(
                 .and_then(|p| p.get("tool_calls"))
                 .and_then(Value::as_array)
             {
-                folded.tool_calls.extend(calls.iter().cloned());
+                for call in calls {
+                    merge_tool_call(&mut folded.tool_calls, call);
+                }
             }
             if let Some(reason) = choice.get("finish_reason").filter(|r| !r.is_null()) {
                 folded.finish_reason = reason.clone();
@@ -375,7 +420,14 @@ async fn fold(
                     message["reasoning_content"] = json!(reasoning);
                 }
                 if !c.tool_calls.is_empty() {
-                    message["tool_calls"] = Value::Array(c.tool_calls);
+                    // A whole call has no stream `index`.
+                    let calls = c.tool_calls.into_iter().map(|mut call| {
+                        if let Some(fields) = call.as_object_mut() {
+                            fields.remove("index");
+                        }
+                        call
+                    });
+                    message["tool_calls"] = Value::Array(calls.collect());
                 }
                 json!({"index": index, "message": message, "finish_reason": c.finish_reason,
                        "logprobs": c.logprobs})
@@ -399,4 +451,50 @@ async fn fold(
         body["usage"] = usage;
     }
     Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streamed_tool_call_deltas_fold_into_whole_calls() {
+        let deltas = [
+            json!({"index": 0, "id": "call_a", "type": "function",
+                   "function": {"name": "get_weather", "arguments": ""}}),
+            json!({"index": 0, "function": {"arguments": "{\"city\": "}}),
+            json!({"index": 1, "id": "call_b", "type": "function",
+                   "function": {"name": "get_time", "arguments": "{}"}}),
+            json!({"index": 0, "function": {"arguments": "\"Paris\"}"}}),
+        ];
+        let mut calls = Vec::new();
+        for delta in &deltas {
+            merge_tool_call(&mut calls, delta);
+        }
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0]["id"], "call_a");
+        assert_eq!(calls[0]["function"]["name"], "get_weather");
+        assert_eq!(calls[0]["function"]["arguments"], "{\"city\": \"Paris\"}");
+        assert_eq!(calls[1]["function"]["arguments"], "{}");
+    }
+
+    #[test]
+    fn chunks_get_what_they_lack_and_non_chunks_are_named() {
+        let fill = Fill {
+            kind: Kind::Chat,
+            id: "chatcmpl-r1".into(),
+            model: "bot".into(),
+            created: 7,
+        };
+        let chunk = fill
+            .chunk(json!({"data": {"choices": [], "model": "own"}}))
+            .unwrap();
+        assert_eq!(chunk["id"], "chatcmpl-r1");
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        assert_eq!(chunk["created"], 7);
+        assert_eq!(chunk["model"], "own");
+        let error = fill.chunk(json!({"data": "just text"})).unwrap_err();
+        assert_eq!(error.class, ErrorClass::Internal);
+        assert!(error.message.contains("\"just text\""), "{}", error.message);
+    }
 }
