@@ -56,6 +56,13 @@ def test_text_and_tokens_models_are_both_served(deployment):
         model="tiny", messages=[{"role": "user", "content": "xyz"}], max_tokens=7)
     assert tokens.choices[0].message.content == "user\nxy"
 
+    called = client.chat.completions.create(
+        model="reverse-bot", messages=[{"role": "user", "content": "call a tool"}])
+    calls = called.choices[0].message.tool_calls
+    assert called.choices[0].finish_reason == "tool_calls"
+    assert [(c.id, c.function.name, c.function.arguments) for c in calls] == \
+        [("call_1", "lookup", '{"x": 1}')]
+
     # A Text-model request in flight shows in /health, like any other.
     from conftest import get_json
     words = " ".join(f"w{i}" for i in range(100))

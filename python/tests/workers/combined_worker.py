@@ -34,6 +34,16 @@ class ReverseBot:
         words = text.split()[::-1]
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": request["model"]}
+        if text == "call a tool":
+            # A tool call streamed in pieces, as OpenAI-style engines do.
+            pieces = [{"index": 0, "id": "call_1", "type": "function",
+                       "function": {"name": "lookup", "arguments": '{"x": '}},
+                      {"index": 0, "function": {"arguments": "1}"}}]
+            for piece in pieces:
+                yield {**base, "choices": [{"index": 0, "delta": {"tool_calls": [piece]},
+                                            "finish_reason": None}]}
+            yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}
+            return
         for i, word in enumerate(words):
             if word == "explode":
                 raise RuntimeError("exploded mid-stream")
