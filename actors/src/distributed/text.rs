@@ -94,6 +94,11 @@ impl TextModels {
         self.catalog.read().ok()?.get(name).cloned()
     }
 
+    /// Whether no Text model is listed.
+    pub fn is_empty(&self) -> bool {
+        self.catalog.read().map(|c| c.is_empty()).unwrap_or(true)
+    }
+
     /// Every listed Text model.
     pub fn list(&self) -> Vec<TextModel> {
         self.catalog

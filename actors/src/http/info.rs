@@ -26,7 +26,7 @@ fn model_objects(state: &AppState) -> Vec<(String, Value)> {
     // A frontend of workers lists its model only while a worker serves it, as Dynamo's does: a
     // model whose last worker stopped leaves the list.
     let frontend = state.cluster.status.get().is_some();
-    if !frontend || !endpoints_and_instances(state).1.is_empty() {
+    if !frontend || state.engines.snapshot().iter().any(serving) {
         models.push((
             state.model.name.clone(),
             model_object(&state.model.name, u64::from(state.model.context_length)),
@@ -98,6 +98,14 @@ pub async fn get_model(path: web::Path<String>, state: web::Data<AppState>) -> H
     )
 }
 
+/// Whether an engine still serves (not retired by its supervisor).
+fn serving(engine: &crate::engine::registry::EngineInfo) -> bool {
+    !engine
+        .load
+        .retired
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
 pub(crate) fn endpoints_and_instances(state: &AppState) -> (Vec<String>, Vec<Value>) {
     let engines = state.engines.snapshot();
     let mut endpoints: Vec<String> = engines
@@ -108,7 +116,7 @@ pub(crate) fn endpoints_and_instances(state: &AppState) -> (Vec<String>, Vec<Val
     endpoints.dedup();
     let instances = engines
         .iter()
-        .filter(|e| !e.load.retired.load(std::sync::atomic::Ordering::Relaxed))
+        .filter(|e| serving(e))
         .map(|e| {
             let mut instance = json!({
                 "namespace": e.endpoint_id[0],

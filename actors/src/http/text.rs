@@ -23,14 +23,20 @@ use crate::metrics::{Endpoint, RequestType};
 
 /// The `model` of a request body, if it names a Text model served on this route.
 pub(super) fn lookup(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Option<TextModel> {
+    if !matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions) {
+        return None;
+    }
     let models = state.cluster.text_models.get()?;
+    if models.is_empty() {
+        // The common case: no second parse of the body on the request path.
+        return None;
+    }
     #[derive(serde::Deserialize)]
     struct ModelOnly {
         model: Option<String>,
     }
     let name = serde_json::from_slice::<ModelOnly>(body).ok()?.model?;
-    let model = models.get(&name)?;
-    matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions).then_some(model)
+    models.get(&name)
 }
 
 /// Which OpenAI object the chunks make.
