@@ -97,8 +97,6 @@ pub struct EtcdStore {
     lease: Arc<std::sync::atomic::AtomicI64>,
     renewal: tokio::task::JoinHandle<()>,
     leases: watch::Receiver<i64>,
-    /// Set once a lease was lost (even if a new one was granted since).
-    pub lease_lost: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Drop for EtcdStore {
@@ -138,7 +136,6 @@ impl EtcdStore {
                     connect_timeout.as_secs_f64()
                 )
             })??;
-        let lease_lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let current = Arc::new(std::sync::atomic::AtomicI64::new(lease));
         let (announce, leases) = watch::channel(lease);
         let renewal = tokio::spawn(renew(
@@ -147,7 +144,6 @@ impl EtcdStore {
                 ttl,
                 period: Duration::from_secs_f64((ttl as f64 / 3.0).max(0.5)),
                 current: current.clone(),
-                lost: lease_lost.clone(),
                 announce,
             },
         ));
@@ -156,7 +152,6 @@ impl EtcdStore {
             lease: current,
             renewal,
             leases,
-            lease_lost,
         })
     }
 
@@ -175,7 +170,6 @@ struct Renewal {
     ttl: i64,
     period: Duration,
     current: Arc<std::sync::atomic::AtomicI64>,
-    lost: Arc<std::sync::atomic::AtomicBool>,
     announce: watch::Sender<i64>,
 }
 
@@ -214,9 +208,6 @@ async fn renew(mut client: Client, renewal: Renewal) {
                 lease = format!("{lease:x}"),
                 "the etcd lease is gone: this process's endpoints and models left discovery; registering them again under a new lease"
             );
-            renewal
-                .lost
-                .store(true, std::sync::atomic::Ordering::SeqCst);
             lease = loop {
                 match client.lease_grant(renewal.ttl).await {
                     Ok(granted) => break granted.id,

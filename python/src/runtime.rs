@@ -363,24 +363,6 @@ impl Runtime {
         self.inner.id()
     }
 
-    /// The backend's name.
-    #[getter]
-    fn backend(&self) -> &'static str {
-        if self.inner.is_mem() {
-            "mem"
-        } else {
-            "etcd"
-        }
-    }
-
-    /// Whether etcd said the lease expired.
-    fn lease_lost(&self) -> bool {
-        match &self.inner.store {
-            Store::Etcd(store) => store.lease_lost.load(std::sync::atomic::Ordering::SeqCst),
-            Store::Mem(_) => false,
-        }
-    }
-
     /// Awaitable: serve `ns.comp.ep` with `dispatch(id, body, headers, metadata, control, sink)` and
     /// publish its instance record. `RuntimeError` if this process serves it already.
     fn serve<'py>(
@@ -559,30 +541,6 @@ impl Runtime {
         })
     }
 
-    /// Awaitable: put `key` = `value` (attached to the lease on etcd).
-    fn put<'py>(&self, py: Python<'py>, key: String, value: String) -> PyResult<Bound<'py, PyAny>> {
-        let inner = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            inner
-                .store
-                .put(&key, value.into_bytes())
-                .await
-                .map_err(PyConnectionError::new_err)
-        })
-    }
-
-    /// Awaitable: delete `key`.
-    fn delete<'py>(&self, py: Python<'py>, key: String) -> PyResult<Bound<'py, PyAny>> {
-        let inner = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            inner
-                .store
-                .delete(&key)
-                .await
-                .map_err(PyConnectionError::new_err)
-        })
-    }
-
     /// Awaitable: an [`InstanceWatch`] of `ns.comp.ep`.
     fn watch<'py>(
         &self,
@@ -623,18 +581,6 @@ impl Runtime {
                     ))),
                 }
             })
-        })
-    }
-
-    /// Awaitable: revoke the lease (every key of this process leaves etcd at once).
-    fn revoke<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let inner = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            inner
-                .store
-                .revoke()
-                .await
-                .map_err(PyConnectionError::new_err)
         })
     }
 }
