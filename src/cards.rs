@@ -19,12 +19,12 @@ use crate::RunError;
 /// How often the frontend looks for a card while none is there, and how often it says so.
 const POLL: Duration = Duration::from_secs(1);
 const WAITING_LOG: Duration = Duration::from_secs(10);
-/// How long a frontend that sees only Text-model cards waits for a Tokens card on its endpoint
-/// before it serves the Text models alone.
-const TEXT_ONLY_AFTER: Duration = Duration::from_secs(3);
+/// How long a frontend that sees cards, but none it can serve on its own endpoint, waits for one
+/// there before it serves the others alone.
+const OTHERS_ONLY_AFTER: Duration = Duration::from_secs(3);
 
-/// The prefix of the Text-model cards a frontend serves: every namespace, or only
-/// `distributed.namespace` when it is not the built-in one (python-sdk spec §7).
+/// The prefix of the model cards a frontend serves beyond its own endpoint's: every namespace, or
+/// only `distributed.namespace` when it is not the built-in one (python-sdk spec §7).
 pub fn text_card_prefix(config: &Config) -> String {
     let default = dynamix_actors::distributed::DistributedConfig::default().namespace;
     if config.distributed.namespace == default {
@@ -34,20 +34,12 @@ pub fn text_card_prefix(config: &Config) -> String {
     }
 }
 
-/// Whether any card under `prefix` is a Text model's.
-async fn text_cards_exist(config: &Config, prefix: &str) -> Result<bool, RunError> {
+/// Whether any model card is under `prefix`.
+async fn cards_exist(config: &Config, prefix: &str) -> Result<bool, RunError> {
     let records = discovery::list_prefix(&config.distributed, prefix)
         .await
         .map_err(|e| RunError::Distributed(e.to_string()))?;
-    // Read loosely: a Text card may name no files, which a Tokens card's validation refuses.
-    Ok(records.iter().any(|(_, value)| {
-        serde_json::from_slice::<serde_json::Value>(value).is_ok_and(|record| {
-            record
-                .pointer("/card_json/model_input")
-                .and_then(|v| v.as_str())
-                == Some("Text")
-        })
-    }))
+    Ok(!records.is_empty())
 }
 
 /// The tokenizer of a frontend that serves Text models only: bytes (ids 0-255) and ChatML's
@@ -160,6 +152,9 @@ pub struct CardChoice {
     pub config: Config,
     /// The card's tokenizer, or `None` to use the local one.
     pub tokenizer: Option<Arc<ModelTokenizer>>,
+    /// The frontend serves no card's model of its own (it started with Text models only): every
+    /// Tokens model it later finds is served in a lane of its own.
+    pub placeholder: bool,
 }
 
 /// Waits for the first card under the frontend's endpoint and applies it to `config`
@@ -175,8 +170,8 @@ pub async fn frontend_model(
     let started = Instant::now();
     let mut logged: Option<Instant> = None;
     let mut skipped = std::collections::HashSet::new();
-    let text_prefix = text_card_prefix(&config);
-    let mut text_seen: Option<Instant> = None;
+    let watched = text_card_prefix(&config);
+    let mut others_seen: Option<Instant> = None;
     loop {
         let records = discovery::list_prefix(&config.distributed, &prefix)
             .await
@@ -204,9 +199,17 @@ pub async fn frontend_model(
                 Ok(model) => {
                     tracing::info!(%key, model = %model.name, block_size = model.kv_block_size, context_length = model.context_length, "serving the model of the workers' card");
                     apply(&mut config, &model.name, model.kv_block_size as usize);
+                    match card.router_mode() {
+                        Ok(Some(mode)) => config.router.mode = mode,
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(%key, "{e}; routing by the frontend's router mode")
+                        }
+                    }
                     return Ok(Some(CardChoice {
                         config,
                         tokenizer: Some(model.tokenizer),
+                        placeholder: false,
                     }));
                 }
                 Err(e) if config.model.source == ModelSource::Auto => {
@@ -216,6 +219,7 @@ pub async fn frontend_model(
                     return Ok(Some(CardChoice {
                         config,
                         tokenizer: None,
+                        placeholder: false,
                     }));
                 }
                 Err(e) => {
@@ -224,18 +228,20 @@ pub async fn frontend_model(
                 }
             }
         }
-        // Only Text models so far: serve them rather than wait forever for a Tokens card.
-        if text_seen.is_none() && text_cards_exist(&config, &text_prefix).await? {
-            text_seen = Some(Instant::now());
+        // Models elsewhere, none on this endpoint: serve them (Text models as they are, Tokens
+        // models in lanes of their own) rather than wait forever for a card here.
+        if others_seen.is_none() && cards_exist(&config, &watched).await? {
+            others_seen = Some(Instant::now());
         }
-        if text_seen.is_some_and(|at| at.elapsed() >= TEXT_ONLY_AFTER) {
-            tracing::warn!(
+        if others_seen.is_some_and(|at| at.elapsed() >= OTHERS_ONLY_AFTER) {
+            tracing::info!(
                 prefix,
-                "no Tokens model's card on this frontend's endpoint: serving the workers' Text models only (a Tokens model that registers later is not picked up; restart the frontend)"
+                "no model card this frontend can serve on its own endpoint: serving the workers' models found elsewhere (Text models, and each Tokens model on a path of its own) as they register"
             );
             return Ok(Some(CardChoice {
                 config,
                 tokenizer: Some(placeholder_tokenizer()?),
+                placeholder: true,
             }));
         }
         if logged.is_none_or(|at| at.elapsed() >= WAITING_LOG) {

@@ -443,10 +443,10 @@ pub async fn run_frontend(
 ) -> Result<(), RunError> {
     let max_message_size = config.distributed.max_message_size;
     let mut shutdown = std::pin::pin!(shutdown);
-    let (config, tokenizer) = match config.model.source {
-        config::ModelSource::Local => (config, None),
+    let (config, tokenizer, placeholder) = match config.model.source {
+        config::ModelSource::Local => (config, None, false),
         _ => match cards::frontend_model(config, &mut shutdown).await? {
-            Some(choice) => (choice.config, choice.tokenizer),
+            Some(choice) => (choice.config, choice.tokenizer, choice.placeholder),
             None => return Ok(()),
         },
     };
@@ -468,6 +468,14 @@ pub async fn run_frontend(
         text_namespace: (config.distributed.namespace
             != distributed::DistributedConfig::default().namespace)
             .then(|| config.distributed.namespace.clone()),
+        route_own_endpoint: !placeholder,
+        // Every other Tokens model of the cards is served in a lane of its own, as Dynamo's
+        // frontend serves every model it finds.
+        lanes: Some(distributed::lanes::LaneSettings {
+            template: config.service(false),
+            metrics: service.metrics.clone(),
+            primary: (!placeholder).then(|| config.model.name.clone()),
+        }),
     };
     let handle = match distributed::frontend::start(&service.local(), settings).await {
         Ok(handle) => handle,

@@ -19,7 +19,7 @@ use common::dynamo::{
     ClusterProcess, DynamoEnv, DEFAULT_ENDPOINT, MOCK_MODEL,
 };
 use common::post_json;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// How long a deployment may take to register its workers and list the model (Python start-up,
 /// discovery, the frontend fetching the model card's files).
@@ -565,8 +565,9 @@ async fn dynamo_frontend_fetches_a_dynamix_workers_card_over_http() {
 }
 
 /// Dynamo's workers of different models share one endpoint by default (`dyn://dynamo.backend.generate`).
-/// A dynamix frontend that took `mock-model` from the first card must not route to a worker whose
-/// card names another model: its requests all go to the `mock-model` worker.
+/// A dynamix frontend that took `mock-model` from the first card must not route `mock-model`'s
+/// requests to a worker whose card names another model; it serves that model too, through that
+/// worker only.
 #[actix_rt::test]
 async fn dynamix_frontend_routes_only_to_workers_of_its_model() {
     let Some(dynamo) = DynamoEnv::ensure() else {
@@ -617,4 +618,23 @@ async fn dynamix_frontend_routes_only_to_workers_of_its_model() {
         served_by_ours >= 6.0,
         "mock-model's worker served {served_by_ours}"
     );
+    // The other model is served too, on a path of its own (its card's tokenizer, its own router),
+    // by its own worker only: Dynamo's frontend serves every model it finds, and so does this one.
+    frontend
+        .wait_model("other-model", &mut [&mut ours, &mut other], READY)
+        .await;
+    let mut request = chat_request("Hello other", 3, false);
+    request["model"] = json!("other-model");
+    let (status, body) = post_json(&url, &request).await;
+    assert!(
+        status == 200 && body["usage"]["completion_tokens"] == 3 && body["model"] == "other-model",
+        "other-model: {status} {body}"
+    );
+    let served_by_other = other
+        .metric(
+            "dynamo_component_requests_total",
+            &[("dynamo_endpoint", "generate")],
+        )
+        .await;
+    assert_eq!(served_by_other, 1.0, "the other model's worker");
 }

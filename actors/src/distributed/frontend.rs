@@ -34,25 +34,51 @@ pub struct FrontendSettings {
     pub default_capacity: usize,
     /// KV block size the router uses when it routes by KV overlap (`None`: not routing by KV).
     pub kv_block_size: Option<usize>,
-    /// The only namespace whose Text-model cards this frontend serves (`None`: every namespace).
+    /// The only namespace whose model cards this frontend serves beyond its own endpoint's
+    /// (`None`: every namespace).
     pub text_namespace: Option<String>,
     /// The model this frontend serves, when it took it from the workers' cards: instances whose
     /// card names another model are not routed to (workers of several models may share one
     /// endpoint, as Dynamo's do by default).
     pub model: Option<String>,
+    /// Whether the frontend's own tree routes to its endpoint's instances (false when it serves
+    /// no card's model: a frontend that started with Text models only).
+    pub route_own_endpoint: bool,
+    /// Serve every other Tokens model of the cards in a lane of its own (python-sdk spec §7).
+    pub lanes: Option<super::lanes::LaneSettings>,
+}
+
+/// What every model's instance manager of one frontend shares: the call-home server, the NATS
+/// connection and the request-plane settings.
+pub struct FrontendShared {
+    /// `[distributed]` (a lane's endpoint replaces namespace, component and endpoint).
+    pub config: DistributedConfig,
+    /// The call-home server.
+    pub streams: Arc<ResponseStreamServer>,
+    nats: async_nats::Client,
+    settings: RemoteSettings,
+    default_capacity: usize,
+    kv_block_size: Option<usize>,
 }
 
 /// The running distributed layer of a frontend; dropping it stops discovery and event intake.
 pub struct FrontendHandle {
     _watch: discovery::WatchHandle,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    /// Held so the manager lives exactly as long as this handle.
-    _manager: Addr<InstanceManager>,
+    _attached: Attached,
+    /// Held so the lanes live exactly as long as this handle.
+    _lanes: Option<Addr<super::lanes::LaneManager>>,
     /// The call-home server.
     pub streams: Arc<ResponseStreamServer>,
 }
 
-impl Drop for FrontendHandle {
+/// One model's instance manager and event intake; dropping it stops them.
+pub struct Attached {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Held so the manager lives exactly as long as this handle.
+    _manager: Addr<InstanceManager>,
+}
+
+impl Drop for Attached {
     fn drop(&mut self) {
         for task in &self.tasks {
             task.abort();
@@ -84,10 +110,93 @@ pub async fn start(service: &Local, settings: FrontendSettings) -> Result<Fronte
     )
     .await
     .map_err(|e| e.to_string())?;
+    let shared = Arc::new(FrontendShared {
+        config: config.clone(),
+        streams: streams.clone(),
+        nats: nats.clone(),
+        settings: RemoteSettings {
+            request_timeout: Duration::from_secs_f64(config.request_timeout_secs),
+            connect_timeout: Duration::from_secs_f64(config.connect_timeout_secs),
+            max_message_size: settings.max_message_size,
+        },
+        default_capacity: settings.default_capacity,
+        kv_block_size: settings.kv_block_size,
+    });
+    let (discovered, watch) = match settings.route_own_endpoint {
+        true => discovery::watch_instances(&config)
+            .await
+            .map_err(|e| e.to_string())?,
+        // It serves no card's model: nothing on its own endpoint is routed by its own tree.
+        false => {
+            let (_tx, rx) = mpsc::unbounded_channel();
+            (rx, discovery::WatchHandle::idle())
+        }
+    };
+    let etcd_state = Arc::new(Mutex::new("connected".to_string()));
+    let attached = attach_with(
+        service,
+        &shared,
+        &config,
+        None,
+        settings.model.clone(),
+        discovered,
+        etcd_state.clone(),
+    )
+    .await?;
+    let models =
+        super::text::ModelWatch::start(&config, settings.text_namespace.as_deref()).await?;
+    let text_models = super::text::TextModels::start(&config, models.clone()).await?;
+    let _ = service.cluster.text_models.set(text_models);
+    let lanes = settings.lanes.map(|lanes| {
+        let (manager, view) = super::lanes::LaneManager::start(lanes, shared.clone(), models);
+        let _ = service.cluster.lanes.set(view);
+        manager
+    });
+    let registry = service.engines.clone();
+    let nats_state = nats.clone();
+    let _ = service.cluster.status.set(Box::new(move || {
+        json!({
+            "discovery": {"backend": "etcd", "state": etcd_state.lock().map(|s| s.clone()).unwrap_or_default()},
+            "event_plane": {"backend": "nats", "state": events::nats_state(&nats_state)},
+            "workers": registry.len(),
+        })
+    }));
+    Ok(FrontendHandle {
+        _watch: watch,
+        _attached: attached,
+        _lanes: lanes,
+        streams,
+    })
+}
+
+/// Route `service`'s requests to the instances `discovered` names (a lane's, from its manager),
+/// served at `endpoint`, with every request naming adapter `lora` when given; take their KV events
+/// and load reports.
+pub async fn attach(
+    service: &Local,
+    shared: &Arc<FrontendShared>,
+    endpoint: &DistributedConfig,
+    lora: Option<String>,
+    discovered: mpsc::UnboundedReceiver<DiscoveryEvent>,
+) -> Result<Attached, String> {
+    let state = Arc::new(Mutex::new("connected".to_string()));
+    attach_with(service, shared, endpoint, lora, None, discovered, state).await
+}
+
+async fn attach_with(
+    service: &Local,
+    shared: &Arc<FrontendShared>,
+    endpoint: &DistributedConfig,
+    lora: Option<String>,
+    model: Option<String>,
+    discovered: mpsc::UnboundedReceiver<DiscoveryEvent>,
+    etcd_state: Arc<Mutex<String>>,
+) -> Result<Attached, String> {
+    let nats = &shared.nats;
     let mut tasks = Vec::new();
     if let Some(sink) = service.kv_events_in.clone() {
         tasks.push(
-            events::subscribe_kv_events(&nats, config.event_subject(KV_EVENTS), sink)
+            events::subscribe_kv_events(nats, endpoint.event_subject(KV_EVENTS), sink)
                 .await
                 .map_err(|e| e.to_string())?,
         );
@@ -96,7 +205,7 @@ pub async fn start(service: &Local, settings: FrontendSettings) -> Result<Fronte
     {
         let loads = loads.clone();
         tasks.push(
-            events::subscribe_load_metrics(&nats, config.event_subject(LOAD_METRICS), move |m| {
+            events::subscribe_load_metrics(nats, endpoint.event_subject(LOAD_METRICS), move |m| {
                 if let Some(cell) = loads.lock().ok().and_then(|l| l.get(&m.worker_id).cloned()) {
                     if let Ok(mut cell) = cell.lock() {
                         *cell = Some(m);
@@ -112,8 +221,8 @@ pub async fn start(service: &Local, settings: FrontendSettings) -> Result<Fronte
         let loads = loads.clone();
         tasks.push(
             events::subscribe_enveloped(
-                &nats,
-                config.event_subject(KV_METRICS),
+                nats,
+                endpoint.event_subject(KV_METRICS),
                 "KV metrics",
                 move |usage: ActiveLoad| {
                     let Some(cell) = loads
@@ -137,50 +246,30 @@ pub async fn start(service: &Local, settings: FrontendSettings) -> Result<Fronte
             .map_err(|e| e.to_string())?,
         );
     }
-    let (discovered, watch) = discovery::watch_instances(&config)
-        .await
-        .map_err(|e| e.to_string())?;
-    let etcd_state = Arc::new(Mutex::new("connected".to_string()));
     let (down_tx, down_rx) = mpsc::unbounded_channel();
     let manager = InstanceManager {
-        settings: RemoteSettings {
-            request_timeout: Duration::from_secs_f64(config.request_timeout_secs),
-            connect_timeout: Duration::from_secs_f64(config.connect_timeout_secs),
-            max_message_size: settings.max_message_size,
-        },
-        default_capacity: settings.default_capacity,
-        kv_block_size: settings.kv_block_size,
-        model: settings.model.clone(),
-        config: config.clone(),
+        settings: shared.settings.clone(),
+        default_capacity: shared.default_capacity,
+        // Routing by KV overlap: each model's router uses its own card's block size.
+        kv_block_size: shared.kv_block_size.map(|_| service.kv_block_size),
+        model,
+        lora,
+        config: endpoint.clone(),
         pending: Default::default(),
-        streams: streams.clone(),
+        streams: shared.streams.clone(),
         router: service.router.clone(),
         indexer: service.indexer.clone(),
         registry: service.engines.clone(),
-        loads: loads.clone(),
+        loads,
         known: HashMap::new(),
         down_tx,
-        etcd_state: etcd_state.clone(),
+        etcd_state,
         inputs: Some((discovered, down_rx)),
     }
     .start();
-    let text_models =
-        super::text::TextModels::start(&config, settings.text_namespace.as_deref()).await?;
-    let _ = service.cluster.text_models.set(text_models);
-    let registry = service.engines.clone();
-    let nats_state = nats.clone();
-    let _ = service.cluster.status.set(Box::new(move || {
-        json!({
-            "discovery": {"backend": "etcd", "state": etcd_state.lock().map(|s| s.clone()).unwrap_or_default()},
-            "event_plane": {"backend": "nats", "state": events::nats_state(&nats_state)},
-            "workers": registry.len(),
-        })
-    }));
-    Ok(FrontendHandle {
-        _watch: watch,
+    Ok(Attached {
         tasks,
         _manager: manager,
-        streams,
     })
 }
 
@@ -197,6 +286,8 @@ pub struct InstanceManager {
     default_capacity: usize,
     kv_block_size: Option<usize>,
     model: Option<String>,
+    /// The adapter every request names (a LoRA adapter's lane).
+    lora: Option<String>,
     config: DistributedConfig,
     /// Instances whose card is being checked (a removal meanwhile cancels the add).
     pending: std::collections::HashSet<u64>,
@@ -264,7 +355,7 @@ impl InstanceManager {
             load.clone(),
             Some(self.router.clone().recipient()),
         ) {
-            Ok(engine) => engine,
+            Ok(engine) => engine.for_adapter(self.lora.clone()),
             Err(e) => {
                 tracing::error!(worker = format!("{id:x}"), error = %e, "cannot route to this worker");
                 return;

@@ -45,6 +45,8 @@ struct Shared {
     codec: PayloadCodec,
     /// A dynamix worker: send the dynamix extension.
     dynamix: bool,
+    /// The LoRA adapter every request names in `routing.lora_name` (an adapter's lane).
+    lora: Option<String>,
     settings: RemoteSettings,
     streams: Arc<ResponseStreamServer>,
     pool: Mutex<Vec<Connection>>,
@@ -82,6 +84,7 @@ impl RemoteEngine {
                 path,
                 codec: instance.codec(),
                 dynamix: instance.is_dynamix(),
+                lora: None,
                 settings,
                 streams,
                 pool: Mutex::new(Vec::new()),
@@ -90,6 +93,15 @@ impl RemoteEngine {
                 progress,
             }),
         })
+    }
+
+    /// Every request names LoRA adapter `lora` (`routing.lora_name`), when it is given.
+    pub fn for_adapter(mut self, lora: Option<String>) -> Self {
+        // A new engine's state is not shared yet (it is once the engine starts).
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.lora = lora;
+        }
+        self
     }
 }
 
@@ -200,13 +212,11 @@ fn request_frame(
     subject: &str,
 ) -> Result<TcpRequestMessage, ApiError> {
     let internal = |e: String| ApiError::new(ErrorClass::Internal, e);
-    let body = shared
-        .codec
-        .encode(&PreprocessedRequest::from_engine_request(
-            request,
-            shared.dynamix,
-        ))
-        .map_err(internal)?;
+    let mut wire = PreprocessedRequest::from_engine_request(request, shared.dynamix);
+    if let Some(lora) = &shared.lora {
+        wire.routing.get_or_insert_with(Default::default).lora_name = Some(lora.clone());
+    }
+    let body = shared.codec.encode(&wire).map_err(internal)?;
     let payload = envelope(
         shared.streams.address(),
         subject,
@@ -428,6 +438,7 @@ mod tests {
             path: "1/ns/backend/generate".into(),
             codec: PayloadCodec::Json,
             dynamix: true,
+            lora: None,
             settings: RemoteSettings {
                 request_timeout: Duration::from_secs(5),
                 connect_timeout: Duration::from_secs(5),

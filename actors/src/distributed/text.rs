@@ -49,15 +49,23 @@ impl Drop for TextModels {
     }
 }
 
-impl TextModels {
+/// The model cards and instance records in etcd, followed once for every kind of model a frontend
+/// serves (Text models here, more Tokens models in [`lanes`](super::lanes)).
+pub struct ModelWatch {
+    /// `v1/mdc/` (every namespace, or one).
+    pub cards: KeyWatch,
+    /// `v1/instances/`.
+    pub instances: KeyWatch,
+}
+
+impl ModelWatch {
     /// Follow `v1/mdc/` (every namespace, or `namespace`'s only) and `v1/instances/` in etcd.
     pub async fn start(
         config: &DistributedConfig,
         namespace: Option<&str>,
-    ) -> Result<Arc<TextModels>, String> {
-        let timeout = Duration::from_secs_f64(config.connect_timeout_secs);
+    ) -> Result<Arc<ModelWatch>, String> {
         let options = etcd::ConnectOptions {
-            connect_timeout: timeout,
+            connect_timeout: Duration::from_secs_f64(config.connect_timeout_secs),
             ..etcd::ConnectOptions::default()
         };
         let client = Client::connect(&config.etcd_endpoints, &options)
@@ -69,18 +77,39 @@ impl TextModels {
         };
         let cards = watch_prefix(client.clone(), &card_prefix, Duration::from_secs(10)).await?;
         let instances = watch_prefix(client, "v1/instances/", Duration::from_secs(10)).await?;
+        Ok(Arc::new(ModelWatch { cards, instances }))
+    }
+
+    /// Resolves when the cards or the instances change; `false` once the watches ended.
+    pub async fn changed(
+        card_changes: &mut tokio::sync::watch::Receiver<u64>,
+        instance_changes: &mut tokio::sync::watch::Receiver<u64>,
+    ) -> bool {
+        tokio::select! {
+            changed = card_changes.changed() => changed.is_ok(),
+            changed = instance_changes.changed() => changed.is_ok(),
+        }
+    }
+}
+
+impl TextModels {
+    /// Serve the Text models of `watch`.
+    pub async fn start(
+        config: &DistributedConfig,
+        watch: Arc<ModelWatch>,
+    ) -> Result<Arc<TextModels>, String> {
         let calls = EndpointClient::new(
             &config.host,
             ClientSettings {
                 request_timeout: Duration::from_secs_f64(config.request_timeout_secs),
-                connect_timeout: timeout,
+                connect_timeout: Duration::from_secs_f64(config.connect_timeout_secs),
                 max_message_size: config.max_message_size,
             },
         )
         .await
         .map_err(|e| format!("cannot listen for response streams on {}: {e}", config.host))?;
         let catalog = Arc::new(RwLock::new(BTreeMap::new()));
-        let task = tokio::spawn(follow(cards, instances, catalog.clone()));
+        let task = tokio::spawn(follow(watch, catalog.clone()));
         Ok(Arc::new(TextModels {
             catalog,
             client: Arc::new(calls),
@@ -141,16 +170,16 @@ impl TextModels {
 }
 
 /// Rebuild the catalog whenever cards or instances change.
-async fn follow(
-    cards: KeyWatch,
-    instances: KeyWatch,
-    catalog: Arc<RwLock<BTreeMap<String, TextModel>>>,
-) {
+async fn follow(watch: Arc<ModelWatch>, catalog: Arc<RwLock<BTreeMap<String, TextModel>>>) {
     let warned = Mutex::new(HashSet::new());
-    let mut card_changes = cards.changes();
-    let mut instance_changes = instances.changes();
+    let mut card_changes = watch.cards.changes();
+    let mut instance_changes = watch.instances.changes();
     loop {
-        let built = build(&cards.snapshot(), &instances.snapshot(), &warned);
+        let built = build(
+            &watch.cards.snapshot(),
+            &watch.instances.snapshot(),
+            &warned,
+        );
         if let Ok(mut current) = catalog.write() {
             if *current != built {
                 let names: Vec<&String> = built.keys().collect();
@@ -158,9 +187,8 @@ async fn follow(
                 *current = built;
             }
         }
-        tokio::select! {
-            changed = card_changes.changed() => if changed.is_err() { return },
-            changed = instance_changes.changed() => if changed.is_err() { return },
+        if !ModelWatch::changed(&mut card_changes, &mut instance_changes).await {
+            return;
         }
     }
 }

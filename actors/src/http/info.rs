@@ -20,7 +20,7 @@ fn model_object(name: &str, context_window: u64) -> Value {
 }
 
 /// Every served model: the chat model, then the embedding model when that family is on, then the
-/// workers' Text models.
+/// workers' other Tokens models and their Text models.
 fn model_objects(state: &AppState) -> Vec<(String, Value)> {
     let mut models = Vec::new();
     // A frontend of workers lists its model only while a worker serves it, as Dynamo's does: a
@@ -37,6 +37,14 @@ fn model_objects(state: &AppState) -> Vec<(String, Value)> {
             card.name.clone(),
             model_object(&card.name, card.max_tokens as u64),
         ));
+    }
+    if let Some(lanes) = state.cluster.lanes.get() {
+        for lane in lanes.list() {
+            if !models.iter().any(|(name, _)| *name == lane.name) {
+                let object = model_object(&lane.name, u64::from(lane.context_length));
+                models.push((lane.name, object));
+            }
+        }
     }
     if let Some(text) = state.cluster.text_models.get() {
         for model in text.list() {
@@ -106,15 +114,58 @@ fn serving(engine: &crate::engine::registry::EngineInfo) -> bool {
         .load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// The engines of the frontend's own model, then those of its other Tokens models (a worker that
+/// serves several of them is listed once).
+fn all_engines(state: &AppState) -> Vec<crate::engine::registry::EngineInfo> {
+    let mut engines = state.engines.snapshot();
+    if let Some(lanes) = state.cluster.lanes.get() {
+        for lane in lanes.list() {
+            for engine in lane.engines.snapshot() {
+                if !engines.iter().any(|e| e.instance_id == engine.instance_id) {
+                    engines.push(engine);
+                }
+            }
+        }
+    }
+    engines
+}
+
+/// The live instances of the workers' Text models, as `/health` lists instances.
+fn text_instances(state: &AppState, listed: &[Value]) -> Vec<Value> {
+    let mut instances: Vec<Value> = Vec::new();
+    let Some(text) = state.cluster.text_models.get() else {
+        return instances;
+    };
+    for model in text.list() {
+        for instance in model.instances {
+            let id = json!(instance.instance_id);
+            if listed
+                .iter()
+                .chain(&instances)
+                .any(|i| i["instance_id"] == id)
+            {
+                continue;
+            }
+            instances.push(json!({
+                "namespace": instance.namespace,
+                "component": instance.component,
+                "endpoint": instance.endpoint,
+                "instance_id": instance.instance_id,
+                "transport": format!("tcp://{}", instance.tcp_address().unwrap_or_default()),
+                "engine": "text",
+            }));
+        }
+    }
+    instances
+}
+
 pub(crate) fn endpoints_and_instances(state: &AppState) -> (Vec<String>, Vec<Value>) {
-    let engines = state.engines.snapshot();
+    let engines = all_engines(state);
     let mut endpoints: Vec<String> = engines
         .iter()
         .map(|e| format!("dyn://{}", e.endpoint_id.join(".")))
         .collect();
-    endpoints.sort();
-    endpoints.dedup();
-    let instances = engines
+    let mut instances: Vec<Value> = engines
         .iter()
         .filter(|e| serving(e))
         .map(|e| {
@@ -180,6 +231,18 @@ pub(crate) fn endpoints_and_instances(state: &AppState) -> (Vec<String>, Vec<Val
             instance
         })
         .collect();
+    let text = text_instances(state, &instances);
+    endpoints.extend(text.iter().map(|i| {
+        format!(
+            "dyn://{}.{}.{}",
+            i["namespace"].as_str().unwrap_or_default(),
+            i["component"].as_str().unwrap_or_default(),
+            i["endpoint"].as_str().unwrap_or_default()
+        )
+    }));
+    endpoints.sort();
+    endpoints.dedup();
+    instances.extend(text);
     (endpoints, instances)
 }
 

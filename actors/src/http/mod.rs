@@ -196,6 +196,8 @@ pub struct ClusterLink {
     pub status: std::sync::OnceLock<Box<dyn Fn() -> serde_json::Value + Send + Sync>>,
     /// Models whose workers take the OpenAI request as it came (Text models).
     pub text_models: std::sync::OnceLock<Arc<crate::distributed::text::TextModels>>,
+    /// The Tokens models served beyond the frontend's own, each in a lane of its own.
+    pub lanes: std::sync::OnceLock<Arc<crate::distributed::lanes::TokensLanes>>,
 }
 
 /// The served model as the models routes describe it.

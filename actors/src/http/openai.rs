@@ -14,8 +14,10 @@ use super::stream::{
     fold, sse_body, ChatFramer, CompletionFramer, Framer, RequestTracker, ResponsesFramer,
     SseOptions,
 };
+use super::text::Target;
 use super::{Admission, AppState};
 use crate::error::{ApiError, ErrorClass};
+use crate::gateway::Gateway;
 use crate::metrics::{Endpoint, RequestType};
 use crate::protocol::responses::{ResponseBuilder, ResponsesRequest};
 use crate::validator::{
@@ -84,9 +86,21 @@ fn model_label(state: &AppState, body: &[u8]) -> String {
         .ok()
         .and_then(|m| m.model)
     {
-        Some(m) if m == state.model.name || serves_embeddings(state, &m) => m,
+        Some(m)
+            if m == state.model.name || serves_embeddings(state, &m) || serves_lane(state, &m) =>
+        {
+            m
+        }
         _ => "unknown".into(),
     }
+}
+
+fn serves_lane(state: &AppState, model: &str) -> bool {
+    state
+        .cluster
+        .lanes
+        .get()
+        .is_some_and(|l| l.get(model).is_some())
 }
 
 fn serves_embeddings(state: &AppState, model: &str) -> bool {
@@ -133,11 +147,10 @@ fn sse_response<F: Framer>(
 /// Route, then stream or fold: shared by every inference route once validation passed.
 async fn serve<F: Framer>(
     state: &AppState,
+    gateway: &Gateway,
     peer: Option<PeerSocket>,
     endpoint: Endpoint,
-    validated: ValidatedRequest,
-    mut framer: F,
-    stream: bool,
+    (validated, mut framer, stream): (ValidatedRequest, F, bool),
     admission: Admission,
 ) -> HttpResponse {
     let request_type = if stream {
@@ -149,7 +162,7 @@ async fn serve<F: Framer>(
         .metrics
         .request_guard(&validated.model, endpoint, request_type);
     let mut tracker = RequestTracker::new(guard, validated.prompt_tokens as usize);
-    let generation = match state.gateway.generate(&validated).await {
+    let generation = match gateway.generate(&validated).await {
         Ok(g) => g,
         Err(error) => {
             tracker.error(&error);
@@ -194,27 +207,29 @@ async fn inference<F: Framer, V: std::future::Future<Output = Validated<F>>>(
     payload: web::Payload,
     state: web::Data<AppState>,
     endpoint: Endpoint,
-    validate: impl FnOnce(web::Data<AppState>, Bytes, RequestContext) -> V,
+    validate: impl FnOnce(Gateway, Bytes, RequestContext) -> V,
 ) -> HttpResponse {
     let accepted = match accept(&state, &req, payload).await {
         Ok(a) => a,
         Err(e) => return reject(&state, endpoint, None, false, &e),
     };
-    if let Some(model) = super::text::lookup(&state, endpoint, &accepted.body) {
-        return super::text::serve(&state, &req, endpoint, model, accepted).await;
-    }
-    let (validated, framer, stream) =
-        match validate(state.clone(), accepted.body.clone(), accepted.context).await {
-            Ok(v) => v,
-            Err(e) => return reject(&state, endpoint, Some(&accepted.body), false, &e),
-        };
+    let gateway = match super::text::target(&state, endpoint, &accepted.body) {
+        Target::Text(model) => {
+            return super::text::serve(&state, &req, endpoint, model, accepted).await
+        }
+        Target::Lane(lane) => lane.gateway,
+        Target::Own => state.gateway.clone(),
+    };
+    let validated = match validate(gateway.clone(), accepted.body.clone(), accepted.context).await {
+        Ok(v) => v,
+        Err(e) => return reject(&state, endpoint, Some(&accepted.body), false, &e),
+    };
     serve(
         &state,
+        &gateway,
         req.conn_data::<PeerSocket>().cloned(),
         endpoint,
         validated,
-        framer,
-        stream,
         accepted.admission,
     )
     .await
@@ -231,10 +246,9 @@ pub async fn chat_completions(
         payload,
         state,
         Endpoint::ChatCompletions,
-        |state, body, context| async move {
+        |gateway, body, context| async move {
             let input = ChatInput::Body(body);
-            let validated = state
-                .gateway
+            let validated = gateway
                 .validate_chat(ValidateChat { input, context })
                 .await?;
             let framer = ChatFramer::new(
@@ -260,9 +274,8 @@ pub async fn completions(
         payload,
         state,
         Endpoint::Completions,
-        |state, body, context| async move {
-            let validated = state
-                .gateway
+        |gateway, body, context| async move {
+            let validated = gateway
                 .validate_completion(ValidateCompletion { body, context })
                 .await?;
             let framer = CompletionFramer::new(
@@ -288,12 +301,11 @@ pub async fn responses(
         payload,
         state,
         Endpoint::Responses,
-        |state, body, context| async move {
+        |gateway, body, context| async move {
             let request: ResponsesRequest = parse_lenient(&body)?;
             request.check()?;
             let input = ChatInput::Parsed(Box::new(request.to_chat()?));
-            let validated = state
-                .gateway
+            let validated = gateway
                 .validate_chat(ValidateChat { input, context })
                 .await?;
             let framer = ResponsesFramer::new(ResponseBuilder::new(&request, &validated.model));

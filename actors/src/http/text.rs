@@ -17,26 +17,56 @@ use super::openai::Accepted;
 use super::request::error_response;
 use super::stream::RequestTracker;
 use super::{Admission, AppState};
+use crate::distributed::lanes::Lane;
 use crate::distributed::text::TextModel;
 use crate::error::{ApiError, ErrorClass};
 use crate::metrics::{Endpoint, RequestType};
 
-/// The `model` of a request body, if it names a Text model served on this route.
-pub(super) fn lookup(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Option<TextModel> {
-    if !matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions) {
-        return None;
-    }
-    let models = state.cluster.text_models.get()?;
-    if models.is_empty() {
+/// Which path serves a request.
+pub(super) enum Target {
+    /// The frontend's own model (or none: its validator answers for unknown names).
+    Own,
+    /// A Text model: the body goes to a worker as it came.
+    Text(TextModel),
+    /// Another Tokens model, on its own serving path.
+    Lane(Lane),
+}
+
+/// The path that serves the model a request body names on `endpoint`. The body is parsed a second
+/// time only when the frontend serves Text models or more Tokens models than its own.
+pub(super) fn target(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Target {
+    let text = state.cluster.text_models.get().filter(|m| !m.is_empty());
+    let lanes = state.cluster.lanes.get().filter(|l| !l.is_empty());
+    if text.is_none() && lanes.is_none() {
         // The common case: no second parse of the body on the request path.
-        return None;
+        return Target::Own;
     }
     #[derive(serde::Deserialize)]
     struct ModelOnly {
         model: Option<String>,
     }
-    let name = serde_json::from_slice::<ModelOnly>(body).ok()?.model?;
-    models.get(&name)
+    let Some(name) = serde_json::from_slice::<ModelOnly>(body)
+        .ok()
+        .and_then(|m| m.model)
+    else {
+        return Target::Own;
+    };
+    let text_route = matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions);
+    if let Some(model) = text.filter(|_| text_route).and_then(|t| t.get(&name)) {
+        return Target::Text(model);
+    }
+    if let Some(lane) = lanes.and_then(|l| l.get(&name)) {
+        // A route the model's type lacks answers as for an unknown model (404).
+        let fits = match endpoint {
+            Endpoint::ChatCompletions | Endpoint::Responses => lane.chat,
+            Endpoint::Completions => lane.completions,
+            _ => false,
+        };
+        if fits {
+            return Target::Lane(lane);
+        }
+    }
+    Target::Own
 }
 
 /// Which OpenAI object the chunks make.

@@ -450,16 +450,20 @@ fn resolve_devices(config: &ServiceConfig) -> Result<Vec<String>, StartError> {
     Ok(resolved)
 }
 
-/// The frontend metrics with the model's gauges set.
+/// The frontend metrics (`shared`, or a new registry) with the model's gauges set.
 fn metrics(
     config: &ServiceConfig,
     tokenizer: &ModelTokenizer,
     block_size: usize,
+    shared: Option<Arc<FrontendMetrics>>,
 ) -> Result<Arc<FrontendMetrics>, StartError> {
-    let metrics = Arc::new(
-        FrontendMetrics::new(&config.metrics.prefix, &config.metrics.histograms)
-            .map_err(|e| StartError::Metrics(e.to_string()))?,
-    );
+    let metrics = match shared {
+        Some(metrics) => metrics,
+        None => Arc::new(
+            FrontendMetrics::new(&config.metrics.prefix, &config.metrics.histograms)
+                .map_err(|e| StartError::Metrics(e.to_string()))?,
+        ),
+    };
     let mut gauges = ModelGauges {
         context_length: Some(u64::from(tokenizer.context_length())),
         ..ModelGauges::default()
@@ -484,10 +488,35 @@ pub async fn start(
     weights: Option<Arc<LlamaModel>>,
     gms: Option<crate::gms::InProcessGms>,
 ) -> Result<RunningService, StartError> {
+    start_tree(config, tokenizer, weights, gms, None).await
+}
+
+/// The tree of one more model of a frontend of workers (`config.remote_engines`, no HTTP): its
+/// requests are counted in the frontend's own `metrics`.
+pub async fn start_lane(
+    config: ServiceConfig,
+    tokenizer: Arc<ModelTokenizer>,
+    metrics: Arc<FrontendMetrics>,
+) -> Result<RunningService, StartError> {
+    if config.serve_http || !config.remote_engines {
+        return Err(StartError::Config(
+            "a model lane routes to remote engines and serves no HTTP of its own".into(),
+        ));
+    }
+    start_tree(config, tokenizer, None, None, Some(metrics)).await
+}
+
+async fn start_tree(
+    config: ServiceConfig,
+    tokenizer: Arc<ModelTokenizer>,
+    weights: Option<Arc<LlamaModel>>,
+    gms: Option<crate::gms::InProcessGms>,
+    shared_metrics: Option<Arc<FrontendMetrics>>,
+) -> Result<RunningService, StartError> {
     let mut config = config;
     config.engine.devices = resolve_devices(&config)?;
     let block_size = check(&config, weights.is_some())?;
-    let metrics = metrics(&config, &tokenizer, block_size)?;
+    let metrics = metrics(&config, &tokenizer, block_size, shared_metrics)?;
     let kv_mode = config.router.mode == RouterMode::Kv;
     // KV events flow engine → indexer only when the kv router consumes them; a worker exports them.
     let index = kv_mode.then(SharedKvIndex::default);

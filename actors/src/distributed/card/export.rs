@@ -230,6 +230,9 @@ impl CardFiles {
             runtime_config: runtime,
             media_decoder: None,
             media_fetcher: None,
+            lora: None,
+            user_data: None,
+            router_config: None,
         }
     }
 }

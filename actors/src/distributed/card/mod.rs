@@ -421,6 +421,45 @@ pub struct ModelCard {
     /// Multimodal input fetching (unused by dynamix).
     #[serde(default)]
     pub media_fetcher: Option<Value>,
+    /// The LoRA adapter this card serves; `display_name` is then the adapter's name, and requests
+    /// for it carry `routing.lora_name` (python-sdk spec §6.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraRef>,
+    /// The worker's own metadata, kept as it came (the frontend does not interpret it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<Value>,
+    /// How the frontend routes this model instead of its own router mode (`router_mode`:
+    /// `RoundRobin`, `Random`, `KV`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_config: Option<Value>,
+}
+
+impl ModelCard {
+    /// The router mode the card asks for, when it asks for one dynamix has; `Err` names a mode it
+    /// does not have.
+    pub fn router_mode(&self) -> Result<Option<crate::router::RouterMode>, String> {
+        use crate::router::RouterMode;
+        let Some(mode) = self.router_config.as_ref().map(|c| &c["router_mode"]) else {
+            return Ok(None);
+        };
+        match mode.as_str() {
+            None if mode.is_null() => Ok(None),
+            Some("RoundRobin") => Ok(Some(RouterMode::RoundRobin)),
+            Some("Random") => Ok(Some(RouterMode::Random)),
+            Some("KV") => Ok(Some(RouterMode::Kv)),
+            _ => Err(format!(
+                "router_config.router_mode {mode} is not one of RoundRobin, Random, KV"
+            )),
+        }
+    }
+}
+
+/// `card_json.lora`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoraRef {
+    /// The adapter's name.
+    #[serde(default)]
+    pub name: String,
 }
 
 impl ModelCard {

@@ -564,3 +564,39 @@ async fn written_card_files_load_back_as_the_same_tokenizer() {
         assert_eq!(tok.is_special(id), original.is_special(id), "{id}");
     }
 }
+
+#[test]
+fn adapters_user_data_and_router_modes_are_read_from_the_card() {
+    use crate::router::RouterMode;
+    let mut value = sample_value();
+    value["card_json"]["lora"] = serde_json::json!({"name": "tail", "base_model_path": "/m"});
+    value["card_json"]["user_data"] = serde_json::json!({"lora_id": 7});
+    value["card_json"]["router_config"] = serde_json::json!({"router_mode": "KV"});
+    let record = CardRecord::from_json(value.to_string().as_bytes()).unwrap();
+    let card = &record.card_json;
+    assert_eq!(card.lora.as_ref().map(|l| l.name.as_str()), Some("tail"));
+    assert_eq!(card.user_data, Some(serde_json::json!({"lora_id": 7})));
+    assert_eq!(card.router_mode(), Ok(Some(RouterMode::Kv)));
+    // Written back as they came.
+    let again: Value = serde_json::from_str(&record.to_json().unwrap()).unwrap();
+    assert_eq!(
+        again["card_json"]["user_data"],
+        value["card_json"]["user_data"]
+    );
+    let mut card = card.clone();
+    for (mode, expected) in [
+        (
+            serde_json::json!("RoundRobin"),
+            Ok(Some(RouterMode::RoundRobin)),
+        ),
+        (serde_json::json!("Random"), Ok(Some(RouterMode::Random))),
+        (Value::Null, Ok(None)),
+        (
+            serde_json::json!("Direct"),
+            Err("router_config.router_mode \"Direct\" is not one of RoundRobin, Random, KV".into()),
+        ),
+    ] {
+        card.router_config = Some(serde_json::json!({ "router_mode": mode }));
+        assert_eq!(card.router_mode(), expected);
+    }
+}

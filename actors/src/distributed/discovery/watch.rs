@@ -28,6 +28,15 @@ pub struct WatchHandle {
     task: JoinHandle<()>,
 }
 
+impl WatchHandle {
+    /// A handle that follows nothing.
+    pub fn idle() -> Self {
+        WatchHandle {
+            task: tokio::spawn(async {}),
+        }
+    }
+}
+
 impl Drop for WatchHandle {
     fn drop(&mut self) {
         self.task.abort();

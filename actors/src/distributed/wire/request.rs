@@ -146,6 +146,9 @@ pub struct RoutingWire {
     /// Data-parallel rank inside the worker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dp_rank: Option<u32>,
+    /// The LoRA adapter the request is for (python-sdk spec §6.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_name: Option<String>,
 }
 
 /// The body of a request frame.

@@ -1,0 +1,554 @@
+//! Every Tokens model a frontend serves beyond its first (python-sdk spec §7, §7.1, §6.3): Dynamo's
+//! frontend serves each model it finds a card for, so this one does too. Each such model is a
+//! **lane**: a serving tree of its own (validator with the card's tokenizer and template, router,
+//! migration; no HTTP, no local engines) whose remote engines are exactly the live instances that
+//! hold the model's card. A LoRA adapter's card is a lane of its own: it shares the base model's
+//! tokenizer, routes only to the instances that published the adapter, and names the adapter in
+//! every request (`routing.lora_name`).
+//!
+//! [`LaneManager`] is the actor that owns the lanes: it reads the catalog of Tokens cards, starts a
+//! lane for a model that appears (loading its tokenizer off the actor), feeds each lane's instance
+//! manager the instances that come and go, and stops a lane when its last card or instance goes.
+//! [`TokensLanes`] is the HTTP side's read-only view: the routable lanes by name.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+
+use actix::prelude::*;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::card::{self, CardRecord, ModelCard};
+use super::discovery::DiscoveryEvent;
+use super::frontend::{attach, Attached, FrontendShared};
+use super::text::ModelWatch;
+use super::Instance;
+use crate::engine::registry::EngineRegistry;
+use crate::gateway::Gateway;
+use crate::metrics::FrontendMetrics;
+use crate::supervisor::{RunningService, ServiceConfig};
+
+/// One more Tokens model, as the HTTP side serves it.
+#[derive(Clone)]
+pub struct Lane {
+    /// The name clients send (the card's `display_name`: the adapter's name for an adapter).
+    pub name: String,
+    /// Served on `/v1/chat/completions` (and `/v1/responses`).
+    pub chat: bool,
+    /// Served on `/v1/completions`.
+    pub completions: bool,
+    /// The context window served (listed in `/v1/models`).
+    pub context_length: u32,
+    /// The lane's serving path.
+    pub gateway: Gateway,
+    /// The instances routed to.
+    pub engines: Arc<EngineRegistry>,
+}
+
+/// The lanes that can take requests now, by name.
+#[derive(Default)]
+pub struct TokensLanes {
+    lanes: RwLock<BTreeMap<String, Lane>>,
+}
+
+impl TokensLanes {
+    /// The lane named `name`, while at least one instance serves it.
+    pub fn get(&self, name: &str) -> Option<Lane> {
+        let lanes = self.lanes.read().ok()?;
+        lanes.get(name).filter(|l| !l.engines.is_empty()).cloned()
+    }
+
+    /// Whether no lane is running (the request path then skips its lookup).
+    pub fn is_empty(&self) -> bool {
+        self.lanes.read().map(|l| l.is_empty()).unwrap_or(true)
+    }
+
+    /// Every lane that an instance serves.
+    pub fn list(&self) -> Vec<Lane> {
+        self.lanes
+            .read()
+            .map(|l| {
+                l.values()
+                    .filter(|l| !l.engines.is_empty())
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn insert(&self, lane: Lane) {
+        if let Ok(mut lanes) = self.lanes.write() {
+            lanes.insert(lane.name.clone(), lane);
+        }
+    }
+
+    fn remove(&self, name: &str) {
+        if let Ok(mut lanes) = self.lanes.write() {
+            lanes.remove(name);
+        }
+    }
+}
+
+/// A model the cards ask for: its first card, and the live instances holding one of its cards.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Wanted {
+    /// The name served.
+    pub name: String,
+    /// The etcd key of the card the lane is built from (named in warnings).
+    pub key: String,
+    /// That card's record.
+    pub record: CardRecord,
+    /// The adapter every request names, for an adapter's card.
+    pub lora: Option<String>,
+    /// Every live instance holding one of the model's cards, by id.
+    pub instances: BTreeMap<u64, Instance>,
+}
+
+/// The Tokens models of `cards` with at least one live instance in `instances`, except `primary`
+/// (the frontend's own tree serves it). A card that does not parse is skipped, with one warning
+/// naming its key; Text cards are the Text-model catalog's, and Embedding-only cards are not
+/// served here.
+pub fn wanted(
+    cards: &BTreeMap<String, Vec<u8>>,
+    instances: &BTreeMap<String, Vec<u8>>,
+    primary: Option<&str>,
+    warned: &Mutex<HashSet<String>>,
+) -> BTreeMap<String, Wanted> {
+    let warn_once = |key: &str, what: &str, error: String| {
+        if warned
+            .lock()
+            .map(|mut w| w.insert(key.to_string()))
+            .unwrap_or(false)
+        {
+            tracing::warn!(%key, "skipping {what}: {error}");
+        }
+    };
+    let mut models: BTreeMap<String, Wanted> = BTreeMap::new();
+    for (key, value) in cards {
+        let input = serde_json::from_slice::<Value>(value)
+            .ok()
+            .and_then(|v| v.pointer("/card_json/model_input").cloned());
+        if input.as_ref().and_then(Value::as_str) == Some("Text") {
+            continue;
+        }
+        let record = match CardRecord::from_json(value) {
+            Ok(record) => record,
+            Err(e) => {
+                warn_once(key, "a model card", e.to_string());
+                continue;
+            }
+        };
+        let card = &record.card_json;
+        let kinds: Vec<&str> = card.model_type.split('|').map(str::trim).collect();
+        if !kinds.iter().any(|k| *k == "Chat" || *k == "Completions") {
+            continue;
+        }
+        let name = card.display_name.clone();
+        if primary == Some(name.as_str()) {
+            continue;
+        }
+        let instance_key = format!(
+            "v1/instances/{}/{}/{}/{:x}",
+            record.namespace, record.component, record.endpoint, record.instance_id
+        );
+        let Some(bytes) = instances.get(&instance_key) else {
+            continue;
+        };
+        let instance = match serde_json::from_slice::<Instance>(bytes) {
+            Ok(instance) => instance,
+            Err(e) => {
+                warn_once(&instance_key, "an instance record", e.to_string());
+                continue;
+            }
+        };
+        let lora = card.lora.as_ref().map(|l| l.name.clone());
+        let model = models.entry(name.clone()).or_insert_with(|| Wanted {
+            name,
+            key: key.clone(),
+            record: record.clone(),
+            lora,
+            instances: BTreeMap::new(),
+        });
+        model.instances.insert(instance.instance_id, instance);
+    }
+    models
+}
+
+/// What every lane starts from.
+pub struct LaneSettings {
+    /// The frontend's own tree's settings; a lane changes its model name and block size.
+    pub template: ServiceConfig,
+    /// The frontend's metrics: a lane's requests are counted there.
+    pub metrics: Arc<FrontendMetrics>,
+    /// The model the frontend's own tree serves (`None`: it serves no card's model).
+    pub primary: Option<String>,
+}
+
+/// A started lane.
+struct Running {
+    service: RunningService,
+    attached: Attached,
+    events: mpsc::UnboundedSender<DiscoveryEvent>,
+    /// The instances handed to the lane's instance manager.
+    fed: BTreeMap<u64, Instance>,
+}
+
+enum State {
+    /// Loading the card's tokenizer and starting the tree.
+    Starting,
+    Running(Box<Running>),
+    /// The card at this key could not be served; tried again when the model's first card changes.
+    Failed(String),
+}
+
+/// Owns the lanes: starts, feeds and stops them as the catalog changes.
+pub struct LaneManager {
+    settings: Arc<LaneSettings>,
+    shared: Arc<FrontendShared>,
+    view: Arc<TokensLanes>,
+    watch: Arc<ModelWatch>,
+    lanes: BTreeMap<String, State>,
+    latest: BTreeMap<String, Wanted>,
+}
+
+impl LaneManager {
+    /// Start following `watch` for Tokens models other than `settings.primary`.
+    pub fn start(
+        settings: LaneSettings,
+        shared: Arc<FrontendShared>,
+        watch: Arc<ModelWatch>,
+    ) -> (Addr<LaneManager>, Arc<TokensLanes>) {
+        let view = Arc::new(TokensLanes::default());
+        let manager = LaneManager {
+            settings: Arc::new(settings),
+            shared,
+            view: view.clone(),
+            watch,
+            lanes: BTreeMap::new(),
+            latest: BTreeMap::new(),
+        }
+        .start();
+        (manager, view)
+    }
+
+    fn reconcile(&mut self, ctx: &mut Context<Self>) {
+        let gone: Vec<String> = self
+            .lanes
+            .keys()
+            .filter(|name| !self.latest.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(State::Running(running)) = self.lanes.remove(&name) {
+                self.stop_lane(&name, *running);
+            }
+        }
+        let names: Vec<String> = self.latest.keys().cloned().collect();
+        for name in names {
+            let wanted = &self.latest[&name];
+            if matches!(self.lanes.get(&name), Some(State::Failed(key)) if *key != wanted.key) {
+                self.lanes.remove(&name);
+            }
+            match self.lanes.get_mut(&name) {
+                None => {
+                    let start =
+                        start_lane(self.settings.clone(), self.shared.clone(), wanted.clone());
+                    self.lanes.insert(name.clone(), State::Starting);
+                    start
+                        .into_actor(self)
+                        .map(move |result, me, ctx| me.started_lane(name, result, ctx))
+                        .spawn(ctx);
+                }
+                Some(State::Running(running)) => feed(running, wanted),
+                Some(_) => {}
+            }
+        }
+    }
+
+    fn started_lane(
+        &mut self,
+        name: String,
+        result: Result<(Box<Running>, Lane), String>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(wanted) = self.latest.get(&name) else {
+            // The model left while its lane started.
+            self.lanes.remove(&name);
+            if let Ok((running, _)) = result {
+                self.stop_lane(&name, *running);
+            }
+            return;
+        };
+        match result {
+            Ok((mut running, lane)) => {
+                tracing::info!(model = %name, key = %wanted.key, lora = ?wanted.lora, "serving a Tokens model of the workers' cards");
+                feed(&mut running, wanted);
+                let escalated = running.service.escalated();
+                let failed = name.clone();
+                escalated
+                    .into_actor(self)
+                    .map(move |escalation, me, ctx| me.lane_failed(failed, escalation, ctx))
+                    .spawn(ctx);
+                self.view.insert(lane);
+                self.lanes.insert(name, State::Running(running));
+            }
+            Err(e) => {
+                tracing::warn!(model = %name, key = %wanted.key, "not serving this model: {e}");
+                self.lanes.insert(name, State::Failed(wanted.key.clone()));
+            }
+        }
+    }
+
+    /// A lane's tree escalated: it stops, and starts again from the cards.
+    fn lane_failed(
+        &mut self,
+        name: String,
+        escalation: crate::supervision::Escalation,
+        ctx: &mut Context<Self>,
+    ) {
+        tracing::error!(model = %name, ?escalation, "a model's serving tree failed past its restart budget; starting it again");
+        if let Some(State::Running(running)) = self.lanes.remove(&name) {
+            self.stop_lane(&name, *running);
+        }
+        self.reconcile(ctx);
+    }
+
+    fn stop_lane(&self, name: &str, running: Running) {
+        self.view.remove(name);
+        tracing::info!(model = %name, "no worker serves this model any more; it leaves the model list");
+        let Running {
+            service,
+            attached,
+            events,
+            ..
+        } = running;
+        drop(events);
+        drop(attached);
+        actix::spawn(service.shutdown());
+    }
+}
+
+/// Hand the lane's instance manager the instances that came and went.
+fn feed(running: &mut Running, wanted: &Wanted) {
+    let gone: Vec<u64> = running
+        .fed
+        .keys()
+        .filter(|id| !wanted.instances.contains_key(id))
+        .copied()
+        .collect();
+    for id in gone {
+        running.fed.remove(&id);
+        let _ = running.events.send(DiscoveryEvent::Removed(id));
+    }
+    for (id, instance) in &wanted.instances {
+        if running.fed.get(id) != Some(instance) {
+            running.fed.insert(*id, instance.clone());
+            let _ = running
+                .events
+                .send(DiscoveryEvent::Added(Box::new(instance.clone())));
+        }
+    }
+}
+
+/// Load the card's tokenizer, start the lane's tree and attach its instance manager.
+async fn start_lane(
+    settings: Arc<LaneSettings>,
+    shared: Arc<FrontendShared>,
+    wanted: Wanted,
+) -> Result<(Box<Running>, Lane), String> {
+    let card: &ModelCard = &wanted.record.card_json;
+    let model = card::load_model(card)
+        .await
+        .map_err(|e| format!("cannot load the card's tokenizer: {e}"))?;
+    let mut config = settings.template.clone();
+    config.model_name = wanted.name.clone();
+    config.serve_http = false;
+    config.remote_engines = true;
+    config.export_kv_events = false;
+    match card.router_mode() {
+        Ok(Some(mode)) => config.router.mode = mode,
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(model = %wanted.name, key = %wanted.key, "{e}; routing it by the frontend's router mode")
+        }
+    }
+    let block = model.kv_block_size as usize;
+    if block >= 2 {
+        config.router.kv_cache_block_size = Some(block);
+        config.mocker.block_size = block;
+        config.gpu_engine.block_size = block;
+    }
+    let mut service =
+        crate::supervisor::start_lane(config, model.tokenizer, settings.metrics.clone())
+            .await
+            .map_err(|e| format!("cannot start its serving tree: {e}"))?;
+    let mut endpoint = shared.config.clone();
+    endpoint.namespace = wanted.record.namespace.clone();
+    endpoint.component = wanted.record.component.clone();
+    endpoint.endpoint = wanted.record.endpoint.clone();
+    let (events, discovered) = mpsc::unbounded_channel();
+    let local = service.local();
+    let attached = match attach(&local, &shared, &endpoint, wanted.lora.clone(), discovered).await {
+        Ok(attached) => attached,
+        Err(e) => {
+            service.shutdown().await;
+            return Err(format!("cannot follow its workers' events: {e}"));
+        }
+    };
+    let kinds: Vec<&str> = card.model_type.split('|').map(str::trim).collect();
+    let lane = Lane {
+        name: wanted.name.clone(),
+        chat: kinds.contains(&"Chat"),
+        completions: kinds.contains(&"Completions"),
+        context_length: model.context_length,
+        gateway: service.gateway.clone(),
+        engines: service.engines.clone(),
+    };
+    Ok((
+        Box::new(Running {
+            service,
+            attached,
+            events,
+            fed: BTreeMap::new(),
+        }),
+        lane,
+    ))
+}
+
+impl Actor for LaneManager {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let watch = self.watch.clone();
+        let primary = self.settings.primary.clone();
+        let me = ctx.address();
+        // The catalog is built off the actor; each change sends it the whole set.
+        let follow = async move {
+            let warned = Mutex::new(HashSet::new());
+            let mut card_changes = watch.cards.changes();
+            let mut instance_changes = watch.instances.changes();
+            let mut last = None;
+            loop {
+                let models = wanted(
+                    &watch.cards.snapshot(),
+                    &watch.instances.snapshot(),
+                    primary.as_deref(),
+                    &warned,
+                );
+                if last.as_ref() != Some(&models) {
+                    last = Some(models.clone());
+                    if me.send(Catalog(models)).await.is_err() {
+                        return;
+                    }
+                }
+                if !ModelWatch::changed(&mut card_changes, &mut instance_changes).await {
+                    return;
+                }
+            }
+        };
+        ctx.spawn(follow.into_actor(self));
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        for (name, state) in std::mem::take(&mut self.lanes) {
+            if let State::Running(running) = state {
+                self.stop_lane(&name, *running);
+            }
+        }
+    }
+}
+
+/// The Tokens models the cards ask for now.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Catalog(BTreeMap<String, Wanted>);
+
+impl Handler<Catalog> for LaneManager {
+    type Result = ();
+
+    fn handle(&mut self, Catalog(models): Catalog, ctx: &mut Self::Context) {
+        self.latest = models;
+        self.reconcile(ctx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn card(name: &str, input: &str, kind: &str, id: u64, lora: Option<&str>) -> Vec<u8> {
+        let file =
+            json!({"path": "/m/tokenizer.json", "checksum": format!("blake3:{}", "0".repeat(64))});
+        serde_json::to_vec(&json!({
+            "type": "Model", "namespace": "ns", "component": "c", "endpoint": "e",
+            "instance_id": id,
+            "card_json": {"display_name": name, "model_input": input, "model_type": kind,
+                          "kv_cache_block_size": 16, "tokenizer": {"hf_tokenizer_json": file},
+                          "lora": lora.map(|l| json!({"name": l}))}
+        }))
+        .unwrap()
+    }
+
+    fn instance(id: u64) -> (String, Vec<u8>) {
+        let record = json!({"type": "Endpoint", "namespace": "ns", "component": "c",
+                            "endpoint": "e", "instance_id": id,
+                            "transport": {"tcp": format!("127.0.0.1:1/{id:x}/ns/c/e")}});
+        (
+            format!("v1/instances/ns/c/e/{id:x}"),
+            serde_json::to_vec(&record).unwrap(),
+        )
+    }
+
+    #[test]
+    fn tokens_models_and_adapters_with_live_instances_are_wanted() {
+        let cards = BTreeMap::from([
+            (
+                "v1/mdc/ns/c/e/a".into(),
+                card("base", "Tokens", "Chat | Completions", 10, None),
+            ),
+            (
+                "v1/mdc/ns/c/e/b".into(),
+                card("base", "Tokens", "Chat", 11, None),
+            ),
+            (
+                "v1/mdc/ns/c/e/a/tail".into(),
+                card("tail", "Tokens", "Chat", 10, Some("tail")),
+            ),
+            (
+                "v1/mdc/ns/c/e/c".into(),
+                card("first", "Tokens", "Chat", 10, None),
+            ),
+            (
+                "v1/mdc/ns/c/e/d".into(),
+                card("bot", "Text", "Chat", 10, None),
+            ),
+            (
+                "v1/mdc/ns/c/e/f".into(),
+                card("emb", "Tokens", "Embedding", 10, None),
+            ),
+            (
+                "v1/mdc/ns/c/e/g".into(),
+                card("gone", "Tokens", "Chat", 12, None),
+            ),
+            ("v1/mdc/ns/c/e/h".into(), b"{not json".to_vec()),
+        ]);
+        let instances = BTreeMap::from([instance(10), instance(11)]);
+        let warned = Mutex::new(HashSet::new());
+        let models = wanted(&cards, &instances, Some("first"), &warned);
+        assert_eq!(models.keys().collect::<Vec<_>>(), vec!["base", "tail"]);
+        assert_eq!(
+            models["base"].instances.keys().collect::<Vec<_>>(),
+            vec![&10, &11]
+        );
+        assert_eq!(models["base"].lora, None);
+        assert_eq!(models["base"].key, "v1/mdc/ns/c/e/a");
+        assert_eq!(models["tail"].lora.as_deref(), Some("tail"));
+        assert_eq!(
+            models["tail"].instances.keys().collect::<Vec<_>>(),
+            vec![&10]
+        );
+        let warned = warned.into_inner().unwrap();
+        assert_eq!(warned, HashSet::from(["v1/mdc/ns/c/e/h".to_string()]));
+    }
+}
