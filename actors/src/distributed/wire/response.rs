@@ -253,6 +253,15 @@ impl LlmEngineOutput {
     pub fn into_event(self) -> Result<EngineEvent, String> {
         let finish_reason = match self.finish_reason {
             None => None,
+            // Python engines say `"error"` or `"error: <why>"` (python-sdk spec §7.1).
+            Some(FinishReasonWire::Unknown(reason)) if reason.starts_with("error") => {
+                let why = reason["error".len()..].trim_start_matches(':').trim();
+                let message = match why {
+                    "" => "the worker's engine failed".to_string(),
+                    why => format!("the worker's engine failed: {why}"),
+                };
+                return Ok(Err(ApiError::new(ErrorClass::Internal, message)));
+            }
             Some(FinishReasonWire::Eos | FinishReasonWire::Stop | FinishReasonWire::Unknown(_)) => {
                 Some(FinishReason::Stop)
             }

@@ -257,6 +257,18 @@ fn outputs_round_trip_and_dynamo_outputs_decode() {
         Some(FinishReasonWire::Error("oom".into()))
     );
     assert_eq!(failed.into_event().unwrap().unwrap_err().message, "oom");
+    // A Python engine's "error" (with or without a reason) is an error too.
+    for (reason, message) in [
+        ("error", "the worker's engine failed"),
+        (
+            "error: CUDA out of memory",
+            "the worker's engine failed: CUDA out of memory",
+        ),
+    ] {
+        let failed: LlmEngineOutput =
+            serde_json::from_value(json!({"token_ids": [], "finish_reason": reason})).unwrap();
+        assert_eq!(failed.into_event().unwrap().unwrap_err().message, message);
+    }
     // A reason from a newer peer ends the stream as a stop; a malformed one is an error.
     let newer: LlmEngineOutput =
         serde_json::from_value(json!({"token_ids": [], "finish_reason": "exploded"})).unwrap();
