@@ -191,6 +191,8 @@ struct Running {
     events: mpsc::UnboundedSender<DiscoveryEvent>,
     /// The instances handed to the lane's instance manager.
     fed: BTreeMap<u64, Instance>,
+    /// The manager's wait for the lane's tree to escalate (cancelled when the lane stops).
+    escalation: Option<SpawnHandle>,
 }
 
 enum State {
@@ -240,7 +242,7 @@ impl LaneManager {
             .collect();
         for name in gone {
             if let Some(State::Running(running)) = self.lanes.remove(&name) {
-                self.stop_lane(&name, *running);
+                self.stop_lane(&name, *running, ctx);
             }
         }
         let names: Vec<String> = self.latest.keys().cloned().collect();
@@ -275,7 +277,7 @@ impl LaneManager {
             // The model left while its lane started.
             self.lanes.remove(&name);
             if let Ok((running, _)) = result {
-                self.stop_lane(&name, *running);
+                self.stop_lane(&name, *running, ctx);
             }
             return;
         };
@@ -285,10 +287,12 @@ impl LaneManager {
                 feed(&mut running, wanted);
                 let escalated = running.service.escalated();
                 let failed = name.clone();
-                escalated
-                    .into_actor(self)
-                    .map(move |escalation, me, ctx| me.lane_failed(failed, escalation, ctx))
-                    .spawn(ctx);
+                running.escalation =
+                    Some(ctx.spawn(
+                        escalated.into_actor(self).map(move |escalation, me, ctx| {
+                            me.lane_failed(failed, escalation, ctx)
+                        }),
+                    ));
                 self.view.insert(lane);
                 self.lanes.insert(name, State::Running(running));
             }
@@ -307,21 +311,27 @@ impl LaneManager {
         ctx: &mut Context<Self>,
     ) {
         tracing::error!(model = %name, ?escalation, "a model's serving tree failed past its restart budget; starting it again");
-        if let Some(State::Running(running)) = self.lanes.remove(&name) {
-            self.stop_lane(&name, *running);
+        if let Some(State::Running(mut running)) = self.lanes.remove(&name) {
+            // This wait is the one that ended.
+            running.escalation = None;
+            self.stop_lane(&name, *running, ctx);
         }
         self.reconcile(ctx);
     }
 
-    fn stop_lane(&self, name: &str, running: Running) {
+    fn stop_lane(&self, name: &str, running: Running, ctx: &mut Context<Self>) {
         self.view.remove(name);
         tracing::info!(model = %name, "no worker serves this model any more; it leaves the model list");
         let Running {
             service,
             attached,
             events,
+            escalation,
             ..
         } = running;
+        if let Some(escalation) = escalation {
+            ctx.cancel_future(escalation);
+        }
         drop(events);
         drop(attached);
         actix::spawn(service.shutdown());
@@ -410,6 +420,7 @@ async fn start_lane(
             attached,
             events,
             fed: BTreeMap::new(),
+            escalation: None,
         }),
         lane,
     ))
@@ -449,10 +460,10 @@ impl Actor for LaneManager {
         ctx.spawn(follow.into_actor(self));
     }
 
-    fn stopped(&mut self, _ctx: &mut Self::Context) {
+    fn stopped(&mut self, ctx: &mut Self::Context) {
         for (name, state) in std::mem::take(&mut self.lanes) {
             if let State::Running(running) = state {
-                self.stop_lane(&name, *running);
+                self.stop_lane(&name, *running, ctx);
             }
         }
     }
