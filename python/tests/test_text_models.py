@@ -86,6 +86,23 @@ def test_text_and_tokens_models_are_both_served(deployment):
     assert counted, metrics[:2000]
 
 
+def test_a_text_chat_model_answers_the_responses_api(deployment):
+    worker, frontend, client = deployment
+    response = client.responses.create(model="reverse-bot", input="one two three",
+                                       instructions="be brief")
+    assert response.output_text == "three two one"
+    assert response.status == "completed" and response.model == "reverse-bot"
+    events = list(client.responses.create(model="reverse-bot", input="a b c", stream=True))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == "c b a"
+    assert events[-1].type == "response.completed"
+    assert events[-1].response.output_text == "c b a"
+    # The worker's error keeps its status here too.
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.responses.create(model="reverse-bot", input="missing")
+    assert "no such conversation" in str(missing.value)
+
+
 def test_text_model_errors_keep_their_status_and_the_worker_goes_on(deployment):
     worker, frontend, client = deployment
     with pytest.raises(openai.BadRequestError):

@@ -20,6 +20,7 @@ pub mod openai;
 pub mod request;
 pub mod stream;
 pub mod text;
+mod text_responses;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

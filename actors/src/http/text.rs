@@ -21,6 +21,8 @@ use crate::distributed::lanes::Lane;
 use crate::distributed::text::TextModel;
 use crate::error::{ApiError, ErrorClass};
 use crate::metrics::{Endpoint, RequestType};
+use crate::protocol::responses::ResponsesRequest;
+use crate::validator::parse_lenient;
 
 /// Which path serves a request.
 pub(super) enum Target {
@@ -51,7 +53,10 @@ pub(super) fn target(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Targe
     else {
         return Target::Own;
     };
-    let text_route = matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions);
+    let text_route = matches!(
+        endpoint,
+        Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Responses
+    );
     if let Some(model) = text.filter(|_| text_route).and_then(|t| t.get(&name)) {
         return Target::Text(model);
     }
@@ -92,7 +97,7 @@ impl Kind {
     }
 }
 
-fn call_error(error: CallError) -> ApiError {
+pub(super) fn call_error(error: CallError) -> ApiError {
     match error {
         CallError::Remote(e) => ApiError::from(&e),
         CallError::Unavailable(text) => ApiError::new(ErrorClass::Unavailable, text),
@@ -115,30 +120,116 @@ pub(super) async fn serve(
     let overload = state.config.overload_status_code;
     let kind = match endpoint {
         Endpoint::Completions if model.completions => Kind::Completion,
-        Endpoint::ChatCompletions if model.chat => Kind::Chat,
+        Endpoint::ChatCompletions | Endpoint::Responses if model.chat => Kind::Chat,
         _ => return error_response(&ApiError::model_not_found(), overload),
     };
+    let (body, stream, responses_request) = match request_body(endpoint, &model, &accepted.body) {
+        Ok(parsed) => parsed,
+        Err(error) => return error_response(&error, overload),
+    };
+    let request_id = accepted.context.request_id.clone();
+    let (responses, progress) =
+        match call(state, req, endpoint, &model, &request_id, &body, stream).await {
+            Ok(called) => called,
+            Err(response) => return response,
+        };
+    if let Some(request) = responses_request {
+        return super::text_responses::answer(
+            &request,
+            &model.name,
+            stream,
+            responses,
+            progress,
+            accepted.admission,
+            overload,
+        )
+        .await;
+    }
+    let fill = Fill {
+        kind,
+        id: format!("{}{request_id}", kind.id_prefix()),
+        model: model.name.clone(),
+        created: now(),
+    };
+    if stream {
+        return HttpResponse::Ok()
+            .insert_header((CONTENT_TYPE, "text/event-stream"))
+            .insert_header((CACHE_CONTROL, "no-cache"))
+            .streaming(sse(responses, fill, overload, progress, accepted.admission));
+    }
+    let mut progress = progress;
+    match fold(responses, &fill, &mut progress).await {
+        Ok(body) => {
+            progress.tracker.success();
+            HttpResponse::Ok().json(body)
+        }
+        Err(error) => {
+            progress.tracker.error(&error);
+            error_response(&error, overload)
+        }
+    }
+}
+
+/// The body the worker gets, whether the client streams, and for `/v1/responses` the request it
+/// answers: the client's object as it came, or a Responses request made a chat request.
+fn request_body(
+    endpoint: Endpoint,
+    model: &TextModel,
+    body: &[u8],
+) -> Result<(Value, bool, Option<ResponsesRequest>), ApiError> {
+    if endpoint == Endpoint::Responses {
+        let request: ResponsesRequest = parse_lenient(body)?;
+        request.check()?;
+        let mut chat = serde_json::to_value(request.to_chat()?)
+            .map_err(|e| ApiError::internal(format!("cannot build the chat request: {e}")))?;
+        strip_nulls(&mut chat);
+        chat["model"] = json!(model.name);
+        let stream = request.stream == Some(true);
+        return Ok((chat, stream, Some(request)));
+    }
+    match serde_json::from_slice(body) {
+        Ok(Value::Object(map)) => {
+            let stream = map.get("stream").and_then(Value::as_bool) == Some(true);
+            Ok((Value::Object(map), stream, None))
+        }
+        Ok(_) => Err(ApiError::new(
+            ErrorClass::BadRequest,
+            "the request body must be a JSON object",
+        )),
+        Err(e) => Err(ApiError::new(
+            ErrorClass::BadRequest,
+            format!("the request body is not valid JSON: {e}"),
+        )),
+    }
+}
+
+/// Drops every `null` member, as a client that leaves optional fields out sends them.
+fn strip_nulls(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            map.retain(|_, v| !v.is_null());
+            map.values_mut().for_each(strip_nulls);
+        }
+        Value::Array(items) => items.iter_mut().for_each(strip_nulls),
+        _ => {}
+    }
+}
+
+/// Send `body` to an instance of `model`, counted and registered in flight like every request;
+/// the worker's stream, or the error response.
+async fn call(
+    state: &AppState,
+    req: &HttpRequest,
+    endpoint: Endpoint,
+    model: &TextModel,
+    request_id: &str,
+    body: &Value,
+    stream: bool,
+) -> Result<(ResponseStream, Progress), HttpResponse> {
+    let overload = state.config.overload_status_code;
     let Some(models) = state.cluster.text_models.get() else {
-        return error_response(&ApiError::model_not_found(), overload);
+        return Err(error_response(&ApiError::model_not_found(), overload));
     };
-    let body: Value = match serde_json::from_slice(&accepted.body) {
-        Ok(Value::Object(map)) => Value::Object(map),
-        Ok(_) => {
-            let error = ApiError::new(
-                ErrorClass::BadRequest,
-                "the request body must be a JSON object",
-            );
-            return error_response(&error, overload);
-        }
-        Err(e) => {
-            let error = ApiError::new(
-                ErrorClass::BadRequest,
-                format!("the request body is not valid JSON: {e}"),
-            );
-            return error_response(&error, overload);
-        }
-    };
-    let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
     // Counted like every request; a chunk stands for a token (TTFT, ITL, output count), since the
     // frontend has no tokenizer for a Text model.
     let request_type = if stream {
@@ -163,42 +254,15 @@ pub(super) async fn serve(
             Some((name.as_str().to_string(), value.to_str().ok()?.to_string()))
         })
         .collect();
-    let request_id = accepted.context.request_id.clone();
-    let (inflight, responses) = match models.call(&model, &request_id, &body, headers).await {
-        Ok((instance, responses)) => (state.inflight.register(&request_id, 0, instance), responses),
+    match models.call(model, request_id, body, headers).await {
+        Ok((instance, responses)) => {
+            let inflight = state.inflight.register(request_id, 0, instance);
+            Ok((responses, Progress { tracker, inflight }))
+        }
         Err(e) => {
             let error = call_error(e);
             tracker.error(&error);
-            return error_response(&error, overload);
-        }
-    };
-    let fill = Fill {
-        kind,
-        id: format!("{}{request_id}", kind.id_prefix()),
-        model: model.name.clone(),
-        created: now(),
-    };
-    if stream {
-        return HttpResponse::Ok()
-            .insert_header((CONTENT_TYPE, "text/event-stream"))
-            .insert_header((CACHE_CONTROL, "no-cache"))
-            .streaming(sse(
-                responses,
-                fill,
-                overload,
-                Progress { tracker, inflight },
-                accepted.admission,
-            ));
-    }
-    let mut progress = Progress { tracker, inflight };
-    match fold(responses, &fill, &mut progress).await {
-        Ok(body) => {
-            progress.tracker.success();
-            HttpResponse::Ok().json(body)
-        }
-        Err(error) => {
-            progress.tracker.error(&error);
-            error_response(&error, overload)
+            Err(error_response(&error, overload))
         }
     }
 }
@@ -257,14 +321,14 @@ fn not_a_chunk(data: &Value) -> ApiError {
 }
 
 /// A request's metrics and its in-flight registry entry (dropped when the request ends).
-struct Progress {
-    tracker: RequestTracker,
+pub(super) struct Progress {
+    pub(super) tracker: RequestTracker,
     inflight: crate::gateway::inflight::InflightHandle,
 }
 
 impl Progress {
     /// One chunk delivered.
-    fn chunk(&mut self) {
+    pub(super) fn chunk(&mut self) {
         self.tracker.tokens(1);
         self.inflight
             .entry()
