@@ -306,6 +306,20 @@ def test_model_types_combine_and_lora_ids_are_stable():
     config = ModelRuntimeConfig()
     config.set_engine_specific("k", [1])
     assert config.get_engine_specific("k") == [1]
+    # Dynamo 1.6.1's attributes and defaults, so vLLM-style registration code runs unchanged.
+    assert (config.exclude_tools_when_tool_choice_none, config.enable_local_indexer,
+            config.data_parallel_size, config.taints, config.structural_tag) == \
+        (True, True, 1, set(), None)
+    config.kv_event_publishing_enabled = False
+    config.set_structural_tag({"scope": "tools"})
+    config.set_disaggregated_endpoint("host", 7)
+    card = config._card()
+    assert card["structural_tag"] == {"scope": "tools"} and card["bootstrap_port"] == 7
+    assert card["runtime_data"] == {"k": [1]} and card["kv_event_publishing_enabled"] is False
+    with pytest.raises(AttributeError, match="no attribute 'max_num_seq'"):
+        config.max_num_seq = 4
+    with pytest.raises(TypeError, match="max_num_seqs"):
+        config.max_num_seqs = "4"
 
 
 async def test_dynamo_endpoint_parses_pydantic_models_and_passes_strings(runtime):

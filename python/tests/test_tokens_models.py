@@ -101,3 +101,28 @@ def test_a_frontend_without_its_own_model_serves_tokens_models_that_come_later(c
     health = get_json(f"{frontend.base}/health")
     assert len(health["instances"]) == 2, health
     assert f"dyn://{cluster.ns}.backend.generate" in health["endpoints"], health
+
+
+def test_a_vllm_style_dynamo_worker_runs_unchanged_under_compat(cluster, tmp_path):
+    model = model_dir.write(str(tmp_path / "m"))
+    worker = cluster.worker("vllm", "vllm_style_worker.py", "--model-path", model,
+                            "--served-model-name", "vllm-tiny", "--namespace", cluster.ns,
+                            compat=True)
+    worker.wait_for_output("worker ready")
+    frontend = cluster.frontend()
+    wait_for_model(frontend.base, "vllm-tiny")
+    client = client_for(frontend)
+    assert ask(client, "vllm-tiny", "abcdef", max_tokens=9) == "user\nabcd"
+    stream = client.chat.completions.create(
+        model="vllm-tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=100,
+        stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "user\nhi\nassistant\n"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == len(text)
+    completion = client.completions.create(model="vllm-tiny", prompt="hello", max_tokens=2)
+    assert completion.choices[0].text == "he" and completion.choices[0].finish_reason == "length"
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(20) == 0, worker.output()
+    wait_for_model(frontend.base, "vllm-tiny", present=False, timeout=15)

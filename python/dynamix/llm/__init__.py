@@ -167,16 +167,39 @@ ModelType.Empty = ModelType(0)
 
 
 class ModelRuntimeConfig:
-    """What an engine tells frontends about its capacity (copied into the card)."""
+    """What an engine tells frontends about its capacity and features (copied into the card).
+
+    The attributes are Dynamo 1.6.1's, with its defaults; dynamix's frontend reads the capacity
+    numbers and the context length, and carries the rest in the card for other frontends."""
+
+    _FIELDS = {
+        "context_length": None, "total_kv_blocks": None, "max_num_seqs": None,
+        "max_num_batched_tokens": None, "tool_call_parser": None, "reasoning_parser": None,
+        "tokenizer_backend": None, "structural_tag": None,
+        "exclude_tools_when_tool_choice_none": True, "data_parallel_start_rank": 0,
+        "data_parallel_size": 1, "enable_local_indexer": True,
+        "kv_event_publishing_enabled": None, "kv_event_source_mode": None,
+        "kv_state_endpoint": None, "enable_eagle": False, "taints": set,
+        "stable_routing_id": None, "runtime_data": dict, "topology_domains": dict,
+        "kv_transfer_domain": None, "kv_transfer_enforcement": None,
+        "kv_transfer_preferred_weight": None, "bootstrap_host": None, "bootstrap_port": None,
+    }
+    _INTEGERS = ("context_length", "total_kv_blocks", "max_num_seqs", "max_num_batched_tokens",
+                 "data_parallel_start_rank", "data_parallel_size", "bootstrap_port")
+    __slots__ = tuple(_FIELDS)
 
     def __init__(self) -> None:
-        self.total_kv_blocks: Optional[int] = None
-        self.max_num_seqs: Optional[int] = None
-        self.max_num_batched_tokens: Optional[int] = None
-        self.context_length: Optional[int] = None
-        self.tool_call_parser: Optional[str] = None
-        self.reasoning_parser: Optional[str] = None
-        self.runtime_data: dict = {}
+        for name, default in self._FIELDS.items():
+            object.__setattr__(self, name, default() if callable(default) else default)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in self._FIELDS:
+            raise AttributeError(f"'ModelRuntimeConfig' object has no attribute '{name}'")
+        if name in self._INTEGERS and value is not None and (
+                isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"argument '{name}': '{type(value).__name__}' object cannot be "
+                            "interpreted as an integer")
+        object.__setattr__(self, name, value)
 
     def set_engine_specific(self, key: str, value: Any) -> None:
         json.dumps(value)  # must be JSON
@@ -185,11 +208,25 @@ class ModelRuntimeConfig:
     def get_engine_specific(self, key: str) -> Any:
         return self.runtime_data.get(key)
 
+    def set_structural_tag(self, structural_tag: Optional[dict]) -> None:
+        if structural_tag is not None and not isinstance(structural_tag, dict):
+            raise TypeError("structural_tag must be a dict or None")
+        self.structural_tag = structural_tag
+
+    def set_disaggregated_endpoint(self, bootstrap_host: Optional[str] = None,
+                                   bootstrap_port: Optional[int] = None) -> None:
+        self.bootstrap_host = bootstrap_host
+        self.bootstrap_port = bootstrap_port
+
     def _card(self) -> dict:
-        card = {k: getattr(self, k) for k in ("total_kv_blocks", "max_num_seqs",
-                                               "max_num_batched_tokens", "context_length",
-                                               "tool_call_parser", "reasoning_parser")}
-        card["runtime_data"] = dict(self.runtime_data)
+        card = {}
+        for name in self._FIELDS:
+            value = getattr(self, name)
+            if name == "taints":
+                value = sorted(value)
+            elif name in ("runtime_data", "topology_domains"):
+                value = dict(value)
+            card[name] = value
         return card
 
 
