@@ -486,6 +486,7 @@ impl Handler<Catalog> for LaneManager {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::distributed::text::tests::instance;
     use serde_json::json;
 
     fn card(name: &str, input: &str, kind: &str, id: u64, lora: Option<&str>) -> Vec<u8> {
@@ -499,16 +500,6 @@ mod tests {
                           "lora": lora.map(|l| json!({"name": l}))}
         }))
         .unwrap()
-    }
-
-    fn instance(id: u64) -> (String, Vec<u8>) {
-        let record = json!({"type": "Endpoint", "namespace": "ns", "component": "c",
-                            "endpoint": "e", "instance_id": id,
-                            "transport": {"tcp": format!("127.0.0.1:1/{id:x}/ns/c/e")}});
-        (
-            format!("v1/instances/ns/c/e/{id:x}"),
-            serde_json::to_vec(&record).unwrap(),
-        )
     }
 
     #[test]

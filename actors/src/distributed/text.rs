@@ -323,7 +323,7 @@ fn card_facts(record: &Value) -> Result<Option<CardFacts>, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
@@ -337,7 +337,8 @@ mod tests {
         .unwrap()
     }
 
-    fn instance(id: u64) -> (String, Vec<u8>) {
+    /// The etcd key and record of instance `id` of `ns/c/e`.
+    pub(crate) fn instance(id: u64) -> (String, Vec<u8>) {
         let record = json!({"type": "Endpoint", "namespace": "ns", "component": "c",
                             "endpoint": "e", "instance_id": id,
                             "transport": {"tcp": format!("127.0.0.1:1/{id:x}/ns/c/e")}});

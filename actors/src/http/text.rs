@@ -304,7 +304,7 @@ impl Fill {
     }
 }
 
-fn not_a_chunk(data: &Value) -> ApiError {
+pub(super) fn not_a_chunk(data: &Value) -> ApiError {
     let mut text = data.to_string();
     if text.len() > 200 {
         let mut cut = 200;

@@ -13,10 +13,10 @@ use serde_json::Value;
 
 use super::request::error_response;
 use super::stream::{Framer, ResponsesFramer};
-use super::text::{call_error, Progress};
+use super::text::{call_error, not_a_chunk, Progress};
 use super::Admission;
 use crate::backend::Delta;
-use crate::error::{ApiError, ErrorClass};
+use crate::error::ApiError;
 use crate::gateway::ChoiceDelta;
 use crate::protocol::responses::{ResponseBuilder, ResponsesRequest};
 use crate::protocol::Usage;
@@ -25,18 +25,7 @@ use crate::protocol::Usage;
 fn piece(item: Value) -> Result<(String, Option<Usage>), ApiError> {
     let chunk = item.get("data").cloned().unwrap_or(Value::Null);
     let Some(choices) = chunk.get("choices").and_then(Value::as_array) else {
-        let mut text = chunk.to_string();
-        if text.len() > 200 {
-            let mut cut = 200;
-            while !text.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            text.truncate(cut);
-        }
-        return Err(ApiError::new(
-            ErrorClass::Internal,
-            format!("the worker sent a chunk that is not an object with a `choices` list: {text}"),
-        ));
+        return Err(not_a_chunk(&chunk));
     };
     let text = choices
         .iter()
