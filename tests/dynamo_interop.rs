@@ -249,6 +249,7 @@ async fn disconnect_scenario(frontend: Side, worker: Side) {
                 .wait_log(
                     &[
                         "stopped by the requester",
+                        "killed by the requester",
                         "requester closed the response stream",
                         "response stream broke",
                     ],

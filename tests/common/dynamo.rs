@@ -502,7 +502,7 @@ impl Cluster {
     ) -> ClusterProcess {
         let mut all = vec![(
             "DYN_LOG".to_string(),
-            "info,dynamix_actors=debug".to_string(),
+            "info,dynamix_actors=debug,dynamix_wire=debug".to_string(),
         )];
         all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         self.spawn(

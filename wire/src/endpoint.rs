@@ -103,6 +103,9 @@ pub enum Reply {
     Annotated(Value),
     /// An error item; the stream ends after it.
     Error(DynamoError),
+    /// The stream ends here without completing (no `complete_final`): the requester takes the
+    /// answer for broken and may move the request elsewhere (migration), as for a dead worker.
+    Abandon,
 }
 
 impl Reply {
@@ -116,6 +119,7 @@ impl Reply {
                 "comment": [error.text()],
                 "error": error,
             }),
+            Reply::Abandon => Value::Null,
         }
     }
 }
@@ -579,6 +583,10 @@ async fn respond(
         tokio::select! {
             reply = replies.next() => {
                 let Some(reply) = reply else { break };
+                if reply == Reply::Abandon {
+                    tracing::warn!(request = %id, "the handler gave up on the request; ending its stream without completion");
+                    return;
+                }
                 let is_error = matches!(reply, Reply::Error(_));
                 let frame = match data_frame(codec, &item(&reply)) {
                     Ok(frame) => frame,

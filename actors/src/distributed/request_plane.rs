@@ -1,41 +1,32 @@
-//! The worker's TCP request plane (interop spec §3–§5): one listener per worker process. Each
-//! request frame gets exactly one reply, in order: an empty ACK once the worker can answer on a
-//! response stream, else a `Server unavailable: ...` text (unknown endpoint path, draining, an
-//! envelope without a usable call-home address). An accepted request runs in its own task: dial back
-//! to the requester's response-stream server, handshake, prologue, then one data frame per engine
-//! output in the request's codec, `complete_final` and the sentinel. A request the worker cannot
-//! serve (a body that does not decode, a routing failure) is answered on the stream with an error
-//! item carrying Dynamo's `error` object: a Dynamo frontend waits forever on an ACK text, and takes
-//! a prologue error for a dead worker.
+//! The worker's TCP request plane (interop spec §3–§5): the worker serves its engines as one
+//! endpoint of dynamix-wire's [`EndpointServer`], the same server the Python SDK's workers use. The
+//! server answers each request frame (an ACK, or `Server unavailable: ...` for an unknown path, a
+//! draining worker, an envelope without a usable call-home address), dials the requester back and
+//! writes the replies; [`EngineHandler`] turns each request into a route through the worker's
+//! router and the engine's outputs into replies, with Dynamo's `completion_usage` on the first and
+//! last. A request the worker cannot serve (a body that does not decode, a routing failure) is
+//! answered on the stream with an error item carrying Dynamo's `error` object: a Dynamo frontend
+//! waits forever on an ACK text, and takes a prologue error for a dead worker.
 //!
 //! If the local engine dies mid-stream (its channel closes before a finish), the stream ends without
-//! `complete_final`: the frontend migrates the request, exactly as for a killed worker.
+//! `complete_final` ([`Reply::Abandon`]): the frontend migrates the request, exactly as for a killed
+//! worker.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Addr;
-use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
+use serde_json::Value;
 use tokio::sync::mpsc;
-use tokio_util::codec::{Framed, FramedRead, FramedWrite};
 
 use super::wire::response::{CompletionUsageWire, PromptTokensDetailsWire};
-use super::wire::{PayloadCodec, PreprocessedRequest, StreamItem};
-use crate::codec::messages::{
-    CallHomeHandshake, ControlMessage, ResponseStreamPrologue, StreamType, TcpStreamConnectionInfo,
-};
-use crate::codec::{
-    MessageKind, TcpCodecError, TcpRequestCodec, TcpResponseCodec, TcpResponseMessage,
-    TwoPartCodec, TwoPartMessage,
-};
+use super::wire::{PreprocessedRequest, StreamItem};
 use crate::error::{ApiError, ErrorClass};
-use crate::protocol::engine::EngineRequest;
+use crate::protocol::engine::{EngineEvent, EngineRequest};
 use crate::router::{KvRouterActor, Route};
 use dynamix_wire::endpoint::{
-    accept_as, dial, header_frame as header, EndpointState, InflightGuard,
+    EndpointServer, EndpointState, Handler, Replies, Reply, Request, ServerSettings,
 };
 
 /// What the endpoint needs.
@@ -43,8 +34,6 @@ use dynamix_wire::endpoint::{
 pub struct EndpointSettings {
     /// `/{ns}/{comp}/{ep}`: frames must carry `{instance_id:x}` followed by this.
     pub path_suffix: String,
-    /// The current instance id (the lease id; 0 until registered, changes on re-registration).
-    pub instance_id: Arc<AtomicU64>,
     /// Request-plane frame limit (`DYN_TCP_MAX_MESSAGE_SIZE`).
     pub max_message_size: usize,
     /// Dialling the requester back.
@@ -59,13 +48,10 @@ pub struct WorkerEndpoint {
     pub port: u16,
     /// In-flight accounting and drain.
     pub state: Arc<EndpointState>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for WorkerEndpoint {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    server: Arc<EndpointServer>,
+    suffix: String,
+    /// The instance id the endpoint's path carries now (0 until registered).
+    current: Arc<AtomicU64>,
 }
 
 impl WorkerEndpoint {
@@ -76,264 +62,182 @@ impl WorkerEndpoint {
         settings: EndpointSettings,
         router: Addr<KvRouterActor>,
     ) -> std::io::Result<Self> {
-        let listener = TcpListener::bind((host, port)).await?;
-        let port = listener.local_addr()?.port();
-        let state = Arc::new(EndpointState::default());
-        let task = tokio::spawn(accept_loop(
-            listener,
-            Arc::new(settings),
+        let server = EndpointServer::bind(
+            host,
+            port,
+            ServerSettings {
+                max_message_size: settings.max_message_size,
+                connect_timeout: settings.connect_timeout,
+            },
+        )
+        .await?;
+        let handler = EngineHandler {
             router,
-            state.clone(),
-        ));
-        Ok(WorkerEndpoint { port, state, task })
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    settings: Arc<EndpointSettings>,
-    router: Addr<KvRouterActor>,
-    state: Arc<EndpointState>,
-) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(serve_connection(
-                    stream,
-                    settings.clone(),
-                    router.clone(),
-                    state.clone(),
-                    peer,
-                ));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "request-plane accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-async fn serve_connection(
-    stream: TcpStream,
-    settings: Arc<EndpointSettings>,
-    router: Addr<KvRouterActor>,
-    state: Arc<EndpointState>,
-    peer: std::net::SocketAddr,
-) {
-    let (read, write) = stream.into_split();
-    let max = Some(settings.max_message_size);
-    let mut frames = FramedRead::new(read, TcpRequestCodec::new(max));
-    let mut replies = FramedWrite::new(write, TcpResponseCodec::new(None));
-    while let Some(frame) = frames.next().await {
-        let frame = match frame {
-            Ok(frame) => frame,
-            Err(e) => {
-                // The decoder cannot resynchronise after a bad frame: say why, then close.
-                let text = match &e {
-                    TcpCodecError::TooLarge { .. } => e.to_string(),
-                    _ => format!("cannot decode the request frame: {e}"),
-                };
-                tracing::warn!(%peer, error = %e, "request-plane frame rejected; closing the connection");
-                let _ = replies.send(TcpResponseMessage::unavailable(&text)).await;
-                return;
-            }
+            stream_buffer: settings.stream_buffer.max(1),
         };
-        let expected = format!(
-            "{:x}{}",
-            settings.instance_id.load(Ordering::Relaxed),
-            settings.path_suffix
+        let suffix = settings.path_suffix;
+        let state = server
+            .register(&format!("0{suffix}"), Arc::new(handler))
+            .map_err(std::io::Error::other)?;
+        Ok(WorkerEndpoint {
+            port: server.port(),
+            state,
+            server,
+            suffix,
+            current: Arc::default(),
+        })
+    }
+
+    /// Something to call with each new instance id (lease) before its record is put: from then on
+    /// the endpoint answers frames addressed to that id.
+    pub fn instance_switch(&self) -> impl Fn(u64) + Send + Sync + 'static {
+        let (server, suffix, current) = (
+            self.server.clone(),
+            self.suffix.clone(),
+            self.current.clone(),
         );
-        if frame.endpoint_path != expected {
-            tracing::warn!(%peer, path = %frame.endpoint_path, %expected, "request for an endpoint this worker does not serve");
-            let _ = replies
-                .send(TcpResponseMessage::unavailable(&format!(
-                    "unknown endpoint {}",
-                    frame.endpoint_path
-                )))
-                .await;
-            continue;
-        }
-        if state.is_draining() {
-            let _ = replies
-                .send(TcpResponseMessage::unavailable("worker is shutting down"))
-                .await;
-            continue;
-        }
-        match accept(&frame.payload) {
-            Ok(accepted) => {
-                if replies.send(TcpResponseMessage::ack()).await.is_err() {
-                    return;
-                }
-                let guard = state.enter();
-                tokio::spawn(handle(accepted, settings.clone(), router.clone(), guard));
-            }
-            Err(text) => {
-                tracing::warn!(%peer, %text, "request rejected");
-                if replies
-                    .send(TcpResponseMessage::unavailable(&text))
-                    .await
-                    .is_err()
+        move |id| {
+            let old = current.swap(id, Ordering::SeqCst);
+            if old != id {
+                if let Err(e) =
+                    server.rename(&format!("{old:x}{suffix}"), &format!("{id:x}{suffix}"))
                 {
-                    return;
+                    tracing::error!(error = %e, "cannot move the endpoint to its new instance id");
                 }
             }
         }
     }
 }
 
-/// A request the worker will answer on a response stream: where to call home, in which codec, and
-/// the request, or why it cannot be served (sent as an error item).
-struct Accepted {
-    id: String,
-    info: TcpStreamConnectionInfo,
-    codec: PayloadCodec,
-    request: Result<EngineRequest, ApiError>,
+/// Serves each request through the worker's router.
+struct EngineHandler {
+    router: Addr<KvRouterActor>,
+    stream_buffer: usize,
 }
 
-/// Decodes a request envelope (dynamix-wire's [`accept_as`]) and maps its body to an
-/// [`EngineRequest`]. `Err` when there is no usable call-home address (the ACK text says why); a
-/// body that cannot be served is `Ok` with the error, answered on the stream.
-fn accept(payload: &Bytes) -> Result<Accepted, String> {
-    let accepted = accept_as::<PreprocessedRequest>(payload)?;
-    let id = accepted.id;
-    let request = accepted
-        .body
-        .and_then(|body| body.into_engine_request(id.clone()))
-        .map_err(|e| ApiError::new(ErrorClass::BadRequest, e));
-    Ok(Accepted {
-        id,
-        info: accepted.info,
-        codec: accepted.codec,
-        request,
+/// The engine request a body asks for, or why it cannot be served (a 400 on the requester's side).
+fn engine_request(id: &str, body: Value) -> Result<EngineRequest, ApiError> {
+    serde_json::from_value::<PreprocessedRequest>(body)
+        .map_err(|e| format!("the request body is not a PreprocessedRequest: {e}"))
+        .and_then(|body| body.into_engine_request(id.to_string()))
+        .map_err(|e| ApiError::new(ErrorClass::BadRequest, e))
+}
+
+/// A stream item as the reply that carries it.
+fn reply(item: StreamItem) -> Reply {
+    match item.data.map(serde_json::to_value) {
+        Some(Ok(envelope)) => Reply::Annotated(envelope),
+        Some(Err(e)) => Reply::Error(dynamix_wire::error::DynamoError::new(
+            "Internal",
+            "Internal",
+            "runtime.internal",
+            format!("cannot encode an output: {e}"),
+        )),
+        None => Reply::Abandon,
+    }
+}
+
+enum Phase {
+    /// Route the request, then stream.
+    Start(Request),
+    /// Stream the engine's outputs.
+    Running {
+        outputs: mpsc::Receiver<EngineEvent>,
+        usage: Usage,
+        finished: bool,
+    },
+    Done,
+}
+
+impl Handler for EngineHandler {
+    fn call(&self, request: Request) -> Replies {
+        let router = self.router.clone();
+        let buffer = self.stream_buffer;
+        Box::pin(futures_util::stream::unfold(
+            Phase::Start(request),
+            move |phase| {
+                let router = router.clone();
+                async move {
+                    match phase {
+                        Phase::Start(request) => {
+                            let id = request.id.clone();
+                            match start(&router, request, buffer).await {
+                                Ok(running) => next_output(running).await,
+                                Err(error) => {
+                                    tracing::debug!(request = %id, error = %error.message, "request failed before generation");
+                                    Some((reply(StreamItem::of(&Err(error))), Phase::Done))
+                                }
+                            }
+                        }
+                        running @ Phase::Running { .. } => next_output(running).await,
+                        Phase::Done => None,
+                    }
+                }
+            },
+        ))
+    }
+}
+
+/// Route `request`; its outputs come on the returned phase's channel.
+async fn start(
+    router: &Addr<KvRouterActor>,
+    request: Request,
+    buffer: usize,
+) -> Result<Phase, ApiError> {
+    let engine = engine_request(&request.id, request.body)?;
+    let usage = Usage {
+        prompt: u32::try_from(engine.token_ids.len()).unwrap_or(u32::MAX),
+        ..Usage::default()
+    };
+    let (tx, rx) = mpsc::channel(buffer);
+    router
+        .send(Route {
+            request: engine,
+            output: tx,
+            exclude: Vec::new(),
+        })
+        .await
+        .map_err(|e| ApiError::new(ErrorClass::Unavailable, format!("router unavailable: {e}")))
+        .and_then(|r| r)?;
+    Ok(Phase::Running {
+        outputs: rx,
+        usage,
+        finished: false,
     })
 }
 
-fn data(codec: PayloadCodec, item: &StreamItem) -> Result<TwoPartMessage, String> {
-    codec
-        .encode(item)
-        .map(|body| TwoPartMessage::data_only(Bytes::from(body)))
-}
-
-async fn handle(
-    accepted: Accepted,
-    settings: Arc<EndpointSettings>,
-    router: Addr<KvRouterActor>,
-    _guard: InflightGuard,
-) {
-    let Accepted {
-        id,
-        info,
-        codec,
-        request,
-    } = accepted;
-    let stream = match dial(&info.address, settings.connect_timeout).await {
-        Ok(stream) => stream,
-        Err(e) => {
-            tracing::warn!(request = %id, error = %e, "Failed to create response stream");
-            return;
+/// The next output as a reply; at the channel's end nothing more (the server completes the
+/// stream), or [`Reply::Abandon`] when the engine stopped before finishing.
+async fn next_output(phase: Phase) -> Option<(Reply, Phase)> {
+    let Phase::Running {
+        mut outputs,
+        mut usage,
+        mut finished,
+    } = phase
+    else {
+        return None;
+    };
+    match outputs.recv().await {
+        Some(event) => {
+            finished |= match &event {
+                Ok(output) => output.finish_reason.is_some(),
+                Err(_) => true,
+            };
+            let item = reply(usage.annotate(&event));
+            Some((
+                item,
+                Phase::Running {
+                    outputs,
+                    usage,
+                    finished,
+                },
+            ))
         }
-    };
-    let _ = stream.set_nodelay(true);
-    let mut framed = Framed::new(stream, TwoPartCodec::new(None));
-    let handshake = CallHomeHandshake {
-        subject: info.subject.clone(),
-        stream_type: StreamType::Response,
-    };
-    if framed.send(header(&handshake)).await.is_err() {
-        return;
-    }
-    if framed
-        .send(header(&ResponseStreamPrologue { error: None }))
-        .await
-        .is_err()
-    {
-        return;
-    }
-    let (tx, mut rx) = mpsc::channel(settings.stream_buffer.max(1));
-    let mut usage = Usage {
-        prompt: request
-            .as_ref()
-            .map(|r| u32::try_from(r.token_ids.len()).unwrap_or(u32::MAX))
-            .unwrap_or(0),
-        ..Usage::default()
-    };
-    let routed = match request {
-        Ok(request) => router
-            .send(Route {
-                request,
-                output: tx,
-                exclude: Vec::new(),
-            })
-            .await
-            .map_err(|e| ApiError::new(ErrorClass::Unavailable, format!("router unavailable: {e}")))
-            .and_then(|r| r),
-        Err(error) => Err(error),
-    };
-    let (mut sink, mut control) = framed.split();
-    if let Err(error) = routed {
-        tracing::debug!(request = %id, error = %error.message, "request failed before generation");
-        if let Ok(frame) = data(codec, &StreamItem::of(&Err(error))) {
-            if sink.send(frame).await.is_ok() {
-                finish(&mut sink, codec).await;
-            }
-        }
-        return;
-    }
-    let mut finished = false;
-    loop {
-        tokio::select! {
-            event = rx.recv() => {
-                let Some(event) = event else { break };
-                finished |= match &event {
-                    Ok(output) => output.finish_reason.is_some(),
-                    Err(_) => true,
-                };
-                let frame = match data(codec, &usage.annotate(&event)) {
-                    Ok(frame) => frame,
-                    Err(e) => {
-                        tracing::error!(request = %id, error = %e, "cannot encode an output");
-                        return;
-                    }
-                };
-                if sink.send(frame).await.is_err() {
-                    // The requester is gone: dropping the channel stops generation.
-                    tracing::debug!(request = %id, "response stream broke; stopping generation");
-                    return;
-                }
-            }
-            message = control.next() => match message {
-                Some(Ok(frame)) if frame.kind() == MessageKind::HeaderOnly => {
-                    match serde_json::from_slice::<ControlMessage>(frame.header()) {
-                        Ok(ControlMessage::Stop) | Ok(ControlMessage::Kill) => {
-                            tracing::debug!(request = %id, "stopped by the requester");
-                            return;
-                        }
-                        other => {
-                            tracing::warn!(request = %id, message = ?other, "protocol violation on a response stream; closing it");
-                            return;
-                        }
-                    }
-                }
-                Some(Ok(_)) => {
-                    tracing::warn!(request = %id, "data from the requester on a response stream; closing it");
-                    return;
-                }
-                Some(Err(_)) | None => {
-                    tracing::debug!(request = %id, "requester closed the response stream; stopping generation");
-                    return;
-                }
-            }
-        }
-    }
-    if !finished {
+        None if finished => None,
         // The local engine stopped without finishing (panic, removal): no complete_final, so the
         // requester migrates the request.
-        tracing::warn!(request = %id, "engine stopped before finishing; ending the stream without completion");
-        return;
+        None => Some((Reply::Abandon, Phase::Done)),
     }
-    finish(&mut sink, codec).await;
 }
 
 /// Token counts of one request, reported as Dynamo's `completion_usage` on its first and last
@@ -348,7 +252,7 @@ struct Usage {
 
 impl Usage {
     /// The item for `event`, with usage when it is the first or the last output.
-    fn annotate(&mut self, event: &crate::protocol::engine::EngineEvent) -> StreamItem {
+    fn annotate(&mut self, event: &EngineEvent) -> StreamItem {
         let item = StreamItem::of(event);
         let Ok(output) = event else {
             return item;
@@ -377,26 +281,25 @@ impl Usage {
     }
 }
 
-/// `complete_final`, the sentinel, close.
-async fn finish(
-    sink: &mut futures_util::stream::SplitSink<Framed<TcpStream, TwoPartCodec>, TwoPartMessage>,
-    codec: PayloadCodec,
-) {
-    if let Ok(frame) = data(codec, &StreamItem::complete()) {
-        if sink.send(frame).await.is_err() {
-            return;
-        }
-    }
-    let _ = sink.send(header(&ControlMessage::Sentinel)).await;
-    let _ = sink.close().await;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::codec::messages::{
-        ConnectionInfo, RequestControlMessage, RequestType, ResponseType,
+        ConnectionInfo, RequestControlMessage, RequestType, ResponseType, StreamType,
+        TcpStreamConnectionInfo,
     };
+    use crate::codec::{TwoPartCodec, TwoPartMessage};
+    use bytes::Bytes;
+    use dynamix_wire::endpoint::accept;
+    use dynamix_wire::PayloadCodec;
+
+    /// What the worker makes of a request envelope: the engine request, or the error its stream
+    /// answers with (a body the server cannot decode, or one that is no engine request).
+    fn served(payload: &Bytes) -> Result<EngineRequest, String> {
+        let accepted = accept(payload).unwrap();
+        let body = accepted.body?;
+        engine_request(&accepted.id, body).map_err(|e| e.message)
+    }
 
     fn request() -> EngineRequest {
         EngineRequest {
@@ -446,10 +349,11 @@ mod tests {
             (Some("msgpack"), PayloadCodec::Msgpack),
         ] {
             let body = codec.encode(&wire).unwrap();
-            let accepted = accept(&envelope("req-1", "tcp_server", name, &body)).unwrap();
+            let payload = envelope("req-1", "tcp_server", name, &body);
+            let accepted = accept(&payload).unwrap();
             assert_eq!(accepted.info.subject, "s");
             assert_eq!(accepted.codec, codec);
-            assert_eq!(accepted.request.unwrap(), request());
+            assert_eq!(served(&payload).unwrap(), request());
         }
     }
 
@@ -522,13 +426,10 @@ mod tests {
             (Some("cbor"), b"{}".to_vec(), "cbor"),
             (None, b"{\"token_ids\": []}".to_vec(), "token_ids is empty"),
         ] {
-            let accepted = accept(&envelope("req-1", "tcp_server", codec, &body)).unwrap();
-            let error = accepted.request.unwrap_err();
-            assert_eq!(error.class, ErrorClass::BadRequest);
+            let error = served(&envelope("req-1", "tcp_server", codec, &body)).unwrap_err();
             assert!(
-                error.message.contains(expected),
-                "{} should mention {expected}",
-                error.message
+                error.contains(expected),
+                "{error} should mention {expected}"
             );
         }
     }

@@ -5,8 +5,6 @@
 //! follows upstream (runtime spec §5.7): leave discovery first, keep serving for the grace period,
 //! refuse new requests, wait for the running ones, then stop.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use super::discovery::Registration;
@@ -78,7 +76,6 @@ impl WorkerHandle {
 pub async fn start(service: &mut Local, settings: WorkerSettings) -> Result<WorkerHandle, String> {
     let config = settings.config.clone();
     config.validate()?;
-    let current_id = Arc::new(AtomicU64::new(0));
     let endpoint = WorkerEndpoint::serve(
         &config.host,
         config.request_plane_port,
@@ -87,7 +84,6 @@ pub async fn start(service: &mut Local, settings: WorkerSettings) -> Result<Work
                 "/{}/{}/{}",
                 config.namespace, config.component, config.endpoint
             ),
-            instance_id: current_id.clone(),
             max_message_size: settings.max_message_size,
             connect_timeout: Duration::from_secs_f64(config.connect_timeout_secs),
             stream_buffer: settings.stream_buffer,
@@ -119,11 +115,11 @@ pub async fn start(service: &mut Local, settings: WorkerSettings) -> Result<Work
             settings.codec,
             settings.device_type.clone(),
         );
-        let current_id = current_id.clone();
+        let switch = endpoint.instance_switch();
         // Called with each lease id before its record is put: frames for it are accepted from
         // the moment a frontend can see it (a re-granted lease calls it again).
         move |id: u64| {
-            current_id.store(id, Ordering::Relaxed);
+            switch(id);
             Instance {
                 engine: Some(engine.clone()),
                 kv_block_size: Some(block),
