@@ -199,6 +199,7 @@ pub async fn frontend_model(
                 Ok(model) => {
                     tracing::info!(%key, model = %model.name, block_size = model.kv_block_size, context_length = model.context_length, "serving the model of the workers' card");
                     apply(&mut config, &model.name, model.kv_block_size as usize);
+                    config.validator.model_aliases = card.model_aliases.clone();
                     match card.router_mode() {
                         Ok(Some(mode)) => config.router.mode = mode,
                         Ok(None) => {}

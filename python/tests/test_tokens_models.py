@@ -29,17 +29,27 @@ def test_models_on_other_endpoints_and_adapters_are_served(cluster, tmp_path):
     other = model_dir.write(str(tmp_path / "other"))
     # The frontend's own endpoint serves "first"; "tiny" and its adapter "tiny-tail" live on
     # another endpoint, as in the spec's §8.3 example.
-    first = cluster.worker("first", "tokens_worker.py", own, MODEL_NAME="first")
+    first = cluster.worker("first", "tokens_worker.py", own, MODEL_NAME="first",
+                           MODEL_ALIASES="first-alias")
     first.wait_for_output("worker ready")
     frontend = cluster.frontend()
     wait_for_model(frontend.base, "first")
     second = cluster.worker("second", "tokens_worker.py", other, MODEL_NAME="tiny",
-                            LORA_NAME="tiny-tail", ENDPOINT=f"{cluster.ns}.tokens.generate")
+                            LORA_NAME="tiny-tail", ENDPOINT=f"{cluster.ns}.tokens.generate",
+                            MODEL_ALIASES="tiny-latest,tiny-stable")
     second.wait_for_output("worker ready")
     wait_for_model(frontend.base, "tiny")
     listed = wait_for_model(frontend.base, "tiny-tail")
     assert {"first", "tiny", "tiny-tail"} <= set(listed), listed
     client = client_for(frontend)
+
+    # A card's model_aliases are listed and served like its name, for a frontend's own model too.
+    listed = wait_for_model(frontend.base, "tiny-stable")
+    assert {"first-alias", "tiny-latest", "tiny-stable"} <= set(listed), listed
+    for alias in ("first-alias", "tiny-latest"):
+        reply = client.chat.completions.create(
+            model=alias, messages=[{"role": "user", "content": "abc"}], max_tokens=8)
+        assert reply.choices[0].message.content == "user\nabc" and reply.model == alias
 
     # Each model answers through its own worker; the adapter's requests carry its name (the
     # worker checks routing.lora_name against the model and answers the prompt's tail).
@@ -79,6 +89,7 @@ def test_models_on_other_endpoints_and_adapters_are_served(cluster, tmp_path):
     second.proc.send_signal(signal.SIGTERM)
     assert second.proc.wait(20) == 0, second.output()
     wait_for_model(frontend.base, "tiny", present=False, timeout=15)
+    assert "tiny-latest" not in wait_for_model(frontend.base, "tiny-stable", present=False)
     assert ask(client, "first", "abc", max_tokens=8) == "user\nabc"
 
 

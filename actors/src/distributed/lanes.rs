@@ -33,6 +33,8 @@ use crate::supervisor::{RunningService, ServiceConfig};
 pub struct Lane {
     /// The name clients send (the card's `display_name`: the adapter's name for an adapter).
     pub name: String,
+    /// Other names it is listed and served under (the card's `model_aliases`).
+    pub aliases: Vec<String>,
     /// Served on `/v1/chat/completions` (and `/v1/responses`).
     pub chat: bool,
     /// Served on `/v1/completions`.
@@ -63,28 +65,35 @@ impl TokensLanes {
         self.lanes.read().map(|l| l.is_empty()).unwrap_or(true)
     }
 
-    /// Every lane that an instance serves.
-    pub fn list(&self) -> Vec<Lane> {
+    /// Every name an instance serves, with its lane (an alias names its model's lane).
+    pub fn list(&self) -> Vec<(String, Lane)> {
         self.lanes
             .read()
             .map(|l| {
-                l.values()
-                    .filter(|l| !l.engines.is_empty())
-                    .cloned()
+                l.iter()
+                    .filter(|(_, l)| !l.engines.is_empty())
+                    .map(|(name, lane)| (name.clone(), lane.clone()))
                     .collect()
             })
             .unwrap_or_default()
     }
 
+    /// Serve `lane` under its name and its aliases (an alias another model holds stays that
+    /// model's).
     fn insert(&self, lane: Lane) {
         if let Ok(mut lanes) = self.lanes.write() {
+            for alias in &lane.aliases {
+                if lanes.get(alias).is_none_or(|l| l.name == lane.name) {
+                    lanes.insert(alias.clone(), lane.clone());
+                }
+            }
             lanes.insert(lane.name.clone(), lane);
         }
     }
 
     fn remove(&self, name: &str) {
         if let Ok(mut lanes) = self.lanes.write() {
-            lanes.remove(name);
+            lanes.retain(|_, lane| lane.name != name);
         }
     }
 }
@@ -375,6 +384,7 @@ async fn start_lane(
     config.serve_http = false;
     config.remote_engines = true;
     config.export_kv_events = false;
+    config.validator.model_aliases = card.model_aliases.clone();
     match card.router_mode() {
         Ok(Some(mode)) => config.router.mode = mode,
         Ok(None) => {}
@@ -408,6 +418,7 @@ async fn start_lane(
     let kinds: Vec<&str> = card.model_type.split('|').map(str::trim).collect();
     let lane = Lane {
         name: wanted.name.clone(),
+        aliases: card.model_aliases.clone(),
         chat: kinds.contains(&"Chat"),
         completions: kinds.contains(&"Completions"),
         context_length: model.context_length,

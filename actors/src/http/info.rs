@@ -27,10 +27,10 @@ fn model_objects(state: &AppState) -> Vec<(String, Value)> {
     // model whose last worker stopped leaves the list.
     let frontend = state.cluster.status.get().is_some();
     if !frontend || state.engines.snapshot().iter().any(serving) {
-        models.push((
-            state.model.name.clone(),
-            model_object(&state.model.name, u64::from(state.model.context_length)),
-        ));
+        let context = u64::from(state.model.context_length);
+        for name in std::iter::once(&state.model.name).chain(&state.model.aliases) {
+            models.push((name.clone(), model_object(name, context)));
+        }
     }
     if let Some(card) = state.embeddings.as_ref().map(|e| e.card()) {
         models.push((
@@ -39,10 +39,10 @@ fn model_objects(state: &AppState) -> Vec<(String, Value)> {
         ));
     }
     if let Some(lanes) = state.cluster.lanes.get() {
-        for lane in lanes.list() {
-            if !models.iter().any(|(name, _)| *name == lane.name) {
-                let object = model_object(&lane.name, u64::from(lane.context_length));
-                models.push((lane.name, object));
+        for (name, lane) in lanes.list() {
+            if !models.iter().any(|(listed, _)| *listed == name) {
+                let object = model_object(&name, u64::from(lane.context_length));
+                models.push((name, object));
             }
         }
     }
@@ -119,7 +119,7 @@ fn serving(engine: &crate::engine::registry::EngineInfo) -> bool {
 fn all_engines(state: &AppState) -> Vec<crate::engine::registry::EngineInfo> {
     let mut engines = state.engines.snapshot();
     if let Some(lanes) = state.cluster.lanes.get() {
-        for lane in lanes.list() {
+        for (_, lane) in lanes.list() {
             for engine in lane.engines.snapshot() {
                 if !engines.iter().any(|e| e.instance_id == engine.instance_id) {
                     engines.push(engine);

@@ -208,6 +208,8 @@ pub struct ModelCard {
     pub name: String,
     /// Context window in tokens.
     pub context_length: u32,
+    /// Other names it answers to (a worker card's `model_aliases`).
+    pub aliases: Vec<String>,
 }
 
 /// Shared by every HTTP worker.

@@ -87,7 +87,10 @@ fn model_label(state: &AppState, body: &[u8]) -> String {
         .and_then(|m| m.model)
     {
         Some(m)
-            if m == state.model.name || serves_embeddings(state, &m) || serves_lane(state, &m) =>
+            if m == state.model.name
+                || state.model.aliases.contains(&m)
+                || serves_embeddings(state, &m)
+                || serves_lane(state, &m) =>
         {
             m
         }

@@ -307,6 +307,7 @@ impl Startup {
             model: ModelCard {
                 name: config.model_name.clone(),
                 context_length: self.tokenizer.context_length(),
+                aliases: config.validator.model_aliases.clone(),
             },
             lifecycle: lifecycle.clone(),
             engines: self.registry.clone(),

@@ -38,6 +38,9 @@ pub struct ValidatorConfig {
     pub threads: usize,
     /// Drop unknown request fields instead of rejecting them (`DYN_IGNORE_OPENAI_FE_UNSUPPORTED_FIELDS`).
     pub ignore_unsupported_fields: bool,
+    /// Other names the model answers to (a worker card's `model_aliases`; not read from config).
+    #[serde(skip)]
+    pub model_aliases: Vec<String>,
 }
 
 impl Default for ValidatorConfig {
@@ -45,6 +48,7 @@ impl Default for ValidatorConfig {
         ValidatorConfig {
             threads: 2,
             ignore_unsupported_fields: false,
+            model_aliases: Vec::new(),
         }
     }
 }
@@ -207,7 +211,7 @@ impl ValidatorActor {
     }
 
     fn check_model(&self, model: &str) -> Result<(), ApiError> {
-        if model == self.model {
+        if model == self.model || self.config.model_aliases.iter().any(|a| a == model) {
             Ok(())
         } else {
             Err(ApiError::model_not_found())

@@ -3,7 +3,7 @@ the prompt's own token ids, one per step, as a stand-in engine. Prompts containi
 raise ValueError (HTTP 400); "go slow" makes each step take 50 ms, and a stopped request leaves a
 marker file in $STOP_MARKER_DIR. With $LORA_NAME it also registers that LoRA adapter (§6.3): the
 adapter's answers are the prompt's last tokens instead of its first, and a request that says
-"drop the adapter" unregisters it.
+"drop the adapter" unregisters it. $MODEL_ALIASES (comma-separated) are the model's other names.
 
 Run: python tokens_worker.py MODEL_DIR   (imports dynamix; the compat test rewrites them to dynamo)
 """
@@ -19,6 +19,7 @@ from dynamix.runtime.logging import configure_dynamo_logging
 MODEL_DIR = sys.argv[1]
 NAME = os.environ.get("MODEL_NAME", "tiny")
 LORA = os.environ.get("LORA_NAME")
+ALIASES = [a for a in os.environ.get("MODEL_ALIASES", "").split(",") if a]
 ENDPOINT = None
 
 
@@ -61,7 +62,7 @@ async def main(runtime):
     endpoint = ENDPOINT = runtime.endpoint(os.environ.get("ENDPOINT", "dynamo.backend.generate"))
     await register_model(ModelInput.Tokens, ModelType.Chat | ModelType.Completions, endpoint,
                          MODEL_DIR, model_name=NAME, worker_type=WorkerType.Aggregated,
-                         kv_cache_block_size=16)
+                         kv_cache_block_size=16, model_aliases=ALIASES or None)
     if LORA:
         await register_model(ModelInput.Tokens, ModelType.Chat, endpoint, MODEL_DIR,
                              model_name=NAME, lora_name=LORA, base_model_path=MODEL_DIR,

@@ -233,6 +233,7 @@ impl CardFiles {
             lora: None,
             user_data: None,
             router_config: None,
+            model_aliases: Vec::new(),
         }
     }
 }

@@ -432,6 +432,9 @@ pub struct ModelCard {
     /// `RoundRobin`, `Random`, `KV`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router_config: Option<Value>,
+    /// Other names the model is listed and served under.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub model_aliases: Vec<String>,
 }
 
 impl ModelCard {
