@@ -38,7 +38,7 @@ pub fn text_card_prefix(config: &Config) -> String {
 async fn cards_exist(config: &Config, prefix: &str) -> Result<bool, RunError> {
     let records = discovery::list_prefix(&config.distributed, prefix)
         .await
-        .map_err(|e| RunError::Distributed(e.to_string()))?;
+        .map_err(|e| RunError::Distributed(e.into()))?;
     Ok(!records.is_empty())
 }
 
@@ -175,7 +175,7 @@ pub async fn frontend_model(
     loop {
         let records = discovery::list_prefix(&config.distributed, &prefix)
             .await
-            .map_err(|e| RunError::Distributed(e.to_string()))?;
+            .map_err(|e| RunError::Distributed(e.into()))?;
         for (key, value) in records {
             if skipped.contains(&key) {
                 continue;

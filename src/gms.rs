@@ -5,7 +5,6 @@
 //! Exit status: 0 success, 1 runtime failure (backend unavailable, socket busy, data mismatch), 2 bad
 //! arguments.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -94,21 +93,12 @@ fn serve(args: GmsServerArgs) -> ExitCode {
         Some(Ok(d)) => Some(d),
         Some(Err(e)) => return bad_arguments(e),
     };
-    let granularity = match args.granularity {
-        Some(g) => Some(g),
-        None => match std::env::var("DYN_GMS_VMM_GRANULARITY") {
-            Ok(v) => match v.trim().parse::<u64>() {
-                Ok(g) => Some(g),
-                Err(_) => {
-                    return bad_arguments(format!(
-                        "DYN_GMS_VMM_GRANULARITY={v:?} is not a number of bytes"
-                    ))
-                }
-            },
-            Err(_) => None,
-        },
+    let from_env = match crate::config::gms_env(&std::env::vars().collect::<Vec<_>>()) {
+        Ok(from_env) => from_env,
+        Err(e) => return bad_arguments(e),
     };
-    let socket_dir = std::env::var_os("GMS_SOCKET_DIR").map(PathBuf::from);
+    let granularity = args.granularity.or(from_env.granularity);
+    let socket_dir = from_env.socket_dir;
 
     let system = actix_rt::System::new();
     system.block_on(async move {

@@ -50,10 +50,10 @@ pub enum RunError {
     Frontend(String),
     /// The distributed layer could not start (etcd or NATS unreachable, a port taken).
     #[error("{0}")]
-    Distributed(String),
+    Distributed(#[from] distributed::ClusterError),
     /// A setting read at start is invalid (exit status 2).
     #[error("{0}")]
-    Config(String),
+    Config(#[from] config::ConfigError),
     /// An actor failed past its restart intensity and the failure reached the root supervisor.
     #[error("stopping: {0}")]
     Escalated(dynamix_actors::supervision::Escalation),
@@ -74,7 +74,9 @@ impl RunError {
     /// Process exit status for this failure.
     pub fn exit_code(&self) -> u8 {
         match self {
-            RunError::Start(supervisor::StartError::Config(_)) | RunError::Config(_) => 2,
+            RunError::Start(supervisor::StartError::Config(_))
+            | RunError::Start(supervisor::StartError::Setting(_))
+            | RunError::Config(_) => 2,
             _ => 1,
         }
     }

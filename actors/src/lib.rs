@@ -34,6 +34,7 @@ pub mod metrics;
 pub mod models;
 pub mod protocol;
 pub mod router;
+pub mod setting;
 pub mod supervision;
 pub mod supervisor;
 pub mod tokenizer;

@@ -4,6 +4,12 @@
 
 use toml::{Table, Value};
 
+/// The folder of the memory service's default sockets: `model_engine.gms_socket_dir` for an
+/// engine, and `dynamix gms`'s own setting.
+pub const GMS_SOCKET_DIR_ENV: &str = "GMS_SOCKET_DIR";
+/// `dynamix gms`: the VMM allocation granularity in bytes (its `--granularity` wins).
+pub const GMS_GRANULARITY_ENV: &str = "DYN_GMS_VMM_GRANULARITY";
+
 /// Dynamo's environment names and the keys they set.
 pub(super) const DYNAMO_ENV: &[(&str, &str)] = &[
     ("DYN_HTTP_HOST", "http.host"),
@@ -44,7 +50,7 @@ pub(super) const DYNAMO_ENV: &[(&str, &str)] = &[
     ("NATS_SERVER", "distributed.nats_url"),
     ("DYN_NAMESPACE", "distributed.namespace"),
     ("DYN_TCP_MAX_MESSAGE_SIZE", "distributed.max_message_size"),
-    ("GMS_SOCKET_DIR", "model_engine.gms_socket_dir"),
+    (GMS_SOCKET_DIR_ENV, "model_engine.gms_socket_dir"),
     ("DYN_TCP_RPC_HOST", "distributed.host"),
     ("DYN_TCP_RPC_PORT", "distributed.request_plane_port"),
     (

@@ -52,7 +52,7 @@ impl Layers {
             table = match entry {
                 Value::Table(t) => t,
                 other => {
-                    return Err(ConfigError(format!(
+                    return Err(ConfigError::Layer(format!(
                         "config key `{part}` {} must be a table (section), got {other}",
                         source.describe()
                     )))
@@ -108,7 +108,7 @@ pub(super) fn deserialize(layers: &mut Layers) -> Result<Config, ConfigError> {
                 continue;
             }
         }
-        return Err(ConfigError(describe_error(layers, &path, &inner)));
+        return Err(ConfigError::Layer(describe_error(layers, &path, &inner)));
     }
 }
 

@@ -140,10 +140,113 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-/// A configuration error: exit code 2.
+/// Why the configuration was refused (exit status 2). Every message names the file, the key, or
+/// the variable or flag that set it.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is empty.
+    #[error("config file {} is empty", .0.display())]
+    Empty(PathBuf),
+    /// The config file is not TOML.
+    #[error("config file {} is not valid TOML: {message}", path.display())]
+    NotToml {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with the line.
+        message: String,
+    },
+    /// A value one layer (file, variable or flag) set does not fit its key, or the key is unknown;
+    /// the message names the layer.
+    #[error("{0}")]
+    Layer(String),
+    /// A `DYN_<SECTION>__<KEY>` variable with an empty part.
+    #[error("environment variable {0}: malformed key (empty section or key name)")]
+    MalformedVariable(String),
+    /// A variable that is not read through the layers has a value it cannot take.
+    #[error("{name}={raw:?} {rule}")]
+    Variable {
+        /// The variable.
+        name: &'static str,
+        /// Its value.
+        raw: String,
+        /// What it must be.
+        rule: &'static str,
+    },
+    /// A value outside its allowed range.
+    #[error("invalid config key `{key}` = {value}: out of range, allowed {allowed}")]
+    OutOfRange {
+        /// The key.
+        key: String,
+        /// The value given.
+        value: String,
+        /// The allowed range.
+        allowed: &'static str,
+    },
+    /// A value that contradicts another setting.
+    #[error("invalid config key `{key}` = {value}: {why}")]
+    Conflict {
+        /// The key.
+        key: &'static str,
+        /// The value given.
+        value: String,
+        /// What it contradicts.
+        why: String,
+    },
+    /// A section refused one of its settings.
+    #[error("invalid config: {0}")]
+    Section(#[from] dynamix_actors::setting::InvalidSetting),
+    /// `[supervisor]` refused a setting.
+    #[error("invalid config: {0}")]
+    Supervisor(#[from] dynamix_actors::supervision::SupervisionError),
+    /// `[faults]` refused a setting.
+    #[error("invalid config: {0}")]
+    Faults(#[from] dynamix_actors::faults::FaultError),
+}
+
+/// What `dynamix gms` takes from the environment (the subcommand has no config file).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GmsEnv {
+    /// `DYN_GMS_VMM_GRANULARITY`, in bytes.
+    pub granularity: Option<u64>,
+    /// `GMS_SOCKET_DIR`.
+    pub socket_dir: Option<PathBuf>,
+}
+
+/// Read `dynamix gms`'s variables; a bad value is an error that names the variable.
+pub fn gms_env(env: &[(String, String)]) -> Result<GmsEnv, ConfigError> {
+    let get = |name: &str| {
+        env.iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    };
+    let granularity = match get(env::GMS_GRANULARITY_ENV) {
+        None => None,
+        Some(raw) => Some(
+            raw.trim()
+                .parse::<u64>()
+                .map_err(|_| ConfigError::Variable {
+                    name: env::GMS_GRANULARITY_ENV,
+                    raw: raw.to_string(),
+                    rule: "is not a number of bytes",
+                })?,
+        ),
+    };
+    let socket_dir = get(env::GMS_SOCKET_DIR_ENV)
+        .filter(|dir| !dir.is_empty())
+        .map(PathBuf::from);
+    Ok(GmsEnv {
+        granularity,
+        socket_dir,
+    })
+}
 
 /// CLI values that override everything else (None = not given).
 #[derive(Clone, Debug, Default)]
@@ -176,8 +279,9 @@ pub fn load(
     let mut layers = Layers::default();
     let (text, path) = match file {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                ConfigError(format!("cannot read config file {}: {e}", path.display()))
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
             })?;
             (text, path.to_path_buf())
         }
@@ -186,18 +290,13 @@ pub fn load(
             PathBuf::from("<embedded configs/default.toml>"),
         ),
     };
-    let table: Table = toml::from_str(&text)
-        .map_err(|e| {
-            ConfigError(format!(
-                "config file {} is not valid TOML: {}",
-                path.display(),
-                e.message()
-            ))
-        })
-        .map_err(|e| match text.is_empty() {
-            true => ConfigError(format!("config file {} is empty", path.display())),
-            false => e,
-        })?;
+    let table: Table = toml::from_str(&text).map_err(|e| match text.is_empty() {
+        true => ConfigError::Empty(path.clone()),
+        false => ConfigError::NotToml {
+            path: path.clone(),
+            message: e.message().to_string(),
+        },
+    })?;
     layers.merge_file(table, &path)?;
 
     let vars = env();
@@ -241,9 +340,7 @@ pub fn load(
             .map(str::to_ascii_lowercase)
             .collect::<Vec<_>>();
         if key.iter().any(String::is_empty) {
-            return Err(ConfigError(format!(
-                "environment variable {name}: malformed key (empty section or key name)"
-            )));
+            return Err(ConfigError::MalformedVariable(name.clone()));
         }
         layers.set(
             &key.join("."),
@@ -331,10 +428,12 @@ pub fn load(
     Ok(config)
 }
 
-fn out_of_range(key: &str, value: impl std::fmt::Display, allowed: &str) -> ConfigError {
-    ConfigError(format!(
-        "invalid config key `{key}` = {value}: out of range, allowed {allowed}"
-    ))
+fn out_of_range(key: &str, value: impl std::fmt::Display, allowed: &'static str) -> ConfigError {
+    ConfigError::OutOfRange {
+        key: key.to_string(),
+        value: value.to_string(),
+        allowed,
+    }
 }
 
 impl Config {
@@ -452,21 +551,19 @@ impl Config {
                 return Err(out_of_range("router.kv_cache_block_size", size, ">= 2"));
             }
             if self.engine.kind == EngineKind::Mocker && size != self.mocker.block_size {
-                return Err(ConfigError(format!(
-                    "invalid config key `router.kv_cache_block_size` = {size}: the engines use blocks of {} tokens (mocker.block_size); the router's block size must match",
-                    self.mocker.block_size
-                )));
+                return Err(ConfigError::Conflict {
+                    key: "router.kv_cache_block_size",
+                    value: size.to_string(),
+                    why: format!(
+                        "the engines use blocks of {} tokens (mocker.block_size); the router's block size must match",
+                        self.mocker.block_size
+                    ),
+                });
             }
         }
-        if let Err(message) = self.mocker.validate() {
-            return Err(ConfigError(format!("invalid config: {message}")));
-        }
-        if let Err(message) = self.model_engine.validate() {
-            return Err(ConfigError(format!("invalid config: {message}")));
-        }
-        if let Err(message) = self.gpu_engine.validate() {
-            return Err(ConfigError(format!("invalid config: {message}")));
-        }
+        self.mocker.validate()?;
+        self.model_engine.validate()?;
+        self.gpu_engine.validate()?;
         // Devices name engines; for the model engine they also say where it runs.
         for device in self
             .engine
@@ -476,23 +573,17 @@ impl Config {
         {
             if device != "auto" {
                 if let Err(message) = dynamix_actors::engine::gpu::DeviceSpec::parse(device) {
-                    return Err(ConfigError(format!(
+                    return Err(ConfigError::Layer(format!(
                         "invalid config key `engine.devices`: {message}"
                     )));
                 }
             }
         }
-        for check in [
-            self.migration.validate(),
-            self.supervisor.validate().map_err(|e| e.to_string()),
-            self.faults.validate().map_err(|e| e.to_string()),
-            self.embeddings.validate(),
-            self.distributed.validate(),
-        ] {
-            if let Err(message) = check {
-                return Err(ConfigError(format!("invalid config: {message}")));
-            }
-        }
+        self.migration.validate()?;
+        self.supervisor.validate()?;
+        self.faults.validate()?;
+        self.embeddings.validate()?;
+        self.distributed.validate()?;
         let gpu_model = self.engine.kind == EngineKind::Model
             && self
                 .engine
@@ -505,10 +596,14 @@ impl Config {
             && self.engine.kind != EngineKind::Mocker
             && !gpu_model
         {
-            return Err(ConfigError(format!(
-                "invalid config key `router.mode` = \"kv\" with router.use_kv_events = true: engine.kind = \"{}\" emits no KV events; use engine.kind = \"mocker\" (out=mocker), or approximate mode (--no-kv-events)",
-                self.engine.kind.as_str()
-            )));
+            return Err(ConfigError::Conflict {
+                key: "router.mode",
+                value: "\"kv\"".into(),
+                why: format!(
+                    "with router.use_kv_events = true: engine.kind = \"{}\" emits no KV events; use engine.kind = \"mocker\" (out=mocker), or approximate mode (--no-kv-events)",
+                    self.engine.kind.as_str()
+                ),
+            });
         }
         Ok(())
     }

@@ -14,9 +14,9 @@ fn load_str(
     overrides: &Overrides,
 ) -> Result<Config, ConfigError> {
     let dir = std::env::temp_dir().join(format!("dynamix-config-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).map_err(|e| ConfigError(e.to_string()))?;
+    std::fs::create_dir_all(&dir).expect("a scratch directory");
     let path = dir.join("c.toml");
-    std::fs::write(&path, toml_text).map_err(|e| ConfigError(e.to_string()))?;
+    std::fs::write(&path, toml_text).expect("the config file written");
     let result = load(Some(&path), &env(vars), overrides);
     let _ = std::fs::remove_dir_all(&dir);
     result
@@ -153,28 +153,28 @@ fn env_values_are_typed_by_their_key() {
 fn errors_name_key_value_and_source() {
     let err = load_str("[http]\nprot = 1\n", &[], &Overrides::default())
         .expect_err("unknown key")
-        .0;
+        .to_string();
     assert!(
         err.contains("`http.prot`") && err.contains("c.toml"),
         "{err}"
     );
     let err = load_str("", &[("DYN_HTTP_PORT", "abc")], &Overrides::default())
         .expect_err("bad type")
-        .0;
+        .to_string();
     assert!(
         err.contains("`http.port`") && err.contains("DYN_HTTP_PORT=\"abc\""),
         "{err}"
     );
     let err = load_str("[http]\nport = 70000\n", &[], &Overrides::default())
         .expect_err("range")
-        .0;
+        .to_string();
     assert!(
         err.contains("`http.port`") && err.contains("70000"),
         "{err}"
     );
     let err = load_str("", &[("DYN_ENGINE__WHEELS", "4")], &Overrides::default())
         .expect_err("unknown env key")
-        .0;
+        .to_string();
     assert!(
         err.contains("`engine.wheels`") && err.contains("DYN_ENGINE__WHEELS"),
         "{err}"
@@ -185,18 +185,18 @@ fn errors_name_key_value_and_source() {
         &Overrides::default(),
     )
     .expect_err("1xx")
-    .0;
+    .to_string();
     assert!(err.contains("http.overload_status_code"), "{err}");
     let err = load_str("[router]\nmode = \"fastest\"\n", &[], &Overrides::default())
         .expect_err("variant")
-        .0;
+        .to_string();
     assert!(
         err.contains("router.mode") && err.contains("fastest"),
         "{err}"
     );
     let err = load_str("not toml [", &[], &Overrides::default())
         .expect_err("syntax")
-        .0;
+        .to_string();
     assert!(err.contains("not valid TOML"), "{err}");
 }
 
@@ -348,7 +348,7 @@ fn every_variable_outside_the_strict_layers_is_read_by_the_loader_too() {
         ("lots", "DYN_TCP_MAX_MESSAGE_SIZE"),
         (
             "0",
-            "distributed.max_message_size must be a positive number of bytes",
+            "distributed.max_message_size = 0 must be a positive number of bytes",
         ),
     ] {
         let err = load_str(
@@ -359,4 +359,20 @@ fn every_variable_outside_the_strict_layers_is_read_by_the_loader_too() {
         .expect_err("rejected");
         assert!(err.to_string().contains(needle), "{raw}: {err}");
     }
+}
+
+#[test]
+fn the_memory_service_subcommand_reads_its_variables_through_the_loader() {
+    assert_eq!(gms_env(&[]).expect("no variables"), GmsEnv::default());
+    let read = gms_env(&env(&[
+        ("DYN_GMS_VMM_GRANULARITY", " 2097152 "),
+        ("GMS_SOCKET_DIR", "/run/gms"),
+    ])())
+    .expect("valid");
+    assert_eq!(read.granularity, Some(2 << 20));
+    assert_eq!(read.socket_dir.as_deref(), Some(Path::new("/run/gms")));
+    let err = gms_env(&env(&[("DYN_GMS_VMM_GRANULARITY", "2MiB")])())
+        .expect_err("not a number")
+        .to_string();
+    assert!(err.contains("DYN_GMS_VMM_GRANULARITY=\"2MiB\""), "{err}");
 }

@@ -16,7 +16,7 @@ use super::events;
 use super::remote::{RemoteEngine, RemoteSettings};
 use super::response_stream::ResponseStreamServer;
 use super::wire::events::{ActiveLoad, KV_EVENTS, KV_METRICS, LOAD_METRICS};
-use super::{DistributedConfig, Instance, LoadMetrics, Local};
+use super::{ClusterError, DistributedConfig, Instance, LoadMetrics, Local};
 use crate::engine::registry::{EngineInfo, EngineRegistry};
 use crate::engine::EngineLoad;
 use crate::router::indexer::{KvIndexerActor, RemoveWorker};
@@ -88,7 +88,10 @@ impl Drop for Attached {
 
 /// Start discovery, the response-stream server and event intake for `service` (started with
 /// `remote_engines`). Fails, naming the address, when etcd or NATS cannot be reached.
-pub async fn start(service: &Local, settings: FrontendSettings) -> Result<FrontendHandle, String> {
+pub async fn start(
+    service: &Local,
+    settings: FrontendSettings,
+) -> Result<FrontendHandle, ClusterError> {
     let config = settings.config.clone();
     config.validate()?;
     let streams = ResponseStreamServer::bind(
@@ -97,19 +100,17 @@ pub async fn start(service: &Local, settings: FrontendSettings) -> Result<Fronte
         settings.max_message_size,
     )
     .await
-    .map_err(|e| {
-        format!(
-            "cannot listen for response streams on {}:{}: {e}",
-            config.host, config.response_stream_port
-        )
+    .map_err(|source| ClusterError::Listen {
+        what: "response streams",
+        address: format!("{}:{}", config.host, config.response_stream_port),
+        source,
     })?;
     let nats = events::connect(
         &config.nats_url,
         "dynamix-frontend",
         Duration::from_secs_f64(config.connect_timeout_secs),
     )
-    .await
-    .map_err(|e| e.to_string())?;
+    .await?;
     let shared = Arc::new(FrontendShared {
         config: config.clone(),
         streams: streams.clone(),
@@ -123,9 +124,7 @@ pub async fn start(service: &Local, settings: FrontendSettings) -> Result<Fronte
         kv_block_size: settings.kv_block_size,
     });
     let (discovered, watch) = match settings.route_own_endpoint {
-        true => discovery::watch_instances(&config)
-            .await
-            .map_err(|e| e.to_string())?,
+        true => discovery::watch_instances(&config).await?,
         // It serves no card's model: nothing on its own endpoint is routed by its own tree.
         false => {
             let (_tx, rx) = mpsc::unbounded_channel();
@@ -178,7 +177,7 @@ pub async fn attach(
     endpoint: &DistributedConfig,
     lora: Option<String>,
     discovered: mpsc::UnboundedReceiver<DiscoveryEvent>,
-) -> Result<Attached, String> {
+) -> Result<Attached, ClusterError> {
     let state = Arc::new(Mutex::new("connected".to_string()));
     attach_with(service, shared, endpoint, lora, None, discovered, state).await
 }
@@ -191,14 +190,12 @@ async fn attach_with(
     model: Option<String>,
     discovered: mpsc::UnboundedReceiver<DiscoveryEvent>,
     etcd_state: Arc<Mutex<String>>,
-) -> Result<Attached, String> {
+) -> Result<Attached, ClusterError> {
     let nats = &shared.nats;
     let mut tasks = Vec::new();
     if let Some(sink) = service.kv_events_in.clone() {
         tasks.push(
-            events::subscribe_kv_events(nats, endpoint.event_subject(KV_EVENTS), sink)
-                .await
-                .map_err(|e| e.to_string())?,
+            events::subscribe_kv_events(nats, endpoint.event_subject(KV_EVENTS), sink).await?,
         );
     }
     let loads: Arc<Mutex<HashMap<u64, LoadCell>>> = Arc::default();
@@ -212,8 +209,7 @@ async fn attach_with(
                     }
                 }
             })
-            .await
-            .map_err(|e| e.to_string())?,
+            .await?,
         );
     }
     {
@@ -242,8 +238,7 @@ async fn attach_with(
                     load.kv_active_blocks = usage.kv_used_blocks;
                 },
             )
-            .await
-            .map_err(|e| e.to_string())?,
+            .await?,
         );
     }
     let (down_tx, down_rx) = mpsc::unbounded_channel();

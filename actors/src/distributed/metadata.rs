@@ -9,6 +9,7 @@ use std::sync::Arc;
 use actix_web::{web, App, HttpResponse, HttpServer};
 
 use super::card::{self, ModelCard};
+use super::ClusterError;
 
 /// The running server; dropping it stops it.
 pub struct MetadataServer {
@@ -33,26 +34,30 @@ pub fn serve(
     advertise_host: &str,
     names: (&str, &str, &str),
     card: &mut ModelCard,
-) -> Result<MetadataServer, String> {
+) -> Result<MetadataServer, ClusterError> {
     let (namespace, component, endpoint) = names;
     let mut files = HashMap::new();
-    let listener = std::net::TcpListener::bind((host, port))
-        .map_err(|e| format!("cannot listen on {host}:{port} (DYN_SYSTEM_PORT): {e}"))?;
-    let address = listener
-        .local_addr()
-        .map_err(|e| format!("system server address: {e}"))?;
+    let listen = |source| ClusterError::Listen {
+        what: "the model card's files (DYN_SYSTEM_PORT)",
+        address: format!("{host}:{port}"),
+        source,
+    };
+    let listener = std::net::TcpListener::bind((host, port)).map_err(listen)?;
+    let address = listener.local_addr().map_err(listen)?;
     let authority = format!("{advertise_host}:{}", address.port());
     let slug = card.slug.clone();
     for file in card.file_refs_mut() {
         let name = file.file_name().to_string();
-        let bytes = std::fs::read(&file.path)
-            .map_err(|e| format!("cannot read card file {}: {e}", file.path))?;
+        let bytes = std::fs::read(&file.path).map_err(|e| ClusterError::CardFile {
+            path: file.path.clone(),
+            why: format!("cannot read it: {e}"),
+        })?;
         let sum = card::checksum(&bytes);
         if sum != file.checksum {
-            return Err(format!(
-                "card file {} changed: checksum {sum}, the card says {}",
-                file.path, file.checksum
-            ));
+            return Err(ClusterError::CardFile {
+                path: file.path.clone(),
+                why: format!("changed: checksum {sum}, the card says {}", file.checksum),
+            });
         }
         let url = card::metadata_url(&authority, namespace, component, endpoint, &slug, &name);
         let path = format!("/v1/metadata/{namespace}/{component}/{endpoint}/{slug}/_base/{name}");
@@ -91,7 +96,7 @@ pub fn serve(
     .workers(1)
     .disable_signals()
     .listen(listener)
-    .map_err(|e| format!("system server on {address}: {e}"))?
+    .map_err(listen)?
     .run();
     let handle = server.handle();
     actix_rt::spawn(server);

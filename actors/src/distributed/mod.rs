@@ -53,6 +53,7 @@ pub struct Local {
     pub cluster: crate::http::ClusterStatus,
 }
 
+use crate::setting::InvalidSetting;
 use serde::{Deserialize, Serialize};
 
 /// `[distributed]`: where etcd and NATS are and how this process is addressed.
@@ -120,11 +121,59 @@ impl Default for DistributedConfig {
     }
 }
 
+/// Why the cluster side of a process (discovery, events, request plane, response streams) could not
+/// start. Each message names the address, key or file involved.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// A `[distributed]` setting out of its range.
+    #[error("invalid config: {0}")]
+    Setting(#[from] InvalidSetting),
+    /// A listener could not bind.
+    #[error("cannot listen for {what} on {address}: {source}")]
+    Listen {
+        /// What it would serve (`requests`, `response streams`, `the model card's files`).
+        what: &'static str,
+        /// `host:port`.
+        address: String,
+        /// The bind error.
+        source: std::io::Error,
+    },
+    /// etcd could not be reached, or refused a call.
+    #[error(transparent)]
+    Discovery(#[from] discovery::DiscoveryError),
+    /// etcd could not be reached for a watch.
+    #[error("cannot connect to etcd for {what}: {source}")]
+    Etcd {
+        /// What the connection was for.
+        what: &'static str,
+        /// The client's error.
+        source: etcd::Error,
+    },
+    /// A prefix watch could not start (the message names the prefix).
+    #[error("{0}")]
+    Watch(String),
+    /// NATS could not be reached, or a subscription failed.
+    #[error(transparent)]
+    Events(#[from] events::EventsError),
+    /// A file the model card names could not be served.
+    #[error("card file {path}: {why}")]
+    CardFile {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        why: String,
+    },
+}
+
 impl DistributedConfig {
-    /// Checks names and ranges; the message names the key.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks names and ranges; the error names the key.
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         if self.etcd_endpoints.is_empty() {
-            return Err("distributed.etcd_endpoints must list at least one etcd URL".into());
+            return Err(InvalidSetting::new(
+                "distributed.etcd_endpoints",
+                "[]",
+                "must list at least one etcd URL",
+            ));
         }
         for (key, value) in [
             ("distributed.namespace", &self.namespace),
@@ -136,18 +185,25 @@ impl DistributedConfig {
                     .bytes()
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
             {
-                return Err(format!(
-                    "{key} = {value:?} must match ^[a-z0-9-_]+$ (Dynamo's component naming)"
+                return Err(InvalidSetting::new(
+                    key,
+                    format!("{value:?}"),
+                    "must match ^[a-z0-9-_]+$ (Dynamo's component naming)",
                 ));
             }
         }
         if self.max_message_size == 0 {
-            return Err("distributed.max_message_size must be a positive number of bytes".into());
+            return Err(InvalidSetting::new(
+                "distributed.max_message_size",
+                0,
+                "must be a positive number of bytes",
+            ));
         }
         if self.lease_ttl_secs < 2 {
-            return Err(format!(
-                "distributed.lease_ttl_secs = {} must be at least 2 seconds",
-                self.lease_ttl_secs
+            return Err(InvalidSetting::new(
+                "distributed.lease_ttl_secs",
+                self.lease_ttl_secs,
+                "must be at least 2 seconds",
             ));
         }
         for (key, value) in [
@@ -161,21 +217,28 @@ impl DistributedConfig {
             ),
         ] {
             if !(value.is_finite() && value > 0.0) {
-                return Err(format!(
-                    "{key} = {value} must be a positive number of seconds"
+                return Err(InvalidSetting::new(
+                    key,
+                    value,
+                    "must be a positive number of seconds",
                 ));
             }
         }
         if !(self.graceful_shutdown_grace_period_secs.is_finite()
             && self.graceful_shutdown_grace_period_secs >= 0.0)
         {
-            return Err(format!(
-                "distributed.graceful_shutdown_grace_period_secs = {} must be a non-negative number of seconds",
-                self.graceful_shutdown_grace_period_secs
+            return Err(InvalidSetting::new(
+                "distributed.graceful_shutdown_grace_period_secs",
+                self.graceful_shutdown_grace_period_secs,
+                "must be a non-negative number of seconds",
             ));
         }
         if self.load_metrics_interval_ms == 0 {
-            return Err("distributed.load_metrics_interval_ms must be positive".into());
+            return Err(InvalidSetting::new(
+                "distributed.load_metrics_interval_ms",
+                0,
+                "must be positive",
+            ));
         }
         Ok(())
     }
@@ -251,6 +314,6 @@ mod tests {
             component: "Back End".into(),
             ..DistributedConfig::default()
         };
-        assert!(c.validate().unwrap_err().contains("distributed.component"));
+        assert!(c.validate().unwrap_err().key == "distributed.component");
     }
 }

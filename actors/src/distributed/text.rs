@@ -16,7 +16,7 @@ use dynamix_wire::record::Instance;
 use dynamix_wire::watch::{watch_prefix, KeyWatch};
 use serde_json::Value;
 
-use super::DistributedConfig;
+use super::{ClusterError, DistributedConfig};
 
 /// One Text model as the frontend serves it.
 #[derive(Clone, Debug, PartialEq)]
@@ -63,20 +63,27 @@ impl ModelWatch {
     pub async fn start(
         config: &DistributedConfig,
         namespace: Option<&str>,
-    ) -> Result<Arc<ModelWatch>, String> {
+    ) -> Result<Arc<ModelWatch>, ClusterError> {
         let options = etcd::ConnectOptions {
             connect_timeout: Duration::from_secs_f64(config.connect_timeout_secs),
             ..etcd::ConnectOptions::default()
         };
         let client = Client::connect(&config.etcd_endpoints, &options)
             .await
-            .map_err(|e| format!("cannot connect to etcd for model cards: {e}"))?;
+            .map_err(|source| ClusterError::Etcd {
+                what: "model cards",
+                source,
+            })?;
         let card_prefix = match namespace {
             Some(ns) => format!("v1/mdc/{ns}/"),
             None => "v1/mdc/".to_string(),
         };
-        let cards = watch_prefix(client.clone(), &card_prefix, Duration::from_secs(10)).await?;
-        let instances = watch_prefix(client, "v1/instances/", Duration::from_secs(10)).await?;
+        let cards = watch_prefix(client.clone(), &card_prefix, Duration::from_secs(10))
+            .await
+            .map_err(ClusterError::Watch)?;
+        let instances = watch_prefix(client, "v1/instances/", Duration::from_secs(10))
+            .await
+            .map_err(ClusterError::Watch)?;
         Ok(Arc::new(ModelWatch { cards, instances }))
     }
 
@@ -97,7 +104,7 @@ impl TextModels {
     pub async fn start(
         config: &DistributedConfig,
         watch: Arc<ModelWatch>,
-    ) -> Result<Arc<TextModels>, String> {
+    ) -> Result<Arc<TextModels>, ClusterError> {
         let calls = EndpointClient::new(
             &config.host,
             ClientSettings {
@@ -107,7 +114,11 @@ impl TextModels {
             },
         )
         .await
-        .map_err(|e| format!("cannot listen for response streams on {}: {e}", config.host))?;
+        .map_err(|source| ClusterError::Listen {
+            what: "response streams",
+            address: format!("{}:0", config.host),
+            source,
+        })?;
         let catalog = Arc::new(RwLock::new(BTreeMap::new()));
         let task = tokio::spawn(follow(watch, catalog.clone()));
         Ok(Arc::new(TextModels {

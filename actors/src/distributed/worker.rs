@@ -13,7 +13,7 @@ use super::request_plane::{EndpointSettings, WorkerEndpoint};
 use super::wire::events::{KV_EVENTS, KV_METRICS, LOAD_METRICS};
 use super::wire::PayloadCodec;
 use super::Local;
-use super::{DistributedConfig, Instance, LoadMetrics};
+use super::{ClusterError, DistributedConfig, Instance, LoadMetrics};
 
 /// What the worker's distributed layer needs from its process.
 pub struct WorkerSettings {
@@ -73,7 +73,10 @@ impl WorkerHandle {
 
 /// Serve `service`'s engines (started with `export_kv_events`) to frontends. Fails, naming the
 /// address, when the port cannot be bound or etcd or NATS cannot be reached.
-pub async fn start(service: &mut Local, settings: WorkerSettings) -> Result<WorkerHandle, String> {
+pub async fn start(
+    service: &mut Local,
+    settings: WorkerSettings,
+) -> Result<WorkerHandle, ClusterError> {
     let config = settings.config.clone();
     config.validate()?;
     let endpoint = WorkerEndpoint::serve(
@@ -91,11 +94,10 @@ pub async fn start(service: &mut Local, settings: WorkerSettings) -> Result<Work
         service.router.clone(),
     )
     .await
-    .map_err(|e| {
-        format!(
-            "cannot listen for requests on {}:{}: {e}",
-            config.host, config.request_plane_port
-        )
+    .map_err(|source| ClusterError::Listen {
+        what: "requests",
+        address: format!("{}:{}", config.host, config.request_plane_port),
+        source,
     })?;
     let address = format!("{}:{}", config.host, endpoint.port);
     let nats = events::connect(
@@ -103,8 +105,7 @@ pub async fn start(service: &mut Local, settings: WorkerSettings) -> Result<Work
         "dynamix-worker",
         Duration::from_secs_f64(config.connect_timeout_secs),
     )
-    .await
-    .map_err(|e| e.to_string())?;
+    .await?;
     let record = {
         let (config, address, engine, capacity, block, codec, device) = (
             config.clone(),
@@ -142,9 +143,7 @@ pub async fn start(service: &mut Local, settings: WorkerSettings) -> Result<Work
         let (config, card) = (config.clone(), settings.card.clone());
         move |id: u64| extra_records(&config, card.as_ref(), publisher_id, publishes_kv, id)
     };
-    let registration = Registration::start_with(&config, record, extras)
-        .await
-        .map_err(|e| e.to_string())?;
+    let registration = Registration::start_with(&config, record, extras).await?;
     let mut tasks = Vec::new();
     if let Some(events) = service.kv_events_out.take() {
         tasks.push(events::spawn_kv_publisher(

@@ -23,6 +23,7 @@ pub mod validate;
 
 use std::path::PathBuf;
 
+use crate::setting::InvalidSetting;
 use serde::{Deserialize, Serialize};
 
 pub use actor::{Embed, EmbeddingActor};
@@ -85,26 +86,33 @@ impl EmbeddingsConfig {
     }
 
     /// Checks ranges; the message names the key.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         if self.model_name.trim().is_empty() {
-            return Err("embeddings.model_name = \"\" must be a non-empty name".into());
+            return Err(InvalidSetting::new(
+                "embeddings.model_name",
+                format!("{:?}", self.model_name),
+                "must be a non-empty name",
+            ));
         }
         if !(1..=1024).contains(&self.max_batch_size) {
-            return Err(format!(
-                "embeddings.max_batch_size = {} must be between 1 and 1024",
-                self.max_batch_size
+            return Err(InvalidSetting::new(
+                "embeddings.max_batch_size",
+                self.max_batch_size,
+                "must be between 1 and 1024",
             ));
         }
         if !(1..=1 << 20).contains(&self.max_batch_tokens) {
-            return Err(format!(
-                "embeddings.max_batch_tokens = {} must be between 1 and 1048576",
-                self.max_batch_tokens
+            return Err(InvalidSetting::new(
+                "embeddings.max_batch_tokens",
+                self.max_batch_tokens,
+                "must be between 1 and 1048576",
             ));
         }
         if !(1..=256).contains(&self.threads) {
-            return Err(format!(
-                "embeddings.threads = {} must be between 1 and 256",
-                self.threads
+            return Err(InvalidSetting::new(
+                "embeddings.threads",
+                self.threads,
+                "must be between 1 and 256",
             ));
         }
         Ok(())

@@ -19,6 +19,7 @@ use crate::gateway::inflight::{InflightHandle, InflightRegistry};
 use crate::metrics::{FrontendMetrics, MigrationOutcome, MigrationType};
 use crate::protocol::engine::{EngineEvent, EngineRequest};
 use crate::router::{KvRouterActor, Route, Routed};
+use crate::setting::InvalidSetting;
 use crate::supervision::ActorKind;
 
 /// `[migration]`.
@@ -43,11 +44,12 @@ impl Default for MigrationConfig {
 
 impl MigrationConfig {
     /// Checks ranges; the message names the key.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         if !(self.stall_timeout_secs.is_finite() && self.stall_timeout_secs >= 0.0) {
-            return Err(format!(
-                "migration.stall_timeout_secs = {} must be a non-negative number of seconds",
-                self.stall_timeout_secs
+            return Err(InvalidSetting::new(
+                "migration.stall_timeout_secs",
+                self.stall_timeout_secs,
+                "must be a non-negative number of seconds",
             ));
         }
         Ok(())

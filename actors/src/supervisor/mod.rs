@@ -109,6 +109,9 @@ pub enum StartError {
     /// A setting the actors reject.
     #[error("{0}")]
     Config(String),
+    /// A section's setting out of its range.
+    #[error("{0}")]
+    Setting(#[from] crate::setting::InvalidSetting),
     /// The HTTP listener could not bind.
     #[error("{0}")]
     Bind(#[from] std::io::Error),

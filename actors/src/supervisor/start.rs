@@ -369,12 +369,12 @@ fn check(config: &ServiceConfig, has_weights: bool) -> Result<usize, StartError>
                 "engine.kind = \"model\" needs the model's weights loaded".into(),
             ));
         }
-        config.model_engine.validate().map_err(StartError::Config)?;
+        config.model_engine.validate()?;
     }
     let on_gpu = config.engine.kind == EngineKind::Model
         && config.engine.devices.iter().any(|d| d.starts_with("cuda"));
     if on_gpu {
-        config.gpu_engine.validate().map_err(StartError::Config)?;
+        config.gpu_engine.validate()?;
     }
     let block_size = match config.engine.kind {
         EngineKind::Mocker => config.mocker.block_size,

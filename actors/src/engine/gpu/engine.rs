@@ -156,7 +156,7 @@ impl DeviceRunner {
         config: &GpuEngineConfig,
         load: &GpuLoad,
     ) -> Result<(DeviceRunner, usize), GpuError> {
-        config.validate().map_err(GpuError::Model)?;
+        config.validate()?;
         super::device::preload(&config.cuda_lib_dirs);
         let (shape, _) = crate::engine::model::LlamaModel::plan(path)
             .map_err(|e| GpuError::Model(e.to_string()))?;

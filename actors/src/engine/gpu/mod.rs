@@ -35,6 +35,7 @@ mod tests;
 
 use std::path::PathBuf;
 
+use crate::setting::InvalidSetting;
 use serde::{Deserialize, Serialize};
 
 pub use device::{probe, GpuDevice, GpuInfo};
@@ -56,6 +57,9 @@ pub enum GpuError {
         /// Devices present.
         count: usize,
     },
+    /// A `[gpu_engine]` setting out of its range.
+    #[error("{0}")]
+    Setting(#[from] InvalidSetting),
     /// A CUDA driver call failed.
     #[error("CUDA driver error during {during}: {source}")]
     Driver {
@@ -145,30 +149,44 @@ impl Default for GpuEngineConfig {
 
 impl GpuEngineConfig {
     /// A description of the first bad value, if any.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         if self.max_num_seqs == 0 {
-            return Err("gpu_engine.max_num_seqs must be at least 1".into());
+            return Err(InvalidSetting::new(
+                "gpu_engine.max_num_seqs",
+                0,
+                "must be at least 1",
+            ));
         }
         if self.max_batched_tokens < self.max_num_seqs {
-            return Err(format!(
-                "gpu_engine.max_batched_tokens ({}) must be at least max_num_seqs ({}): every running sequence decodes one token per step",
-                self.max_batched_tokens, self.max_num_seqs
+            return Err(InvalidSetting::new(
+                "gpu_engine.max_batched_tokens",
+                self.max_batched_tokens,
+                format!(
+                    "must be at least max_num_seqs ({}): every running sequence decodes one token per step",
+                    self.max_num_seqs
+                ),
             ));
         }
         if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
-            return Err(format!(
-                "gpu_engine.gpu_memory_utilization must be in (0, 1], got {}",
-                self.gpu_memory_utilization
+            return Err(InvalidSetting::new(
+                "gpu_engine.gpu_memory_utilization",
+                self.gpu_memory_utilization,
+                "must be in (0, 1]",
             ));
         }
         if self.block_size == 0 || self.block_size > 1024 {
-            return Err(format!(
-                "gpu_engine.block_size must be between 1 and 1024 tokens, got {}",
-                self.block_size
+            return Err(InvalidSetting::new(
+                "gpu_engine.block_size",
+                self.block_size,
+                "must be between 1 and 1024 tokens",
             ));
         }
         if self.max_kv_tokens == Some(0) {
-            return Err("gpu_engine.max_kv_tokens must be at least 1 when set".into());
+            return Err(InvalidSetting::new(
+                "gpu_engine.max_kv_tokens",
+                0,
+                "must be at least 1 when set",
+            ));
         }
         Ok(())
     }

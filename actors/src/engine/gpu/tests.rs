@@ -541,16 +541,19 @@ fn gpu_engine_config_rejects_bad_values() {
         gpu_memory_utilization: 1.5,
         ..GpuEngineConfig::default()
     };
-    assert!(bad
-        .validate()
-        .unwrap_err()
-        .contains("gpu_memory_utilization"));
+    assert_eq!(
+        bad.validate().unwrap_err().key,
+        "gpu_engine.gpu_memory_utilization"
+    );
     let bad = GpuEngineConfig {
         max_batched_tokens: 4,
         max_num_seqs: 8,
         ..GpuEngineConfig::default()
     };
-    assert!(bad.validate().unwrap_err().contains("max_batched_tokens"));
+    assert_eq!(
+        bad.validate().unwrap_err().key,
+        "gpu_engine.max_batched_tokens"
+    );
     assert!(GpuEngineConfig::default().validate().is_ok());
 }
 

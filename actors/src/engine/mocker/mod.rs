@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 pub use engine::MockerEngine;
 
 use crate::kv::protocol::RouterEvent;
+use crate::setting::InvalidSetting;
 
 /// Where a mocker publishes its KV events (worker → router). Unbounded because the scheduler must never
 /// wait on the router; the events of one step are few and bounded by the blocks it touches.
@@ -76,53 +77,44 @@ impl Default for MockerConfig {
 }
 
 impl MockerConfig {
-    /// Check every field; the error names the field, the allowed range and the value given.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Check every field; the error names the field (`mocker.<field>`), the value given and the rule.
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        let refuse = |key: &str, value: &dyn std::fmt::Display, rule: &str| {
+            Err(InvalidSetting::new(format!("mocker.{key}"), value, rule))
+        };
         if self.block_size <= 1 {
-            return Err(format!(
-                "block_size must be greater than 1, got {}",
-                self.block_size
-            ));
+            return refuse("block_size", &self.block_size, "must be greater than 1");
         }
         if self.num_gpu_blocks < 1 {
-            return Err(format!(
-                "num_gpu_blocks must be at least 1, got {}",
-                self.num_gpu_blocks
-            ));
+            return refuse("num_gpu_blocks", &self.num_gpu_blocks, "must be at least 1");
         }
         if self.max_num_seqs < 1 {
-            return Err(format!(
-                "max_num_seqs must be at least 1, got {}",
-                self.max_num_seqs
-            ));
+            return refuse("max_num_seqs", &self.max_num_seqs, "must be at least 1");
         }
         if self.max_num_batched_tokens < self.block_size {
-            return Err(format!(
-                "max_num_batched_tokens must be at least block_size ({}), got {}",
-                self.block_size, self.max_num_batched_tokens
-            ));
+            return refuse(
+                "max_num_batched_tokens",
+                &self.max_num_batched_tokens,
+                &format!("must be at least block_size ({})", self.block_size),
+            );
         }
         if !(0.0..1.0).contains(&self.watermark) {
-            return Err(format!(
-                "watermark must be in [0, 1), got {}",
-                self.watermark
-            ));
+            return refuse("watermark", &self.watermark, "must be in [0, 1)");
         }
         for (name, value) in [
             ("speedup_ratio", self.speedup_ratio),
             ("decode_speedup_ratio", self.decode_speedup_ratio),
         ] {
             if !(value.is_finite() && value > 0.0) {
-                return Err(format!(
-                    "{name} must be a finite number greater than 0, got {value}"
-                ));
+                return refuse(name, &value, "must be a finite number greater than 0");
             }
         }
         if self.default_max_tokens < 1 {
-            return Err(format!(
-                "default_max_tokens must be at least 1, got {}",
-                self.default_max_tokens
-            ));
+            return refuse(
+                "default_max_tokens",
+                &self.default_max_tokens,
+                "must be at least 1",
+            );
         }
         Ok(())
     }
@@ -272,47 +264,47 @@ mod tests {
         let bad = |edit: fn(&mut MockerConfig)| {
             let mut config = MockerConfig::default();
             edit(&mut config);
-            config.validate().unwrap_err()
+            config.validate().unwrap_err().to_string()
         };
         assert_eq!(
             bad(|c| c.block_size = 1),
-            "block_size must be greater than 1, got 1"
+            "mocker.block_size = 1 must be greater than 1"
         );
         assert_eq!(
             bad(|c| c.num_gpu_blocks = 0),
-            "num_gpu_blocks must be at least 1, got 0"
+            "mocker.num_gpu_blocks = 0 must be at least 1"
         );
         assert_eq!(
             bad(|c| c.max_num_seqs = 0),
-            "max_num_seqs must be at least 1, got 0"
+            "mocker.max_num_seqs = 0 must be at least 1"
         );
         assert_eq!(
             bad(|c| c.max_num_batched_tokens = 32),
-            "max_num_batched_tokens must be at least block_size (64), got 32"
+            "mocker.max_num_batched_tokens = 32 must be at least block_size (64)"
         );
         assert_eq!(
             bad(|c| c.watermark = 1.0),
-            "watermark must be in [0, 1), got 1"
+            "mocker.watermark = 1 must be in [0, 1)"
         );
         assert_eq!(
             bad(|c| c.watermark = -0.5),
-            "watermark must be in [0, 1), got -0.5"
+            "mocker.watermark = -0.5 must be in [0, 1)"
         );
         assert_eq!(
             bad(|c| c.speedup_ratio = 0.0),
-            "speedup_ratio must be a finite number greater than 0, got 0"
+            "mocker.speedup_ratio = 0 must be a finite number greater than 0"
         );
         assert_eq!(
             bad(|c| c.decode_speedup_ratio = f64::INFINITY),
-            "decode_speedup_ratio must be a finite number greater than 0, got inf"
+            "mocker.decode_speedup_ratio = inf must be a finite number greater than 0"
         );
         assert_eq!(
             bad(|c| c.speedup_ratio = f64::NAN),
-            "speedup_ratio must be a finite number greater than 0, got NaN"
+            "mocker.speedup_ratio = NaN must be a finite number greater than 0"
         );
         assert_eq!(
             bad(|c| c.default_max_tokens = 0),
-            "default_max_tokens must be at least 1, got 0"
+            "mocker.default_max_tokens = 0 must be at least 1"
         );
     }
 

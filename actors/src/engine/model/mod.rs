@@ -40,6 +40,7 @@ use tokio::sync::mpsc;
 use crate::engine::TokenSink;
 use crate::error::ApiError;
 use crate::protocol::engine::{EngineOutput, EngineRequest};
+use crate::setting::InvalidSetting;
 
 /// What a model engine's scheduler hands a request's future.
 pub enum Emission {
@@ -170,27 +171,44 @@ impl Default for ModelEngineConfig {
 
 impl ModelEngineConfig {
     /// A description of the first bad value, if any.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         if self.threads == 0 {
-            return Err("model_engine.threads must be at least 1".into());
+            return Err(InvalidSetting::new(
+                "model_engine.threads",
+                0,
+                "must be at least 1",
+            ));
         }
         if self.max_num_seqs == 0 {
-            return Err("model_engine.max_num_seqs must be at least 1".into());
+            return Err(InvalidSetting::new(
+                "model_engine.max_num_seqs",
+                0,
+                "must be at least 1",
+            ));
         }
         if self.max_batched_tokens < self.max_num_seqs {
-            return Err(format!(
-                "model_engine.max_batched_tokens ({}) must be at least max_num_seqs ({}): every running sequence decodes one token per step",
-                self.max_batched_tokens, self.max_num_seqs
+            return Err(InvalidSetting::new(
+                "model_engine.max_batched_tokens",
+                self.max_batched_tokens,
+                format!(
+                    "must be at least max_num_seqs ({}): every running sequence decodes one token per step",
+                    self.max_num_seqs
+                ),
             ));
         }
         if !(self.gms_lock_timeout_secs.is_finite() && self.gms_lock_timeout_secs > 0.0) {
-            return Err(format!(
-                "model_engine.gms_lock_timeout_secs must be a positive number of seconds, got {}",
-                self.gms_lock_timeout_secs
+            return Err(InvalidSetting::new(
+                "model_engine.gms_lock_timeout_secs",
+                self.gms_lock_timeout_secs,
+                "must be a positive number of seconds",
             ));
         }
         if self.max_kv_tokens == 0 {
-            return Err("model_engine.max_kv_tokens must be at least 1".into());
+            return Err(InvalidSetting::new(
+                "model_engine.max_kv_tokens",
+                0,
+                "must be at least 1",
+            ));
         }
         Ok(())
     }
