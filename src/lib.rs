@@ -474,8 +474,7 @@ pub async fn run_frontend(
         // Every other Tokens model of the cards is served in a lane of its own, as Dynamo's
         // frontend serves every model it finds.
         lanes: Some(distributed::lanes::LaneSettings {
-            template: config.service(false),
-            metrics: service.metrics.clone(),
+            start: supervisor::lane_starter(config.service(false), service.metrics.clone()),
             primary: (!placeholder).then(|| config.model.name.clone()),
         }),
     };

@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 
 use actix::prelude::*;
+use futures_util::future::LocalBoxFuture;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -22,11 +23,12 @@ use super::card::{self, CardRecord, ModelCard};
 use super::discovery::DiscoveryEvent;
 use super::frontend::{attach, Attached, FrontendShared};
 use super::text::ModelWatch;
-use super::Instance;
+use super::{Instance, Local};
 use crate::engine::registry::EngineRegistry;
 use crate::gateway::Gateway;
-use crate::metrics::FrontendMetrics;
-use crate::supervisor::{RunningService, ServiceConfig};
+use crate::router::RouterMode;
+use crate::supervision::Escalation;
+use crate::tokenizer::ModelTokenizer;
 
 /// One more Tokens model, as the HTTP side serves it.
 #[derive(Clone)]
@@ -183,19 +185,51 @@ pub fn wanted(
     models
 }
 
+/// How a lane's model differs from the frontend's own: what the tree starter changes in the
+/// frontend's settings for it.
+pub struct LaneSpec {
+    /// The model's name (the validator accepts it and its aliases).
+    pub name: String,
+    /// The card's `model_aliases`.
+    pub aliases: Vec<String>,
+    /// The card's router mode, when it names one.
+    pub router_mode: Option<RouterMode>,
+    /// The card's KV block size, when usable (at least 2).
+    pub block_size: Option<usize>,
+    /// The card's tokenizer and chat template.
+    pub tokenizer: Arc<ModelTokenizer>,
+}
+
+/// A lane's started serving tree, as the lanes use it.
+pub struct LaneTree {
+    /// What its instance manager wires to.
+    pub local: Local,
+    /// Its request path.
+    pub gateway: Gateway,
+    /// Its remote engines, as they join and leave.
+    pub engines: Arc<EngineRegistry>,
+    /// Resolves when the tree fails past its restart budget.
+    pub escalated: LocalBoxFuture<'static, Escalation>,
+    /// Drains and stops the tree.
+    pub stop: Box<dyn FnOnce() -> LocalBoxFuture<'static, ()>>,
+}
+
+/// Starts a lane's serving tree. The process's bootstrap gives it (it owns the supervisor), so the
+/// lanes start trees without importing the supervisor that starts them.
+pub type StartLane =
+    Arc<dyn Fn(LaneSpec) -> LocalBoxFuture<'static, Result<LaneTree, String>> + Send + Sync>;
+
 /// What every lane starts from.
 pub struct LaneSettings {
-    /// The frontend's own tree's settings; a lane changes its model name and block size.
-    pub template: ServiceConfig,
-    /// The frontend's metrics: a lane's requests are counted there.
-    pub metrics: Arc<FrontendMetrics>,
+    /// Starts a lane's tree from the frontend's own settings.
+    pub start: StartLane,
     /// The model the frontend's own tree serves (`None`: it serves no card's model).
     pub primary: Option<String>,
 }
 
 /// A started lane.
 struct Running {
-    service: RunningService,
+    tree: LaneTree,
     attached: Attached,
     events: mpsc::UnboundedSender<DiscoveryEvent>,
     /// The instances handed to the lane's instance manager.
@@ -294,7 +328,10 @@ impl LaneManager {
             Ok((mut running, lane)) => {
                 tracing::info!(model = %name, key = %wanted.key, lora = ?wanted.lora, "serving a Tokens model of the workers' cards");
                 feed(&mut running, wanted);
-                let escalated = running.service.escalated();
+                let escalated = std::mem::replace(
+                    &mut running.tree.escalated,
+                    Box::pin(std::future::pending()),
+                );
                 let failed = name.clone();
                 running.escalation =
                     Some(ctx.spawn(
@@ -313,12 +350,7 @@ impl LaneManager {
     }
 
     /// A lane's tree escalated: it stops, and starts again from the cards.
-    fn lane_failed(
-        &mut self,
-        name: String,
-        escalation: crate::supervision::Escalation,
-        ctx: &mut Context<Self>,
-    ) {
+    fn lane_failed(&mut self, name: String, escalation: Escalation, ctx: &mut Context<Self>) {
         tracing::error!(model = %name, ?escalation, "a model's serving tree failed past its restart budget; starting it again");
         if let Some(State::Running(mut running)) = self.lanes.remove(&name) {
             // This wait is the one that ended.
@@ -332,7 +364,7 @@ impl LaneManager {
         self.view.remove(name);
         tracing::info!(model = %name, "no worker serves this model any more; it leaves the model list");
         let Running {
-            service,
+            tree,
             attached,
             events,
             escalation,
@@ -343,7 +375,7 @@ impl LaneManager {
         }
         drop(events);
         drop(attached);
-        actix::spawn(service.shutdown());
+        actix::spawn((tree.stop)());
     }
 }
 
@@ -379,39 +411,41 @@ async fn start_lane(
     let model = card::load_model(card)
         .await
         .map_err(|e| format!("cannot load the card's tokenizer: {e}"))?;
-    let mut config = settings.template.clone();
-    config.model_name = wanted.name.clone();
-    config.serve_http = false;
-    config.remote_engines = true;
-    config.export_kv_events = false;
-    config.validator.model_aliases = card.model_aliases.clone();
-    match card.router_mode() {
-        Ok(Some(mode)) => config.router.mode = mode,
-        Ok(None) => {}
+    let router_mode = match card.router_mode() {
+        Ok(mode) => mode,
         Err(e) => {
-            tracing::warn!(model = %wanted.name, key = %wanted.key, "{e}; routing it by the frontend's router mode")
+            tracing::warn!(model = %wanted.name, key = %wanted.key, "{e}; routing it by the frontend's router mode");
+            None
         }
-    }
+    };
     let block = model.kv_block_size as usize;
-    if block >= 2 {
-        config.router.kv_cache_block_size = Some(block);
-        config.mocker.block_size = block;
-        config.gpu_engine.block_size = block;
-    }
-    let mut service =
-        crate::supervisor::start_lane(config, model.tokenizer, settings.metrics.clone())
-            .await
-            .map_err(|e| format!("cannot start its serving tree: {e}"))?;
+    let spec = LaneSpec {
+        name: wanted.name.clone(),
+        aliases: card.model_aliases.clone(),
+        router_mode,
+        block_size: (block >= 2).then_some(block),
+        tokenizer: model.tokenizer,
+    };
+    let tree = (settings.start)(spec)
+        .await
+        .map_err(|e| format!("cannot start its serving tree: {e}"))?;
     let mut endpoint = shared.config.clone();
     endpoint.namespace = wanted.record.namespace.clone();
     endpoint.component = wanted.record.component.clone();
     endpoint.endpoint = wanted.record.endpoint.clone();
     let (events, discovered) = mpsc::unbounded_channel();
-    let local = service.local();
-    let attached = match attach(&local, &shared, &endpoint, wanted.lora.clone(), discovered).await {
+    let attached = match attach(
+        &tree.local,
+        &shared,
+        &endpoint,
+        wanted.lora.clone(),
+        discovered,
+    )
+    .await
+    {
         Ok(attached) => attached,
         Err(e) => {
-            service.shutdown().await;
+            (tree.stop)().await;
             return Err(format!("cannot follow its workers' events: {e}"));
         }
     };
@@ -422,12 +456,12 @@ async fn start_lane(
         chat: kinds.contains(&"Chat"),
         completions: kinds.contains(&"Completions"),
         context_length: model.context_length,
-        gateway: service.gateway.clone(),
-        engines: service.engines.clone(),
+        gateway: tree.gateway.clone(),
+        engines: tree.engines.clone(),
     };
     Ok((
         Box::new(Running {
-            service,
+            tree,
             attached,
             events,
             fed: BTreeMap::new(),

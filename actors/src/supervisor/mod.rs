@@ -38,7 +38,7 @@ use crate::supervision::tree::{Outcome, Snapshot, StopFn, SupervisorLink, Tree, 
 use crate::supervision::{ActorKind, Escalation, SupervisionConfig, SupervisorEvent};
 use crate::validator::ValidatorConfig;
 
-pub use start::{start, start_lane};
+pub use start::{lane_starter, start, start_lane};
 
 /// `[metrics]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

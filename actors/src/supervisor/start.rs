@@ -492,6 +492,44 @@ pub async fn start(
     start_tree(config, tokenizer, weights, gms, None).await
 }
 
+/// How a frontend's lanes start their trees: `template` (the frontend's own settings) changed as
+/// each lane's spec says, with requests counted in the frontend's `metrics`.
+pub fn lane_starter(
+    template: ServiceConfig,
+    metrics: Arc<FrontendMetrics>,
+) -> crate::distributed::lanes::StartLane {
+    Arc::new(move |spec: crate::distributed::lanes::LaneSpec| {
+        let mut config = template.clone();
+        config.model_name = spec.name;
+        config.serve_http = false;
+        config.remote_engines = true;
+        config.export_kv_events = false;
+        config.validator.model_aliases = spec.aliases;
+        if let Some(mode) = spec.router_mode {
+            config.router.mode = mode;
+        }
+        if let Some(block) = spec.block_size {
+            config.router.kv_cache_block_size = Some(block);
+            config.mocker.block_size = block;
+            config.gpu_engine.block_size = block;
+        }
+        let metrics = metrics.clone();
+        async move {
+            let mut service = start_lane(config, spec.tokenizer, metrics)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(crate::distributed::lanes::LaneTree {
+                local: service.local(),
+                gateway: service.gateway.clone(),
+                engines: service.engines.clone(),
+                escalated: service.escalated().boxed_local(),
+                stop: Box::new(move || service.shutdown().boxed_local()),
+            })
+        }
+        .boxed_local()
+    })
+}
+
 /// The tree of one more model of a frontend of workers (`config.remote_engines`, no HTTP): its
 /// requests are counted in the frontend's own `metrics`.
 pub async fn start_lane(
