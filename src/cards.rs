@@ -14,7 +14,7 @@ use dynamix_actors::models::ModelStore;
 use dynamix_actors::tokenizer::ModelTokenizer;
 
 use crate::config::{Config, ModelSource};
-use crate::RunError;
+use crate::{ModelError, RunError};
 
 /// How often the frontend looks for a card while none is there, and how often it says so.
 const POLL: Duration = Duration::from_secs(1);
@@ -95,7 +95,13 @@ pub fn placeholder_tokenizer() -> Result<Arc<ModelTokenizer>, RunError> {
         config_json: None,
     })
     .map(Arc::new)
-    .map_err(|e| RunError::Model(format!("cannot build the placeholder tokenizer: {e}")))
+    .map_err(|source| {
+        ModelError::Tokenizer {
+            what: "cannot build the placeholder tokenizer".into(),
+            source,
+        }
+        .into()
+    })
 }
 
 /// The tokenizer of a Hugging Face model directory (`model.path`).
@@ -103,11 +109,12 @@ pub fn tokenizer_from_dir(dir: &Path) -> Result<Arc<ModelTokenizer>, RunError> {
     card::CardFiles::read_dir(dir)
         .and_then(|files| files.tokenizer())
         .map(Arc::new)
-        .map_err(|e| {
-            RunError::Model(format!(
-                "model.path = {}: cannot load its tokenizer: {e}",
-                dir.display()
-            ))
+        .map_err(|source| {
+            ModelError::Card {
+                what: format!("model.path = {}: cannot load its tokenizer", dir.display()),
+                source,
+            }
+            .into()
         })
 }
 
@@ -143,7 +150,13 @@ pub fn worker_card(
         Some(dir) => card::card_from_model_dir(dir, &spec).map(|(_, card)| card),
         None => card::write_store_card_files(&ModelStore::default_home(), tokenizer, &spec),
     };
-    card.map_err(|e| RunError::Model(format!("cannot write the model card: {e}")))
+    card.map_err(|source| {
+        ModelError::Card {
+            what: "cannot write the model card".into(),
+            source,
+        }
+        .into()
+    })
 }
 
 /// What a frontend takes from a card.

