@@ -13,6 +13,7 @@
 //! escalates. The in-flight registry ([`crate::gateway::inflight`]) says which engine serves each
 //! request; request migration itself happens in the serving path ([`crate::gateway::migration`]).
 
+mod preflight;
 mod start;
 
 use std::net::SocketAddr;
