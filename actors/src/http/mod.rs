@@ -17,6 +17,7 @@ pub mod dashboard;
 pub mod embeddings;
 pub mod info;
 pub mod openai;
+pub mod openapi;
 pub mod request;
 pub mod stream;
 pub mod text;
@@ -377,11 +378,11 @@ fn routes(cfg: &mut web::ServiceConfig, config: &HttpConfig, faults_admin: bool)
         .service(get(&p.health, web::get().to(info::health)))
         .service(get(&p.live, web::get().to(info::live)))
         .service(get(&p.metrics, web::get().to(info::metrics)))
-        .service(get("/openapi.json", web::get().to(info::openapi)))
+        .service(get("/openapi.json", web::get().to(openapi::openapi)))
         .service(get("/dashboard", web::get().to(dashboard::page)))
         .service(get("/dashboard/state", web::get().to(dashboard::state)))
         .service(get("/dashboard/events", web::get().to(dashboard::events)))
-        .service(get("/docs", web::get().to(info::docs)));
+        .service(get("/docs", web::get().to(openapi::docs)));
     if faults_admin {
         cfg.service(
             web::resource("/admin/faults")
