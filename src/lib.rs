@@ -24,8 +24,11 @@ use dynamix_actors::distributed;
 use dynamix_actors::engine::model::shared::TAG as WEIGHTS_TAG;
 use dynamix_actors::engine::EngineKind;
 use dynamix_actors::gms::InProcessGms;
+use dynamix_actors::supervision::tree::Child;
+use dynamix_actors::supervision::ActorKind;
 use dynamix_actors::supervisor::{self, RunningService};
 use dynamix_actors::tokenizer::ModelTokenizer;
+use futures_util::FutureExt;
 
 /// mimalloc for every binary that links this crate (the server, its tests and benches): the request
 /// path allocates many small short-lived objects across threads, where glibc malloc was ~20% of CPU.
@@ -179,15 +182,17 @@ pub async fn start_as(
     role: Role,
 ) -> Result<RunningService, RunError> {
     let tokenizer = config_tokenizer(config)?;
-    start_with(config, tokenizer, serve_http, role).await
+    start_with(config, tokenizer, serve_http, role, None).await
 }
 
-/// [`start_as`] with a given tokenizer (a frontend's, from the workers' model card).
+/// [`start_as`] with a given tokenizer (a frontend's, from the workers' model card) and the cluster
+/// side of a frontend or worker, started as the tree's `cluster` subtree.
 pub async fn start_with(
     config: &Config,
     tokenizer: Arc<ModelTokenizer>,
     serve_http: bool,
     role: Role,
+    cluster: Option<supervisor::ClusterStart>,
 ) -> Result<RunningService, RunError> {
     // The in-process memory service starts first so the weights can be written into it.
     let (gms, config) = match config.model_engine.gms_serve
@@ -228,7 +233,12 @@ pub async fn start_with(
     let mut service_config = config.service(serve_http);
     service_config.remote_engines = role == Role::Frontend;
     service_config.export_kv_events = role == Role::Worker;
-    let service = supervisor::start(service_config, tokenizer, weights, gms).await?;
+    let service = match cluster {
+        Some(cluster) => {
+            supervisor::start_with_cluster(service_config, tokenizer, weights, gms, cluster).await?
+        }
+        None => supervisor::start(service_config, tokenizer, weights, gms).await?,
+    };
     for addr in &service.http_addrs {
         tracing::info!(
             "serving {} on http://{addr} (OpenAI API under /v1)",
@@ -322,42 +332,62 @@ pub async fn run_frontend(
         Some(tokenizer) => tokenizer,
         None => config_tokenizer(&config)?,
     };
-    let mut service = start_with(&config, tokenizer, input == Input::Http, Role::Frontend).await?;
     let kv = config.router.mode == dynamix_actors::router::RouterMode::Kv;
-    let settings = distributed::frontend::FrontendSettings {
-        config: config.distributed.clone(),
-        max_message_size,
-        default_capacity: config.engine.admission_capacity,
-        kv_block_size: kv.then_some(service.kv_block_size),
-        model: (config.model.source != config::ModelSource::Local)
-            .then(|| config.model.name.clone()),
-        // A namespace other than the built-in one was chosen: serve only its Text models (python-sdk
-        // spec §7: the default watches every namespace, as Dynamo's frontend does).
-        text_namespace: (config.distributed.namespace
-            != distributed::DistributedConfig::default().namespace)
-            .then(|| config.distributed.namespace.clone()),
-        route_own_endpoint: !placeholder,
-        // Every other Tokens model of the cards is served in a lane of its own, as Dynamo's
-        // frontend serves every model it finds.
-        lanes: Some(distributed::lanes::LaneSettings {
-            start: supervisor::lane_starter(config.service(false), service.metrics.clone()),
-            primary: (!placeholder).then(|| config.model.name.clone()),
-        }),
+    let cluster: supervisor::ClusterStart = {
+        let config = config.clone();
+        Box::new(move |local: distributed::Local| {
+            async move {
+                let settings = distributed::frontend::FrontendSettings {
+                    config: config.distributed.clone(),
+                    max_message_size,
+                    default_capacity: config.engine.admission_capacity,
+                    kv_block_size: kv.then_some(local.kv_block_size),
+                    model: (config.model.source != config::ModelSource::Local)
+                        .then(|| config.model.name.clone()),
+                    // A namespace other than the built-in one was chosen: serve only its Text
+                    // models (python-sdk spec §7: the default watches every namespace, as Dynamo's
+                    // frontend does).
+                    text_namespace: (config.distributed.namespace
+                        != distributed::DistributedConfig::default().namespace)
+                        .then(|| config.distributed.namespace.clone()),
+                    route_own_endpoint: !placeholder,
+                    // Every other Tokens model of the cards is served in a lane of its own, as
+                    // Dynamo's frontend serves every model it finds.
+                    lanes: Some(distributed::lanes::LaneSettings {
+                        start: supervisor::lane_starter(
+                            config.service(false),
+                            local.metrics.clone(),
+                        ),
+                        primary: (!placeholder).then(|| config.model.name.clone()),
+                    }),
+                };
+                let handle = distributed::frontend::start(&local, settings).await?;
+                tracing::info!(
+                    etcd = config.distributed.etcd_endpoints.join(","),
+                    nats = %config.distributed.nats_url,
+                    responses = handle.streams.address(),
+                    "frontend routing to the workers of {}",
+                    config.distributed.instance_prefix()
+                );
+                // Stopped after HTTP has drained: the response streams outlive the last request.
+                Ok(vec![Child::new(ActorKind::RequestPlane, "0").stopped_by(
+                    move || {
+                        drop(handle);
+                        async {}.boxed_local()
+                    },
+                )])
+            }
+            .boxed_local()
+        })
     };
-    let handle = match distributed::frontend::start(&service.local(), settings).await {
-        Ok(handle) => handle,
-        Err(e) => {
-            service.shutdown().await;
-            return Err(RunError::Distributed(e));
-        }
-    };
-    tracing::info!(
-        etcd = config.distributed.etcd_endpoints.join(","),
-        nats = %config.distributed.nats_url,
-        responses = handle.streams.address(),
-        "frontend routing to the workers of {}",
-        config.distributed.instance_prefix()
-    );
+    let service = start_with(
+        &config,
+        tokenizer,
+        input == Input::Http,
+        Role::Frontend,
+        Some(cluster),
+    )
+    .await?;
     let work = async {
         match &input {
             Input::Text => {
@@ -375,7 +405,6 @@ pub async fn run_frontend(
     };
     let result = until_escalated(&service, work).await;
     service.shutdown().await;
-    drop(handle);
     result
 }
 
@@ -386,65 +415,68 @@ pub async fn run_worker(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let max_message_size = config.distributed.max_message_size;
-    let mut service = start_as(&config, false, Role::Worker).await?;
     let tokenizer = config_tokenizer(&config)?;
-    let card =
-        cards::worker_card(&config, &tokenizer, service.kv_block_size).and_then(|mut card| {
-            let d = &config.distributed;
-            let server = match d.system_port {
-                Some(port) => Some(
-                    distributed::metadata::serve(
-                        d.system_host.as_deref().unwrap_or(&d.host),
-                        port,
-                        &d.host,
-                        (&d.namespace, &d.component, &d.endpoint),
-                        &mut card,
-                    )
-                    .map_err(RunError::Distributed)?,
-                ),
-                None => None,
-            };
-            let card = serde_json::to_value(card).map_err(ModelError::from)?;
-            Ok((card, server))
-        });
-    let (card, _system_server) = match card {
-        Ok(card) => card,
-        Err(e) => {
-            service.shutdown().await;
-            return Err(e);
-        }
+    let cluster: supervisor::ClusterStart = {
+        let (config, tokenizer) = (config.clone(), tokenizer.clone());
+        Box::new(move |mut local: distributed::Local| {
+            async move {
+                let mut card = cards::worker_card(&config, &tokenizer, local.kv_block_size)?;
+                let d = &config.distributed;
+                let system_server = match d.system_port {
+                    Some(port) => Some(
+                        distributed::metadata::serve(
+                            d.system_host.as_deref().unwrap_or(&d.host),
+                            port,
+                            &d.host,
+                            (&d.namespace, &d.component, &d.endpoint),
+                            &mut card,
+                        )
+                        .map_err(RunError::Distributed)?,
+                    ),
+                    None => None,
+                };
+                let card = serde_json::to_value(card).map_err(ModelError::from)?;
+                let settings = distributed::worker::WorkerSettings {
+                    config: config.distributed.clone(),
+                    max_message_size,
+                    engine: config.engine.kind.as_str().into(),
+                    capacity: config.engine.admission_capacity * config.engine.devices.len().max(1),
+                    stream_buffer: config.engine.stream_buffer,
+                    card: Some(card),
+                    codec: distributed::wire::PayloadCodec::Msgpack,
+                    device_type: if config.engine.devices.iter().any(|d| d.starts_with("cuda")) {
+                        "cuda".into()
+                    } else {
+                        "cpu".into()
+                    },
+                };
+                let handle = distributed::worker::start(&mut local, settings)
+                    .await
+                    .map_err(RunError::Distributed)?;
+                let drain = std::time::Duration::from_secs(
+                    config.http.graceful_shutdown_timeout_secs.max(1) * 6,
+                );
+                // Stopped before the serving path and the engines: the worker leaves discovery,
+                // finishes its running requests, then its engines stop.
+                Ok(vec![Child::new(ActorKind::RequestPlane, "0").stopped_by(
+                    move || {
+                        async move {
+                            handle.shutdown(drain).await;
+                            drop(system_server);
+                        }
+                        .boxed_local()
+                    },
+                )])
+            }
+            .boxed_local()
+        })
     };
-    let settings = distributed::worker::WorkerSettings {
-        config: config.distributed.clone(),
-        max_message_size,
-        engine: config.engine.kind.as_str().into(),
-        capacity: config.engine.admission_capacity * config.engine.devices.len().max(1),
-        stream_buffer: config.engine.stream_buffer,
-        card: Some(card),
-        codec: distributed::wire::PayloadCodec::Msgpack,
-        device_type: if config.engine.devices.iter().any(|d| d.starts_with("cuda")) {
-            "cuda".into()
-        } else {
-            "cpu".into()
-        },
-    };
-    let handle = match distributed::worker::start(&mut service.local(), settings).await {
-        Ok(handle) => handle,
-        Err(e) => {
-            service.shutdown().await;
-            return Err(RunError::Distributed(e));
-        }
-    };
+    let service = start_with(&config, tokenizer, false, Role::Worker, Some(cluster)).await?;
     let result = until_escalated(&service, async {
         shutdown.await;
         Ok(())
     })
     .await;
-    handle
-        .shutdown(std::time::Duration::from_secs(
-            config.http.graceful_shutdown_timeout_secs.max(1) * 6,
-        ))
-        .await;
     service.shutdown().await;
     result
 }

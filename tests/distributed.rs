@@ -668,6 +668,27 @@ async fn readme_walkthrough_with_the_shipped_configs() {
         health["cluster"]["event_plane"]["state"], "connected",
         "{health}"
     );
+    // The cluster side is a child of the supervision tree: after serving, before HTTP.
+    let mut res = client()
+        .get(fe.url("/dashboard/state"))
+        .send()
+        .await
+        .expect("dashboard state");
+    let state: Value = res.json().limit(1 << 20).await.expect("dashboard JSON");
+    let subtrees: Vec<&str> = state["tree"]["children"]
+        .as_array()
+        .expect("the root's children")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(
+        subtrees,
+        ["memory", "kv", "serving", "cluster", "http"],
+        "{state}"
+    );
+    let cluster = &state["tree"]["children"][3];
+    assert_eq!(cluster["children"][0]["name"], "request_plane 0", "{state}");
+    assert_eq!(cluster["children"][0]["state"], "running", "{state}");
     drop(fe);
     let _ = std::fs::remove_dir_all(&dir);
 }

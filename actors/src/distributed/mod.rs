@@ -51,6 +51,8 @@ pub struct Local {
     pub kv_block_size: usize,
     /// Frontend: the `/health` reporter of discovery and events, set once they run.
     pub cluster: crate::http::ClusterStatus,
+    /// The process's metrics (a frontend's lanes count their requests there too).
+    pub metrics: std::sync::Arc<crate::metrics::FrontendMetrics>,
 }
 
 use crate::setting::InvalidSetting;

@@ -41,7 +41,8 @@ pub enum ActorKind {
     Embeddings,
     /// The GPU memory service.
     MemoryService,
-    /// A worker's request plane.
+    /// The link to the cluster: a worker's endpoint server, registration and publishers, or a
+    /// frontend's discovery, event intake, response streams and model lanes.
     RequestPlane,
 }
 

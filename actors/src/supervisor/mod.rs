@@ -39,7 +39,7 @@ use crate::supervision::tree::{Outcome, Snapshot, StopFn, SupervisorLink, Tree, 
 use crate::supervision::{ActorKind, Escalation, SupervisionConfig, SupervisorEvent};
 use crate::validator::ValidatorConfig;
 
-pub use start::{lane_starter, start, start_lane};
+pub use start::{lane_starter, start, start_lane, start_with_cluster};
 
 /// `[metrics]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -122,7 +122,22 @@ pub enum StartError {
     /// The embedding model could not be loaded.
     #[error("embeddings: {0}")]
     Embeddings(#[from] crate::embeddings::LoadError),
+    /// The cluster side (discovery, events, request plane) could not start.
+    #[error("{0}")]
+    Cluster(Box<dyn std::error::Error + Send + Sync>),
 }
+
+/// Starts the cluster side of a frontend or worker as the tree's `cluster` subtree, once the serving
+/// path runs: it gets what it wires to and returns its children, which stop in the tree's reverse
+/// order (after HTTP has drained, before the serving path and the engines).
+pub type ClusterStart = Box<
+    dyn FnOnce(
+        crate::distributed::Local,
+    ) -> futures_util::future::LocalBoxFuture<
+        'static,
+        Result<Vec<crate::supervision::tree::Child>, Box<dyn std::error::Error + Send + Sync>>,
+    >,
+>;
 
 /// Drain and stop everything. Replies when the tree has stopped.
 #[derive(Message)]
@@ -371,6 +386,7 @@ impl RunningService {
             kv_events_out: self.kv_events_out.take(),
             kv_block_size: self.kv_block_size,
             cluster: self.cluster.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 

@@ -10,7 +10,7 @@ use actix::prelude::*;
 use futures_util::FutureExt;
 
 use super::preflight::{check, metrics, mocker_vocabulary, resolve_devices};
-use super::{RunningService, ServiceConfig, StartError, Supervisor};
+use super::{ClusterStart, RunningService, ServiceConfig, StartError, Supervisor};
 use crate::embeddings::EmbeddingService;
 use crate::engine::registry::{EngineInfo, EngineRegistry};
 use crate::engine::{
@@ -50,6 +50,10 @@ struct Startup {
     /// Where engines send KV events (the indexer's or the exporter's channel).
     kv_events: Option<tokio::sync::mpsc::UnboundedSender<RouterEvent>>,
     kv_events_rx: Option<tokio::sync::mpsc::UnboundedReceiver<RouterEvent>>,
+    /// A worker's engines' KV events, for the cluster side to publish.
+    kv_events_out: Option<tokio::sync::mpsc::UnboundedReceiver<RouterEvent>>,
+    /// Starts the cluster subtree (frontends and workers).
+    cluster_start: Option<ClusterStart>,
     indexer: Option<Addr<KvIndexerActor>>,
     /// Engines report request progress to the router, which starts after them.
     progress: ProgressSink,
@@ -101,6 +105,32 @@ impl Startup {
                 async {}.boxed_local()
             }),
         ]
+    }
+
+    /// The cluster side, given what it wires to: the router, engines and index the subtrees before
+    /// it started.
+    async fn cluster(&mut self) -> Result<Vec<Child>, StartError> {
+        let Some(start) = self.cluster_start.take() else {
+            return Ok(Vec::new());
+        };
+        let router = self
+            .router
+            .clone()
+            .ok_or_else(|| out_of_order("the router"))?;
+        let local = crate::distributed::Local {
+            router,
+            engines: self.registry.clone(),
+            indexer: self.indexer.clone(),
+            kv_events_in: match self.config.remote_engines {
+                true => self.kv_events.clone(),
+                false => None,
+            },
+            kv_events_out: self.kv_events_out.take(),
+            kv_block_size: self.block_size,
+            cluster: self.cluster.clone(),
+            metrics: self.metrics.clone(),
+        };
+        start(local).await.map_err(StartError::Cluster)
     }
 
     fn indexer(&mut self) -> Vec<Child> {
@@ -366,7 +396,18 @@ pub async fn start(
     weights: Option<Arc<LlamaModel>>,
     gms: Option<crate::gms::InProcessGms>,
 ) -> Result<RunningService, StartError> {
-    start_tree(config, tokenizer, weights, gms, None).await
+    start_tree(config, tokenizer, weights, gms, None, None).await
+}
+
+/// [`start`] with the cluster side of a frontend or worker as the tree's `cluster` subtree.
+pub async fn start_with_cluster(
+    config: ServiceConfig,
+    tokenizer: Arc<ModelTokenizer>,
+    weights: Option<Arc<LlamaModel>>,
+    gms: Option<crate::gms::InProcessGms>,
+    cluster: ClusterStart,
+) -> Result<RunningService, StartError> {
+    start_tree(config, tokenizer, weights, gms, None, Some(cluster)).await
 }
 
 /// How a frontend's lanes start their trees: `template` (the frontend's own settings) changed as
@@ -419,7 +460,7 @@ pub async fn start_lane(
             "a model lane routes to remote engines and serves no HTTP of its own".into(),
         ));
     }
-    start_tree(config, tokenizer, None, None, Some(metrics)).await
+    start_tree(config, tokenizer, None, None, Some(metrics), None).await
 }
 
 async fn start_tree(
@@ -428,6 +469,7 @@ async fn start_tree(
     weights: Option<Arc<LlamaModel>>,
     gms: Option<crate::gms::InProcessGms>,
     shared_metrics: Option<Arc<FrontendMetrics>>,
+    cluster_start: Option<ClusterStart>,
 ) -> Result<RunningService, StartError> {
     let mut config = config;
     config.engine.devices = resolve_devices(&config)?;
@@ -437,6 +479,7 @@ async fn start_tree(
     // KV events flow engine → indexer only when the kv router consumes them; a worker exports them.
     let index = kv_mode.then(SharedKvIndex::default);
     let (mut kv_events, mut kv_events_rx, mut kv_events_out) = (None, None, None);
+    // (`kv_events_out` goes to the cluster side through `Startup`.)
     if config.export_kv_events {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         kv_events = Some(tx);
@@ -459,6 +502,8 @@ async fn start_tree(
         index,
         kv_events,
         kv_events_rx,
+        kv_events_out,
+        cluster_start,
         indexer: None,
         progress: ProgressSink::default(),
         slots: Vec::new(),
@@ -483,8 +528,7 @@ async fn start_tree(
             ActorKind::Validator => Ok(startup.validators()),
             ActorKind::Embeddings => startup.embeddings(),
             ActorKind::Http => startup.http(),
-            // Started by the distributed layer, outside this tree.
-            ActorKind::RequestPlane => Ok(Vec::new()),
+            ActorKind::RequestPlane => startup.cluster().await,
         };
         match started {
             Ok(children) => children.into_iter().for_each(|child| tree.add(child)),
@@ -531,7 +575,7 @@ async fn start_tree(
         faults,
         kv_events_in,
         indexer: startup.indexer,
-        kv_events_out,
+        kv_events_out: startup.kv_events_out.take(),
         cluster: startup.cluster,
         kv_block_size: block_size,
         escalated: escalated_rx,

@@ -28,6 +28,8 @@ pub enum Subtree {
     Engines,
     /// Validators, router, embeddings: the request path in front of the engines.
     Serving,
+    /// A frontend's or worker's link to the cluster: discovery, events, the request plane.
+    Cluster,
     /// The actix-web server.
     Http,
 }
@@ -41,6 +43,7 @@ impl Subtree {
             Subtree::Kv => "kv",
             Subtree::Engines => "engines",
             Subtree::Serving => "serving",
+            Subtree::Cluster => "cluster",
             Subtree::Http => "http",
         }
     }
@@ -81,6 +84,9 @@ pub const TREE: &[SubtreeSpec] = &[
             Slot::Subtree(Subtree::Memory),
             Slot::Subtree(Subtree::Kv),
             Slot::Subtree(Subtree::Serving),
+            // After serving (it routes to the router), before HTTP: a frontend's response streams
+            // must outlive the HTTP drain, and a worker leaves discovery before its engines stop.
+            Slot::Subtree(Subtree::Cluster),
             Slot::Subtree(Subtree::Http),
         ],
     },
@@ -110,6 +116,11 @@ pub const TREE: &[SubtreeSpec] = &[
             Slot::Actor(ActorKind::Validator),
             Slot::Actor(ActorKind::Embeddings),
         ],
+    },
+    SubtreeSpec {
+        subtree: Subtree::Cluster,
+        strategy: Strategy::OneForOne,
+        children: &[Slot::Actor(ActorKind::RequestPlane)],
     },
     SubtreeSpec {
         subtree: Subtree::Http,

@@ -39,6 +39,7 @@ fn start_order_is_a_depth_first_walk_of_the_declaration() {
             ActorKind::Router,
             ActorKind::Validator,
             ActorKind::Embeddings,
+            ActorKind::RequestPlane,
             ActorKind::Http,
         ]
     );
@@ -52,6 +53,7 @@ fn every_subtree_is_declared_once() {
         Subtree::Kv,
         Subtree::Engines,
         Subtree::Serving,
+        Subtree::Cluster,
         Subtree::Http,
     ] {
         let declared = TREE.iter().filter(|s| s.subtree == subtree).count();
