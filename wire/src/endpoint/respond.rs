@@ -1,0 +1,189 @@
+//! Answering an accepted request: dial back to the requester, handshake, prologue, one data frame
+//! per reply pulled from the handler, `complete_final` and the sentinel.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+use super::{Accepted, Control, Handler, InflightGuard, Reply, Request};
+use crate::codec::messages::{
+    CallHomeHandshake, ControlMessage, ResponseStreamPrologue, StreamType,
+};
+use crate::codec::{MessageKind, TwoPartCodec, TwoPartMessage};
+use crate::error::DynamoError;
+use crate::PayloadCodec;
+
+/// Dial back to the requester (retrying while the local address is not yet available).
+pub async fn dial(address: &str, timeout: Duration) -> Result<TcpStream, String> {
+    let attempt = async {
+        loop {
+            match TcpStream::connect(address).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(e) => return Err(format!("cannot connect to {address}: {e}")),
+            }
+        }
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| format!("connecting to {address} timed out"))?
+}
+
+/// A header-only frame carrying `value` as JSON.
+pub fn header_frame(value: &impl serde::Serialize) -> TwoPartMessage {
+    TwoPartMessage::header_only(Bytes::from(serde_json::to_vec(value).unwrap_or_default()))
+}
+
+fn data_frame(codec: PayloadCodec, item: &Value) -> Result<TwoPartMessage, String> {
+    codec
+        .encode(item)
+        .map(|body| TwoPartMessage::data_only(Bytes::from(body)))
+}
+
+type Sink = futures_util::stream::SplitSink<Framed<TcpStream, TwoPartCodec>, TwoPartMessage>;
+
+pub(super) async fn respond(
+    accepted: Accepted,
+    headers: BTreeMap<String, String>,
+    handler: Arc<dyn Handler>,
+    connect_timeout: Duration,
+    _guard: InflightGuard,
+) {
+    let Accepted {
+        id,
+        info,
+        codec,
+        metadata,
+        body,
+    } = accepted;
+    let stream = match dial(&info.address, connect_timeout).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::warn!(request = %id, error = %e, "cannot open the response stream");
+            return;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let mut framed = Framed::new(stream, TwoPartCodec::new(None));
+    let handshake = CallHomeHandshake {
+        subject: info.subject.clone(),
+        stream_type: StreamType::Response,
+    };
+    if framed.send(header_frame(&handshake)).await.is_err()
+        || framed
+            .send(header_frame(&ResponseStreamPrologue { error: None }))
+            .await
+            .is_err()
+    {
+        return;
+    }
+    let (mut sink, mut incoming) = framed.split();
+    let body = match body {
+        Ok(body) => body,
+        Err(text) => {
+            let error =
+                DynamoError::new("InvalidRequest", "InvalidRequest", "request.invalid", text);
+            if let Ok(frame) = data_frame(codec, &item(&Reply::Error(error))) {
+                if sink.send(frame).await.is_ok() {
+                    finish(&mut sink, codec).await;
+                }
+            }
+            return;
+        }
+    };
+    let control = Arc::new(Control::default());
+    let mut replies = handler.call(Request {
+        id: id.clone(),
+        body,
+        headers,
+        metadata,
+        control: control.clone(),
+    });
+    loop {
+        tokio::select! {
+            reply = replies.next() => {
+                let Some(reply) = reply else { break };
+                if reply == Reply::Abandon {
+                    tracing::warn!(request = %id, "the handler gave up on the request; ending its stream without completion");
+                    return;
+                }
+                let is_error = matches!(reply, Reply::Error(_));
+                let frame = match data_frame(codec, &item(&reply)) {
+                    Ok(frame) => frame,
+                    Err(e) => {
+                        tracing::error!(request = %id, error = %e, "cannot encode a reply");
+                        let error = DynamoError::new("Internal", "Internal", "runtime.internal", format!("cannot encode a reply ({}): {e}", codec.name()));
+                        match data_frame(codec, &item(&Reply::Error(error))) {
+                            Ok(frame) => frame,
+                            Err(_) => return,
+                        }
+                    }
+                };
+                if sink.send(frame).await.is_err() {
+                    tracing::debug!(request = %id, "response stream broke; stopping the handler");
+                    control.kill();
+                    return;
+                }
+                if is_error {
+                    break;
+                }
+            }
+            message = incoming.next() => match message {
+                Some(Ok(frame)) if frame.kind() == MessageKind::HeaderOnly => {
+                    match serde_json::from_slice::<ControlMessage>(frame.header()) {
+                        Ok(ControlMessage::Stop) => {
+                            tracing::debug!(request = %id, "stopped by the requester");
+                            control.stop();
+                            return;
+                        }
+                        Ok(ControlMessage::Kill) => {
+                            tracing::debug!(request = %id, "killed by the requester");
+                            control.kill();
+                            return;
+                        }
+                        other => {
+                            tracing::warn!(request = %id, message = ?other, "protocol violation on a response stream; closing it");
+                            control.kill();
+                            return;
+                        }
+                    }
+                }
+                Some(Ok(_)) => {
+                    tracing::warn!(request = %id, "data from the requester on a response stream; closing it");
+                    control.kill();
+                    return;
+                }
+                Some(Err(_)) | None => {
+                    tracing::debug!(request = %id, "requester closed the response stream; stopping the handler");
+                    control.kill();
+                    return;
+                }
+            }
+        }
+    }
+    finish(&mut sink, codec).await;
+}
+
+/// The data-frame wrapper of a reply.
+fn item(reply: &Reply) -> Value {
+    json!({ "data": reply.annotated(), "complete_final": false })
+}
+
+/// `complete_final`, the sentinel, close.
+async fn finish(sink: &mut Sink, codec: PayloadCodec) {
+    if let Ok(frame) = data_frame(codec, &json!({ "complete_final": true })) {
+        if sink.send(frame).await.is_err() {
+            return;
+        }
+    }
+    let _ = sink.send(header_frame(&ControlMessage::Sentinel)).await;
+    let _ = sink.close().await;
+}
