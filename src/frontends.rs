@@ -3,7 +3,7 @@
 //! path as HTTP (validator → router → engine) through the [`Gateway`](dynamix_actors::gateway::Gateway).
 
 use std::io::{BufRead, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use dynamix_actors::protocol::chat::{ChatCompletionRequest, ChatMessage, MessageContent, Role};
@@ -26,9 +26,30 @@ fn message(role: Role, text: &str) -> ChatMessage {
     })
 }
 
+/// Why a terminal or batch front end failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    /// A file could not be read or written.
+    #[error("cannot {what} {}: {source}", path.display())]
+    Io {
+        /// `read batch file`, `create`, `write`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The chat request could not be built from the conversation.
+    #[error("cannot build a chat request: {0}")]
+    Request(#[source] serde_json::Error),
+    /// The input does not fit the process's role.
+    #[error("{0}")]
+    Input(&'static str),
+}
+
 fn chat_request(model: &str, messages: &[ChatMessage]) -> Result<ChatCompletionRequest, RunError> {
     serde_json::from_value(json!({"model": model, "messages": messages, "stream": true}))
-        .map_err(|e| RunError::Frontend(format!("cannot build a chat request: {e}")))
+        .map_err(|e| FrontendError::Request(e).into())
 }
 
 /// Run one chat turn; `on_text` receives each delta. Returns the reply and (prompt, completion) tokens.
@@ -116,12 +137,17 @@ pub async fn text(service: &RunningService, model: &str) -> Result<(), RunError>
 /// Read JSONL prompts (`{"text": ...}`, or `{"prompt": ...}`, or `{"messages": [...]}`) from `file`,
 /// write one JSONL result per line to `output.jsonl` beside it.
 pub async fn batch(service: &RunningService, model: &str, file: &Path) -> Result<(), RunError> {
-    let input = std::fs::read_to_string(file).map_err(|e| {
-        RunError::Frontend(format!("cannot read batch file {}: {e}", file.display()))
+    let input = std::fs::read_to_string(file).map_err(|source| FrontendError::Io {
+        what: "read batch file",
+        path: file.to_path_buf(),
+        source,
     })?;
     let out_path = file.parent().unwrap_or(Path::new(".")).join("output.jsonl");
-    let mut out = std::fs::File::create(&out_path)
-        .map_err(|e| RunError::Frontend(format!("cannot create {}: {e}", out_path.display())))?;
+    let mut out = std::fs::File::create(&out_path).map_err(|source| FrontendError::Io {
+        what: "create",
+        path: out_path.clone(),
+        source,
+    })?;
     let started = Instant::now();
     let (mut ok, mut failed, mut tokens_out) = (0usize, 0usize, 0u64);
     for (number, line) in input.lines().enumerate() {
@@ -197,6 +223,12 @@ fn writeln_json(
     value: &serde_json::Value,
     path: &Path,
 ) -> Result<(), RunError> {
-    writeln!(out, "{value}")
-        .map_err(|e| RunError::Frontend(format!("cannot write {}: {e}", path.display())))
+    writeln!(out, "{value}").map_err(|source| {
+        FrontendError::Io {
+            what: "write",
+            path: path.to_path_buf(),
+            source,
+        }
+        .into()
+    })
 }

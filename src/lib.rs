@@ -49,7 +49,7 @@ pub enum RunError {
     Start(#[from] supervisor::StartError),
     /// A terminal or batch front end failed.
     #[error("{0}")]
-    Frontend(String),
+    Frontend(#[from] frontends::FrontendError),
     /// The distributed layer could not start (etcd or NATS unreachable, a port taken).
     #[error("{0}")]
     Distributed(#[from] distributed::ClusterError),
@@ -214,7 +214,7 @@ pub async fn start_with(
             } else {
                 let gms = InProcessGms::start(socket.clone(), WEIGHTS_TAG)
                     .await
-                    .map_err(ModelError::MemoryService)?;
+                    .map_err(ModelError::from)?;
                 tracing::info!(socket = %socket.display(), "GPU memory service (host, weights) running in-process");
                 Some(gms)
             };
@@ -289,10 +289,10 @@ pub async fn run(
                 }
             }
             Input::Batch(file) => frontends::batch(&service, &config.model.name, file).await,
-            Input::Endpoint { .. } => Err(RunError::Frontend(
-                "in=dyn://... serves a worker: run it with `dynamix in=dyn://ns.comp.ep out=ENGINE`"
-                    .into(),
-            )),
+            Input::Endpoint { .. } => Err(frontends::FrontendError::Input(
+                "in=dyn://... serves a worker: run it with `dynamix in=dyn://ns.comp.ep out=ENGINE`",
+            )
+            .into()),
         }
     };
     let result = until_escalated(&service, work).await;

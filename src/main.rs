@@ -64,12 +64,14 @@ fn main() -> ExitCode {
             {
                 dynamix::run_worker(config, dynamix::shutdown_signal()).await
             }
-            dynamix::Role::Frontend => Err(dynamix::RunError::Frontend(
-                "a frontend takes requests from in=http, in=text or in=batch:FILE; in=dyn://... makes a worker".into(),
-            )),
-            _ => Err(dynamix::RunError::Frontend(
-                "a worker serves its request plane: use `dynamix worker` or `dynamix in=dyn://ns.comp.ep out=ENGINE`".into(),
-            )),
+            dynamix::Role::Frontend => Err(dynamix::frontends::FrontendError::Input(
+                "a frontend takes requests from in=http, in=text or in=batch:FILE; in=dyn://... makes a worker",
+            )
+            .into()),
+            _ => Err(dynamix::frontends::FrontendError::Input(
+                "a worker serves its request plane: use `dynamix worker` or `dynamix in=dyn://ns.comp.ep out=ENGINE`",
+            )
+            .into()),
         }
     };
     match system.block_on(run) {

@@ -67,8 +67,8 @@ pub enum ModelError {
     #[error("{0}")]
     SharedWeights(#[from] dynamix_actors::engine::model::shared::SharedError),
     /// The in-process memory service could not start.
-    #[error("GPU memory service: {0}")]
-    MemoryService(String),
+    #[error("{0}")]
+    MemoryService(#[from] dynamix_actors::gms::in_process::InProcessError),
     /// The card could not be encoded for etcd.
     #[error("cannot encode the model card: {0}")]
     Encode(#[from] serde_json::Error),

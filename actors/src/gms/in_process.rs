@@ -20,10 +20,34 @@ pub struct InProcessGms {
     pub actor: Addr<GpuMemoryActor>,
 }
 
+/// Why the in-process memory service could not start; the message names the socket.
+#[derive(Debug, thiserror::Error)]
+#[error("in-process GPU memory service at {}: {why}", socket.display())]
+pub struct InProcessError {
+    /// Where it would listen.
+    pub socket: PathBuf,
+    /// What went wrong.
+    pub why: StartFailure,
+}
+
+/// What went wrong starting the in-process memory service.
+#[derive(Debug, thiserror::Error)]
+pub enum StartFailure {
+    /// The host backend could not be opened.
+    #[error(transparent)]
+    Backend(#[from] super::backend::BackendError),
+    /// The socket could not be bound.
+    #[error(transparent)]
+    Server(#[from] super::server::ServerError),
+    /// Its thread did not start, or did not report within 10 s.
+    #[error("the memory service thread did not start")]
+    NotStarted,
+}
+
 impl InProcessGms {
     /// Start a host-backend service for `tag` on `socket`, on its own thread. Must run inside an
     /// actix System.
-    pub async fn start(socket: PathBuf, tag: &str) -> Result<InProcessGms, String> {
+    pub async fn start(socket: PathBuf, tag: &str) -> Result<InProcessGms, InProcessError> {
         let tag = tag.to_string();
         let arbiter = Arbiter::new();
         let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
@@ -38,8 +62,8 @@ impl InProcessGms {
                 alloc_retry_timeout: Some(Duration::from_secs(30)),
             };
             let server = super::backend::open(super::BackendKind::Host, 0, None)
-                .map_err(|e| e.to_string())
-                .and_then(|b| GmsServer::bind(config, b).map_err(|e| e.to_string()));
+                .map_err(StartFailure::from)
+                .and_then(|b| GmsServer::bind(config, b).map_err(StartFailure::from));
             match server {
                 Ok(server) => {
                     let _ = bound_tx.send(Ok(server.actor()));
@@ -54,7 +78,7 @@ impl InProcessGms {
                 }
             }
         });
-        let not_started = || "the memory service thread did not start".to_string();
+        let not_started = || StartFailure::NotStarted;
         let bound = match spawned {
             true => tokio::time::timeout(Duration::from_secs(10), bound_rx)
                 .await
@@ -70,12 +94,9 @@ impl InProcessGms {
                 socket,
                 actor,
             }),
-            Err(e) => {
+            Err(why) => {
                 arbiter.stop();
-                Err(format!(
-                    "in-process GPU memory service at {}: {e}",
-                    socket.display()
-                ))
+                Err(InProcessError { socket, why })
             }
         }
     }
