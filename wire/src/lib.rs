@@ -25,6 +25,23 @@ pub mod watch;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+/// Why a payload codec name is not usable, or a body or item does not decode.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadCodecError {
+    /// `payload_codec` / `request_plane_codec` names a codec this build does not speak.
+    #[error("payload codec {name:?} is not supported (json or msgpack)")]
+    Unsupported {
+        /// The name as given.
+        name: String,
+    },
+    /// The bytes are not the JSON of the expected type.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// The bytes are not the msgpack of the expected type.
+    #[error(transparent)]
+    Msgpack(#[from] rmp_serde::decode::Error),
+}
+
 /// How a request body and its response items are encoded (`payload_codec`, `request_plane_codec`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PayloadCodec {
@@ -37,13 +54,11 @@ pub enum PayloadCodec {
 
 impl PayloadCodec {
     /// The codec a `payload_codec` / `request_plane_codec` value names; `None` and `"json"` are JSON.
-    pub fn parse(name: Option<&str>) -> Result<PayloadCodec, String> {
+    pub fn parse(name: Option<&str>) -> Result<PayloadCodec, PayloadCodecError> {
         match name {
             None | Some("json") => Ok(PayloadCodec::Json),
             Some("msgpack") => Ok(PayloadCodec::Msgpack),
-            Some(other) => Err(format!(
-                "payload codec {other:?} is not supported (json or msgpack)"
-            )),
+            Some(other) => Err(PayloadCodecError::Unsupported { name: other.into() }),
         }
     }
 
@@ -55,7 +70,8 @@ impl PayloadCodec {
         }
     }
 
-    /// Encodes `value`.
+    /// Encodes `value`. The error stays text: dynamix-actors' request path maps it with a
+    /// `String` closure (distributed/remote.rs).
     pub fn encode(self, value: &impl Serialize) -> Result<Vec<u8>, String> {
         match self {
             PayloadCodec::Json => serde_json::to_vec(value).map_err(|e| e.to_string()),
@@ -64,10 +80,10 @@ impl PayloadCodec {
     }
 
     /// Decodes a `T`.
-    pub fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, String> {
-        match self {
-            PayloadCodec::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
-            PayloadCodec::Msgpack => rmp_serde::from_slice(bytes).map_err(|e| e.to_string()),
-        }
+    pub fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, PayloadCodecError> {
+        Ok(match self {
+            PayloadCodec::Json => serde_json::from_slice(bytes)?,
+            PayloadCodec::Msgpack => rmp_serde::from_slice(bytes)?,
+        })
     }
 }

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use tokio_util::codec::Framed;
 
 use crate::codec::messages::{CallHomeHandshake, StreamType};
-use crate::codec::{MessageKind, TwoPartCodec};
+use crate::codec::{MessageKind, TwoPartCodec, TwoPartCodecError};
 
 /// A worker's response connection, past its handshake.
 pub type ResponseConnection = Framed<TcpStream, TwoPartCodec>;
@@ -121,40 +121,83 @@ async fn accept_loop(listener: TcpListener, pending: Pending, max_frame: usize) 
     }
 }
 
-async fn handshake(stream: TcpStream, pending: &Pending, max_frame: usize) -> Result<(), String> {
+/// Why a call-home connection was refused.
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    /// Nothing arrived within [`HANDSHAKE_TIMEOUT`].
+    #[error("no handshake within 5 s")]
+    TimedOut,
+    /// The peer closed the connection first.
+    #[error("closed before its handshake")]
+    Closed,
+    /// The first frame does not decode.
+    #[error("bad handshake frame: {0}")]
+    Frame(#[source] TwoPartCodecError),
+    /// The first frame carries data.
+    #[error("the first frame must be a header-only handshake, got {0:?}")]
+    NotHeaderOnly(MessageKind),
+    /// The header is not a [`CallHomeHandshake`].
+    #[error("handshake is not a CallHomeHandshake: {0}")]
+    Malformed(#[source] serde_json::Error),
+    /// The handshake asks for another kind of stream.
+    #[error("handshake for subject {subject} asks for a {stream_type:?} stream; only response streams are served")]
+    NotResponseStream {
+        /// The subject named.
+        subject: String,
+        /// The kind asked for.
+        stream_type: StreamType,
+    },
+    /// A thread panicked while holding the pending table.
+    #[error("pending table poisoned")]
+    PendingPoisoned,
+    /// The request stopped waiting just before the connection arrived.
+    #[error("subject {subject} was abandoned")]
+    Abandoned {
+        /// The subject named.
+        subject: String,
+    },
+    /// No request waits under the subject.
+    #[error("subject {subject} is not pending (unknown, timed out or already connected)")]
+    NotPending {
+        /// The subject named.
+        subject: String,
+    },
+}
+
+async fn handshake(
+    stream: TcpStream,
+    pending: &Pending,
+    max_frame: usize,
+) -> Result<(), HandshakeError> {
     let _ = stream.set_nodelay(true);
     let mut framed = Framed::new(stream, TwoPartCodec::new(Some(max_frame)));
     let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, framed.next()).await {
-        Err(_) => return Err("no handshake within 5 s".into()),
-        Ok(None) => return Err("closed before its handshake".into()),
-        Ok(Some(Err(e))) => return Err(format!("bad handshake frame: {e}")),
+        Err(_) => return Err(HandshakeError::TimedOut),
+        Ok(None) => return Err(HandshakeError::Closed),
+        Ok(Some(Err(e))) => return Err(HandshakeError::Frame(e)),
         Ok(Some(Ok(frame))) => frame,
     };
     if first.kind() != MessageKind::HeaderOnly {
-        return Err(format!(
-            "the first frame must be a header-only handshake, got {:?}",
-            first.kind()
-        ));
+        return Err(HandshakeError::NotHeaderOnly(first.kind()));
     }
-    let handshake: CallHomeHandshake = serde_json::from_slice(first.header())
-        .map_err(|e| format!("handshake is not a CallHomeHandshake: {e}"))?;
+    let handshake: CallHomeHandshake =
+        serde_json::from_slice(first.header()).map_err(HandshakeError::Malformed)?;
     if handshake.stream_type != StreamType::Response {
-        return Err(format!(
-            "handshake for subject {} asks for a {:?} stream; only response streams are served",
-            handshake.subject, handshake.stream_type
-        ));
+        return Err(HandshakeError::NotResponseStream {
+            subject: handshake.subject,
+            stream_type: handshake.stream_type,
+        });
     }
     let waiter = pending
         .lock()
-        .map_err(|_| "pending table poisoned".to_string())?
+        .map_err(|_| HandshakeError::PendingPoisoned)?
         .remove(&handshake.subject);
     match waiter {
-        Some(tx) => tx
-            .send(framed)
-            .map_err(|_| format!("subject {} was abandoned", handshake.subject)),
-        None => Err(format!(
-            "subject {} is not pending (unknown, timed out or already connected)",
-            handshake.subject
-        )),
+        Some(tx) => tx.send(framed).map_err(|_| HandshakeError::Abandoned {
+            subject: handshake.subject,
+        }),
+        None => Err(HandshakeError::NotPending {
+            subject: handshake.subject,
+        }),
     }
 }

@@ -66,7 +66,7 @@ pub fn accept_as<B: serde::de::DeserializeOwned>(payload: &Bytes) -> Result<Acce
                 .decode::<B>(message.data())
                 .map_err(|e| format!("cannot decode the request body ({}): {e}", codec.name())),
         ),
-        Err(e) => (PayloadCodec::Json, Err(e)),
+        Err(e) => (PayloadCodec::Json, Err(e.to_string())),
     };
     Ok(Accepted {
         id: control.id,

@@ -31,7 +31,27 @@ mod respond;
 
 pub use accept::{accept, accept_as, Accepted};
 use respond::respond;
-pub use respond::{dial, header_frame};
+pub use respond::{dial, header_frame, DialError};
+
+/// Why an endpoint could not be registered or moved.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    /// A thread panicked while holding the table of endpoints.
+    #[error("endpoint table poisoned")]
+    TablePoisoned,
+    /// Another handler already serves the path.
+    #[error("endpoint {path} is already served by this process")]
+    AlreadyServed {
+        /// The endpoint path.
+        path: String,
+    },
+    /// No handler serves the path.
+    #[error("endpoint {path} is not served by this process")]
+    NotServed {
+        /// The endpoint path.
+        path: String,
+    },
+}
 
 /// Cancellation state of one request, shared by the transport (which sets it on `stop`/`kill` or
 /// a lost requester) and the handler (which reads it, or waits for it).
@@ -270,13 +290,13 @@ impl EndpointServer {
         &self,
         path: &str,
         handler: Arc<dyn Handler>,
-    ) -> Result<Arc<EndpointState>, String> {
+    ) -> Result<Arc<EndpointState>, EndpointError> {
         let mut table = self
             .table
             .lock()
-            .map_err(|_| "endpoint table poisoned".to_string())?;
+            .map_err(|_| EndpointError::TablePoisoned)?;
         if table.contains_key(path) {
-            return Err(format!("endpoint {path} is already served by this process"));
+            return Err(EndpointError::AlreadyServed { path: path.into() });
         }
         let state = Arc::new(EndpointState::default());
         table.insert(
@@ -298,17 +318,17 @@ impl EndpointServer {
 
     /// Serve what `old` served under `new` instead (the instance id in the path changed); its
     /// state and handler stay. An error when `old` is not served or `new` already is.
-    pub fn rename(&self, old: &str, new: &str) -> Result<(), String> {
+    pub fn rename(&self, old: &str, new: &str) -> Result<(), EndpointError> {
         let mut table = self
             .table
             .lock()
-            .map_err(|_| "endpoint table poisoned".to_string())?;
+            .map_err(|_| EndpointError::TablePoisoned)?;
         if table.contains_key(new) {
-            return Err(format!("endpoint {new} is already served by this process"));
+            return Err(EndpointError::AlreadyServed { path: new.into() });
         }
         let served = table
             .remove(old)
-            .ok_or_else(|| format!("endpoint {old} is not served by this process"))?;
+            .ok_or_else(|| EndpointError::NotServed { path: old.into() })?;
         table.insert(new.to_string(), served);
         Ok(())
     }

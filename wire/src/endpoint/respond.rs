@@ -19,8 +19,27 @@ use crate::codec::{MessageKind, TwoPartCodec, TwoPartMessage};
 use crate::error::DynamoError;
 use crate::PayloadCodec;
 
+/// Why the requester could not be dialled back.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// The connection failed.
+    #[error("cannot connect to {address}: {source}")]
+    Connect {
+        /// The requester's call-home address.
+        address: String,
+        /// The connect error.
+        source: std::io::Error,
+    },
+    /// No connection within the connect timeout.
+    #[error("connecting to {address} timed out")]
+    TimedOut {
+        /// The requester's call-home address.
+        address: String,
+    },
+}
+
 /// Dial back to the requester (retrying while the local address is not yet available).
-pub async fn dial(address: &str, timeout: Duration) -> Result<TcpStream, String> {
+pub async fn dial(address: &str, timeout: Duration) -> Result<TcpStream, DialError> {
     let attempt = async {
         loop {
             match TcpStream::connect(address).await {
@@ -28,13 +47,20 @@ pub async fn dial(address: &str, timeout: Duration) -> Result<TcpStream, String>
                 Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
                     tokio::time::sleep(Duration::from_millis(200)).await
                 }
-                Err(e) => return Err(format!("cannot connect to {address}: {e}")),
+                Err(source) => {
+                    return Err(DialError::Connect {
+                        address: address.into(),
+                        source,
+                    })
+                }
             }
         }
     };
     tokio::time::timeout(timeout, attempt)
         .await
-        .map_err(|_| format!("connecting to {address} timed out"))?
+        .map_err(|_| DialError::TimedOut {
+            address: address.into(),
+        })?
 }
 
 /// A header-only frame carrying `value` as JSON.
@@ -42,6 +68,7 @@ pub fn header_frame(value: &impl serde::Serialize) -> TwoPartMessage {
     TwoPartMessage::header_only(Bytes::from(serde_json::to_vec(value).unwrap_or_default()))
 }
 
+/// The error is [`PayloadCodec::encode`]'s text.
 fn data_frame(codec: PayloadCodec, item: &Value) -> Result<TwoPartMessage, String> {
     codec
         .encode(item)
