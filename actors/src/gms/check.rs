@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use super::backend::{self, BackendKind};
-use super::client::{self, GmsClient};
+use super::backend::{self, BackendError, BackendKind};
+use super::client::{self, ClientError, GmsClient};
 use super::protocol::RequestedLockType;
 
 /// Metadata key prefix under which the writer records its pattern seed for the reader.
@@ -16,6 +16,50 @@ pub const SEED_KEY: &str = "dynamix.gms.check.seed";
 
 /// Copy size between host buffers and mappings.
 const CHUNK: usize = 1 << 20;
+
+/// Why a write or read check failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// The server refused or failed a call (lock, allocate, export, metadata, commit, state).
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// An exported allocation could not be mapped.
+    #[error("map allocation {index}: {source}")]
+    Map {
+        /// The allocation's position.
+        index: u64,
+        /// The backend's error.
+        source: BackendError,
+    },
+    /// Writing the pattern into a mapping failed.
+    #[error("write allocation {index}: {source}")]
+    Write {
+        /// The allocation's position.
+        index: u64,
+        /// The backend's error.
+        source: BackendError,
+    },
+    /// Reading a mapping back failed.
+    #[error("read allocation {index}: {source}")]
+    Read {
+        /// The allocation's position.
+        index: u64,
+        /// The backend's error.
+        source: BackendError,
+    },
+    /// The writer recorded no usable seed for the allocation.
+    #[error("allocation {index} has no {SEED_KEY} metadata")]
+    MissingSeed {
+        /// The allocation's position.
+        index: u64,
+    },
+    /// The bytes read are not the pattern.
+    #[error("{bytes} bytes differ from the pattern the writer recorded")]
+    Mismatch {
+        /// How many bytes differ.
+        bytes: u64,
+    },
+}
 
 /// What to write.
 #[derive(Debug, Clone, Copy)]
@@ -64,42 +108,35 @@ pub fn write_pattern(
     device: u32,
     plan: WritePlan,
     lock_timeout: Option<Duration>,
-) -> Result<CheckReport, String> {
-    let mut session = GmsClient::connect(socket, RequestedLockType::Rw, lock_timeout)
-        .map_err(|e| e.to_string())?;
+) -> Result<CheckReport, CheckError> {
+    let mut session = GmsClient::connect(socket, RequestedLockType::Rw, lock_timeout)?;
     let mut digest = Sha256::new();
     for index in 0..plan.count as u64 {
-        let info = session
-            .allocate(plan.bytes, "dynamix-gms-check")
-            .map_err(|e| e.to_string())?;
-        let (_, fd) = session
-            .export(&info.allocation_id)
-            .map_err(|e| e.to_string())?;
+        let info = session.allocate(plan.bytes, "dynamix-gms-check")?;
+        let (_, fd) = session.export(&info.allocation_id)?;
         let mut mapping = backend::map_exported(kind, device, fd, info.aligned_size, true)
-            .map_err(|e| format!("map allocation {index}: {e}"))?;
+            .map_err(|source| CheckError::Map { index, source })?;
         let mut offset = 0u64;
         while offset < info.size {
             let len = CHUNK.min((info.size - offset) as usize);
             let chunk = pattern_chunk(plan.seed, index, offset, len);
             mapping
                 .write(offset, &chunk)
-                .map_err(|e| format!("write allocation {index}: {e}"))?;
+                .map_err(|source| CheckError::Write { index, source })?;
             digest.update(&chunk);
             offset += len as u64;
         }
         // Unmap before commit, as Dynamo's client does.
         drop(mapping);
-        session
-            .metadata_put(
-                &format!("{SEED_KEY}.{index}"),
-                &info.allocation_id,
-                0,
-                plan.seed.to_string().as_bytes(),
-            )
-            .map_err(|e| e.to_string())?;
+        session.metadata_put(
+            &format!("{SEED_KEY}.{index}"),
+            &info.allocation_id,
+            0,
+            plan.seed.to_string().as_bytes(),
+        )?;
     }
-    session.commit().map_err(|e| e.to_string())?;
-    let state = client::runtime_state(socket).map_err(|e| e.to_string())?;
+    session.commit()?;
+    let state = client::runtime_state(socket)?;
     Ok(CheckReport {
         allocations: plan.count as usize,
         layout_hash: state.memory_layout_hash,
@@ -115,36 +152,32 @@ pub fn read_pattern(
     device: u32,
     expect_hash: Option<&str>,
     lock_timeout: Option<Duration>,
-) -> Result<CheckReport, String> {
-    let mut session = GmsClient::connect(socket, RequestedLockType::Ro, lock_timeout)
-        .map_err(|e| e.to_string())?;
+) -> Result<CheckReport, CheckError> {
+    let mut session = GmsClient::connect(socket, RequestedLockType::Ro, lock_timeout)?;
     if let Some(expected) = expect_hash {
-        session.verify_layout(expected).map_err(|e| e.to_string())?;
+        session.verify_layout(expected)?;
     }
-    let layout_hash = session.layout_hash().map_err(|e| e.to_string())?;
-    let allocations = session.list_allocations(None).map_err(|e| e.to_string())?;
+    let layout_hash = session.layout_hash()?;
+    let allocations = session.list_allocations(None)?;
     let mut digest = Sha256::new();
     let mut mismatches = 0u64;
     let mut buffer = vec![0u8; CHUNK];
-    for (index, info) in allocations.iter().enumerate() {
+    for (index, info) in (0u64..).zip(&allocations) {
         let seed = session
-            .metadata_get(&format!("{SEED_KEY}.{index}"))
-            .map_err(|e| e.to_string())?
+            .metadata_get(&format!("{SEED_KEY}.{index}"))?
             .and_then(|m| String::from_utf8(m.value).ok())
             .and_then(|s| s.parse::<u64>().ok())
-            .ok_or_else(|| format!("allocation {index} has no {SEED_KEY} metadata"))?;
-        let (_, fd) = session
-            .export(&info.allocation_id)
-            .map_err(|e| e.to_string())?;
+            .ok_or(CheckError::MissingSeed { index })?;
+        let (_, fd) = session.export(&info.allocation_id)?;
         let mapping = backend::map_exported(kind, device, fd, info.aligned_size, false)
-            .map_err(|e| format!("map allocation {index}: {e}"))?;
+            .map_err(|source| CheckError::Map { index, source })?;
         let mut offset = 0u64;
         while offset < info.size {
             let len = CHUNK.min((info.size - offset) as usize);
             mapping
                 .read(offset, &mut buffer[..len])
-                .map_err(|e| format!("read allocation {index}: {e}"))?;
-            let expected = pattern_chunk(seed, index as u64, offset, len);
+                .map_err(|source| CheckError::Read { index, source })?;
+            let expected = pattern_chunk(seed, index, offset, len);
             mismatches += expected
                 .iter()
                 .zip(&buffer[..len])
@@ -155,13 +188,33 @@ pub fn read_pattern(
         }
     }
     if mismatches > 0 {
-        return Err(format!(
-            "{mismatches} bytes differ from the pattern the writer recorded"
-        ));
+        return Err(CheckError::Mismatch { bytes: mismatches });
     }
     Ok(CheckReport {
         allocations: allocations.len(),
         layout_hash,
         digest: hex(&digest.finalize()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_errors_name_the_allocation_and_the_key() {
+        assert_eq!(
+            CheckError::MissingSeed { index: 3 }.to_string(),
+            "allocation 3 has no dynamix.gms.check.seed metadata"
+        );
+        let read = CheckError::Read {
+            index: 1,
+            source: BackendError::Failed("short read".into()),
+        };
+        assert_eq!(read.to_string(), "read allocation 1: short read");
+        assert_eq!(
+            CheckError::Mismatch { bytes: 7 }.to_string(),
+            "7 bytes differ from the pattern the writer recorded"
+        );
+    }
 }

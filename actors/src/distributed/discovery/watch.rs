@@ -302,26 +302,97 @@ impl Watcher {
     }
 }
 
+/// Why a key or value under the instance prefix is not an instance's record.
+#[derive(Debug, thiserror::Error)]
+enum RecordError {
+    /// The key is not UTF-8.
+    #[error("key is not UTF-8: {0}")]
+    KeyNotUtf8(#[source] std::str::Utf8Error),
+    /// The key does not start with the watched prefix.
+    #[error("key is not under {prefix}")]
+    OutsidePrefix {
+        /// The watched prefix.
+        prefix: String,
+    },
+    /// The part after the prefix is not a hex id.
+    #[error("key suffix {suffix:?} is not a hex instance id: {source}")]
+    BadInstanceId {
+        /// The part after the prefix.
+        suffix: String,
+        /// The parser's error.
+        source: std::num::ParseIntError,
+    },
+    /// The value is not the JSON of an [`Instance`].
+    #[error("value is not an instance record: {0}")]
+    NotAnInstance(#[source] serde_json::Error),
+    /// The record names another instance than its key.
+    #[error("record says instance_id {record:x} but the key says {key:x}")]
+    IdMismatch {
+        /// The id in the record.
+        record: u64,
+        /// The id in the key.
+        key: u64,
+    },
+}
+
 /// The instance id in a key: the hex suffix after the prefix.
-fn instance_id_of_key(prefix: &str, key: &[u8]) -> Result<u64, String> {
-    let key = std::str::from_utf8(key).map_err(|e| format!("key is not UTF-8: {e}"))?;
+fn instance_id_of_key(prefix: &str, key: &[u8]) -> Result<u64, RecordError> {
+    let key = std::str::from_utf8(key).map_err(RecordError::KeyNotUtf8)?;
     let suffix = key
         .strip_prefix(prefix)
-        .ok_or_else(|| format!("key is not under {prefix}"))?;
-    u64::from_str_radix(suffix, 16)
-        .map_err(|e| format!("key suffix {suffix:?} is not a hex instance id: {e}"))
+        .ok_or_else(|| RecordError::OutsidePrefix {
+            prefix: prefix.into(),
+        })?;
+    u64::from_str_radix(suffix, 16).map_err(|source| RecordError::BadInstanceId {
+        suffix: suffix.into(),
+        source,
+    })
 }
 
 /// A record under the prefix: its JSON must be an [`Instance`] whose id matches the key.
-fn parse_record(prefix: &str, key: &[u8], value: &[u8]) -> Result<Instance, String> {
+fn parse_record(prefix: &str, key: &[u8], value: &[u8]) -> Result<Instance, RecordError> {
     let id = instance_id_of_key(prefix, key)?;
-    let instance: Instance = serde_json::from_slice(value)
-        .map_err(|e| format!("value is not an instance record: {e}"))?;
+    let instance: Instance = serde_json::from_slice(value).map_err(RecordError::NotAnInstance)?;
     if instance.instance_id != id {
-        return Err(format!(
-            "record says instance_id {:x} but the key says {id:x}",
-            instance.instance_id
-        ));
+        return Err(RecordError::IdMismatch {
+            record: instance.instance_id,
+            key: id,
+        });
     }
     Ok(instance)
+}
+
+#[cfg(test)]
+mod record_tests {
+    use super::*;
+
+    #[test]
+    fn bad_keys_and_records_are_named() {
+        let prefix = "v1/instances/ns/comp/ep/";
+        let error = |key: &str, value: &[u8]| {
+            parse_record(prefix, key.as_bytes(), value)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            error("v1/other/1", b"{}"),
+            format!("key is not under {prefix}")
+        );
+        assert!(error(&format!("{prefix}xyz"), b"{}")
+            .starts_with("key suffix \"xyz\" is not a hex instance id: "));
+        assert!(
+            error(&format!("{prefix}1f"), b"[]").starts_with("value is not an instance record: ")
+        );
+        let record =
+            Instance::endpoint("ns", "comp", "ep", 0x2a, "127.0.0.1:1", Default::default());
+        let value = serde_json::to_vec(&record).unwrap();
+        assert_eq!(
+            error(&format!("{prefix}1f"), &value),
+            "record says instance_id 2a but the key says 1f"
+        );
+        assert_eq!(
+            parse_record(prefix, format!("{prefix}2a").as_bytes(), &value).unwrap(),
+            record
+        );
+    }
 }

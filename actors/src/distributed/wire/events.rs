@@ -25,6 +25,35 @@ pub fn subject_prefix(namespace: &str, component: &str, endpoint: &str) -> Strin
     format!("namespace.{namespace}.component.{component}.endpoint.{endpoint}")
 }
 
+/// Why an event-plane message or registration record could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    /// The envelope could not be encoded.
+    #[error(transparent)]
+    Encode(#[from] rmp_serde::encode::Error),
+    /// The bytes are not a msgpack envelope.
+    #[error("not an event envelope: {0}")]
+    NotAnEnvelope(#[source] rmp_serde::decode::Error),
+    /// The payload is not the topic's type.
+    #[error("{topic} payload from publisher {publisher_id:x}: {source}")]
+    Payload {
+        /// The envelope's topic.
+        topic: String,
+        /// The publisher.
+        publisher_id: u64,
+        /// The decoder's error.
+        source: rmp_serde::decode::Error,
+    },
+    /// An etcd record could not be encoded.
+    #[error("{source}")]
+    Record {
+        /// The key it was meant for.
+        key: String,
+        /// The serializer's error.
+        source: serde_json::Error,
+    },
+}
+
 /// One message on the event plane.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EventEnvelope {
@@ -43,22 +72,21 @@ pub struct EventEnvelope {
 
 impl EventEnvelope {
     /// Encodes the envelope (msgpack).
-    pub fn encode(&self) -> Result<Vec<u8>, String> {
-        rmp_serde::to_vec_named(self).map_err(|e| e.to_string())
+    pub fn encode(&self) -> Result<Vec<u8>, EventError> {
+        Ok(rmp_serde::to_vec_named(self)?)
     }
 
     /// Decodes an envelope.
-    pub fn decode(bytes: &[u8]) -> Result<EventEnvelope, String> {
-        rmp_serde::from_slice(bytes).map_err(|e| format!("not an event envelope: {e}"))
+    pub fn decode(bytes: &[u8]) -> Result<EventEnvelope, EventError> {
+        rmp_serde::from_slice(bytes).map_err(EventError::NotAnEnvelope)
     }
 
     /// Decodes the payload as a `T`.
-    pub fn payload<T: serde::de::DeserializeOwned>(&self) -> Result<T, String> {
-        rmp_serde::from_slice(&self.payload).map_err(|e| {
-            format!(
-                "{} payload from publisher {:x}: {e}",
-                self.topic, self.publisher_id
-            )
+    pub fn payload<T: serde::de::DeserializeOwned>(&self) -> Result<T, EventError> {
+        rmp_serde::from_slice(&self.payload).map_err(|source| EventError::Payload {
+            topic: self.topic.clone(),
+            publisher_id: self.publisher_id,
+            source,
         })
     }
 }
@@ -178,7 +206,7 @@ pub fn registration_records(
     publisher_id: u64,
     worker_id: u64,
     topics: &[&str],
-) -> Result<Vec<(String, Vec<u8>)>, String> {
+) -> Result<Vec<(String, Vec<u8>)>, EventError> {
     let id = EndpointId {
         namespace: namespace.into(),
         component: component.into(),
@@ -203,10 +231,9 @@ pub fn registration_records(
                 }),
             },
         };
-        records.push((
-            format!("v1/event_channels/{base}/{topic}/{publisher_id:x}"),
-            serde_json::to_vec(&channel).map_err(|e| e.to_string())?,
-        ));
+        let key = format!("v1/event_channels/{base}/{topic}/{publisher_id:x}");
+        let value = record_bytes(&key, &channel)?;
+        records.push((key, value));
     }
     if topics.contains(&KV_EVENTS) {
         let source = EventSourceRecord {
@@ -223,10 +250,17 @@ pub fn registration_records(
                 publisher_id,
             },
         };
-        records.push((
-            format!("v1/event_sources/{base}/{KV_EVENTS}/{publisher_id:x}"),
-            serde_json::to_vec(&source).map_err(|e| e.to_string())?,
-        ));
+        let key = format!("v1/event_sources/{base}/{KV_EVENTS}/{publisher_id:x}");
+        let value = record_bytes(&key, &source)?;
+        records.push((key, value));
     }
     Ok(records)
+}
+
+/// The JSON of the record meant for `key`.
+fn record_bytes(key: &str, record: &impl Serialize) -> Result<Vec<u8>, EventError> {
+    serde_json::to_vec(record).map_err(|source| EventError::Record {
+        key: key.into(),
+        source,
+    })
 }
