@@ -242,11 +242,60 @@ pub struct Io {
     pub discover: bool,
 }
 
+/// Why `in=`, `out=` or a flag of `dynamix serve` cannot be used (exit status 2).
+#[derive(Debug, thiserror::Error)]
+pub enum ArgsError {
+    /// `in=` names an endpoint without the `dyn://` scheme.
+    #[error("`in={url}`: an endpoint is written dyn://namespace.component.endpoint")]
+    EndpointScheme {
+        /// The value of `in=`.
+        url: String,
+    },
+    /// `in=dyn://...` does not have three valid names.
+    #[error(
+        "`in={url}`: expected dyn://namespace.component.endpoint with three names of [a-z0-9-_]"
+    )]
+    EndpointNames {
+        /// The value of `in=`.
+        url: String,
+    },
+    /// `in=batch:` without a file.
+    #[error("in=batch:FILE needs a file name")]
+    BatchWithoutFile,
+    /// `in=` names no input.
+    #[error("unknown input `in={value}`: expected in=http, in=text, in=batch:FILE or in=dyn://namespace.component.endpoint")]
+    UnknownInput {
+        /// The value of `in=`.
+        value: String,
+    },
+    /// `out=` names no engine of this build.
+    #[error("unknown or unavailable engine `out={value}`: this build has out=model, out=mocker, out=echo, out=echo_full, out=echo_core and out=auto (route to discovered workers)")]
+    UnknownEngine {
+        /// The value of `out=`.
+        value: String,
+    },
+    /// A positional argument that is neither `in=` nor `out=`.
+    #[error("unexpected argument `{arg}`: expected in=..., out=... or a --flag (see --help)")]
+    UnexpectedArgument {
+        /// The argument.
+        arg: String,
+    },
+    /// `in=dyn://...` together with `out=auto`.
+    #[error("`in=dyn://...` serves an engine as a worker and `out=auto` routes to workers: pick one (out=mocker, out=model, ...)")]
+    WorkerAndFrontend,
+    /// `--kv-cache-block-size` does not fit the config's integer.
+    #[error("--kv-cache-block-size {size} is too large")]
+    BlockSizeTooLarge {
+        /// The value given.
+        size: u64,
+    },
+}
+
 /// `dyn://ns.comp.ep` → its three names (each non-empty, `[a-z0-9-_]`).
-fn parse_endpoint(url: &str) -> Result<Input, String> {
-    let rest = url.strip_prefix("dyn://").ok_or_else(|| {
-        format!("`in={url}`: an endpoint is written dyn://namespace.component.endpoint")
-    })?;
+fn parse_endpoint(url: &str) -> Result<Input, ArgsError> {
+    let rest = url
+        .strip_prefix("dyn://")
+        .ok_or_else(|| ArgsError::EndpointScheme { url: url.into() })?;
     let parts: Vec<&str> = rest.split('.').collect();
     let valid = |p: &str| {
         !p.is_empty()
@@ -259,15 +308,13 @@ fn parse_endpoint(url: &str) -> Result<Input, String> {
             component: component.to_string(),
             endpoint: endpoint.to_string(),
         }),
-        _ => Err(format!(
-            "`in={url}`: expected dyn://namespace.component.endpoint with three names of [a-z0-9-_]"
-        )),
+        _ => Err(ArgsError::EndpointNames { url: url.into() }),
     }
 }
 
 impl ServeArgs {
     /// Split `in=` / `out=` and the flags into the input and config overrides.
-    pub fn resolve(&self) -> Result<(Io, Overrides), String> {
+    pub fn resolve(&self) -> Result<(Io, Overrides), ArgsError> {
         let mut input = Input::Http;
         let mut engine_kind = None;
         let mut discover = false;
@@ -279,15 +326,15 @@ impl ServeArgs {
                     v if v.starts_with("batch:") => {
                         let path = &v["batch:".len()..];
                         if path.is_empty() {
-                            return Err("in=batch:FILE needs a file name".into());
+                            return Err(ArgsError::BatchWithoutFile);
                         }
                         Input::Batch(PathBuf::from(path))
                     }
                     v if v.starts_with("dyn://") => parse_endpoint(v)?,
                     other => {
-                        return Err(format!(
-                        "unknown input `in={other}`: expected in=http, in=text, in=batch:FILE or in=dyn://namespace.component.endpoint"
-                    ))
+                        return Err(ArgsError::UnknownInput {
+                            value: other.into(),
+                        })
                     }
                 };
             } else if let Some(value) = arg.strip_prefix("out=") {
@@ -297,20 +344,17 @@ impl ServeArgs {
                     }
                     "auto" => discover = true,
                     other => {
-                        return Err(format!(
-                            "unknown or unavailable engine `out={other}`: this build has out=model, out=mocker, out=echo, out=echo_full, out=echo_core and out=auto (route to discovered workers)"
-                        ))
+                        return Err(ArgsError::UnknownEngine {
+                            value: other.into(),
+                        })
                     }
                 }
             } else {
-                return Err(format!("unexpected argument `{arg}`: expected in=..., out=... or a --flag (see --help)"));
+                return Err(ArgsError::UnexpectedArgument { arg: arg.clone() });
             }
         }
         if discover && matches!(input, Input::Endpoint { .. }) {
-            return Err(
-                "`in=dyn://...` serves an engine as a worker and `out=auto` routes to workers: pick one (out=mocker, out=model, ...)"
-                    .into(),
-            );
+            return Err(ArgsError::WorkerAndFrontend);
         }
         let mut settings = Vec::new();
         let mut set = |key: &str, value: toml::Value, flag: &str| {
@@ -373,8 +417,7 @@ impl ServeArgs {
             );
         }
         if let Some(size) = self.kv_cache_block_size {
-            let value = i64::try_from(size)
-                .map_err(|_| format!("--kv-cache-block-size {size} is too large"))?;
+            let value = i64::try_from(size).map_err(|_| ArgsError::BlockSizeTooLarge { size })?;
             set(
                 "router.kv_cache_block_size",
                 toml::Value::Integer(value),
@@ -413,7 +456,7 @@ impl ServeArgs {
 mod tests {
     use super::*;
 
-    fn resolve(io: &[&str]) -> Result<(Io, Overrides), String> {
+    fn resolve(io: &[&str]) -> Result<(Io, Overrides), ArgsError> {
         ServeArgs {
             io: io.iter().map(|s| s.to_string()).collect(),
             ..ServeArgs::default()
@@ -455,7 +498,7 @@ mod tests {
             (&["in=dyn://a.b.c", "out=auto"][..], "pick one"),
             (&["out=zmq"][..], "out=auto"),
         ] {
-            let error = resolve(bad).unwrap_err();
+            let error = resolve(bad).unwrap_err().to_string();
             assert!(error.contains(named), "{bad:?}: {error}");
         }
     }

@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use dynamix_actors::gms::backend::{self, BackendKind};
-use dynamix_actors::gms::check::{self, CheckReport, WritePlan};
-use dynamix_actors::gms::client;
+use dynamix_actors::gms::check::{self, CheckError, CheckReport, WritePlan};
+use dynamix_actors::gms::client::{self, ClientError};
 use dynamix_actors::gms::{default_socket_path, GmsConfig, GmsServer};
 
 use crate::cli::{GmsAction, GmsArgs, GmsClientArgs, GmsServerArgs};
@@ -38,13 +38,30 @@ fn failure(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(1)
 }
 
-fn seconds(name: &str, value: f64) -> Result<Duration, String> {
+/// Why a `dynamix gms` argument or client action failed.
+#[derive(Debug, thiserror::Error)]
+enum GmsError {
+    /// A duration flag is not a usable number of seconds (exit status 2).
+    #[error("--{flag} must be a positive number of seconds, got {value}")]
+    Seconds {
+        /// The flag without its dashes.
+        flag: &'static str,
+        /// The value given.
+        value: f64,
+    },
+    /// The write or read check failed.
+    #[error(transparent)]
+    Check(#[from] CheckError),
+    /// The server could not be asked for its state.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+fn seconds(flag: &'static str, value: f64) -> Result<Duration, GmsError> {
     if value.is_finite() && value > 0.0 && value < 1e9 {
         Ok(Duration::from_secs_f64(value))
     } else {
-        Err(format!(
-            "--{name} must be a positive number of seconds, got {value}"
-        ))
+        Err(GmsError::Seconds { flag, value })
     }
 }
 
@@ -148,7 +165,7 @@ fn serve(args: GmsServerArgs) -> ExitCode {
 
 fn client_action(
     args: GmsClientArgs,
-    action: fn(&GmsClientArgs, BackendKind) -> Result<(), String>,
+    action: fn(&GmsClientArgs, BackendKind) -> Result<(), GmsError>,
 ) -> ExitCode {
     let kind: BackendKind = match args.backend.parse() {
         Ok(kind) => kind,
@@ -170,7 +187,7 @@ fn print_report(report: &CheckReport) {
     println!("digest={}", report.digest);
 }
 
-fn write(args: &GmsClientArgs, kind: BackendKind) -> Result<(), String> {
+fn write(args: &GmsClientArgs, kind: BackendKind) -> Result<(), GmsError> {
     let plan = WritePlan {
         bytes: args.bytes,
         count: args.count,
@@ -181,7 +198,7 @@ fn write(args: &GmsClientArgs, kind: BackendKind) -> Result<(), String> {
     Ok(())
 }
 
-fn read(args: &GmsClientArgs, kind: BackendKind) -> Result<(), String> {
+fn read(args: &GmsClientArgs, kind: BackendKind) -> Result<(), GmsError> {
     let report = check::read_pattern(
         &args.socket,
         kind,
@@ -194,8 +211,8 @@ fn read(args: &GmsClientArgs, kind: BackendKind) -> Result<(), String> {
     Ok(())
 }
 
-fn state(args: &GmsClientArgs, _kind: BackendKind) -> Result<(), String> {
-    let state = client::runtime_state(&args.socket).map_err(|e| e.to_string())?;
+fn state(args: &GmsClientArgs, _kind: BackendKind) -> Result<(), GmsError> {
+    let state = client::runtime_state(&args.socket)?;
     println!(
         "state={} has_rw_session={} ro_session_count={} waiting_writers={} committed={} is_ready={}",
         state.lock.state,
@@ -207,7 +224,7 @@ fn state(args: &GmsClientArgs, _kind: BackendKind) -> Result<(), String> {
     );
     println!("allocation_count={}", state.allocation_count);
     println!("layout_hash={}", state.memory_layout_hash);
-    let events = client::event_history(&args.socket).map_err(|e| e.to_string())?;
+    let events = client::event_history(&args.socket)?;
     let kinds: Vec<String> = events
         .iter()
         .map(|e| format!("{}:{}", e.kind, e.allocation_count))
