@@ -16,6 +16,91 @@ use tokio::sync::watch;
 /// How long a failed etcd watch waits before re-listing.
 const RETRY: Duration = Duration::from_secs(1);
 
+/// Why the etcd store could not connect or change a key. (Display by hand: this crate does not
+/// depend on thiserror.)
+#[derive(Debug)]
+pub enum StoreError {
+    /// No endpoint answered.
+    Connect {
+        /// The endpoints, comma-separated.
+        endpoints: String,
+        /// The client's error.
+        source: etcd::Error,
+    },
+    /// Connecting and granting the lease took longer than the connect timeout.
+    ConnectTimeout {
+        /// The endpoints, comma-separated.
+        endpoints: String,
+        /// The connect timeout.
+        timeout: Duration,
+    },
+    /// etcd did not grant the primary lease.
+    Lease {
+        /// The endpoints, comma-separated.
+        endpoints: String,
+        /// etcd's error.
+        source: etcd::Error,
+    },
+    /// A put failed.
+    Put {
+        /// The key.
+        key: String,
+        /// etcd's error.
+        source: etcd::Error,
+    },
+    /// A delete failed.
+    Delete {
+        /// The key.
+        key: String,
+        /// etcd's error.
+        source: etcd::Error,
+    },
+    /// The first listing of a prefix did not come in (the text names the prefix).
+    Watch {
+        /// The prefix.
+        prefix: String,
+        /// [`dynamix_wire::watch::watch_prefix`]'s text.
+        message: String,
+    },
+    /// Revoking the primary lease failed.
+    Revoke(etcd::Error),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Connect { endpoints, source } => {
+                write!(f, "cannot connect to etcd at {endpoints}: {source}")
+            }
+            StoreError::ConnectTimeout { endpoints, timeout } => write!(
+                f,
+                "cannot connect to etcd at {endpoints}: no answer within {:.1} s",
+                timeout.as_secs_f64()
+            ),
+            StoreError::Lease { endpoints, source } => {
+                write!(f, "etcd at {endpoints} refused a lease: {source}")
+            }
+            StoreError::Put { key, source } => write!(f, "etcd put {key}: {source}"),
+            StoreError::Delete { key, source } => write!(f, "etcd delete {key}: {source}"),
+            StoreError::Watch { message, .. } => f.write_str(message),
+            StoreError::Revoke(source) => write!(f, "etcd lease revoke: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StoreError::Connect { source, .. }
+            | StoreError::Lease { source, .. }
+            | StoreError::Put { source, .. }
+            | StoreError::Delete { source, .. }
+            | StoreError::Revoke(source) => Some(source),
+            StoreError::ConnectTimeout { .. } | StoreError::Watch { .. } => None,
+        }
+    }
+}
+
 /// The `mem` backend: one per process.
 #[derive(Default)]
 pub struct MemStore {
@@ -111,7 +196,7 @@ impl EtcdStore {
         endpoints: &[String],
         ttl: i64,
         connect_timeout: Duration,
-    ) -> Result<EtcdStore, String> {
+    ) -> Result<EtcdStore, StoreError> {
         let options = etcd::ConnectOptions {
             connect_timeout,
             ..etcd::ConnectOptions::default()
@@ -120,21 +205,25 @@ impl EtcdStore {
         let attempt = async {
             let mut client = Client::connect(endpoints, &options)
                 .await
-                .map_err(|e| format!("cannot connect to etcd at {listed}: {e}"))?;
+                .map_err(|source| StoreError::Connect {
+                    endpoints: listed.clone(),
+                    source,
+                })?;
             let lease = client
                 .lease_grant(ttl)
                 .await
-                .map_err(|e| format!("etcd at {listed} refused a lease: {e}"))?
+                .map_err(|source| StoreError::Lease {
+                    endpoints: listed.clone(),
+                    source,
+                })?
                 .id;
-            Ok::<_, String>((client, lease))
+            Ok((client, lease))
         };
         let (client, lease) = tokio::time::timeout(connect_timeout, attempt)
             .await
-            .map_err(|_| {
-                format!(
-                    "cannot connect to etcd at {listed}: no answer within {:.1} s",
-                    connect_timeout.as_secs_f64()
-                )
+            .map_err(|_| StoreError::ConnectTimeout {
+                endpoints: listed.clone(),
+                timeout: connect_timeout,
             })??;
         let current = Arc::new(std::sync::atomic::AtomicI64::new(lease));
         let (announce, leases) = watch::channel(lease);
@@ -237,7 +326,7 @@ pub enum Store {
 
 impl Store {
     /// Put `key` (attached to the lease on etcd).
-    pub async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), String> {
+    pub async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
         match self {
             Store::Mem(store) => {
                 store.put(key, value);
@@ -249,44 +338,54 @@ impl Store {
                 .put(key, value, store.lease())
                 .await
                 .map(drop)
-                .map_err(|e| format!("etcd put {key}: {e}")),
+                .map_err(|source| StoreError::Put {
+                    key: key.into(),
+                    source,
+                }),
         }
     }
 
     /// Delete `key`.
-    pub async fn delete(&self, key: &str) -> Result<(), String> {
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         match self {
             Store::Mem(store) => {
                 store.delete(key);
                 Ok(())
             }
-            Store::Etcd(store) => store
-                .client
-                .clone()
-                .delete(key)
-                .await
-                .map(drop)
-                .map_err(|e| format!("etcd delete {key}: {e}")),
-        }
-    }
-
-    /// Follow the keys under `prefix`; on etcd the first listing is in before this returns.
-    pub async fn watch(&self, prefix: &str) -> Result<KeyWatch, String> {
-        match self {
-            Store::Mem(store) => Ok(store.watch(prefix)),
             Store::Etcd(store) => {
-                dynamix_wire::watch::watch_prefix(
-                    store.client.clone(),
-                    prefix,
-                    Duration::from_secs(10),
-                )
-                .await
+                store
+                    .client
+                    .clone()
+                    .delete(key)
+                    .await
+                    .map(drop)
+                    .map_err(|source| StoreError::Delete {
+                        key: key.into(),
+                        source,
+                    })
             }
         }
     }
 
+    /// Follow the keys under `prefix`; on etcd the first listing is in before this returns.
+    pub async fn watch(&self, prefix: &str) -> Result<KeyWatch, StoreError> {
+        match self {
+            Store::Mem(store) => Ok(store.watch(prefix)),
+            Store::Etcd(store) => dynamix_wire::watch::watch_prefix(
+                store.client.clone(),
+                prefix,
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|message| StoreError::Watch {
+                prefix: prefix.into(),
+                message,
+            }),
+        }
+    }
+
     /// Revoke the lease (etcd: every key of the process goes at once).
-    pub async fn revoke(&self) -> Result<(), String> {
+    pub async fn revoke(&self) -> Result<(), StoreError> {
         match self {
             Store::Mem(_) => Ok(()),
             Store::Etcd(store) => {
@@ -296,7 +395,7 @@ impl Store {
                     .clone()
                     .lease_revoke(store.lease())
                     .await
-                    .map_err(|e| format!("etcd lease revoke: {e}"))
+                    .map_err(StoreError::Revoke)
             }
         }
     }

@@ -15,7 +15,7 @@ use pyo3::prelude::*;
 use tokio::sync::OnceCell;
 
 use crate::call::{CallStream, Source};
-use crate::discovery::{EtcdStore, KeyWatch, MemStore, Store};
+use crate::discovery::{EtcdStore, KeyWatch, MemStore, Store, StoreError};
 use crate::serve::{to_json, Control, PyHandler};
 
 mod watch;
@@ -56,6 +56,11 @@ struct Inner {
 
 fn runtime_error(e: impl std::fmt::Display) -> PyErr {
     PyRuntimeError::new_err(e.to_string())
+}
+
+/// A discovery-store failure as Python's `ConnectionError`.
+fn connection_error(e: StoreError) -> PyErr {
+    PyConnectionError::new_err(e.to_string())
 }
 
 impl Inner {
@@ -212,7 +217,7 @@ impl Inner {
         self.store
             .put(&self.instance_key(ns, comp, ep), value)
             .await
-            .map_err(PyConnectionError::new_err)
+            .map_err(connection_error)
     }
 }
 
@@ -324,7 +329,7 @@ impl Runtime {
                         connect_timeout,
                     ))
                 });
-                let store = store.map_err(PyConnectionError::new_err)?;
+                let store = store.map_err(connection_error)?;
                 if let Some(url) = nats_server.as_deref().filter(|u| !u.trim().is_empty()) {
                     py.detach(|| nats_reachable(url, connect_timeout))
                         .map_err(PyConnectionError::new_err)?;
@@ -445,7 +450,7 @@ impl Runtime {
                 .store
                 .delete(&inner.instance_key(&ns, &comp, &ep))
                 .await
-                .map_err(PyConnectionError::new_err)
+                .map_err(connection_error)
         })
     }
 
@@ -517,7 +522,7 @@ impl Runtime {
                 .store
                 .put(&key, value)
                 .await
-                .map_err(PyConnectionError::new_err)?;
+                .map_err(connection_error)?;
             Ok(key)
         })
     }
@@ -537,11 +542,7 @@ impl Runtime {
             let slot = (ns, comp, ep, suffix);
             let (key, _) = inner.card_entry(&slot, &serde_json::Value::Null);
             inner.cards.lock().map_err(runtime_error)?.remove(&slot);
-            inner
-                .store
-                .delete(&key)
-                .await
-                .map_err(PyConnectionError::new_err)
+            inner.store.delete(&key).await.map_err(connection_error)
         })
     }
 
@@ -556,11 +557,7 @@ impl Runtime {
         let inner = self.inner.clone();
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             let prefix = format!("v1/instances/{ns}/{comp}/{ep}/");
-            let keys = inner
-                .store
-                .watch(&prefix)
-                .await
-                .map_err(PyConnectionError::new_err)?;
+            let keys = inner.store.watch(&prefix).await.map_err(connection_error)?;
             Ok(InstanceWatch {
                 inner,
                 keys,
@@ -578,7 +575,7 @@ impl Runtime {
         py.detach(|| {
             pyo3_async_runtimes::tokio::get_runtime().block_on(async move {
                 match tokio::time::timeout(timeout, inner.store.revoke()).await {
-                    Ok(result) => result.map_err(PyConnectionError::new_err),
+                    Ok(result) => result.map_err(connection_error),
                     Err(_) => Err(PyConnectionError::new_err(format!(
                         "revoking the etcd lease took over {:.1} s",
                         timeout.as_secs_f64()
