@@ -5,10 +5,13 @@
 //! requests that arrive meanwhile wait in the mailbox; actix drains the whole mailbox before it runs
 //! the next scheduled pass, so they are all queued by then and go through the model together.
 //!
-//! Supervision follows the engines': a panic in a forward pass is caught, the requests in that pass
-//! get a retryable error, and the actor stops so that its actix `Supervisor` restarts it on the same
-//! thread and mailbox. The queue survives the restart (it is part of the actor value), so requests
-//! still waiting are served afterwards. Past the restart budget the engine refuses work.
+//! Supervision follows the engines': a panic in a forward pass is caught and the actor stops so that
+//! its actix `Supervisor` restarts it on the same thread and mailbox. The queue survives the restart
+//! (it is part of the actor value), so requests still waiting are served afterwards, and the rows of
+//! the failed pass are computed again: embedding is a pure function of the input, so this is the
+//! engine's migration, with nothing produced twice. A request whose rows were in
+//! [`PASS_RETRIES`] + 1 failed passes gets a retryable error instead (an input that panics the model
+//! every time must not restart it forever). Past the restart budget the engine refuses work.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,6 +25,10 @@ use crate::faults::FaultInjector;
 use crate::supervision::{
     catch_panic, ActorKind, RestartTracker, SupervisionConfig, SupervisorEvents, Verdict,
 };
+
+/// Failed (panicked) forward passes a request's rows are computed again after; like the router's
+/// restart retries, whatever `migration.limit` says: nothing was produced and no engine is left.
+pub const PASS_RETRIES: u32 = 2;
 
 /// Embed already validated and tokenized inputs; replies with one unit vector per input, in order.
 #[derive(Message)]
@@ -83,19 +90,19 @@ impl EmbeddingActor {
         }
     }
 
-    /// A forward pass panicked: within budget, fail the requests of that pass with a retryable
-    /// error and restart; past it, fail everything waiting and refuse all work from now on.
+    /// A forward pass panicked: within budget, queue its rows again (or fail the requests out of
+    /// retries) and restart; past it, fail everything waiting and refuse all work from now on.
     fn fault(&mut self, batch: Batch, reason: String, ctx: &mut Context<Self>) {
         tracing::error!(%reason, "embedding engine panicked");
         let failures = match self.supervision.on_failure(reason.clone()) {
             Verdict::Restart => {
-                self.queue.fail(batch, EmbedError::Restarted);
+                self.queue.retry(batch, PASS_RETRIES, EmbedError::Restarted);
                 ctx.stop();
                 return;
             }
             // Already stopping for an earlier failure: this pass is retried like the others.
             Verdict::AlreadyHandled => {
-                self.queue.fail(batch, EmbedError::Restarted);
+                self.queue.retry(batch, PASS_RETRIES, EmbedError::Restarted);
                 return;
             }
             Verdict::GiveUp { failures } => failures,
@@ -192,13 +199,14 @@ mod tests {
     use super::*;
     use crate::supervision::SupervisorEvent;
 
-    /// A model whose vector is `[first id, row length]`; token 666 panics, token 13 fails; records
-    /// the size of every pass.
+    /// A model whose vector is `[first id, row length]`; token 666 panics, token 777 panics the
+    /// first time it is seen, token 13 fails; records the size of every pass.
     #[derive(Default)]
     struct FakeModel {
         passes: std::sync::Mutex<Vec<usize>>,
         delay_ms: u64,
         calls: AtomicUsize,
+        seen_777: std::sync::atomic::AtomicBool,
     }
 
     impl Embedder for FakeModel {
@@ -216,6 +224,10 @@ mod tests {
             std::thread::sleep(Duration::from_millis(self.delay_ms));
             if rows.iter().any(|r| r.contains(&666)) {
                 panic!("injected: forward pass panics");
+            }
+            if rows.iter().any(|r| r.contains(&777)) && !self.seen_777.swap(true, Ordering::SeqCst)
+            {
+                panic!("injected: forward pass panics once");
             }
             if rows.iter().any(|r| r.contains(&13)) {
                 return Err(EmbedError::Model("unlucky".into()));
@@ -304,10 +316,31 @@ mod tests {
     }
 
     #[actix_rt::test]
-    async fn a_panicking_pass_fails_its_requests_restarts_and_keeps_serving() {
+    async fn a_pass_that_panicked_once_is_computed_again_after_the_restart() {
+        let model = Arc::new(FakeModel::default());
+        let (addr, arbiter, mut events) = start(model.clone(), 32, 5);
+        let (a, b) = (embed(&addr, &[&[777], &[3]]), embed(&addr, &[&[4]]));
+        let (a, b) = futures_util::future::join(a, b).await;
+        assert_eq!(a, Ok(vec![vec![777.0, 1.0], vec![3.0, 1.0]]));
+        assert_eq!(b, Ok(vec![vec![4.0, 1.0]]));
+        let restarted = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
+        assert!(
+            matches!(restarted, Ok(Some(SupervisorEvent::Restarted { .. }))),
+            "{restarted:?}"
+        );
+        arbiter.stop();
+    }
+
+    #[actix_rt::test]
+    async fn a_pass_that_always_panics_fails_its_requests_after_retries_and_keeps_serving() {
         let model = Arc::new(FakeModel::default());
         let (addr, arbiter, mut events) = start(model.clone(), 32, 5);
         assert_eq!(embed(&addr, &[&[666]]).await, Err(EmbedError::Restarted));
+        assert_eq!(
+            model.calls.load(Ordering::SeqCst),
+            1 + PASS_RETRIES as usize,
+            "computed once and retried PASS_RETRIES times"
+        );
         match tokio::time::timeout(Duration::from_secs(5), events.recv()).await {
             Ok(Some(SupervisorEvent::Restarted { actor, reason, .. })) => {
                 assert_eq!(actor, crate::supervision::ActorKind::Embeddings);
@@ -329,8 +362,8 @@ mod tests {
     async fn past_the_budget_it_refuses_work() {
         let model = Arc::new(FakeModel::default());
         let (addr, arbiter, _events) = start(model.clone(), 32, 1);
-        assert_eq!(embed(&addr, &[&[666]]).await, Err(EmbedError::Restarted));
-        for rows in [&[666u32][..], &[1][..]] {
+        // The first panic restarts the engine, the retry's panic spends the budget.
+        for rows in [&[666u32][..], &[666][..], &[1][..]] {
             let refused = embed(&addr, &[rows]).await;
             assert!(
                 matches!(&refused, Err(EmbedError::OutOfService(reason)) if reason.contains("taken out of service")),

@@ -24,6 +24,8 @@ struct Job {
     done: Vec<Vec<f32>>,
     /// Rows in total.
     rows: usize,
+    /// Forward passes with rows of this request that panicked.
+    faults: u32,
     reply: Reply,
 }
 
@@ -65,6 +67,7 @@ impl BatchQueue {
             id: self.next_id,
             rows: rows.len(),
             done: Vec::with_capacity(rows.len()),
+            faults: 0,
             waiting: rows.into(),
             reply,
         });
@@ -134,6 +137,31 @@ impl BatchQueue {
         while let Some(position) = self.jobs.iter().position(|job| job.done.len() == job.rows) {
             if let Some(job) = self.jobs.remove(position) {
                 let _ = job.reply.send(Ok(job.done));
+            }
+        }
+    }
+
+    /// A forward pass over `batch` panicked: its rows go back to the front of their requests, to be
+    /// computed again, except for requests that were already in `retries` failed passes, which are
+    /// answered with `error`. The model is a pure function of the rows, so computing them again gives
+    /// what the failed pass would have; the bound stops an input that panics the model every time.
+    pub fn retry(&mut self, batch: Batch, retries: u32, error: EmbedError) {
+        let mut rows = batch.rows.into_iter();
+        for (id, count) in batch.owners {
+            let taken: Vec<Vec<u32>> = rows.by_ref().take(count).collect();
+            let Some(position) = self.jobs.iter().position(|job| job.id == id) else {
+                continue;
+            };
+            let job = &mut self.jobs[position];
+            job.faults += 1;
+            if job.faults > retries {
+                if let Some(job) = self.jobs.remove(position) {
+                    let _ = job.reply.send(Err(error.clone()));
+                }
+                continue;
+            }
+            for row in taken.into_iter().rev() {
+                job.waiting.push_front(row);
             }
         }
     }
@@ -252,6 +280,30 @@ mod tests {
         assert_eq!(answer(&mut first), Err(EmbedError::Restarted));
         assert_eq!(run(&mut queue, rows(2)), vec![1]);
         assert_eq!(answer(&mut second), Ok(vec![4.0]));
+    }
+
+    #[test]
+    fn a_panicked_pass_is_computed_again_in_order_until_its_requests_run_out_of_retries() {
+        let mut queue = BatchQueue::default();
+        let mut spanning = request(&mut queue, &[1, 2, 3]);
+        let mut later = request(&mut queue, &[4]);
+        // The pass over rows 1 and 2 panics: they go back in front of row 3, in order.
+        let batch = queue.next_batch(rows(2)).expect("rows");
+        queue.retry(batch, 1, EmbedError::Restarted);
+        assert_eq!(run(&mut queue, rows(2)), vec![2, 2]);
+        assert_eq!(answer(&mut spanning), Ok(vec![1.0, 2.0, 3.0]));
+        assert_eq!(answer(&mut later), Ok(vec![4.0]));
+        // A request whose rows panic every pass fails after its retries; the others are kept.
+        let mut poison = request(&mut queue, &[5]);
+        let mut bystander = request(&mut queue, &[6]);
+        for _ in 0..2 {
+            let batch = queue.next_batch(rows(1)).expect("rows");
+            assert_eq!(batch.rows, vec![vec![5]]);
+            queue.retry(batch, 1, EmbedError::Restarted);
+        }
+        assert_eq!(answer(&mut poison), Err(EmbedError::Restarted));
+        assert_eq!(run(&mut queue, rows(1)), vec![1]);
+        assert_eq!(answer(&mut bystander), Ok(vec![6.0]));
     }
 
     #[test]
