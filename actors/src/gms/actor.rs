@@ -492,7 +492,7 @@ impl GpuMemoryActor {
             Verdict::AlreadyHandled => {}
         }
         Outcome::Reply {
-            response: Response::error(format!("memory service failed: {reason}")),
+            response: Response::service_failed(format!("memory service failed: {reason}")),
             fd: None,
             close: true,
         }

@@ -42,6 +42,20 @@ pub enum ClientError {
     StaleLayout { saved: String, current: String },
 }
 
+impl ClientError {
+    /// The service failed while handling this session's request and closed it; its tables are
+    /// intact, so a new session may try again.
+    pub fn is_service_failure(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Server {
+                code: super::protocol::CODE_SERVICE_FAILED,
+                ..
+            }
+        )
+    }
+}
+
 /// Lock snapshot (`get_lock_state_response`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LockStateView {

@@ -267,7 +267,20 @@ pub enum Response {
     },
 }
 
+/// `error_response.code` of a request the service failed on (it panicked): the session is closed
+/// and the service goes on with its tables, so the client may open a new session and try again.
+/// Dynamo's server always sends 0; its clients read only `error`.
+pub const CODE_SERVICE_FAILED: i64 = 503;
+
 impl Response {
+    /// `error_response{error, code: CODE_SERVICE_FAILED}`.
+    pub fn service_failed(message: impl Into<String>) -> Self {
+        Response::ErrorResponse {
+            error: message.into(),
+            code: CODE_SERVICE_FAILED,
+        }
+    }
+
     /// `error_response{error, code: 0}`.
     pub fn error(message: impl Into<String>) -> Self {
         Response::ErrorResponse {

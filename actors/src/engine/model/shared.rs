@@ -150,13 +150,42 @@ pub fn load_shared(
     lock_timeout: Duration,
 ) -> Result<(LlamaModel, Role), SharedError> {
     let started = Instant::now();
+    let mut attempt = 0;
+    let (shape, tensors, role) = loop {
+        match session(path, socket, kind, device, lock_timeout) {
+            Err(SharedError::Service { source, .. })
+                if source.is_service_failure() && attempt < SERVICE_FAILURE_RETRIES =>
+            {
+                attempt += 1;
+                tracing::warn!(socket = %socket.display(), %source, attempt, "the memory service failed during the weights session; opening a new one");
+            }
+            done => break done?,
+        }
+    };
+    let mut model = LlamaModel::assemble(path, shape, tensors)?;
+    model.load_time = started.elapsed();
+    Ok((model, role))
+}
+
+/// New sessions after the service failed while serving one (it closes that session and resumes with
+/// its tables; a writer's half-written layout is wiped, so the next writer starts clean).
+const SERVICE_FAILURE_RETRIES: u32 = 2;
+
+/// One session: read the committed layout, or write it.
+fn session(
+    path: &Path,
+    socket: &Path,
+    kind: BackendKind,
+    device: u32,
+    lock_timeout: Duration,
+) -> Result<(ModelShape, TensorSet, Role), SharedError> {
     let service = |source| SharedError::Service {
         socket: socket.to_path_buf(),
         source,
     };
     let mut session =
         GmsClient::connect(socket, RequestedLockType::Auto, Some(lock_timeout)).map_err(service)?;
-    let (shape, tensors, role) = match session.granted() {
+    Ok(match session.granted() {
         GrantedLockType::Ro => {
             let (shape, tensors) = read(&mut session, socket, path, kind, device)?;
             (shape, tensors, Role::Reader)
@@ -167,10 +196,7 @@ pub fn load_shared(
             write(session, socket, &manifest, &tensors, kind, device)?;
             (shape, tensors, Role::Writer)
         }
-    };
-    let mut model = LlamaModel::assemble(path, shape, tensors)?;
-    model.load_time = started.elapsed();
-    Ok((model, role))
+    })
 }
 
 fn write(

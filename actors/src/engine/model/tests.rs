@@ -270,3 +270,61 @@ fn weights_written_to_the_memory_service_come_back_identical() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A memory service that fails mid-session (a panic while handling a request closes that session)
+/// costs a new session, not the load: the writer starts over on the wiped layout, a reader maps
+/// the committed one; only a service that keeps failing fails the load.
+#[actix_rt::test]
+async fn a_memory_service_failure_during_the_weights_session_is_retried_with_a_new_session() {
+    use super::shared::{load_shared, Role, SharedError};
+    use crate::faults::{FaultInjector, FaultKind, FaultSpec, FaultsConfig};
+    use crate::gms::{BackendKind, InProcessGms};
+    use crate::supervision::SupervisionConfig;
+    let socket = std::env::temp_dir().join(format!(
+        "dynamix-gms-retry-{}.sock",
+        uuid::Uuid::new_v4().simple()
+    ));
+    let gms = InProcessGms::start(socket.clone(), "weights")
+        .await
+        .expect("starts");
+    let (events, _reports) = tokio::sync::mpsc::unbounded_channel();
+    let faults = FaultInjector::new(FaultsConfig {
+        enabled: true,
+        ..FaultsConfig::default()
+    });
+    let budget = SupervisionConfig {
+        max_restarts: 100,
+        restart_window_secs: 60.0,
+    };
+    gms.supervise(&budget, events, faults.clone());
+    let load = |socket: std::path::PathBuf| {
+        actix_rt::task::spawn_blocking(move || {
+            let timeout = std::time::Duration::from_secs(30);
+            load_shared(&smollm2_gguf(), &socket, BackendKind::Host, 0, timeout)
+                .map(|(_, role)| role)
+        })
+    };
+    let mut twice = FaultSpec::new(FaultKind::MemoryServicePanic);
+    twice.count = 2;
+    faults.arm(twice.clone()).expect("armed");
+    let role = load(socket.clone()).await.expect("join").expect("writer");
+    assert_eq!(role, Role::Writer, "written after two failed sessions");
+    faults.arm(twice).expect("armed");
+    let role = load(socket.clone()).await.expect("join").expect("reader");
+    assert_eq!(
+        role,
+        Role::Reader,
+        "the committed layout survived the failures"
+    );
+    let mut thrice = FaultSpec::new(FaultKind::MemoryServicePanic);
+    thrice.count = 3;
+    faults.arm(thrice).expect("armed");
+    match load(socket.clone()).await.expect("join") {
+        Err(SharedError::Service { source, .. }) => {
+            assert!(source.is_service_failure(), "{source}")
+        }
+        Err(e) => panic!("expected the service's failure, got {e}"),
+        Ok(role) => panic!("a service that keeps failing cannot load; got {role:?}"),
+    }
+    gms.stop();
+}
