@@ -185,6 +185,18 @@ pub async fn start_as(
     start_with(config, tokenizer, serve_http, role, None).await
 }
 
+/// The memory service socket the model engine loads its weights through (`model_engine.gms_socket`,
+/// else the default path for the host backend's weights).
+pub fn weights_socket(config: &Config) -> std::path::PathBuf {
+    config.model_engine.gms_socket.clone().unwrap_or_else(|| {
+        dynamix_actors::gms::default_socket_path(
+            "host-0",
+            WEIGHTS_TAG,
+            config.model_engine.gms_socket_dir.as_deref(),
+        )
+    })
+}
+
 /// [`start_as`] with a given tokenizer (a frontend's, from the workers' model card) and the cluster
 /// side of a frontend or worker, started as the tree's `cluster` subtree.
 pub async fn start_with(
@@ -200,13 +212,7 @@ pub async fn start_with(
         && role != Role::Frontend
     {
         true => {
-            let socket = config.model_engine.gms_socket.clone().unwrap_or_else(|| {
-                dynamix_actors::gms::default_socket_path(
-                    "host-0",
-                    WEIGHTS_TAG,
-                    config.model_engine.gms_socket_dir.as_deref(),
-                )
-            });
+            let socket = weights_socket(config);
             // Another process on this machine already serves it: load through that one instead.
             let gms = if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
                 tracing::info!(socket = %socket.display(), "using the GPU memory service already running there");

@@ -493,7 +493,8 @@ fn the_drill_reports_no_lost_or_duplicated_tokens() {
         "drill failed: {stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    // One phase of 120 requests per reachable kind of the shipped config.
+    // One phase of 120 requests per reachable kind of the shipped config: chat on the serving path,
+    // chat over HTTP (http_panic) and embeddings over HTTP (embeddings_panic).
     let reachable = [
         "engine_panic",
         "engine_error",
@@ -501,6 +502,8 @@ fn the_drill_reports_no_lost_or_duplicated_tokens() {
         "engine_slow",
         "router_panic",
         "validator_panic",
+        "http_panic",
+        "embeddings_panic",
     ];
     let sent = 120 * reachable.len();
     assert!(
@@ -521,13 +524,7 @@ fn the_drill_reports_no_lost_or_duplicated_tokens() {
             "nothing failed or lost: {row}"
         );
     }
-    for unreachable in [
-        "http_panic",
-        "embeddings_panic",
-        "indexer_panic",
-        "memory_service_panic",
-        "request_plane",
-    ] {
+    for unreachable in ["indexer_panic", "memory_service_panic", "request_plane"] {
         assert!(
             stdout.contains(&format!("{unreachable:<20} not injected: ")),
             "{unreachable} is named with the reason: {stdout}"
@@ -538,7 +535,63 @@ fn the_drill_reports_no_lost_or_duplicated_tokens() {
         "{stdout}"
     );
     assert!(!stdout.contains("faults injected: none"), "{stdout}");
+    // HTTP handler panics reached the handlers and the client's retries (as the openai SDK's) got
+    // every request through.
+    let http = stdout
+        .lines()
+        .find(|l| l.starts_with("http_panic"))
+        .unwrap_or_default();
+    let columns: Vec<&str> = http.split_whitespace().collect();
+    assert!(
+        columns[1].parse::<u32>().is_ok_and(|n| n > 0) && columns[11] == columns[1],
+        "every injected HTTP panic cost one retry: {http}"
+    );
     assert!(stdout.contains("recovery gap, all"), "{stdout}");
+}
+
+/// The memory service drill: the model engine's weights behind an in-process memory service that
+/// panics now and then; every weights load still succeeds (a new session after a failed one).
+#[test]
+fn the_memory_service_drill_loses_no_weights_load() {
+    let config = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/configs/fault-drill-memory.toml"
+    );
+    let sockets = std::env::temp_dir().join(format!("dynamix-drill-gms-{}", std::process::id()));
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_dynamix"))
+        .args([
+            "drill",
+            "--config",
+            config,
+            "--requests",
+            "200",
+            "--concurrency",
+            "4",
+        ])
+        .env("GMS_SOCKET_DIR", &sockets)
+        .env("DYN_FAULTS__EVERY_MS", "150")
+        .env("DYN_LOG", "error")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run dynamix drill");
+    let _ = std::fs::remove_dir_all(&sockets);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "drill failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("memory_service_panic") && !l.contains("not injected"))
+        .unwrap_or_else(|| panic!("a report row for the memory service: {stdout}"));
+    let columns: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(columns[3], "0", "no escalation: {row}");
+    assert_eq!(&columns[5..8], ["0", "0", "0"], "no load failed: {row}");
+    assert!(
+        stdout.contains("requests sent 10, completed 10, failed 0"),
+        "{stdout}"
+    );
 }
 
 /// Starts a server allowing `max_restarts`, arms `fault` (`count` times), sends `requests` chats

@@ -1,8 +1,14 @@
-//! `dynamix drill`: supervisor-driven fault testing. Starts the configured service in-process and sends
-//! the same deterministic set of concurrent streaming chat requests once with fault injection off (the
-//! reference), then once per kind in `faults.kinds` with random faults of that kind only (on the
-//! `every_ms` timer and/or per output). For each kind it reports the faults injected, the restarts of
-//! the actor it hits, escalations to the root, migrations, failed requests, tokens lost or duplicated
+//! `dynamix drill`: supervisor-driven fault testing. Starts the configured service in-process and, for
+//! each kind in `faults.kinds`, sends the same deterministic set of concurrent requests once with
+//! fault injection off (the reference, once per kind of request) and once with random faults of that
+//! kind only (on the `every_ms` timer and/or per output). The requests are what meets the fault
+//! ([`Driver`]): streaming chat on the serving path below HTTP for the engine, router, validator and
+//! indexer faults (recovery gaps are measured there); the same chat over HTTP, with the `openai`
+//! SDK's retries, for HTTP handler panics; `/v1/embeddings` for the embedding engine; and weights
+//! loads through the memory service, as a restarting engine does them, for the memory service.
+//!
+//! For each kind it reports the faults injected, the restarts of the actor it hits, escalations to
+//! the root, migrations, client retries, failed requests, tokens (or vectors) lost or duplicated
 //! against the reference, the recovery gap (last token before a failure → first token after it)
 //! p50/p99, and throughput with vs without the fault; then the kinds and actors it could not reach
 //! and why.
@@ -10,19 +16,23 @@
 //! The comparison needs a deterministic engine (`echo`/`echo_full`/`echo_core`); with another engine the
 //! drill still runs and reports, but says that token comparison is meaningless.
 
+mod http;
+mod requests;
+
+use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dynamix_actors::engine::EngineKind;
-use dynamix_actors::faults::FaultKind;
+use dynamix_actors::faults::{FaultInjector, FaultKind};
 use dynamix_actors::router::RouterMode;
 use dynamix_actors::supervision::ActorKind;
 use dynamix_actors::supervisor::RunningService;
-use dynamix_actors::validator::{ChatInput, RequestContext, ValidateChat};
-use serde_json::json;
 
 use crate::config::Config;
 use crate::RunError;
+use requests::{Target, Weights};
 
 /// Drill settings from the command line.
 #[derive(Clone, Debug)]
@@ -36,10 +46,16 @@ pub struct DrillOptions {
 /// One request's outcome.
 #[derive(Clone, Debug, Default)]
 struct Outcome {
+    /// Chat: the text streamed; weights: how they were loaded.
     text: String,
-    tokens: u64,
+    /// Embeddings: the vectors, flattened.
+    values: Vec<f32>,
+    /// Work done: tokens, embedded inputs or loads.
+    units: u64,
     error: Option<String>,
     recoveries: Vec<(&'static str, Option<Duration>)>,
+    /// Attempts the client repeated (HTTP drivers).
+    retries: u32,
 }
 
 struct Phase {
@@ -48,102 +64,90 @@ struct Phase {
 }
 
 impl Phase {
-    fn tokens(&self) -> u64 {
-        self.outcomes.iter().map(|o| o.tokens).sum()
-    }
-
-    fn tokens_per_s(&self) -> f64 {
-        self.tokens() as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    fn units_per_s(&self) -> f64 {
+        let units: u64 = self.outcomes.iter().map(|o| o.units).sum();
+        units as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 }
 
-/// The user message of drill request `i`: deterministic, 40–160 characters, some of them non-ASCII.
-fn message(i: usize) -> String {
-    const WORDS: [&str; 12] = [
-        "supervisor",
-        "restart",
-        "migration",
-        "token",
-        "stream",
-        "engine",
-        "router",
-        "café",
-        "naïve",
-        "fault",
-        "drill",
-        "résumé",
-    ];
-    let mut state = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut text = format!("drill request {i}:");
-    let target = 40 + (state % 121) as usize;
-    while text.chars().count() < target {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        text.push(' ');
-        text.push_str(WORDS[(state % WORDS.len() as u64) as usize]);
-    }
-    text
+/// The requests that meet a kind of fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Driver {
+    /// Streaming chat on the serving path, below HTTP.
+    Chat,
+    /// The same over HTTP.
+    HttpChat,
+    /// `/v1/embeddings` over HTTP.
+    Embeddings,
+    /// Weights loads through the memory service.
+    Weights,
 }
 
-async fn one(service: &RunningService, model: &str, i: usize) -> Outcome {
-    let body = json!({
-        "model": model,
-        "messages": [{"role": "user", "content": message(i)}],
-        "stream": true,
-    });
-    let mut outcome = Outcome::default();
-    let validated = match service
-        .gateway
-        .validate_chat(ValidateChat {
-            input: ChatInput::Body(body.to_string().into()),
-            context: RequestContext {
-                request_id: uuid::Uuid::new_v4().to_string(),
-                pinned_engine: None,
-            },
-        })
-        .await
-    {
-        Ok(v) => v,
-        Err(e) => {
-            outcome.error = Some(format!("validation: {}", e.message));
-            return outcome;
+impl Driver {
+    fn of(kind: FaultKind) -> Driver {
+        match kind {
+            FaultKind::HttpPanic => Driver::HttpChat,
+            FaultKind::EmbeddingsPanic => Driver::Embeddings,
+            FaultKind::MemoryServicePanic => Driver::Weights,
+            _ => Driver::Chat,
         }
-    };
-    let mut generation = match service.gateway.generate(&validated).await {
-        Ok(g) => g,
-        Err(e) => {
-            outcome.error = Some(format!("routing: {}", e.message));
-            return outcome;
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Driver::Chat => "streaming chat, in-process",
+            Driver::HttpChat => "streaming chat over HTTP",
+            Driver::Embeddings => "embeddings over HTTP",
+            Driver::Weights => "weights loads through the memory service",
         }
-    };
-    while let Some(item) = generation.next().await {
-        match item {
-            Ok(delta) => {
-                outcome.text.push_str(&delta.delta.text);
-                outcome.tokens += u64::from(delta.delta.tokens);
-            }
-            Err(e) => {
-                outcome.error = Some(e.message);
-                break;
+    }
+
+    fn unit(self) -> &'static str {
+        match self {
+            Driver::Chat | Driver::HttpChat => "tokens",
+            Driver::Embeddings => "vectors",
+            Driver::Weights => "loads",
+        }
+    }
+
+    /// Whether its output can be compared with the reference: chat text only from a deterministic
+    /// engine.
+    fn compared(self, deterministic: bool) -> bool {
+        deterministic || matches!(self, Driver::Embeddings | Driver::Weights)
+    }
+
+    fn needs_http(self) -> bool {
+        matches!(self, Driver::HttpChat | Driver::Embeddings)
+    }
+
+    /// Requests per phase: a weights load copies the whole model, so those phases are shorter.
+    fn requests(self, options: &DrillOptions) -> usize {
+        match self {
+            Driver::Weights => options.requests.div_ceil(20).max(8),
+            _ => options.requests,
+        }
+    }
+
+    fn request(self, target: Arc<Target>, i: usize) -> impl Future<Output = Outcome> + 'static {
+        async move {
+            match self {
+                Driver::Chat => requests::chat(&target, i).await,
+                Driver::HttpChat => requests::chat_http(&target, i).await,
+                Driver::Embeddings => requests::embeddings(&target, i).await,
+                Driver::Weights => requests::weights(&target, i).await,
             }
         }
     }
-    outcome.recoveries = generation
-        .recoveries()
-        .into_iter()
-        .map(|r| (r.cause, r.gap))
-        .collect();
-    outcome
 }
 
-async fn phase(service: &Arc<RunningService>, model: &str, options: &DrillOptions) -> Phase {
+/// `requests` of `driver`, `concurrency` at a time.
+async fn phase(target: &Arc<Target>, driver: Driver, options: &DrillOptions) -> Phase {
     let started = Instant::now();
+    let total = driver.requests(options);
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let workers: Vec<_> = (0..options.concurrency.max(1))
+    let workers: Vec<_> = (0..options.concurrency.clamp(1, total))
         .map(|_| {
-            let (service, model, next) = (service.clone(), model.to_string(), next.clone());
-            let total = options.requests;
+            let (target, next) = (target.clone(), next.clone());
             actix_rt::spawn(async move {
                 let mut done = Vec::new();
                 loop {
@@ -152,17 +156,17 @@ async fn phase(service: &Arc<RunningService>, model: &str, options: &DrillOption
                         // The tail: fewer and fewer requests run while faults keep coming at the same
                         // rate, until the last one standing takes them all. Faults cover the steady
                         // state only.
-                        service.faults.set_enabled(false);
+                        target.service.faults.set_enabled(false);
                     }
                     if i >= total {
                         return done;
                     }
-                    done.push((i, one(&service, &model, i).await));
+                    done.push((i, driver.request(target.clone(), i).await));
                 }
             })
         })
         .collect();
-    let mut outcomes = vec![Outcome::default(); options.requests];
+    let mut outcomes = vec![Outcome::default(); total];
     for worker in workers {
         for (i, outcome) in worker.await.unwrap_or_default() {
             outcomes[i] = outcome;
@@ -192,6 +196,34 @@ fn compare(want: &str, got: &str) -> (u64, u64, u64) {
     (lost, extra, changed)
 }
 
+/// Vectors lost, extra and changed (beyond float noise from other batch shapes) in `got` against
+/// `want`, both flattened with `dimensions` values per vector.
+fn compare_vectors(want: &[f32], got: &[f32], dimensions: usize) -> (u64, u64, u64) {
+    let dimensions = dimensions.max(1);
+    let (want_n, got_n) = (want.len() / dimensions, got.len() / dimensions);
+    let changed = want
+        .chunks(dimensions)
+        .zip(got.chunks(dimensions))
+        .filter(|(a, b)| a.iter().zip(*b).any(|(x, y)| (x - y).abs() > 1e-3))
+        .count() as u64;
+    (
+        want_n.saturating_sub(got_n) as u64,
+        got_n.saturating_sub(want_n) as u64,
+        changed,
+    )
+}
+
+/// Lost, extra and changed units of one outcome against its reference.
+fn difference(driver: Driver, want: &Outcome, got: &Outcome) -> (u64, u64, u64) {
+    match driver {
+        Driver::Chat | Driver::HttpChat | Driver::Weights => compare(&want.text, &got.text),
+        Driver::Embeddings => {
+            let dimensions = want.values.len() / want.units.max(1) as usize;
+            compare_vectors(&want.values, &got.values, dimensions)
+        }
+    }
+}
+
 /// Why a drill of `config` cannot inject `kind`, if it cannot.
 fn unreachable(kind: FaultKind, config: &Config) -> Option<&'static str> {
     match kind {
@@ -200,17 +232,16 @@ fn unreachable(kind: FaultKind, config: &Config) -> Option<&'static str> {
                 && config.router.use_kv_events
                 && config.engine.kind == EngineKind::Mocker) =>
         {
-            Some("needs router.mode = \"kv\" with mocker engines (the indexer applies their KV events)")
+            Some("needs router.mode = \"kv\" with mocker engines (the indexer applies their KV events); see configs/fault-drill-kv.toml")
         }
-        FaultKind::HttpPanic => Some(
-            "the drill drives the serving path below HTTP; tests/faults.rs panics HTTP handlers",
+        FaultKind::EmbeddingsPanic if !config.embeddings.enabled => Some(
+            "needs embeddings.enabled = true (the drill then sends /v1/embeddings requests)",
         ),
-        FaultKind::EmbeddingsPanic => Some(
-            "the drill sends chat requests; tests/embeddings.rs panics the embedding engine",
-        ),
-        FaultKind::MemoryServicePanic => Some(
-            "engines talk to the memory service at load and restart, not per chat; gms::in_process tests panic it",
-        ),
+        FaultKind::MemoryServicePanic
+            if !(config.engine.kind == EngineKind::Model && config.model_engine.gms_serve) =>
+        {
+            Some("needs engine.kind = \"model\" with model_engine.gms_serve = true (the drill then loads the weights through it as restarting engines do); see configs/fault-drill-memory.toml")
+        }
         _ => None,
     }
 }
@@ -224,11 +255,15 @@ const NOT_INJECTED: &[(ActorKind, &str)] = &[(
 /// What one phase with faults of one kind did, against the fault-free reference.
 struct KindReport {
     kind: FaultKind,
+    driver: Driver,
     phase: Phase,
+    /// The reference's throughput.
+    reference_rate: f64,
     injected: u64,
     restarts: u64,
     escalations: usize,
     migrations: usize,
+    retries: u64,
     failed: usize,
     lost: u64,
     extra: u64,
@@ -238,27 +273,28 @@ struct KindReport {
 
 /// Runs one phase with random faults of `kind` only.
 async fn drill_kind(
-    service: &Arc<RunningService>,
-    model: &str,
+    target: &Arc<Target>,
     options: &DrillOptions,
     reference: &Phase,
     kind: FaultKind,
 ) -> KindReport {
-    let faults = &service.faults;
+    let service = &target.service;
+    let faults: &FaultInjector = &service.faults;
+    let driver = Driver::of(kind);
     let actor = kind.actor();
     let restarts_before = service.metrics.actor_restarts(actor.as_str());
     let escalations_before = escalations(service).await;
     let injected_before = faults.injected().get(&kind).copied().unwrap_or(0);
     faults.restrict(Some(kind));
     faults.set_enabled(true);
-    let phase = phase(service, model, options).await;
+    let phase = phase(target, driver, options).await;
     faults.set_enabled(false);
     faults.restrict(None);
     // Let restart reports reach the supervisor.
     actix_rt::time::sleep(Duration::from_millis(100)).await;
     let (mut lost, mut extra, mut changed) = (0, 0, 0);
     for (want, got) in reference.outcomes.iter().zip(&phase.outcomes) {
-        let (l, e, c) = compare(&want.text, &got.text);
+        let (l, e, c) = difference(driver, want, got);
         lost += l;
         extra += e;
         changed += c;
@@ -266,10 +302,13 @@ async fn drill_kind(
     let recoveries = phase.outcomes.iter().flat_map(|o| &o.recoveries);
     KindReport {
         kind,
+        driver,
+        reference_rate: reference.units_per_s(),
         injected: faults.injected().get(&kind).copied().unwrap_or(0) - injected_before,
         restarts: service.metrics.actor_restarts(actor.as_str()) - restarts_before,
         escalations: escalations(service).await - escalations_before,
         migrations: recoveries.clone().count(),
+        retries: phase.outcomes.iter().map(|o| u64::from(o.retries)).sum(),
         gaps: recoveries
             .filter_map(|(_, gap)| gap.map(|g| g.as_secs_f64() * 1e3))
             .collect(),
@@ -288,20 +327,61 @@ async fn escalations(service: &RunningService) -> usize {
     })
 }
 
+/// What the requests of `drivers` need: HTTP on a free port of the loopback, the weights' file.
+fn prepare(config: &Config, drivers: &[Driver]) -> Result<(Config, Option<Weights>), RunError> {
+    let mut config = config.clone();
+    if drivers.iter().any(|d| d.needs_http()) {
+        // The drill's own server: a free port, so it never meets a running dynamix.
+        config.http.port = 0;
+        config.http.host = "127.0.0.1".into();
+    }
+    let weights = match drivers.contains(&Driver::Weights) {
+        true => Some(Weights {
+            gguf: crate::model::model_file(&config)?,
+            socket: crate::weights_socket(&config),
+            lock_timeout: Duration::from_secs_f64(config.model_engine.gms_lock_timeout_secs),
+        }),
+        false => None,
+    };
+    Ok((config, weights))
+}
+
 /// Run the drill and print its report. Fails when the service cannot start.
 pub async fn run(config: Config, options: DrillOptions) -> Result<bool, RunError> {
     let deterministic = matches!(
         config.engine.kind,
         EngineKind::Echo | EngineKind::EchoFull | EngineKind::EchoCore
     );
-    let model = config.model.name.clone();
-    let service = Arc::new(crate::start(&config, false).await?);
-    let faults = service.faults.clone();
+    let mut kinds = Vec::new();
+    let mut skipped = Vec::new();
+    for &kind in &config.faults.kinds {
+        match unreachable(kind, &config) {
+            Some(why) => skipped.push((kind.as_str(), why)),
+            None => kinds.push(kind),
+        }
+    }
+    let mut drivers: Vec<Driver> = kinds.iter().map(|&k| Driver::of(k)).collect();
+    drivers.dedup();
+    let (config, weights) = prepare(&config, &drivers)?;
+    let needs_http = drivers.iter().any(|d| d.needs_http());
+    let service = Arc::new(crate::start(&config, needs_http).await?);
+    let target = Arc::new(Target {
+        service: service.clone(),
+        model: config.model.name.clone(),
+        http: service.http_addrs.first().copied(),
+        embeddings_model: config
+            .embeddings
+            .enabled
+            .then(|| config.embeddings.model_name.clone()),
+        weights,
+    });
+    drop(service);
+    let faults = target.service.faults.clone();
     println!(
         "drill: {} requests per phase, {} concurrent, {} engine(s) of kind {}, migration limit {}",
         options.requests,
         options.concurrency,
-        service.engines.len(),
+        target.service.engines.len(),
         config.engine.kind.as_str(),
         config.migration.limit
     );
@@ -309,34 +389,52 @@ pub async fn run(config: Config, options: DrillOptions) -> Result<bool, RunError
         println!("drill: faults.enabled is false in this config: the fault phases inject nothing");
     }
 
+    // One fault-free reference per kind of request.
     faults.set_enabled(false);
-    let reference = phase(&service, &model, &options).await;
-    let reference_failed = reference
-        .outcomes
-        .iter()
-        .filter(|o| o.error.is_some())
-        .count();
-    println!(
-        "phase 0 (no faults): {:.2} s, {:.0} tokens/s, {reference_failed} failed",
-        reference.elapsed.as_secs_f64(),
-        reference.tokens_per_s()
-    );
+    let mut references: HashMap<Driver, Phase> = HashMap::new();
+    let mut reference_failed = 0;
+    let mut order: Vec<Driver> = Vec::new();
+    for &driver in &drivers {
+        if references.contains_key(&driver) {
+            continue;
+        }
+        // Untimed warm-up (first connections, page cache, lazy allocations) so the reference's
+        // throughput is the steady state's.
+        driver.request(target.clone(), 0).await;
+        let reference = phase(&target, driver, &options).await;
+        let failed = reference
+            .outcomes
+            .iter()
+            .filter(|o| o.error.is_some())
+            .count();
+        reference_failed += failed;
+        println!(
+            "reference ({}, no faults): {} requests, {:.2} s, {:.0} {}/s, {failed} failed",
+            driver.describe(),
+            reference.outcomes.len(),
+            reference.elapsed.as_secs_f64(),
+            reference.units_per_s(),
+            driver.unit()
+        );
+        if let Some(error) = reference.outcomes.iter().find_map(|o| o.error.as_ref()) {
+            println!("  first failure: {error}");
+        }
+        references.insert(driver, reference);
+        order.push(driver);
+    }
 
     // One phase per configured kind, so every number below belongs to one kind of fault.
     let mut reports = Vec::new();
-    let mut skipped = Vec::new();
-    for &kind in &config.faults.kinds {
-        if let Some(why) = unreachable(kind, &config) {
-            skipped.push((kind.as_str(), why));
-            continue;
-        }
-        let report = drill_kind(&service, &model, &options, &reference, kind).await;
+    for &kind in &kinds {
+        let reference = &references[&Driver::of(kind)];
+        let report = drill_kind(&target, &options, reference, kind).await;
         println!(
-            "phase {} ({}): {:.2} s, {:.0} tokens/s",
+            "phase {} ({}): {:.2} s, {:.0} {}/s",
             reports.len() + 1,
             kind.as_str(),
             report.phase.elapsed.as_secs_f64(),
-            report.phase.tokens_per_s()
+            report.phase.units_per_s(),
+            report.driver.unit()
         );
         let escalated = report.escalations > 0;
         reports.push(report);
@@ -348,7 +446,7 @@ pub async fn run(config: Config, options: DrillOptions) -> Result<bool, RunError
 
     let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
     println!(
-        "\n{:<20} {:>8} {:>8} {:>11} {:>10} {:>6} {:>6} {:>10} {:>8} {:>8} {:>10}",
+        "\n{:<20} {:>8} {:>8} {:>11} {:>10} {:>6} {:>6} {:>10} {:>8} {:>8} {:>10} {:>7}  requests",
         "fault",
         "injected",
         "restarts",
@@ -359,15 +457,16 @@ pub async fn run(config: Config, options: DrillOptions) -> Result<bool, RunError
         "duplicated",
         "gap p50",
         "gap p99",
-        "throughput"
+        "throughput",
+        "retries"
     );
     for r in &mut reports {
-        let (lost, extra) = match deterministic {
+        let (lost, extra) = match r.driver.compared(deterministic) {
             true => (r.lost.to_string(), r.extra.to_string()),
             false => ("-".into(), "-".into()),
         };
         println!(
-            "{:<20} {:>8} {:>8} {:>11} {:>10} {:>6} {:>6} {:>10} {:>8} {:>8} {:>10.2}",
+            "{:<20} {:>8} {:>8} {:>11} {:>10} {:>6} {:>6} {:>10} {:>8} {:>8} {:>10.2} {:>7}  {}",
             r.kind.as_str(),
             r.injected,
             r.restarts,
@@ -378,10 +477,12 @@ pub async fn run(config: Config, options: DrillOptions) -> Result<bool, RunError
             extra,
             fmt(percentile(&mut r.gaps, 50.0)),
             fmt(percentile(&mut r.gaps, 99.0)),
-            r.phase.tokens_per_s() / reference.tokens_per_s().max(1e-9)
+            r.phase.units_per_s() / r.reference_rate.max(1e-9),
+            r.retries,
+            r.driver.describe()
         );
     }
-    println!("(gaps in ms, from the last token before a failure to the first after it; throughput = tokens/s with the fault / without)");
+    println!("(lost and duplicated count tokens, vectors or loads as the requests go; gaps in ms, from the last token before a failure to the first after it; throughput = work/s with the fault / without; retries = attempts the client repeated, as the openai SDK does)");
     for (kind, why) in &skipped {
         println!("{kind:<20} not injected: {why}");
     }
@@ -389,7 +490,7 @@ pub async fn run(config: Config, options: DrillOptions) -> Result<bool, RunError
         println!("{:<20} not injected: {why}", actor.as_str());
     }
 
-    let sent = options.requests * reports.len();
+    let sent: usize = reports.iter().map(|r| r.phase.outcomes.len()).sum();
     let failed: Vec<(FaultKind, usize, &String)> = reports
         .iter()
         .flat_map(|r| {
@@ -401,7 +502,7 @@ pub async fn run(config: Config, options: DrillOptions) -> Result<bool, RunError
         })
         .collect();
     println!(
-        "\nall fault phases: requests sent {sent}, completed {}, failed {} (reference run: {reference_failed} failed)",
+        "\nall fault phases: requests sent {sent}, completed {}, failed {} (reference runs: {reference_failed} failed)",
         sent - failed.len(),
         failed.len(),
     );
@@ -421,16 +522,20 @@ pub async fn run(config: Config, options: DrillOptions) -> Result<bool, RunError
             injected.join(", ")
         }
     );
-    let (lost, extra, changed) = reports.iter().fold((0, 0, 0), |(l, e, c), r| {
-        (l + r.lost, e + r.extra, c + r.changed)
-    });
+    let compared = |r: &&KindReport| r.driver.compared(deterministic);
+    let (lost, extra, changed) = reports
+        .iter()
+        .filter(compared)
+        .fold((0, 0, 0), |(l, e, c), r| {
+            (l + r.lost, e + r.extra, c + r.changed)
+        });
     if deterministic {
         println!(
-            "tokens vs the fault-free run: lost {lost}, duplicated {extra}, changed {changed}"
+            "output vs the fault-free run: lost {lost}, duplicated {extra}, changed {changed}"
         );
     } else {
         println!(
-            "tokens vs the fault-free run: not compared (engine {} is not deterministic)",
+            "output vs the fault-free run: lost {lost}, duplicated {extra}, changed {changed} (chat text not compared: engine {} is not deterministic)",
             config.engine.kind.as_str()
         );
     }
@@ -445,17 +550,21 @@ pub async fn run(config: Config, options: DrillOptions) -> Result<bool, RunError
         fmt(percentile(&mut all, 99.0))
     );
     let escalated = reports.iter().any(|r| r.escalations > 0);
-    let clean = failed.is_empty() && !escalated && (!deterministic || lost + extra + changed == 0);
+    let clean = failed.is_empty() && !escalated && lost + extra + changed == 0;
     println!(
         "result: {}",
         if clean {
-            "PASS (no lost requests, no lost or duplicated tokens, no escalation)"
+            "PASS (no lost requests, no lost or duplicated output, no escalation)"
         } else {
             "FAIL"
         }
     );
-    if let Ok(service) = Arc::try_unwrap(service) {
-        service.shutdown().await;
+    drop(reports);
+    drop(references);
+    if let Ok(target) = Arc::try_unwrap(target) {
+        if let Ok(service) = Arc::try_unwrap(target.service) {
+            service.shutdown().await;
+        }
     }
     Ok(clean)
 }
@@ -495,6 +604,7 @@ mod tests {
 
     #[test]
     fn messages_are_deterministic_and_varied() {
+        use requests::message;
         assert_eq!(message(7), message(7));
         assert_ne!(message(7), message(8));
         for i in 0..50 {
@@ -509,5 +619,17 @@ mod tests {
         assert_eq!(compare("abcd", "ab"), (2, 0, 0));
         assert_eq!(compare("abcd", "abccd"), (0, 1, 1));
         assert_eq!(compare("héllo", "hello"), (0, 0, 1));
+    }
+
+    #[test]
+    fn vectors_compare_with_a_tolerance() {
+        let want = [0.5, 0.25, 1.0, 0.0];
+        assert_eq!(
+            compare_vectors(&want, &[0.5001, 0.25, 1.0, 0.0], 2),
+            (0, 0, 0)
+        );
+        assert_eq!(compare_vectors(&want, &[0.5, 0.3, 1.0, 0.0], 2), (0, 0, 1));
+        assert_eq!(compare_vectors(&want, &[0.5, 0.25], 2), (1, 0, 0));
+        assert_eq!(compare_vectors(&want, &[], 2), (2, 0, 0));
     }
 }

@@ -8,7 +8,7 @@ use serde_json::json;
 use super::request::error_response;
 use super::AppState;
 use crate::error::ApiError;
-use crate::faults::FaultSpec;
+use crate::faults::{FaultKind, FaultSpec};
 
 /// `GET /admin/faults`.
 pub async fn faults_status(state: web::Data<AppState>) -> HttpResponse {
@@ -21,12 +21,14 @@ pub async fn arm_fault(state: web::Data<AppState>, body: web::Bytes) -> HttpResp
     let spec: FaultSpec = match serde_json::from_slice(&body) {
         Ok(spec) => spec,
         Err(e) => {
+            let kinds: Vec<&str> = FaultKind::ALL.iter().map(|k| k.as_str()).collect();
             return error_response(
                 &ApiError::bad_json(format!(
-                    "{e} (expected a fault such as {{\"kind\": \"engine_panic\", \"engine\": 0, \"after_tokens\": 5}}; kinds: engine_panic, engine_stall, engine_error, engine_slow, router_panic, validator_panic, http_panic)"
+                    "{e} (expected a fault such as {{\"kind\": \"engine_panic\", \"engine\": 0, \"after_tokens\": 5}}; kinds: {})",
+                    kinds.join(", ")
                 )),
                 overload,
-            )
+            );
         }
     };
     if let Some(engine) = spec.engine {
