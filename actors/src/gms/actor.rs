@@ -21,7 +21,7 @@ use super::fsm::{ConnectionId, Grant, LockError, LockTable, Release};
 use super::protocol::{Request, Response, RuntimeEvent};
 use crate::faults::FaultInjector;
 use crate::supervision::{
-    catch_panic, ActorKind, RestartTracker, SupervisionConfig, SupervisorEvents, Verdict,
+    catch_panic, ActorKind, RestartTracker, SupervisionConfig, SupervisorEvents,
 };
 
 /// Events kept for `get_event_history_request`.
@@ -481,16 +481,7 @@ impl GpuMemoryActor {
     /// done; closing releases its lock), report, and resume (see the module docs).
     fn failed(&mut self, reason: String) -> Outcome {
         tracing::error!(device = self.device, tag = %self.tag, %reason, "memory service panicked");
-        match self.supervision.on_failure(reason.clone()) {
-            Verdict::Restart => {
-                self.supervision.on_restart();
-                self.supervision.report_restarted(reason.clone());
-            }
-            Verdict::GiveUp { failures } => {
-                self.supervision.escalate(failures, reason.clone());
-            }
-            Verdict::AlreadyHandled => {}
-        }
+        self.supervision.resume_after(reason.clone());
         Outcome::Reply {
             response: Response::service_failed(format!("memory service failed: {reason}")),
             fd: None,

@@ -246,22 +246,11 @@ pub struct AppState {
 impl AppState {
     /// A handler panicked with `reason` (its request already failed with a 500).
     fn handler_panicked(&self, reason: String) {
-        use crate::supervision::Verdict;
-        let mut tracker = self
-            .supervision
+        // Nothing to rebuild: the worker thread carries on with its other connections.
+        self.supervision
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match tracker.on_failure(reason.clone()) {
-            Verdict::Restart => {
-                // Nothing to rebuild: the worker thread carries on with its other connections.
-                tracker.on_restart();
-                tracker.report_restarted(reason);
-            }
-            Verdict::GiveUp { failures } => {
-                tracker.escalate(failures, reason);
-            }
-            Verdict::AlreadyHandled => {}
-        }
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .resume_after(reason);
     }
 }
 

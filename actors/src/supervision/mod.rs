@@ -361,6 +361,22 @@ impl RestartTracker {
         escalation
     }
 
+    /// A failure (`reason`) that cost only the work it hit: the actor carries on as it is, with
+    /// nothing to rebuild (an HTTP worker thread, the memory service's tables, the request plane's
+    /// other streams). Counted and reported as a restart within budget; past it, escalated.
+    pub fn resume_after(&mut self, reason: String) {
+        match self.on_failure(reason.clone()) {
+            Verdict::Restart => {
+                self.on_restart();
+                self.report_restarted(reason);
+            }
+            Verdict::GiveUp { failures } => {
+                self.escalate(failures, reason);
+            }
+            Verdict::AlreadyHandled => {}
+        }
+    }
+
     /// Sends `event` to the root, if anyone listens.
     pub fn report(&self, event: SupervisorEvent) {
         if let Some(events) = &self.events {
