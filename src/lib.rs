@@ -56,6 +56,12 @@ pub enum RunError {
     /// A setting read at start is invalid (exit status 2).
     #[error("{0}")]
     Config(#[from] config::ConfigError),
+    /// The drill's own etcd or NATS server could not start.
+    #[error("{0}")]
+    Infra(#[from] distributed::infra::InfraError),
+    /// The drill's own cluster did not come up.
+    #[error("{0}")]
+    Drill(#[from] drill::DrillError),
     /// An actor failed past its restart intensity and the failure reached the root supervisor.
     #[error("stopping: {0}")]
     Escalated(dynamix_actors::supervision::Escalation),
@@ -325,13 +331,46 @@ pub async fn run_frontend(
     input: Input,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    let max_message_size = config.distributed.max_message_size;
     let mut shutdown = std::pin::pin!(shutdown);
+    let Some((service, config)) =
+        start_frontend(config, input == Input::Http, &mut shutdown).await?
+    else {
+        return Ok(());
+    };
+    let work = async {
+        match &input {
+            Input::Text => {
+                tokio::select! {
+                    r = frontends::text(&service, &config.model.name) => r,
+                    _ = &mut shutdown => Ok(()),
+                }
+            }
+            Input::Batch(file) => frontends::batch(&service, &config.model.name, file).await,
+            Input::Http | Input::Endpoint { .. } => {
+                (&mut shutdown).await;
+                Ok(())
+            }
+        }
+    };
+    let result = until_escalated(&service, work).await;
+    service.shutdown().await;
+    result
+}
+
+/// Start a frontend: wait for the workers' model card (unless the model is local; `None` when
+/// `shutdown` came first), then the tree with the cluster side routing to the workers. Returns the
+/// service and the config as the card completed it.
+pub async fn start_frontend<S: Future<Output = ()>>(
+    config: Config,
+    serve_http: bool,
+    shutdown: &mut std::pin::Pin<&mut S>,
+) -> Result<Option<(RunningService, Config)>, RunError> {
+    let max_message_size = config.distributed.max_message_size;
     let (config, tokenizer, placeholder) = match config.model.source {
         config::ModelSource::Local => (config, None, false),
-        _ => match cards::frontend_model(config, &mut shutdown).await? {
+        _ => match cards::frontend_model(config, shutdown).await? {
             Some(choice) => (choice.config, choice.tokenizer, choice.placeholder),
-            None => return Ok(()),
+            None => return Ok(None),
         },
     };
     let tokenizer = match tokenizer {
@@ -389,29 +428,12 @@ pub async fn run_frontend(
     let service = start_with(
         &config,
         tokenizer,
-        input == Input::Http,
+        serve_http,
         Role::Frontend,
         Some(cluster),
     )
     .await?;
-    let work = async {
-        match &input {
-            Input::Text => {
-                tokio::select! {
-                    r = frontends::text(&service, &config.model.name) => r,
-                    _ = &mut shutdown => Ok(()),
-                }
-            }
-            Input::Batch(file) => frontends::batch(&service, &config.model.name, file).await,
-            Input::Http | Input::Endpoint { .. } => {
-                (&mut shutdown).await;
-                Ok(())
-            }
-        }
-    };
-    let result = until_escalated(&service, work).await;
-    service.shutdown().await;
-    result
+    Ok(Some((service, config)))
 }
 
 /// `dynamix worker`: serve this process's engines to frontends until `shutdown` resolves, then leave
@@ -420,6 +442,20 @@ pub async fn run_worker(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
+    let service = start_worker(&config).await?;
+    let result = until_escalated(&service, async {
+        shutdown.await;
+        Ok(())
+    })
+    .await;
+    service.shutdown().await;
+    result
+}
+
+/// Start a worker: the tree with its engines, and the cluster side serving them on the request
+/// plane, registered in etcd and publishing on NATS.
+pub async fn start_worker(config: &Config) -> Result<RunningService, RunError> {
+    let config = config.clone();
     let max_message_size = config.distributed.max_message_size;
     let tokenizer = config_tokenizer(&config)?;
     let cluster: supervisor::ClusterStart = {
@@ -477,12 +513,5 @@ pub async fn run_worker(
             .boxed_local()
         })
     };
-    let service = start_with(&config, tokenizer, false, Role::Worker, Some(cluster)).await?;
-    let result = until_escalated(&service, async {
-        shutdown.await;
-        Ok(())
-    })
-    .await;
-    service.shutdown().await;
-    result
+    start_with(&config, tokenizer, false, Role::Worker, Some(cluster)).await
 }

@@ -494,7 +494,8 @@ fn the_drill_reports_no_lost_or_duplicated_tokens() {
         String::from_utf8_lossy(&output.stderr)
     );
     // One phase of 120 requests per reachable kind of the shipped config: chat on the serving path,
-    // chat over HTTP (http_panic) and embeddings over HTTP (embeddings_panic).
+    // chat through the drill's own frontend and workers (request_plane_panic), chat over HTTP
+    // (http_panic) and embeddings over HTTP (embeddings_panic).
     let reachable = [
         "engine_panic",
         "engine_error",
@@ -504,6 +505,7 @@ fn the_drill_reports_no_lost_or_duplicated_tokens() {
         "validator_panic",
         "http_panic",
         "embeddings_panic",
+        "request_plane_panic",
     ];
     let sent = 120 * reachable.len();
     assert!(
@@ -524,7 +526,7 @@ fn the_drill_reports_no_lost_or_duplicated_tokens() {
             "nothing failed or lost: {row}"
         );
     }
-    for unreachable in ["indexer_panic", "memory_service_panic", "request_plane"] {
+    for unreachable in ["indexer_panic", "memory_service_panic"] {
         assert!(
             stdout.contains(&format!("{unreachable:<20} not injected: ")),
             "{unreachable} is named with the reason: {stdout}"

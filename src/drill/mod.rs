@@ -3,9 +3,11 @@
 //! fault injection off (the reference, once per kind of request) and once with random faults of that
 //! kind only (on the `every_ms` timer and/or per output). The requests are what meets the fault
 //! ([`Driver`]): streaming chat on the serving path below HTTP for the engine, router, validator and
-//! indexer faults (recovery gaps are measured there); the same chat over HTTP, with the `openai`
-//! SDK's retries, for HTTP handler panics; `/v1/embeddings` for the embedding engine; and weights
-//! loads through the memory service, as a restarting engine does them, for the memory service.
+//! indexer faults (recovery gaps are measured there); the same chat through a frontend of the
+//! drill's own workers (its own etcd and NATS too) for the workers' request plane; the same chat over
+//! HTTP, with the `openai` SDK's retries, for HTTP handler panics; `/v1/embeddings` for the embedding
+//! engine; and weights loads through the memory service, as a restarting engine does them, for the
+//! memory service.
 //!
 //! For each kind it reports the faults injected, the restarts of the actor it hits, escalations to
 //! the root, migrations, client retries, failed requests, tokens (or vectors) lost or duplicated
@@ -16,8 +18,11 @@
 //! The comparison needs a deterministic engine (`echo`/`echo_full`/`echo_core`); with another engine the
 //! drill still runs and reports, but says that token comparison is meaningless.
 
+mod cluster;
 mod http;
 mod requests;
+
+pub use cluster::DrillError;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -25,9 +30,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dynamix_actors::engine::EngineKind;
-use dynamix_actors::faults::{FaultInjector, FaultKind};
+use dynamix_actors::faults::FaultKind;
 use dynamix_actors::router::RouterMode;
-use dynamix_actors::supervision::ActorKind;
 use dynamix_actors::supervisor::RunningService;
 
 use crate::config::Config;
@@ -75,6 +79,8 @@ impl Phase {
 enum Driver {
     /// Streaming chat on the serving path, below HTTP.
     Chat,
+    /// The same through the drill cluster's frontend, to its workers over the request plane.
+    ClusterChat,
     /// The same over HTTP.
     HttpChat,
     /// `/v1/embeddings` over HTTP.
@@ -89,6 +95,7 @@ impl Driver {
             FaultKind::HttpPanic => Driver::HttpChat,
             FaultKind::EmbeddingsPanic => Driver::Embeddings,
             FaultKind::MemoryServicePanic => Driver::Weights,
+            FaultKind::RequestPlanePanic => Driver::ClusterChat,
             _ => Driver::Chat,
         }
     }
@@ -96,6 +103,7 @@ impl Driver {
     fn describe(self) -> &'static str {
         match self {
             Driver::Chat => "streaming chat, in-process",
+            Driver::ClusterChat => "streaming chat, frontend to workers",
             Driver::HttpChat => "streaming chat over HTTP",
             Driver::Embeddings => "embeddings over HTTP",
             Driver::Weights => "weights loads through the memory service",
@@ -104,7 +112,7 @@ impl Driver {
 
     fn unit(self) -> &'static str {
         match self {
-            Driver::Chat | Driver::HttpChat => "tokens",
+            Driver::Chat | Driver::ClusterChat | Driver::HttpChat => "tokens",
             Driver::Embeddings => "vectors",
             Driver::Weights => "loads",
         }
@@ -131,7 +139,14 @@ impl Driver {
     fn request(self, target: Arc<Target>, i: usize) -> impl Future<Output = Outcome> + 'static {
         async move {
             match self {
-                Driver::Chat => requests::chat(&target, i).await,
+                Driver::Chat => requests::chat(&target.service, &target.model, i).await,
+                Driver::ClusterChat => match &target.cluster {
+                    Some(cluster) => requests::chat(&cluster.frontend, &target.model, i).await,
+                    None => Outcome {
+                        error: Some("the drill's cluster is not running".into()),
+                        ..Outcome::default()
+                    },
+                },
                 Driver::HttpChat => requests::chat_http(&target, i).await,
                 Driver::Embeddings => requests::embeddings(&target, i).await,
                 Driver::Weights => requests::weights(&target, i).await,
@@ -156,7 +171,9 @@ async fn phase(target: &Arc<Target>, driver: Driver, options: &DrillOptions) -> 
                         // The tail: fewer and fewer requests run while faults keep coming at the same
                         // rate, until the last one standing takes them all. Faults cover the steady
                         // state only.
-                        target.service.faults.set_enabled(false);
+                        for service in target.faulted(driver) {
+                            service.faults.set_enabled(false);
+                        }
                     }
                     if i >= total {
                         return done;
@@ -216,7 +233,9 @@ fn compare_vectors(want: &[f32], got: &[f32], dimensions: usize) -> (u64, u64, u
 /// Lost, extra and changed units of one outcome against its reference.
 fn difference(driver: Driver, want: &Outcome, got: &Outcome) -> (u64, u64, u64) {
     match driver {
-        Driver::Chat | Driver::HttpChat | Driver::Weights => compare(&want.text, &got.text),
+        Driver::Chat | Driver::ClusterChat | Driver::HttpChat | Driver::Weights => {
+            compare(&want.text, &got.text)
+        }
         Driver::Embeddings => {
             let dimensions = want.values.len() / want.units.max(1) as usize;
             compare_vectors(&want.values, &got.values, dimensions)
@@ -246,12 +265,6 @@ fn unreachable(kind: FaultKind, config: &Config) -> Option<&'static str> {
     }
 }
 
-/// The actors no fault kind reaches yet, and where their failures are exercised instead.
-const NOT_INJECTED: &[(ActorKind, &str)] = &[(
-    ActorKind::RequestPlane,
-    "a worker process's; tests/distributed.rs kills workers mid-stream",
-)];
-
 /// What one phase with faults of one kind did, against the fault-free reference.
 struct KindReport {
     kind: FaultKind,
@@ -278,18 +291,32 @@ async fn drill_kind(
     reference: &Phase,
     kind: FaultKind,
 ) -> KindReport {
-    let service = &target.service;
-    let faults: &FaultInjector = &service.faults;
     let driver = Driver::of(kind);
+    let services = target.faulted(driver);
     let actor = kind.actor();
-    let restarts_before = service.metrics.actor_restarts(actor.as_str());
-    let escalations_before = escalations(service).await;
-    let injected_before = faults.injected().get(&kind).copied().unwrap_or(0);
-    faults.restrict(Some(kind));
-    faults.set_enabled(true);
+    let restarts = || -> u64 {
+        services
+            .iter()
+            .map(|s| s.metrics.actor_restarts(actor.as_str()))
+            .sum()
+    };
+    let injected = || -> u64 {
+        services
+            .iter()
+            .map(|s| s.faults.injected().get(&kind).copied().unwrap_or(0))
+            .sum()
+    };
+    let (restarts_before, injected_before) = (restarts(), injected());
+    let escalations_before = escalations(&services).await;
+    for faults in services.iter().map(|s| &s.faults) {
+        faults.restrict(Some(kind));
+        faults.set_enabled(true);
+    }
     let phase = phase(target, driver, options).await;
-    faults.set_enabled(false);
-    faults.restrict(None);
+    for faults in services.iter().map(|s| &s.faults) {
+        faults.set_enabled(false);
+        faults.restrict(None);
+    }
     // Let restart reports reach the supervisor.
     actix_rt::time::sleep(Duration::from_millis(100)).await;
     let (mut lost, mut extra, mut changed) = (0, 0, 0);
@@ -304,9 +331,9 @@ async fn drill_kind(
         kind,
         driver,
         reference_rate: reference.units_per_s(),
-        injected: faults.injected().get(&kind).copied().unwrap_or(0) - injected_before,
-        restarts: service.metrics.actor_restarts(actor.as_str()) - restarts_before,
-        escalations: escalations(service).await - escalations_before,
+        injected: injected() - injected_before,
+        restarts: restarts() - restarts_before,
+        escalations: escalations(&services).await - escalations_before,
         migrations: recoveries.clone().count(),
         retries: phase.outcomes.iter().map(|o| u64::from(o.retries)).sum(),
         gaps: recoveries
@@ -320,11 +347,15 @@ async fn drill_kind(
     }
 }
 
-/// Escalations in the root's timeline so far.
-async fn escalations(service: &RunningService) -> usize {
-    service.snapshot().await.map_or(0, |s| {
-        s.timeline.iter().filter(|e| e.event == "escalated").count()
-    })
+/// Escalations in the roots' timelines so far.
+async fn escalations(services: &[&RunningService]) -> usize {
+    let mut total = 0;
+    for service in services {
+        total += service.snapshot().await.map_or(0, |s| {
+            s.timeline.iter().filter(|e| e.event == "escalated").count()
+        });
+    }
+    total
 }
 
 /// What the requests of `drivers` need: HTTP on a free port of the loopback, the weights' file.
@@ -374,6 +405,10 @@ pub async fn run(config: Config, options: DrillOptions) -> Result<bool, RunError
             .enabled
             .then(|| config.embeddings.model_name.clone()),
         weights,
+        cluster: match drivers.contains(&Driver::ClusterChat) {
+            true => Some(cluster::start(&config).await?),
+            false => None,
+        },
     });
     drop(service);
     let faults = target.service.faults.clone();
@@ -385,15 +420,22 @@ pub async fn run(config: Config, options: DrillOptions) -> Result<bool, RunError
         config.engine.kind.as_str(),
         config.migration.limit
     );
+    if target.cluster.is_some() {
+        println!(
+            "drill: its own etcd, NATS, {} workers (each as above) and a frontend, for the request plane (faults on the first worker)",
+            cluster::WORKERS
+        );
+    }
     if !faults.is_enabled() {
         println!("drill: faults.enabled is false in this config: the fault phases inject nothing");
     }
 
     // One fault-free reference per kind of request.
-    faults.set_enabled(false);
+    for service in target.all() {
+        service.faults.set_enabled(false);
+    }
     let mut references: HashMap<Driver, Phase> = HashMap::new();
     let mut reference_failed = 0;
-    let mut order: Vec<Driver> = Vec::new();
     for &driver in &drivers {
         if references.contains_key(&driver) {
             continue;
@@ -420,7 +462,6 @@ pub async fn run(config: Config, options: DrillOptions) -> Result<bool, RunError
             println!("  first failure: {error}");
         }
         references.insert(driver, reference);
-        order.push(driver);
     }
 
     // One phase per configured kind, so every number below belongs to one kind of fault.
@@ -485,9 +526,6 @@ pub async fn run(config: Config, options: DrillOptions) -> Result<bool, RunError
     println!("(lost and duplicated count tokens, vectors or loads as the requests go; gaps in ms, from the last token before a failure to the first after it; throughput = work/s with the fault / without; retries = attempts the client repeated, as the openai SDK does)");
     for (kind, why) in &skipped {
         println!("{kind:<20} not injected: {why}");
-    }
-    for (actor, why) in NOT_INJECTED {
-        println!("{:<20} not injected: {why}", actor.as_str());
     }
 
     let sent: usize = reports.iter().map(|r| r.phase.outcomes.len()).sum();
@@ -562,6 +600,9 @@ pub async fn run(config: Config, options: DrillOptions) -> Result<bool, RunError
     drop(reports);
     drop(references);
     if let Ok(target) = Arc::try_unwrap(target) {
+        if let Some(cluster) = target.cluster {
+            cluster.shutdown().await;
+        }
         if let Ok(service) = Arc::try_unwrap(target.service) {
             service.shutdown().await;
         }

@@ -1,6 +1,7 @@
 //! What one drill request is, per driver: a streaming chat request on the serving path in-process
-//! (gaps measured there), the same over HTTP, an embeddings request over HTTP, or a weights load
-//! through the memory service as a restarting engine does it.
+//! (gaps measured there; on the drill cluster's frontend for request-plane faults), the same over
+//! HTTP, an embeddings request over HTTP, or a weights load through the memory service as a
+//! restarting engine does it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,6 +14,7 @@ use dynamix_actors::supervisor::RunningService;
 use dynamix_actors::validator::{ChatInput, RequestContext, ValidateChat};
 use serde_json::{json, Value};
 
+use super::cluster::Cluster;
 use super::http;
 use super::Outcome;
 
@@ -27,6 +29,31 @@ pub(super) struct Target {
     pub(super) embeddings_model: Option<String>,
     /// The weights an engine loads through the memory service, when it serves them.
     pub(super) weights: Option<Weights>,
+    /// The drill's own frontend and workers, when a fault lives between them.
+    pub(super) cluster: Option<Cluster>,
+}
+
+impl Target {
+    /// The services whose faults `driver`'s phases inject and count: the drill cluster's first
+    /// worker for the request plane (one injector, so one fault per `every_ms` as elsewhere; the
+    /// frontend keeps a worker whose stream broke out of routing until it answers a probe, and the
+    /// others carry the load meanwhile), else the drill's service.
+    pub(super) fn faulted(&self, driver: super::Driver) -> Vec<&RunningService> {
+        match (driver, &self.cluster) {
+            (super::Driver::ClusterChat, Some(cluster)) => cluster.workers.iter().take(1).collect(),
+            _ => vec![&self.service],
+        }
+    }
+
+    /// Every service the drill runs.
+    pub(super) fn all(&self) -> Vec<&RunningService> {
+        let mut all = vec![&*self.service];
+        if let Some(cluster) = &self.cluster {
+            all.push(&cluster.frontend);
+            all.extend(&cluster.workers);
+        }
+        all
+    }
 }
 
 /// A model file behind a memory service.
@@ -73,14 +100,13 @@ fn chat_body(model: &str, i: usize) -> Value {
     })
 }
 
-/// A streaming chat request on the serving path below HTTP, with its recoveries.
-pub(super) async fn chat(target: &Target, i: usize) -> Outcome {
-    let service = &target.service;
+/// A streaming chat request on `service`'s serving path below HTTP, with its recoveries.
+pub(super) async fn chat(service: &RunningService, model: &str, i: usize) -> Outcome {
     let mut outcome = Outcome::default();
     let validated = match service
         .gateway
         .validate_chat(ValidateChat {
-            input: ChatInput::Body(chat_body(&target.model, i).to_string().into()),
+            input: ChatInput::Body(chat_body(model, i).to_string().into()),
             context: RequestContext {
                 request_id: uuid::Uuid::new_v4().to_string(),
                 pinned_engine: None,

@@ -53,6 +53,10 @@ pub struct Local {
     pub cluster: crate::http::ClusterStatus,
     /// The process's metrics (a frontend's lanes count their requests there too).
     pub metrics: std::sync::Arc<crate::metrics::FrontendMetrics>,
+    /// The fault injector (a worker's request plane takes `request_plane_panic` from it).
+    pub faults: std::sync::Arc<crate::faults::FaultInjector>,
+    /// Where a worker's request plane counts its failures (the tree's `request_plane` child).
+    pub request_plane: std::sync::Arc<std::sync::Mutex<crate::supervision::RestartTracker>>,
 }
 
 use crate::setting::InvalidSetting;

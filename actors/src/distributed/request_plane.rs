@@ -10,10 +10,11 @@
 //!
 //! If the local engine dies mid-stream (its channel closes before a finish), the stream ends without
 //! `complete_final` ([`Reply::Abandon`]): the frontend migrates the request, exactly as for a killed
-//! worker.
+//! worker. So does a panic while relaying an output (`request_plane_panic`): it ends that stream
+//! alone and counts as a restart of the tree's `request_plane` child.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::Addr;
@@ -23,8 +24,10 @@ use tokio::sync::mpsc;
 use super::wire::response::{CompletionUsageWire, PromptTokensDetailsWire};
 use super::wire::{PreprocessedRequest, StreamItem};
 use crate::error::{ApiError, ErrorClass};
+use crate::faults::FaultInjector;
 use crate::protocol::engine::{EngineEvent, EngineRequest};
 use crate::router::{KvRouterActor, Route};
+use crate::supervision::{catch_panic, RestartTracker};
 use dynamix_wire::endpoint::{
     EndpointServer, EndpointState, Handler, Replies, Reply, Request, ServerSettings,
 };
@@ -40,6 +43,10 @@ pub struct EndpointSettings {
     pub connect_timeout: Duration,
     /// Capacity of each request's token channel.
     pub stream_buffer: usize,
+    /// Fault injection (`request_plane_panic`).
+    pub faults: Arc<FaultInjector>,
+    /// Where a stream's failure is counted (the tree's `request_plane` child).
+    pub supervision: Arc<Mutex<RestartTracker>>,
 }
 
 /// A listening endpoint.
@@ -74,6 +81,10 @@ impl WorkerEndpoint {
         let handler = EngineHandler {
             router,
             stream_buffer: settings.stream_buffer.max(1),
+            guard: Arc::new(Guard {
+                faults: settings.faults,
+                supervision: settings.supervision,
+            }),
         };
         let suffix = settings.path_suffix;
         let state = server
@@ -113,6 +124,34 @@ impl WorkerEndpoint {
 struct EngineHandler {
     router: Addr<KvRouterActor>,
     stream_buffer: usize,
+    guard: Arc<Guard>,
+}
+
+/// What turns a panic while relaying an output into the end of that stream alone.
+struct Guard {
+    faults: Arc<FaultInjector>,
+    supervision: Arc<Mutex<RestartTracker>>,
+}
+
+impl Guard {
+    /// The reply for `event`; a panic while building it ends the stream with [`Reply::Abandon`]
+    /// (the requester migrates the request, as for a dead worker) and counts as a restart of the
+    /// request plane, whose other streams carry on.
+    fn relay(&self, usage: &mut Usage, event: &EngineEvent) -> Result<Reply, ()> {
+        let relayed = catch_panic(|| {
+            if self.faults.on_request_plane() {
+                panic!("injected fault: the request plane panics while relaying an output");
+            }
+            reply(usage.annotate(event))
+        });
+        relayed.map_err(|reason| {
+            tracing::error!(%reason, "request plane stream panicked; abandoning it");
+            self.supervision
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .resume_after(reason);
+        })
+    }
 }
 
 /// The engine request a body asks for, or why it cannot be served (a 400 on the requester's side).
@@ -153,23 +192,24 @@ impl Handler for EngineHandler {
     fn call(&self, request: Request) -> Replies {
         let router = self.router.clone();
         let buffer = self.stream_buffer;
+        let guard = self.guard.clone();
         Box::pin(futures_util::stream::unfold(
             Phase::Start(request),
             move |phase| {
-                let router = router.clone();
+                let (router, guard) = (router.clone(), guard.clone());
                 async move {
                     match phase {
                         Phase::Start(request) => {
                             let id = request.id.clone();
                             match start(&router, request, buffer).await {
-                                Ok(running) => next_output(running).await,
+                                Ok(running) => next_output(running, &guard).await,
                                 Err(error) => {
                                     tracing::debug!(request = %id, error = %error.message, "request failed before generation");
                                     Some((reply(StreamItem::of(&Err(error))), Phase::Done))
                                 }
                             }
                         }
-                        running @ Phase::Running { .. } => next_output(running).await,
+                        running @ Phase::Running { .. } => next_output(running, &guard).await,
                         Phase::Done => None,
                     }
                 }
@@ -208,7 +248,7 @@ async fn start(
 
 /// The next output as a reply; at the channel's end nothing more (the server completes the
 /// stream), or [`Reply::Abandon`] when the engine stopped before finishing.
-async fn next_output(phase: Phase) -> Option<(Reply, Phase)> {
+async fn next_output(phase: Phase, guard: &Guard) -> Option<(Reply, Phase)> {
     let Phase::Running {
         mut outputs,
         mut usage,
@@ -223,7 +263,10 @@ async fn next_output(phase: Phase) -> Option<(Reply, Phase)> {
                 Ok(output) => output.finish_reason.is_some(),
                 Err(_) => true,
             };
-            let item = reply(usage.annotate(&event));
+            let Ok(item) = guard.relay(&mut usage, &event) else {
+                // Dropping the outputs tells the engine that nobody reads them any more.
+                return Some((Reply::Abandon, Phase::Done));
+            };
             Some((
                 item,
                 Phase::Running {
@@ -416,6 +459,66 @@ mod tests {
                 .unwrap();
         assert_eq!((last.completion_tokens, last.total_tokens), (3, 13));
         assert_eq!(last.prompt_tokens_details.unwrap().cached_tokens, Some(8));
+    }
+
+    /// A panic while relaying an output ends that stream without completion (the requester
+    /// migrates it), drops the engine's channel, and counts as a restart of the request plane; the
+    /// next stream is served.
+    #[actix_rt::test]
+    async fn a_panic_while_relaying_abandons_that_stream_and_counts_a_restart() {
+        use crate::faults::{FaultKind, FaultSpec, FaultsConfig};
+        use crate::protocol::engine::EngineOutput;
+        use crate::supervision::{ActorKind, SupervisionConfig, SupervisorEvent};
+        let faults = FaultInjector::new(FaultsConfig {
+            enabled: true,
+            ..FaultsConfig::default()
+        });
+        let (events, mut reports) = tokio::sync::mpsc::unbounded_channel();
+        let mut tracker = RestartTracker::new(ActorKind::RequestPlane, "0");
+        tracker.supervise(&SupervisionConfig::default(), events);
+        let guard = Guard {
+            faults: faults.clone(),
+            supervision: Arc::new(Mutex::new(tracker)),
+        };
+        let running = |tx_capacity| {
+            let (tx, rx) = mpsc::channel(tx_capacity);
+            let phase = Phase::Running {
+                outputs: rx,
+                usage: Usage::default(),
+                finished: false,
+            };
+            (tx, phase)
+        };
+        let output = Ok(EngineOutput {
+            token_ids: vec![7],
+            ..EngineOutput::default()
+        });
+
+        let (tx, phase) = running(4);
+        tx.send(output.clone()).await.expect("open");
+        faults
+            .arm(FaultSpec::new(FaultKind::RequestPlanePanic))
+            .expect("armed");
+        let (reply, phase) = next_output(phase, &guard).await.expect("a reply");
+        assert!(matches!(reply, Reply::Abandon), "{reply:?}");
+        assert!(matches!(phase, Phase::Done));
+        drop(phase);
+        assert!(
+            tx.is_closed(),
+            "the engine learns that nobody reads its outputs"
+        );
+        match reports.try_recv() {
+            Ok(SupervisorEvent::Restarted { actor, reason, .. }) => {
+                assert_eq!(actor, ActorKind::RequestPlane);
+                assert!(reason.contains("injected fault"), "{reason}");
+            }
+            other => panic!("expected a restart report, got {other:?}"),
+        }
+
+        let (tx, phase) = running(4);
+        tx.send(output).await.expect("open");
+        let (reply, _) = next_output(phase, &guard).await.expect("a reply");
+        assert!(matches!(reply, Reply::Annotated(_)), "{reply:?}");
     }
 
     #[test]

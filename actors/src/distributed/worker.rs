@@ -90,6 +90,8 @@ pub async fn start(
             max_message_size: settings.max_message_size,
             connect_timeout: Duration::from_secs_f64(config.connect_timeout_secs),
             stream_buffer: settings.stream_buffer,
+            faults: service.faults.clone(),
+            supervision: service.request_plane.clone(),
         },
         service.router.clone(),
     )

@@ -47,6 +47,9 @@ pub enum FaultKind {
     /// The in-process memory service panics while handling a request (that request fails; the
     /// service resumes with its tables).
     MemoryServicePanic,
+    /// A worker's request plane panics while relaying an output: the stream ends without
+    /// `complete_final` and the frontend migrates the request, as for a killed worker.
+    RequestPlanePanic,
 }
 
 impl FaultKind {
@@ -63,11 +66,12 @@ impl FaultKind {
             FaultKind::EmbeddingsPanic => "embeddings_panic",
             FaultKind::IndexerPanic => "indexer_panic",
             FaultKind::MemoryServicePanic => "memory_service_panic",
+            FaultKind::RequestPlanePanic => "request_plane_panic",
         }
     }
 
     /// Every kind, in declaration order.
-    pub const ALL: [FaultKind; 10] = [
+    pub const ALL: [FaultKind; 11] = [
         FaultKind::EnginePanic,
         FaultKind::EngineStall,
         FaultKind::EngineError,
@@ -78,6 +82,7 @@ impl FaultKind {
         FaultKind::EmbeddingsPanic,
         FaultKind::IndexerPanic,
         FaultKind::MemoryServicePanic,
+        FaultKind::RequestPlanePanic,
     ];
 
     /// The actor a fault of this kind hits.
@@ -94,6 +99,7 @@ impl FaultKind {
             FaultKind::EmbeddingsPanic => ActorKind::Embeddings,
             FaultKind::IndexerPanic => ActorKind::Indexer,
             FaultKind::MemoryServicePanic => ActorKind::MemoryService,
+            FaultKind::RequestPlanePanic => ActorKind::RequestPlane,
         }
     }
 
@@ -475,7 +481,8 @@ impl FaultInjector {
             | FaultKind::HttpPanic
             | FaultKind::EmbeddingsPanic
             | FaultKind::IndexerPanic
-            | FaultKind::MemoryServicePanic => return None,
+            | FaultKind::MemoryServicePanic
+            | FaultKind::RequestPlanePanic => return None,
         })
     }
 
@@ -501,6 +508,15 @@ impl FaultInjector {
     pub fn on_index(&self) -> bool {
         self.is_enabled()
             && Self::take(&mut self.state(), |s| s.kind == FaultKind::IndexerPanic).is_some()
+    }
+
+    /// Called by a worker's request plane for each output it relays: true = panic now.
+    pub fn on_request_plane(&self) -> bool {
+        self.is_enabled()
+            && Self::take(&mut self.state(), |s| {
+                s.kind == FaultKind::RequestPlanePanic
+            })
+            .is_some()
     }
 
     /// Called by the memory service for each request: true = panic now.

@@ -387,6 +387,11 @@ impl RunningService {
             kv_block_size: self.kv_block_size,
             cluster: self.cluster.clone(),
             metrics: self.metrics.clone(),
+            faults: self.faults.clone(),
+            // Not under a tree's `request_plane` child: failures are counted, not reported.
+            request_plane: std::sync::Arc::new(std::sync::Mutex::new(
+                crate::supervision::RestartTracker::new(ActorKind::RequestPlane, "0"),
+            )),
         }
     }
 

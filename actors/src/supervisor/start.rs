@@ -129,6 +129,12 @@ impl Startup {
             kv_block_size: self.block_size,
             cluster: self.cluster.clone(),
             metrics: self.metrics.clone(),
+            faults: self.faults.clone(),
+            request_plane: {
+                let mut tracker = RestartTracker::new(ActorKind::RequestPlane, "0");
+                tracker.supervise(&self.config.supervision, self.events.clone());
+                std::sync::Arc::new(std::sync::Mutex::new(tracker))
+            },
         };
         start(local).await.map_err(StartError::Cluster)
     }
