@@ -19,8 +19,12 @@
 //! - `device`: libraries, the context, kernels and cuBLAS of one GPU ([`GpuDevice`], [`probe`]).
 //! - `weights`: the GGUF's tensors on the device ([`GpuWeights`]).
 //! - `batch`: host side of one step, the packed arrays the kernels read ([`StepPlan`]).
-//! - `forward`: the step on the device ([`Forward`]).
-//! - `engine`: [`GpuEngine`], its scheduler, block tables and KV events.
+//! - `forward/`: the step on the device ([`Forward`]): buffers and the step (`mod`), the kernel
+//!   launches layer by layer (`layers`), decode CUDA graphs (`graphs`), per-op timing (`profile`).
+//! - `engine/`: [`GpuEngine`], the actor-facing engine (`mod`); its continuous-batching scheduler,
+//!   block tables and KV events (`scheduler`); the device behind the `StepRunner` seam (`runner`);
+//!   the live counters (`load`).
+//! - `kernels`: the CUDA C sources NVRTC compiles; `check`: the GPU engine against the CPU engine.
 
 pub mod batch;
 pub mod check;
