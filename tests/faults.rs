@@ -146,6 +146,22 @@ async fn an_engine_panicking_mid_stream_migrates_and_the_stream_is_unchanged() {
     server.stop().await;
 }
 
+/// With one engine there is nowhere else to go: the migrating stream waits for the engine's restart
+/// (instead of failing at once with "no engine available") and the engine takes it back.
+#[actix_rt::test]
+async fn with_one_engine_a_migrating_stream_waits_for_the_restart() {
+    let server = start(
+        "echo.token_delay_ms = 2\n[engine]\ndevices = [\"cpu:0\"]\n[migration]\nlimit = 1\n\
+         [faults]\nenabled = true\nadmin_endpoint = true\n",
+    )
+    .await;
+    arm(&server, json!({"kind": "engine_panic", "after_tokens": 10})).await;
+    let (faulted, sse) = stream_chat(&server, TEXT).await;
+    assert_eq!(faulted, TEXT, "no token lost or duplicated: {sse}");
+    assert!(sse.ends_with("data: [DONE]\n\n"), "{sse}");
+    server.stop().await;
+}
+
 #[actix_rt::test]
 async fn without_migration_the_client_gets_the_error() {
     let server = start(&config(0, "")).await;

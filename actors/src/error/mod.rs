@@ -113,6 +113,10 @@ pub struct ApiError {
     /// An HTTP status chosen by a worker's handler (`HttpError(code, ...)` in the Python SDK) that
     /// no class expresses; it replaces the class's status in bodies and frames.
     pub status: Option<u16>,
+    /// No engine could be routed to at all (every one failed, was removed or is being probed): a
+    /// migration waits for one to come back instead of spending its attempts at once. Stays
+    /// inside the process.
+    pub no_engine: bool,
 }
 
 impl ApiError {
@@ -124,6 +128,7 @@ impl ApiError {
             details: None,
             restarted: None,
             status: None,
+            no_engine: false,
         }
     }
 
@@ -163,6 +168,7 @@ impl ApiError {
             details: Some(details),
             restarted: None,
             status: None,
+            no_engine: false,
         }
     }
 
@@ -170,6 +176,17 @@ impl ApiError {
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(%cause, "internal error");
         Self::new(ErrorClass::Internal, "Internal server error")
+    }
+
+    /// No engine can take the request now (see [`ApiError::no_engine`]).
+    pub fn no_engine_available() -> Self {
+        ApiError {
+            no_engine: true,
+            ..Self::new(
+                ErrorClass::Unavailable,
+                "No engine is available to serve the request (every engine has failed or been removed)",
+            )
+        }
     }
 
     /// The error a request gets when `actor` failed while handling it and is being restarted:

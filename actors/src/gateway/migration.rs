@@ -149,7 +149,9 @@ pub(crate) async fn route(
             router_restarts += 1;
             continue;
         }
-        if error.class.is_migratable() && *migrations_left > 0 {
+        // No engine at all: retrying at once would spend the attempts in microseconds (a stream
+        // being migrated waits for one instead, in `route_waiting`).
+        if error.class.is_migratable() && !error.no_engine && *migrations_left > 0 {
             *migrations_left -= 1;
             if let Some(metrics) = &migrator.metrics {
                 metrics.migration(&migrator.model, MigrationType::NewRequest);
@@ -157,6 +159,36 @@ pub(crate) async fn route(
             continue;
         }
         return Err(error);
+    }
+}
+
+/// How long a migrating stream waits for an engine when none can be routed to (a frontend keeps a
+/// worker whose stream broke out of routing until it answers a probe, every 500 ms).
+const NO_ENGINE_WAIT: Duration = Duration::from_secs(3);
+
+/// [`route`] for a stream being migrated off `failed`: when no engine can be routed to, it waits (up
+/// to [`NO_ENGINE_WAIT`], polling) for one to come back, `failed` included, rather than failing the
+/// client's stream half-way.
+async fn route_waiting(
+    migrator: &Migrator,
+    request: &EngineRequest,
+    output: &mpsc::Sender<EngineEvent>,
+    failed: u64,
+    migrations_left: &mut u32,
+) -> Result<Routed, ApiError> {
+    const POLL: Duration = Duration::from_millis(50);
+    let deadline = Instant::now() + NO_ENGINE_WAIT;
+    let mut exclude = vec![failed];
+    loop {
+        match route(migrator, request, output, exclude, migrations_left).await {
+            Err(error) if error.no_engine && Instant::now() + POLL < deadline => {
+                tokio::time::sleep(POLL).await;
+                // An engine that failed this stream but answers again (a worker's request plane
+                // that dropped one stream) may take it back.
+                exclude = Vec::new();
+            }
+            done => return done,
+        }
     }
 }
 
@@ -337,7 +369,7 @@ impl ChoiceStream {
             .fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(migrator.stream_buffer.max(1));
         let mut left = self.migrations_left;
-        let routed = route(&migrator, &self.request, &tx, vec![failed], &mut left).await;
+        let routed = route_waiting(&migrator, &self.request, &tx, failed, &mut left).await;
         self.migrations_left = left;
         let outcome = match routed {
             Ok(routed) => {

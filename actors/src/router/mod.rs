@@ -350,11 +350,6 @@ impl KvRouterActor {
                 }
             }
         }
-        Err(last_error.unwrap_or_else(|| {
-            ApiError::new(
-                ErrorClass::Unavailable,
-                "No engine is available to serve the request (every engine has failed or been removed)",
-            )
-        }))
+        Err(last_error.unwrap_or_else(ApiError::no_engine_available))
     }
 }
