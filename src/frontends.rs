@@ -6,6 +6,7 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use dynamix_actors::error::ApiError;
 use dynamix_actors::protocol::chat::{ChatCompletionRequest, ChatMessage, MessageContent, Role};
 use dynamix_actors::supervisor::RunningService;
 use dynamix_actors::validator::{ChatInput, RequestContext, ValidateChat};
@@ -57,7 +58,7 @@ async fn turn(
     service: &RunningService,
     request: ChatCompletionRequest,
     mut on_text: impl FnMut(&str),
-) -> Result<(String, u32, u32), String> {
+) -> Result<(String, u32, u32), ApiError> {
     let context = RequestContext {
         request_id: uuid::Uuid::new_v4().to_string(),
         pinned_engine: None,
@@ -68,16 +69,11 @@ async fn turn(
             input: ChatInput::Parsed(Box::new(request)),
             context,
         })
-        .await
-        .map_err(|e| e.message)?;
-    let mut generation = service
-        .gateway
-        .generate(&validated)
-        .await
-        .map_err(|e| e.message)?;
+        .await?;
+    let mut generation = service.gateway.generate(&validated).await?;
     let mut reply = String::new();
     while let Some(item) = generation.next().await {
-        let delta = item.map_err(|e| e.message)?;
+        let delta = item?;
         on_text(&delta.delta.text);
         reply.push_str(&delta.delta.text);
     }
@@ -205,7 +201,7 @@ pub async fn batch(service: &RunningService, model: &str, file: &Path) -> Result
             }
             Err(e) => {
                 failed += 1;
-                json!({"line": number + 1, "request": entry, "error": e})
+                json!({"line": number + 1, "request": entry, "error": e.message})
             }
         };
         writeln_json(&mut out, &record, &out_path)?;

@@ -59,8 +59,8 @@ pub enum StoreError {
     Watch {
         /// The prefix.
         prefix: String,
-        /// [`dynamix_wire::watch::watch_prefix`]'s text.
-        message: String,
+        /// Why [`dynamix_wire::watch::watch_prefix`] failed.
+        source: dynamix_wire::watch::WatchError,
     },
     /// Revoking the primary lease failed.
     Revoke(etcd::Error),
@@ -82,7 +82,7 @@ impl std::fmt::Display for StoreError {
             }
             StoreError::Put { key, source } => write!(f, "etcd put {key}: {source}"),
             StoreError::Delete { key, source } => write!(f, "etcd delete {key}: {source}"),
-            StoreError::Watch { message, .. } => f.write_str(message),
+            StoreError::Watch { source, .. } => write!(f, "{source}"),
             StoreError::Revoke(source) => write!(f, "etcd lease revoke: {source}"),
         }
     }
@@ -96,7 +96,8 @@ impl std::error::Error for StoreError {
             | StoreError::Put { source, .. }
             | StoreError::Delete { source, .. }
             | StoreError::Revoke(source) => Some(source),
-            StoreError::ConnectTimeout { .. } | StoreError::Watch { .. } => None,
+            StoreError::Watch { source, .. } => Some(source),
+            StoreError::ConnectTimeout { .. } => None,
         }
     }
 }
@@ -377,9 +378,9 @@ impl Store {
                 Duration::from_secs(10),
             )
             .await
-            .map_err(|message| StoreError::Watch {
+            .map_err(|source| StoreError::Watch {
                 prefix: prefix.into(),
-                message,
+                source,
             }),
         }
     }

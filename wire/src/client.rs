@@ -22,8 +22,8 @@ use crate::codec::messages::{
     ResponseType, StreamType, TcpStreamConnectionInfo,
 };
 use crate::codec::{
-    MessageKind, TcpRequestCodec, TcpRequestMessage, TcpResponseCodec, TcpResponseMessage,
-    TwoPartCodec, TwoPartMessage,
+    MessageKind, TcpCodecError, TcpRequestCodec, TcpRequestMessage, TcpResponseCodec,
+    TcpResponseMessage, TwoPartCodec, TwoPartCodecError, TwoPartMessage,
 };
 use crate::error::DynamoError;
 use crate::record::TcpTarget;
@@ -64,6 +64,47 @@ impl std::fmt::Display for CallError {
 
 impl std::error::Error for CallError {}
 
+/// Why a request-plane connection could not be opened or a frame got no ACK.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    /// The TCP connect took longer than the connect timeout.
+    #[error("connecting to {address} timed out after {:.1} s", .timeout.as_secs_f64())]
+    ConnectTimeout {
+        /// `host:port`.
+        address: String,
+        /// The connect timeout.
+        timeout: Duration,
+    },
+    /// The TCP connect failed.
+    #[error("cannot connect to {address}: {source}")]
+    Connect {
+        /// `host:port`.
+        address: String,
+        /// The socket's error.
+        source: std::io::Error,
+    },
+    /// Writing the request frame failed.
+    #[error("cannot send the request: {0}")]
+    Send(#[source] TcpCodecError),
+    /// The instance answered with something that is not an ACK frame.
+    #[error("bad ACK: {0}")]
+    BadAck(#[source] TcpCodecError),
+    /// The instance closed the connection instead of acknowledging.
+    #[error("closed the connection before its ACK")]
+    ClosedBeforeAck,
+}
+
+/// Why a request envelope could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    /// The control header did not serialize.
+    #[error(transparent)]
+    Header(#[from] serde_json::Error),
+    /// The two-part frame could not be encoded.
+    #[error(transparent)]
+    Frame(#[from] TwoPartCodecError),
+}
+
 /// Timeouts and limits.
 #[derive(Clone, Debug)]
 pub struct ClientSettings {
@@ -87,16 +128,17 @@ impl Connection {
         address: &str,
         timeout: Duration,
         max_message_size: usize,
-    ) -> Result<Connection, String> {
+    ) -> Result<Connection, ConnectionError> {
         let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
             .await
-            .map_err(|_| {
-                format!(
-                    "connecting to {address} timed out after {:.1} s",
-                    timeout.as_secs_f64()
-                )
+            .map_err(|_| ConnectionError::ConnectTimeout {
+                address: address.to_string(),
+                timeout,
             })?
-            .map_err(|e| format!("cannot connect to {address}: {e}"))?;
+            .map_err(|source| ConnectionError::Connect {
+                address: address.to_string(),
+                source,
+            })?;
         let _ = stream.set_nodelay(true);
         let (read, write) = stream.into_split();
         let max = Some(max_message_size);
@@ -110,15 +152,15 @@ impl Connection {
     pub async fn exchange(
         &mut self,
         frame: &TcpRequestMessage,
-    ) -> Result<TcpResponseMessage, String> {
+    ) -> Result<TcpResponseMessage, ConnectionError> {
         self.writer
             .send(frame)
             .await
-            .map_err(|e| format!("cannot send the request: {e}"))?;
+            .map_err(ConnectionError::Send)?;
         match self.reader.next().await {
             Some(Ok(ack)) => Ok(ack),
-            Some(Err(e)) => Err(format!("bad ACK: {e}")),
-            None => Err("closed the connection before its ACK".to_string()),
+            Some(Err(e)) => Err(ConnectionError::BadAck(e)),
+            None => Err(ConnectionError::ClosedBeforeAck),
         }
     }
 }
@@ -131,7 +173,7 @@ pub fn envelope(
     id: &str,
     codec: PayloadCodec,
     body: Vec<u8>,
-) -> Result<Bytes, String> {
+) -> Result<Bytes, EnvelopeError> {
     let info = TcpStreamConnectionInfo {
         address: streams.to_string(),
         subject: subject.to_string(),
@@ -144,16 +186,14 @@ pub fn envelope(
         response_type: ResponseType::ManyOut,
         connection_info: ConnectionInfo {
             transport: "tcp_server".into(),
-            info: serde_json::to_string(&info).map_err(|e| e.to_string())?,
+            info: serde_json::to_string(&info)?,
         },
         payload_codec: Some(codec.name().into()),
         metadata: None,
         frontend_send_ts_ns: None,
     };
-    let header = serde_json::to_vec(&control).map_err(|e| e.to_string())?;
-    TwoPartCodec::new(None)
-        .encode_message(TwoPartMessage::new(header, body))
-        .map_err(|e| e.to_string())
+    let header = serde_json::to_vec(&control)?;
+    Ok(TwoPartCodec::new(None).encode_message(TwoPartMessage::new(header, body))?)
 }
 
 /// Calls endpoints; owns the call-home server its streams come back through.
@@ -191,7 +231,10 @@ impl EndpointClient {
     /// Send `call` and wait for the instance to open its response stream.
     pub async fn call(&self, call: Call<'_>) -> Result<ResponseStream, CallError> {
         let mut pending = self.streams.register();
-        let body = call.codec.encode(call.body).map_err(CallError::Encode)?;
+        let body = call
+            .codec
+            .encode(call.body)
+            .map_err(|e| CallError::Encode(e.to_string()))?;
         let payload = envelope(
             self.streams.address(),
             &pending.subject,
@@ -199,7 +242,7 @@ impl EndpointClient {
             call.codec,
             body,
         )
-        .map_err(CallError::Encode)?;
+        .map_err(|e| CallError::Encode(e.to_string()))?;
         let frame = TcpRequestMessage {
             endpoint_path: call.target.path.clone(),
             headers: call.headers,
@@ -289,7 +332,7 @@ impl EndpointClient {
             self.settings.max_message_size,
         )
         .await
-        .map_err(CallError::Unavailable)
+        .map_err(|e| CallError::Unavailable(e.to_string()))
     }
 }
 

@@ -42,6 +42,17 @@ pub enum PayloadCodecError {
     Msgpack(#[from] rmp_serde::decode::Error),
 }
 
+/// Why a body or item could not be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadEncodeError {
+    /// JSON refused the value (a map with non-string keys, a failing `Serialize`).
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// msgpack refused the value.
+    #[error(transparent)]
+    Msgpack(#[from] rmp_serde::encode::Error),
+}
+
 /// How a request body and its response items are encoded (`payload_codec`, `request_plane_codec`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PayloadCodec {
@@ -70,13 +81,12 @@ impl PayloadCodec {
         }
     }
 
-    /// Encodes `value`. The error stays text: dynamix-actors' request path maps it with a
-    /// `String` closure (distributed/remote.rs).
-    pub fn encode(self, value: &impl Serialize) -> Result<Vec<u8>, String> {
-        match self {
-            PayloadCodec::Json => serde_json::to_vec(value).map_err(|e| e.to_string()),
-            PayloadCodec::Msgpack => rmp_serde::to_vec_named(value).map_err(|e| e.to_string()),
-        }
+    /// Encodes `value`.
+    pub fn encode(self, value: &impl Serialize) -> Result<Vec<u8>, PayloadEncodeError> {
+        Ok(match self {
+            PayloadCodec::Json => serde_json::to_vec(value)?,
+            PayloadCodec::Msgpack => rmp_serde::to_vec_named(value)?,
+        })
     }
 
     /// Decodes a `T`.

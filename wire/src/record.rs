@@ -7,7 +7,37 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::PayloadCodec;
+use crate::{PayloadCodec, PayloadCodecError};
+
+/// Why a frontend cannot send requests to an instance; the text names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    /// The record is not an `Endpoint`.
+    #[error("type is {kind:?}, not \"Endpoint\"")]
+    NotEndpoint {
+        /// The `type` it has.
+        kind: String,
+    },
+    /// `request_plane_codec` names a codec this build does not speak.
+    #[error("request_plane_codec: {0}")]
+    Codec(#[source] PayloadCodecError),
+    /// The transport is not the TCP request plane.
+    #[error("instance {instance_id:x} uses transport {transport:?}; this frontend speaks the TCP request plane only")]
+    NotTcp {
+        /// The instance.
+        instance_id: u64,
+        /// Its transport.
+        transport: Transport,
+    },
+    /// `transport.tcp` is not `[tcp://]host:port[/path]`.
+    #[error("instance {instance_id:x}: transport.tcp {url:?} is not [tcp://]host:port[/path]")]
+    BadTcpUrl {
+        /// The instance.
+        instance_id: u64,
+        /// The URL as given.
+        url: String,
+    },
+}
 
 /// How an instance is reached (externally tagged: `{"tcp": "..."}`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,12 +128,11 @@ impl Instance {
 
     /// Checks what a frontend needs: the `Endpoint` type when present, and a codec it speaks. The
     /// error names the field.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), InstanceError> {
         if let Some(kind) = self.kind.as_deref().filter(|k| *k != "Endpoint") {
-            return Err(format!("type is {kind:?}, not \"Endpoint\""));
+            return Err(InstanceError::NotEndpoint { kind: kind.into() });
         }
-        PayloadCodec::parse(self.request_plane_codec.as_deref())
-            .map_err(|e| format!("request_plane_codec: {e}"))?;
+        PayloadCodec::parse(self.request_plane_codec.as_deref()).map_err(InstanceError::Codec)?;
         Ok(())
     }
 
@@ -120,14 +149,14 @@ impl Instance {
     /// The address and frame path of a TCP transport, `[tcp://]host:port[/path]`. Without a path
     /// the path is the instance's own (`{id:x}/{ns}/{comp}/{ep}`). Other transports are an error
     /// naming them.
-    pub fn tcp_target(&self) -> Result<TcpTarget, String> {
+    pub fn tcp_target(&self) -> Result<TcpTarget, InstanceError> {
         let url = match &self.transport {
             Transport::Tcp(url) => url,
             other => {
-                return Err(format!(
-                    "instance {:x} uses transport {other:?}; this frontend speaks the TCP request plane only",
-                    self.instance_id
-                ))
+                return Err(InstanceError::NotTcp {
+                    instance_id: self.instance_id,
+                    transport: other.clone(),
+                })
             }
         };
         let rest = url.strip_prefix("tcp://").unwrap_or(url);
@@ -147,10 +176,10 @@ impl Instance {
             .rsplit_once(':')
             .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
         if !port_ok {
-            return Err(format!(
-                "instance {:x}: transport.tcp {url:?} is not [tcp://]host:port[/path]",
-                self.instance_id
-            ));
+            return Err(InstanceError::BadTcpUrl {
+                instance_id: self.instance_id,
+                url: url.clone(),
+            });
         }
         Ok(TcpTarget {
             address: address.to_string(),
@@ -159,7 +188,7 @@ impl Instance {
     }
 
     /// `host:port` of a TCP transport.
-    pub fn tcp_address(&self) -> Result<String, String> {
+    pub fn tcp_address(&self) -> Result<String, InstanceError> {
         self.tcp_target().map(|t| t.address)
     }
 }

@@ -12,6 +12,25 @@ use crate::etcd::{Client, EventType};
 /// How long a failed watch waits before re-listing.
 const RETRY: Duration = Duration::from_secs(1);
 
+/// Why a watch did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// The first listing did not come in within the timeout.
+    #[error("listing {prefix} in etcd took over {:.1} s", .timeout.as_secs_f64())]
+    FirstListingTimeout {
+        /// The prefix.
+        prefix: String,
+        /// How long it was given.
+        timeout: Duration,
+    },
+    /// The task following the prefix ended before its first listing.
+    #[error("the watch of {prefix} stopped")]
+    Stopped {
+        /// The prefix.
+        prefix: String,
+    },
+}
+
 /// The live keys under a prefix; `changes` ticks on every change.
 pub struct KeyWatch {
     keys: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
@@ -63,7 +82,7 @@ pub async fn watch_prefix(
     client: Client,
     prefix: &str,
     timeout: Duration,
-) -> Result<KeyWatch, String> {
+) -> Result<KeyWatch, WatchError> {
     let keys = Arc::new(Mutex::new(BTreeMap::new()));
     let (tx, mut rx) = watch::channel(0u64);
     let task = tokio::spawn(follow(client, prefix.to_string(), keys.clone(), tx));
@@ -71,13 +90,13 @@ pub async fn watch_prefix(
     // The first tick is the first listing.
     tokio::time::timeout(timeout, rx.changed())
         .await
-        .map_err(|_| {
-            format!(
-                "listing {prefix} in etcd took over {:.1} s",
-                timeout.as_secs_f64()
-            )
+        .map_err(|_| WatchError::FirstListingTimeout {
+            prefix: prefix.to_string(),
+            timeout,
         })?
-        .map_err(|_| format!("the watch of {prefix} stopped"))?;
+        .map_err(|_| WatchError::Stopped {
+            prefix: prefix.to_string(),
+        })?;
     Ok(watch)
 }
 

@@ -215,9 +215,27 @@ pub struct LaneTree {
 }
 
 /// Starts a lane's serving tree. The process's bootstrap gives it (it owns the supervisor), so the
-/// lanes start trees without importing the supervisor that starts them.
+/// lanes start trees without importing the supervisor that starts them; its error is the
+/// supervisor's, boxed for the same reason.
 pub type StartLane =
-    Arc<dyn Fn(LaneSpec) -> LocalBoxFuture<'static, Result<LaneTree, String>> + Send + Sync>;
+    Arc<dyn Fn(LaneSpec) -> LocalBoxFuture<'static, Result<LaneTree, TreeError>> + Send + Sync>;
+
+/// Why a lane's tree did not start: the supervisor's error, boxed so the lanes need not name it.
+pub type TreeError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a model's lane did not start (the manager logs it and tries again when its cards change).
+#[derive(Debug, thiserror::Error)]
+pub enum LaneError {
+    /// The card's tokenizer could not be loaded.
+    #[error("cannot load the card's tokenizer: {0}")]
+    Tokenizer(#[source] card::CardError),
+    /// The lane's serving tree did not start.
+    #[error("cannot start its serving tree: {0}")]
+    Tree(#[source] TreeError),
+    /// Its instance manager could not follow the workers' events.
+    #[error("cannot follow its workers' events: {0}")]
+    Events(#[source] super::ClusterError),
+}
 
 /// What every lane starts from.
 pub struct LaneSettings {
@@ -313,7 +331,7 @@ impl LaneManager {
     fn started_lane(
         &mut self,
         name: String,
-        result: Result<(Box<Running>, Lane), String>,
+        result: Result<(Box<Running>, Lane), LaneError>,
         ctx: &mut Context<Self>,
     ) {
         let Some(wanted) = self.latest.get(&name) else {
@@ -406,11 +424,9 @@ async fn start_lane(
     settings: Arc<LaneSettings>,
     shared: Arc<FrontendShared>,
     wanted: Wanted,
-) -> Result<(Box<Running>, Lane), String> {
+) -> Result<(Box<Running>, Lane), LaneError> {
     let card: &ModelCard = &wanted.record.card_json;
-    let model = card::load_model(card)
-        .await
-        .map_err(|e| format!("cannot load the card's tokenizer: {e}"))?;
+    let model = card::load_model(card).await.map_err(LaneError::Tokenizer)?;
     let router_mode = match card.router_mode() {
         Ok(mode) => mode,
         Err(e) => {
@@ -426,9 +442,7 @@ async fn start_lane(
         block_size: (block >= 2).then_some(block),
         tokenizer: model.tokenizer,
     };
-    let tree = (settings.start)(spec)
-        .await
-        .map_err(|e| format!("cannot start its serving tree: {e}"))?;
+    let tree = (settings.start)(spec).await.map_err(LaneError::Tree)?;
     let mut endpoint = shared.config.clone();
     endpoint.namespace = wanted.record.namespace.clone();
     endpoint.component = wanted.record.component.clone();
@@ -446,7 +460,7 @@ async fn start_lane(
         Ok(attached) => attached,
         Err(e) => {
             (tree.stop)().await;
-            return Err(format!("cannot follow its workers' events: {e}"));
+            return Err(LaneError::Events(e));
         }
     };
     let kinds: Vec<&str> = card.model_type.split('|').map(str::trim).collect();

@@ -156,8 +156,8 @@ pub enum ClusterError {
         source: etcd::Error,
     },
     /// A prefix watch could not start (the message names the prefix).
-    #[error("{0}")]
-    Watch(String),
+    #[error(transparent)]
+    Watch(#[from] dynamix_wire::watch::WatchError),
     /// NATS could not be reached, or a subscription failed.
     #[error(transparent)]
     Events(#[from] events::EventsError),

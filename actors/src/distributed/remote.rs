@@ -18,7 +18,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
 use super::response_stream::{ResponseConnection, ResponseStreamServer};
-use super::wire::record::TcpTarget;
+use super::wire::record::{InstanceError, TcpTarget};
 use super::wire::response::FinishReasonWire;
 use super::wire::{Instance, PayloadCodec, PreprocessedRequest, StreamItem};
 use crate::codec::messages::{ControlMessage, ResponseStreamPrologue};
@@ -74,7 +74,7 @@ impl RemoteEngine {
         down: mpsc::UnboundedSender<u64>,
         load: Arc<crate::engine::EngineLoad>,
         progress: Option<Recipient<RequestProgress>>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, InstanceError> {
         instance.check()?;
         let TcpTarget { address, path } = instance.tcp_target()?;
         Ok(RemoteEngine {
@@ -146,7 +146,7 @@ impl Shared {
 }
 
 /// Why a request could not be started on the worker.
-fn unavailable(shared: &Shared, what: String) -> ApiError {
+fn unavailable(shared: &Shared, what: impl std::fmt::Display) -> ApiError {
     ApiError::new(
         ErrorClass::Unavailable,
         format!(
@@ -211,12 +211,12 @@ fn request_frame(
     request: &crate::protocol::engine::EngineRequest,
     subject: &str,
 ) -> Result<TcpRequestMessage, ApiError> {
-    let internal = |e: String| ApiError::new(ErrorClass::Internal, e);
+    let internal = |e: &dyn std::fmt::Display| ApiError::new(ErrorClass::Internal, e.to_string());
     let mut wire = PreprocessedRequest::from_engine_request(request, shared.dynamix);
     if let Some(lora) = &shared.lora {
         wire.routing.get_or_insert_with(Default::default).lora_name = Some(lora.clone());
     }
-    let body = shared.codec.encode(&wire).map_err(internal)?;
+    let body = shared.codec.encode(&wire).map_err(|e| internal(&e))?;
     let payload = envelope(
         shared.streams.address(),
         subject,
@@ -224,7 +224,7 @@ fn request_frame(
         shared.codec,
         body,
     )
-    .map_err(internal)?;
+    .map_err(|e| internal(&e))?;
     // Dynamo's frontend also sends x-endpoint-path, request-id and x-frontend-send-ts-ns headers;
     // workers need none of them (interop spec §3.1), so the request path builds none.
     Ok(TcpRequestMessage {
@@ -370,9 +370,10 @@ async fn pump(
                 if let Some(FinishReasonWire::Unknown(reason)) = item.data.as_ref().and_then(|i| i.data.as_ref()).and_then(|d| d.finish_reason.as_ref()) {
                     tracing::warn!(worker = format!("{:x}", shared.instance_id), request = %id, finish_reason = %reason, "unknown finish_reason from the worker; ending the choice as a stop");
                 }
-                let event = match item.data.ok_or_else(|| "data frame without an item".to_string()).and_then(|i| i.into_event()) {
-                    Ok(event) => event,
-                    Err(e) => return StreamEnd::Broken(e),
+                let event = match item.data.map(|i| i.into_event()) {
+                    Some(Ok(event)) => event,
+                    Some(Err(e)) => return StreamEnd::Broken(e.to_string()),
+                    None => return StreamEnd::Broken("data frame without an item".into()),
                 };
                 if first {
                     first = false;

@@ -165,7 +165,10 @@ impl TextModels {
         }
         let instance =
             &model.instances[self.next.fetch_add(1, Ordering::Relaxed) % model.instances.len()];
-        let target = instance.tcp_target().map_err(CallError::Unavailable)?;
+        // CallError carries text: it crosses into HTTP responses and the Python SDK as such.
+        let target = instance
+            .tcp_target()
+            .map_err(|e| CallError::Unavailable(e.to_string()))?;
         let stream = self
             .client
             .call(Call {
@@ -214,7 +217,7 @@ fn build(
     let mut models: BTreeMap<String, TextModel> = BTreeMap::new();
     for (key, value) in cards {
         let parsed = serde_json::from_slice::<Value>(value)
-            .map_err(|e| e.to_string())
+            .map_err(CardRecordError::from)
             .and_then(|record| card_facts(&record));
         let facts = match parsed {
             Ok(Some(facts)) => facts,
@@ -285,21 +288,41 @@ struct CardFacts {
     context_length: u64,
 }
 
+/// What is wrong with a malformed card record (the catalog skips it, saying so once).
+#[derive(Debug, thiserror::Error)]
+enum CardRecordError {
+    /// The value is not JSON.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// A string field is absent, empty or not a string.
+    #[error("`{0}` is missing or not a string")]
+    NotAString(&'static str),
+    /// `card_json` is absent or not an object.
+    #[error("`card_json` is missing or not an object")]
+    NoCard,
+    /// `card_json.display_name` is absent or empty.
+    #[error("`card_json.display_name` is missing or empty")]
+    NoDisplayName,
+    /// `instance_id` is absent or not a `u64`.
+    #[error("`instance_id` is missing or not an unsigned integer")]
+    NoInstanceId,
+}
+
 /// The facts of a Text model's card; `None` for other models (Tokens cards are served by the
 /// frontend's own model path); `Err` naming what is wrong with a malformed record.
-fn card_facts(record: &Value) -> Result<Option<CardFacts>, String> {
-    let text = |field: &str| -> Result<String, String> {
+fn card_facts(record: &Value) -> Result<Option<CardFacts>, CardRecordError> {
+    let text = |field: &'static str| -> Result<String, CardRecordError> {
         record
             .get(field)
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
             .map(str::to_string)
-            .ok_or_else(|| format!("`{field}` is missing or not a string"))
+            .ok_or(CardRecordError::NotAString(field))
     };
     let card = record
         .get("card_json")
         .filter(|c| c.is_object())
-        .ok_or("`card_json` is missing or not an object")?;
+        .ok_or(CardRecordError::NoCard)?;
     if card.get("model_input").and_then(Value::as_str) != Some("Text") {
         return Ok(None);
     }
@@ -307,17 +330,17 @@ fn card_facts(record: &Value) -> Result<Option<CardFacts>, String> {
         .get("display_name")
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
-        .ok_or("`card_json.display_name` is missing or empty")?
+        .ok_or(CardRecordError::NoDisplayName)?
         .to_string();
     let model_type = card
         .get("model_type")
         .and_then(Value::as_str)
-        .ok_or("`card_json.model_type` is missing or not a string")?;
+        .ok_or(CardRecordError::NotAString("card_json.model_type"))?;
     let kinds: Vec<&str> = model_type.split('|').map(str::trim).collect();
     let instance_id = record
         .get("instance_id")
         .and_then(Value::as_u64)
-        .ok_or("`instance_id` is missing or not an unsigned integer")?;
+        .ok_or(CardRecordError::NoInstanceId)?;
     Ok(Some(CardFacts {
         name,
         namespace: text("namespace")?,
@@ -397,7 +420,9 @@ pub(crate) mod tests {
         let warned = warned.into_inner().unwrap();
         assert!(warned.contains("v1/mdc/ns/c/e/e") && warned.contains("v1/mdc/ns/c/e/f"));
         assert_eq!(
-            card_facts(&serde_json::from_slice(&cards["v1/mdc/ns/c/e/f"]).unwrap()).unwrap_err(),
+            card_facts(&serde_json::from_slice(&cards["v1/mdc/ns/c/e/f"]).unwrap())
+                .unwrap_err()
+                .to_string(),
             "`card_json.display_name` is missing or empty"
         );
     }

@@ -439,9 +439,7 @@ pub fn lane_starter(
         }
         let metrics = metrics.clone();
         async move {
-            let mut service = start_lane(config, spec.tokenizer, metrics)
-                .await
-                .map_err(|e| e.to_string())?;
+            let mut service = start_lane(config, spec.tokenizer, metrics).await?;
             Ok(crate::distributed::lanes::LaneTree {
                 local: service.local(),
                 gateway: service.gateway.clone(),

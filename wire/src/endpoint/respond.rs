@@ -17,7 +17,7 @@ use crate::codec::messages::{
 };
 use crate::codec::{MessageKind, TwoPartCodec, TwoPartMessage};
 use crate::error::DynamoError;
-use crate::PayloadCodec;
+use crate::{PayloadCodec, PayloadEncodeError};
 
 /// Why the requester could not be dialled back.
 #[derive(Debug, thiserror::Error)]
@@ -68,8 +68,8 @@ pub fn header_frame(value: &impl serde::Serialize) -> TwoPartMessage {
     TwoPartMessage::header_only(Bytes::from(serde_json::to_vec(value).unwrap_or_default()))
 }
 
-/// The error is [`PayloadCodec::encode`]'s text.
-fn data_frame(codec: PayloadCodec, item: &Value) -> Result<TwoPartMessage, String> {
+/// A data frame carrying `item` in `codec`.
+fn data_frame(codec: PayloadCodec, item: &Value) -> Result<TwoPartMessage, PayloadEncodeError> {
     codec
         .encode(item)
         .map(|body| TwoPartMessage::data_only(Bytes::from(body)))

@@ -58,6 +58,20 @@ pub enum EventsError {
     },
 }
 
+/// Why one message was not published (it is dropped; the publisher says so once per outage).
+#[derive(Debug, thiserror::Error)]
+enum PublishError {
+    /// The client is not connected (its state).
+    #[error("the connection is {0}")]
+    NotConnected(&'static str),
+    /// The client refused the message.
+    #[error(transparent)]
+    Client(async_nats::client::PublishError),
+    /// The client did not take it within [`PUBLISH_TIMEOUT`].
+    #[error("the client did not take the message within {} s", PUBLISH_TIMEOUT.as_secs())]
+    TimedOut,
+}
+
 /// Connects to NATS as `name`, failing if the server does not answer within `timeout` (no retry
 /// at start). After that the client reconnects forever (`max_reconnects` unlimited, backoff capped
 /// at 1 s), logging each disconnection and reconnection.
@@ -201,20 +215,17 @@ impl Publisher {
         }
     }
 
-    async fn send(&self, payload: Vec<u8>) -> Result<(), String> {
+    async fn send(&self, payload: Vec<u8>) -> Result<(), PublishError> {
         // While disconnected the client would queue (then block); a stale event is worth less
         // than a publisher that keeps up, so drop instead.
         if self.client.connection_state() != State::Connected {
-            return Err(format!("the connection is {}", nats_state(&self.client)));
+            return Err(PublishError::NotConnected(nats_state(&self.client)));
         }
         let publish = self.client.publish(self.subject.clone(), payload.into());
         match tokio::time::timeout(PUBLISH_TIMEOUT, publish).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!(
-                "the client did not take the message within {} s",
-                PUBLISH_TIMEOUT.as_secs()
-            )),
+            Ok(Err(e)) => Err(PublishError::Client(e)),
+            Err(_) => Err(PublishError::TimedOut),
         }
     }
 

@@ -10,6 +10,22 @@
 use serde::{Deserialize, Serialize};
 
 use super::error::DynamoError;
+
+/// Why a response item carries no engine event: a protocol error of the worker.
+#[derive(Debug, thiserror::Error)]
+pub enum ItemError {
+    /// Neither an output nor an error.
+    #[error("item has neither data nor an error")]
+    Empty,
+    /// `log_probs` does not have one entry per token.
+    #[error("log_probs has {log_probs} entries for {token_ids} token_ids")]
+    LogprobCount {
+        /// Entries in `log_probs`.
+        log_probs: usize,
+        /// Entries in `token_ids`.
+        token_ids: usize,
+    },
+}
 use crate::error::{ApiError, ErrorClass};
 use crate::protocol::engine::{EngineEvent, EngineOutput, TokenLogprob};
 use crate::protocol::FinishReason;
@@ -184,7 +200,7 @@ impl WireItem {
 
     /// The engine event this item carries; an item that is neither an output nor an error is a
     /// protocol error (the text says what it lacked).
-    pub fn into_event(self) -> Result<EngineEvent, String> {
+    pub fn into_event(self) -> Result<EngineEvent, ItemError> {
         if self.event.as_deref() == Some("error") || self.error.is_some() {
             let error = match self.error {
                 Some(error) => ApiError::from(&error),
@@ -198,7 +214,7 @@ impl WireItem {
             };
             return Ok(Err(error));
         }
-        let data = self.data.ok_or("item has neither data nor an error")?;
+        let data = self.data.ok_or(ItemError::Empty)?;
         data.into_event()
     }
 }
@@ -250,7 +266,7 @@ impl From<&EngineOutput> for LlmEngineOutput {
 
 impl LlmEngineOutput {
     /// The engine event: an output, or the error a `{"error": msg}` finish reason reports.
-    pub fn into_event(self) -> Result<EngineEvent, String> {
+    pub fn into_event(self) -> Result<EngineEvent, ItemError> {
         let finish_reason = match self.finish_reason {
             None => None,
             // Python engines say `"error"` or `"error: <why>"` (python-sdk spec §7.1).
@@ -275,11 +291,10 @@ impl LlmEngineOutput {
         let logprobs = match self.log_probs {
             Some(values) => {
                 if values.len() != self.token_ids.len() {
-                    return Err(format!(
-                        "log_probs has {} entries for {} token_ids",
-                        values.len(),
-                        self.token_ids.len()
-                    ));
+                    return Err(ItemError::LogprobCount {
+                        log_probs: values.len(),
+                        token_ids: self.token_ids.len(),
+                    });
                 }
                 let mut tops = self.top_logprobs.unwrap_or_default().into_iter();
                 values

@@ -36,21 +36,23 @@ fn transports_without_a_path_or_with_a_scheme_are_accepted() {
     assert_eq!(target.path, "2040a24187746705/dynamo/backend/generate");
     for bad in ["tcp://", "nohost", ":80/x", "h:99999/x"] {
         instance.transport = Transport::Tcp(bad.into());
-        let error = instance.tcp_target().unwrap_err();
+        let error = instance.tcp_target().unwrap_err().to_string();
         assert!(error.contains("transport.tcp"), "{error}");
     }
     instance.transport = Transport::NatsTcp("dynamo_backend.generate-1".into());
     assert!(instance
         .tcp_target()
         .unwrap_err()
+        .to_string()
         .contains("TCP request plane"));
     instance.kind = Some("Model".into());
-    assert!(instance.check().unwrap_err().contains("type"));
+    assert!(instance.check().unwrap_err().to_string().contains("type"));
     instance.kind = Some("Endpoint".into());
     instance.request_plane_codec = Some("cbor".into());
     assert!(instance
         .check()
         .unwrap_err()
+        .to_string()
         .contains("request_plane_codec"));
 }
 

@@ -196,6 +196,25 @@ impl GpuEngineConfig {
     }
 }
 
+/// Why an `engine.devices` entry is not a device.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceSpecError {
+    /// The part after `:` is not a number.
+    #[error("device `{text}`: `{number}` is not a device number (expected cpu:N or cuda:N)")]
+    BadNumber {
+        /// The entry as given.
+        text: String,
+        /// The part after `:`.
+        number: String,
+    },
+    /// Neither `cpu` nor `cuda`.
+    #[error("device `{text}` is not cpu:N or cuda:N (or \"auto\" for every visible GPU)")]
+    UnknownKind {
+        /// The entry as given.
+        text: String,
+    },
+}
+
 /// Where an engine runs, parsed from an `engine.devices` entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceSpec {
@@ -207,23 +226,22 @@ pub enum DeviceSpec {
 
 impl DeviceSpec {
     /// Parse `cpu:N` or `cuda:N` (a bare `cpu` or `cuda` is number 0).
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, DeviceSpecError> {
         let (kind, number) = match text.split_once(':') {
             Some((kind, number)) => (kind, Some(number)),
             None => (text, None),
         };
         let number = match number {
             None => 0,
-            Some(n) => n.parse::<usize>().map_err(|_| {
-                format!("device `{text}`: `{n}` is not a device number (expected cpu:N or cuda:N)")
+            Some(n) => n.parse::<usize>().map_err(|_| DeviceSpecError::BadNumber {
+                text: text.into(),
+                number: n.into(),
             })?,
         };
         match kind {
             "cpu" => Ok(DeviceSpec::Cpu(number)),
             "cuda" | "gpu" => Ok(DeviceSpec::Cuda(number)),
-            _ => Err(format!(
-                "device `{text}` is not cpu:N or cuda:N (or \"auto\" for every visible GPU)"
-            )),
+            _ => Err(DeviceSpecError::UnknownKind { text: text.into() }),
         }
     }
 }
