@@ -24,8 +24,6 @@ use dynamix_actors::distributed;
 use dynamix_actors::engine::model::shared::TAG as WEIGHTS_TAG;
 use dynamix_actors::engine::EngineKind;
 use dynamix_actors::gms::InProcessGms;
-use dynamix_actors::supervision::tree::Child;
-use dynamix_actors::supervision::ActorKind;
 use dynamix_actors::supervisor::{self, RunningService};
 use dynamix_actors::tokenizer::ModelTokenizer;
 use futures_util::FutureExt;
@@ -415,12 +413,7 @@ pub async fn start_frontend<S: Future<Output = ()>>(
                     config.distributed.instance_prefix()
                 );
                 // Stopped after HTTP has drained: the response streams outlive the last request.
-                Ok(vec![Child::new(ActorKind::RequestPlane, "0").stopped_by(
-                    move || {
-                        drop(handle);
-                        async {}.boxed_local()
-                    },
-                )])
+                Ok(handle.into_children())
             }
             .boxed_local()
         })
@@ -500,15 +493,7 @@ pub async fn start_worker(config: &Config) -> Result<RunningService, RunError> {
                 );
                 // Stopped before the serving path and the engines: the worker leaves discovery,
                 // finishes its running requests, then its engines stop.
-                Ok(vec![Child::new(ActorKind::RequestPlane, "0").stopped_by(
-                    move || {
-                        async move {
-                            handle.shutdown(drain).await;
-                            drop(system_server);
-                        }
-                        .boxed_local()
-                    },
-                )])
+                Ok(handle.into_children(drain, system_server))
             }
             .boxed_local()
         })

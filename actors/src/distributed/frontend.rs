@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
+use futures_util::FutureExt;
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -21,6 +22,8 @@ use crate::engine::registry::{EngineInfo, EngineRegistry};
 use crate::engine::EngineLoad;
 use crate::router::indexer::{KvIndexerActor, RemoveWorker};
 use crate::router::{EngineAdded, EngineRemoved, EngineSlot, KvRouterActor};
+use crate::supervision::tree::Child;
+use crate::supervision::{watch_task, ActorKind};
 
 type LoadCell = Arc<Mutex<Option<LoadMetrics>>>;
 
@@ -71,9 +74,42 @@ pub struct FrontendHandle {
     pub streams: Arc<ResponseStreamServer>,
 }
 
+impl FrontendHandle {
+    /// The frontend's three children of the cluster subtree, in start order: `events` (the
+    /// intake from NATS), `request_plane` (the response-stream server) and `discovery` (the etcd
+    /// watch, the instance manager, the model catalog's lanes). Stopped in reverse: discovery
+    /// first, the response streams after HTTP has drained, the intake last.
+    pub fn into_children(self) -> Vec<Child> {
+        let FrontendHandle {
+            _watch: watch,
+            _attached: mut attached,
+            _lanes: lanes,
+            streams,
+        } = self;
+        let intake = std::mem::take(&mut attached.tasks);
+        vec![
+            Child::new(ActorKind::Events, "0").stopped_by(move || {
+                for task in &intake {
+                    task.abort();
+                }
+                async {}.boxed_local()
+            }),
+            Child::new(ActorKind::RequestPlane, "0").stopped_by(move || {
+                drop(streams);
+                async {}.boxed_local()
+            }),
+            Child::new(ActorKind::Discovery, "0").stopped_by(move || {
+                drop((watch, attached, lanes));
+                async {}.boxed_local()
+            }),
+        ]
+    }
+}
+
 /// One model's instance manager and event intake; dropping it stops them.
 pub struct Attached {
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The intake tasks, watched (a panic in one escalates when the tree supervises the cluster).
+    tasks: Vec<tokio::task::AbortHandle>,
     /// Held so the manager lives exactly as long as this handle.
     _manager: Addr<InstanceManager>,
 }
@@ -263,7 +299,10 @@ async fn attach_with(
     }
     .start();
     Ok(Attached {
-        tasks,
+        tasks: tasks
+            .into_iter()
+            .map(|task| watch_task(task, service.tracker(ActorKind::Events)))
+            .collect(),
         _manager: manager,
     })
 }

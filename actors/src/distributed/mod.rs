@@ -57,6 +57,25 @@ pub struct Local {
     pub faults: std::sync::Arc<crate::faults::FaultInjector>,
     /// Where a worker's request plane counts its failures (the tree's `request_plane` child).
     pub request_plane: std::sync::Arc<std::sync::Mutex<crate::supervision::RestartTracker>>,
+    /// The tree's restart intensity and the root's inbox (`None`: a lane's, not under a tree).
+    pub supervision: Option<(
+        crate::supervision::SupervisionConfig,
+        crate::supervision::SupervisorEvents,
+    )>,
+}
+
+impl Local {
+    /// The bookkeeping of this process's cluster child `kind`.
+    pub fn tracker(
+        &self,
+        kind: crate::supervision::ActorKind,
+    ) -> crate::supervision::RestartTracker {
+        let mut tracker = crate::supervision::RestartTracker::new(kind, "0");
+        if let Some((config, events)) = &self.supervision {
+            tracker.supervise(config, events.clone());
+        }
+        tracker
+    }
 }
 
 use crate::setting::InvalidSetting;

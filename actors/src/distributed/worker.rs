@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+use futures_util::FutureExt;
+
 use super::discovery::Registration;
 use super::events;
 use super::request_plane::{EndpointSettings, WorkerEndpoint};
@@ -14,6 +16,8 @@ use super::wire::events::{KV_EVENTS, KV_METRICS, LOAD_METRICS};
 use super::wire::PayloadCodec;
 use super::Local;
 use super::{ClusterError, DistributedConfig, Instance, LoadMetrics};
+use crate::supervision::tree::Child;
+use crate::supervision::{watch_task, ActorKind};
 
 /// What the worker's distributed layer needs from its process.
 pub struct WorkerSettings {
@@ -37,37 +41,64 @@ pub struct WorkerSettings {
 
 /// A registered, serving worker.
 pub struct WorkerHandle {
-    registration: Option<Registration>,
+    registration: Registration,
     endpoint: WorkerEndpoint,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The publishers, watched (a panic in one escalates).
+    tasks: Vec<tokio::task::AbortHandle>,
     grace: Duration,
 }
 
 impl WorkerHandle {
-    /// Leave discovery, serve for the grace period, refuse new work, wait (at most `drain_timeout`)
-    /// for running requests, stop publishing.
-    pub async fn shutdown(mut self, drain_timeout: Duration) {
-        if let Some(registration) = self.registration.take() {
-            let id = registration.instance_id();
-            registration.deregister().await;
-            tracing::info!(worker = format!("{id:x}"), "left discovery");
-        }
-        if !self.grace.is_zero() {
-            tokio::time::sleep(self.grace).await;
-        }
-        self.endpoint.state.drain();
-        let running = self.endpoint.state.inflight();
-        if !self.endpoint.state.wait_idle(Some(drain_timeout)).await {
-            tracing::warn!(
-                running = self.endpoint.state.inflight(),
-                "drain timed out; stopping with requests still running"
-            );
-        } else if running > 0 {
-            tracing::info!(running, "running requests finished");
-        }
-        for task in &self.tasks {
-            task.abort();
-        }
+    /// The worker's three children of the cluster subtree, in start order: `events` (the
+    /// publishers), `request_plane` (the endpoint) and `discovery` (the registration). Stopped in
+    /// reverse, they do what upstream's shutdown does (runtime spec §5.7): leave discovery, serve for
+    /// the grace period, refuse new work and wait (at most `drain_timeout`) for running requests,
+    /// then stop publishing. `also_on_leave` is dropped after discovery is left (the system server).
+    pub fn into_children(
+        self,
+        drain_timeout: Duration,
+        also_on_leave: impl Sized + 'static,
+    ) -> Vec<Child> {
+        let WorkerHandle {
+            registration,
+            endpoint,
+            tasks,
+            grace,
+        } = self;
+        let events = Child::new(ActorKind::Events, "0").stopped_by(move || {
+            for task in &tasks {
+                task.abort();
+            }
+            async {}.boxed_local()
+        });
+        let request_plane = Child::new(ActorKind::RequestPlane, "0").stopped_by(move || {
+            async move {
+                if !grace.is_zero() {
+                    tokio::time::sleep(grace).await;
+                }
+                endpoint.state.drain();
+                let running = endpoint.state.inflight();
+                if !endpoint.state.wait_idle(Some(drain_timeout)).await {
+                    tracing::warn!(
+                        running = endpoint.state.inflight(),
+                        "drain timed out; stopping with requests still running"
+                    );
+                } else if running > 0 {
+                    tracing::info!(running, "running requests finished");
+                }
+            }
+            .boxed_local()
+        });
+        let discovery = Child::new(ActorKind::Discovery, "0").stopped_by(move || {
+            async move {
+                let id = registration.instance_id();
+                registration.deregister().await;
+                tracing::info!(worker = format!("{id:x}"), "left discovery");
+                drop(also_on_leave);
+            }
+            .boxed_local()
+        });
+        vec![events, request_plane, discovery]
     }
 }
 
@@ -188,8 +219,12 @@ pub async fn start(
         %address,
         "worker registered and serving"
     );
+    let tasks = tasks
+        .into_iter()
+        .map(|task| watch_task(task, service.tracker(ActorKind::Events)))
+        .collect();
     Ok(WorkerHandle {
-        registration: Some(registration),
+        registration,
         endpoint,
         tasks,
         grace: Duration::from_secs_f64(config.graceful_shutdown_grace_period_secs),

@@ -41,9 +41,13 @@ pub enum ActorKind {
     Embeddings,
     /// The GPU memory service.
     MemoryService,
-    /// The link to the cluster: a worker's endpoint server, registration and publishers, or a
-    /// frontend's discovery, event intake, response streams and model lanes.
+    /// The TCP request plane: a worker's endpoint server, or a frontend's response-stream server.
     RequestPlane,
+    /// The event plane on NATS: a worker's KV-event and load publishers, or a frontend's intake.
+    Events,
+    /// Discovery in etcd: a worker's registration under its lease, or a frontend's watch, instance
+    /// managers, model catalog and lanes.
+    Discovery,
 }
 
 impl ActorKind {
@@ -58,6 +62,8 @@ impl ActorKind {
             ActorKind::Embeddings => "embeddings",
             ActorKind::MemoryService => "memory_service",
             ActorKind::RequestPlane => "request_plane",
+            ActorKind::Events => "events",
+            ActorKind::Discovery => "discovery",
         }
     }
 }
@@ -385,6 +391,27 @@ impl RestartTracker {
     }
 }
 
+/// Watches a spawned task of `tracker`'s child (a publisher, an event intake). A panic in it cannot
+/// be resumed from (the task owned its channel), so it is escalated: the root stops the process,
+/// naming the child and the panic, and whatever runs the process starts it again. A task that
+/// returns, or is stopped through the returned handle, is not a failure.
+pub fn watch_task(
+    task: tokio::task::JoinHandle<()>,
+    mut tracker: RestartTracker,
+) -> tokio::task::AbortHandle {
+    let stop = task.abort_handle();
+    tokio::spawn(async move {
+        if let Err(error) = task.await {
+            if error.is_panic() {
+                let reason = panic_message(&*error.into_panic());
+                tracing::error!(actor = %tracker.actor, %reason, "task panicked");
+                tracker.escalate(1, reason);
+            }
+        }
+    });
+    stop
+}
+
 /// Runs `f`, turning a panic into `Err` with its message: the one way a supervised actor catches
 /// the failure of a unit of work (the actor then asks its [`RestartTracker`] what to do).
 pub fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
@@ -544,6 +571,33 @@ mod tests {
         assert_eq!(
             serde_json::to_value(ActorKind::Validator).unwrap(),
             serde_json::json!("validator")
+        );
+    }
+
+    #[actix_rt::test]
+    async fn a_watched_task_that_panics_is_escalated_and_a_stopped_one_is_not() {
+        let (events, mut reports) = mpsc::unbounded_channel();
+        let tracker = || {
+            RestartTracker::new(ActorKind::Events, "0")
+                .with_budget(&SupervisionConfig::default())
+                .reporting_to(events.clone())
+        };
+        let stop = watch_task(tokio::spawn(std::future::pending()), tracker());
+        stop.abort();
+        watch_task(tokio::spawn(async { panic!("publisher broke") }), tracker());
+        match tokio::time::timeout(Duration::from_secs(5), reports.recv()).await {
+            Ok(Some(SupervisorEvent::Escalated(escalation))) => {
+                assert_eq!(escalation.actor, ActorKind::Events);
+                assert!(
+                    escalation.last_error.contains("publisher broke"),
+                    "{escalation:?}"
+                );
+            }
+            other => panic!("expected an escalation, got {other:?}"),
+        }
+        assert!(
+            reports.try_recv().is_err(),
+            "the stopped task reported nothing"
         );
     }
 }

@@ -392,6 +392,7 @@ impl RunningService {
             request_plane: std::sync::Arc::new(std::sync::Mutex::new(
                 crate::supervision::RestartTracker::new(ActorKind::RequestPlane, "0"),
             )),
+            supervision: None,
         }
     }
 

@@ -135,6 +135,7 @@ impl Startup {
                 tracker.supervise(&self.config.supervision, self.events.clone());
                 std::sync::Arc::new(std::sync::Mutex::new(tracker))
             },
+            supervision: Some((self.config.supervision.clone(), self.events.clone())),
         };
         start(local).await.map_err(StartError::Cluster)
     }
@@ -532,7 +533,10 @@ async fn start_tree(
             ActorKind::Validator => Ok(startup.validators()),
             ActorKind::Embeddings => startup.embeddings(),
             ActorKind::Http => startup.http(),
-            ActorKind::RequestPlane => startup.cluster().await,
+            // The cluster side starts as one unit (its parts wire to each other: the publishers
+            // follow the registration's lease) and hands back its three children, in this order.
+            ActorKind::Events => startup.cluster().await,
+            ActorKind::RequestPlane | ActorKind::Discovery => Ok(Vec::new()),
         };
         match started {
             Ok(children) => children.into_iter().for_each(|child| tree.add(child)),

@@ -120,7 +120,13 @@ pub const TREE: &[SubtreeSpec] = &[
     SubtreeSpec {
         subtree: Subtree::Cluster,
         strategy: Strategy::OneForOne,
-        children: &[Slot::Actor(ActorKind::RequestPlane)],
+        // Stopped in reverse: leave discovery first, then drain the request plane, then stop the
+        // event plane (the running requests' KV events still go out while they finish).
+        children: &[
+            Slot::Actor(ActorKind::Events),
+            Slot::Actor(ActorKind::RequestPlane),
+            Slot::Actor(ActorKind::Discovery),
+        ],
     },
     SubtreeSpec {
         subtree: Subtree::Http,

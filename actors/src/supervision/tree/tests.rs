@@ -39,7 +39,9 @@ fn start_order_is_a_depth_first_walk_of_the_declaration() {
             ActorKind::Router,
             ActorKind::Validator,
             ActorKind::Embeddings,
+            ActorKind::Events,
             ActorKind::RequestPlane,
+            ActorKind::Discovery,
             ActorKind::Http,
         ]
     );
