@@ -156,10 +156,15 @@ impl Guard {
 
 /// The engine request a body asks for, or why it cannot be served (a 400 on the requester's side).
 fn engine_request(id: &str, body: Value) -> Result<EngineRequest, ApiError> {
+    let bad = |message: String| ApiError::new(ErrorClass::BadRequest, message);
     serde_json::from_value::<PreprocessedRequest>(body)
-        .map_err(|e| format!("the request body is not a PreprocessedRequest: {e}"))
-        .and_then(|body| body.into_engine_request(id.to_string()))
-        .map_err(|e| ApiError::new(ErrorClass::BadRequest, e))
+        .map_err(|e| {
+            bad(format!(
+                "the request body is not a PreprocessedRequest: {e}"
+            ))
+        })?
+        .into_engine_request(id.to_string())
+        .map_err(|e| bad(e.to_string()))
 }
 
 /// A stream item as the reply that carries it.
@@ -340,7 +345,7 @@ mod tests {
     /// answers with (a body the server cannot decode, or one that is no engine request).
     fn served(payload: &Bytes) -> Result<EngineRequest, String> {
         let accepted = accept(payload).unwrap();
-        let body = accepted.body?;
+        let body = accepted.body.map_err(|e| e.to_string())?;
         engine_request(&accepted.id, body).map_err(|e| e.message)
     }
 
@@ -422,7 +427,7 @@ mod tests {
             ),
         ];
         for (payload, expected) in cases {
-            let error = accept(&payload).err().unwrap();
+            let error = accept(&payload).err().unwrap().to_string();
             assert!(
                 error.contains(expected),
                 "{error} should mention {expected}"

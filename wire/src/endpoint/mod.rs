@@ -29,7 +29,7 @@ use crate::error::DynamoError;
 mod accept;
 mod respond;
 
-pub use accept::{accept, accept_as, Accepted};
+pub use accept::{accept, accept_as, Accepted, BodyError, EnvelopeRefused};
 use respond::respond;
 pub use respond::{dial, header_frame, DialError};
 
@@ -425,7 +425,8 @@ async fn serve_connection(
                     guard,
                 ));
             }
-            Err(text) => {
+            Err(refused) => {
+                let text = refused.to_string();
                 tracing::warn!(%peer, %text, "request rejected");
                 if replies
                     .send(TcpResponseMessage::unavailable(&text))

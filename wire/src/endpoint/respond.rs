@@ -115,9 +115,13 @@ pub(super) async fn respond(
     let (mut sink, mut incoming) = framed.split();
     let body = match body {
         Ok(body) => body,
-        Err(text) => {
-            let error =
-                DynamoError::new("InvalidRequest", "InvalidRequest", "request.invalid", text);
+        Err(refused) => {
+            let error = DynamoError::new(
+                "InvalidRequest",
+                "InvalidRequest",
+                "request.invalid",
+                refused.to_string(),
+            );
             if let Ok(frame) = data_frame(codec, &item(&Reply::Error(error))) {
                 if sink.send(frame).await.is_ok() {
                     finish(&mut sink, codec).await;

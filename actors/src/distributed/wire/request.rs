@@ -185,6 +185,20 @@ pub struct PreprocessedRequest {
     pub extra_args: Option<ExtraArgs>,
 }
 
+/// Why a worker cannot serve a pre-processed request as asked; the message names the field.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum Unservable {
+    /// No prompt tokens.
+    #[error("token_ids is empty: the prompt must have at least one token")]
+    EmptyPrompt,
+    /// Beam search was asked for.
+    #[error("sampling_options.use_beam_search is not supported")]
+    BeamSearch,
+    /// More than one choice.
+    #[error("sampling_options.n = {0}: a worker generates one choice per request")]
+    Choices(u32),
+}
+
 impl PreprocessedRequest {
     /// The wire form of `request`; `dynamix_worker` adds the dynamix extension.
     pub fn from_engine_request(request: &EngineRequest, dynamix_worker: bool) -> Self {
@@ -245,17 +259,15 @@ impl PreprocessedRequest {
 
     /// The engine request `request_id` names. Fails, naming the field, for requests dynamix
     /// engines cannot serve as asked.
-    pub fn into_engine_request(self, request_id: String) -> Result<EngineRequest, String> {
+    pub fn into_engine_request(self, request_id: String) -> Result<EngineRequest, Unservable> {
         if self.token_ids.is_empty() {
-            return Err("token_ids is empty: the prompt must have at least one token".into());
+            return Err(Unservable::EmptyPrompt);
         }
         if self.sampling_options.use_beam_search == Some(true) {
-            return Err("sampling_options.use_beam_search is not supported".into());
+            return Err(Unservable::BeamSearch);
         }
         if let Some(n) = self.sampling_options.n.filter(|n| *n > 1) {
-            return Err(format!(
-                "sampling_options.n = {n}: a worker generates one choice per request"
-            ));
+            return Err(Unservable::Choices(n));
         }
         let extension = self.extra_args.and_then(|a| a.dynamix).unwrap_or_default();
         let conditions = self.stop_conditions;

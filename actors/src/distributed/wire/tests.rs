@@ -144,7 +144,10 @@ fn requests_dynamix_cannot_serve_are_named() {
         ),
     ] {
         let wire: PreprocessedRequest = serde_json::from_value(patch).unwrap();
-        let error = wire.into_engine_request("r".into()).unwrap_err();
+        let error = wire
+            .into_engine_request("r".into())
+            .unwrap_err()
+            .to_string();
         assert!(error.contains(field), "{error} should name {field}");
     }
     assert!(serde_json::from_value::<PreprocessedRequest>(json!({"model": "m"})).is_err());
