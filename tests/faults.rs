@@ -483,31 +483,37 @@ async fn the_admin_endpoint_rejects_bad_faults_and_is_off_by_default() {
     plain.stop().await;
 }
 
-#[test]
-fn the_drill_reports_no_lost_or_duplicated_tokens() {
-    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/fault-drill.toml");
+/// Runs `dynamix drill` on a shipped config with `env`; its report, once it passed.
+fn drill(config: &str, requests: &str, concurrency: &str, env: &[(&str, &str)]) -> String {
+    let config = format!("{}/configs/{config}", env!("CARGO_MANIFEST_DIR"));
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_dynamix"))
-        .args([
-            "drill",
-            "--config",
-            config,
-            "--requests",
-            "120",
-            "--concurrency",
-            "16",
-        ])
-        // Faster than the shipped config, so a short run still meets several faults.
-        .env("DYN_FAULTS__EVERY_MS", "150")
-        .env("DYN_ECHO__TOKEN_DELAY_MS", "2")
+        .args(["drill", "--config", &config])
+        .args(["--requests", requests, "--concurrency", concurrency])
+        .envs(env.iter().copied())
         .env("DYN_LOG", "error")
         .env_remove("RUST_BACKTRACE")
         .output()
         .expect("run dynamix drill");
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
         "drill failed: {stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn the_drill_reports_no_lost_or_duplicated_tokens() {
+    let stdout = drill(
+        "fault-drill.toml",
+        "120",
+        "16",
+        // Faster than the shipped config, so a short run still meets several faults.
+        &[
+            ("DYN_FAULTS__EVERY_MS", "150"),
+            ("DYN_ECHO__TOKEN_DELAY_MS", "2"),
+        ],
     );
     // One phase of 120 requests per reachable kind of the shipped config: chat on the serving path,
     // chat through the drill's own frontend and workers (request_plane_panic), chat over HTTP
@@ -571,34 +577,17 @@ fn the_drill_reports_no_lost_or_duplicated_tokens() {
 /// panics now and then; every weights load still succeeds (a new session after a failed one).
 #[test]
 fn the_memory_service_drill_loses_no_weights_load() {
-    let config = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/configs/fault-drill-memory.toml"
-    );
     let sockets = std::env::temp_dir().join(format!("dynamix-drill-gms-{}", std::process::id()));
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_dynamix"))
-        .args([
-            "drill",
-            "--config",
-            config,
-            "--requests",
-            "200",
-            "--concurrency",
-            "4",
-        ])
-        .env("GMS_SOCKET_DIR", &sockets)
-        .env("DYN_FAULTS__EVERY_MS", "150")
-        .env("DYN_LOG", "error")
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .expect("run dynamix drill");
-    let _ = std::fs::remove_dir_all(&sockets);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "drill failed: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
+    let stdout = drill(
+        "fault-drill-memory.toml",
+        "200",
+        "4",
+        &[
+            ("GMS_SOCKET_DIR", &sockets.to_string_lossy()),
+            ("DYN_FAULTS__EVERY_MS", "150"),
+        ],
     );
+    let _ = std::fs::remove_dir_all(&sockets);
     let row = stdout
         .lines()
         .find(|l| l.starts_with("memory_service_panic") && !l.contains("not injected"))

@@ -23,6 +23,7 @@ pub use dynamix_wire::etcd;
 pub mod events;
 pub mod frontend;
 pub mod infra;
+pub mod instances;
 pub mod lanes;
 pub mod metadata;
 pub mod remote;
