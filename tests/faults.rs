@@ -509,15 +509,17 @@ fn the_drill_reports_no_lost_or_duplicated_tokens() {
         "fault-drill.toml",
         "120",
         "16",
-        // Faster than the shipped config, so a short run still meets several faults.
+        // Faster than the shipped config, so a short run still meets several faults. Not for the
+        // embedding engine: a fault every 150 ms is one in nearly every forward pass on a slow
+        // machine, and a request whose pass fails three times in a row fails (its own test below).
         &[
             ("DYN_FAULTS__EVERY_MS", "150"),
             ("DYN_ECHO__TOKEN_DELAY_MS", "2"),
+            ("DYN_FAULTS__KINDS", "[\"engine_panic\", \"engine_error\", \"engine_stall\", \"engine_slow\", \"router_panic\", \"validator_panic\", \"http_panic\", \"request_plane_panic\", \"indexer_panic\", \"memory_service_panic\"]"),
         ],
     );
-    // One phase of 120 requests per reachable kind of the shipped config: chat on the serving path,
-    // chat through the drill's own frontend and workers (request_plane_panic), chat over HTTP
-    // (http_panic) and embeddings over HTTP (embeddings_panic).
+    // One phase of 120 requests per reachable kind: chat on the serving path, chat through the
+    // drill's own frontend and workers (request_plane_panic) and chat over HTTP (http_panic).
     let reachable = [
         "engine_panic",
         "engine_error",
@@ -526,7 +528,6 @@ fn the_drill_reports_no_lost_or_duplicated_tokens() {
         "router_panic",
         "validator_panic",
         "http_panic",
-        "embeddings_panic",
         "request_plane_panic",
     ];
     let sent = 120 * reachable.len();
@@ -571,6 +572,33 @@ fn the_drill_reports_no_lost_or_duplicated_tokens() {
         "every injected HTTP panic cost one retry: {http}"
     );
     assert!(stdout.contains("recovery gap, all"), "{stdout}");
+}
+
+/// The embeddings drill at the shipped config's rate (a fault a second): a panicked forward pass is
+/// computed again after the restart, so no request fails and every vector equals the fault-free one.
+#[test]
+fn the_embeddings_drill_loses_no_vector() {
+    let stdout = drill(
+        "fault-drill.toml",
+        "120",
+        "16",
+        &[("DYN_FAULTS__KINDS", "[\"embeddings_panic\"]")],
+    );
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("embeddings_panic") && !l.contains("not injected"))
+        .unwrap_or_else(|| panic!("a report row for the embedding engine: {stdout}"));
+    let columns: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(columns[3], "0", "no escalation: {row}");
+    assert_eq!(
+        &columns[5..8],
+        ["0", "0", "0"],
+        "nothing failed or lost: {row}"
+    );
+    assert!(
+        stdout.contains("lost 0, duplicated 0, changed 0"),
+        "{stdout}"
+    );
 }
 
 /// The memory service drill: the model engine's weights behind an in-process memory service that
