@@ -146,10 +146,11 @@ async fn an_engine_panicking_mid_stream_migrates_and_the_stream_is_unchanged() {
     server.stop().await;
 }
 
-/// With one engine there is nowhere else to go: the migrating stream waits for the engine's restart
-/// (instead of failing at once with "no engine available") and the engine takes it back.
+/// With one engine there is nowhere else to go: the engine a stream failed on takes it back after
+/// its restart (the failed engine is only a last choice). Waiting when no engine is routable at all
+/// is `gateway::migration`'s unit test.
 #[actix_rt::test]
-async fn with_one_engine_a_migrating_stream_waits_for_the_restart() {
+async fn with_one_engine_a_migrated_stream_goes_back_to_it_after_the_restart() {
     let server = start(
         "echo.token_delay_ms = 2\n[engine]\ndevices = [\"cpu:0\"]\n[migration]\nlimit = 1\n\
          [faults]\nenabled = true\nadmin_endpoint = true\n",

@@ -426,3 +426,84 @@ impl ChoiceStream {
         outcome
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use actix::prelude::*;
+
+    use super::*;
+    use crate::engine::{EngineLoad, Generate};
+    use crate::router::{EngineAdded, EngineSlot, RouterConfig};
+
+    /// An engine that takes requests and never answers.
+    struct Idle;
+
+    impl Actor for Idle {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Generate> for Idle {
+        type Result = ();
+
+        fn handle(&mut self, _msg: Generate, _ctx: &mut Self::Context) {}
+    }
+
+    fn request() -> EngineRequest {
+        EngineRequest {
+            request_id: "r".into(),
+            model: "m".into(),
+            token_ids: vec![1, 2, 3],
+            echo_text: String::new(),
+            sampling: Default::default(),
+            stop: Default::default(),
+            pinned_engine: None,
+            resumed_outputs: 0,
+        }
+    }
+
+    /// With no engine at all, a plain route fails at once (the typed `no_engine` signal, no
+    /// attempt spent); a migrating stream waits and takes the engine that comes back.
+    #[actix_rt::test]
+    async fn a_migration_waits_for_an_engine_when_none_is_routable() {
+        let router = KvRouterActor::new(&RouterConfig::default(), Vec::new(), None)
+            .expect("a router")
+            .start();
+        let migrator = Migrator {
+            config: MigrationConfig::default(),
+            router: router.clone(),
+            metrics: None,
+            model: "m".into(),
+            inflight: Arc::new(InflightRegistry::default()),
+            stream_buffer: 4,
+            events: None,
+        };
+        let (tx, _rx) = mpsc::channel(4);
+        let mut left = 2;
+        let error = route(&migrator, &request(), &tx, vec![7], &mut left)
+            .await
+            .expect_err("no engine");
+        assert!(error.no_engine, "{error:?}");
+        assert_eq!(left, 2, "no attempt spent on an empty router");
+
+        let slot = EngineSlot {
+            id: 7,
+            addr: Idle.start().recipient(),
+            load: Arc::new(EngineLoad::default()),
+            capacity: 4,
+            device: "cpu:0".into(),
+        };
+        actix_rt::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            router.do_send(EngineAdded { slot });
+        });
+        let started = Instant::now();
+        let routed = route_waiting(&migrator, &request(), &tx, 7, &mut left)
+            .await
+            .expect("routed once the engine is back");
+        assert_eq!(
+            routed.engine_id, 7,
+            "the engine it failed on may take it back"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(150));
+    }
+}
