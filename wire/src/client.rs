@@ -114,6 +114,9 @@ pub struct ClientSettings {
     pub connect_timeout: Duration,
     /// Largest frame (`DYN_TCP_MAX_MESSAGE_SIZE`).
     pub max_message_size: usize,
+    /// The multiplexed request plane, for instances that advertise it (`None`: Dynamo's frames
+    /// and a call-home stream for every request).
+    pub mux: Option<crate::mux::MuxSettings>,
 }
 
 /// One request-plane connection: frames out, ACKs in.

@@ -9,7 +9,9 @@
 //! - [`error`]: Dynamo's error object.
 //! - [`PayloadCodec`]: JSON or msgpack request bodies and response items.
 //! - [`response_stream`]: the requester's call-home server (pending subjects → streams).
-//! - [`endpoint`]: a process's TCP endpoint server: one listener, handlers by endpoint path.
+//! - [`endpoint`]: a process's TCP endpoint server: one listener, handlers by endpoint path, for
+//!   Dynamo's request plane and the multiplexed one.
+//! - [`mux`]: the multiplexed request plane between dynamix processes (frames, the client side).
 //! - [`client`]: calling an instance's endpoint and reading its response stream.
 //! - [`watch`]: following the keys under an etcd prefix.
 
@@ -18,6 +20,7 @@ pub mod codec;
 pub mod endpoint;
 pub mod error;
 pub mod etcd;
+pub mod mux;
 pub mod record;
 pub mod response_stream;
 pub mod watch;

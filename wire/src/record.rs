@@ -82,6 +82,10 @@ pub struct Instance {
     /// dynamix: requests it admits at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<usize>,
+    /// dynamix: the version of the multiplexed request plane ([`crate::mux`]) its TCP address also
+    /// serves. Dynamo ignores the field and sends its own frames there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mux: Option<u32>,
 }
 
 /// Where a TCP request goes: the address to dial and the path to put in each frame.
@@ -123,6 +127,7 @@ impl Instance {
             engine: None,
             kv_block_size: None,
             capacity: None,
+            mux: Some(crate::mux::VERSION),
         }
     }
 
@@ -139,6 +144,11 @@ impl Instance {
     /// The codec of request bodies.
     pub fn codec(&self) -> PayloadCodec {
         PayloadCodec::parse(self.request_plane_codec.as_deref()).unwrap_or_default()
+    }
+
+    /// Whether the instance serves the multiplexed request plane this build speaks.
+    pub fn speaks_mux(&self) -> bool {
+        self.mux == Some(crate::mux::VERSION)
     }
 
     /// Whether the worker is a dynamix worker (takes `extra_args.dynamix`).

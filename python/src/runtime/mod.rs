@@ -146,6 +146,7 @@ impl Inner {
                     ServerSettings {
                         max_message_size: self.settings.max_message_size,
                         connect_timeout: self.settings.connect_timeout,
+                        mux: Default::default(),
                     },
                 )
                 .await
@@ -169,6 +170,9 @@ impl Inner {
                         request_timeout: self.settings.request_timeout,
                         connect_timeout: self.settings.connect_timeout,
                         max_message_size: self.settings.max_message_size,
+                        // The SDK's client calls with Dynamo's frames; its workers' endpoint
+                        // server answers dynamix frontends on the multiplexed plane as well.
+                        mux: None,
                     },
                 )
                 .await
@@ -204,6 +208,7 @@ impl Inner {
             engine: None,
             kv_block_size: None,
             capacity: None,
+            mux: Some(dynamix_wire::mux::VERSION),
         })
     }
 

@@ -19,14 +19,18 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, Stream, StreamExt};
 use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::codec::{TcpCodecError, TcpRequestCodec, TcpResponseCodec, TcpResponseMessage};
 use crate::error::DynamoError;
+use crate::mux::{MuxSettings, PREFACE};
 
 mod accept;
+mod mux;
 mod respond;
 
 pub use accept::{accept, accept_as, Accepted, BodyError, EnvelopeRefused};
@@ -233,6 +237,8 @@ pub struct ServerSettings {
     pub max_message_size: usize,
     /// Dialling a requester back (`DYN_TCP_CONNECT_TIMEOUT`).
     pub connect_timeout: Duration,
+    /// Heartbeats of multiplexed connections (the window and connection count are the client's).
+    pub mux: MuxSettings,
 }
 
 struct Served {
@@ -347,12 +353,7 @@ async fn accept_loop(listener: TcpListener, settings: Arc<ServerSettings>, table
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve_connection(
-                    stream,
-                    settings.clone(),
-                    table.clone(),
-                    peer,
-                ));
+                tokio::spawn(serve_socket(stream, settings.clone(), table.clone(), peer));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "endpoint server: accept failed");
@@ -362,13 +363,36 @@ async fn accept_loop(listener: TcpListener, settings: Arc<ServerSettings>, table
     }
 }
 
-async fn serve_connection(
+/// Tell the two request planes apart by their first 8 bytes: the multiplexed plane's preface, or
+/// the start of a Dynamo request frame (never shorter than 8 bytes), which is then read as one.
+async fn serve_socket(
     stream: TcpStream,
     settings: Arc<ServerSettings>,
     table: Table,
     peer: std::net::SocketAddr,
 ) {
-    let (read, write) = stream.into_split();
+    let (mut read, mut write) = stream.into_split();
+    let mut first = [0u8; 8];
+    if read.read_exact(&mut first).await.is_err() {
+        return;
+    }
+    if &first == PREFACE {
+        if write.write_all(PREFACE).await.is_ok() {
+            mux::serve(read, write, settings, table, peer).await;
+        }
+        return;
+    }
+    let read = std::io::Cursor::new(first).chain(read);
+    serve_connection(read, write, settings, table, peer).await;
+}
+
+async fn serve_connection(
+    read: impl AsyncRead + Unpin,
+    write: OwnedWriteHalf,
+    settings: Arc<ServerSettings>,
+    table: Table,
+    peer: std::net::SocketAddr,
+) {
     let mut frames = FramedRead::new(read, TcpRequestCodec::new(Some(settings.max_message_size)));
     let mut replies = FramedWrite::new(write, TcpResponseCodec::new(None));
     while let Some(frame) = frames.next().await {

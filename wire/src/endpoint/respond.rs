@@ -204,7 +204,7 @@ pub(super) async fn respond(
 }
 
 /// The data-frame wrapper of a reply.
-fn item(reply: &Reply) -> Value {
+pub(super) fn item(reply: &Reply) -> Value {
     json!({ "data": reply.annotated(), "complete_final": false })
 }
 

@@ -8,11 +8,13 @@ fn settings() -> (ServerSettings, ClientSettings) {
         ServerSettings {
             max_message_size: 1 << 20,
             connect_timeout: Duration::from_secs(5),
+            mux: crate::mux::MuxSettings::default(),
         },
         ClientSettings {
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             max_message_size: 1 << 20,
+            mux: None,
         },
     )
 }
