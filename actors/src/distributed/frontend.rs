@@ -150,6 +150,7 @@ pub async fn start(
             request_timeout: Duration::from_secs_f64(config.request_timeout_secs),
             connect_timeout: Duration::from_secs_f64(config.connect_timeout_secs),
             max_message_size: settings.max_message_size,
+            mux: config.client_mux(),
         },
         default_capacity: settings.default_capacity,
         kv_block_size: settings.kv_block_size,

@@ -122,6 +122,31 @@ pub struct DistributedConfig {
     pub system_port: Option<u16>,
     /// Worker: address the system server binds (`DYN_SYSTEM_HOST`; default: `host`).
     pub system_host: Option<String>,
+    /// Frontend: how requests reach workers that advertise the multiplexed request plane (dynamix
+    /// workers): `mux` (streams on a few long-lived connections per worker) or `dynamo` (Dynamo's
+    /// frame and a call-home connection per request, as Dynamo's own workers always get).
+    pub request_plane_protocol: RequestPlaneProtocol,
+    /// Frontend: long-lived connections kept to each worker (`mux`).
+    pub mux_connections: usize,
+    /// Frontend: items one stream may have in flight before its consumer takes them (`mux`); a
+    /// slow client stalls its own stream, never the connection.
+    pub mux_window: u32,
+    /// How often each side of a multiplexed connection says it is alive (milliseconds).
+    pub mux_heartbeat_ms: u64,
+    /// Silence after which the other side of a multiplexed connection is taken for dead and its
+    /// streams end (milliseconds): the frontend then migrates them.
+    pub mux_dead_after_ms: u64,
+}
+
+/// `distributed.request_plane_protocol`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestPlaneProtocol {
+    /// The multiplexed request plane with workers that advertise it.
+    #[default]
+    Mux,
+    /// Dynamo's request frame and call-home stream with every worker.
+    Dynamo,
 }
 
 impl Default for DistributedConfig {
@@ -143,6 +168,11 @@ impl Default for DistributedConfig {
             max_message_size: crate::codec::tcp::DEFAULT_MAX_MESSAGE_SIZE,
             system_port: None,
             system_host: None,
+            request_plane_protocol: RequestPlaneProtocol::Mux,
+            mux_connections: 2,
+            mux_window: 64,
+            mux_heartbeat_ms: 1000,
+            mux_dead_after_ms: 5000,
         }
     }
 }
@@ -266,7 +296,53 @@ impl DistributedConfig {
                 "must be positive",
             ));
         }
+        if !(1..=64).contains(&self.mux_connections) {
+            return Err(InvalidSetting::new(
+                "distributed.mux_connections",
+                self.mux_connections,
+                "must be between 1 and 64",
+            ));
+        }
+        if self.mux_window == 0 {
+            return Err(InvalidSetting::new(
+                "distributed.mux_window",
+                0,
+                "must be at least 1 item",
+            ));
+        }
+        if self.mux_heartbeat_ms < 10 {
+            return Err(InvalidSetting::new(
+                "distributed.mux_heartbeat_ms",
+                self.mux_heartbeat_ms,
+                "must be at least 10 milliseconds",
+            ));
+        }
+        if self.mux_dead_after_ms < 2 * self.mux_heartbeat_ms {
+            return Err(InvalidSetting::new(
+                "distributed.mux_dead_after_ms",
+                self.mux_dead_after_ms,
+                format!(
+                    "must be at least twice distributed.mux_heartbeat_ms ({}), or a live peer would be taken for dead",
+                    self.mux_heartbeat_ms
+                ),
+            ));
+        }
         Ok(())
+    }
+
+    /// The multiplexed request plane's settings.
+    pub fn mux(&self) -> dynamix_wire::mux::MuxSettings {
+        dynamix_wire::mux::MuxSettings {
+            connections: self.mux_connections,
+            window: self.mux_window,
+            heartbeat: std::time::Duration::from_millis(self.mux_heartbeat_ms),
+            dead_after: std::time::Duration::from_millis(self.mux_dead_after_ms),
+        }
+    }
+
+    /// The client side's: `None` when every request goes as Dynamo's frame.
+    pub fn client_mux(&self) -> Option<dynamix_wire::mux::MuxSettings> {
+        (self.request_plane_protocol == RequestPlaneProtocol::Mux).then(|| self.mux())
     }
 
     /// etcd prefix the frontend watches: `v1/instances/{ns}/{comp}/{ep}/`.

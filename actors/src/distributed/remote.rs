@@ -1,9 +1,12 @@
 //! [`RemoteEngine`]: the frontend's actor for one worker instance. The router sees it as an engine
-//! ([`Generate`] in, tokens out on the request's channel); underneath, each request is one TCP
-//! request-plane frame (ACKed by the worker) and one call-home response stream (runtime spec §1.5):
-//! handshake, prologue, data frames, `complete_final`, sentinel. Requests go to the path and in the
-//! codec the worker's record names, as Dynamo's pre-processed request; the worker may be a dynamix
-//! worker or any Dynamo worker (interop spec §3–§5).
+//! ([`Generate`] in, tokens out on the request's channel). Underneath, a worker whose record
+//! advertises the multiplexed request plane (`"mux": 1`, a dynamix worker) gets each request as a
+//! stream on a few long-lived connections ([`dynamix_wire::mux`]). Any other worker (or every worker,
+//! with `distributed.request_plane_protocol = "dynamo"`) gets one TCP request-plane frame (ACKed by
+//! the worker) and answers on one call-home response stream (runtime spec §1.5): handshake, prologue,
+//! data frames, `complete_final`, sentinel. Either way requests go to the path and in the codec the
+//! worker's record names, as Dynamo's pre-processed request; the worker may be a dynamix worker or
+//! any Dynamo worker (interop spec §3–§5), and the items are the same.
 //!
 //! A stream that ends without `complete_final` — the worker was killed, its connection broke — closes
 //! the request's channel before a finish, which the serving path migrates to another engine (same
@@ -14,6 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
 use bytes::Bytes;
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
@@ -34,6 +38,8 @@ const POOL_SIZE: usize = 100;
 /// Python SDK's client).
 pub use dynamix_wire::client::ClientSettings as RemoteSettings;
 use dynamix_wire::client::{envelope, Connection};
+use dynamix_wire::mux::client::{Event, MuxPeer, MuxStream};
+use dynamix_wire::mux::MuxRequest;
 
 /// What the requests of one instance share.
 struct Shared {
@@ -50,6 +56,9 @@ struct Shared {
     settings: RemoteSettings,
     streams: Arc<ResponseStreamServer>,
     pool: Mutex<Vec<Connection>>,
+    /// The worker's multiplexed request plane, when it serves one and the frontend uses it;
+    /// otherwise each request is a Dynamo frame and a call-home stream.
+    mux: Option<MuxPeer>,
     /// Where "this instance looks dead" goes (the frontend's instance manager).
     down: mpsc::UnboundedSender<u64>,
     /// The router's view of its load; tokens received are counted here.
@@ -77,6 +86,18 @@ impl RemoteEngine {
     ) -> Result<Self, InstanceError> {
         instance.check()?;
         let TcpTarget { address, path } = instance.tcp_target()?;
+        let mux = settings
+            .mux
+            .clone()
+            .filter(|_| instance.speaks_mux())
+            .map(|mux| {
+                MuxPeer::new(
+                    &address,
+                    mux,
+                    settings.connect_timeout,
+                    settings.max_message_size,
+                )
+            });
         Ok(RemoteEngine {
             shared: Arc::new(Shared {
                 instance_id: instance.instance_id,
@@ -88,6 +109,7 @@ impl RemoteEngine {
                 settings,
                 streams,
                 pool: Mutex::new(Vec::new()),
+                mux,
                 down,
                 load,
                 progress,
@@ -164,34 +186,19 @@ async fn run(
 ) {
     // The instance id pins to this worker; inside it, its own router picks the engine.
     request.pinned_engine = None;
-    let mut pending = shared.streams.register();
     let id = request.request_id.clone();
-    let frame = match request_frame(shared, &request, &pending.subject) {
-        Ok(frame) => frame,
+    let opened = match &shared.mux {
+        Some(peer) => open_mux(shared, peer, &request).await,
+        None => open_call_home(shared, &request).await,
+    };
+    let source = match opened {
+        Ok(source) => source,
         Err(e) => {
             let _ = output.send(Err(e)).await;
             return;
         }
     };
-    if let Err(e) = send_request(shared, frame).await {
-        let _ = output.send(Err(e)).await;
-        return;
-    }
-    let Some(connection) = pending.connected(shared.settings.request_timeout).await else {
-        let _ = shared.down.send(shared.instance_id);
-        let _ = output
-            .send(Err(unavailable(
-                shared,
-                format!(
-                    "accepted request {id} but did not open its response stream within {:.1} s",
-                    shared.settings.request_timeout.as_secs_f64()
-                ),
-            )))
-            .await;
-        return;
-    };
-    drop(pending);
-    match pump(shared, connection, output, &id).await {
+    match pump(shared, source, output, &id).await {
         StreamEnd::Complete | StreamEnd::Cancelled => {}
         StreamEnd::Broken(reason) => {
             // Closing the channel before a finish is what migration acts on.
@@ -206,17 +213,81 @@ async fn run(
     }
 }
 
+/// The body of `request` as the worker takes it, in its codec.
+fn request_body(
+    shared: &Shared,
+    request: &crate::protocol::engine::EngineRequest,
+) -> Result<Vec<u8>, ApiError> {
+    let mut wire = PreprocessedRequest::from_engine_request(request, shared.dynamix);
+    if let Some(lora) = &shared.lora {
+        wire.routing.get_or_insert_with(Default::default).lora_name = Some(lora.clone());
+    }
+    shared
+        .codec
+        .encode(&wire)
+        .map_err(|e| ApiError::new(ErrorClass::Internal, e.to_string()))
+}
+
+/// Start `request` as a stream of the worker's multiplexed request plane.
+async fn open_mux(
+    shared: &Shared,
+    peer: &MuxPeer,
+    request: &crate::protocol::engine::EngineRequest,
+) -> Result<Source, ApiError> {
+    let body = request_body(shared, request)?;
+    let mux_request = MuxRequest {
+        window: peer.window(),
+        codec: shared.codec,
+        id: request.request_id.clone(),
+        path: shared.path.clone(),
+        headers: Default::default(),
+        metadata: None,
+        body: body.into(),
+    };
+    match peer.open(&mux_request).await {
+        Ok(stream) => Ok(Source::Mux(stream)),
+        Err(e) => {
+            tracing::warn!(worker = format!("{:x}", shared.instance_id), address = %shared.address, error = %e, "multiplexed request plane unreachable");
+            let _ = shared.down.send(shared.instance_id);
+            Err(unavailable(shared, e))
+        }
+    }
+}
+
+/// Send `request` as a Dynamo request frame and wait for the worker's call-home connection.
+async fn open_call_home(
+    shared: &Shared,
+    request: &crate::protocol::engine::EngineRequest,
+) -> Result<Source, ApiError> {
+    let mut pending = shared.streams.register();
+    let frame = request_frame(shared, request, &pending.subject)?;
+    send_request(shared, frame).await?;
+    let Some(connection) = pending.connected(shared.settings.request_timeout).await else {
+        let _ = shared.down.send(shared.instance_id);
+        return Err(unavailable(
+            shared,
+            format!(
+                "accepted request {} but did not open its response stream within {:.1} s",
+                request.request_id,
+                shared.settings.request_timeout.as_secs_f64()
+            ),
+        ));
+    };
+    let (sink, stream) = connection.split();
+    Ok(Source::CallHome {
+        sink,
+        stream,
+        prologue: true,
+    })
+}
+
 fn request_frame(
     shared: &Shared,
     request: &crate::protocol::engine::EngineRequest,
     subject: &str,
 ) -> Result<TcpRequestMessage, ApiError> {
     let internal = |e: &dyn std::fmt::Display| ApiError::new(ErrorClass::Internal, e.to_string());
-    let mut wire = PreprocessedRequest::from_engine_request(request, shared.dynamix);
-    if let Some(lora) = &shared.lora {
-        wire.routing.get_or_insert_with(Default::default).lora_name = Some(lora.clone());
-    }
-    let body = shared.codec.encode(&wire).map_err(|e| internal(&e))?;
+    let body = request_body(shared, request)?;
     let payload = envelope(
         shared.streams.address(),
         subject,
@@ -310,63 +381,126 @@ async fn connect(shared: &Shared) -> Result<Connection, ApiError> {
 enum StreamEnd {
     /// `complete_final` (or the sentinel) arrived.
     Complete,
-    /// The consumer went away; `stop` was sent.
+    /// The consumer went away; `kill` was sent.
     Cancelled,
     /// It ended or broke before completing.
     Broken(String),
 }
 
-async fn pump(
-    shared: &Shared,
-    connection: ResponseConnection,
-    output: &mpsc::Sender<EngineEvent>,
-    id: &str,
-) -> StreamEnd {
-    let (mut sink, mut stream) = connection.split();
-    // Prologue: did generation start?
-    let prologue = match tokio::time::timeout(shared.settings.request_timeout, stream.next()).await
-    {
-        Err(_) => return StreamEnd::Broken("no prologue".into()),
-        Ok(None) => return StreamEnd::Broken("closed before its prologue".into()),
-        Ok(Some(Err(e))) => return StreamEnd::Broken(format!("bad frame: {e}")),
-        Ok(Some(Ok(frame))) => frame,
-    };
-    match serde_json::from_slice::<ResponseStreamPrologue>(prologue.header()) {
-        Ok(ResponseStreamPrologue { error: None }) => {}
-        Ok(ResponseStreamPrologue { error: Some(text) }) => {
-            // The worker could not start generating: another worker may.
-            let _ = output.send(Err(unavailable(shared, text))).await;
-            return StreamEnd::Complete;
-        }
-        Err(e) => return StreamEnd::Broken(format!("bad prologue: {e}")),
-    }
-    let mut first = true;
-    loop {
-        tokio::select! {
-            frame = stream.next() => {
-                let frame = match frame {
-                    None => return StreamEnd::Broken("connection closed".into()),
-                    Some(Err(e)) => return StreamEnd::Broken(format!("bad frame: {e}")),
+/// Where a request's responses come from.
+enum Source {
+    /// Dynamo's call-home connection; its prologue is read with the first item.
+    CallHome {
+        sink: SplitSink<ResponseConnection, TwoPartMessage>,
+        stream: SplitStream<ResponseConnection>,
+        prologue: bool,
+    },
+    /// A stream of the multiplexed request plane.
+    Mux(MuxStream),
+}
+
+/// What a source yields next.
+enum Incoming {
+    /// One item, decoded from the request's codec.
+    Item(Box<StreamItem>),
+    /// The worker completed the stream.
+    Complete,
+    /// The worker did not start the request (a prologue error, a refusal): another worker may.
+    Refused(String),
+    /// The stream ended or broke before completing.
+    Broken(String),
+}
+
+impl Source {
+    async fn next(&mut self, shared: &Shared) -> Incoming {
+        match self {
+            Source::Mux(stream) => match stream.next().await {
+                Some(Event::Data(bytes)) => decode(shared, &bytes),
+                Some(Event::End) => Incoming::Complete,
+                Some(Event::Refused(text)) => Incoming::Refused(format!("refused the request: {text}")),
+                Some(Event::Reset(reason)) => Incoming::Broken(reason),
+                None => Incoming::Broken("the stream was cancelled".into()),
+            },
+            Source::CallHome {
+                stream, prologue, ..
+            } => {
+                if std::mem::take(prologue) {
+                    let first =
+                        tokio::time::timeout(shared.settings.request_timeout, stream.next()).await;
+                    let frame = match first {
+                        Err(_) => return Incoming::Broken("no prologue".into()),
+                        Ok(None) => return Incoming::Broken("closed before its prologue".into()),
+                        Ok(Some(Err(e))) => return Incoming::Broken(format!("bad frame: {e}")),
+                        Ok(Some(Ok(frame))) => frame,
+                    };
+                    match serde_json::from_slice::<ResponseStreamPrologue>(frame.header()) {
+                        Ok(ResponseStreamPrologue { error: None }) => {}
+                        Ok(ResponseStreamPrologue { error: Some(text) }) => {
+                            return Incoming::Refused(text)
+                        }
+                        Err(e) => return Incoming::Broken(format!("bad prologue: {e}")),
+                    }
+                }
+                let frame = match stream.next().await {
+                    None => return Incoming::Broken("connection closed".into()),
+                    Some(Err(e)) => return Incoming::Broken(format!("bad frame: {e}")),
                     Some(Ok(frame)) => frame,
                 };
                 match frame.kind() {
-                    MessageKind::DataOnly => {}
+                    MessageKind::DataOnly => decode(shared, frame.data()),
                     MessageKind::HeaderOnly => {
-                        return match serde_json::from_slice::<ControlMessage>(frame.header()) {
-                            Ok(ControlMessage::Sentinel) => StreamEnd::Complete,
-                            Ok(other) => StreamEnd::Broken(format!("unexpected control message {other:?} from the worker")),
-                            Err(e) => StreamEnd::Broken(format!("bad control frame: {e}")),
-                        };
+                        match serde_json::from_slice::<ControlMessage>(frame.header()) {
+                            Ok(ControlMessage::Sentinel) => Incoming::Complete,
+                            Ok(other) => Incoming::Broken(format!(
+                                "unexpected control message {other:?} from the worker"
+                            )),
+                            Err(e) => Incoming::Broken(format!("bad control frame: {e}")),
+                        }
                     }
-                    other => return StreamEnd::Broken(format!("unexpected {other:?} frame")),
+                    other => Incoming::Broken(format!("unexpected {other:?} frame")),
                 }
-                let item: StreamItem = match shared.codec.decode(frame.data()) {
-                    Ok(item) => item,
-                    Err(e) => return StreamEnd::Broken(format!("bad data frame ({}): {e}", shared.codec.name())),
+            }
+        }
+    }
+
+    /// Tell the worker to stop generating now.
+    async fn kill(&mut self) {
+        match self {
+            Source::Mux(stream) => stream.cancel(true),
+            Source::CallHome { sink, .. } => {
+                let _ = sink.send(control(ControlMessage::Kill)).await;
+            }
+        }
+    }
+}
+
+fn decode(shared: &Shared, bytes: &[u8]) -> Incoming {
+    match shared.codec.decode::<StreamItem>(bytes) {
+        Ok(item) if item.complete_final => Incoming::Complete,
+        Ok(item) => Incoming::Item(Box::new(item)),
+        Err(e) => Incoming::Broken(format!("bad data frame ({}): {e}", shared.codec.name())),
+    }
+}
+
+async fn pump(
+    shared: &Shared,
+    mut source: Source,
+    output: &mpsc::Sender<EngineEvent>,
+    id: &str,
+) -> StreamEnd {
+    let mut first = true;
+    loop {
+        tokio::select! {
+            incoming = source.next(shared) => {
+                let item = match incoming {
+                    Incoming::Item(item) => item,
+                    Incoming::Complete => return StreamEnd::Complete,
+                    Incoming::Broken(reason) => return StreamEnd::Broken(reason),
+                    Incoming::Refused(text) => {
+                        let _ = output.send(Err(unavailable(shared, text))).await;
+                        return StreamEnd::Complete;
+                    }
                 };
-                if item.complete_final {
-                    return StreamEnd::Complete;
-                }
                 if let Some(FinishReasonWire::Unknown(reason)) = item.data.as_ref().and_then(|i| i.data.as_ref()).and_then(|d| d.finish_reason.as_ref()) {
                     tracing::warn!(worker = format!("{:x}", shared.instance_id), request = %id, finish_reason = %reason, "unknown finish_reason from the worker; ending the choice as a stop");
                 }
@@ -388,13 +522,13 @@ async fn pump(
                         .fetch_add(tokens as u64, std::sync::atomic::Ordering::Relaxed);
                 }
                 if output.send(event).await.is_err() {
-                    let _ = sink.send(control(ControlMessage::Kill)).await;
+                    source.kill().await;
                     tracing::debug!(request = %id, "consumer gone; sent kill to the worker");
                     return StreamEnd::Cancelled;
                 }
             }
             _ = output.closed() => {
-                let _ = sink.send(control(ControlMessage::Kill)).await;
+                source.kill().await;
                 tracing::debug!(request = %id, "consumer gone; sent kill to the worker");
                 return StreamEnd::Cancelled;
             }
@@ -444,11 +578,13 @@ mod tests {
                 request_timeout: Duration::from_secs(5),
                 connect_timeout: Duration::from_secs(5),
                 max_message_size: 1 << 20,
+                mux: None,
             },
             streams: ResponseStreamServer::bind("127.0.0.1", 0, 1 << 20)
                 .await
                 .unwrap(),
             pool: Mutex::new(Vec::new()),
+            mux: None,
             down,
             load: Default::default(),
             progress: None,

@@ -43,6 +43,8 @@ pub struct EndpointSettings {
     pub connect_timeout: Duration,
     /// Capacity of each request's token channel.
     pub stream_buffer: usize,
+    /// Heartbeats of multiplexed connections.
+    pub mux: dynamix_wire::mux::MuxSettings,
     /// Fault injection (`request_plane_panic`).
     pub faults: Arc<FaultInjector>,
     /// Where a stream's failure is counted (the tree's `request_plane` child).
@@ -75,6 +77,7 @@ impl WorkerEndpoint {
             ServerSettings {
                 max_message_size: settings.max_message_size,
                 connect_timeout: settings.connect_timeout,
+                mux: settings.mux.clone(),
             },
         )
         .await?;

@@ -111,6 +111,7 @@ impl TextModels {
                 request_timeout: Duration::from_secs_f64(config.request_timeout_secs),
                 connect_timeout: Duration::from_secs_f64(config.connect_timeout_secs),
                 max_message_size: config.max_message_size,
+                mux: config.client_mux(),
             },
         )
         .await

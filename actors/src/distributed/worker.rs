@@ -121,6 +121,7 @@ pub async fn start(
             max_message_size: settings.max_message_size,
             connect_timeout: Duration::from_secs_f64(config.connect_timeout_secs),
             stream_buffer: settings.stream_buffer,
+            mux: config.mux(),
             faults: service.faults.clone(),
             supervision: service.request_plane.clone(),
         },
