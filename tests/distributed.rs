@@ -284,8 +284,23 @@ fn generated_tokens(health: &Value) -> Vec<(u64, u64)> {
 
 #[actix_rt::test]
 async fn killed_worker_mid_stream_migrates_every_request_and_a_restarted_one_rejoins() {
+    killed_worker_mid_stream("mux").await;
+}
+
+#[actix_rt::test]
+async fn killed_worker_mid_stream_migrates_on_dynamos_request_plane_too() {
+    killed_worker_mid_stream("dynamo").await;
+}
+
+/// Kills one of two workers mid-stream, with the frontend on request plane `protocol`.
+async fn killed_worker_mid_stream(protocol: &str) {
     let infra = Infra::start();
-    let fe = frontend(&infra, "frontend", &["--router-mode", "round-robin"], &[]);
+    let fe = frontend(
+        &infra,
+        "frontend",
+        &["--router-mode", "round-robin"],
+        &[("DYN_DISTRIBUTED__REQUEST_PLANE_PROTOCOL", protocol)],
+    );
     let mut a = echo_worker(&infra, "worker-a");
     let _b = echo_worker(&infra, "worker-b");
     let health = fe.wait_workers(2, Duration::from_secs(60)).await;
@@ -298,6 +313,11 @@ async fn killed_worker_mid_stream_migrates_every_request_and_a_restarted_one_rej
         health["instances"][0]["transport"]
             .as_str()
             .is_some_and(|t| t.starts_with("tcp://127.0.0.1:")),
+        "{health}"
+    );
+    assert_eq!(
+        health["instances"][0]["request_plane"],
+        json!(protocol),
         "{health}"
     );
 

@@ -111,6 +111,7 @@ impl InstanceManager {
                 return;
             }
         };
+        let request_plane = engine.request_plane();
         let addr = engine.start();
         let capacity = instance.capacity.unwrap_or(self.default_capacity).max(1);
         let address = instance.tcp_address().unwrap_or_default();
@@ -136,6 +137,7 @@ impl InstanceManager {
             mocker: None,
             model: None,
             transport: format!("tcp://{address}"),
+            request_plane: Some(request_plane),
             endpoint_id: [
                 instance.namespace.clone(),
                 instance.component.clone(),

@@ -117,6 +117,15 @@ impl RemoteEngine {
         })
     }
 
+    /// The request plane its requests take: `mux` or `dynamo`.
+    pub fn request_plane(&self) -> &'static str {
+        if self.shared.mux.is_some() {
+            "mux"
+        } else {
+            "dynamo"
+        }
+    }
+
     /// Every request names LoRA adapter `lora` (`routing.lora_name`), when it is given.
     pub fn for_adapter(mut self, lora: Option<String>) -> Self {
         // A new engine's state is not shared yet (it is once the engine starts).
@@ -417,7 +426,9 @@ impl Source {
             Source::Mux(stream) => match stream.next().await {
                 Some(Event::Data(bytes)) => decode(shared, &bytes),
                 Some(Event::End) => Incoming::Complete,
-                Some(Event::Refused(text)) => Incoming::Refused(format!("refused the request: {text}")),
+                Some(Event::Refused(text)) => {
+                    Incoming::Refused(format!("refused the request: {text}"))
+                }
                 Some(Event::Reset(reason)) => Incoming::Broken(reason),
                 None => Incoming::Broken("the stream was cancelled".into()),
             },

@@ -31,6 +31,9 @@ pub struct EngineInfo {
     pub gpu: Option<Arc<crate::engine::gpu::GpuLoad>>,
     /// How it is reached: `in-process`, or a worker's `tcp://host:port`.
     pub transport: String,
+    /// A worker's request plane as this frontend speaks it: `mux` or `dynamo` (remote engines only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_plane: Option<&'static str>,
     /// Namespace, component and endpoint it serves (`dynamix/backend/generate` in-process; a
     /// worker's from its discovery record).
     pub endpoint_id: [String; 3],

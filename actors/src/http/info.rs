@@ -183,6 +183,9 @@ pub(crate) fn endpoints_and_instances(state: &AppState) -> (Vec<String>, Vec<Val
                 "inflight_requests": state.inflight.on_engine(e.instance_id).len(),
                 "restarts": e.load.restarts.load(std::sync::atomic::Ordering::Relaxed),
             });
+            if let Some(plane) = e.request_plane {
+                instance["request_plane"] = json!(plane);
+            }
             if let Some(mocker) = &e.mocker {
                 // The simulated engine's own view of its cache and queues (read-only snapshot).
                 instance["kv_cache"] = json!({

@@ -222,6 +222,7 @@ impl Startup {
                 model: (config.engine.kind == EngineKind::Model && !on_gpu).then_some(model_load),
                 gpu: on_gpu.then_some(gpu_load),
                 transport: "in-process".into(),
+                request_plane: None,
                 endpoint_id: ["dynamix".into(), "backend".into(), "generate".into()],
                 remote: None,
             });
