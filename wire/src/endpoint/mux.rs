@@ -74,9 +74,11 @@ pub(super) async fn serve(
             Kind::Request => start(frame, &settings, &table, &streams, &writer, peer),
             Kind::Cancel => {
                 let kill = frame.body.first() != Some(&0);
-                if let Some(running) = streams.lock().ok().and_then(|s| {
-                    s.get(&frame.stream).map(|r| r.control.clone())
-                }) {
+                if let Some(running) = streams
+                    .lock()
+                    .ok()
+                    .and_then(|s| s.get(&frame.stream).map(|r| r.control.clone()))
+                {
                     if kill {
                         running.kill();
                     } else {
@@ -88,9 +90,11 @@ pub(super) async fn serve(
                 let Some(items) = frame.count() else {
                     break format!("a credit frame of {} bytes, not 4", frame.body.len());
                 };
-                if let Some(credits) = streams.lock().ok().and_then(|s| {
-                    s.get(&frame.stream).map(|r| r.credits.clone())
-                }) {
+                if let Some(credits) = streams
+                    .lock()
+                    .ok()
+                    .and_then(|s| s.get(&frame.stream).map(|r| r.credits.clone()))
+                {
                     credits.add_permits((items as usize).min(Semaphore::MAX_PERMITS / 2));
                 }
             }

@@ -188,8 +188,9 @@ impl MuxPeer {
             Err(e) => {
                 let open = self.connections.lock().ok().and_then(|c| {
                     let live: Vec<_> = c.iter().filter(|c| !c.is_closed()).cloned().collect();
-                    (!live.is_empty())
-                        .then(|| live[self.next.fetch_add(1, Ordering::Relaxed) % live.len()].clone())
+                    (!live.is_empty()).then(|| {
+                        live[self.next.fetch_add(1, Ordering::Relaxed) % live.len()].clone()
+                    })
                 });
                 open.ok_or(OpenError::Dial(e))
             }
@@ -273,10 +274,7 @@ impl Connection {
             FramedRead::new(read, FrameCodec::new(max_message_size)),
             settings.dead_after,
         ));
-        let heartbeat = tokio::spawn(heartbeat(
-            Arc::downgrade(&connection),
-            settings.heartbeat,
-        ));
+        let heartbeat = tokio::spawn(heartbeat(Arc::downgrade(&connection), settings.heartbeat));
         if let Ok(mut tasks) = connection.tasks.lock() {
             tasks.push(reader.abort_handle());
             tasks.push(heartbeat.abort_handle());
@@ -470,7 +468,10 @@ impl Drop for MuxStream {
 }
 
 /// Write queued frames; those queued while a write runs go out together in the next one.
-pub(crate) async fn write_frames(mut write: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiver<Frame>) {
+pub(crate) async fn write_frames(
+    mut write: OwnedWriteHalf,
+    mut queue: mpsc::UnboundedReceiver<Frame>,
+) {
     /// Past this, write what is gathered before taking more.
     const BATCH: usize = 64 * 1024;
     let mut buffer = BytesMut::with_capacity(16 * 1024);

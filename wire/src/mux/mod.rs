@@ -111,7 +111,11 @@ impl Frame {
 
     /// A [`Kind::Credit`] frame granting `items`.
     pub fn credit(stream: u32, items: u32) -> Frame {
-        Frame::new(Kind::Credit, stream, Bytes::copy_from_slice(&items.to_be_bytes()))
+        Frame::new(
+            Kind::Credit,
+            stream,
+            Bytes::copy_from_slice(&items.to_be_bytes()),
+        )
     }
 
     /// The body as text (Reset and Refuse reasons), lossy.
@@ -275,12 +279,18 @@ impl MuxRequest {
             (!self.headers.is_empty()).then(|| serde_json::to_vec(&self.headers)),
         )?;
         let metadata = json("metadata", self.metadata.as_ref().map(serde_json::to_vec))?;
-        let short = |what, text: &str| {
-            u16::try_from(text.len()).map_err(|_| RequestError::TooLong(what))
-        };
+        let short =
+            |what, text: &str| u16::try_from(text.len()).map_err(|_| RequestError::TooLong(what));
         let (id_len, path_len) = (short("id", &self.id)?, short("path", &self.path)?);
         let mut out = BytesMut::with_capacity(
-            4 + 1 + 2 + self.id.len() + 2 + self.path.len() + 8 + headers.len() + metadata.len()
+            4 + 1
+                + 2
+                + self.id.len()
+                + 2
+                + self.path.len()
+                + 8
+                + headers.len()
+                + metadata.len()
                 + self.body.len(),
         );
         out.put_u32(self.window);
@@ -332,12 +342,12 @@ impl MuxRequest {
         let metadata_len = take(&mut body, 4, "metadata")?.get_u32() as usize;
         let metadata = match take(&mut body, metadata_len, "metadata")? {
             empty if empty.is_empty() => None,
-            json => Some(serde_json::from_slice(&json).map_err(|source| {
-                RequestError::Json {
+            json => Some(
+                serde_json::from_slice(&json).map_err(|source| RequestError::Json {
                     what: "metadata",
                     source,
-                }
-            })?),
+                })?,
+            ),
         };
         Ok(MuxRequest {
             window,

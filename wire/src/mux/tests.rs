@@ -32,7 +32,10 @@ fn frames_round_trip_and_bad_heads_are_named() {
     assert_eq!(partial.len(), 6);
 
     let mut short = BytesMut::from(&[0, 0, 0, 2, 1, 0][..]);
-    assert!(matches!(codec.decode(&mut short), Err(MuxError::TooShort(2))));
+    assert!(matches!(
+        codec.decode(&mut short),
+        Err(MuxError::TooShort(2))
+    ));
     let mut huge = BytesMut::from(&[0x7f, 0, 0, 0, 1][..]);
     let e = codec.decode(&mut huge).unwrap_err();
     assert!(e.to_string().contains("over the limit"), "{e}");
@@ -214,7 +217,9 @@ async fn bad_requests_are_refused_or_answered_with_an_error_item() {
         .unwrap();
     assert_eq!(
         unknown.next().await,
-        Some(Event::Refused("unknown endpoint 2/ns/backend/generate".into()))
+        Some(Event::Refused(
+            "unknown endpoint 2/ns/backend/generate".into()
+        ))
     );
 
     let mut undecodable = peer
@@ -369,9 +374,17 @@ async fn a_lost_worker_resets_its_streams_and_the_next_request_cannot_dial() {
         encode(&Frame::new(Kind::Data, 1, &b"{}"[..]), &mut frames);
         socket.write_all(&frames).await.unwrap();
     });
-    let peer = MuxPeer::new(&address, MuxSettings::default(), Duration::from_secs(5), 1 << 20);
+    let peer = MuxPeer::new(
+        &address,
+        MuxSettings::default(),
+        Duration::from_secs(5),
+        1 << 20,
+    );
     let mut stream = peer.open(&request(json!({"n": 1000}), 64)).await.unwrap();
-    assert_eq!(stream.next().await, Some(Event::Data(Bytes::from_static(b"{}"))));
+    assert_eq!(
+        stream.next().await,
+        Some(Event::Data(Bytes::from_static(b"{}")))
+    );
     match stream.next().await {
         Some(Event::Reset(reason)) => assert!(reason.contains("closed the connection"), "{reason}"),
         other => panic!("{other:?}"),
