@@ -83,6 +83,13 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// Freeze it (SIGSTOP): its sockets stay open, but it answers nothing.
+    fn freeze(&mut self) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGSTOP);
+        }
+    }
+
     fn terminate(&mut self) {
         unsafe {
             libc::kill(self.child.id() as i32, libc::SIGTERM);
@@ -378,6 +385,49 @@ async fn killed_worker_mid_stream(protocol: &str) {
         .map(|(_, n)| n)
         .unwrap_or(0);
     assert!(served > 0, "the restarted worker gets traffic: {health}");
+}
+
+/// A frozen worker keeps its connections open but sends nothing: only the multiplexed plane's
+/// heartbeats can tell (the stall timeout is off here), and its streams migrate. Without them the
+/// streams would wait until the client gave up.
+#[actix_rt::test]
+async fn a_frozen_worker_is_found_by_heartbeats_and_its_streams_migrate() {
+    let infra = Infra::start();
+    let fe = frontend(
+        &infra,
+        "frontend",
+        &["--router-mode", "round-robin"],
+        &[
+            ("DYN_DISTRIBUTED__MUX_HEARTBEAT_MS", "100"),
+            ("DYN_DISTRIBUTED__MUX_DEAD_AFTER_MS", "500"),
+            ("DYN_MIGRATION__STALL_TIMEOUT_SECS", "0"),
+        ],
+    );
+    let mut a = echo_worker(&infra, "worker-a");
+    let _b = echo_worker(&infra, "worker-b");
+    fe.wait_workers(2, Duration::from_secs(60)).await;
+    let texts: Vec<String> = (0..8).map(|i| text_of(40, 200 + i)).collect();
+    let base = fe.base.clone();
+    let streams = futures_util::future::join_all(
+        texts
+            .iter()
+            .map(|t| stream_chat(&base, t))
+            .collect::<Vec<_>>(),
+    );
+    let freezer = async {
+        actix_rt::time::sleep(Duration::from_millis(400)).await;
+        a.freeze();
+    };
+    let (results, ()) = tokio::join!(streams, freezer);
+    for (text, (content, finish, status)) in texts.iter().zip(&results) {
+        assert_eq!(*status, 200, "{content}");
+        assert_eq!(
+            content, text,
+            "a migrated stream must lose and repeat nothing"
+        );
+        assert_eq!(finish.as_deref(), Some("stop"));
+    }
+    a.kill();
 }
 
 #[actix_rt::test]

@@ -26,6 +26,8 @@ use crate::codec::{
     TcpResponseMessage, TwoPartCodec, TwoPartCodecError, TwoPartMessage,
 };
 use crate::error::DynamoError;
+use crate::mux::client::{Canceller, Event, MuxPeer, MuxStream, OpenError};
+use crate::mux::{MuxRequest, MuxSettings};
 use crate::record::TcpTarget;
 use crate::response_stream::{ResponseConnection, ResponseStreamServer};
 use crate::PayloadCodec;
@@ -204,6 +206,9 @@ pub struct EndpointClient {
     settings: ClientSettings,
     streams: Arc<ResponseStreamServer>,
     pools: Mutex<HashMap<String, Vec<Connection>>>,
+    /// Multiplexed connections, by worker address (an address stays once used: a worker that
+    /// went away keeps an entry without connections).
+    peers: Mutex<HashMap<String, Arc<MuxPeer>>>,
 }
 
 /// One call.
@@ -218,6 +223,9 @@ pub struct Call<'a> {
     pub body: &'a Value,
     /// Frame headers.
     pub headers: BTreeMap<String, String>,
+    /// The instance serves the multiplexed request plane (its record's `mux`); it is used when the
+    /// client's settings allow.
+    pub mux: bool,
 }
 
 impl EndpointClient {
@@ -228,11 +236,17 @@ impl EndpointClient {
             settings,
             streams,
             pools: Mutex::default(),
+            peers: Mutex::default(),
         })
     }
 
     /// Send `call` and wait for the instance to open its response stream.
     pub async fn call(&self, call: Call<'_>) -> Result<ResponseStream, CallError> {
+        if call.mux {
+            if let Some(mux) = &self.settings.mux {
+                return self.call_mux(call, mux).await;
+            }
+        }
         let mut pending = self.streams.register();
         let body = call
             .codec
@@ -278,10 +292,72 @@ impl EndpointClient {
         Ok(ResponseStream {
             control: StreamControl {
                 sink: Arc::new(tokio::sync::Mutex::new(Some(sink))),
+                mux: None,
                 cancelled: Arc::default(),
                 done: Arc::default(),
             },
-            stream,
+            source: Source::CallHome(stream),
+            codec: call.codec,
+        })
+    }
+
+    /// `call` as a stream of the instance's multiplexed request plane.
+    async fn call_mux(
+        &self,
+        call: Call<'_>,
+        settings: &MuxSettings,
+    ) -> Result<ResponseStream, CallError> {
+        let body = call
+            .codec
+            .encode(call.body)
+            .map_err(|e| CallError::Encode(e.to_string()))?;
+        let address = &call.target.address;
+        let peer = {
+            let mut peers = self.peers.lock().map_err(|_| {
+                CallError::Unavailable("the client's peer table was poisoned".into())
+            })?;
+            peers
+                .entry(address.clone())
+                .or_insert_with(|| {
+                    Arc::new(MuxPeer::new(
+                        address,
+                        settings.clone(),
+                        self.settings.connect_timeout,
+                        self.settings.max_message_size,
+                    ))
+                })
+                .clone()
+        };
+        let request = MuxRequest {
+            window: peer.window(),
+            codec: call.codec,
+            id: call.id.to_string(),
+            path: call.target.path.clone(),
+            headers: call.headers,
+            metadata: None,
+            body: body.into(),
+        };
+        let mut stream = peer.open(&request).await.map_err(|e| match e {
+            OpenError::Encode(e) => CallError::Encode(e.to_string()),
+            other => CallError::Unavailable(other.to_string()),
+        })?;
+        // A refusal is the call's error, as a refusing ACK is on Dynamo's plane.
+        let first = match stream.next().await {
+            Some(Event::Refused(text)) => {
+                return Err(CallError::Unavailable(format!(
+                    "{address} refused the request: {text}"
+                )))
+            }
+            first => first,
+        };
+        Ok(ResponseStream {
+            control: StreamControl {
+                sink: Arc::new(tokio::sync::Mutex::new(None)),
+                mux: Some(stream.canceller()),
+                cancelled: Arc::default(),
+                done: Arc::default(),
+            },
+            source: Source::Mux(stream, Some(first)),
             codec: call.codec,
         })
     }
@@ -343,6 +419,8 @@ impl EndpointClient {
 #[derive(Clone)]
 pub struct StreamControl {
     sink: Arc<tokio::sync::Mutex<Option<SplitSink<ResponseConnection, TwoPartMessage>>>>,
+    /// A multiplexed stream's cancel.
+    mux: Option<Canceller>,
     cancelled: Arc<AtomicBool>,
     done: Arc<AtomicBool>,
 }
@@ -361,6 +439,10 @@ impl StreamControl {
     async fn send(&self, message: ControlMessage) {
         self.cancelled.store(true, Ordering::SeqCst);
         if self.done.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Some(mux) = &self.mux {
+            mux.cancel(message == ControlMessage::Kill);
             return;
         }
         if let Some(sink) = self.sink.lock().await.as_mut() {
@@ -385,8 +467,16 @@ impl StreamControl {
 /// The responses of one call.
 pub struct ResponseStream {
     control: StreamControl,
-    stream: SplitStream<ResponseConnection>,
+    source: Source,
     codec: PayloadCodec,
+}
+
+/// Where a call's items come from.
+enum Source {
+    /// Dynamo's call-home connection, past its prologue.
+    CallHome(SplitStream<ResponseConnection>),
+    /// A stream of the multiplexed request plane, and its first event until it is read.
+    Mux(MuxStream, Option<Option<Event>>),
 }
 
 impl ResponseStream {
@@ -409,27 +499,55 @@ impl ResponseStream {
 
     async fn read(&mut self) -> Option<Result<Value, CallError>> {
         let disconnected = |what: String| Some(Err(CallError::Disconnected(what)));
-        let frame = match self.stream.next().await {
-            None => {
-                return disconnected("Stream ended before generation completed".into());
-            }
-            Some(Err(e)) => return disconnected(format!("bad frame: {e}")),
-            Some(Ok(frame)) => frame,
+        let decode = |codec: PayloadCodec, bytes: &[u8]| {
+            codec
+                .decode::<Value>(bytes)
+                .map_err(|e| format!("bad data frame ({}): {e}", codec.name()))
         };
-        match frame.kind() {
-            MessageKind::DataOnly => {}
-            MessageKind::HeaderOnly => {
-                return match serde_json::from_slice::<ControlMessage>(frame.header()) {
-                    Ok(ControlMessage::Sentinel) => None,
-                    Ok(other) => disconnected(format!("unexpected control message {other:?}")),
-                    Err(e) => disconnected(format!("bad control frame: {e}")),
+        let decoded = match &mut self.source {
+            Source::Mux(stream, first) => {
+                let event = match first.take() {
+                    Some(event) => event,
+                    None => stream.next().await,
                 };
+                match event {
+                    Some(Event::Data(bytes)) => decode(self.codec, &bytes),
+                    Some(Event::End) => return None,
+                    Some(Event::Refused(text)) => {
+                        return Some(Err(CallError::Unavailable(format!(
+                            "the instance refused the request: {text}"
+                        ))))
+                    }
+                    Some(Event::Reset(reason)) => return disconnected(reason),
+                    None => return disconnected("the stream was cancelled".into()),
+                }
             }
-            other => return disconnected(format!("unexpected {other:?} frame")),
-        }
-        let mut item: Value = match self.codec.decode(frame.data()) {
+            Source::CallHome(stream) => {
+                let frame = match stream.next().await {
+                    None => {
+                        return disconnected("Stream ended before generation completed".into());
+                    }
+                    Some(Err(e)) => return disconnected(format!("bad frame: {e}")),
+                    Some(Ok(frame)) => frame,
+                };
+                match frame.kind() {
+                    MessageKind::DataOnly => decode(self.codec, frame.data()),
+                    MessageKind::HeaderOnly => {
+                        return match serde_json::from_slice::<ControlMessage>(frame.header()) {
+                            Ok(ControlMessage::Sentinel) => None,
+                            Ok(other) => {
+                                disconnected(format!("unexpected control message {other:?}"))
+                            }
+                            Err(e) => disconnected(format!("bad control frame: {e}")),
+                        };
+                    }
+                    other => return disconnected(format!("unexpected {other:?} frame")),
+                }
+            }
+        };
+        let mut item = match decoded {
             Ok(item) => item,
-            Err(e) => return disconnected(format!("bad data frame ({}): {e}", self.codec.name())),
+            Err(what) => return disconnected(what),
         };
         if item.get("complete_final").and_then(Value::as_bool) == Some(true) {
             return None;

@@ -178,6 +178,7 @@ impl TextModels {
                 id: request_id,
                 body,
                 headers,
+                mux: instance.speaks_mux(),
             })
             .await?;
         Ok((instance.instance_id, stream))

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use dynamix_wire::client::{Call, ClientSettings, EndpointClient};
 use dynamix_wire::endpoint::{EndpointServer, EndpointState, Handler, Request, ServerSettings};
+use dynamix_wire::mux::MuxSettings;
 use dynamix_wire::record::{endpoint_path, Instance, Transport};
 use dynamix_wire::PayloadCodec;
 use pyo3::exceptions::{PyConnectionError, PyRuntimeError, PyValueError};
@@ -30,6 +31,22 @@ struct Settings {
     connect_timeout: Duration,
     request_timeout: Duration,
     max_message_size: usize,
+    /// The client's multiplexed request plane (`None`: Dynamo's frames for every call).
+    mux: Option<MuxSettings>,
+}
+
+/// `DYN_DISTRIBUTED__REQUEST_PLANE_PROTOCOL`, as the frontend reads it: `mux` (the default) calls
+/// instances that advertise the multiplexed plane on it, `dynamo` calls every instance with
+/// Dynamo's frame and call-home stream.
+fn client_mux() -> PyResult<Option<MuxSettings>> {
+    const KEY: &str = "DYN_DISTRIBUTED__REQUEST_PLANE_PROTOCOL";
+    match std::env::var(KEY).ok().as_deref() {
+        None | Some("mux") => Ok(Some(MuxSettings::default())),
+        Some("dynamo") => Ok(None),
+        Some(other) => Err(PyValueError::new_err(format!(
+            "{KEY} = {other:?} must be mux or dynamo"
+        ))),
+    }
 }
 
 /// One endpoint this process serves.
@@ -170,9 +187,7 @@ impl Inner {
                         request_timeout: self.settings.request_timeout,
                         connect_timeout: self.settings.connect_timeout,
                         max_message_size: self.settings.max_message_size,
-                        // The SDK's client calls with Dynamo's frames; its workers' endpoint
-                        // server answers dynamix frontends on the multiplexed plane as well.
-                        mux: None,
+                        mux: self.settings.mux.clone(),
                     },
                 )
                 .await
@@ -313,6 +328,7 @@ impl Runtime {
             connect_timeout: seconds("DYN_TCP_CONNECT_TIMEOUT", connect_timeout_secs)?,
             request_timeout: seconds("DYN_TCP_REQUEST_TIMEOUT", request_timeout_secs)?,
             max_message_size,
+            mux: client_mux()?,
         };
         if lease_ttl_secs < 2 {
             return Err(PyValueError::new_err(format!(

@@ -125,6 +125,7 @@ impl InstanceWatch {
                             id: &request_id,
                             body: &body,
                             headers,
+                            mux: instance.speaks_mux(),
                         })
                         .await
                         .map_err(|e| PyValueError::new_err(e.to_string()))?;

@@ -14,7 +14,7 @@ fn settings() -> (ServerSettings, ClientSettings) {
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             max_message_size: 1 << 20,
-            mux: None,
+            mux: Some(crate::mux::MuxSettings::default()),
         },
     )
 }
@@ -62,6 +62,15 @@ fn counter(stops: Arc<Mutex<Vec<(bool, bool)>>>) -> Arc<dyn Handler> {
 
 #[tokio::test]
 async fn calls_stream_items_errors_and_stops_over_tcp() {
+    calls_stream_items_errors_and_stops(false).await;
+}
+
+#[tokio::test]
+async fn calls_stream_items_errors_and_stops_over_the_multiplexed_plane() {
+    calls_stream_items_errors_and_stops(true).await;
+}
+
+async fn calls_stream_items_errors_and_stops(mux: bool) {
     let (server_settings, client_settings) = settings();
     let server = EndpointServer::bind("127.0.0.1", 0, server_settings)
         .await
@@ -89,6 +98,7 @@ async fn calls_stream_items_errors_and_stops_over_tcp() {
                 id: "r1",
                 body: &body,
                 headers: BTreeMap::new(),
+                mux,
             })
             .await
             .unwrap();
@@ -107,6 +117,7 @@ async fn calls_stream_items_errors_and_stops_over_tcp() {
             id: "r2",
             body: &body,
             headers: BTreeMap::new(),
+            mux,
         })
         .await
         .unwrap();
@@ -129,6 +140,7 @@ async fn calls_stream_items_errors_and_stops_over_tcp() {
             id: "r3",
             body: &body,
             headers: BTreeMap::new(),
+            mux,
         })
         .await
         .unwrap();
@@ -151,6 +163,7 @@ async fn calls_stream_items_errors_and_stops_over_tcp() {
             id: "r4",
             body: &body,
             headers: BTreeMap::new(),
+            mux,
         })
         .await
         .err()
@@ -169,6 +182,7 @@ async fn calls_stream_items_errors_and_stops_over_tcp() {
             id: "r5",
             body: &body,
             headers: BTreeMap::new(),
+            mux,
         })
         .await
         .err()
@@ -178,6 +192,15 @@ async fn calls_stream_items_errors_and_stops_over_tcp() {
 
 #[tokio::test]
 async fn a_dropped_stream_kills_the_handler() {
+    a_dropped_stream_kills(false).await;
+}
+
+#[tokio::test]
+async fn a_dropped_multiplexed_stream_kills_the_handler() {
+    a_dropped_stream_kills(true).await;
+}
+
+async fn a_dropped_stream_kills(mux: bool) {
     let (server_settings, client_settings) = settings();
     let server = EndpointServer::bind("127.0.0.1", 0, server_settings)
         .await
@@ -199,6 +222,7 @@ async fn a_dropped_stream_kills_the_handler() {
             id: "d1",
             body: &body,
             headers: BTreeMap::new(),
+            mux,
         })
         .await
         .unwrap();

@@ -458,6 +458,30 @@ impl MuxStream {
     pub fn is_finished(&self) -> bool {
         self.finished
     }
+
+    /// A handle that cancels the stream from another task; the stream then ends with a Reset.
+    pub fn canceller(&self) -> Canceller {
+        Canceller {
+            connection: self.connection.clone(),
+            id: self.id,
+        }
+    }
+}
+
+/// Cancels one stream from outside it.
+#[derive(Clone)]
+pub struct Canceller {
+    connection: Arc<Connection>,
+    id: u32,
+}
+
+impl Canceller {
+    /// Tell the worker to stop the request (`kill`: at once); the stream ends.
+    pub fn cancel(&self, kill: bool) {
+        self.connection.forget(self.id);
+        self.connection
+            .send(Frame::new(Kind::Cancel, self.id, vec![u8::from(kill)]));
+    }
 }
 
 impl Drop for MuxStream {
