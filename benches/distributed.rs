@@ -2,11 +2,13 @@
 //! by `dynamix frontend` + one `dynamix worker` (TCP request frame + ACK, call-home response stream,
 //! etcd discovery, NATS events), on the same machine, driven by the same client.
 //!
-//! `cargo bench --bench distributed` prints, for each deployment:
+//! `cargo bench --bench distributed` prints, for each deployment (one process; frontend + worker on
+//! the multiplexed request plane; the same worker behind a second frontend on Dynamo's plane):
 //! 1. Sequential non-streaming chat requests (echo_full, 0 delay, a 16-character message): p50 / p99
-//!    latency and requests/s — the per-request overhead of the request plane.
+//!    latency, requests/s, and the servers' CPU per request (frontend + worker, from /proc) — the
+//!    per-request overhead of the request plane.
 //! 2. Concurrent streams (BENCH_CONCURRENCY, default 16) of a 256-character message: characters
-//!    (stream chunks) per second — the response stream's throughput.
+//!    (stream chunks) per second — the response stream's throughput — and the servers' CPU per chunk.
 //!
 //! It starts its own etcd and NATS (Debian `etcd-server`, `nats-server`). Tunables: BENCH_REQUESTS
 //! (default 500), BENCH_STREAMS (default 64), BENCH_CONCURRENCY (16).
@@ -65,6 +67,20 @@ async fn wait_ready(base: &str, workers: Option<usize>) {
     }
 }
 
+/// CPU time (user + system) the processes have used, in seconds.
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    // Clock ticks are 100 a second on Linux's usual configuration (USER_HZ).
+    const TICKS: f64 = 100.0;
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
+            Some(fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?)
+        })
+        .sum::<f64>()
+        / TICKS
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -102,7 +118,8 @@ async fn unary(base: &str, requests: usize) -> (f64, f64, f64) {
     )
 }
 
-async fn streams(base: &str, total: usize, concurrency: usize) -> f64 {
+/// Chunks per second, and chunks.
+async fn streams(base: &str, total: usize, concurrency: usize) -> (f64, usize) {
     let text: String = (0..256)
         .map(|i| char::from(b'a' + (i % 26) as u8))
         .collect();
@@ -145,7 +162,7 @@ async fn streams(base: &str, total: usize, concurrency: usize) -> f64 {
         .await
         .into_iter()
         .sum();
-    chunks as f64 / started.elapsed().as_secs_f64()
+    (chunks as f64 / started.elapsed().as_secs_f64(), chunks)
 }
 
 fn main() {
@@ -156,8 +173,14 @@ fn main() {
     let nats = NatsServer::start().expect("nats-server");
     let infra_env = vec![("ETCD_ENDPOINTS", etcd.url()), ("NATS_SERVER", nats.url())];
 
-    let (single_port, frontend_port) = (free_port().to_string(), free_port().to_string());
-    let _procs = Killed(vec![
+    let (single_port, frontend_port, dynamo_port) = (
+        free_port().to_string(),
+        free_port().to_string(),
+        free_port().to_string(),
+    );
+    let mut dynamo_env = infra_env.clone();
+    dynamo_env.push(("DYN_DISTRIBUTED__REQUEST_PLANE_PROTOCOL", "dynamo".into()));
+    let procs = Killed(vec![
         dynamix(
             &[
                 "serve",
@@ -188,21 +211,50 @@ fn main() {
             &["worker", "--config", "configs/worker.toml", "out=echo_full"],
             &infra_env,
         ),
+        dynamix(
+            &[
+                "frontend",
+                "--config",
+                "configs/frontend.toml",
+                "--router-mode",
+                "round-robin",
+                "--http-host",
+                "127.0.0.1",
+                "--http-port",
+                &dynamo_port,
+            ],
+            &dynamo_env,
+        ),
     ]);
+    let pid = |i: usize| procs.0[i].id();
     let single = format!("http://127.0.0.1:{single_port}");
     let split = format!("http://127.0.0.1:{frontend_port}");
+    let dynamo = format!("http://127.0.0.1:{dynamo_port}");
+    let deployments = [
+        ("one process", single.clone(), vec![pid(0)]),
+        ("frontend+worker, mux", split.clone(), vec![pid(1), pid(2)]),
+        (
+            "frontend+worker, dynamo",
+            dynamo.clone(),
+            vec![pid(3), pid(2)],
+        ),
+    ];
     actix_rt::System::new().block_on(async move {
-        wait_ready(&single, None).await;
-        wait_ready(&split, Some(1)).await;
-        // Warm both (connections, tokenizer caches).
-        let _ = unary(&single, 20).await;
-        let _ = unary(&split, 20).await;
-        println!("deployment              unary p50   unary p99   unary req/s   stream chunks/s (c={concurrency})");
-        for (name, base) in [("one process", &single), ("frontend + worker", &split)] {
+        for (_, base, pids) in &deployments {
+            wait_ready(base, (pids.len() > 1).then_some(1)).await;
+            // Warm up (connections, tokenizer caches).
+            let _ = unary(base, 20).await;
+        }
+        println!("deployment                unary p50   unary p99  unary req/s  CPU µs/req   stream chunks/s (c={concurrency})  CPU µs/chunk");
+        for (name, base, pids) in &deployments {
+            let cpu = cpu_seconds(pids);
             let (p50, p99, rps) = unary(base, requests).await;
-            let cps = streams(base, total_streams, concurrency).await;
+            let per_request = (cpu_seconds(pids) - cpu) / requests as f64 * 1e6;
+            let cpu = cpu_seconds(pids);
+            let (cps, chunks) = streams(base, total_streams, concurrency).await;
+            let per_chunk = (cpu_seconds(pids) - cpu) / chunks.max(1) as f64 * 1e6;
             println!(
-                "{name:<22} {p50:>8.2} ms {p99:>8.2} ms {rps:>11.0} {cps:>19.0}"
+                "{name:<25} {p50:>6.2} ms {p99:>8.2} ms {rps:>12.0} {per_request:>11.1} {cps:>26.0} {per_chunk:>13.2}"
             );
         }
     });
