@@ -29,8 +29,9 @@ use crate::protocol::engine::{EngineEvent, EngineRequest};
 use crate::router::{KvRouterActor, Route};
 use crate::supervision::{catch_panic, RestartTracker};
 use dynamix_wire::endpoint::{
-    EndpointServer, EndpointState, Handler, Replies, Reply, Request, ServerSettings,
+    EncodeItem, EndpointServer, EndpointState, Handler, Replies, Reply, Request, ServerSettings,
 };
+use dynamix_wire::{PayloadCodec, PayloadEncodeError};
 
 /// What the endpoint needs.
 #[derive(Clone)]
@@ -170,17 +171,26 @@ fn engine_request(id: &str, body: Value) -> Result<EngineRequest, ApiError> {
         .map_err(|e| bad(e.to_string()))
 }
 
-/// A stream item as the reply that carries it.
+/// A stream item as the reply that carries it: encoded straight from its type into the
+/// request's codec, once per token, with no JSON value in between.
 fn reply(item: StreamItem) -> Reply {
-    match item.data.map(serde_json::to_value) {
-        Some(Ok(envelope)) => Reply::Annotated(envelope),
-        Some(Err(e)) => Reply::Error(dynamix_wire::error::DynamoError::new(
-            "Internal",
-            "Internal",
-            "runtime.internal",
-            format!("cannot encode an output: {e}"),
-        )),
+    match item.data {
+        Some(_) => Reply::Item(Arc::new(Output(item))),
         None => Reply::Abandon,
+    }
+}
+
+/// One output's data frame body (`data` set, `complete_final` false).
+#[derive(Debug)]
+struct Output(StreamItem);
+
+impl EncodeItem for Output {
+    fn encode(&self, codec: PayloadCodec) -> Result<Vec<u8>, PayloadEncodeError> {
+        codec.encode(&self.0)
+    }
+
+    fn annotated(&self) -> Value {
+        serde_json::to_value(&self.0.data).unwrap_or(Value::Null)
     }
 }
 
@@ -526,7 +536,11 @@ mod tests {
         let (tx, phase) = running(4);
         tx.send(output).await.expect("open");
         let (reply, _) = next_output(phase, &guard).await.expect("a reply");
-        assert!(matches!(reply, Reply::Annotated(_)), "{reply:?}");
+        assert!(matches!(reply, Reply::Item(_)), "{reply:?}");
+        assert_eq!(
+            reply.annotated()["data"]["token_ids"],
+            serde_json::json!([7])
+        );
     }
 
     #[test]

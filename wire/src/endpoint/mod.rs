@@ -28,6 +28,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use crate::codec::{TcpCodecError, TcpRequestCodec, TcpResponseCodec, TcpResponseMessage};
 use crate::error::DynamoError;
 use crate::mux::{MuxSettings, PREFACE};
+use crate::{PayloadCodec, PayloadEncodeError};
 
 mod accept;
 mod mux;
@@ -117,12 +118,15 @@ pub struct Request {
 }
 
 /// One response item.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub enum Reply {
     /// A value, sent as `Annotated{data: value}`.
     Data(Value),
     /// A ready-made Annotated envelope (`data`, `id`, `event`, `comment`).
     Annotated(Value),
+    /// An item the handler encodes itself, with no JSON value in between (a typed engine output,
+    /// once per token).
+    Item(Arc<dyn EncodeItem>),
     /// An error item; the stream ends after it.
     Error(DynamoError),
     /// The stream ends here without completing (no `complete_final`): the requester takes the
@@ -130,12 +134,42 @@ pub enum Reply {
     Abandon,
 }
 
+/// A reply that encodes itself.
+pub trait EncodeItem: Send + Sync + std::fmt::Debug {
+    /// The whole data frame body, `{"data": <Annotated>, "complete_final": false}`, in `codec`.
+    fn encode(&self, codec: PayloadCodec) -> Result<Vec<u8>, PayloadEncodeError>;
+
+    /// The Annotated envelope (for callers in the same process).
+    fn annotated(&self) -> Value;
+}
+
+impl PartialEq for Reply {
+    fn eq(&self, other: &Reply) -> bool {
+        match (self, other) {
+            (Reply::Data(a), Reply::Data(b)) | (Reply::Annotated(a), Reply::Annotated(b)) => a == b,
+            (Reply::Item(a), Reply::Item(b)) => a.annotated() == b.annotated(),
+            (Reply::Error(a), Reply::Error(b)) => a == b,
+            (Reply::Abandon, Reply::Abandon) => true,
+            _ => false,
+        }
+    }
+}
+
 impl Reply {
+    /// The data frame body that carries this reply, in `codec`.
+    pub fn encode(&self, codec: PayloadCodec) -> Result<Vec<u8>, PayloadEncodeError> {
+        match self {
+            Reply::Item(item) => item.encode(codec),
+            other => codec.encode(&json!({ "data": other.annotated(), "complete_final": false })),
+        }
+    }
+
     /// The Annotated envelope this reply travels as.
     pub fn annotated(&self) -> Value {
         match self {
             Reply::Data(value) => json!({ "data": value }),
             Reply::Annotated(envelope) => envelope.clone(),
+            Reply::Item(item) => item.annotated(),
             Reply::Error(error) => json!({
                 "event": "error",
                 "comment": [error.text()],

@@ -14,7 +14,6 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::codec::FramedRead;
 
-use super::respond::item;
 use super::{Control, Handler, InflightGuard, Reply, Request, ServerSettings, Table};
 use crate::error::DynamoError;
 use crate::mux::client::write_frames;
@@ -202,7 +201,7 @@ impl Drop for Stream {
 impl Stream {
     /// Send one item; false when the connection is gone.
     fn item(&self, codec: PayloadCodec, reply: &Reply) -> bool {
-        let bytes = match codec.encode(&item(reply)) {
+        let bytes = match reply.encode(codec) {
             Ok(bytes) => bytes,
             Err(e) => {
                 tracing::error!(stream = self.id, error = %e, "cannot encode a reply");
@@ -212,7 +211,7 @@ impl Stream {
                     "runtime.internal",
                     format!("cannot encode a reply ({}): {e}", codec.name()),
                 );
-                match codec.encode(&item(&Reply::Error(error))) {
+                match Reply::Error(error).encode(codec) {
                     Ok(bytes) => bytes,
                     Err(_) => return false,
                 }
@@ -278,7 +277,7 @@ async fn respond(id: u32, request: MuxRequest, handler: Arc<dyn Handler>, stream
             reply = replies.next() => reply,
         };
         let Some(reply) = reply else { break };
-        if reply == Reply::Abandon {
+        if matches!(reply, Reply::Abandon) {
             tracing::warn!(request = %request_id, stream = id, "the handler gave up on the request; ending its stream without completion");
             stream.end(Kind::Reset, "the worker gave up on the request");
             return;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
@@ -68,10 +68,10 @@ pub fn header_frame(value: &impl serde::Serialize) -> TwoPartMessage {
     TwoPartMessage::header_only(Bytes::from(serde_json::to_vec(value).unwrap_or_default()))
 }
 
-/// A data frame carrying `item` in `codec`.
-fn data_frame(codec: PayloadCodec, item: &Value) -> Result<TwoPartMessage, PayloadEncodeError> {
-    codec
-        .encode(item)
+/// A data frame carrying `reply` in `codec`.
+fn data_frame(codec: PayloadCodec, reply: &Reply) -> Result<TwoPartMessage, PayloadEncodeError> {
+    reply
+        .encode(codec)
         .map(|body| TwoPartMessage::data_only(Bytes::from(body)))
 }
 
@@ -122,7 +122,7 @@ pub(super) async fn respond(
                 "request.invalid",
                 refused.to_string(),
             );
-            if let Ok(frame) = data_frame(codec, &item(&Reply::Error(error))) {
+            if let Ok(frame) = data_frame(codec, &Reply::Error(error)) {
                 if sink.send(frame).await.is_ok() {
                     finish(&mut sink, codec).await;
                 }
@@ -142,17 +142,17 @@ pub(super) async fn respond(
         tokio::select! {
             reply = replies.next() => {
                 let Some(reply) = reply else { break };
-                if reply == Reply::Abandon {
+                if matches!(reply, Reply::Abandon) {
                     tracing::warn!(request = %id, "the handler gave up on the request; ending its stream without completion");
                     return;
                 }
                 let is_error = matches!(reply, Reply::Error(_));
-                let frame = match data_frame(codec, &item(&reply)) {
+                let frame = match data_frame(codec, &reply) {
                     Ok(frame) => frame,
                     Err(e) => {
                         tracing::error!(request = %id, error = %e, "cannot encode a reply");
                         let error = DynamoError::new("Internal", "Internal", "runtime.internal", format!("cannot encode a reply ({}): {e}", codec.name()));
-                        match data_frame(codec, &item(&Reply::Error(error))) {
+                        match data_frame(codec, &Reply::Error(error)) {
                             Ok(frame) => frame,
                             Err(_) => return,
                         }
@@ -203,14 +203,12 @@ pub(super) async fn respond(
     finish(&mut sink, codec).await;
 }
 
-/// The data-frame wrapper of a reply.
-pub(super) fn item(reply: &Reply) -> Value {
-    json!({ "data": reply.annotated(), "complete_final": false })
-}
-
 /// `complete_final`, the sentinel, close.
 async fn finish(sink: &mut Sink, codec: PayloadCodec) {
-    if let Ok(frame) = data_frame(codec, &json!({ "complete_final": true })) {
+    if let Ok(frame) = codec
+        .encode(&json!({ "complete_final": true }))
+        .map(|body| TwoPartMessage::data_only(Bytes::from(body)))
+    {
         if sink.send(frame).await.is_err() {
             return;
         }
