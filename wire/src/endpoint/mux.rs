@@ -97,6 +97,15 @@ pub(super) async fn serve(
                     credits.add_permits((items as usize).min(Semaphore::MAX_PERMITS / 2));
                 }
             }
+            Kind::TooLarge => {
+                let size = frame.oversize().unwrap_or(0);
+                let text = format!(
+                    "Request too large: {size} bytes (max: {} bytes)",
+                    settings.max_message_size
+                );
+                tracing::warn!(%peer, %text, "request refused");
+                let _ = writer.send(Frame::new(Kind::Refuse, frame.stream, text));
+            }
             Kind::Data | Kind::End | Kind::Reset | Kind::Refuse => {
                 break format!("a {:?} frame, which only a worker sends", frame.kind)
             }

@@ -349,6 +349,10 @@ impl Connection {
             Kind::End => Event::End,
             Kind::Reset => Event::Reset(frame.text()),
             Kind::Refuse => Event::Refused(frame.text()),
+            Kind::TooLarge => Event::Reset(format!(
+                "the worker sent an item of {} bytes, over the limit",
+                frame.oversize().unwrap_or(0)
+            )),
             Kind::Request | Kind::Cancel | Kind::Credit => {
                 return Err(format!(
                     "the worker sent a {:?} frame, which only a client sends",

@@ -65,6 +65,9 @@ pub enum Kind {
     Credit = 7,
     /// Either way, stream 0: I am alive.
     Ping = 8,
+    /// Never sent: what the decoder yields for a frame over the limit, which it skips (body: the
+    /// frame's size, `u64`), so that one oversized request fails alone.
+    TooLarge = 255,
 }
 
 impl Kind {
@@ -123,6 +126,13 @@ impl Frame {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 
+    /// The size a [`Kind::TooLarge`] frame reports.
+    pub fn oversize(&self) -> Option<u64> {
+        <[u8; 8]>::try_from(&self.body[..])
+            .ok()
+            .map(u64::from_be_bytes)
+    }
+
     /// The body as a `u32` (Credit), if it is one.
     pub fn count(&self) -> Option<u32> {
         <[u8; 4]>::try_from(&self.body[..])
@@ -140,24 +150,18 @@ pub enum MuxError {
     /// A length shorter than a frame's head.
     #[error("frame length {0} is shorter than the 5-byte head")]
     TooShort(usize),
-    /// A frame over the limit.
-    #[error("frame of {size} bytes is over the limit of {max} bytes")]
-    TooLarge {
-        /// Its size.
-        size: usize,
-        /// The limit.
-        max: usize,
-    },
     /// A kind byte this version does not know.
     #[error("unknown frame kind {0}")]
     UnknownKind(u8),
 }
 
-/// Reads and writes [`Frame`]s; frames over `max_frame` bytes are refused as soon as their length
-/// is read, before any of it is buffered.
+/// Reads and writes [`Frame`]s. A frame over `max_frame` bytes is not buffered: the decoder yields
+/// a [`Kind::TooLarge`] frame for its stream and skips its bytes as they arrive.
 #[derive(Clone, Debug)]
 pub struct FrameCodec {
     max_frame: usize,
+    /// Bytes of an oversized frame still to skip.
+    skip: usize,
 }
 
 impl FrameCodec {
@@ -166,6 +170,7 @@ impl FrameCodec {
     pub fn new(max_frame: usize) -> FrameCodec {
         FrameCodec {
             max_frame: max_frame.saturating_add(REQUEST_OVERHEAD),
+            skip: 0,
         }
     }
 }
@@ -178,6 +183,14 @@ impl Decoder for FrameCodec {
     type Error = MuxError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, MuxError> {
+        if self.skip > 0 {
+            let n = self.skip.min(src.len());
+            src.advance(n);
+            self.skip -= n;
+            if self.skip > 0 {
+                return Ok(None);
+            }
+        }
         if src.len() < 4 {
             return Ok(None);
         }
@@ -186,10 +199,14 @@ impl Decoder for FrameCodec {
             return Err(MuxError::TooShort(len));
         }
         if len > self.max_frame {
-            return Err(MuxError::TooLarge {
-                size: len,
-                max: self.max_frame,
-            });
+            if src.len() < 4 + HEAD {
+                return Ok(None);
+            }
+            let stream = u32::from_be_bytes([src[5], src[6], src[7], src[8]]);
+            src.advance(4 + HEAD);
+            self.skip = len - HEAD;
+            let size = Bytes::copy_from_slice(&(len as u64).to_be_bytes());
+            return Ok(Some(Frame::new(Kind::TooLarge, stream, size)));
         }
         if src.len() < 4 + len {
             src.reserve(4 + len - src.len());

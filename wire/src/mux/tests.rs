@@ -36,9 +36,30 @@ fn frames_round_trip_and_bad_heads_are_named() {
         codec.decode(&mut short),
         Err(MuxError::TooShort(2))
     ));
-    let mut huge = BytesMut::from(&[0x7f, 0, 0, 0, 1][..]);
-    let e = codec.decode(&mut huge).unwrap_err();
-    assert!(e.to_string().contains("over the limit"), "{e}");
+
+    // An oversized frame is reported for its stream and skipped, however it arrives; the next
+    // frame decodes.
+    let mut sized = FrameCodec::new(16);
+    let limit = 16 + REQUEST_OVERHEAD;
+    let mut wire = BytesMut::new();
+    encode(
+        &Frame::new(Kind::Request, 3, vec![7u8; limit + 1]),
+        &mut wire,
+    );
+    encode(&Frame::empty(Kind::Ping, 0), &mut wire);
+    let mut got = Vec::new();
+    let mut buffer = BytesMut::new();
+    for chunk in wire.chunks(1000) {
+        buffer.extend_from_slice(chunk);
+        while let Some(frame) = sized.decode(&mut buffer).unwrap() {
+            got.push(frame);
+        }
+    }
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!((got[0].kind, got[0].stream), (Kind::TooLarge, 3));
+    assert_eq!(got[0].oversize(), Some((limit + 1 + HEAD) as u64));
+    assert_eq!(got[1], Frame::empty(Kind::Ping, 0));
+
     let mut unknown = BytesMut::from(&[0, 0, 0, 5, 42, 0, 0, 0, 1][..]);
     assert_eq!(
         codec.decode(&mut unknown).unwrap_err().to_string(),
@@ -241,6 +262,59 @@ async fn bad_requests_are_refused_or_answered_with_an_error_item() {
     // The connection carries on after both.
     let mut fine = peer.open(&request(json!({"n": 1}), 8)).await.unwrap();
     assert!(matches!(fine.next().await, Some(Event::Data(_))));
+}
+
+#[tokio::test]
+async fn an_oversized_request_fails_alone() {
+    let server = EndpointServer::bind(
+        "127.0.0.1",
+        0,
+        ServerSettings {
+            max_message_size: 1024,
+            connect_timeout: Duration::from_secs(5),
+            mux: MuxSettings::default(),
+        },
+    )
+    .await
+    .unwrap();
+    server
+        .register(
+            PATH,
+            Arc::new(Counter {
+                produced: Arc::default(),
+                controls: Arc::default(),
+                delay: Duration::from_millis(5),
+            }),
+        )
+        .unwrap();
+    let peer = MuxPeer::new(
+        &server.address(),
+        MuxSettings {
+            connections: 1,
+            ..MuxSettings::default()
+        },
+        Duration::from_secs(5),
+        1 << 24,
+    );
+    let mut running = peer.open(&request(json!({"n": 50}), 64)).await.unwrap();
+    assert!(matches!(running.next().await, Some(Event::Data(_))));
+    for size in [2000, 200_000] {
+        let mut oversized = peer
+            .open(&request(json!({"n": 1, "pad": "x".repeat(size)}), 64))
+            .await
+            .unwrap();
+        match oversized.next().await {
+            Some(Event::Refused(text)) => {
+                assert!(text.starts_with("Request too large"), "{text}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut items = 1;
+    while let Some(Event::Data(_)) = running.next().await {
+        items += 1;
+    }
+    assert_eq!(items, 50, "the running stream went on");
 }
 
 #[tokio::test]
