@@ -9,7 +9,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use actix::Addr;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -18,7 +17,7 @@ use crate::error::{ApiError, ErrorClass};
 use crate::gateway::inflight::{InflightHandle, InflightRegistry};
 use crate::metrics::{FrontendMetrics, MigrationOutcome, MigrationType};
 use crate::protocol::engine::{EngineEvent, EngineRequest};
-use crate::router::{KvRouterActor, Route, Routed};
+use crate::router::{Routed, Router};
 use crate::setting::InvalidSetting;
 use crate::supervision::ActorKind;
 
@@ -64,8 +63,8 @@ impl MigrationConfig {
 pub struct Migrator {
     /// Settings.
     pub config: MigrationConfig,
-    /// Where re-routed requests go.
-    pub router: Addr<KvRouterActor>,
+    /// Where requests are routed (and re-routed), without a mailbox hop.
+    pub router: Arc<Router>,
     /// Migration metrics.
     pub metrics: Option<Arc<FrontendMetrics>>,
     /// Served model name (metric label).
@@ -128,19 +127,7 @@ pub(crate) async fn route(
     const ROUTER_RESTART_RETRIES: u32 = 3;
     let mut router_restarts = 0;
     loop {
-        let result = migrator
-            .router
-            .send(Route {
-                request: request.clone(),
-                output: output.clone(),
-                exclude: exclude.clone(),
-            })
-            .await
-            .map_err(|e| {
-                ApiError::new(ErrorClass::Unavailable, format!("router unavailable: {e}"))
-                    .with_details(serde_json::json!({"actor": "router"}))
-            })
-            .and_then(|r| r);
+        let result = migrator.router.route(request, output, &exclude);
         let error = match result {
             Ok(routed) => return Ok(routed),
             Err(error) => error,
@@ -293,22 +280,26 @@ impl ChoiceStream {
         }
     }
 
-    async fn next_item(&mut self) -> Option<(usize, Option<EngineEvent>)> {
+    /// The next `(choice index, event)`, as [`Self::into_stream`] yields them.
+    pub(crate) async fn next_item(&mut self) -> Option<(usize, Option<EngineEvent>)> {
         if self.done {
             return None;
         }
         loop {
             let failure = match self.receive().await {
                 Ok(Some(Ok(output))) => {
-                    let now = Instant::now();
                     if let Some((since, at)) = self.recovering_since.take() {
                         if let Ok(mut recoveries) = self.recoveries.lock() {
                             if let Some(r) = recoveries.get_mut(at) {
-                                r.gap = Some(now.duration_since(since));
+                                r.gap = Some(since.elapsed());
                             }
                         }
                     }
-                    self.last_output = now;
+                    // Only a migration reads it (the start of its recovery gap), and none can come
+                    // once the attempts are spent: no clock read per output then.
+                    if self.migrations_left > 0 {
+                        self.last_output = Instant::now();
+                    }
                     let tokens = output
                         .token_ids
                         .len()
@@ -339,7 +330,7 @@ impl ChoiceStream {
                 Err(after) => Failure::Stalled(after),
             };
             // Whatever happens next, the failed engine no longer serves this request.
-            self.migrator.router.do_send(RequestProgress {
+            self.migrator.router.progress(&RequestProgress {
                 engine_id: self.engine_id,
                 request_id: self.request.request_id.clone(),
                 stage: RequestStage::Finished,
@@ -433,7 +424,7 @@ mod tests {
 
     use super::*;
     use crate::engine::{EngineLoad, Generate};
-    use crate::router::{EngineAdded, EngineSlot, RouterConfig};
+    use crate::router::{EngineAdded, EngineSlot, KvRouterActor, RouterConfig};
 
     /// An engine that takes requests and never answers.
     struct Idle;
@@ -465,12 +456,13 @@ mod tests {
     /// attempt spent); a migrating stream waits and takes the engine that comes back.
     #[actix_rt::test]
     async fn a_migration_waits_for_an_engine_when_none_is_routable() {
-        let router = KvRouterActor::new(&RouterConfig::default(), Vec::new(), None)
-            .expect("a router")
-            .start();
+        let actor =
+            KvRouterActor::new(&RouterConfig::default(), Vec::new(), None).expect("a router");
+        let shared = actor.router();
+        let router = actor.start();
         let migrator = Migrator {
             config: MigrationConfig::default(),
-            router: router.clone(),
+            router: shared,
             metrics: None,
             model: "m".into(),
             inflight: Arc::new(InflightRegistry::default()),

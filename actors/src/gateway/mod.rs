@@ -23,16 +23,15 @@ use crate::error::{ApiError, ErrorClass};
 use crate::protocol::engine::EngineEvent;
 use crate::protocol::Usage;
 use crate::router::KvRouterActor;
-use crate::supervision::ActorKind;
 use crate::tokenizer::ModelTokenizer;
-use crate::validator::{ValidateChat, ValidateCompletion, ValidatedRequest, ValidatorActor};
+use crate::validator::{ValidateChat, ValidateCompletion, ValidatedRequest, ValidatorPool};
 use migration::{ChoiceStream, Migrator, Recoveries, Recovery};
 
 /// Handles to the actors of the serving path; cheap to clone into every HTTP worker.
 #[derive(Clone)]
 pub struct Gateway {
     /// Validation and tokenization.
-    pub validator: Addr<ValidatorActor>,
+    pub validator: ValidatorPool,
     /// Engine selection.
     pub router: Addr<KvRouterActor>,
     /// For detokenizing engine output.
@@ -43,22 +42,10 @@ pub struct Gateway {
     pub migrator: Arc<Migrator>,
 }
 
-/// Validations retried after their validator panicked (a fresh one takes over each time).
-const VALIDATOR_RESTART_RETRIES: usize = 3;
-
-fn validator_restarted(result: &Result<ValidatedRequest, ApiError>) -> bool {
-    matches!(result, Err(e) if e.restarted == Some(ActorKind::Validator))
-}
-
-fn mailbox_error(what: &str, e: actix::MailboxError) -> ApiError {
-    ApiError::new(ErrorClass::Unavailable, format!("{what} unavailable: {e}"))
-        .with_details(serde_json::json!({"actor": what}))
-}
-
 impl Gateway {
     /// Validate a chat request.
     pub async fn validate_chat(&self, msg: ValidateChat) -> Result<ValidatedRequest, ApiError> {
-        self.validate(msg).await
+        self.validator.chat(msg).await
     }
 
     /// Validate a completions request.
@@ -66,33 +53,13 @@ impl Gateway {
         &self,
         msg: ValidateCompletion,
     ) -> Result<ValidatedRequest, ApiError> {
-        self.validate(msg).await
-    }
-
-    /// Sends `msg` to a validator; retried when the validator panicked on it (a fresh one takes over).
-    async fn validate<M>(&self, msg: M) -> Result<ValidatedRequest, ApiError>
-    where
-        M: actix::Message<Result = Result<ValidatedRequest, ApiError>> + Clone + Send + 'static,
-        ValidatorActor: actix::Handler<M>,
-    {
-        let mut tries = 0;
-        loop {
-            let result = self
-                .validator
-                .send(msg.clone())
-                .await
-                .map_err(|e| mailbox_error("validator", e))?;
-            tries += 1;
-            if !validator_restarted(&result) || tries > VALIDATOR_RESTART_RETRIES {
-                return result;
-            }
-        }
+        self.validator.completion(msg).await
     }
 
     /// Route every choice of `request` and return its generation. Fails (before any output) when an
     /// engine cannot be found or every engine is overloaded.
     pub async fn generate(&self, request: &ValidatedRequest) -> Result<Generation, ApiError> {
-        let mut streams = SelectAll::new();
+        let mut streams = Vec::with_capacity(request.choices.len());
         let mut decoders = Vec::with_capacity(request.choices.len());
         let mut cached_tokens = None;
         let recoveries = Recoveries::default();
@@ -119,13 +86,21 @@ impl Gateway {
                 migrations_left,
                 recoveries.clone(),
             );
-            streams.push(stream.into_stream().boxed());
+            streams.push(stream);
             decoders.push(ChoiceDecoder::new(
                 self.tokenizer.clone(),
                 choice.stop.clone(),
                 request.skip_special_tokens,
             ));
         }
+        let streams = match <[ChoiceStream; 1]>::try_from(streams) {
+            Ok([one]) => Choices::One(Box::new(one)),
+            Err(many) => Choices::Many(
+                many.into_iter()
+                    .map(|stream| stream.into_stream().boxed())
+                    .collect(),
+            ),
+        };
         Ok(Generation {
             streams,
             decoders,
@@ -139,6 +114,24 @@ impl Gateway {
 
 type IndexedEvents = futures_util::stream::BoxStream<'static, (usize, Option<EngineEvent>)>;
 
+/// The engine streams of a request's choices.
+enum Choices {
+    /// One choice, the common case: its stream is read directly, with no stream combinator
+    /// re-queueing it for every output.
+    One(Box<ChoiceStream>),
+    /// Several: whichever has output first.
+    Many(SelectAll<IndexedEvents>),
+}
+
+impl Choices {
+    async fn next(&mut self) -> Option<(usize, Option<EngineEvent>)> {
+        match self {
+            Choices::One(stream) => stream.next_item().await,
+            Choices::Many(streams) => streams.next().await,
+        }
+    }
+}
+
 /// One decoded delta of one choice.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ChoiceDelta {
@@ -151,7 +144,7 @@ pub struct ChoiceDelta {
 /// The running generation of all choices of one request. Dropping it closes every channel, which
 /// cancels the work in the engines.
 pub struct Generation {
-    streams: SelectAll<IndexedEvents>,
+    streams: Choices,
     decoders: Vec<ChoiceDecoder>,
     prompt_tokens: u32,
     cached_tokens: Option<u32>,

@@ -1,7 +1,8 @@
-//! Routing: [`KvRouterActor`] picks the engine for each request and hands the request to it.
+//! Routing: [`Router`] picks the engine for each request and hands the request to it; the
+//! [`KvRouterActor`] owns it.
 //!
 //! Layout:
-//! - `mod.rs`: the actor, its messages and [`RouterConfig`].
+//! - `mod.rs`: [`Router`] (the shared selection state), the actor, its messages and [`RouterConfig`].
 //! - [`policy`]: [`policy::SelectionPolicy`], the seam where selection strategies plug in.
 //! - [`kv`]: the KV-cache-aware policy (prefix overlap from the shared index against predicted load).
 //! - [`indexer`]: [`indexer::KvIndexerActor`], the single writer of the prefix index (KV events in).
@@ -10,7 +11,7 @@ pub mod indexer;
 pub mod kv;
 pub mod policy;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -136,10 +137,16 @@ pub struct Route {
     pub exclude: Vec<u64>,
 }
 
-/// Picks engines. One per process; its selection state is the only mutable state. Supervised: a panic
-/// while routing fails that one routing attempt with a retryable error, stops the actor, and the restart
-/// rebuilds the selection state (load tracking starts over; the KV index, shared, is kept).
-pub struct KvRouterActor {
+/// The router's selection state: the engines, the policy and its restart bookkeeping. Shared by
+/// `Arc`: the [`KvRouterActor`] owns it and applies engine changes and progress reports, while the
+/// serving path routes through it directly ([`Router::route`]) instead of queueing on the actor's
+/// mailbox, from every HTTP worker at once. One short lock per routing decision keeps a decision and
+/// the load it adds atomic, as the actor's one-message-at-a-time handling did.
+pub struct Router {
+    selection: Mutex<Selection>,
+}
+
+struct Selection {
     engines: Vec<EngineSlot>,
     policy: Box<dyn SelectionPolicy>,
     config: RouterConfig,
@@ -149,38 +156,67 @@ pub struct KvRouterActor {
     supervision: RestartTracker,
 }
 
-impl KvRouterActor {
-    /// A router over `engines` using the policy for `config.mode` (`kv` needs `kv`).
-    pub fn new(
-        config: &RouterConfig,
-        engines: Vec<EngineSlot>,
-        kv: Option<policy::KvContext>,
-    ) -> Result<Self, ApiError> {
-        Ok(KvRouterActor {
-            policy: policy::for_mode(config, &engines, kv.clone())?,
-            engines,
-            config: config.clone(),
-            kv,
-            faults: FaultInjector::disabled(),
-            supervision: RestartTracker::new(ActorKind::Router, "0"),
-        })
+impl Router {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Selection> {
+        // Every panic inside the lock is caught before it unwinds through the guard (`route`), and
+        // engine changes are single calls: a poisoned lock still holds consistent state.
+        self.selection
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Supervision: the restart intensity, where to report restarts, and the fault injector.
-    pub fn supervised(
-        mut self,
-        config: &SupervisionConfig,
-        events: SupervisorEvents,
-        faults: Arc<FaultInjector>,
-    ) -> Self {
-        self.supervision.supervise(config, events);
-        self.faults = faults;
-        self
+    /// Route `request` to an engine and start it there; tokens arrive on `output`. `exclude`: engines
+    /// that just failed this request (migration), tried only when no other engine admits it.
+    /// Supervised: a panic while routing fails this attempt with a retryable error and restarts the
+    /// router (its selection state is rebuilt; the KV index, shared, is kept); past the restart
+    /// intensity the failure escalates to the root.
+    pub fn route(
+        &self,
+        request: &EngineRequest,
+        output: &mpsc::Sender<EngineEvent>,
+        exclude: &[u64],
+    ) -> Result<Routed, ApiError> {
+        let mut selection = self.lock();
+        if let Some(reason) = selection.supervision.given_up() {
+            return Err(ApiError::new(ErrorClass::Unavailable, reason));
+        }
+        match catch_panic(|| selection.route(request, output, exclude)) {
+            Ok(result) => result,
+            Err(reason) => {
+                tracing::error!(%reason, "router panicked while routing");
+                Err(selection.failed(reason))
+            }
+        }
+    }
+
+    /// A request admitted on an engine reached `stage` (load tracking).
+    pub fn progress(&self, msg: &RequestProgress) {
+        self.lock()
+            .policy
+            .progress(msg.engine_id, &msg.request_id, msg.stage);
     }
 }
 
-impl Supervised for KvRouterActor {
-    fn restarting(&mut self, _ctx: &mut Self::Context) {
+impl Selection {
+    /// A panic while routing was caught: restart (rebuild the selection state) within the budget,
+    /// otherwise give up and escalate. Returns what the failed attempt answers.
+    fn failed(&mut self, reason: String) -> ApiError {
+        match self.supervision.on_failure(reason.clone()) {
+            Verdict::Restart => {
+                self.restart();
+                ApiError::restarted(ActorKind::Router, "routing")
+            }
+            Verdict::GiveUp { failures } => {
+                let escalation = self.supervision.escalate(failures, reason);
+                tracing::error!(%escalation, "router past its restart intensity; escalating");
+                ApiError::new(ErrorClass::Unavailable, escalation.to_string())
+            }
+            Verdict::AlreadyHandled => ApiError::restarted(ActorKind::Router, "routing"),
+        }
+    }
+
+    /// The restart after a caught failure: load tracking starts over.
+    fn restart(&mut self) {
         let Some(reason) = self.supervision.on_restart() else {
             return;
         };
@@ -195,6 +231,57 @@ impl Supervised for KvRouterActor {
     }
 }
 
+/// Owns the [`Router`]: engines join and leave through its messages, and it answers [`Route`] for
+/// callers that hold its address (a worker's request plane). One per process.
+pub struct KvRouterActor {
+    router: Arc<Router>,
+}
+
+impl KvRouterActor {
+    /// A router over `engines` using the policy for `config.mode` (`kv` needs `kv`).
+    pub fn new(
+        config: &RouterConfig,
+        engines: Vec<EngineSlot>,
+        kv: Option<policy::KvContext>,
+    ) -> Result<Self, ApiError> {
+        let selection = Selection {
+            policy: policy::for_mode(config, &engines, kv.clone())?,
+            engines,
+            config: config.clone(),
+            kv,
+            faults: FaultInjector::disabled(),
+            supervision: RestartTracker::new(ActorKind::Router, "0"),
+        };
+        Ok(KvRouterActor {
+            router: Arc::new(Router {
+                selection: Mutex::new(selection),
+            }),
+        })
+    }
+
+    /// Supervision: the restart intensity, where to report restarts, and the fault injector.
+    pub fn supervised(
+        self,
+        config: &SupervisionConfig,
+        events: SupervisorEvents,
+        faults: Arc<FaultInjector>,
+    ) -> Self {
+        {
+            let mut selection = self.router.lock();
+            selection.supervision.supervise(config, events);
+            selection.faults = faults;
+        }
+        self
+    }
+
+    /// The shared router, for routing without a mailbox hop.
+    pub fn router(&self) -> Arc<Router> {
+        self.router.clone()
+    }
+}
+
+impl Supervised for KvRouterActor {}
+
 /// An engine left (stopped, or removed by the operator): stop routing to it and forget its load.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -207,8 +294,9 @@ impl Handler<EngineRemoved> for KvRouterActor {
     type Result = ();
 
     fn handle(&mut self, msg: EngineRemoved, _ctx: &mut Self::Context) {
-        self.engines.retain(|e| e.id != msg.engine_id);
-        self.policy.engine_removed(msg.engine_id);
+        let selection = &mut *self.router.lock();
+        selection.engines.retain(|e| e.id != msg.engine_id);
+        selection.policy.engine_removed(msg.engine_id);
     }
 }
 
@@ -225,12 +313,13 @@ impl Handler<EngineAdded> for KvRouterActor {
     type Result = ();
 
     fn handle(&mut self, msg: EngineAdded, _ctx: &mut Self::Context) {
-        if self.engines.iter().any(|e| e.id == msg.slot.id) {
-            self.engines.retain(|e| e.id != msg.slot.id);
-            self.policy.engine_removed(msg.slot.id);
+        let selection = &mut *self.router.lock();
+        if selection.engines.iter().any(|e| e.id == msg.slot.id) {
+            selection.engines.retain(|e| e.id != msg.slot.id);
+            selection.policy.engine_removed(msg.slot.id);
         }
-        self.policy.engine_added(&msg.slot);
-        self.engines.push(msg.slot);
+        selection.policy.engine_added(&msg.slot);
+        selection.engines.push(msg.slot);
     }
 }
 
@@ -238,8 +327,7 @@ impl Handler<RequestProgress> for KvRouterActor {
     type Result = ();
 
     fn handle(&mut self, msg: RequestProgress, _ctx: &mut Self::Context) {
-        self.policy
-            .progress(msg.engine_id, &msg.request_id, msg.stage);
+        self.router.progress(&msg);
     }
 }
 
@@ -254,41 +342,25 @@ impl Actor for KvRouterActor {
 impl Handler<Route> for KvRouterActor {
     type Result = Result<Routed, ApiError>;
 
-    fn handle(&mut self, msg: Route, ctx: &mut Self::Context) -> Self::Result {
-        if let Some(reason) = self.supervision.given_up() {
-            return Err(ApiError::new(ErrorClass::Unavailable, reason));
-        }
-        match catch_panic(|| self.route(msg)) {
-            Ok(result) => result,
-            Err(reason) => {
-                tracing::error!(%reason, "router panicked while routing");
-                match self.supervision.on_failure(reason.clone()) {
-                    Verdict::Restart => ctx.stop(),
-                    Verdict::GiveUp { failures } => {
-                        let escalation = self.supervision.escalate(failures, reason);
-                        tracing::error!(%escalation, "router past its restart intensity; escalating");
-                        return Err(ApiError::new(
-                            ErrorClass::Unavailable,
-                            escalation.to_string(),
-                        ));
-                    }
-                    Verdict::AlreadyHandled => {}
-                }
-                Err(ApiError::restarted(ActorKind::Router, "routing"))
-            }
-        }
+    fn handle(&mut self, msg: Route, _ctx: &mut Self::Context) -> Self::Result {
+        self.router.route(&msg.request, &msg.output, &msg.exclude)
     }
 }
 
-impl KvRouterActor {
-    fn route(&mut self, msg: Route) -> Result<Routed, ApiError> {
+impl Selection {
+    fn route(
+        &mut self,
+        request: &EngineRequest,
+        output: &mpsc::Sender<EngineEvent>,
+        exclude: &[u64],
+    ) -> Result<Routed, ApiError> {
         if self.faults.on_route() {
             panic!(
                 "injected fault: router panics while routing {}",
-                msg.request.request_id
+                request.request_id
             );
         }
-        let mut order: Vec<usize> = match msg.request.pinned_engine {
+        let mut order: Vec<usize> = match request.pinned_engine {
             Some(id) => match self.engines.iter().position(|e| e.id == id) {
                 Some(index) => vec![index],
                 None => {
@@ -298,17 +370,14 @@ impl KvRouterActor {
                     ))
                 }
             },
-            None => self.policy.order(&self.engines, &msg.request),
+            None => self.policy.order(&self.engines, request),
         };
-        if !msg.exclude.is_empty() {
+        if !exclude.is_empty() {
             // Engines that just failed this request go last (stable: the policy's order otherwise).
-            order.sort_by_key(|&i| msg.exclude.contains(&self.engines[i].id));
+            order.sort_by_key(|&i| exclude.contains(&self.engines[i].id));
         }
         // The preferred engine first; one whose admission slots are all taken passes the request on.
-        let Route {
-            request, output, ..
-        } = msg;
-        let mut message = None;
+        let mut message: Option<Generate> = None;
         let mut last_error = None;
         for index in order {
             let slot = &self.engines[index];
@@ -317,12 +386,9 @@ impl KvRouterActor {
                 continue;
             };
             let generate = match message.take() {
-                Some(Generate {
-                    request, output, ..
-                }) => Generate {
-                    request,
-                    output,
+                Some(returned) => Generate {
                     admission,
+                    ..returned
                 },
                 None => Generate {
                     request: request.clone(),

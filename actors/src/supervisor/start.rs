@@ -27,11 +27,11 @@ use crate::kv::protocol::RouterEvent;
 use crate::metrics::FrontendMetrics;
 use crate::router::indexer::KvIndexerActor;
 use crate::router::policy::KvContext;
-use crate::router::{EngineSlot, KvRouterActor, RouterMode};
+use crate::router::{EngineSlot, KvRouterActor, Router, RouterMode};
 use crate::supervision::tree::{start_order, Child, SupervisorLink, Tree, POOL};
 use crate::supervision::{shared_budget, ActorKind, RestartTracker, SupervisorEvent};
 use crate::tokenizer::ModelTokenizer;
-use crate::validator::ValidatorActor;
+use crate::validator::{Validator, ValidatorActor, ValidatorPool, ValidatorSupervision};
 
 type Events = tokio::sync::mpsc::UnboundedSender<SupervisorEvent>;
 
@@ -60,7 +60,9 @@ struct Startup {
     slots: Vec<EngineSlot>,
     infos: Vec<EngineInfo>,
     router: Option<Addr<KvRouterActor>>,
-    validator: Option<Addr<ValidatorActor>>,
+    /// The router's shared selection state, which the serving path routes through.
+    shared_router: Option<Arc<Router>>,
+    validator: Option<ValidatorPool>,
     embeddings: Option<EmbeddingService>,
     /// Engines and their live load (remote ones join later on a frontend).
     registry: Arc<EngineRegistry>,
@@ -257,6 +259,7 @@ impl Startup {
                 self.events.clone(),
                 self.faults.clone(),
             );
+        self.shared_router = Some(actor.router());
         let router = actix::Supervisor::start(move |_| actor);
         if self.config.router.mode == RouterMode::Kv {
             let _ = self.progress.set(router.clone().recipient());
@@ -268,24 +271,25 @@ impl Startup {
 
     fn validators(&mut self) -> Vec<Child> {
         let config = &self.config;
-        let (cfg, model, tok, m, ev, f) = (
-            config.validator.clone(),
-            config.model_name.clone(),
-            self.tokenizer.clone(),
-            self.metrics.clone(),
-            self.events.clone(),
-            self.faults.clone(),
-        );
-        // One restart intensity for all validator threads: a re-created validator keeps counting.
-        let budget = shared_budget(&config.supervision);
-        let threads = config.validator.threads.max(1);
-        self.validator = Some(SyncArbiter::start(threads, move || {
-            ValidatorActor::new(cfg.clone(), model.clone(), tok.clone(), m.clone()).supervised(
-                budget.clone(),
-                ev.clone(),
-                f.clone(),
+        let validator = Arc::new(
+            Validator::new(
+                config.validator.clone(),
+                config.model_name.clone(),
+                self.tokenizer.clone(),
+                self.metrics.clone(),
             )
-        }));
+            .with_faults(self.faults.clone()),
+        );
+        // One restart intensity for all validator threads and inline validations: a re-created
+        // validator keeps counting.
+        let supervision =
+            ValidatorSupervision::new(shared_budget(&config.supervision), self.events.clone());
+        let threads = config.validator.threads.max(1);
+        let (shared, watched) = (validator.clone(), supervision.clone());
+        let actors = SyncArbiter::start(threads, move || {
+            ValidatorActor::new(shared.clone(), watched.clone())
+        });
+        self.validator = Some(ValidatorPool::new(validator, actors, supervision));
         // One child for the pool: its SyncArbiter re-creates a stopped validator on its own.
         vec![Child::new(ActorKind::Validator, POOL)]
     }
@@ -318,12 +322,15 @@ impl Startup {
                 .validator
                 .clone()
                 .ok_or_else(|| out_of_order("the validators"))?,
-            router: router.clone(),
+            router,
             tokenizer: self.tokenizer.clone(),
             stream_buffer: self.config.engine.stream_buffer,
             migrator: Arc::new(Migrator {
                 config: self.config.migration.clone(),
-                router,
+                router: self
+                    .shared_router
+                    .clone()
+                    .ok_or_else(|| out_of_order("the router"))?,
                 metrics: Some(self.metrics.clone()),
                 model: self.config.model_name.clone(),
                 inflight: self.inflight.clone(),
@@ -515,6 +522,7 @@ async fn start_tree(
         slots: Vec::new(),
         infos: Vec::new(),
         router: None,
+        shared_router: None,
         validator: None,
         embeddings: None,
         registry: Arc::new(EngineRegistry::new(Vec::new())),

@@ -1,15 +1,22 @@
 //! Validation and tokenization: [`ValidatorActor`] turns a raw request body into a [`ValidatedRequest`],
 //! the proof that a request passed every rule, carrying one tokenized [`EngineRequest`] per choice.
 //!
-//! The actor is a `SyncActor` on its own threads so JSON parsing, template rendering and tokenization
-//! never run on the HTTP workers.
+//! The rules themselves live in [`Validator`], which holds only read-only state (the tokenizer, the
+//! served names, the settings) and is shared by `Arc`. The [`ValidatorActor`]s are `SyncActor`s on
+//! their own threads, so parsing, templating and tokenizing a large request never runs on the HTTP
+//! workers; a small one is validated right where it arrives ([`ValidatorPool`]), since the hop to a
+//! validator thread and back would cost more than the work.
 //!
-//! Layout: `mod.rs` (actor, messages, parsing, tokenization), [`rules`] (the §4.1 bounds and messages).
+//! Layout: `mod.rs` ([`Validator`], the actor, messages, parsing, tokenization), [`pool`] (where a
+//! validation runs, and its supervision off the actor threads), [`rules`] (the §4.1 bounds and
+//! messages).
 
 mod lenient;
+pub mod pool;
 pub mod rules;
 
 pub use lenient::parse_lenient;
+pub use pool::ValidatorPool;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -114,8 +121,8 @@ pub struct ValidateCompletion {
     pub context: RequestContext,
 }
 
-/// A validator's restart bookkeeping, named after the SyncArbiter thread that builds (and rebuilds)
-/// the actor.
+/// A validator's restart bookkeeping, named after the thread it runs on (a SyncArbiter thread that
+/// builds and rebuilds the actor, or the HTTP worker that validated inline).
 fn validator_tracker() -> RestartTracker {
     RestartTracker::new(
         ActorKind::Validator,
@@ -123,66 +130,131 @@ fn validator_tracker() -> RestartTracker {
     )
 }
 
-/// Parses, validates, templates and tokenizes.
-pub struct ValidatorActor {
+/// How a validation panic is supervised, wherever it ran: the restart budget every validator shares,
+/// where restarts are reported, and whether the validators were given up on.
+#[derive(Clone, Default)]
+pub struct ValidatorSupervision {
+    /// One restart intensity for every validator thread and inline validation.
+    budget: Option<SharedBudget>,
+    events: Option<SupervisorEvents>,
+    /// Set once the budget is spent (the failure escalated): every later validation answers with it.
+    given_up: Arc<std::sync::OnceLock<String>>,
+}
+
+impl ValidatorSupervision {
+    /// Under the tree: `budget` shared by all validators, restarts reported to `events`.
+    pub fn new(budget: SharedBudget, events: SupervisorEvents) -> Self {
+        ValidatorSupervision {
+            budget: Some(budget),
+            events: Some(events),
+            given_up: Arc::default(),
+        }
+    }
+
+    /// A tracker for the current thread.
+    fn tracker(&self) -> RestartTracker {
+        let mut tracker = validator_tracker();
+        if let Some(budget) = &self.budget {
+            tracker = tracker.with_shared_budget(budget.clone());
+        }
+        if let Some(events) = &self.events {
+            tracker = tracker.reporting_to(events.clone());
+        }
+        tracker
+    }
+
+    /// The refusal for every validation once the validators were given up on.
+    fn refusal(&self) -> Option<ApiError> {
+        self.given_up
+            .get()
+            .map(|reason| ApiError::new(ErrorClass::Unavailable, reason.clone()))
+    }
+
+    /// A validation panicked with `reason` (counted by `tracker`): within the budget the validator
+    /// restarts (`restart` is true and the caller retries the request); past it the failure
+    /// escalates to the root and every later validation is refused.
+    fn failed(&self, tracker: &mut RestartTracker, reason: String) -> (ApiError, bool) {
+        match tracker.on_failure(reason.clone()) {
+            Verdict::GiveUp { failures } => {
+                let escalation = tracker.escalate(failures, reason);
+                tracing::error!(%escalation, "validators past their restart intensity; escalating");
+                let _ = self.given_up.set(escalation.to_string());
+                (
+                    ApiError::new(ErrorClass::Unavailable, escalation.to_string()),
+                    false,
+                )
+            }
+            Verdict::Restart | Verdict::AlreadyHandled => {
+                tracing::error!(%reason, "validator panicked; restarting it");
+                tracker.report_restarted(reason);
+                (
+                    ApiError::restarted(ActorKind::Validator, "validating"),
+                    true,
+                )
+            }
+        }
+    }
+}
+
+/// One validation: what a [`ValidateChat`] or [`ValidateCompletion`] carries.
+#[derive(Clone)]
+pub(crate) enum Job<'a> {
+    Chat(&'a ChatInput, &'a RequestContext),
+    Completion(&'a Bytes, &'a RequestContext),
+}
+
+/// Parses, validates, templates and tokenizes. Read-only, so any thread may run it.
+pub struct Validator {
     config: ValidatorConfig,
     model: String,
     tokenizer: Arc<ModelTokenizer>,
     metrics: Arc<FrontendMetrics>,
     faults: Arc<FaultInjector>,
-    /// Reports restarts; the budget is shared by every validator thread (the SyncArbiter re-creates
-    /// a stopped validator), and past it the failure escalates to the root.
-    supervision: RestartTracker,
+}
+
+/// A validator thread: runs the [`Validator`] shared by the pool on requests too large to validate on
+/// an HTTP worker. A panic stops it and its SyncArbiter builds a fresh one.
+pub struct ValidatorActor {
+    validator: Arc<Validator>,
+    supervision: ValidatorSupervision,
+    /// Restarts of this instance, under the shared budget.
+    tracker: RestartTracker,
 }
 
 impl ValidatorActor {
-    /// Supervision: the restart budget all validators share, where to report restarts, and the fault
-    /// injector.
-    pub fn supervised(
-        mut self,
-        budget: SharedBudget,
-        events: SupervisorEvents,
-        faults: Arc<FaultInjector>,
-    ) -> Self {
-        self.supervision = validator_tracker()
-            .with_shared_budget(budget)
-            .reporting_to(events);
-        self.faults = faults;
-        self
+    /// A validator thread running `validator`, supervised by `supervision`.
+    pub fn new(validator: Arc<Validator>, supervision: ValidatorSupervision) -> Self {
+        ValidatorActor {
+            tracker: supervision.tracker(),
+            validator,
+            supervision,
+        }
     }
 
-    /// Runs `validate` as a supervised unit: a panic (a bug, or an injected fault) fails this request
+    /// Runs `job` as a supervised unit: a panic (a bug, or an injected fault) fails this request
     /// with a retryable error and stops the actor; its SyncArbiter thread builds a fresh one.
     fn guarded(
         &mut self,
         ctx: &mut SyncContext<Self>,
-        validate: impl FnOnce(&mut Self) -> Result<ValidatedRequest, ApiError>,
+        job: Job<'_>,
     ) -> Result<ValidatedRequest, ApiError> {
-        if let Some(reason) = self.supervision.given_up() {
-            return Err(ApiError::new(ErrorClass::Unavailable, reason));
+        if let Some(refusal) = self.supervision.refusal() {
+            return Err(refusal);
         }
-        let result = catch_panic(|| {
-            if self.faults.on_validate() {
-                panic!("injected fault: validator panics while validating");
+        match self.validator.run(job) {
+            Ok(result) => result,
+            Err(reason) => {
+                let (error, restart) = self.supervision.failed(&mut self.tracker, reason);
+                if restart {
+                    ctx.stop();
+                }
+                Err(error)
             }
-            validate(self)
-        });
-        result.unwrap_or_else(|reason| {
-            if let Verdict::GiveUp { failures } = self.supervision.on_failure(reason.clone()) {
-                let escalation = self.supervision.escalate(failures, reason);
-                tracing::error!(%escalation, "validators past their restart intensity; escalating");
-                return Err(ApiError::new(
-                    ErrorClass::Unavailable,
-                    escalation.to_string(),
-                ));
-            }
-            tracing::error!(%reason, "validator panicked; restarting it");
-            self.supervision.report_restarted(reason);
-            ctx.stop();
-            Err(ApiError::restarted(ActorKind::Validator, "validating"))
-        })
+        }
     }
+}
 
+impl Validator {
     /// A validator serving `model` with `tokenizer`.
     pub fn new(
         config: ValidatorConfig,
@@ -190,14 +262,32 @@ impl ValidatorActor {
         tokenizer: Arc<ModelTokenizer>,
         metrics: Arc<FrontendMetrics>,
     ) -> Self {
-        ValidatorActor {
+        Validator {
             config,
             model,
             tokenizer,
             metrics,
             faults: FaultInjector::disabled(),
-            supervision: validator_tracker(),
         }
+    }
+
+    /// Consults `faults` (`validator_panic`) on every validation.
+    pub fn with_faults(mut self, faults: Arc<FaultInjector>) -> Self {
+        self.faults = faults;
+        self
+    }
+
+    /// Runs `job`; a panic (a bug, or an injected fault) is caught and returned as its message.
+    pub(crate) fn run(&self, job: Job<'_>) -> Result<Result<ValidatedRequest, ApiError>, String> {
+        catch_panic(|| {
+            if self.faults.on_validate() {
+                panic!("injected fault: validator panics while validating");
+            }
+            match job {
+                Job::Chat(input, context) => self.chat(input, context),
+                Job::Completion(body, context) => self.completion(&body, context),
+            }
+        })
     }
 
     fn check_unknown(
@@ -270,12 +360,16 @@ impl ValidatorActor {
 
     fn chat(
         &self,
-        input: ChatInput,
-        context: RequestContext,
+        input: &ChatInput,
+        context: &RequestContext,
     ) -> Result<ValidatedRequest, ApiError> {
-        let req: ChatCompletionRequest = match input {
-            ChatInput::Body(body) => parse_lenient(&body)?,
-            ChatInput::Parsed(req) => *req,
+        let parsed: ChatCompletionRequest;
+        let req = match input {
+            ChatInput::Body(body) => {
+                parsed = parse_lenient(body)?;
+                &parsed
+            }
+            ChatInput::Parsed(req) => &**req,
         };
         rules::chat(&req)?;
         self.check_unknown(&req.unknown)?;
@@ -329,7 +423,7 @@ impl ValidatorActor {
             None => String::new(),
         };
         let base = self.engine_request(
-            &context,
+            context,
             &req.model,
             token_ids,
             echo_text,
@@ -364,7 +458,7 @@ impl ValidatorActor {
     fn completion(
         &self,
         body: &Bytes,
-        context: RequestContext,
+        context: &RequestContext,
     ) -> Result<ValidatedRequest, ApiError> {
         let req: CompletionRequest = parse_lenient(body)?;
         rules::completion(&req)?;
@@ -557,7 +651,7 @@ impl Handler<ValidateChat> for ValidatorActor {
     type Result = Result<ValidatedRequest, ApiError>;
 
     fn handle(&mut self, msg: ValidateChat, ctx: &mut Self::Context) -> Self::Result {
-        self.guarded(ctx, |this| this.chat(msg.input, msg.context))
+        self.guarded(ctx, Job::Chat(&msg.input, &msg.context))
     }
 }
 
@@ -565,7 +659,7 @@ impl Handler<ValidateCompletion> for ValidatorActor {
     type Result = Result<ValidatedRequest, ApiError>;
 
     fn handle(&mut self, msg: ValidateCompletion, ctx: &mut Self::Context) -> Self::Result {
-        self.guarded(ctx, |this| this.completion(&msg.body, msg.context))
+        self.guarded(ctx, Job::Completion(&msg.body, &msg.context))
     }
 }
 
