@@ -26,7 +26,15 @@ const WORD_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{
 /// Marks a byte with no single-byte token, and a symbol merged away.
 const MISSING: u32 = u32::MAX;
 
-/// Byte-level BPE encoder; immutable, shared across validator threads.
+/// Words up to this many bytes have their ids remembered ([`FastBpe::cache`]); longer ones are rare
+/// and would mostly fill the cache with one-offs.
+const CACHED_WORD_BYTES: usize = 32;
+
+/// Most words remembered. Past it new words are encoded without being remembered (as in
+/// `tokenizers`' own cache), which bounds the memory clients can make it hold (~10 MB).
+const CACHED_WORDS: usize = 100_000;
+
+/// Byte-level BPE encoder, shared by every thread that validates; only its word cache changes.
 pub(super) struct FastBpe {
     /// Matches every added token (control and user-defined) in the raw text.
     added: Option<AhoCorasick>,
@@ -43,6 +51,12 @@ pub(super) struct FastBpe {
     /// Whether digits are isolated one by one before the GPT-2 pattern runs (a `Digits`
     /// pre-tokenizer ahead of `ByteLevel`).
     split_digits: bool,
+    /// Ids of words already encoded. Prompts repeat their words (a chat template's fixed text
+    /// above all), and a lookup costs a tenth of merging the word again. Sharded: every thread
+    /// that validates reads it at once.
+    cache: dashmap::DashMap<Box<[u8]>, Box<[u32]>>,
+    /// Words in `cache` (about: two threads may insert the same word).
+    cached: std::sync::atomic::AtomicUsize,
 }
 
 /// Key of the merge table: the two ids packed.
@@ -125,6 +139,8 @@ impl FastBpe {
             byte_ids,
             merges: merge_map,
             split_digits,
+            cache: dashmap::DashMap::new(),
+            cached: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -201,6 +217,25 @@ impl FastBpe {
             }
             return;
         }
+        if word.len() > CACHED_WORD_BYTES {
+            self.merge(word, ids, scratch);
+            return;
+        }
+        if let Some(known) = self.cache.get(word) {
+            ids.extend_from_slice(&known);
+            return;
+        }
+        let start = ids.len();
+        self.merge(word, ids, scratch);
+        use std::sync::atomic::Ordering;
+        if self.cached.load(Ordering::Relaxed) < CACHED_WORDS {
+            self.cached.fetch_add(1, Ordering::Relaxed);
+            self.cache.insert(word.into(), ids[start..].into());
+        }
+    }
+
+    /// [`Self::bpe`] without the cache.
+    fn merge(&self, word: &[u8], ids: &mut Vec<u32>, scratch: &mut Scratch) {
         // A doubly linked list over the word's symbols; a merged-away symbol has `id == MISSING`.
         let Scratch { symbols, queue } = scratch;
         symbols.clear();
