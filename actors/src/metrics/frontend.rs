@@ -14,7 +14,7 @@ use prometheus::{
 };
 
 use super::buckets::{HistogramConfig, HistogramKind};
-use super::guard::{Endpoint, RequestGuard};
+use super::guard::{Endpoint, RequestGuard, RequestType};
 use super::labels::{MediaKind, MigrationOutcome, MigrationType, ModelGauges, RouterPhase};
 use super::prefix::sanitize_prefix;
 use super::registrar::Registrar;
@@ -52,7 +52,15 @@ pub(super) struct ModelSeries {
     output_tokens: OnceLock<IntCounter>,
     time_to_first_token: OnceLock<Histogram>,
     inter_token_latency: OnceLock<Histogram>,
+    /// `requests_started_total` per endpoint and request type ([`ModelSeries::slot`]), resolved on
+    /// first use: a label lookup hashes every label value.
+    started: [OnceLock<IntCounter>; SLOTS],
+    /// `requests_total{status="success"}` likewise (failures are rare and look theirs up).
+    succeeded: [OnceLock<IntCounter>; SLOTS],
 }
+
+/// Endpoints × request types.
+const SLOTS: usize = 8;
 
 impl ModelSeries {
     fn new(metrics: &FrontendMetrics, model: &str) -> Self {
@@ -69,7 +77,53 @@ impl ModelSeries {
             output_tokens: OnceLock::new(),
             time_to_first_token: OnceLock::new(),
             inter_token_latency: OnceLock::new(),
+            started: Default::default(),
+            succeeded: Default::default(),
         }
+    }
+
+    fn slot(endpoint: Endpoint, request_type: RequestType) -> usize {
+        let endpoint = match endpoint {
+            Endpoint::ChatCompletions => 0,
+            Endpoint::Completions => 1,
+            Endpoint::Responses => 2,
+            Endpoint::Embeddings => 3,
+        };
+        endpoint * 2 + usize::from(request_type == RequestType::Unary)
+    }
+
+    /// The `requests_started_total` child of this model, `endpoint` and `request_type`.
+    fn started(
+        &self,
+        metrics: &FrontendMetrics,
+        endpoint: Endpoint,
+        request_type: RequestType,
+    ) -> &IntCounter {
+        self.started[Self::slot(endpoint, request_type)].get_or_init(|| {
+            metrics.requests_started_total.with_label_values(&[
+                self.model.as_str(),
+                endpoint.as_str(),
+                request_type.as_str(),
+            ])
+        })
+    }
+
+    /// The `requests_total{status="success"}` child of this model, `endpoint` and `request_type`.
+    pub(super) fn succeeded(
+        &self,
+        metrics: &FrontendMetrics,
+        endpoint: Endpoint,
+        request_type: RequestType,
+    ) -> &IntCounter {
+        self.succeeded[Self::slot(endpoint, request_type)].get_or_init(|| {
+            metrics.requests_total.with_label_values(&[
+                self.model.as_str(),
+                endpoint.as_str(),
+                request_type.as_str(),
+                "success",
+                super::error_type::SUCCESS,
+            ])
+        })
     }
 
     fn child<'a, B: MetricVecBuilder>(
@@ -131,6 +185,8 @@ pub struct FrontendMetrics {
     time_to_first_token: HistogramVec,
     inter_token_latency: HistogramVec,
     tokenizer_latency: HistogramVec,
+    /// The `tokenize` child of `tokenizer_latency`, resolved on first use.
+    tokenize_latency: OnceLock<Histogram>,
     embedding_latency: HistogramVec,
     images_per_request: HistogramVec,
     videos_per_request: HistogramVec,
@@ -373,6 +429,7 @@ impl FrontendMetrics {
                 })?
             },
             series_cache: RwLock::new(HashMap::new()),
+            tokenize_latency: OnceLock::new(),
             histogram_configs: histogram_configs.clone(),
             prefix,
             registry,
@@ -448,9 +505,7 @@ impl FrontendMetrics {
         request_type: super::RequestType,
     ) -> RequestGuard {
         let series = self.series(model);
-        self.requests_started_total
-            .with_label_values(&[model, endpoint.as_str(), request_type.as_str()])
-            .inc();
+        series.started(self, endpoint, request_type).inc();
         RequestGuard::start(Arc::clone(self), series, endpoint, request_type)
     }
 
@@ -513,6 +568,13 @@ impl FrontendMetrics {
 
     /// Records a tokenizer call; `operation` is `tokenize` or `detokenize`.
     pub fn observe_tokenizer_latency(&self, operation: &'static str, milliseconds: f64) {
+        // Every request tokenizes: its child is looked up once.
+        if operation == "tokenize" {
+            let child = self
+                .tokenize_latency
+                .get_or_init(|| self.tokenizer_latency.with_label_values(&[operation]));
+            return child.observe(milliseconds);
+        }
         self.tokenizer_latency
             .with_label_values(&[operation])
             .observe(milliseconds);

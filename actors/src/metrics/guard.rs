@@ -207,21 +207,28 @@ impl RequestGuard {
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
-        let (status, error_type) = match self.outcome {
-            Outcome::Success => ("success", error_type::SUCCESS),
-            Outcome::Error(error_type) => ("error", error_type),
-            Outcome::Unmarked => ("error", error_type::INTERNAL),
+        let error_type = match self.outcome {
+            Outcome::Success => None,
+            Outcome::Error(error_type) => Some(error_type),
+            Outcome::Unmarked => Some(error_type::INTERNAL),
         };
-        self.metrics
-            .requests_total
-            .with_label_values(&[
-                &self.series.model,
-                self.endpoint.as_str(),
-                self.request_type.as_str(),
-                status,
-                error_type,
-            ])
-            .inc();
+        match error_type {
+            None => self
+                .series
+                .succeeded(&self.metrics, self.endpoint, self.request_type)
+                .inc(),
+            Some(error_type) => self
+                .metrics
+                .requests_total
+                .with_label_values(&[
+                    &self.series.model,
+                    self.endpoint.as_str(),
+                    self.request_type.as_str(),
+                    "error",
+                    error_type,
+                ])
+                .inc(),
+        }
         self.series
             .request_duration
             .observe(self.started_at.elapsed().as_secs_f64());
