@@ -22,6 +22,7 @@ use crate::metrics::{Endpoint, RequestType};
 use crate::protocol::responses::{ResponseBuilder, ResponsesRequest};
 use crate::validator::{
     parse_lenient, ChatInput, RequestContext, ValidateChat, ValidateCompletion, ValidatedRequest,
+    ValidatorPool,
 };
 
 /// What the first steps produce for every inference route.
@@ -183,7 +184,9 @@ async fn serve<F: Framer>(
     }
     let folded = async {
         match fold(generation, &mut framer, &mut tracker).await {
-            Ok(body) => HttpResponse::Ok().json(body),
+            Ok(body) => HttpResponse::Ok()
+                .content_type(actix_web::http::header::ContentType::json())
+                .body(body),
             Err(error) => error_response(&error, state.config.overload_status_code),
         }
     };
@@ -210,26 +213,31 @@ async fn inference<F: Framer, V: std::future::Future<Output = Validated<F>>>(
     payload: web::Payload,
     state: web::Data<AppState>,
     endpoint: Endpoint,
-    validate: impl FnOnce(Gateway, Bytes, RequestContext) -> V,
+    validate: impl FnOnce(ValidatorPool, Bytes, RequestContext) -> V,
 ) -> HttpResponse {
     let accepted = match accept(&state, &req, payload).await {
         Ok(a) => a,
         Err(e) => return reject(&state, endpoint, None, false, &e),
     };
+    let lane_gateway: Gateway;
     let gateway = match super::text::target(&state, endpoint, &accepted.body) {
         Target::Text(model) => {
             return super::text::serve(&state, &req, endpoint, model, accepted).await
         }
-        Target::Lane(lane) => lane.gateway,
-        Target::Own => state.gateway.clone(),
+        Target::Lane(lane) => {
+            lane_gateway = lane.gateway;
+            &lane_gateway
+        }
+        Target::Own => &state.gateway,
     };
-    let validated = match validate(gateway.clone(), accepted.body.clone(), accepted.context).await {
+    let validator = gateway.validator.clone();
+    let validated = match validate(validator, accepted.body.clone(), accepted.context).await {
         Ok(v) => v,
         Err(e) => return reject(&state, endpoint, Some(&accepted.body), false, &e),
     };
     serve(
         &state,
-        &gateway,
+        gateway,
         req.conn_data::<PeerSocket>().cloned(),
         endpoint,
         validated,
@@ -249,11 +257,9 @@ pub async fn chat_completions(
         payload,
         state,
         Endpoint::ChatCompletions,
-        |gateway, body, context| async move {
+        |validator, body, context| async move {
             let input = ChatInput::Body(body);
-            let validated = gateway
-                .validate_chat(ValidateChat { input, context })
-                .await?;
+            let validated = validator.chat(ValidateChat { input, context }).await?;
             let framer = ChatFramer::new(
                 &validated.request_id,
                 &validated.model,
@@ -277,9 +283,9 @@ pub async fn completions(
         payload,
         state,
         Endpoint::Completions,
-        |gateway, body, context| async move {
-            let validated = gateway
-                .validate_completion(ValidateCompletion { body, context })
+        |validator, body, context| async move {
+            let validated = validator
+                .completion(ValidateCompletion { body, context })
                 .await?;
             let framer = CompletionFramer::new(
                 &validated.request_id,
@@ -304,13 +310,11 @@ pub async fn responses(
         payload,
         state,
         Endpoint::Responses,
-        |gateway, body, context| async move {
+        |validator, body, context| async move {
             let request: ResponsesRequest = parse_lenient(&body)?;
             request.check()?;
             let input = ChatInput::Parsed(Box::new(request.to_chat()?));
-            let validated = gateway
-                .validate_chat(ValidateChat { input, context })
-                .await?;
+            let validated = validator.chat(ValidateChat { input, context }).await?;
             let framer = ResponsesFramer::new(ResponseBuilder::new(&request, &validated.model));
             Ok((validated, framer, request.stream == Some(true)))
         },

@@ -14,28 +14,47 @@ use crate::validator::RequestContext;
 /// A second handle on a connection's socket, used to notice a client that hangs up while a unary
 /// response is still being generated: actix-web only notices when it writes, which for a unary
 /// response is after generation has finished (the spec's "connection handle", §2.5).
+///
+/// One per connection, living on its HTTP worker: the duplicate is registered with the worker's
+/// reactor when a request first watches it and stays registered for the connection's later
+/// requests, so a keep-alive request costs no `dup`, `epoll_ctl` or `close` of its own.
 #[derive(Clone)]
-pub struct PeerSocket(std::sync::Arc<std::net::TcpStream>);
+pub struct PeerSocket(std::rc::Rc<PeerWatch>);
+
+struct PeerWatch {
+    /// The duplicate, until its first watch registers it.
+    unregistered: std::cell::Cell<Option<std::net::TcpStream>>,
+    /// The registered duplicate; `None` inside when the reactor refused it.
+    registered: std::cell::OnceCell<Option<tokio::net::TcpStream>>,
+}
 
 impl PeerSocket {
     /// Duplicate the connection's socket (None if the OS refuses).
     pub fn watch(tcp: &actix_web::rt::net::TcpStream) -> Option<Self> {
         let duplicate = socket2::SockRef::from(tcp).try_clone().ok()?;
-        Some(PeerSocket(std::sync::Arc::new(duplicate.into())))
+        Some(PeerSocket(std::rc::Rc::new(PeerWatch {
+            unregistered: std::cell::Cell::new(Some(duplicate.into())),
+            registered: std::cell::OnceCell::new(),
+        })))
     }
 
     /// Resolves when the peer has closed the connection. Never resolves if the state cannot be
     /// observed (for example the client already sent more bytes: a pipelined request).
     pub async fn closed(self) {
         let pending = std::future::pending::<()>;
-        let Ok(std_stream) = self.0.try_clone() else {
-            return pending().await;
-        };
-        let Ok(stream) = tokio::net::TcpStream::from_std(std_stream) else {
+        let watch = &*self.0;
+        let registered = watch.registered.get_or_init(|| {
+            // The duplicate shares the connection's non-blocking mode, as `from_std` needs.
+            let socket = watch.unregistered.take()?;
+            tokio::net::TcpStream::from_std(socket).ok()
+        });
+        let Some(stream) = registered else {
             return pending().await;
         };
         let mut byte = [0u8; 1];
         loop {
+            // An earlier request's readiness may still be set: `peek` finds the socket drained
+            // (actix-web read that request), clears it and waits for the next event.
             if stream.readable().await.is_err() {
                 return;
             }
@@ -65,16 +84,14 @@ pub fn check_content_type(req: &HttpRequest) -> Result<(), ApiError> {
         .headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        })
+        .map(|v| v.split(';').next().unwrap_or("").trim().as_bytes())
         .is_some_and(|mime| {
-            mime == "application/json"
-                || (mime.starts_with("application/") && mime.ends_with("+json"))
+            let prefix = b"application/";
+            mime.eq_ignore_ascii_case(b"application/json")
+                || (mime.len() >= prefix.len()
+                    && mime[..prefix.len()].eq_ignore_ascii_case(prefix)
+                    && mime.len() >= 5
+                    && mime[mime.len() - 5..].eq_ignore_ascii_case(b"+json"))
         });
     if ok {
         Ok(())
@@ -97,18 +114,29 @@ pub async fn read_body(mut payload: web::Payload, limit_mb: u64) -> Result<Bytes
             ),
         )
     };
+    // A small body arrives in one chunk, which is kept as it is; a second chunk starts a copy.
+    let mut first: Option<Bytes> = None;
     let mut body = BytesMut::new();
+    let mut len = 0;
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| {
             tracing::debug!(error = %e, "failed to read request body");
             ApiError::new(ErrorClass::BadRequest, "Failed to read request body")
         })?;
-        if body.len() + chunk.len() > limit {
+        len += chunk.len();
+        if len > limit {
             return Err(too_large());
         }
-        body.extend_from_slice(&chunk);
+        match first.take() {
+            None if body.is_empty() => first = Some(chunk),
+            None => body.extend_from_slice(&chunk),
+            Some(earlier) => {
+                body.extend_from_slice(&earlier);
+                body.extend_from_slice(&chunk);
+            }
+        }
     }
-    Ok(body.freeze())
+    Ok(first.unwrap_or_else(|| body.freeze()))
 }
 
 /// Canonical request id: `request-id`, else the deprecated `x-dynamo-request-id`, when it is a UUID;

@@ -87,8 +87,13 @@ pub trait Framer: Send + 'static {
     }
     /// Record a delta for the unary response.
     fn fold(&mut self, delta: &ChoiceDelta);
-    /// The unary response body.
-    fn folded(&mut self, usage: Usage) -> serde_json::Value;
+    /// The unary response body (JSON).
+    fn folded(&mut self, usage: Usage) -> Vec<u8>;
+}
+
+/// `value` as a JSON body; `null` if it cannot be encoded (as a `Value` that failed to build wrote).
+fn json_body(value: &impl Serialize) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_else(|_| b"null".to_vec())
 }
 
 fn data_frame(value: &impl Serialize) -> String {
@@ -229,16 +234,16 @@ impl Framer for ChatFramer {
         fold_into(&mut self.folded, delta);
     }
 
-    fn folded(&mut self, usage: Usage) -> serde_json::Value {
+    fn folded(&mut self, usage: Usage) -> Vec<u8> {
         let choices = self
             .folded
-            .iter()
+            .iter_mut()
             .enumerate()
             .map(|(i, c)| ChatChoice {
                 index: i as u32,
                 message: ResponseMessage {
                     role: "assistant",
-                    content: Some(c.text.clone()),
+                    content: Some(std::mem::take(&mut c.text)),
                 },
                 finish_reason: c.finish_reason,
                 logprobs: (!c.logprobs.is_empty()).then(|| chat_logprobs(&c.logprobs)),
@@ -253,7 +258,7 @@ impl Framer for ChatFramer {
             usage,
             system_fingerprint: None,
         };
-        serde_json::to_value(response).unwrap_or_default()
+        json_body(&response)
     }
 }
 
@@ -351,7 +356,7 @@ impl Framer for CompletionFramer {
         fold_into(&mut self.folded, delta);
     }
 
-    fn folded(&mut self, usage: Usage) -> serde_json::Value {
+    fn folded(&mut self, usage: Usage) -> Vec<u8> {
         let echo = self.echo.clone().unwrap_or_default();
         let choices = self
             .folded
@@ -370,7 +375,7 @@ impl Framer for CompletionFramer {
                 }),
             })
             .collect();
-        serde_json::to_value(self.response(choices, Some(usage))).unwrap_or_default()
+        json_body(&serde_json::to_value(self.response(choices, Some(usage))).unwrap_or_default())
     }
 }
 
@@ -409,8 +414,8 @@ impl Framer for ResponsesFramer {
         self.builder.push_text(&delta.delta.text);
     }
 
-    fn folded(&mut self, usage: Usage) -> serde_json::Value {
-        self.builder.object("completed", Some(usage))
+    fn folded(&mut self, usage: Usage) -> Vec<u8> {
+        json_body(&self.builder.object("completed", Some(usage)))
     }
 }
 
@@ -529,12 +534,13 @@ pub fn sse_body<F: Framer>(
     })
 }
 
-/// Fold `generation` into one response body. The first error (before or during generation) is returned.
+/// Fold `generation` into one JSON response body. The first error (before or during generation) is
+/// returned.
 pub async fn fold<F: Framer>(
     mut generation: Generation,
     framer: &mut F,
     tracker: &mut RequestTracker,
-) -> Result<serde_json::Value, ApiError> {
+) -> Result<Vec<u8>, ApiError> {
     loop {
         match generation.next().await {
             Some(Ok(delta)) => {

@@ -156,5 +156,7 @@ pub(super) async fn answer(
         }
     }
     progress.tracker.success();
-    HttpResponse::Ok().json(framer.folded(usage.unwrap_or_else(|| Usage::new(0, chunks))))
+    HttpResponse::Ok()
+        .content_type(actix_web::http::header::ContentType::json())
+        .body(framer.folded(usage.unwrap_or_else(|| Usage::new(0, chunks))))
 }

@@ -248,45 +248,50 @@ pub struct ChatCompletionRequest {
     pub unknown: serde_json::Map<String, Value>,
 }
 
+// The non-streaming response is serialized straight from these types, with their fields in the
+// order it has always had on the wire: alphabetical, as the `serde_json::Value` it used to be built
+// as wrote them.
+
 /// A choice in a non-streaming chat response.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct ChatChoice {
-    /// Choice index.
-    pub index: u32,
-    /// The assistant message.
-    pub message: ResponseMessage,
     /// Why generation ended.
     pub finish_reason: Option<FinishReason>,
+    /// Choice index.
+    pub index: u32,
     /// Log probabilities (not produced by this build's engines).
     pub logprobs: Option<Value>,
+    /// The assistant message.
+    pub message: ResponseMessage,
 }
 
 /// The assistant message of a response.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct ResponseMessage {
-    /// Always `assistant`.
-    pub role: &'static str,
     /// Generated text.
     pub content: Option<String>,
+    /// Always `assistant`.
+    pub role: &'static str,
 }
 
 /// Non-streaming chat response (`chat.completion`).
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct ChatCompletionResponse {
-    /// `chatcmpl-<request id>`.
-    pub id: String,
-    /// `chat.completion`.
-    pub object: &'static str,
-    /// Unix seconds.
-    pub created: u64,
-    /// Served model name.
-    pub model: String,
     /// Choices.
     pub choices: Vec<ChatChoice>,
-    /// Token usage.
-    pub usage: Usage,
+    /// Unix seconds.
+    pub created: u64,
+    /// `chatcmpl-<request id>`.
+    pub id: String,
+    /// Served model name.
+    pub model: String,
+    /// `chat.completion`.
+    pub object: &'static str,
     /// Backend fingerprint.
     pub system_fingerprint: Option<String>,
+    /// Token usage.
+    #[serde(serialize_with = "crate::protocol::usage_alphabetical")]
+    pub usage: Usage,
 }
 
 /// Streamed delta.

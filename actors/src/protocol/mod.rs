@@ -49,6 +49,20 @@ pub struct Usage {
     pub total_tokens: u32,
 }
 
+/// `usage` with its fields in alphabetical order, as non-streaming responses write it (stream
+/// chunks keep the declaration order).
+pub fn usage_alphabetical<S: serde::Serializer>(
+    usage: &Usage,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeStruct;
+    let mut fields = serializer.serialize_struct("Usage", 3)?;
+    fields.serialize_field("completion_tokens", &usage.completion_tokens)?;
+    fields.serialize_field("prompt_tokens", &usage.prompt_tokens)?;
+    fields.serialize_field("total_tokens", &usage.total_tokens)?;
+    fields.end()
+}
+
 impl Usage {
     /// Usage for the given counts.
     pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
