@@ -8,6 +8,8 @@
 //!    the throughput ratio (target ≥ 0.7).
 //! 2. Tokens/s through SSE for one long stream at 0 delay, and time to first byte on a reused keep-alive
 //!    connection (a Nagle/delayed-ACK stall would show as ~40 ms).
+//! 3. Server CPU per streamed token, engine to socket: streaming chat requests of 256 tokens each at
+//!    the same concurrency, the server's CPU time divided by the tokens it streamed (target ≤ 2 µs).
 //!
 //! The bench binary re-executes itself as each server (env `BENCH_ROLE`), so the numbers compare servers,
 //! not harnesses. Tunables: BENCH_REQUESTS (default 4000), BENCH_CONCURRENCY (16), BENCH_WORKERS (1).
@@ -220,6 +222,52 @@ async fn run_clients(addr: &str, request: &[u8], total: usize, concurrency: usiz
     all
 }
 
+/// Tokens each request of the per-token measurement streams (the echo engine emits one per character).
+const SSE_TOKENS: usize = 256;
+
+/// Server CPU µs per streamed token: `total` streaming requests of [`SSE_TOKENS`] tokens each, at
+/// `concurrency`, each client reading whole responses over one keep-alive connection.
+async fn sse_cpu_per_token(server: &Server, total: usize, concurrency: usize) -> f64 {
+    let text: String = "abcdefgh".repeat(SSE_TOKENS / 8);
+    let body = serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": text}], "stream": true}).to_string();
+    let request = request_bytes(&server.addr, &body);
+    let run = |total: usize| {
+        let (addr, request) = (server.addr.clone(), request.clone());
+        async move {
+            let per_client = (total / concurrency).max(1);
+            let mut tasks = Vec::new();
+            for _ in 0..concurrency {
+                let (addr, request) = (addr.clone(), request.clone());
+                tasks.push(tokio::task::spawn_local(async move {
+                    let mut stream = TcpStream::connect(&addr).await.expect("connect");
+                    stream.set_nodelay(true).expect("nodelay");
+                    let mut chunk = vec![0u8; 65536];
+                    let mut data = Vec::new();
+                    for _ in 0..per_client {
+                        stream.write_all(&request).await.expect("write");
+                        data.clear();
+                        // The chunked body ends with its empty last chunk.
+                        while !data.ends_with(b"0\r\n\r\n") {
+                            let n = stream.read(&mut chunk).await.expect("read");
+                            assert!(n > 0, "connection closed");
+                            data.extend_from_slice(&chunk[..n]);
+                        }
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.expect("client");
+            }
+            per_client * concurrency
+        }
+    };
+    run(concurrency * 2).await;
+    let cpu0 = cpu_ms(server.child.id());
+    let requests = run(total).await;
+    let cpu = cpu_ms(server.child.id()) - cpu0;
+    cpu * 1000.0 / (requests * SSE_TOKENS) as f64
+}
+
 /// Tokens/s of one long SSE stream, and time to first byte on a reused keep-alive connection.
 async fn streaming(server: &Server) -> (f64, usize, f64, f64) {
     let text: String = "streaming benchmark ".repeat(500);
@@ -296,6 +344,8 @@ fn drive() {
         println!("response body: {} bytes", reference.len());
         let full_result = load(&full, &body, total, concurrency).await;
         let (tok_s, tokens, ttfb50, ttfb99) = streaming(&full).await;
+        let sse_requests = (total / 10).max(concurrency);
+        let per_token_us = sse_cpu_per_token(&full, sse_requests, concurrency).await;
         drop(full);
         let bare = spawn("bare", Some(&reference));
         let bare_result = load(&bare, &body, total, concurrency).await;
@@ -308,6 +358,7 @@ fn drive() {
         }
         println!("throughput ratio full/bare: {:.2} (target >= 0.70)", full_result.rps / bare_result.rps);
         println!("SSE stream: {tokens} tokens at {tok_s:.0} tokens/s (echo, 0 delay)");
+        println!("SSE server CPU per token, engine to socket: {per_token_us:.2} µs ({sse_requests} streams of {SSE_TOKENS} tokens, concurrency {concurrency}; target <= 2)");
         println!("SSE time to first byte on a reused keep-alive connection: p50 {ttfb50:.3} ms, p99 {ttfb99:.3} ms (a Nagle stall would be ~40 ms)");
     });
 }
