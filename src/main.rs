@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use dynamix::cli::{Cli, Command, ModelsCommand};
+use dynamix::cli::{BenchCommand, Cli, Command, ModelsCommand};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -17,6 +17,9 @@ fn main() -> ExitCode {
         }) => return dynamix::models_list(),
         Some(Command::Drill(args)) => return dynamix::drill::main(args),
         Some(Command::Gms(args)) => return dynamix::gms::main(args),
+        Some(Command::Bench {
+            target: BenchCommand::Http(args),
+        }) => return dynamix::bench::main(args),
         Some(Command::Serve(args)) => (args, dynamix::Role::Standalone),
         Some(Command::Frontend(args)) => (args, dynamix::Role::Frontend),
         Some(Command::Worker(args)) => (args, dynamix::Role::Worker),
