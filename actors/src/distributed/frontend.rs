@@ -285,6 +285,7 @@ async fn attach_with(
         pending: Default::default(),
         streams: shared.streams.clone(),
         router: service.router.clone(),
+        progress: service.shared_router.clone(),
         indexer: service.indexer.clone(),
         registry: service.engines.clone(),
         loads,

@@ -17,7 +17,7 @@ use super::{DistributedConfig, Instance, LoadMetrics};
 use crate::engine::registry::{EngineInfo, EngineRegistry};
 use crate::engine::EngineLoad;
 use crate::router::indexer::{KvIndexerActor, RemoveWorker};
-use crate::router::{EngineAdded, EngineRemoved, EngineSlot, KvRouterActor};
+use crate::router::{EngineAdded, EngineRemoved, EngineSlot, KvRouterActor, Router};
 
 /// A worker's last load report.
 pub(super) type LoadCell = Arc<Mutex<Option<LoadMetrics>>>;
@@ -43,6 +43,8 @@ pub struct InstanceManager {
     pub(super) pending: std::collections::HashSet<u64>,
     pub(super) streams: Arc<ResponseStreamServer>,
     pub(super) router: Addr<KvRouterActor>,
+    /// The router's shared state, where remote engines report their requests' progress.
+    pub(super) progress: Arc<Router>,
     pub(super) indexer: Option<Addr<KvIndexerActor>>,
     pub(super) registry: Arc<EngineRegistry>,
     pub(super) loads: Arc<Mutex<HashMap<u64, LoadCell>>>,
@@ -103,7 +105,8 @@ impl InstanceManager {
             self.streams.clone(),
             self.down_tx.clone(),
             load.clone(),
-            Some(self.router.clone().recipient()),
+            // Only the kv policy tracks requests' progress (in-process engines report it only then).
+            self.kv_block_size.map(|_| self.progress.clone()),
         ) {
             Ok(engine) => engine.for_adapter(self.lora.clone()),
             Err(e) => {
@@ -112,6 +115,7 @@ impl InstanceManager {
             }
         };
         let request_plane = engine.request_plane();
+        let direct = engine.starter();
         let addr = engine.start();
         let capacity = instance.capacity.unwrap_or(self.default_capacity).max(1);
         let address = instance.tcp_address().unwrap_or_default();
@@ -119,6 +123,7 @@ impl InstanceManager {
             slot: EngineSlot {
                 id,
                 addr: addr.clone().recipient(),
+                direct: Some(direct),
                 load: load.clone(),
                 capacity,
                 device: address.clone(),

@@ -39,6 +39,8 @@ pub mod worker;
 pub struct Local {
     /// The router: remote engines join and leave it; the worker's endpoint routes through it.
     pub router: actix::Addr<crate::router::KvRouterActor>,
+    /// The router's shared state (remote engines report their requests' progress to it).
+    pub shared_router: std::sync::Arc<crate::router::Router>,
     /// Engines and their live load (`/health`, the load publisher).
     pub engines: std::sync::Arc<crate::engine::registry::EngineRegistry>,
     /// Frontend: the KV index's writer, to purge a worker that left.

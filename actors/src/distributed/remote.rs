@@ -13,7 +13,9 @@
 //! rules as in-process). The instance is then reported down so no new request goes there until it
 //! answers again. A consumer that goes away sends `kill` to the worker, as Dynamo's frontend does.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
 
 use actix::prelude::*;
 use bytes::Bytes;
@@ -27,7 +29,7 @@ use super::wire::response::FinishReasonWire;
 use super::wire::{Instance, PayloadCodec, PreprocessedRequest, StreamItem};
 use crate::codec::messages::{ControlMessage, ResponseStreamPrologue};
 use crate::codec::{MessageKind, TcpRequestMessage, TwoPartMessage};
-use crate::engine::{Generate, RequestProgress, RequestStage};
+use crate::engine::{Generate, RequestProgress, RequestStage, StartHere};
 use crate::error::{ApiError, ErrorClass};
 use crate::protocol::engine::EngineEvent;
 
@@ -39,7 +41,7 @@ const POOL_SIZE: usize = 100;
 pub use dynamix_wire::client::ClientSettings as RemoteSettings;
 use dynamix_wire::client::{envelope, Connection};
 use dynamix_wire::mux::client::{Event, MuxPeer, MuxStream};
-use dynamix_wire::mux::MuxRequest;
+use dynamix_wire::mux::{MuxRequest, MuxSettings};
 
 /// What the requests of one instance share.
 struct Shared {
@@ -58,14 +60,17 @@ struct Shared {
     pool: Mutex<Vec<Connection>>,
     /// The worker's multiplexed request plane, when it serves one and the frontend uses it;
     /// otherwise each request is a Dynamo frame and a call-home stream.
-    mux: Option<MuxPeer>,
+    mux: Option<MuxSettings>,
+    /// Its connections, per thread that starts requests: a serving thread drives its own, so a
+    /// request and its stream never cross threads in the frontend. Dropped with the engine.
+    peers: Mutex<HashMap<ThreadId, Arc<MuxPeer>>>,
     /// Where "this instance looks dead" goes (the frontend's instance manager).
     down: mpsc::UnboundedSender<u64>,
     /// The router's view of its load; tokens received are counted here.
     load: Arc<crate::engine::EngineLoad>,
     /// The router's load tracking: first output and end of each request, as a local engine
     /// reports them (without it, finished requests would count as running forever).
-    progress: Option<Recipient<RequestProgress>>,
+    progress: Option<Arc<crate::router::Router>>,
 }
 
 /// The frontend's face of one worker instance.
@@ -82,22 +87,11 @@ impl RemoteEngine {
         streams: Arc<ResponseStreamServer>,
         down: mpsc::UnboundedSender<u64>,
         load: Arc<crate::engine::EngineLoad>,
-        progress: Option<Recipient<RequestProgress>>,
+        progress: Option<Arc<crate::router::Router>>,
     ) -> Result<Self, InstanceError> {
         instance.check()?;
         let TcpTarget { address, path } = instance.tcp_target()?;
-        let mux = settings
-            .mux
-            .clone()
-            .filter(|_| instance.speaks_mux())
-            .map(|mux| {
-                MuxPeer::new(
-                    &address,
-                    mux,
-                    settings.connect_timeout,
-                    settings.max_message_size,
-                )
-            });
+        let mux = settings.mux.clone().filter(|_| instance.speaks_mux());
         Ok(RemoteEngine {
             shared: Arc::new(Shared {
                 instance_id: instance.instance_id,
@@ -110,6 +104,7 @@ impl RemoteEngine {
                 streams,
                 pool: Mutex::new(Vec::new()),
                 mux,
+                peers: Mutex::default(),
                 down,
                 load,
                 progress,
@@ -124,6 +119,12 @@ impl RemoteEngine {
         } else {
             "dynamo"
         }
+    }
+
+    /// What starts requests on the routing thread ([`StartHere`]): on the multiplexed plane, each
+    /// serving thread runs its requests on connections of its own.
+    pub fn starter(&self) -> Arc<dyn StartHere> {
+        Arc::new(StartRemote(self.shared.clone()))
     }
 
     /// Every request names LoRA adapter `lora` (`routing.lora_name`), when it is given.
@@ -149,25 +150,59 @@ impl Handler<Generate> for RemoteEngine {
     type Result = ();
 
     fn handle(&mut self, msg: Generate, _ctx: &mut Self::Context) {
-        let shared = self.shared.clone();
-        actix::spawn(async move {
-            let Generate {
-                request,
-                output,
-                admission,
-            } = msg;
-            let id = request.request_id.clone();
-            run(&shared, request, &output).await;
-            drop(admission);
-            shared.report(&id, RequestStage::Finished);
-        });
+        start(self.shared.clone(), msg);
     }
 }
 
+/// Starts a remote engine's requests on the thread that routes them.
+struct StartRemote(Arc<Shared>);
+
+impl StartHere for StartRemote {
+    fn start_here(&self, msg: Generate) -> Result<(), Generate> {
+        // Dynamo's plane keeps pooled connections and one call-home server, driven by the actor's
+        // thread; only the multiplexed plane has connections per thread.
+        if self.0.mux.is_none() || actix_rt::Arbiter::try_current().is_none() {
+            return Err(msg);
+        }
+        start(self.0.clone(), msg);
+        Ok(())
+    }
+}
+
+/// Run `msg` on this thread until its stream ends.
+fn start(shared: Arc<Shared>, msg: Generate) {
+    actix::spawn(async move {
+        let Generate {
+            request,
+            output,
+            admission,
+        } = msg;
+        let id = request.request_id.clone();
+        run(&shared, request, &output).await;
+        drop(admission);
+        shared.report(&id, RequestStage::Finished);
+    });
+}
+
 impl Shared {
+    /// This thread's connections to the worker's multiplexed plane (`None` on Dynamo's plane).
+    fn peer_here(&self) -> Option<Arc<MuxPeer>> {
+        let settings = self.mux.as_ref()?;
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let peer = peers.entry(std::thread::current().id()).or_insert_with(|| {
+            Arc::new(MuxPeer::new(
+                &self.address,
+                settings.clone(),
+                self.settings.connect_timeout,
+                self.settings.max_message_size,
+            ))
+        });
+        Some(peer.clone())
+    }
+
     fn report(&self, request_id: &str, stage: RequestStage) {
         if let Some(progress) = &self.progress {
-            progress.do_send(RequestProgress {
+            progress.progress(&RequestProgress {
                 engine_id: self.instance_id,
                 request_id: request_id.to_string(),
                 stage,
@@ -196,8 +231,8 @@ async fn run(
     // The instance id pins to this worker; inside it, its own router picks the engine.
     request.pinned_engine = None;
     let id = request.request_id.clone();
-    let opened = match &shared.mux {
-        Some(peer) => open_mux(shared, peer, &request).await,
+    let opened = match shared.peer_here() {
+        Some(peer) => open_mux(shared, &peer, &request).await,
         None => open_call_home(shared, &request).await,
     };
     let source = match opened {
@@ -556,6 +591,7 @@ fn control(message: ControlMessage) -> TwoPartMessage {
 mod tests {
     use super::*;
     use crate::codec::{TcpRequestCodec, TcpResponseCodec};
+    use dynamix_wire::mux::MuxSettings;
     use std::time::Duration;
     use tokio_util::codec::{FramedRead, FramedWrite};
 
@@ -596,6 +632,7 @@ mod tests {
                 .unwrap(),
             pool: Mutex::new(Vec::new()),
             mux: None,
+            peers: Mutex::default(),
             down,
             load: Default::default(),
             progress: None,
@@ -609,5 +646,151 @@ mod tests {
             send_request(&shared, frame.clone()).await.unwrap();
         }
         assert!(reports.try_recv().is_err(), "no down report");
+    }
+
+    fn generate(id: &str) -> (Generate, mpsc::Receiver<EngineEvent>) {
+        let (output, events) = mpsc::channel(4);
+        let load = Arc::new(crate::engine::EngineLoad::default());
+        let request = crate::protocol::engine::EngineRequest {
+            request_id: id.into(),
+            model: "m".into(),
+            token_ids: vec![1, 2, 3],
+            echo_text: "hi".into(),
+            sampling: Default::default(),
+            stop: Default::default(),
+            pinned_engine: None,
+            resumed_outputs: 0,
+        };
+        let admission = load.try_admit(4).expect("a free slot");
+        let msg = Generate {
+            request,
+            output,
+            admission,
+        };
+        (msg, events)
+    }
+
+    fn shared_at(
+        address: String,
+        mux: Option<MuxSettings>,
+        streams: Arc<ResponseStreamServer>,
+    ) -> Shared {
+        let (down, _) = mpsc::unbounded_channel();
+        Shared {
+            instance_id: 2,
+            address,
+            path: "2/ns/backend/generate".into(),
+            codec: PayloadCodec::Json,
+            dynamix: true,
+            lora: None,
+            settings: RemoteSettings {
+                request_timeout: Duration::from_secs(5),
+                connect_timeout: Duration::from_secs(5),
+                max_message_size: 1 << 20,
+                mux: mux.clone(),
+            },
+            streams,
+            pool: Mutex::new(Vec::new()),
+            mux,
+            peers: Mutex::default(),
+            down,
+            load: Default::default(),
+            progress: None,
+        }
+    }
+
+    /// The frontend's serving threads each start their requests on connections of their own, so a
+    /// request and its stream stay on the thread that routed it; a thread that is not an arbiter,
+    /// and Dynamo's plane, hand the request back to go through the actor.
+    #[test]
+    fn each_serving_thread_starts_its_requests_on_its_own_connections() {
+        use dynamix_wire::mux::PREFACE;
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let (accepted, connections) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let mut stream = stream.unwrap();
+                let mut preface = [0u8; 8];
+                stream.read_exact(&mut preface).unwrap();
+                stream.write_all(PREFACE).unwrap();
+                // Kept open, unanswered: the requests stay in flight.
+                let _ = accepted.send(stream);
+            }
+        });
+        let mux = MuxSettings {
+            connections: 1,
+            ..Default::default()
+        };
+        // Dynamo's plane's call-home server; not reached here.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let streams = runtime
+            .block_on(ResponseStreamServer::bind("127.0.0.1", 0, 1 << 20))
+            .unwrap();
+        let starter = Arc::new(StartRemote(Arc::new(shared_at(
+            address.clone(),
+            Some(mux),
+            streams.clone(),
+        ))));
+
+        let plain = starter.clone();
+        let handed_back = std::thread::spawn(move || {
+            let (msg, _events) = generate("not-on-an-arbiter");
+            plain.start_here(msg).is_err()
+        });
+        assert!(
+            handed_back.join().unwrap(),
+            "a plain thread has no arbiter to run the request on"
+        );
+        // Arbiters belong to a system; this thread's is not one of the serving threads below.
+        let _system = actix_rt::System::new();
+        let dynamo = StartRemote(Arc::new(shared_at(address, None, streams)));
+        let arbiter = actix_rt::Arbiter::new();
+        let (handed_back, on_arbiter) = std::sync::mpsc::channel();
+        arbiter.spawn(async move {
+            let (msg, _events) = generate("dynamo-plane");
+            let _ = handed_back.send(dynamo.start_here(msg).is_err());
+        });
+        assert!(
+            on_arbiter.recv_timeout(Duration::from_secs(5)).unwrap(),
+            "Dynamo's plane goes through the actor"
+        );
+
+        let arbiters = [actix_rt::Arbiter::new(), actix_rt::Arbiter::new()];
+        let mut keep = Vec::new();
+        for (n, arbiter) in arbiters.iter().enumerate() {
+            for k in 0..3 {
+                let starter = starter.clone();
+                let (started, done) = std::sync::mpsc::channel();
+                arbiter.spawn(async move {
+                    let (msg, events) = generate(&format!("r{n}-{k}"));
+                    let _ = started.send(starter.start_here(msg).is_ok());
+                    // The consumer stays: the stream is not cancelled.
+                    std::future::pending::<()>().await;
+                    drop(events);
+                });
+                assert!(done.recv_timeout(Duration::from_secs(5)).unwrap());
+            }
+        }
+        for _ in 0..2 {
+            keep.push(
+                connections
+                    .recv_timeout(Duration::from_secs(5))
+                    .expect("a connection per arbiter"),
+            );
+        }
+        assert!(
+            connections.recv_timeout(Duration::from_millis(300)).is_err(),
+            "three requests per arbiter share that arbiter's one connection"
+        );
+        assert_eq!(starter.0.peers.lock().unwrap().len(), 2);
+        for arbiter in arbiters {
+            arbiter.stop();
+        }
+        arbiter.stop();
     }
 }

@@ -35,6 +35,15 @@ pub struct Generate {
     pub admission: AdmissionSlot,
 }
 
+/// An engine that can start a request on the thread that routes it, without a mailbox hop: the
+/// frontend's remote engines, whose work is request-plane I/O that any serving thread can drive on
+/// its own connections. Every other engine has an actor and a thread of its own.
+pub trait StartHere: Send + Sync {
+    /// Start `msg` on the calling thread, or hand it back when that thread cannot run it (it is not
+    /// an actix arbiter); the router then sends it to the engine's mailbox.
+    fn start_here(&self, msg: Generate) -> Result<(), Generate>;
+}
+
 /// The 529 error for an engine whose admission slots are all taken, naming the engine.
 pub fn overloaded(id: u64, device: &str, capacity: usize) -> ApiError {
     ApiError::overloaded(json!({
@@ -46,7 +55,7 @@ pub fn overloaded(id: u64, device: &str, capacity: usize) -> ApiError {
 
 /// Who an [`EngineActor`] reports to, set once the router exists (the router is started after the
 /// engines, which it routes to).
-pub type ProgressSink = Arc<std::sync::OnceLock<Recipient<RequestProgress>>>;
+pub type ProgressSink = Arc<std::sync::OnceLock<Arc<crate::router::Router>>>;
 
 /// One engine on one device, supervised: a panic while generating stops the actor and its supervisor
 /// restarts it with a freshly built engine (fresh KV state) on the same thread and mailbox. Every
@@ -201,7 +210,7 @@ impl Handler<Generate> for EngineActor {
                 request_id: request_id.clone(),
                 stage: RequestStage::FirstToken,
             };
-            sink = sink.on_first_output(move || progress.do_send(first));
+            sink = sink.on_first_output(move || progress.progress(&first));
         }
         // A panic inside an engine — building the request's future or running it — is a fault to
         // supervise: the actor stops and restarts (see `fault`).
@@ -219,7 +228,7 @@ impl Handler<Generate> for EngineActor {
             actix::fut::wrap_future::<_, Self>(run).map(move |result, act, ctx| {
                 drop(admission);
                 if let Some(progress) = act.progress.get() {
-                    progress.do_send(RequestProgress {
+                    progress.progress(&RequestProgress {
                         engine_id: act.id,
                         request_id,
                         stage: RequestStage::Finished,

@@ -21,7 +21,7 @@ use futures_util::future::LocalBoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-pub use actor::{overloaded, EngineActor, Generate, ProgressSink, ResyncKv};
+pub use actor::{overloaded, EngineActor, Generate, ProgressSink, ResyncKv, StartHere};
 pub use mocker::{MockerConfig, MockerLoad};
 pub use model::{LlamaModel, ModelEngineConfig, ModelLoad};
 
@@ -197,9 +197,8 @@ pub enum RequestStage {
     Finished,
 }
 
-/// Sent by an [`EngineActor`] to whoever tracks load (the router) as its requests progress.
-#[derive(actix::Message, Clone, Debug)]
-#[rtype(result = "()")]
+/// What an engine reports to whoever tracks load (the router) as its requests progress.
+#[derive(Clone, Debug)]
 pub struct RequestProgress {
     /// The engine's instance id.
     pub engine_id: u64,

@@ -480,6 +480,7 @@ mod tests {
         let slot = EngineSlot {
             id: 7,
             addr: Idle.start().recipient(),
+            direct: None,
             load: Arc::new(EngineLoad::default()),
             capacity: 4,
             device: "cpu:0".into(),

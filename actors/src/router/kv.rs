@@ -278,6 +278,7 @@ mod tests {
             .map(|id| EngineSlot {
                 id,
                 addr: addr.clone(),
+                direct: None,
                 load: Arc::new(EngineLoad::default()),
                 capacity: 1024,
                 device: format!("sim:{id}"),

@@ -17,7 +17,7 @@ use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::engine::{overloaded, EngineLoad, Generate, RequestProgress};
+use crate::engine::{overloaded, EngineLoad, Generate, RequestProgress, StartHere};
 use crate::error::{ApiError, ErrorClass};
 use crate::faults::FaultInjector;
 use crate::protocol::engine::{EngineEvent, EngineRequest};
@@ -106,6 +106,8 @@ pub struct EngineSlot {
     pub id: u64,
     /// Where to send work.
     pub addr: Recipient<Generate>,
+    /// Starts work on the routing thread instead, when the engine can ([`StartHere`]).
+    pub direct: Option<Arc<dyn StartHere>>,
     /// Live load, read without a mailbox hop; admission slots are reserved here.
     pub load: Arc<EngineLoad>,
     /// Requests the engine admits at once (`engine.admission_capacity`).
@@ -189,11 +191,19 @@ impl Router {
         }
     }
 
-    /// A request admitted on an engine reached `stage` (load tracking).
+    /// A request admitted on an engine reached `stage` (load tracking). Called on the reporting
+    /// engine's thread rather than queued on the actor: a message per stage woke the router's
+    /// thread twice per request. Supervised as routing is: a panic restarts the router.
     pub fn progress(&self, msg: &RequestProgress) {
-        self.lock()
-            .policy
-            .progress(msg.engine_id, &msg.request_id, msg.stage);
+        let mut selection = self.lock();
+        if let Err(reason) = catch_panic(|| {
+            selection
+                .policy
+                .progress(msg.engine_id, &msg.request_id, msg.stage)
+        }) {
+            tracing::error!(%reason, "router panicked while tracking a request's progress");
+            let _ = selection.failed(reason);
+        }
     }
 }
 
@@ -323,14 +333,6 @@ impl Handler<EngineAdded> for KvRouterActor {
     }
 }
 
-impl Handler<RequestProgress> for KvRouterActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: RequestProgress, _ctx: &mut Self::Context) {
-        self.router.progress(&msg);
-    }
-}
-
 impl Actor for KvRouterActor {
     type Context = Context<Self>;
 
@@ -396,7 +398,13 @@ impl Selection {
                     admission,
                 },
             };
-            match slot.addr.try_send(generate) {
+            let sent = match &slot.direct {
+                Some(direct) => direct
+                    .start_here(generate)
+                    .or_else(|returned| slot.addr.try_send(returned)),
+                None => slot.addr.try_send(generate),
+            };
+            match sent {
                 Ok(()) => {
                     let cached_tokens = self.policy.admitted(slot, &request.request_id);
                     return Ok(Routed {

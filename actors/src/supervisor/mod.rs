@@ -380,6 +380,7 @@ impl RunningService {
     pub fn local(&mut self) -> crate::distributed::Local {
         crate::distributed::Local {
             router: self.gateway.router.clone(),
+            shared_router: self.gateway.migrator.router.clone(),
             engines: self.engines.clone(),
             indexer: self.indexer.clone(),
             kv_events_in: self.kv_events_in.clone(),

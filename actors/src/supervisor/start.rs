@@ -121,6 +121,10 @@ impl Startup {
             .ok_or_else(|| out_of_order("the router"))?;
         let local = crate::distributed::Local {
             router,
+            shared_router: self
+                .shared_router
+                .clone()
+                .ok_or_else(|| out_of_order("the router"))?,
             engines: self.registry.clone(),
             indexer: self.indexer.clone(),
             kv_events_in: match self.config.remote_engines {
@@ -211,6 +215,7 @@ impl Startup {
             self.slots.push(EngineSlot {
                 id,
                 addr: addr.clone().recipient(),
+                direct: None,
                 load: load.clone(),
                 capacity: config.engine.admission_capacity,
                 device: device.clone(),
@@ -260,9 +265,10 @@ impl Startup {
                 self.faults.clone(),
             );
         self.shared_router = Some(actor.router());
+        let actor_router = actor.router();
         let router = actix::Supervisor::start(move |_| actor);
         if self.config.router.mode == RouterMode::Kv {
-            let _ = self.progress.set(router.clone().recipient());
+            let _ = self.progress.set(actor_router);
         }
         self.router = Some(router);
         // Stops when the last address goes (the serving path holds them).
