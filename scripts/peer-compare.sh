@@ -10,6 +10,9 @@
 # with start_dynamo.sh unless its frontend already runs, and stopped again if this script started it.
 # Env: passed on to compare.sh (MODES, REPS, DURATION, CONC, CLIENT), PLANE (the frontend's
 # distributed.request_plane_protocol for the split run: mux | dynamo; default mux), DYNAMIX_BIN.
+# CLIENT=dynamix drives both servers with `dynamix bench http` instead of load.py (same flags, same
+# JSON keys, a fraction of load.py's CPU per request): on 2 cores load.py itself needs 0.25 ms of its
+# one core per new-connection request, which caps what it can measure.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PEER="${PEER_BENCH:-$ROOT/../shared/peer_bench}"
@@ -73,6 +76,22 @@ DYN_MOCKER__SPEEDUP_RATIO=100 "$BIN" worker --config "$ROOT/configs/worker.toml"
 exec "$BIN" frontend --config "$ROOT/configs/frontend.toml" --http-host 127.0.0.1 --http-port "\$1"
 EOF
 chmod +x "$WORK/split.sh"
+
+if [ "${CLIENT:-raw}" = dynamix ]; then
+  # compare.sh runs "$PYTHON load.py URL MODEL FLAGS" per run and "$PYTHON - FILE ..." for its table.
+  cat >"$WORK/client.sh" <<EOF
+#!/usr/bin/env bash
+[ "\$1" = - ] && exec python3 "\$@"
+shift; url="\$1"; model="\$2"; shift 2; label=""; args=()
+while [ \$# -gt 0 ]; do
+  case "\$1" in --label) label="\$2"; shift 2 ;; --client) shift 2 ;; *) args+=("\$1"); shift ;; esac
+done
+"$BIN" bench http --url "\$url" --model "\$model" --tokenizer none --json "\${args[@]}" 2>/dev/null |
+  python3 -c 'import json, sys; r = json.loads(sys.stdin.read()); r["label"] = sys.argv[1]; print(json.dumps(r))' "\$label"
+EOF
+  chmod +x "$WORK/client.sh"
+  export PYTHON="$WORK/client.sh"
+fi
 
 for run in ${RUNS[*]}; do
   case "$run" in

@@ -128,7 +128,8 @@ pub struct DistributedConfig {
     /// workers): `mux` (streams on a few long-lived connections per worker) or `dynamo` (Dynamo's
     /// frame and a call-home connection per request, as Dynamo's own workers always get).
     pub request_plane_protocol: RequestPlaneProtocol,
-    /// Frontend: long-lived connections kept to each worker (`mux`).
+    /// Frontend: long-lived connections each serving (HTTP worker) thread keeps to each worker
+    /// (`mux`); a thread runs its requests on its own connections.
     pub mux_connections: usize,
     /// Frontend: items one stream may have in flight before its consumer takes them (`mux`); a
     /// slow client stalls its own stream, never the connection.
@@ -171,7 +172,7 @@ impl Default for DistributedConfig {
             system_port: None,
             system_host: None,
             request_plane_protocol: RequestPlaneProtocol::Mux,
-            mux_connections: 2,
+            mux_connections: 1,
             mux_window: 64,
             mux_heartbeat_ms: 1000,
             mux_dead_after_ms: 5000,
