@@ -158,14 +158,14 @@ impl Handler<Generate> for RemoteEngine {
 struct StartRemote(Arc<Shared>);
 
 impl StartHere for StartRemote {
-    fn start_here(&self, msg: Generate) -> Result<(), Generate> {
+    fn can_start_here(&self) -> bool {
         // Dynamo's plane keeps pooled connections and one call-home server, driven by the actor's
         // thread; only the multiplexed plane has connections per thread.
-        if self.0.mux.is_none() || actix_rt::Arbiter::try_current().is_none() {
-            return Err(msg);
-        }
+        self.0.mux.is_some() && actix_rt::Arbiter::try_current().is_some()
+    }
+
+    fn start_here(&self, msg: Generate) {
         start(self.0.clone(), msg);
-        Ok(())
     }
 }
 
@@ -613,30 +613,10 @@ mod tests {
                 }
             }
         });
-        let (down, mut reports) = mpsc::unbounded_channel();
-        let shared = Shared {
-            instance_id: 1,
-            address,
-            path: "1/ns/backend/generate".into(),
-            codec: PayloadCodec::Json,
-            dynamix: true,
-            lora: None,
-            settings: RemoteSettings {
-                request_timeout: Duration::from_secs(5),
-                connect_timeout: Duration::from_secs(5),
-                max_message_size: 1 << 20,
-                mux: None,
-            },
-            streams: ResponseStreamServer::bind("127.0.0.1", 0, 1 << 20)
-                .await
-                .unwrap(),
-            pool: Mutex::new(Vec::new()),
-            mux: None,
-            peers: Mutex::default(),
-            down,
-            load: Default::default(),
-            progress: None,
-        };
+        let streams = ResponseStreamServer::bind("127.0.0.1", 0, 1 << 20)
+            .await
+            .unwrap();
+        let (shared, mut reports) = shared_at(address, None, streams);
         let frame = TcpRequestMessage {
             endpoint_path: "1/ns/backend/generate".into(),
             headers: Default::default(),
@@ -651,16 +631,7 @@ mod tests {
     fn generate(id: &str) -> (Generate, mpsc::Receiver<EngineEvent>) {
         let (output, events) = mpsc::channel(4);
         let load = Arc::new(crate::engine::EngineLoad::default());
-        let request = crate::protocol::engine::EngineRequest {
-            request_id: id.into(),
-            model: "m".into(),
-            token_ids: vec![1, 2, 3],
-            echo_text: "hi".into(),
-            sampling: Default::default(),
-            stop: Default::default(),
-            pinned_engine: None,
-            resumed_outputs: 0,
-        };
+        let request = crate::distributed::request_plane::tests::request(id);
         let admission = load.try_admit(4).expect("a free slot");
         let msg = Generate {
             request,
@@ -670,13 +641,14 @@ mod tests {
         (msg, events)
     }
 
+    /// A remote engine's state for a worker at `address`; the receiver gets its "down" reports.
     fn shared_at(
         address: String,
         mux: Option<MuxSettings>,
         streams: Arc<ResponseStreamServer>,
-    ) -> Shared {
-        let (down, _) = mpsc::unbounded_channel();
-        Shared {
+    ) -> (Shared, mpsc::UnboundedReceiver<u64>) {
+        let (down, reports) = mpsc::unbounded_channel();
+        let shared = Shared {
             instance_id: 2,
             address,
             path: "2/ns/backend/generate".into(),
@@ -696,7 +668,8 @@ mod tests {
             down,
             load: Default::default(),
             progress: None,
-        }
+        };
+        (shared, reports)
     }
 
     /// The frontend's serving threads each start their requests on connections of their own, so a
@@ -731,29 +704,23 @@ mod tests {
         let streams = runtime
             .block_on(ResponseStreamServer::bind("127.0.0.1", 0, 1 << 20))
             .unwrap();
-        let starter = Arc::new(StartRemote(Arc::new(shared_at(
-            address.clone(),
-            Some(mux),
-            streams.clone(),
-        ))));
+        let (shared, _reports) = shared_at(address.clone(), Some(mux), streams.clone());
+        let starter = Arc::new(StartRemote(Arc::new(shared)));
 
         let plain = starter.clone();
-        let handed_back = std::thread::spawn(move || {
-            let (msg, _events) = generate("not-on-an-arbiter");
-            plain.start_here(msg).is_err()
-        });
+        let handed_back = std::thread::spawn(move || !plain.can_start_here());
         assert!(
             handed_back.join().unwrap(),
             "a plain thread has no arbiter to run the request on"
         );
         // Arbiters belong to a system; this thread's is not one of the serving threads below.
         let _system = actix_rt::System::new();
-        let dynamo = StartRemote(Arc::new(shared_at(address, None, streams)));
+        let (shared, _reports) = shared_at(address, None, streams);
+        let dynamo = StartRemote(Arc::new(shared));
         let arbiter = actix_rt::Arbiter::new();
         let (handed_back, on_arbiter) = std::sync::mpsc::channel();
         arbiter.spawn(async move {
-            let (msg, _events) = generate("dynamo-plane");
-            let _ = handed_back.send(dynamo.start_here(msg).is_err());
+            let _ = handed_back.send(!dynamo.can_start_here());
         });
         assert!(
             on_arbiter.recv_timeout(Duration::from_secs(5)).unwrap(),
@@ -768,7 +735,8 @@ mod tests {
                 let (started, done) = std::sync::mpsc::channel();
                 arbiter.spawn(async move {
                     let (msg, events) = generate(&format!("r{n}-{k}"));
-                    let _ = started.send(starter.start_here(msg).is_ok());
+                    let _ = started.send(starter.can_start_here());
+                    starter.start_here(msg);
                     // The consumer stays: the stream is not cancelled.
                     std::future::pending::<()>().await;
                     drop(events);
@@ -784,7 +752,9 @@ mod tests {
             );
         }
         assert!(
-            connections.recv_timeout(Duration::from_millis(300)).is_err(),
+            connections
+                .recv_timeout(Duration::from_millis(300))
+                .is_err(),
             "three requests per arbiter share that arbiter's one connection"
         );
         assert_eq!(starter.0.peers.lock().unwrap().len(), 2);

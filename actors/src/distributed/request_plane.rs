@@ -343,7 +343,7 @@ impl Usage {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::codec::messages::{
         ConnectionInfo, RequestControlMessage, RequestType, ResponseType, StreamType,
@@ -362,9 +362,10 @@ mod tests {
         engine_request(&accepted.id, body).map_err(|e| e.message)
     }
 
-    fn request() -> EngineRequest {
+    /// A small tokenized request named `id` (also the remote engine's tests').
+    pub(crate) fn request(id: &str) -> EngineRequest {
         EngineRequest {
-            request_id: "req-1".into(),
+            request_id: id.into(),
             model: "m".into(),
             token_ids: vec![1, 2, 3],
             echo_text: "hi".into(),
@@ -404,7 +405,7 @@ mod tests {
 
     #[test]
     fn well_formed_envelopes_are_accepted_in_both_codecs() {
-        let wire = PreprocessedRequest::from_engine_request(&request(), true);
+        let wire = PreprocessedRequest::from_engine_request(&request("req-1"), true);
         for (name, codec) in [
             (None, PayloadCodec::Json),
             (Some("msgpack"), PayloadCodec::Msgpack),
@@ -414,14 +415,17 @@ mod tests {
             let accepted = accept(&payload).unwrap();
             assert_eq!(accepted.info.subject, "s");
             assert_eq!(accepted.codec, codec);
-            assert_eq!(served(&payload).unwrap(), request());
+            assert_eq!(served(&payload).unwrap(), request("req-1"));
         }
     }
 
     #[test]
     fn envelopes_without_a_call_home_address_are_refused_with_the_reason() {
-        let body = serde_json::to_vec(&PreprocessedRequest::from_engine_request(&request(), true))
-            .unwrap();
+        let body = serde_json::to_vec(&PreprocessedRequest::from_engine_request(
+            &request("req-1"),
+            true,
+        ))
+        .unwrap();
         let cases: Vec<(Bytes, &str)> = vec![
             (Bytes::from_static(b"junk"), "request envelope"),
             (

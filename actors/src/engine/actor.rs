@@ -39,9 +39,12 @@ pub struct Generate {
 /// frontend's remote engines, whose work is request-plane I/O that any serving thread can drive on
 /// its own connections. Every other engine has an actor and a thread of its own.
 pub trait StartHere: Send + Sync {
-    /// Start `msg` on the calling thread, or hand it back when that thread cannot run it (it is not
-    /// an actix arbiter); the router then sends it to the engine's mailbox.
-    fn start_here(&self, msg: Generate) -> Result<(), Generate>;
+    /// Whether the calling thread can run a request of this engine (it is an actix arbiter, and
+    /// the engine's transport has per-thread connections); if not, the router sends the request
+    /// to the engine's mailbox.
+    fn can_start_here(&self) -> bool;
+    /// Start `msg` on the calling thread (after [`StartHere::can_start_here`] said it can).
+    fn start_here(&self, msg: Generate);
 }
 
 /// The 529 error for an engine whose admission slots are all taken, naming the engine.

@@ -399,10 +399,11 @@ impl Selection {
                 },
             };
             let sent = match &slot.direct {
-                Some(direct) => direct
-                    .start_here(generate)
-                    .or_else(|returned| slot.addr.try_send(returned)),
-                None => slot.addr.try_send(generate),
+                Some(direct) if direct.can_start_here() => {
+                    direct.start_here(generate);
+                    Ok(())
+                }
+                _ => slot.addr.try_send(generate),
             };
             match sent {
                 Ok(()) => {

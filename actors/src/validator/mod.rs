@@ -285,7 +285,7 @@ impl Validator {
             }
             match job {
                 Job::Chat(input, context) => self.chat(input, context),
-                Job::Completion(body, context) => self.completion(&body, context),
+                Job::Completion(body, context) => self.completion(body, context),
             }
         })
     }
@@ -371,7 +371,7 @@ impl Validator {
             }
             ChatInput::Parsed(req) => &**req,
         };
-        rules::chat(&req)?;
+        rules::chat(req)?;
         self.check_unknown(&req.unknown)?;
         self.check_model(&req.model)?;
         let nvext = req.ext.nvext.clone().unwrap_or_default();

@@ -543,7 +543,7 @@ impl Scheduler {
         self.hit_rates.push_back(rate);
         self.hit_rate_sum += rate;
         self.admissions += 1;
-        if self.admissions % HIT_RATE_WINDOW as u64 == 0 {
+        if self.admissions.is_multiple_of(HIT_RATE_WINDOW as u64) {
             self.hit_rate_sum = self.hit_rates.iter().sum();
         }
         self.admitted_prompt_tokens += seq.tokens.len() as u64;
