@@ -82,12 +82,24 @@ if [ "${CLIENT:-raw}" = dynamix ]; then
   cat >"$WORK/client.sh" <<EOF
 #!/usr/bin/env bash
 [ "\$1" = - ] && exec python3 "\$@"
-shift; url="\$1"; model="\$2"; shift 2; label=""; args=()
+shift; url="\$1"; model="\$2"; shift 2; label=""; args=(); pids=()
 while [ \$# -gt 0 ]; do
-  case "\$1" in --label) label="\$2"; shift 2 ;; --client) shift 2 ;; *) args+=("\$1"); shift ;; esac
+  case "\$1" in
+    --label) label="\$2"; shift 2 ;;
+    --client) shift 2 ;;
+    --pid) pids+=("\$2"); args+=("\$1" "\$2"); shift 2 ;;
+    *) args+=("\$1"); shift ;;
+  esac
 done
 "$BIN" bench http --url "\$url" --model "\$model" --tokenizer none --json "\${args[@]}" 2>/dev/null |
-  python3 -c 'import json, sys; r = json.loads(sys.stdin.read()); r["label"] = sys.argv[1]; print(json.dumps(r))' "\$label"
+  python3 -c '
+import json, sys
+r = json.loads(sys.stdin.read())
+r["label"] = sys.argv[1]
+# compare.sh reads the first pid as the server (bench http sorts them): keep the --pid order.
+by = r.get("cpu_ms_per_req_by_pid") or {}
+r["cpu_ms_per_req_by_pid"] = {p: by[p] for p in sys.argv[2:] if p in by}
+print(json.dumps(r))' "\$label" "\${pids[@]}"
 EOF
   chmod +x "$WORK/client.sh"
   export PYTHON="$WORK/client.sh"
