@@ -5,6 +5,13 @@
 //! 16-block system prompts, then measures in steady state: each churn cycle evicts the last 16 blocks of
 //! one (prompt, worker) and stores them again, so the index stays at the same size. Queries are 16–64
 //! blocks of a known prompt, a quarter of them diverging part-way. Prints numbers; asserts nothing.
+//!
+//! Then (e) the size of the goal: 64 workers and about 1M distinct cached blocks (tree nodes) in
+//! total, from 32–128-block prompts that open with one of 256 shared 16-block system prompts, each prompt
+//! on one worker and one in four on a second. It prints the memory per cached block (the process's RSS
+//! before and after the build, and the index's own count of its heap bytes), per-call `find_matches`
+//! latency for 32–128-block queries, and the same 80/20 mix at that size. `KV_INDEX_LARGE_BLOCKS` sets
+//! the target (default 1000000).
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -113,6 +120,18 @@ fn churn_cycle(worker: WorkerId, prompt: &Prompt, per_event: usize) -> Vec<Route
     let mut events = removals(worker, prompt, tail.clone(), per_event);
     events.extend(stores(worker, prompt, tail, per_event));
     events
+}
+
+/// The process's resident set in bytes (`VmRSS`), 0 where /proc is missing.
+fn resident_bytes() -> usize {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+            let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(0)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -379,5 +398,164 @@ fn main() {
         "final: {} blocks, {} workers",
         shared.block_count(),
         shared.workers().len()
+    );
+
+    large(&mut rng);
+}
+
+/// (e): 64 workers × about 1M distinct blocks; memory per block, lookup latency, the 80/20 mix.
+fn large(rng: &mut SplitMix) {
+    const LARGE_WORKERS: u64 = 64;
+    const LARGE_SYSTEM_PROMPTS: usize = 256;
+    const SHORTEST: usize = 32;
+    const LONGEST: usize = 128;
+    let target: usize = std::env::var("KV_INDEX_LARGE_BLOCKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+
+    let systems: Vec<Vec<LocalBlockHash>> = (0..LARGE_SYSTEM_PROMPTS)
+        .map(|_| (0..SYSTEM_BLOCKS).map(|_| rng.next()).collect())
+        .collect();
+    let mut prompts: Vec<Prompt> = Vec::new();
+    let mut distinct = LARGE_SYSTEM_PROMPTS * SYSTEM_BLOCKS;
+    while distinct < target {
+        let length = SHORTEST + rng.below(LONGEST - SHORTEST + 1);
+        let mut locals = systems[prompts.len() % LARGE_SYSTEM_PROMPTS].clone();
+        locals.extend((SYSTEM_BLOCKS..length).map(|_| rng.next()));
+        distinct += length - SYSTEM_BLOCKS;
+        let hashes = sequence_hashes(&locals);
+        prompts.push(Prompt { locals, hashes });
+    }
+    let placements: Vec<(WorkerId, usize)> = (0..prompts.len())
+        .flat_map(|i| {
+            let first = (i as u64) % LARGE_WORKERS;
+            let second = (i % 4 == 0).then_some((first + 17) % LARGE_WORKERS);
+            std::iter::once((first, i)).chain(second.map(|w| (w, i)))
+        })
+        .collect();
+    let build: Vec<RouterEvent> = placements
+        .iter()
+        .flat_map(|&(worker, i)| stores(worker, &prompts[i], 0..prompts[i].locals.len(), 16))
+        .collect();
+
+    let before = resident_bytes();
+    let mut index = KvIndex::new();
+    let started = Instant::now();
+    for e in &build {
+        index.apply(e).expect("build event");
+    }
+    let took = started.elapsed();
+    let after = resident_bytes();
+    let nodes = index.block_count();
+    let entries = index.stored_block_count();
+    let heap = index.heap_bytes();
+    let resident = after.saturating_sub(before);
+    println!(
+        "(e) build: {nodes} distinct blocks (tree nodes), {entries} (worker, block) entries, {} prompts of {SHORTEST}–{LONGEST} blocks over {} workers, in {:.0} ms",
+        prompts.len(),
+        index.workers().len(),
+        took.as_secs_f64() * 1e3
+    );
+    println!(
+        "(e) memory: RSS +{:.1} MiB = {:.1} B per distinct block, {:.1} B per (worker, block) entry; index heap (counted) {:.1} MiB = {:.1} B per distinct block, {:.1} B per entry",
+        resident as f64 / (1 << 20) as f64,
+        resident as f64 / nodes as f64,
+        resident as f64 / entries as f64,
+        heap as f64 / (1 << 20) as f64,
+        heap as f64 / nodes as f64,
+        heap as f64 / entries as f64
+    );
+
+    // Queries: 32–128 blocks (at most the prompt) of a known prompt; a quarter diverge part-way.
+    let queries: Vec<Vec<LocalBlockHash>> = (0..8192)
+        .map(|_| {
+            let prompt = &prompts[rng.below(prompts.len())];
+            let length = (SHORTEST + rng.below(LONGEST - SHORTEST + 1)).min(prompt.locals.len());
+            let mut query = prompt.locals[..length].to_vec();
+            if rng.below(4) == 0 {
+                let cut = rng.below(length);
+                for local in &mut query[cut..] {
+                    *local = rng.next();
+                }
+            }
+            query
+        })
+        .collect();
+    let average_length = queries.iter().map(Vec::len).sum::<usize>() as f64 / queries.len() as f64;
+    let mut latencies: Vec<Duration> = Vec::with_capacity(queries.len() * 25);
+    let mut matched = 0u64;
+    for _ in 0..25 {
+        for query in &queries {
+            let started = Instant::now();
+            let scores = black_box(index.find_matches(black_box(query), false));
+            latencies.push(started.elapsed());
+            matched += u64::from(scores.scores.values().copied().max().unwrap_or(0));
+        }
+    }
+    let calls = latencies.len();
+    latencies.sort_unstable();
+    println!(
+        "(e) find_matches latency, {average_length:.0}-block queries on average, over {calls} calls: p50 {:.2} µs, p99 {:.2} µs, p99.9 {:.2} µs, max {:.2} µs ({:.1} best-matched blocks/query)",
+        micros(percentile(&latencies, 0.5)),
+        micros(percentile(&latencies, 0.99)),
+        micros(percentile(&latencies, 0.999)),
+        micros(*latencies.last().unwrap_or(&Duration::ZERO)),
+        matched as f64 / calls as f64
+    );
+
+    // The 80/20 mix at this size: a 4-block churn cycle (8 events) on a random placement, 2 queries.
+    let cycles: Vec<Vec<RouterEvent>> = (0..8192)
+        .map(|_| {
+            let (worker, i) = placements[rng.below(placements.len())];
+            let prompt = &prompts[i];
+            let tail = prompt.locals.len() - 16..prompt.locals.len();
+            let mut events = removals(worker, prompt, tail.clone(), 4);
+            events.extend(stores(worker, prompt, tail, 4));
+            events
+        })
+        .collect();
+    let mut events = 0u64;
+    let started = Instant::now();
+    'events: loop {
+        for cycle in &cycles {
+            for e in cycle {
+                black_box(index.apply(e)).ok();
+            }
+            events += cycle.len() as u64;
+            if started.elapsed() > MEASURE {
+                break 'events;
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "(e) apply alone, 4-block events (stored/removed 50/50) on random placements: {:.2} M events/s, {:.0} ns/event",
+        events as f64 / secs / 1e6,
+        secs * 1e9 / events as f64
+    );
+    let mut ops = 0u64;
+    let mut q = 0usize;
+    let started = Instant::now();
+    'outer: loop {
+        for cycle in &cycles {
+            for e in cycle {
+                black_box(index.apply(e)).ok();
+            }
+            for _ in 0..2 {
+                black_box(index.find_matches(&queries[q % queries.len()], false));
+                q += 1;
+            }
+            ops += cycle.len() as u64 + 2;
+            if started.elapsed() > MEASURE {
+                break 'outer;
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "(e) combined 80% events / 20% find_matches ({average_length:.0}-block queries), one thread, KvIndex at {} blocks: {:.2} M ops/s",
+        index.block_count(),
+        ops as f64 / secs / 1e6
     );
 }

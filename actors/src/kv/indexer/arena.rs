@@ -83,6 +83,21 @@ impl BuildHasher for KeyHasherBuilder {
 /// A `HashMap` for keys that already are hashes.
 pub(crate) type KeyMap<K, V> = HashMap<K, V, KeyHasherBuilder>;
 
+/// Heap bytes of a std (SwissTable) map, from its capacity: a power-of-two bucket count at most 7/8
+/// full, one `(K, V)` slot and one control byte per bucket, plus a group of trailing control bytes.
+/// An estimate of the layout, not a measurement (the allocator's own overhead is not counted).
+pub(super) fn map_bytes<K, V, S>(map: &HashMap<K, V, S>) -> usize {
+    if map.capacity() == 0 {
+        return 0;
+    }
+    let buckets = if map.capacity() < 8 {
+        (map.capacity() + 1).next_power_of_two()
+    } else {
+        (map.capacity() * 8 / 7).next_power_of_two()
+    };
+    buckets * (std::mem::size_of::<(K, V)>() + 1) + 16
+}
+
 /// Index of a node in the arena.
 pub(super) type NodeId = u32;
 
@@ -348,6 +363,32 @@ impl Arena {
             self.release_pending(&mut pending);
             self.pending = pending;
         }
+    }
+
+    /// Heap bytes held by the arena: node and free-list capacity, child sets, high-slot lists (see
+    /// [`map_bytes`] for how a map is counted).
+    pub(super) fn heap_bytes(&self) -> usize {
+        use std::mem::size_of;
+        let child_sets: usize = self
+            .child_sets
+            .iter()
+            .map(|set| match set {
+                ChildSet::Few(list) => list.capacity() * size_of::<(LocalBlockHash, NodeId)>(),
+                ChildSet::Many(map) => map_bytes(map),
+            })
+            .sum();
+        let high: usize = self
+            .high_workers
+            .values()
+            .map(|slots| slots.capacity() * size_of::<u32>())
+            .sum();
+        self.nodes.capacity() * size_of::<Node>()
+            + (self.free.capacity() + self.free_child_sets.capacity() + self.pending.capacity())
+                * size_of::<NodeId>()
+            + self.child_sets.capacity() * size_of::<ChildSet>()
+            + child_sets
+            + map_bytes(&self.high_workers)
+            + high
     }
 
     /// The slots ≥ 64 holding the node.

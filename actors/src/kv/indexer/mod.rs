@@ -185,6 +185,26 @@ impl KvIndex {
         self.arena.live()
     }
 
+    /// Engine block hashes stored over all workers (a block two workers hold counts twice).
+    pub fn stored_block_count(&self) -> usize {
+        self.lookup.values().map(|w| w.blocks.len()).sum()
+    }
+
+    /// Heap bytes the index holds, counted from its containers' capacities: the arena (nodes, child
+    /// sets, high-slot lists) and the per-worker tables. For reports (the bench's bytes per cached
+    /// block); the allocator's own overhead is not included.
+    pub fn heap_bytes(&self) -> usize {
+        let tables: usize = self
+            .lookup
+            .values()
+            .map(|w| arena::map_bytes(&w.blocks))
+            .sum();
+        self.arena.heap_bytes()
+            + arena::map_bytes(&self.lookup)
+            + tables
+            + self.slot_workers.capacity() * std::mem::size_of::<WorkerId>()
+    }
+
     /// How many engine block hashes `worker` has stored and not removed.
     pub fn worker_block_count(&self, worker: WorkerId) -> usize {
         self.lookup.get(&worker).map_or(0, |w| w.blocks.len())
