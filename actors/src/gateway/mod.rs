@@ -170,7 +170,15 @@ impl Generation {
                 continue;
             }
             let result = match event {
-                Some(Ok(output)) => decoder.process(output),
+                Some(Ok(output)) => {
+                    // The engine's own count of its prefix-cache hits replaces the router's estimate.
+                    if index == 0 {
+                        if let Some(cached) = output.cached_tokens {
+                            self.cached_tokens = Some(cached);
+                        }
+                    }
+                    decoder.process(output)
+                }
                 Some(Err(e)) => Err(e),
                 None => Err(ApiError::new(
                     ErrorClass::Internal,
@@ -207,7 +215,8 @@ impl Generation {
         )
     }
 
-    /// Prompt tokens the router expects the engine to find cached (`kv` routing only).
+    /// Prompt tokens served from the engine's prefix cache: what the engine reported with its first
+    /// output, else what the router expected it to find (`kv` routing), else `None`.
     pub fn cached_tokens(&self) -> Option<u32> {
         self.cached_tokens
     }

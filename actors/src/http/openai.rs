@@ -176,9 +176,6 @@ async fn serve<F: Framer>(
             return error_response(&error, state.config.overload_status_code);
         }
     };
-    if let Some(cached) = generation.cached_tokens() {
-        tracker.cached_tokens(cached as usize);
-    }
     if stream {
         return sse_response(state, &validated, generation, framer, tracker, admission);
     }

@@ -45,7 +45,8 @@ impl RequestTracker {
         self.guard.observe_tokens(self.prompt_tokens, n as usize);
     }
 
-    /// Prompt tokens served from the engine's prefix cache (`cached_tokens`, once per request).
+    /// Prompt tokens served from the engine's prefix cache (`cached_tokens`; only the first call of a
+    /// request counts).
     pub fn cached_tokens(&mut self, n: usize) {
         self.guard.observe_cached_tokens(n);
     }
@@ -461,6 +462,9 @@ impl<F: Framer> SseBody<F> {
             }
             match next {
                 Some(Ok(delta)) => {
+                    if let Some(cached) = self.generation.cached_tokens() {
+                        self.tracker.cached_tokens(cached as usize);
+                    }
                     self.tracker.tokens(delta.delta.tokens);
                     if let Some(frame) = self.framer.delta(&delta) {
                         return Some(frame);
@@ -544,6 +548,9 @@ pub async fn fold<F: Framer>(
     loop {
         match generation.next().await {
             Some(Ok(delta)) => {
+                if let Some(cached) = generation.cached_tokens() {
+                    tracker.cached_tokens(cached as usize);
+                }
                 tracker.tokens(delta.delta.tokens);
                 framer.fold(&delta);
             }
