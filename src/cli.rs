@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::Overrides;
@@ -62,6 +63,115 @@ pub enum BenchCommand {
     /// Prints req/s, latency, TTFT and ITL percentiles, output tokens/s, errors by kind and the
     /// server's CPU per request (--pid).
     Http(BenchHttpArgs),
+    /// Replay a request trace in the public Mooncake format (JSONL: timestamp ms, input_length,
+    /// output_length, hash_ids of 512-token blocks) against any OpenAI-compatible server, open loop at
+    /// the trace's times: prompts share exactly the prefixes their hash ids share. Prints TTFT, ITL and
+    /// latency percentiles, throughput, errors and the server's prefix-cache hit rate.
+    Replay(BenchReplayArgs),
+    /// Write a synthetic trace in the Mooncake format (to stdout or --output): shared-prefix groups,
+    /// unique prompts, multi-turn sessions that grow their own prefix, or a mix.
+    Trace(BenchTraceArgs),
+}
+
+/// What a synthetic trace is made of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TraceKind {
+    /// Each request is one of --groups shared prefixes (--prefix-blocks long, popularity skewed by
+    /// --skew) plus --unique-blocks of its own.
+    PrefixGroups,
+    /// Sessions of --turns requests, --think-ms apart; each turn's prompt is the previous one's plus a
+    /// new message; sessions open with one of --groups system prompts.
+    MultiTurn,
+    /// No two requests share a block.
+    Unique,
+    /// Half prefix groups, three in ten multi-turn sessions, the rest unique.
+    Mixed,
+}
+
+/// `dynamix bench trace`.
+#[derive(Debug, Args)]
+pub struct BenchTraceArgs {
+    /// What the requests share.
+    #[arg(long, value_enum, default_value_t = TraceKind::Mixed)]
+    pub kind: TraceKind,
+    /// Requests in the trace.
+    #[arg(short = 'n', long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000_000).map(|n| n as usize))]
+    pub requests: usize,
+    /// Mean arrival rate in requests per second (Poisson; a session's later turns count against it).
+    #[arg(long, default_value_t = 10.0, value_name = "REQ/S")]
+    pub rate: f64,
+    /// Shared prefixes (prefix groups, and the system prompts of sessions).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=10_000_000).map(|n| n as usize))]
+    pub groups: usize,
+    /// Blocks in each shared prefix (and the mean length of a unique prompt, with --unique-blocks).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(0..=100_000).map(|n| n as usize))]
+    pub prefix_blocks: usize,
+    /// Blocks of its own after a request's shared prefix (mean, ±50%; a session's new message per turn).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100_000).map(|n| n as usize))]
+    pub unique_blocks: usize,
+    /// Mean output tokens (±50%).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub output_tokens: u32,
+    /// Turns per multi-turn session.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=10_000).map(|n| n as usize))]
+    pub turns: usize,
+    /// Mean milliseconds between a session's turns.
+    #[arg(long, default_value_t = 3000.0, value_name = "MS")]
+    pub think_ms: f64,
+    /// Popularity skew of the prefix groups: group g is picked with weight 1/(g+1)^skew (0: uniform).
+    #[arg(long, default_value_t = 0.0)]
+    pub skew: f64,
+    /// Tokens per hash id.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=1_000_000).map(|n| n as usize))]
+    pub block_tokens: usize,
+    /// Seed: the same arguments and seed give the same trace.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write here instead of stdout.
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: Option<String>,
+}
+
+/// `dynamix bench replay`.
+#[derive(Debug, Args)]
+pub struct BenchReplayArgs {
+    /// The trace (JSONL in the Mooncake format).
+    #[arg(value_name = "FILE")]
+    pub file: String,
+    /// Base URL of the server, with or without /v1 (http only).
+    #[arg(long, default_value = "http://127.0.0.1:8000", value_name = "URL")]
+    pub url: String,
+    /// Model to ask for (default: the first one the server lists at /v1/models).
+    #[arg(long, value_name = "NAME")]
+    pub model: Option<String>,
+    /// Replay this many times faster than the trace's timestamps.
+    #[arg(long, default_value_t = 1.0)]
+    pub speedup: f64,
+    /// Replay at this mean rate instead (requests per second; the timestamps are scaled to it).
+    #[arg(long, value_name = "REQ/S", conflicts_with = "speedup")]
+    pub rate: Option<f64>,
+    /// Replay only the first N requests.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..).map(|n| n as usize))]
+    pub max_requests: Option<usize>,
+    /// Tokens per hash id.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=1_000_000).map(|n| n as usize))]
+    pub block_tokens: usize,
+    /// Prompts use token ids from FIRST to FIRST + COUNT − 1 (keep them inside the model's vocabulary).
+    #[arg(long, default_value = "1000:30000", value_name = "FIRST:COUNT")]
+    pub token_ids: String,
+    /// Cut prompts to at most this many tokens (hash ids past the cut are dropped); for models whose
+    /// context is shorter than the trace's prompts.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..).map(|n| n as usize))]
+    pub max_input: Option<usize>,
+    /// Server process whose CPU time is charged to the requests (repeatable).
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Seconds before a request that has not finished counts as a timeout error.
+    #[arg(long, default_value_t = 600.0, value_name = "SECS")]
+    pub timeout: f64,
+    /// Print one JSON line instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Request kind of `dynamix bench http`.

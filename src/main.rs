@@ -20,6 +20,12 @@ fn main() -> ExitCode {
         Some(Command::Bench {
             target: BenchCommand::Http(args),
         }) => return dynamix::bench::main(args),
+        Some(Command::Bench {
+            target: BenchCommand::Replay(args),
+        }) => return dynamix::bench::replay::main(args),
+        Some(Command::Bench {
+            target: BenchCommand::Trace(args),
+        }) => return dynamix::bench::trace::main(args),
         Some(Command::Serve(args)) => (args, dynamix::Role::Standalone),
         Some(Command::Frontend(args)) => (args, dynamix::Role::Frontend),
         Some(Command::Worker(args)) => (args, dynamix::Role::Worker),

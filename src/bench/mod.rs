@@ -13,12 +13,16 @@
 //! - [`tokens`](self::tokens): the model's tokenizer for prompts and output tokens.
 //! - [`cpu`](self::cpu): server and client CPU time from /proc.
 //! - [`report`](self::report): percentiles, the table and the JSON line.
+//! - [`trace`](self::trace) and [`replay`](self::replay): `dynamix bench trace` and `dynamix bench
+//!   replay`, Mooncake-format request traces generated and replayed open loop.
 
 mod cpu;
 mod http;
 mod load;
+pub mod replay;
 mod report;
 mod tokens;
+pub mod trace;
 
 use std::io;
 use std::net::SocketAddr;
@@ -94,6 +98,19 @@ pub enum BenchError {
     /// The client's runtime could not start.
     #[error("cannot start the client runtime: {0}")]
     Runtime(io::Error),
+    /// The trace file cannot be replayed.
+    #[error("{0}")]
+    Trace(#[from] trace::TraceError),
+    /// A flag's value is not usable.
+    #[error("--{flag} {value}: {reason}")]
+    Argument {
+        /// The flag.
+        flag: &'static str,
+        /// The value given.
+        value: String,
+        /// What is expected.
+        reason: &'static str,
+    },
 }
 
 impl BenchError {
@@ -103,7 +120,9 @@ impl BenchError {
             BenchError::Url { .. }
             | BenchError::Seconds { .. }
             | BenchError::Tokenizer { .. }
-            | BenchError::NoSuchProcess { .. } => 2,
+            | BenchError::NoSuchProcess { .. }
+            | BenchError::Trace(_)
+            | BenchError::Argument { .. } => 2,
             _ => 1,
         }
     }

@@ -19,20 +19,24 @@ fn percentile(sorted: &[Duration], q: f64) -> Option<Duration> {
     sorted.get(index.min(last)).copied()
 }
 
-/// p50 and p99 of `samples`, in milliseconds.
+/// p50, p99 and mean of `samples`, in milliseconds.
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct Spread {
-    p50: Option<f64>,
-    p99: Option<f64>,
+    pub(super) p50: Option<f64>,
+    pub(super) p99: Option<f64>,
+    pub(super) mean: Option<f64>,
 }
 
 impl Spread {
-    fn of(mut samples: Vec<Duration>) -> Self {
+    pub(super) fn of(mut samples: Vec<Duration>) -> Self {
         samples.sort_unstable();
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let mean = (!samples.is_empty())
+            .then(|| ms(samples.iter().sum::<Duration>()) / samples.len() as f64);
         Spread {
             p50: percentile(&samples, 50.0).map(ms),
             p99: percentile(&samples, 99.0).map(ms),
+            mean,
         }
     }
 }
