@@ -34,16 +34,7 @@ fn bin() -> Command {
 
 /// Runs `dynamix bench http` with `args`; exit status, stdout, stderr.
 fn bench(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = bin()
-        .args(["bench", "http"])
-        .args(args)
-        .output()
-        .expect("runs");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+    bench_cmd("http", args)
 }
 
 #[test]

@@ -395,14 +395,15 @@ struct StreamReader<'s> {
 
 /// Arrival times of one kind of frame.
 #[derive(Default)]
-struct FrameClock {
-    first: Option<Instant>,
+pub(super) struct FrameClock {
+    pub(super) first: Option<Instant>,
     last: Option<Instant>,
-    count: u64,
+    pub(super) count: u64,
 }
 
 impl FrameClock {
-    fn tick(&mut self, now: Instant, gaps: &mut Vec<Duration>) {
+    /// A frame arrived at `now`; the gap since the previous one goes to `gaps`.
+    pub(super) fn tick(&mut self, now: Instant, gaps: &mut Vec<Duration>) {
         if let Some(last) = self.last {
             gaps.push(now - last);
         }

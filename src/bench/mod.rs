@@ -283,25 +283,23 @@ fn excerpt(body: &[u8]) -> String {
     }
 }
 
-/// Check the target, then run the load and summarise it.
-async fn run(options: &Options) -> Result<report::Report, BenchError> {
-    let Options { target, args, .. } = options;
-    for &pid in &args.pids {
+/// Checks that every `--pid` is a process, resolves the target and opens one connection to it: the
+/// checks before any load.
+async fn reach(target: &Target, pids: &[u32]) -> Result<SocketAddr, BenchError> {
+    for &pid in pids {
         if cpu::ticks(pid, false).is_none() {
             return Err(BenchError::NoSuchProcess { pid });
         }
     }
+    let resolve = |source| BenchError::Resolve {
+        host: target.host.clone(),
+        source,
+    };
     let addr = tokio::net::lookup_host((target.host.as_str(), target.port))
         .await
-        .map_err(|source| BenchError::Resolve {
-            host: target.host.clone(),
-            source,
-        })?
+        .map_err(&resolve)?
         .next()
-        .ok_or_else(|| BenchError::Resolve {
-            host: target.host.clone(),
-            source: io::Error::new(io::ErrorKind::NotFound, "no address"),
-        })?;
+        .ok_or_else(|| resolve(io::Error::new(io::ErrorKind::NotFound, "no address")))?;
     Connection::open(addr)
         .await
         .map_err(|source| BenchError::Connect {
@@ -309,6 +307,13 @@ async fn run(options: &Options) -> Result<report::Report, BenchError> {
             addr,
             source,
         })?;
+    Ok(addr)
+}
+
+/// Check the target, then run the load and summarise it.
+async fn run(options: &Options) -> Result<report::Report, BenchError> {
+    let Options { target, args, .. } = options;
+    let addr = reach(target, &args.pids).await?;
     let model = match &args.model {
         Some(model) => model.clone(),
         None => first_model(target, addr, options.timeout).await?,

@@ -22,9 +22,10 @@ use serde::Deserialize;
 
 use super::cpu;
 use super::http::{Connection, HttpError};
+use super::load::FrameClock;
 use super::report::Spread;
 use super::trace::{self, IdRange, TraceError, TraceRecord};
-use super::{excerpt, fetch, first_model, BenchError, Target};
+use super::{excerpt, fetch, first_model, reach, BenchError, Target};
 use crate::cli::BenchReplayArgs;
 
 /// Everything the requests share.
@@ -84,33 +85,15 @@ struct PromptDetails {
     cached_tokens: Option<u64>,
 }
 
-/// Arrival times of one kind of token frame.
-#[derive(Default)]
-struct Clock {
-    first: Option<Instant>,
-    last: Option<Instant>,
-    gaps: Vec<Duration>,
-    count: u64,
-}
-
-impl Clock {
-    fn tick(&mut self, now: Instant) {
-        if let Some(last) = self.last {
-            self.gaps.push(now - last);
-        }
-        self.first.get_or_insert(now);
-        self.last = Some(now);
-        self.count += 1;
-    }
-}
-
 /// An SSE body read as it arrives: frames with text are the tokens; a server that streams no text
 /// (Dynamo's mocker sends token ids only) is timed by its frames with choices instead.
 #[derive(Default)]
 struct Sse {
     line: Vec<u8>,
-    text: Clock,
-    choices: Clock,
+    text: FrameClock,
+    text_gaps: Vec<Duration>,
+    choices: FrameClock,
+    choice_gaps: Vec<Duration>,
     usage: Option<Usage>,
     done: bool,
     error: Option<String>,
@@ -150,13 +133,13 @@ impl Sse {
             }
             Ok(chunk) => {
                 if !chunk.choices.is_empty() {
-                    self.choices.tick(now);
+                    self.choices.tick(now, &mut self.choice_gaps);
                     if chunk
                         .choices
                         .iter()
                         .any(|c| c.text.as_deref().is_some_and(|t| !t.is_empty()))
                     {
-                        self.text.tick(now);
+                        self.text.tick(now, &mut self.text_gaps);
                     }
                 }
                 if chunk.usage.is_some() {
@@ -264,17 +247,17 @@ async fn send(
     if !sse.done {
         return Err("stream ended without [DONE]".into());
     }
-    let frames = if sse.text.count > 0 {
-        sse.text
+    let (frames, gaps) = if sse.text.count > 0 {
+        (sse.text, sse.text_gaps)
     } else {
-        sse.choices
+        (sse.choices, sse.choice_gaps)
     };
     // A stream that delivered a many-token answer in one frame (Dynamo's frontend holds back deltas
     // whose text is empty, as its mocker's are) shows no first token: no TTFT rather than a wrong one.
     if frames.count > 1 || output_length <= 1 {
         outcome.ttft = frames.first.map(|first| first - started);
     }
-    outcome.gaps = frames.gaps;
+    outcome.gaps = gaps;
     outcome.output_frames = frames.count;
     outcome.latency = Some(finished - started);
     outcome.finished = Some(finished);
@@ -512,29 +495,7 @@ async fn run(args: &BenchReplayArgs) -> Result<Report, BenchError> {
         })?;
     let ids = id_range(&args.token_ids)?;
     let (records, offsets, offered_rate) = schedule(args)?;
-    for &pid in &args.pids {
-        if cpu::ticks(pid, false).is_none() {
-            return Err(BenchError::NoSuchProcess { pid });
-        }
-    }
-    let addr = tokio::net::lookup_host((target.host.as_str(), target.port))
-        .await
-        .map_err(|source| BenchError::Resolve {
-            host: target.host.clone(),
-            source,
-        })?
-        .next()
-        .ok_or_else(|| BenchError::Resolve {
-            host: target.host.clone(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
-        })?;
-    Connection::open(addr)
-        .await
-        .map_err(|source| BenchError::Connect {
-            url: target.url(""),
-            addr,
-            source,
-        })?;
+    let addr = reach(&target, &args.pids).await?;
     let model = match &args.model {
         Some(model) => model.clone(),
         None => first_model(&target, addr, timeout).await?,
@@ -728,7 +689,7 @@ mod tests {
         sse.feed(b"xt\":\"b\"}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":10,\"prompt_tokens_details\":{\"cached_tokens\":8}}}\n\ndata: [DONE]\n\n", now + Duration::from_millis(5));
         assert!(sse.done && sse.error.is_none());
         assert_eq!(sse.text.count, 2);
-        assert_eq!(sse.text.gaps, [Duration::from_millis(5)]);
+        assert_eq!(sse.text_gaps, [Duration::from_millis(5)]);
         let usage = sse.usage.expect("usage");
         assert_eq!(usage.prompt_tokens, Some(10));
         assert_eq!(

@@ -144,15 +144,9 @@ pub struct IdRange {
 
 impl IdRange {
     fn fill(&self, tokens: &mut Vec<u32>, stream: u64, n: usize) {
-        let mut state = stream.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-        for _ in 0..n {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            tokens.push(self.first + (z % self.count.max(1) as u64) as u32);
-        }
+        let mut rng = SplitMix(stream.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03);
+        let count = self.count.max(1) as u64;
+        tokens.extend((0..n).map(|_| self.first + (rng.next() % count) as u32));
     }
 }
 

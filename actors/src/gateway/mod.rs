@@ -216,9 +216,10 @@ impl Generation {
     }
 
     /// Prompt tokens served from the engine's prefix cache: what the engine reported with its first
-    /// output, else what the router expected it to find (`kv` routing), else `None`.
-    pub fn cached_tokens(&self) -> Option<u32> {
-        self.cached_tokens
+    /// output, else what the router expected it to find (`kv` routing), else `None`. Taken: a second
+    /// call gets `None` unless the engine reported again since.
+    pub fn take_cached_tokens(&mut self) -> Option<u32> {
+        self.cached_tokens.take()
     }
 
     /// Migrations that recovered this request's streams so far, with their recovery gaps.

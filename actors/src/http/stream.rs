@@ -462,7 +462,7 @@ impl<F: Framer> SseBody<F> {
             }
             match next {
                 Some(Ok(delta)) => {
-                    if let Some(cached) = self.generation.cached_tokens() {
+                    if let Some(cached) = self.generation.take_cached_tokens() {
                         self.tracker.cached_tokens(cached as usize);
                     }
                     self.tracker.tokens(delta.delta.tokens);
@@ -548,7 +548,7 @@ pub async fn fold<F: Framer>(
     loop {
         match generation.next().await {
             Some(Ok(delta)) => {
-                if let Some(cached) = generation.cached_tokens() {
+                if let Some(cached) = generation.take_cached_tokens() {
                     tracker.cached_tokens(cached as usize);
                 }
                 tracker.tokens(delta.delta.tokens);
